@@ -1,0 +1,343 @@
+//! GGUF files: model config, tokenizer and chat template from the metadata, weights dequantized
+//! to the serving dtype at load (quantized matmuls are not trusted until they match the golden
+//! outputs). llama.cpp stores Llama-style Q/K projections permuted for its interleaved rope;
+//! we undo that so one model implementation (HF layout) serves every source.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::GgufVocab;
+use crate::weights::{check_shape, WeightSource};
+
+/// An opened GGUF file: parsed header and metadata, tensor data read on demand.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::NotFound(path.to_path_buf()),
+            _ => ModelError::Io { path: path.to_path_buf(), source: e },
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| ModelError::InvalidFile {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        Ok(Self { path: path.to_path_buf(), content, reader })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn invalid(&self, message: String) -> ModelError {
+        ModelError::InvalidFile { path: self.path.clone(), message }
+    }
+
+    fn value(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.value(key) else { return Ok(None) };
+        let n = match v {
+            Value::U8(x) => *x as i128,
+            Value::I8(x) => *x as i128,
+            Value::U16(x) => *x as i128,
+            Value::I16(x) => *x as i128,
+            Value::U32(x) => *x as i128,
+            Value::I32(x) => *x as i128,
+            Value::U64(x) => *x as i128,
+            Value::I64(x) => *x as i128,
+            _ => return Err(self.invalid(format!("metadata '{key}' is not an integer"))),
+        };
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| self.invalid(format!("metadata '{key}' = {n} is out of range")))
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?.ok_or_else(|| self.invalid(format!("missing metadata '{key}'")))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x as f64)),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(_) => Err(self.invalid(format!("metadata '{key}' is not a float"))),
+        }
+    }
+
+    fn string_opt(&self, key: &str) -> Result<Option<String>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.invalid(format!("metadata '{key}' is not a string"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.invalid(format!("metadata '{key}' is not a bool"))),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<Option<&Vec<Value>>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(_) => Err(self.invalid(format!("metadata '{key}' is not an array"))),
+        }
+    }
+
+    /// `general.architecture`, the prefix of the model's metadata keys.
+    pub fn architecture_name(&self) -> Result<String> {
+        self.string_opt("general.architecture")?
+            .ok_or_else(|| self.invalid("missing metadata 'general.architecture'".into()))
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Model shapes from `<arch>.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch_name = self.architecture_name()?;
+        let architecture = Architecture::parse(&arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = self.usize_req(&key("embedding_length"))?;
+        let num_heads = self.usize_req(&key("attention.head_count"))?;
+        let head_dim = match self.usize_opt(&key("attention.key_length"))? {
+            Some(d) => d,
+            None if num_heads > 0 => hidden_size / num_heads,
+            None => 0,
+        };
+        let vocab_size = match self.usize_opt(&key("vocab_size"))? {
+            Some(v) => v,
+            None => self.array("tokenizer.ggml.tokens")?.map(|a| a.len()).unwrap_or(0),
+        };
+        let config = ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.usize_req(&key("feed_forward_length"))?,
+            num_layers: self.usize_req(&key("block_count"))?,
+            num_heads,
+            num_kv_heads: self.usize_opt(&key("attention.head_count_kv"))?.unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: self.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            // Llama 3.1 GGUFs bake the scaling into a `rope_freqs` tensor instead.
+            rope_scaling: None,
+            max_position_embeddings: self.usize_opt(&key("context_length"))?.unwrap_or(4096),
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+        };
+        if self.has_tensor("rope_freqs.weight") {
+            return Err(ModelError::Unsupported(format!(
+                "{}: rope frequency factors (rope_freqs.weight) are not supported yet; load the Hugging Face checkpoint instead",
+                self.path.display()
+            )));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Tokenizer, chat template and special ids from `tokenizer.*` metadata.
+    pub fn vocab(&self) -> Result<GgufVocab> {
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let Some(arr) = self.array(key)? else { return Ok(Vec::new()) };
+            arr.iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(self.invalid(format!("'{key}' holds a non-string"))),
+                })
+                .collect()
+        };
+        let scores = match self.array("tokenizer.ggml.scores")? {
+            None => Vec::new(),
+            Some(arr) => arr.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+        };
+        let token_types = match self.array("tokenizer.ggml.token_type")? {
+            None => Vec::new(),
+            Some(arr) => arr.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            Ok(self.usize_opt(key)?.and_then(|v| u32::try_from(v).ok()))
+        };
+        let mut extra_eos_ids = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(v) = id(key)? {
+                extra_eos_ids.push(v);
+            }
+        }
+        let model = self
+            .string_opt("tokenizer.ggml.model")?
+            .ok_or_else(|| self.invalid("missing metadata 'tokenizer.ggml.model' (no tokenizer in this GGUF)".into()))?;
+        Ok(GgufVocab {
+            model,
+            pre: self.string_opt("tokenizer.ggml.pre")?,
+            tokens: strings("tokenizer.ggml.tokens")?,
+            scores,
+            token_types,
+            merges: strings("tokenizer.ggml.merges")?,
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?,
+            extra_eos_ids,
+            unknown_token_id: id("tokenizer.ggml.unknown_token_id")?,
+            add_bos_token: self.bool_opt("tokenizer.ggml.add_bos_token")?,
+            add_space_prefix: self.bool_opt("tokenizer.ggml.add_space_prefix")?,
+            chat_template: self.string_opt("tokenizer.chat_template")?,
+        })
+    }
+}
+
+/// Map a Hugging Face tensor name to llama.cpp's GGUF name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let mapped = match suffix {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// Quantization types we dequantize at load; others are rejected with the tensor's name.
+fn supported(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::F32
+            | GgmlDType::F16
+            | GgmlDType::BF16
+            | GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q8_0
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::Q8K
+    )
+}
+
+/// GGUF tensors served under HF names, dequantized to the serving dtype.
+pub struct GgufWeights<'a> {
+    file: &'a mut GgufFile,
+    dtype: DType,
+    device: Device,
+    /// Heads for undoing llama.cpp's Q/K permutation (`None`: the arch is stored unpermuted).
+    unpermute: Option<(usize, usize)>,
+}
+
+impl<'a> GgufWeights<'a> {
+    pub fn new(file: &'a mut GgufFile, config: &ModelConfig, dtype: DType, device: Device) -> Self {
+        // llama.cpp's converter permutes Q/K only for archs it runs with "normal" (interleaved)
+        // rope: Llama and Mistral. Qwen2/Qwen3 use NeoX rope and are stored as in HF.
+        let unpermute = matches!(config.architecture, Architecture::Llama | Architecture::Mistral)
+            .then_some((config.num_heads, config.num_kv_heads));
+        Self { file, dtype, device, unpermute }
+    }
+
+    fn read(&mut self, hf: &str) -> Result<Tensor> {
+        let path = self.file.path.clone();
+        let name = gguf_name(hf).ok_or_else(|| ModelError::MissingTensor {
+            path: path.clone(),
+            tensor: hf.to_string(),
+        })?;
+        let info = self.file.content.tensor_infos.get(&name).ok_or_else(|| {
+            ModelError::MissingTensor { path: path.clone(), tensor: name.clone() }
+        })?;
+        if !supported(info.ggml_dtype) {
+            return Err(ModelError::UnsupportedQuant {
+                path,
+                tensor: name,
+                dtype: format!("{:?}", info.ggml_dtype),
+            });
+        }
+        let q = self
+            .file
+            .content
+            .tensor(&mut self.file.reader, &name, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile {
+                path: path.clone(),
+                message: format!("cannot read tensor '{name}': {e}"),
+            })?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if let Some((heads, kv_heads)) = self.unpermute {
+            if hf.ends_with("q_proj.weight") {
+                t = unpermute_rows(&t, heads)?;
+            } else if hf.ends_with("k_proj.weight") {
+                t = unpermute_rows(&t, kv_heads)?;
+            }
+        }
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows are stored per head as (pair, half) and HF
+/// wants (half, pair).
+fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(ModelError::Config(format!("cannot split {rows} rows into {heads} heads")));
+    }
+    let half = rows / heads / 2;
+    Ok(w.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.read(name)?;
+        check_shape(&self.origin(), &gguf_name(name).unwrap_or_else(|| name.to_string()), &t, shape)?;
+        Ok(t)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|n| self.file.has_tensor(&n))
+    }
+
+    fn origin(&self) -> String {
+        self.file.path.display().to_string()
+    }
+}

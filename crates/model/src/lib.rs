@@ -1,0 +1,27 @@
+//! spindle-model: everything between a `--model` argument and logits. Loads weights (GGUF, HF
+//! directory, Hub repo, dummy), builds the tokenizer and chat template, and runs Llama-family
+//! forward passes over a flattened batch whose attention goes through a paged KV cache.
+//!
+//! Depends on candle and spindle-kernels only; never on the engine or the server.
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod info;
+pub mod llama;
+pub mod loader;
+pub mod options;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use info::ModelInfo;
+pub use llama::{ForwardBatch, LlamaModel};
+pub use loader::{load, LoadedModel, ModelSource};
+pub use options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+pub use tokenizer::TokenizerBundle;

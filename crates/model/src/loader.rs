@@ -1,0 +1,253 @@
+//! From a `--model` argument to a ready model: decide what kind of source it is, read config,
+//! tokenizer and weights, and report one summary line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, GgufWeights};
+use crate::hf::{fetch_from_hub, load_tokenizer, parse_repo_id, SafetensorsWeights};
+use crate::info::ModelInfo;
+use crate::llama::LlamaModel;
+use crate::options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use crate::tokenizer::TokenizerBundle;
+use crate::weights::{DummyWeights, WeightSource};
+
+/// What `--model` turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A single GGUF file carrying weights, tokenizer and chat template.
+    Gguf(PathBuf),
+    /// A Hugging Face model directory (config.json + safetensors + tokenizer files).
+    HfDirectory(PathBuf),
+    /// A Hub repo id, downloaded into the HF cache first.
+    Hub { repo_id: String, revision: Option<String> },
+    /// Random weights for the config.json at this path (a file or a directory holding one).
+    Dummy(PathBuf),
+}
+
+impl ModelSource {
+    /// Resolve `options.model` and `options.load_format` into a source, without loading.
+    pub fn resolve(options: &LoadOptions) -> Result<Self> {
+        let path = Path::new(&options.model);
+        if options.model.is_empty() {
+            return Err(ModelError::Config("no model given (--model)".into()));
+        }
+        match options.load_format {
+            LoadFormat::Dummy => {
+                if !path.exists() {
+                    return Err(ModelError::NotFound(path.to_path_buf()));
+                }
+                return Ok(Self::Dummy(path.to_path_buf()));
+            }
+            LoadFormat::Gguf => return Ok(Self::Gguf(path.to_path_buf())),
+            LoadFormat::Safetensors | LoadFormat::Auto => {}
+        }
+        if path.is_file() {
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Ok(Self::Gguf(path.to_path_buf()));
+            }
+            return Err(ModelError::Unsupported(format!(
+                "{}: expected a .gguf file or a model directory",
+                path.display()
+            )));
+        }
+        if path.is_dir() {
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: e })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+                .collect();
+            if path.join("config.json").exists() || options.load_format == LoadFormat::Safetensors {
+                return Ok(Self::HfDirectory(path.to_path_buf()));
+            }
+            if ggufs.len() == 1 {
+                return Ok(Self::Gguf(ggufs[0].clone()));
+            }
+            return Err(ModelError::Config(format!(
+                "{}: no config.json and {} .gguf files; point --model at one file",
+                path.display(),
+                ggufs.len()
+            )));
+        }
+        if let Some((repo_id, revision)) = parse_repo_id(&options.model) {
+            return Ok(Self::Hub { repo_id, revision: options.revision.clone().or(revision) });
+        }
+        Err(ModelError::NotFound(path.to_path_buf()))
+    }
+}
+
+/// A loaded model with its tokenizer and a summary.
+pub struct LoadedModel {
+    pub model: LlamaModel,
+    pub tokenizer: TokenizerBundle,
+    pub info: ModelInfo,
+}
+
+fn select_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => {
+            if !cfg!(feature = "cuda") {
+                return Err(ModelError::Unsupported(format!(
+                    "--device cuda:{ordinal} needs a CUDA build of spindle: rebuild with \
+                     `cargo build --release --features cuda` (see README, CUDA section)"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
+    match choice {
+        DTypeChoice::Auto if device.is_cuda() => DType::BF16,
+        DTypeChoice::Auto | DTypeChoice::Float32 => DType::F32,
+        DTypeChoice::Float16 => DType::F16,
+        DTypeChoice::BFloat16 => DType::BF16,
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+/// A chat template given on the command line: a file path or the template itself.
+fn chat_template_override(value: &str) -> Result<String> {
+    let path = Path::new(value);
+    if !value.contains("{%") && !value.contains("{{") {
+        return std::fs::read_to_string(path)
+            .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: e });
+    }
+    Ok(value.to_string())
+}
+
+fn dummy_config_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Load a model as `options` say, logging one summary line at the end.
+pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
+    let started = Instant::now();
+    let source = ModelSource::resolve(options)?;
+    let device = select_device(options.device)?;
+    let dtype = select_dtype(options.dtype, &device);
+    tracing::info!(?source, dtype = dtype_name(dtype), device = %options.device, "loading model");
+
+    let (config, mut tokenizer, model) = match &source {
+        ModelSource::Gguf(path) => {
+            let mut file = GgufFile::open(path)?;
+            let config = file.config()?;
+            let tokenizer = file.vocab()?.build()?;
+            let max_pos = max_positions(&config, options)?;
+            let mut weights = GgufWeights::new(&mut file, &config, dtype, device.clone());
+            let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
+            (config, tokenizer, model)
+        }
+        ModelSource::HfDirectory(dir) => load_hf_dir(dir, options, dtype, &device)?,
+        ModelSource::Hub { repo_id, revision } => {
+            let dir = fetch_from_hub(repo_id, revision.as_deref())?;
+            load_hf_dir(&dir, options, dtype, &device)?
+        }
+        ModelSource::Dummy(path) => {
+            let config_path = dummy_config_path(path);
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| ModelError::Io { path: config_path.clone(), source: e })?;
+            let config = ModelConfig::from_hf_json(&text)?;
+            let dir = config_path.parent().unwrap_or(Path::new("."));
+            let tokenizer = if dir.join("tokenizer.json").exists() {
+                load_tokenizer(dir)?
+            } else {
+                TokenizerBundle::byte_fallback(config.vocab_size)?
+            };
+            let max_pos = max_positions(&config, options)?;
+            let mut weights = DummyWeights::new(options.seed, dtype, device.clone(), config.qkv_bias);
+            let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
+            (config, tokenizer, model)
+        }
+    };
+    if let Some(template) = &options.chat_template {
+        tokenizer.chat_template = Some(chat_template_override(template)?);
+    }
+    let info = ModelInfo {
+        architecture: config.architecture.as_str().to_string(),
+        max_model_len: max_positions(&config, options)?,
+        vocab_size: config.vocab_size,
+        num_parameters: config.num_parameters(),
+        dtype: dtype_name(dtype).to_string(),
+        device: options.device.to_string(),
+    };
+    tracing::info!(
+        "loaded {}: {:.1}M parameters, {}, {}, max_model_len {}, in {:.2}s",
+        info.architecture,
+        info.num_parameters as f64 / 1e6,
+        info.dtype,
+        info.device,
+        info.max_model_len,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(LoadedModel { model, tokenizer, info })
+}
+
+/// The context length we serve: the model's, or a smaller `--max-model-len`.
+fn max_positions(config: &ModelConfig, options: &LoadOptions) -> Result<usize> {
+    match options.max_model_len {
+        None => Ok(config.max_position_embeddings),
+        Some(0) => Err(ModelError::Config("--max-model-len must be positive".into())),
+        Some(n) if n > config.max_position_embeddings => Err(ModelError::Config(format!(
+            "--max-model-len {n} exceeds the model's context length {}",
+            config.max_position_embeddings
+        ))),
+        Some(n) => Ok(n),
+    }
+}
+
+fn load_hf_dir(
+    dir: &Path,
+    options: &LoadOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ModelConfig, TokenizerBundle, LlamaModel)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ModelError::NotFound(config_path.clone()),
+        _ => ModelError::Io { path: config_path.clone(), source: e },
+    })?;
+    let config = ModelConfig::from_hf_json(&text)?;
+    let tokenizer = load_tokenizer(dir)?;
+    let max_pos = max_positions(&config, options)?;
+    let mut weights = SafetensorsWeights::open(dir, dtype, device.clone())?;
+    let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, device)?;
+    Ok((config, tokenizer, model))
+}
+
+/// Load the layers with a progress bar (drawn only when stderr is a terminal).
+fn load_with_progress(
+    config: ModelConfig,
+    weights: &mut dyn WeightSource,
+    max_positions: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<LlamaModel> {
+    let bar = indicatif::ProgressBar::new((config.num_layers + 2) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let model = LlamaModel::load(config, weights, max_positions, dtype, device, |done, _| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    model
+}
