@@ -1,1 +1,32 @@
-fn main() {}
+//! `spindle`: the command line. `serve` runs the OpenAI-compatible server, `generate` runs one
+//! prompt without HTTP, `bench` drives a running server.
+
+mod generate;
+mod logging;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// A lean, vLLM-compatible LLM inference server.
+#[derive(Parser)]
+#[command(name = "spindle", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model over the OpenAI API (like `vllm serve`).
+    Serve(Box<serve::ServeArgs>),
+    /// Generate a completion for one prompt, without the server.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(*args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,787 @@
+//! Paged KV-cache block allocator with automatic prefix caching.
+//!
+//! The KV cache is `num_blocks` fixed-size blocks of `block_size` token slots. Every sequence owns
+//! a [`BlockTable`] listing its blocks in order; the token at position `p` lives in slot
+//! `blocks[p / block_size] * block_size + p % block_size`.
+//!
+//! # Prefix caching
+//!
+//! Once a block is full and its KV is computed ([`BlockManager::commit`]), it is registered under
+//! a key made of its exact tokens and the *registration id* of its parent block (the previous
+//! block of the same sequence). Registration ids are unique and never reused, so a key identifies
+//! the whole token prefix exactly: hash collisions cannot make two different prefixes share a
+//! block (the hash only picks a bucket; hits compare the parent id and every token).
+//!
+//! A block whose last reference is dropped stays in the cache ("evictable") until the allocator
+//! needs it; evictable blocks are reused least-recently-freed first. Evicting a block drops its
+//! cache entry. Blocks registered below an evicted block can then no longer be reached (their
+//! parent id is gone for good); they are evicted in turn when their time comes. [`BlockManager::free`]
+//! releases a table's blocks tail first, so a sequence's later blocks are evicted before its
+//! earlier ones and shared prefixes survive longest.
+//!
+//! # Contract for the engine loop
+//!
+//! 1. `start_sequence(prompt)` → table with the cached prefix blocks and `num_cached` tokens
+//!    (always `< prompt.len()`): compute KV from position `num_cached` on.
+//! 2. Before each forward pass, `grow(table, num_tokens_after_step, first_position_written)`;
+//!    copy the KV of every returned `(src, dst)` pair before running the step.
+//! 3. After the step, `commit(table, tokens_with_kv)` with all tokens whose KV is now in the cache
+//!    (prompt + output, not the freshly sampled token whose KV is not computed yet).
+//! 4. `fork` for `n > 1` children, `free` when a sequence finishes or is preempted.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+/// Index of one physical KV-cache block.
+pub type BlockId = u32;
+
+/// Returned by [`BlockManager::grow`] when the cache cannot hold the request; the scheduler
+/// reacts by waiting or preempting. The table is left untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("out of KV-cache blocks: {needed} needed, {available} available")]
+pub struct OutOfBlocks {
+    /// Blocks the operation had to allocate.
+    pub needed: usize,
+    /// Blocks that were free or evictable.
+    pub available: usize,
+}
+
+/// The ordered list of KV blocks of one sequence, so the model can map positions to cache slots.
+///
+/// Only [`BlockManager`] may change it (it keeps reference counts in step); callers read
+/// `blocks`. Not `Clone` on purpose: use [`BlockManager::fork`] so references are counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    /// Physical blocks in sequence order.
+    pub blocks: Vec<BlockId>,
+    /// Registration id of the cached content of each leading full block whose KV is committed
+    /// (`committed[i]` describes `blocks[i]`; it may name a different physical block holding the
+    /// same tokens when two sequences computed the same block independently).
+    committed: Vec<u64>,
+}
+
+impl BlockTable {
+    /// An empty table, for sequences that start without any cached prefix.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of token slots the table can hold, so callers know when to grow.
+    pub fn num_slots(&self, block_size: usize) -> usize {
+        self.blocks.len() * block_size
+    }
+
+    /// Cache slot of token position `pos` (what the model's slot mapping needs); `None` when the
+    /// table does not reach that far.
+    pub fn slot(&self, pos: usize, block_size: usize) -> Option<usize> {
+        if block_size == 0 {
+            return None;
+        }
+        let block = *self.blocks.get(pos / block_size)?;
+        Some(block as usize * block_size + pos % block_size)
+    }
+
+    /// Number of leading full blocks already committed (registered or matched in the prefix
+    /// cache), so tests and the scheduler can tell how much of the sequence is reusable.
+    pub fn num_committed_blocks(&self) -> usize {
+        self.committed.len()
+    }
+}
+
+/// Where a block is, for invariant checks and debugging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// On the free list: unreferenced and holding no cached content.
+    Free,
+    /// Unreferenced but still holding cached content; reused least-recently-freed first.
+    Evictable,
+    /// Referenced by `refcount` live tables; `cached` tells whether it is registered in the
+    /// prefix cache.
+    InUse { refcount: u32, cached: bool },
+}
+
+/// Content key of a registered block.
+#[derive(Debug)]
+struct CachedBlock {
+    /// Unique, never reused registration id (0 is reserved for "no parent").
+    id: u64,
+    /// Registration id of the parent block, 0 for the first block of a sequence.
+    parent: u64,
+    tokens: Box<[u32]>,
+    /// Bucket hash of (`parent`, `tokens`), kept to find the bucket again on eviction.
+    hash: u64,
+}
+
+/// Allocator of the paged KV cache: hands out blocks, counts references, shares computed prefix
+/// blocks between sequences (prefix caching), and copies on write after a fork.
+#[derive(Debug)]
+pub struct BlockManager {
+    block_size: usize,
+    enable_prefix_caching: bool,
+    refcount: Vec<u32>,
+    cached: Vec<Option<CachedBlock>>,
+    /// Unreferenced blocks without cached content (a stack; lowest ids come out first initially).
+    free: Vec<BlockId>,
+    /// Unreferenced cached blocks by the tick at which they were freed (oldest first).
+    evictable: BTreeMap<u64, BlockId>,
+    /// Tick under which each evictable block sits in `evictable`.
+    evict_tick: Vec<u64>,
+    next_tick: u64,
+    /// Bucket hash -> registered blocks with that hash.
+    index: HashMap<u64, Vec<BlockId>>,
+    next_reg_id: u64,
+    num_used: usize,
+    queries: u64,
+    hits: u64,
+}
+
+fn key_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    let _ = parent;
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+impl BlockManager {
+    /// A cache of `num_blocks` blocks of `block_size` slots. A zero `block_size` is treated as 1
+    /// and `num_blocks` is capped at `u32::MAX` so odd configurations cannot panic later.
+    pub fn new(num_blocks: usize, block_size: usize, enable_prefix_caching: bool) -> Self {
+        let num_blocks = num_blocks.min(u32::MAX as usize);
+        let block_size = block_size.max(1);
+        Self {
+            block_size,
+            enable_prefix_caching,
+            refcount: vec![0; num_blocks],
+            cached: (0..num_blocks).map(|_| None).collect(),
+            free: (0..num_blocks as u32).rev().collect(),
+            evictable: BTreeMap::new(),
+            evict_tick: vec![0; num_blocks],
+            next_tick: 0,
+            index: HashMap::new(),
+            next_reg_id: 1,
+            num_used: 0,
+            queries: 0,
+            hits: 0,
+        }
+    }
+
+    /// Slots per block, so callers can compute slot mappings and block counts.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Whether `start_sequence` looks up and `commit` registers blocks.
+    pub fn prefix_caching_enabled(&self) -> bool {
+        self.enable_prefix_caching
+    }
+
+    /// Size of the cache in blocks (the denominator of KV-cache usage).
+    pub fn num_total_blocks(&self) -> usize {
+        self.refcount.len()
+    }
+
+    /// Blocks referenced by at least one live table (what `vllm:kv_cache_usage_perc` counts;
+    /// cached-but-unreferenced blocks do not count).
+    pub fn num_used_blocks(&self) -> usize {
+        self.num_used
+    }
+
+    /// Blocks that can be allocated right now: free plus evictable.
+    pub fn num_free_blocks(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Prompt tokens looked up in the prefix cache and tokens found there, both cumulative, for
+    /// the `prefix_cache_queries/hits` metrics. Nothing is counted while caching is disabled.
+    pub fn prefix_cache_stats(&self) -> (u64, u64) {
+        (self.queries, self.hits)
+    }
+
+    /// Where `block` is (`None` if it is out of range), for tests and debugging.
+    pub fn block_state(&self, block: BlockId) -> Option<BlockState> {
+        let b = block as usize;
+        let rc = *self.refcount.get(b)?;
+        let cached = self.cached[b].is_some();
+        Some(if rc > 0 {
+            BlockState::InUse { refcount: rc, cached }
+        } else if cached {
+            BlockState::Evictable
+        } else {
+            BlockState::Free
+        })
+    }
+
+    /// Find the registered block holding `tokens` below parent registration `parent`.
+    fn lookup(&self, parent: u64, tokens: &[u32]) -> Option<BlockId> {
+        let bucket = self.index.get(&key_hash(parent, tokens))?;
+        bucket.iter().copied().find(|&b| {
+            self.cached[b as usize]
+                .as_ref()
+                .is_some_and(|c| *c.tokens == *tokens)
+        })
+    }
+
+    /// Take one more reference on `block`, pulling it out of the evictable set if needed.
+    fn take_ref(&mut self, block: BlockId) {
+        let b = block as usize;
+        if self.refcount[b] == 0 {
+            if self.cached[b].is_some() {
+                self.evictable.remove(&self.evict_tick[b]);
+            } else if let Some(pos) = self.free.iter().position(|&f| f == block) {
+                // Only reachable through misuse (forking a freed table); keep the books right.
+                self.free.swap_remove(pos);
+            }
+            self.num_used += 1;
+        }
+        self.refcount[b] += 1;
+    }
+
+    /// Drop one reference on `block`; an unreferenced block becomes evictable (if cached) or free.
+    fn release(&mut self, block: BlockId) {
+        let b = block as usize;
+        let Some(rc) = self.refcount.get_mut(b) else { return };
+        if *rc == 0 {
+            return; // double free: ignore rather than corrupt the counts
+        }
+        *rc -= 1;
+        if *rc > 0 {
+            return;
+        }
+        self.num_used -= 1;
+        if self.cached[b].is_some() {
+            let tick = self.next_tick;
+            self.next_tick += 1;
+            self.evict_tick[b] = tick;
+            self.evictable.insert(tick, block);
+        } else {
+            self.free.push(block);
+        }
+    }
+
+    /// Remove `block`'s prefix-cache entry.
+    fn uncache(&mut self, block: BlockId) {
+        let Some(c) = self.cached[block as usize].take() else { return };
+        if let Some(bucket) = self.index.get_mut(&c.hash) {
+            bucket.retain(|&x| x != block);
+            if bucket.is_empty() {
+                self.index.remove(&c.hash);
+            }
+        }
+    }
+
+    /// One fresh block with refcount 1: the free list first, else the least recently freed
+    /// cached block (which loses its cache entry).
+    fn allocate(&mut self) -> Option<BlockId> {
+        let block = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.evictable.pop_first()?;
+                self.uncache(b);
+                b
+            }
+        };
+        self.refcount[block as usize] = 1;
+        self.num_used += 1;
+        Some(block)
+    }
+
+    /// Start a sequence: reuse the longest chain of cached full blocks matching the start of
+    /// `prompt` (taking a reference on each) and return the table plus the number of cached
+    /// tokens. At least one prompt token is always left to compute (the model needs it to
+    /// produce logits), so a fully cached prompt gives up its last block.
+    pub fn start_sequence(&mut self, prompt: &[u32]) -> (BlockTable, usize) {
+        let mut table = BlockTable::new();
+        if !self.enable_prefix_caching || prompt.is_empty() {
+            return (table, 0);
+        }
+        self.queries += prompt.len() as u64;
+        let bs = self.block_size;
+        let max_blocks = (prompt.len() - 1) / bs;
+        let mut parent = 0u64;
+        for chunk in prompt.chunks_exact(bs).take(max_blocks) {
+            let Some(block) = self.lookup(parent, chunk) else { break };
+            let Some(id) = self.cached[block as usize].as_ref().map(|c| c.id) else { break };
+            self.take_ref(block);
+            table.blocks.push(block);
+            table.committed.push(id);
+            parent = id;
+        }
+        let cached_tokens = table.blocks.len() * bs;
+        self.hits += cached_tokens as u64;
+        (table, cached_tokens)
+    }
+
+    /// Range of existing table indices that a write of positions `write_from..num_tokens` touches.
+    fn written_existing(&self, table: &BlockTable, num_tokens: usize, write_from: usize) -> std::ops::Range<usize> {
+        if num_tokens <= write_from {
+            return 0..0;
+        }
+        let first = write_from / self.block_size;
+        let last = (num_tokens - 1) / self.block_size + 1;
+        first.min(table.blocks.len())..last.min(table.blocks.len())
+    }
+
+    /// Blocks that must be newly allocated for `table` to hold `num_tokens` slots when positions
+    /// `write_from..num_tokens` are written: new tail blocks plus copy-on-write copies of shared
+    /// blocks in the written range. Lets the scheduler budget before calling [`Self::grow`].
+    pub fn blocks_needed(&self, table: &BlockTable, num_tokens: usize, write_from: usize) -> usize {
+        let want = num_tokens.div_ceil(self.block_size);
+        let tail = want.saturating_sub(table.blocks.len());
+        let cow = self
+            .written_existing(table, num_tokens, write_from)
+            .filter(|&i| self.refcount.get(table.blocks[i] as usize).is_some_and(|&rc| rc > 1))
+            .count();
+        tail + cow
+    }
+
+    /// Make `table` hold `num_tokens` slots before positions `write_from..num_tokens` are
+    /// written. Allocates tail blocks (free list first, then evicting the least recently freed
+    /// cached block) and copies on write every block in the written range that is shared with
+    /// another table (after [`Self::fork`]): the table gets a fresh block and the returned
+    /// `(src, dst)` pairs tell the caller which KV blocks to copy before the step.
+    /// On `Err(OutOfBlocks)` nothing changed.
+    pub fn grow(
+        &mut self,
+        table: &mut BlockTable,
+        num_tokens: usize,
+        write_from: usize,
+    ) -> Result<Vec<(BlockId, BlockId)>, OutOfBlocks> {
+        let needed = self.blocks_needed(table, num_tokens, write_from);
+        let available = self.num_free_blocks();
+        if needed > available {
+            return Err(OutOfBlocks { needed, available });
+        }
+        let mut copies = Vec::new();
+        for i in self.written_existing(table, num_tokens, write_from) {
+            let src = table.blocks[i];
+            if self.refcount[src as usize] <= 1 {
+                continue;
+            }
+            let dst = self.allocate().ok_or(OutOfBlocks { needed, available })?;
+            self.release(src);
+            table.blocks[i] = dst;
+            // The copy is not registered; whatever gets written there is committed afresh.
+            table.committed.truncate(i);
+            copies.push((src, dst));
+        }
+        let want = num_tokens.div_ceil(self.block_size);
+        while table.blocks.len() < want {
+            let block = self.allocate().ok_or(OutOfBlocks { needed, available })?;
+            table.blocks.push(block);
+        }
+        Ok(copies)
+    }
+
+    /// Register the blocks of `table` that became full, now that the KV of `tokens` (all of the
+    /// sequence's tokens whose KV is computed: prompt + output so far, in order) is in the
+    /// cache. Cheap to call after every step: already committed blocks are skipped. If an
+    /// identical block is already registered (another sequence computed the same prefix), that
+    /// one stays the cache entry and this table's block remains private (freed normally).
+    /// Does nothing while prefix caching is disabled.
+    pub fn commit(&mut self, table: &mut BlockTable, tokens: &[u32]) {
+        if !self.enable_prefix_caching {
+            return;
+        }
+        let bs = self.block_size;
+        let full = (tokens.len() / bs).min(table.blocks.len());
+        for i in table.committed.len()..full {
+            let block = table.blocks[i];
+            let b = block as usize;
+            if b >= self.cached.len() {
+                return;
+            }
+            if let Some(c) = &self.cached[b] {
+                // A prefix-cache hit or a block shared through fork: already registered.
+                table.committed.push(c.id);
+                continue;
+            }
+            let parent = if i == 0 { 0 } else { table.committed[i - 1] };
+            let chunk = &tokens[i * bs..(i + 1) * bs];
+            if let Some(existing) = self.lookup(parent, chunk) {
+                if let Some(c) = &self.cached[existing as usize] {
+                    table.committed.push(c.id);
+                    continue;
+                }
+            }
+            let id = self.next_reg_id;
+            self.next_reg_id += 1;
+            let hash = key_hash(parent, chunk);
+            self.cached[b] = Some(CachedBlock { id, parent, tokens: chunk.into(), hash });
+            self.index.entry(hash).or_default().push(block);
+            table.committed.push(id);
+        }
+    }
+
+    /// A child sequence (`n > 1`) sharing all of `table`'s blocks: each gets one more
+    /// reference; the first write into a shared block copies it (see [`Self::grow`]).
+    pub fn fork(&mut self, table: &BlockTable) -> BlockTable {
+        let mut child = BlockTable { blocks: Vec::with_capacity(table.blocks.len()), committed: table.committed.clone() };
+        for &block in &table.blocks {
+            if (block as usize) < self.refcount.len() {
+                self.take_ref(block);
+                child.blocks.push(block);
+            }
+        }
+        child.committed.truncate(child.blocks.len());
+        child
+    }
+
+    /// Release a finished or preempted sequence's blocks. Unreferenced blocks registered in the
+    /// prefix cache stay cached (evictable, least recently freed first; the table's tail is
+    /// released first), the others return to the free list.
+    pub fn free(&mut self, table: BlockTable) {
+        for &block in table.blocks.iter().rev() {
+            self.release(block);
+        }
+    }
+
+    /// Drop every cached-but-unreferenced block from the prefix cache (vLLM's
+    /// `/reset_prefix_cache`). Only allowed while no block is in use, so that no live table
+    /// refers to a dropped registration; returns whether the reset happened.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.num_used > 0 {
+            return false;
+        }
+        while let Some((_, block)) = self.evictable.pop_first() {
+            self.uncache(block);
+            self.free.push(block);
+        }
+        self.index.clear();
+        true
+    }
+
+    /// Verify the allocator's internal bookkeeping, for tests and debug assertions: every block
+    /// is in exactly one place, counters match, and the cache index agrees with block metadata.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let n = self.refcount.len();
+        let mut seen = vec![0u8; n];
+        for &b in &self.free {
+            let b = b as usize;
+            if b >= n {
+                return Err(format!("free list holds out-of-range block {b}"));
+            }
+            seen[b] += 1;
+            if self.refcount[b] != 0 || self.cached[b].is_some() {
+                return Err(format!("free block {b} is referenced or cached"));
+            }
+        }
+        for (&tick, &b) in &self.evictable {
+            let b = b as usize;
+            if b >= n {
+                return Err(format!("evictable set holds out-of-range block {b}"));
+            }
+            seen[b] += 1;
+            if self.refcount[b] != 0 || self.cached[b].is_none() || self.evict_tick[b] != tick {
+                return Err(format!("evictable block {b} is referenced, uncached or mis-ticked"));
+            }
+        }
+        let mut used = 0;
+        for b in 0..n {
+            if self.refcount[b] > 0 {
+                used += 1;
+                seen[b] += 1;
+            }
+            if seen[b] != 1 {
+                return Err(format!("block {b} is in {} places", seen[b]));
+            }
+        }
+        if used != self.num_used {
+            return Err(format!("num_used {} but {used} referenced blocks", self.num_used));
+        }
+        let mut indexed = 0;
+        for (&hash, bucket) in &self.index {
+            for &b in bucket {
+                indexed += 1;
+                match &self.cached[b as usize] {
+                    Some(c) if c.hash == hash && key_hash(c.parent, &c.tokens) == hash => {}
+                    _ => return Err(format!("index entry for block {b} does not match its metadata")),
+                }
+            }
+        }
+        let registered = self.cached.iter().filter(|c| c.is_some()).count();
+        if indexed != registered {
+            return Err(format!("{indexed} index entries but {registered} registered blocks"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(len: usize, base: u32) -> Vec<u32> {
+        (0..len as u32).map(|i| base + i).collect()
+    }
+
+    /// Run a sequence's prefill: start, grow, commit. Returns the table and the cache hit.
+    fn prefill(bm: &mut BlockManager, p: &[u32]) -> (BlockTable, usize) {
+        let (mut t, cached) = bm.start_sequence(p);
+        bm.grow(&mut t, p.len(), cached).unwrap();
+        bm.commit(&mut t, p);
+        bm.check_invariants().unwrap();
+        (t, cached)
+    }
+
+    #[test]
+    fn slots_follow_the_table() {
+        let mut bm = BlockManager::new(8, 4, false);
+        let (mut t, _) = bm.start_sequence(&[1, 2, 3]);
+        bm.grow(&mut t, 6, 0).unwrap();
+        assert_eq!(t.blocks, vec![0, 1]);
+        assert_eq!(t.slot(5, 4), Some(5));
+        assert_eq!(t.slot(8, 4), None);
+        assert_eq!(t.num_slots(4), 8);
+    }
+
+    #[test]
+    fn prefix_hit_after_first_sequence_is_freed() {
+        let mut bm = BlockManager::new(16, 4, true);
+        let p = prompt(10, 100);
+        let (t, cached) = prefill(&mut bm, &p);
+        assert_eq!(cached, 0);
+        assert_eq!(bm.num_used_blocks(), 3);
+        bm.free(t);
+        assert_eq!(bm.num_used_blocks(), 0);
+        assert_eq!(bm.num_free_blocks(), 16);
+        let (t2, cached) = prefill(&mut bm, &p);
+        assert_eq!(cached, 8, "two full blocks reused");
+        assert_eq!(bm.prefix_cache_stats(), (20, 8));
+        // A different prompt sharing only the first block.
+        let mut q = p.clone();
+        q[5] = 7;
+        let (t3, cached) = prefill(&mut bm, &q);
+        assert_eq!(cached, 4);
+        assert_eq!(t3.blocks[0], t2.blocks[0]);
+        assert_eq!(bm.block_state(t2.blocks[0]), Some(BlockState::InUse { refcount: 2, cached: true }));
+        bm.free(t2);
+        bm.free(t3);
+        bm.check_invariants().unwrap();
+        assert_eq!(bm.num_used_blocks(), 0);
+    }
+
+    #[test]
+    fn never_covers_the_whole_prompt() {
+        let mut bm = BlockManager::new(16, 4, true);
+        let p = prompt(8, 0);
+        let (t, _) = prefill(&mut bm, &p);
+        bm.free(t);
+        let (t, cached) = bm.start_sequence(&p);
+        assert_eq!(cached, 4, "the last block is recomputed");
+        assert_eq!(t.blocks.len(), 1);
+        bm.free(t);
+        // One token more: both blocks can be reused.
+        let mut p9 = p.clone();
+        p9.push(99);
+        let (t, cached) = bm.start_sequence(&p9);
+        assert_eq!(cached, 8);
+        bm.free(t);
+        // A prompt shorter than a block never hits.
+        let (t, cached) = bm.start_sequence(&p[..4]);
+        assert_eq!(cached, 0);
+        bm.free(t);
+        let (t, cached) = bm.start_sequence(&[]);
+        assert_eq!(cached, 0);
+        bm.free(t);
+        bm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn recomputed_last_block_is_a_duplicate_not_a_corruption() {
+        let mut bm = BlockManager::new(16, 4, true);
+        let p = prompt(8, 0);
+        let (t, _) = prefill(&mut bm, &p);
+        let (t2, cached) = prefill(&mut bm, &p);
+        assert_eq!(cached, 4);
+        // t2 recomputed block 1 into a private block; the registered one is t's.
+        assert_ne!(t.blocks[1], t2.blocks[1]);
+        assert_eq!(bm.block_state(t2.blocks[1]), Some(BlockState::InUse { refcount: 1, cached: false }));
+        let private = t2.blocks[1];
+        bm.free(t2);
+        assert_eq!(bm.block_state(private), Some(BlockState::Free));
+        bm.free(t);
+        bm.check_invariants().unwrap();
+        let (t3, cached) = bm.start_sequence(&[p.clone(), vec![1]].concat());
+        assert_eq!(cached, 8);
+        bm.free(t3);
+    }
+
+    #[test]
+    fn concurrent_identical_prompts_register_once() {
+        let mut bm = BlockManager::new(16, 2, true);
+        let p = prompt(6, 0);
+        let (mut a, _) = bm.start_sequence(&p);
+        let (mut b, _) = bm.start_sequence(&p);
+        bm.grow(&mut a, 6, 0).unwrap();
+        bm.grow(&mut b, 6, 0).unwrap();
+        bm.commit(&mut b, &p[..4]);
+        bm.commit(&mut a, &p);
+        bm.commit(&mut b, &p);
+        bm.check_invariants().unwrap();
+        // b's first two blocks registered first; a's third.
+        let registered: Vec<_> = a.blocks.iter().chain(&b.blocks).filter(|&&x| matches!(bm.block_state(x), Some(BlockState::InUse { cached: true, .. }))).collect();
+        assert_eq!(registered.len(), 3);
+        bm.free(a);
+        bm.free(b);
+        let (c, cached) = bm.start_sequence(&[p.clone(), vec![9]].concat());
+        assert_eq!(cached, 6, "the chain crosses the blocks of both sequences");
+        bm.free(c);
+        bm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn lru_eviction_order() {
+        let mut bm = BlockManager::new(4, 4, true);
+        let pa = prompt(5, 0); // one full block + one partial
+        let pb = prompt(5, 1000);
+        let (ta, _) = prefill(&mut bm, &pa);
+        bm.free(ta); // A's full block evictable first
+        let (tb, _) = prefill(&mut bm, &pb);
+        bm.free(tb); // then B's
+        assert_eq!(bm.num_free_blocks(), 4);
+        // Three fresh blocks: two free ones, then the least recently freed cached block (A's).
+        let mut t = BlockTable::new();
+        bm.grow(&mut t, 12, 0).unwrap();
+        bm.check_invariants().unwrap();
+        let (ta, cached) = bm.start_sequence(&pa);
+        assert_eq!(cached, 0, "A was evicted");
+        let (tb, cached) = bm.start_sequence(&pb);
+        assert_eq!(cached, 4, "B survived");
+        bm.free(t);
+        bm.free(ta);
+        bm.free(tb);
+
+        let pa = prompt(9, 0); // two full blocks + one partial
+        // Within a table, the tail goes first: evicting one block keeps the prefix usable.
+        let mut bm = BlockManager::new(3, 4, true);
+        let (ta, _) = prefill(&mut bm, &pa);
+        bm.free(ta);
+        let (mut t, _) = bm.start_sequence(&[7]);
+        bm.grow(&mut t, 1, 0).unwrap(); // the free block
+        let mut t2 = BlockTable::new();
+        bm.grow(&mut t2, 1, 0).unwrap(); // evicts A's tail block
+        let (t3, cached) = bm.start_sequence(&pa);
+        assert_eq!(cached, 4, "A's first block survived");
+        bm.free(t);
+        bm.free(t2);
+        bm.free(t3);
+        bm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn copy_on_write_after_fork() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let p = prompt(6, 0);
+        let (parent, _) = prefill(&mut bm, &p);
+        let mut parent = parent;
+        let mut child = bm.fork(&parent);
+        assert_eq!(child.blocks, parent.blocks);
+        assert_eq!(bm.num_used_blocks(), 2);
+        assert_eq!(bm.block_state(parent.blocks[1]), Some(BlockState::InUse { refcount: 2, cached: false }));
+        // The child writes position 6 (in the shared, partial block 1): copy.
+        assert_eq!(bm.blocks_needed(&child, 7, 6), 1);
+        let copies = bm.grow(&mut child, 7, 6).unwrap();
+        assert_eq!(copies, vec![(parent.blocks[1], child.blocks[1])]);
+        assert_ne!(child.blocks[1], parent.blocks[1]);
+        assert_eq!(child.blocks[0], parent.blocks[0], "full prefix block stays shared");
+        // The parent is now the only owner of its block: no copy.
+        assert_eq!(bm.grow(&mut parent, 7, 6).unwrap(), vec![]);
+        // Writing past the shared block allocates without copying.
+        let copies = bm.grow(&mut parent, 9, 8).unwrap();
+        assert!(copies.is_empty());
+        assert_eq!(parent.blocks.len(), 3);
+        bm.check_invariants().unwrap();
+        bm.free(parent);
+        bm.free(child);
+        assert_eq!(bm.num_used_blocks(), 0);
+        bm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn out_of_blocks_leaves_table_unchanged() {
+        let mut bm = BlockManager::new(2, 4, true);
+        let (mut t, _) = bm.start_sequence(&[1, 2, 3]);
+        bm.grow(&mut t, 4, 0).unwrap();
+        let before = t.blocks.clone();
+        let err = bm.grow(&mut t, 13, 4).unwrap_err();
+        assert_eq!(err, OutOfBlocks { needed: 3, available: 1 });
+        assert_eq!(t.blocks, before);
+        assert_eq!(bm.num_used_blocks(), 1);
+        // CoW that does not fit also fails cleanly.
+        let mut child = bm.fork(&t);
+        bm.grow(&mut t, 8, 4).unwrap();
+        let err = bm.grow(&mut child, 4, 3).unwrap_err();
+        assert_eq!(err.needed, 1);
+        bm.free(t);
+        bm.free(child);
+        bm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn disabled_cache_never_hits() {
+        let mut bm = BlockManager::new(8, 4, false);
+        let p = prompt(9, 0);
+        let (t, _) = prefill(&mut bm, &p);
+        assert_eq!(t.num_committed_blocks(), 0);
+        bm.free(t);
+        assert_eq!(bm.num_free_blocks(), 8);
+        let (t, cached) = prefill(&mut bm, &p);
+        assert_eq!(cached, 0);
+        assert_eq!(bm.prefix_cache_stats(), (0, 0));
+        bm.free(t);
+        for b in 0..8 {
+            assert_eq!(bm.block_state(b), Some(BlockState::Free));
+        }
+    }
+
+    #[test]
+    fn evicted_block_loses_its_entry_and_reset_clears_the_cache() {
+        let mut bm = BlockManager::new(2, 2, true);
+        let p = [1, 2, 3, 4, 5];
+        let (mut t, _) = bm.start_sequence(&p);
+        bm.grow(&mut t, 4, 0).unwrap();
+        bm.commit(&mut t, &p[..4]);
+        bm.free(t);
+        let mut other = BlockTable::new();
+        bm.grow(&mut other, 4, 0).unwrap(); // evicts both
+        bm.check_invariants().unwrap();
+        bm.free(other);
+        let (t, cached) = bm.start_sequence(&p);
+        assert_eq!(cached, 0);
+        bm.free(t);
+
+        let (mut t, _) = bm.start_sequence(&p);
+        bm.grow(&mut t, 4, 0).unwrap();
+        bm.commit(&mut t, &p[..4]);
+        assert!(!bm.reset_prefix_cache(), "blocks in use");
+        bm.free(t);
+        assert!(bm.reset_prefix_cache());
+        bm.check_invariants().unwrap();
+        let (t, cached) = bm.start_sequence(&p);
+        assert_eq!(cached, 0);
+        bm.free(t);
+    }
+
+    #[test]
+    fn odd_inputs_do_not_panic() {
+        let mut bm = BlockManager::new(0, 0, true);
+        assert_eq!(bm.block_size(), 1);
+        let (mut t, c) = bm.start_sequence(&[1, 2]);
+        assert_eq!(c, 0);
+        assert!(bm.grow(&mut t, 1, 0).is_err());
+        assert_eq!(bm.grow(&mut t, 0, 0), Ok(vec![]));
+        bm.commit(&mut t, &[1, 2, 3]);
+        bm.free(t);
+        let mut bm = BlockManager::new(4, 2, true);
+        // commit with fewer tokens than slots, or more tokens than slots.
+        let mut t = BlockTable::new();
+        bm.grow(&mut t, 3, 0).unwrap();
+        bm.commit(&mut t, &[1]);
+        bm.commit(&mut t, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(t.num_committed_blocks(), 2);
+        assert_eq!(bm.block_state(99), None);
+        bm.free(t);
+        bm.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,180 @@
+//! The cheap, clonable handle front ends use to talk to the engine thread. Requests go over a
+//! crossbeam channel; each request gets its own tokio channel back, so an async task can await
+//! tokens without ever blocking the runtime, and a plain thread can use `blocking_recv`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use spindle_model::{ModelInfo, TokenizerBundle};
+use tokio::sync::mpsc;
+
+use crate::api::{EngineError, EngineEvent, GenerateRequest};
+use crate::stats::EngineStats;
+
+/// Messages the engine thread receives.
+pub(crate) enum EngineMessage {
+    Generate { id: u64, request: GenerateRequest, events: mpsc::UnboundedSender<EngineEvent> },
+    Abort { id: u64 },
+    Shutdown,
+}
+
+/// Liveness shared between the engine thread and its handles: the thread bumps the heartbeat on
+/// every iteration and on every idle wake-up, so `/health` can tell "alive and making progress"
+/// from "thread exists but is stuck".
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    started: Instant,
+    heartbeat_ms: AtomicU64,
+    dead: AtomicBool,
+    death_reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+            death_reason: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_dead(&self, reason: String) {
+        if let Ok(mut slot) = self.death_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.dead.store(true, Ordering::SeqCst);
+    }
+
+    fn since_last_beat(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)))
+    }
+
+    fn death_reason(&self) -> String {
+        self.death_reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "engine thread exited".to_string())
+    }
+}
+
+/// A front end's view of a running engine. Clone it freely.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(crate) sender: Sender<EngineMessage>,
+    pub(crate) next_id: Arc<AtomicU64>,
+    pub(crate) liveness: Arc<Liveness>,
+    pub(crate) stats: Arc<EngineStats>,
+    pub(crate) tokenizer: Arc<TokenizerBundle>,
+    pub(crate) model_info: Arc<ModelInfo>,
+    pub(crate) max_waiting_requests: usize,
+    /// The engine is idle-blocked at most this long between heartbeats.
+    pub(crate) heartbeat_interval: Duration,
+}
+
+impl EngineHandle {
+    /// Submit a request. Fails fast when the engine is dead or its waiting queue is full; the
+    /// returned stream yields deltas, then `Finished` or `Error`. Dropping the stream aborts the
+    /// request and frees its KV blocks on the engine's next iteration.
+    pub fn generate(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
+        if self.liveness.dead.load(Ordering::SeqCst) {
+            return Err(EngineError::EngineDead(self.liveness.death_reason()));
+        }
+        let waiting = self.stats.num_waiting.load(Ordering::Relaxed) as usize
+            + self.stats.num_submitted_unseen();
+        if self.max_waiting_requests > 0 && waiting >= self.max_waiting_requests {
+            return Err(EngineError::QueueFull(waiting));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.sender
+            .send(EngineMessage::Generate { id, request, events: tx })
+            .map_err(|_| EngineError::EngineDead(self.liveness.death_reason()))?;
+        Ok(RequestStream { id, events: rx, sender: self.sender.clone(), finished: false })
+    }
+
+    /// True while the engine thread runs and has shown progress recently (`stall_timeout`).
+    pub fn is_healthy(&self, stall_timeout: Duration) -> bool {
+        !self.liveness.dead.load(Ordering::SeqCst)
+            && self.liveness.since_last_beat() <= stall_timeout.max(self.heartbeat_interval * 2)
+    }
+
+    /// True once the engine thread has stopped for good (error, panic or shutdown).
+    pub fn is_dead(&self) -> bool {
+        self.liveness.dead.load(Ordering::SeqCst)
+    }
+
+    /// Live counters and gauges the metrics endpoint exports.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The model's tokenizer, chat template and special tokens.
+    pub fn tokenizer(&self) -> &Arc<TokenizerBundle> {
+        &self.tokenizer
+    }
+
+    /// What was loaded: architecture, context length, vocabulary, dtype, device.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.model_info
+    }
+
+    /// Ask the engine thread to stop after aborting what is in flight.
+    pub fn shutdown(&self) {
+        let _ = self.sender.send(EngineMessage::Shutdown);
+    }
+}
+
+/// The receiving end of one request. Dropping it before `Finished` aborts the request.
+pub struct RequestStream {
+    id: u64,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    sender: Sender<EngineMessage>,
+    finished: bool,
+}
+
+impl RequestStream {
+    /// Next event, awaiting it; `None` only if the engine vanished without a final event.
+    pub async fn recv(&mut self) -> Option<EngineEvent> {
+        let event = self.events.recv().await;
+        self.note(&event);
+        event
+    }
+
+    /// Same as `recv` for callers outside an async runtime (`spindle generate`, tests).
+    pub fn blocking_recv(&mut self) -> Option<EngineEvent> {
+        let event = self.events.blocking_recv();
+        self.note(&event);
+        event
+    }
+
+    /// Abort explicitly (dropping the stream does the same).
+    pub fn abort(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            let _ = self.sender.send(EngineMessage::Abort { id: self.id });
+        }
+    }
+
+    fn note(&mut self, event: &Option<EngineEvent>) {
+        if matches!(event, None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))) {
+            self.finished = true;
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}

@@ -1,0 +1,716 @@
+//! Per-sequence token sampling with vLLM semantics.
+//!
+//! [`sample_token`] turns one row of raw logits into a token. Processing happens on a working
+//! copy, in this order:
+//!
+//! 1. `logit_bias` (ids outside the vocabulary and NaN biases are skipped);
+//! 2. `min_tokens`: while fewer than `min_tokens` tokens were generated, every id in `eos_ids`
+//!    and `stop_token_ids` is masked to −inf (also with `ignore_eos`);
+//! 3. `repetition_penalty` over the distinct tokens of prompt ∪ output (positive logits are
+//!    divided, the others multiplied);
+//! 4. `frequency_penalty × count` and `presence_penalty` (once) over the output tokens,
+//!    subtracted;
+//! 5. temperature `< 1e-5` (or NaN): greedy argmax, ties to the lowest id; otherwise divide by
+//!    the temperature, then
+//! 6. `top_k` (exactly k tokens, ties to the lowest id; 0 or ≥ vocab disables it),
+//! 7. `top_p` (the smallest most-likely set with mass ≥ `top_p`; the top token is always kept),
+//! 8. `min_p` (drop tokens whose probability is below `min_p` × the top probability),
+//! 9. inverse-CDF sampling from the renormalized distribution with the sequence's RNG.
+//!
+//! Odd values never panic: NaN logits count as −inf and +inf as `f32::MAX`. If processing masks
+//! every token (e.g. a −inf bias on all of them), the token is the argmax of the raw row; a row
+//! with no usable value at all (empty, or all NaN/−inf) is a [`SamplerError`].
+//!
+//! Logprobs, when requested, come from the *raw* row (log-softmax of the unmodified logits, as
+//! vLLM reports by default), whatever processing chose the token.
+//!
+//! # RNG contract
+//!
+//! Every call to [`sample_token`] draws exactly one `f64` from the sequence's [`SequenceRng`],
+//! greedy or not and before anything can fail. The k-th token of a sequence therefore only
+//! depends on the seed and that step's logits, never on batch composition or on how earlier
+//! steps were sampled.
+
+use std::cell::RefCell;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::api::{SamplingParams, StepLogprobs, TokenLogprob};
+
+/// Temperatures below this are greedy (as in vLLM).
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// Why a row could not be sampled; the engine aborts the affected sequence with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SamplerError {
+    /// The model returned a zero-width row.
+    #[error("the logits row is empty")]
+    EmptyLogits,
+    /// Every logit is NaN or −inf: the forward pass produced garbage.
+    #[error("every logit is NaN or -inf")]
+    NoUsableLogits,
+}
+
+/// A sequence's private random stream, so seeded requests reproduce whatever else is batched
+/// with them.
+#[derive(Debug, Clone)]
+pub struct SequenceRng(StdRng);
+
+impl SequenceRng {
+    /// Seeded requests use `seed + choice_index` (so the `n` choices differ but each is
+    /// reproducible, like vLLM's per-child seeds); unseeded ones use
+    /// `fallback_seed + choice_index`, where the engine supplies a fresh random `fallback_seed`
+    /// per request.
+    pub fn new(seed: Option<u64>, choice_index: usize, fallback_seed: u64) -> Self {
+        let base = seed.unwrap_or(fallback_seed);
+        Self(StdRng::seed_from_u64(base.wrapping_add(choice_index as u64)))
+    }
+
+    /// One uniform draw in [0, 1).
+    fn next_uniform(&mut self) -> f64 {
+        self.0.random::<f64>()
+    }
+}
+
+/// One row of a batch for [`sample_batch`]: the same inputs as [`sample_token`].
+#[derive(Debug)]
+pub struct SampleInput<'a> {
+    pub logits: &'a [f32],
+    pub params: &'a SamplingParams,
+    pub prompt_ids: &'a [u32],
+    pub output_ids: &'a [u32],
+    pub eos_ids: &'a [u32],
+    pub rng: &'a mut SequenceRng,
+}
+
+/// What [`sample_token`] returns: the token and, when requested, its logprobs.
+pub type SampleResult = Result<(u32, Option<StepLogprobs>), SamplerError>;
+
+/// Sample every row of a batch in parallel (rows are independent; each uses its own RNG), so a
+/// large batch over a 150k vocabulary does not serialize on one core. Results are in row order.
+pub fn sample_batch(rows: &mut [SampleInput<'_>]) -> Vec<SampleResult> {
+    if rows.len() <= 1 {
+        return rows.iter_mut().map(sample_row).collect();
+    }
+    rows.par_iter_mut().map(sample_row).collect()
+}
+
+fn sample_row(r: &mut SampleInput<'_>) -> SampleResult {
+    sample_token(r.logits, r.params, r.prompt_ids, r.output_ids, r.eos_ids, r.rng)
+}
+
+/// Sample one token from a row of raw logits (see the module docs for the exact semantics).
+pub fn sample_token(
+    logits: &[f32],
+    params: &SamplingParams,
+    prompt_ids: &[u32],
+    output_ids: &[u32],
+    eos_ids: &[u32],
+    rng: &mut SequenceRng,
+) -> SampleResult {
+    let u = rng.next_uniform();
+    if logits.is_empty() {
+        return Err(SamplerError::EmptyLogits);
+    }
+    let greedy = params.temperature.is_nan() || params.temperature < GREEDY_TEMPERATURE;
+
+    let token = if greedy && !needs_processing(params, prompt_ids, output_ids, eos_ids) {
+        argmax(logits)
+    } else {
+        with_scratch(|w| {
+            w.clear();
+            w.extend(logits.iter().map(|&x| sanitize(x)));
+            apply_processing(w, params, prompt_ids, output_ids, eos_ids);
+            if greedy {
+                argmax(w)
+            } else {
+                sample_processed(w, params, u)
+            }
+        })
+        .or_else(|| argmax(logits))
+    };
+    let token = token.ok_or(SamplerError::NoUsableLogits)?;
+
+    let logprobs = params.logprobs.map(|k| raw_logprobs(logits, token, k));
+    Ok((token, logprobs))
+}
+
+/// NaN counts as −inf, +inf as the largest finite value (so softmax stays finite).
+fn sanitize(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else if x == f32::INFINITY {
+        f32::MAX
+    } else {
+        x
+    }
+}
+
+/// Index of the largest value, ties to the lowest index; NaN counts as −inf. `None` if no value
+/// is above −inf.
+fn argmax(values: &[f32]) -> Option<u32> {
+    let mut best = f32::NEG_INFINITY;
+    let mut idx = None;
+    for (i, &v) in values.iter().enumerate() {
+        if v > best {
+            best = v;
+            idx = Some(i as u32);
+        }
+    }
+    idx
+}
+
+fn repetition_active(p: f32) -> bool {
+    p.is_finite() && p > 0.0 && p != 1.0
+}
+
+fn penalty_active(p: f32) -> bool {
+    p.is_finite() && p != 0.0
+}
+
+/// Whether any step before temperature would change the row (greedy fast path otherwise).
+fn needs_processing(params: &SamplingParams, prompt_ids: &[u32], output_ids: &[u32], eos_ids: &[u32]) -> bool {
+    !params.logit_bias.is_empty()
+        || (output_ids.len() < params.min_tokens && (!eos_ids.is_empty() || !params.stop_token_ids.is_empty()))
+        || (repetition_active(params.repetition_penalty) && (!prompt_ids.is_empty() || !output_ids.is_empty()))
+        || ((penalty_active(params.frequency_penalty) || penalty_active(params.presence_penalty)) && !output_ids.is_empty())
+}
+
+/// Steps 1–4 of the module docs, in place on a sanitized copy of the row.
+fn apply_processing(w: &mut [f32], params: &SamplingParams, prompt_ids: &[u32], output_ids: &[u32], eos_ids: &[u32]) {
+    let vocab = w.len();
+    for &(id, bias) in &params.logit_bias {
+        if let Some(x) = w.get_mut(id as usize) {
+            if !bias.is_nan() {
+                *x += bias;
+            }
+        }
+    }
+    if output_ids.len() < params.min_tokens {
+        for &id in eos_ids.iter().chain(&params.stop_token_ids) {
+            if let Some(x) = w.get_mut(id as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let rp = params.repetition_penalty;
+    if repetition_active(rp) {
+        let mut seen = vec![0u64; vocab.div_ceil(64)];
+        for &id in prompt_ids.iter().chain(output_ids) {
+            let i = id as usize;
+            if i >= vocab || seen[i / 64] & (1 << (i % 64)) != 0 {
+                continue;
+            }
+            seen[i / 64] |= 1 << (i % 64);
+            let x = &mut w[i];
+            if *x > 0.0 {
+                *x /= rp;
+            } else {
+                *x *= rp;
+            }
+        }
+    }
+    let freq = if penalty_active(params.frequency_penalty) { params.frequency_penalty } else { 0.0 };
+    let pres = if penalty_active(params.presence_penalty) { params.presence_penalty } else { 0.0 };
+    if (freq != 0.0 || pres != 0.0) && !output_ids.is_empty() {
+        let mut ids: Vec<u32> = output_ids.iter().copied().filter(|&id| (id as usize) < vocab).collect();
+        ids.sort_unstable();
+        for run in ids.chunk_by(|a, b| a == b) {
+            w[run[0] as usize] -= freq * run.len() as f32 + pres;
+        }
+    }
+    // Biases or penalties may have produced ±inf or NaN (inf - inf): keep the row well formed.
+    for x in w.iter_mut() {
+        *x = sanitize(*x);
+    }
+}
+
+thread_local! {
+    /// Per-thread working row and candidate list, so sampling a 150k vocabulary does not
+    /// allocate every step.
+    static SCRATCH_ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_CANDIDATES: RefCell<Vec<(u32, f32)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH_ROW.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+fn with_candidates<R>(f: impl FnOnce(&mut Vec<(u32, f32)>) -> R) -> R {
+    SCRATCH_CANDIDATES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Total order "more likely first, then lower id".
+fn better_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Steps 5–9 on a processed row: temperature, top-k, top-p, min-p, then draw with `u`.
+/// `None` when nothing is left to sample (the caller falls back to the raw argmax).
+fn sample_processed(w: &mut [f32], params: &SamplingParams, u: f64) -> Option<u32> {
+    let t = params.temperature.min(f32::MAX);
+    if t != 1.0 {
+        for x in w.iter_mut() {
+            *x = sanitize(*x / t);
+        }
+    }
+    let vocab = w.len();
+    let top_k = if params.top_k == 0 || params.top_k >= vocab { None } else { Some(params.top_k) };
+    let top_p = params.top_p;
+    let top_p_active = !top_p.is_nan() && top_p < 1.0;
+    let min_p = if params.min_p.is_nan() { 0.0 } else { params.min_p.clamp(0.0, 1.0) };
+
+    if top_k.is_none() && !top_p_active {
+        return sample_full(w, min_p, u);
+    }
+
+    let (_, m) = max_entry(w)?;
+    with_candidates(|cand| {
+        cand.clear();
+        match top_k {
+            Some(k) => cand.extend(top_k_entries(w, k)),
+            None => cand.extend(w.iter().enumerate().map(|(i, &x)| (i as u32, x))),
+        }
+        cand.retain(|&(_, x)| x > f32::NEG_INFINITY);
+        // Values become unnormalized probabilities relative to the top token (weight 1).
+        for c in cand.iter_mut() {
+            c.1 = (c.1 - m).exp();
+        }
+        if top_p_active {
+            let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+            let keep = nucleus_len(cand, (top_p.max(0.0) as f64) * total);
+            cand.truncate(keep);
+        }
+        if min_p > 0.0 {
+            cand.retain(|&(_, p)| p >= min_p);
+        }
+        draw(cand, u)
+    })
+}
+
+/// The largest value and its index (ties to the lowest index).
+fn max_entry(w: &[f32]) -> Option<(u32, f32)> {
+    let i = argmax(w)?;
+    Some((i, w[i as usize]))
+}
+
+/// Sampling without top-k/top-p: softmax weights in place, then an inverse-CDF scan in id order.
+fn sample_full(w: &mut [f32], min_p: f32, u: f64) -> Option<u32> {
+    let (_, m) = max_entry(w)?;
+    let mut total = 0.0f64;
+    for x in w.iter_mut() {
+        let p = if *x > f32::NEG_INFINITY { (*x - m).exp() } else { 0.0 };
+        *x = if p >= min_p { p } else { 0.0 };
+        total += *x as f64;
+    }
+    if total <= 0.0 {
+        return None;
+    }
+    let target = u * total;
+    let mut cum = 0.0f64;
+    let mut last = None;
+    for (i, &p) in w.iter().enumerate() {
+        if p > 0.0 {
+            cum += p as f64;
+            last = Some(i as u32);
+            if cum > target {
+                return last;
+            }
+        }
+    }
+    last
+}
+
+/// Inverse-CDF draw over candidates `(id, weight)`; the last one absorbs rounding.
+fn draw(cand: &[(u32, f32)], u: f64) -> Option<u32> {
+    let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+    if total.is_nan() || total <= 0.0 {
+        return cand.first().map(|c| c.0);
+    }
+    let target = u * total;
+    let mut cum = 0.0f64;
+    for c in cand {
+        cum += c.1 as f64;
+        if cum > target {
+            return Some(c.0);
+        }
+    }
+    cand.last().map(|c| c.0)
+}
+
+/// Sort the most likely candidates to the front until their mass reaches `mass`, and return how
+/// many to keep (at least 1 if any). Grows the sorted prefix geometrically, so a peaked
+/// distribution costs O(V) rather than a full sort.
+fn nucleus_len(cand: &mut [(u32, f32)], mass: f64) -> usize {
+    let len = cand.len();
+    let mut sorted = 0;
+    let mut cum = 0.0f64;
+    let mut chunk = 64usize;
+    while sorted < len {
+        let end = (sorted + chunk).min(len);
+        let rest = &mut cand[sorted..];
+        if end < len {
+            rest.select_nth_unstable_by(end - sorted - 1, better_first);
+        }
+        rest[..end - sorted].sort_unstable_by(better_first);
+        for (i, c) in cand[sorted..end].iter().enumerate() {
+            cum += c.1 as f64;
+            if cum >= mass {
+                return sorted + i + 1;
+            }
+        }
+        sorted = end;
+        chunk = chunk.saturating_mul(8);
+    }
+    len
+}
+
+/// The `k` largest entries of `values` as `(id, value)`, most likely first, ties to the lower id.
+/// NaN counts as −inf. Small `k` uses a bounded insertion list (one pass, no big allocation).
+fn top_k_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k <= 64 {
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        for (i, &v) in values.iter().enumerate() {
+            let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
+            if best.len() == k {
+                // Ids arrive in increasing order, so an equal value never beats the last entry.
+                match best.last() {
+                    Some(&(_, worst)) if v > worst => {
+                        best.pop();
+                    }
+                    _ => continue,
+                }
+            }
+            let pos = best.partition_point(|&(_, x)| x >= v);
+            best.insert(pos, (i as u32, v));
+        }
+        return best;
+    }
+    let mut all: Vec<(u32, f32)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, if v.is_nan() { f32::NEG_INFINITY } else { v }))
+        .collect();
+    if k < all.len() {
+        all.select_nth_unstable_by(k - 1, better_first);
+        all.truncate(k);
+    }
+    all.sort_unstable_by(better_first);
+    all
+}
+
+/// Log-softmax of the raw row for the chosen token and the top `k` (NaN counts as −inf).
+fn raw_logprobs(logits: &[f32], chosen: u32, k: usize) -> StepLogprobs {
+    let m = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&x| {
+            let x = sanitize(x);
+            if x > f32::NEG_INFINITY { ((x - m) as f64).exp() } else { 0.0 }
+        })
+        .sum();
+    let lse = m as f64 + sum.ln();
+    let lp = |x: f32| -> f32 {
+        let x = sanitize(x);
+        if x > f32::NEG_INFINITY { (x as f64 - lse) as f32 } else { f32::NEG_INFINITY }
+    };
+    let chosen_lp = logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&x| lp(x));
+    let top = top_k_entries(logits, k)
+        .into_iter()
+        .map(|(id, x)| TokenLogprob { token_id: id, logprob: lp(x) })
+        .collect();
+    StepLogprobs { chosen: TokenLogprob { token_id: chosen, logprob: chosen_lp }, top }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: u64) -> SequenceRng {
+        SequenceRng::new(Some(seed), 0, 0)
+    }
+
+    fn sample(logits: &[f32], params: &SamplingParams, output: &[u32]) -> u32 {
+        sample_token(logits, params, &[], output, &[], &mut rng(1)).unwrap().0
+    }
+
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| r.random::<f32>() * 10.0 - 5.0).collect()
+    }
+
+    /// Apply steps 1-4 and return the processed row (for penalty math checks).
+    fn processed(logits: &[f32], params: &SamplingParams, prompt: &[u32], output: &[u32], eos: &[u32]) -> Vec<f32> {
+        let mut w = logits.to_vec();
+        apply_processing(&mut w, params, prompt, output, eos);
+        w
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let logits = random_logits(1000, 3);
+        let expected = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+        assert_eq!(sample(&logits, &SamplingParams::greedy(1), &[]), expected as u32);
+        // Ties go to the lowest id.
+        assert_eq!(sample(&[1.0, 3.0, 3.0, 0.0], &SamplingParams::greedy(1), &[]), 1);
+    }
+
+    #[test]
+    fn logit_bias_forces_a_token() {
+        let logits = random_logits(100, 4);
+        let params = SamplingParams { logit_bias: vec![(42, 100.0), (1_000_000, 5.0)], ..SamplingParams::greedy(1) };
+        assert_eq!(sample(&logits, &params, &[]), 42);
+        let params = SamplingParams { temperature: 1.0, ..params };
+        for seed in 0..20 {
+            let (t, _) = sample_token(&logits, &params, &[], &[], &[], &mut rng(seed)).unwrap();
+            assert_eq!(t, 42);
+        }
+    }
+
+    #[test]
+    fn min_tokens_blocks_eos_and_stop_ids() {
+        let logits = vec![0.0, 10.0, 9.0, 1.0];
+        let params = SamplingParams { min_tokens: 2, stop_token_ids: vec![2], ignore_eos: true, ..SamplingParams::greedy(5) };
+        let eos = [1];
+        let t = sample_token(&logits, &params, &[], &[7], &eos, &mut rng(0)).unwrap().0;
+        assert_eq!(t, 3, "EOS (1) and stop id (2) masked");
+        let t = sample_token(&logits, &params, &[], &[7, 7], &eos, &mut rng(0)).unwrap().0;
+        assert_eq!(t, 1, "min_tokens reached");
+        // Everything masked: fall back to the raw argmax rather than fail.
+        let params = SamplingParams { min_tokens: 1, ..SamplingParams::greedy(5) };
+        assert_eq!(sample_token(&[1.0, 2.0], &params, &[], &[], &[0, 1], &mut rng(0)).unwrap().0, 1);
+    }
+
+    #[test]
+    fn repetition_penalty_math() {
+        let logits = [2.0, -2.0, 2.0, -2.0, 0.5];
+        let params = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy(1) };
+        // Token 0 in prompt and output (penalized once), 1 in prompt, 4 out of nothing.
+        let w = processed(&logits, &params, &[0, 1, 0], &[0, 99], &[]);
+        assert_eq!(w, vec![1.0, -4.0, 2.0, -2.0, 0.5]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalty_math() {
+        let logits = [2.0, 2.0, 2.0, 2.0];
+        let params = SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.25, ..SamplingParams::greedy(1) };
+        // Prompt tokens are not penalized by these; output counts: 0 x3, 2 x1.
+        let w = processed(&logits, &params, &[1, 1], &[0, 2, 0, 0], &[]);
+        assert_eq!(w, vec![2.0 - 1.5 - 0.25, 2.0, 2.0 - 0.5 - 0.25, 2.0]);
+        // Negative penalties encourage.
+        let params = SamplingParams { frequency_penalty: -1.0, ..SamplingParams::greedy(1) };
+        assert_eq!(sample(&[1.0, 1.5], &params, &[0]), 0);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        for seed in 0..10 {
+            let logits = random_logits(5000, seed);
+            let g = sample(&logits, &SamplingParams::greedy(1), &[]);
+            let params = SamplingParams { temperature: 1.5, top_k: 1, ..Default::default() };
+            let t = sample_token(&logits, &params, &[], &[], &[], &mut rng(seed)).unwrap().0;
+            assert_eq!(t, g);
+        }
+    }
+
+    #[test]
+    fn top_k_restricts_to_the_k_best() {
+        let logits = random_logits(1000, 9);
+        let mut sorted: Vec<usize> = (0..1000).collect();
+        sorted.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        for k in [3usize, 100] {
+            let allowed = &sorted[..k];
+            let params = SamplingParams { temperature: 5.0, top_k: k, ..Default::default() };
+            let mut r = rng(5);
+            for _ in 0..300 {
+                let t = sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0;
+                assert!(allowed.contains(&(t as usize)));
+            }
+        }
+        // top_k beyond the vocabulary is off, not a panic.
+        let params = SamplingParams { top_k: 1_000_000, ..Default::default() };
+        assert!(sample_token(&logits, &params, &[], &[], &[], &mut rng(0)).is_ok());
+    }
+
+    #[test]
+    fn tiny_top_p_is_greedy() {
+        for seed in 0..10 {
+            let logits = random_logits(5000, 100 + seed);
+            let g = sample(&logits, &SamplingParams::greedy(1), &[]);
+            let params = SamplingParams { temperature: 1.0, top_p: 1e-6, ..Default::default() };
+            let t = sample_token(&logits, &params, &[], &[], &[], &mut rng(seed)).unwrap().0;
+            assert_eq!(t, g);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // probs 0.5, 0.25, 0.125, 0.125 -> top_p 0.7 keeps tokens {0, 1}.
+        let l = |p: f64| p.ln() as f32;
+        let logits = [l(0.125), l(0.5), l(0.125), l(0.25)];
+        let params = SamplingParams { top_p: 0.7, ..Default::default() };
+        let mut r = rng(11);
+        let mut counts = [0usize; 4];
+        for _ in 0..3000 {
+            counts[sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0 as usize] += 1;
+        }
+        assert_eq!(counts[0] + counts[2], 0);
+        let frac = counts[1] as f64 / 3000.0;
+        assert!((frac - 2.0 / 3.0).abs() < 0.04, "{frac}");
+        // A large vocabulary forces several rounds of partial selection.
+        let logits: Vec<f32> = (0..10_000).map(|i| -(i as f32) * 1e-3).collect();
+        let params = SamplingParams { top_p: 0.5, ..Default::default() };
+        let mut r = rng(12);
+        for _ in 0..200 {
+            let t = sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0;
+            // Mass of the first n tokens is ~(1 - e^{-n/1000}) / (1 - e^{-10}): half at ~n=693.
+            assert!(t < 700, "{t}");
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // probs proportional to 1, 0.5, 0.05: min_p 0.1 drops token 2.
+        let l = |p: f64| p.ln() as f32;
+        let logits = [l(1.0), l(0.5), l(0.05)];
+        let params = SamplingParams { min_p: 0.1, ..Default::default() };
+        let mut r = rng(3);
+        let mut seen = [0usize; 3];
+        for _ in 0..5000 {
+            seen[sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0 as usize] += 1;
+        }
+        assert_eq!(seen[2], 0);
+        assert!(seen[1] > 1000);
+        // Same with top_k active (the candidate path).
+        let params = SamplingParams { min_p: 0.6, top_k: 2, ..Default::default() };
+        for _ in 0..500 {
+            assert_eq!(sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0, 0);
+        }
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible() {
+        let logits = random_logits(2000, 77);
+        let params = SamplingParams { temperature: 1.0, seed: Some(1234), ..Default::default() };
+        let run = |seed: u64, choice: usize| {
+            let mut r = SequenceRng::new(Some(seed), choice, 999);
+            (0..50).map(|_| sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1234, 0), run(1234, 0));
+        assert_ne!(run(1234, 0), run(4321, 0));
+        assert_ne!(run(1234, 0), run(1234, 1), "choices of one request differ");
+        // Greedy steps advance the stream too, so step k depends only on (seed, k).
+        let mut a = SequenceRng::new(Some(5), 0, 0);
+        let mut b = SequenceRng::new(Some(5), 0, 0);
+        sample_token(&logits, &SamplingParams::greedy(1), &[], &[], &[], &mut a).unwrap();
+        sample_token(&logits, &params, &[], &[], &[], &mut b).unwrap();
+        let ta = sample_token(&logits, &params, &[], &[], &[], &mut a).unwrap().0;
+        let tb = sample_token(&logits, &params, &[], &[], &[], &mut b).unwrap().0;
+        assert_eq!(ta, tb);
+    }
+
+    #[test]
+    fn temperature_one_matches_softmax() {
+        let logits = [0.0, 3f32.ln()];
+        let params = SamplingParams::default();
+        let mut r = rng(2024);
+        let n = 20_000;
+        let ones = (0..n).filter(|_| sample_token(&logits, &params, &[], &[], &[], &mut r).unwrap().0 == 1).count();
+        let frac = ones as f64 / n as f64;
+        assert!((frac - 0.75).abs() < 0.02, "{frac}");
+    }
+
+    #[test]
+    fn logprobs_are_raw_and_normalized() {
+        let logits = random_logits(500, 8);
+        let params = SamplingParams {
+            temperature: 0.7,
+            logit_bias: vec![(10, 50.0)],
+            repetition_penalty: 1.3,
+            logprobs: Some(5),
+            ..Default::default()
+        };
+        let (t, lp) = sample_token(&logits, &params, &[1, 2], &[3], &[], &mut rng(0)).unwrap();
+        assert_eq!(t, 10);
+        let lp = lp.unwrap();
+        let full = raw_logprobs(&logits, t, 500);
+        let total: f64 = full.top.iter().map(|x| (x.logprob as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-4, "{total}");
+        assert_eq!(lp.chosen.token_id, 10);
+        assert_eq!(lp.chosen.logprob, full.top.iter().find(|x| x.token_id == 10).unwrap().logprob);
+        assert_eq!(lp.top.len(), 5);
+        assert_eq!(lp.top, full.top[..5].to_vec());
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        // k = 0: chosen only. Ties: lower id first.
+        let (_, lp) = sample_token(&[1.0, 1.0, 1.0], &SamplingParams { logprobs: Some(0), ..SamplingParams::greedy(1) }, &[], &[], &[], &mut rng(0)).unwrap();
+        assert!(lp.unwrap().top.is_empty());
+        let (_, lp) = sample_token(&[1.0, 2.0, 2.0], &SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(1) }, &[], &[], &[], &mut rng(0)).unwrap();
+        let ids: Vec<u32> = lp.unwrap().top.iter().map(|x| x.token_id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        // Large k goes through the selection path and is clamped to the vocabulary.
+        let big = raw_logprobs(&logits, 0, 100_000);
+        assert_eq!(big.top.len(), 500);
+        let small = raw_logprobs(&logits, 0, 64);
+        assert_eq!(big.top[..64], small.top[..]);
+    }
+
+    #[test]
+    fn odd_rows_do_not_panic() {
+        let params = SamplingParams { logprobs: Some(3), top_p: 0.9, top_k: 2, ..Default::default() };
+        let nan = [f32::NAN; 8];
+        assert_eq!(sample_token(&nan, &params, &[], &[], &[], &mut rng(0)), Err(SamplerError::NoUsableLogits));
+        assert_eq!(sample_token(&[], &params, &[], &[], &[], &mut rng(0)), Err(SamplerError::EmptyLogits));
+        let mixed = [f32::NAN, 1.0, f32::NEG_INFINITY, f32::NAN, 0.5];
+        for p in [params.clone(), SamplingParams::default(), SamplingParams::greedy(1)] {
+            let (t, _) = sample_token(&mixed, &p, &[0, 9, 1], &[3, 1], &[2], &mut rng(1)).unwrap();
+            assert!(t == 1 || t == 4);
+        }
+        let inf = [1.0, f32::INFINITY, f32::INFINITY, 2.0];
+        let (t, lp) = sample_token(&inf, &params, &[], &[], &[], &mut rng(1)).unwrap();
+        assert!(t == 1 || t == 2);
+        assert!(lp.unwrap().chosen.logprob.is_finite());
+        let weird = SamplingParams {
+            temperature: f32::NAN,
+            top_p: f32::NAN,
+            min_p: 7.0,
+            repetition_penalty: -1.0,
+            frequency_penalty: f32::INFINITY,
+            logit_bias: vec![(0, f32::NAN), (1, f32::INFINITY), (2, f32::NEG_INFINITY)],
+            ..Default::default()
+        };
+        sample_token(&[1.0, 2.0, 3.0], &weird, &[1], &[1], &[], &mut rng(0)).unwrap();
+        let weird = SamplingParams { temperature: f32::INFINITY, top_p: -1.0, min_p: f32::NAN, ..weird };
+        sample_token(&[1.0, 2.0, 3.0], &weird, &[1], &[1], &[], &mut rng(0)).unwrap();
+        let all_banned = SamplingParams { logit_bias: vec![(0, f32::NEG_INFINITY), (1, f32::NEG_INFINITY)], ..Default::default() };
+        assert_eq!(sample_token(&[1.0, 2.0], &all_banned, &[], &[], &[], &mut rng(0)).unwrap().0, 1);
+    }
+
+    #[test]
+    fn batch_matches_single_rows() {
+        let rows: Vec<Vec<f32>> = (0..16).map(|i| random_logits(3000, 500 + i)).collect();
+        let params = SamplingParams { temperature: 0.8, top_p: 0.95, ..Default::default() };
+        let mut rngs: Vec<SequenceRng> = (0..16).map(|i| SequenceRng::new(Some(i), 0, 0)).collect();
+        let mut inputs: Vec<SampleInput<'_>> = rows
+            .iter()
+            .zip(rngs.iter_mut())
+            .map(|(l, rng)| SampleInput { logits: l, params: &params, prompt_ids: &[], output_ids: &[], eos_ids: &[], rng })
+            .collect();
+        let batch = sample_batch(&mut inputs);
+        for (i, (l, res)) in rows.iter().zip(batch).enumerate() {
+            let single = sample_token(l, &params, &[], &[], &[], &mut SequenceRng::new(Some(i as u64), 0, 0));
+            assert_eq!(res, single);
+        }
+    }
+}
