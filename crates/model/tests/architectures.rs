@@ -1,0 +1,259 @@
+//! Llama, Mistral, Qwen2 and Qwen3 on tiny random configs: the paged forward pass over a mixed
+//! batch (prefills, chunked prefills and decodes at block-boundary positions) must equal a naive
+//! contiguous-attention reference written here from the same weights.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::*;
+use spindle_model::weights::WeightSource;
+use spindle_model::{LlamaModel, ModelConfig};
+
+/// Random weights kept in a map so the reference can read them too.
+struct MapWeights(HashMap<String, Tensor>);
+
+impl WeightSource for MapWeights {
+    fn get(&mut self, name: &str, shape: &[usize]) -> spindle_model::Result<Tensor> {
+        let t = self.0.get(name).cloned().ok_or_else(|| spindle_model::ModelError::MissingTensor {
+            path: "test".into(),
+            tensor: name.into(),
+        })?;
+        assert_eq!(t.dims(), shape, "{name}");
+        Ok(t)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+    fn origin(&self) -> String {
+        "test".into()
+    }
+}
+
+fn tiny_config(arch: &str, extra: &str) -> ModelConfig {
+    let json = format!(
+        r#"{{"architectures": ["{arch}"], "vocab_size": 97, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 256 {extra}}}"#
+    );
+    ModelConfig::from_hf_json(&json).expect("tiny config")
+}
+
+fn random_weights(c: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut map = HashMap::new();
+    let mut add = |name: String, shape: &[usize], scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| offset + scale * rng.random_range(-1.0f32..1.0)).collect();
+        map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+    };
+    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    add("model.embed_tokens.weight".into(), &[c.vocab_size, h], 1.0, 0.0);
+    add("model.norm.weight".into(), &[h], 0.2, 1.0);
+    if !c.tie_word_embeddings {
+        add("lm_head.weight".into(), &[c.vocab_size, h], 0.2, 0.0);
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), &[h], 0.2, 1.0);
+        add(format!("{p}.post_attention_layernorm.weight"), &[h], 0.2, 1.0);
+        add(format!("{p}.self_attn.q_proj.weight"), &[q, h], 0.2, 0.0);
+        add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], 0.2, 0.0);
+        add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], 0.2, 0.0);
+        add(format!("{p}.self_attn.o_proj.weight"), &[h, q], 0.2, 0.0);
+        add(format!("{p}.mlp.gate_proj.weight"), &[i, h], 0.2, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), &[i, h], 0.2, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), &[h, i], 0.2, 0.0);
+        if c.qkv_bias {
+            add(format!("{p}.self_attn.q_proj.bias"), &[q], 0.2, 0.0);
+            add(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.2, 0.0);
+            add(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.2, 0.0);
+        }
+        if c.qk_norm {
+            add(format!("{p}.self_attn.q_norm.weight"), &[c.head_dim], 0.2, 1.0);
+            add(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], 0.2, 1.0);
+        }
+    }
+    map
+}
+
+fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let normed = x.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+    normed.broadcast_mul(w).unwrap()
+}
+
+/// HF's `rotate_half` rope on `[tokens, heads, dim]` at positions `0..tokens`.
+fn rope(x: &Tensor, c: &ModelConfig) -> Tensor {
+    let (t, _, d) = x.dims3().unwrap();
+    let half = d / 2;
+    let mut cos = vec![0f32; t * d];
+    let mut sin = vec![0f32; t * d];
+    for p in 0..t {
+        for j in 0..d {
+            let freq = 1.0 / c.rope_theta.powf(2.0 * (j % half) as f64 / d as f64);
+            let angle = p as f64 * freq;
+            cos[p * d + j] = angle.cos() as f32;
+            sin[p * d + j] = angle.sin() as f32;
+        }
+    }
+    let cos = Tensor::from_vec(cos, (t, 1, d), &Device::Cpu).unwrap();
+    let sin = Tensor::from_vec(sin, (t, 1, d), &Device::Cpu).unwrap();
+    let x1 = x.narrow(2, 0, half).unwrap();
+    let x2 = x.narrow(2, half, half).unwrap();
+    let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 2).unwrap();
+    (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+}
+
+/// Naive full-sequence forward: logits of the last token.
+fn reference_last_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, tokens: &[u32]) -> Vec<f32> {
+    let g = |n: &str| w.get(n).unwrap_or_else(|| panic!("{n}")).clone();
+    let lin = |x: &Tensor, n: &str| x.matmul(&g(n).t().unwrap()).unwrap();
+    let t = tokens.len();
+    let ids = Tensor::new(tokens, &Device::Cpu).unwrap();
+    let mut x = g("model.embed_tokens.weight").index_select(&ids, 0).unwrap();
+    let group = c.num_heads / c.num_kv_heads;
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let h = rms(&x, &g(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+        let mut q = lin(&h, &format!("{p}.self_attn.q_proj.weight"));
+        let mut k = lin(&h, &format!("{p}.self_attn.k_proj.weight"));
+        let mut v = lin(&h, &format!("{p}.self_attn.v_proj.weight"));
+        if c.qkv_bias {
+            q = q.broadcast_add(&g(&format!("{p}.self_attn.q_proj.bias"))).unwrap();
+            k = k.broadcast_add(&g(&format!("{p}.self_attn.k_proj.bias"))).unwrap();
+            v = v.broadcast_add(&g(&format!("{p}.self_attn.v_proj.bias"))).unwrap();
+        }
+        let mut q = q.reshape((t, c.num_heads, c.head_dim)).unwrap();
+        let mut k = k.reshape((t, c.num_kv_heads, c.head_dim)).unwrap();
+        let v = v.reshape((t, c.num_kv_heads, c.head_dim)).unwrap();
+        if c.qk_norm {
+            q = rms(&q, &g(&format!("{p}.self_attn.q_norm.weight")), c.rms_norm_eps);
+            k = rms(&k, &g(&format!("{p}.self_attn.k_norm.weight")), c.rms_norm_eps);
+        }
+        let (q, k) = (rope(&q, c), rope(&k, c));
+        let mut heads = Vec::new();
+        for hd in 0..c.num_heads {
+            let qh = q.narrow(1, hd, 1).unwrap().squeeze(1).unwrap();
+            let kh = k.narrow(1, hd / group, 1).unwrap().squeeze(1).unwrap();
+            let vh = v.narrow(1, hd / group, 1).unwrap().squeeze(1).unwrap();
+            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (c.head_dim as f64).sqrt()).unwrap();
+            let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&(scores + mask).unwrap()).unwrap();
+            heads.push(probs.matmul(&vh).unwrap());
+        }
+        let attn = Tensor::cat(&heads, 1).unwrap();
+        x = (x + lin(&attn, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
+        let h = rms(&x, &g(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
+        let gate = lin(&h, &format!("{p}.mlp.gate_proj.weight"));
+        let up = lin(&h, &format!("{p}.mlp.up_proj.weight"));
+        let act = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+        x = (x + lin(&act, &format!("{p}.mlp.down_proj.weight"))).unwrap();
+    }
+    let last = x.narrow(0, t - 1, 1).unwrap();
+    let last = rms(&last, &g("model.norm.weight"), c.rms_norm_eps);
+    let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    last.matmul(&g(head).t().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+fn check_arch(config: ModelConfig) {
+    let weights = random_weights(&config, 42);
+    let model = LlamaModel::load(config.clone(), &mut MapWeights(weights.clone()), 256, DType::F32, &Device::Cpu, |_, _| {})
+        .expect("load tiny model");
+    let block = 4;
+    // Sequences of lengths around block boundaries (block size 4).
+    let seqs: Vec<Vec<u32>> = [3usize, 4, 5, 8, 13, 17]
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| (0..len).map(|i| ((s * 31 + i * 7) % config.vocab_size) as u32).collect())
+        .collect();
+    let mut runner = PagedRunner::new(&model, seqs.len(), 32, block);
+    // Step 1: sequences 0..3 prefill whole; 3..6 prefill all but their last 4 tokens in chunks.
+    let mut done = vec![0usize; seqs.len()];
+    let mut chunks = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let n = if i < 3 { s.len() } else { s.len() - 4 };
+        chunks.push((i, 0, s[..n].to_vec()));
+        done[i] = n;
+    }
+    runner.step(&model, &chunks);
+    // Step 2: chunked prefills continue with 3 tokens, plus decodes of the first three, which
+    // also get one new token each (positions land on block boundaries for some).
+    let mut extended = seqs.clone();
+    let mut chunks = Vec::new();
+    for (i, s) in extended.iter_mut().enumerate() {
+        if i < 3 {
+            s.push((i * 5 + 1) as u32 % config.vocab_size as u32);
+            chunks.push((i, done[i], vec![*s.last().unwrap()]));
+            done[i] += 1;
+        } else {
+            chunks.push((i, done[i], s[done[i]..done[i] + 3].to_vec()));
+            done[i] += 3;
+        }
+    }
+    let logits: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().unwrap();
+    for (row, (i, _, _)) in logits.iter().zip(&chunks) {
+        let want = reference_last_logits(&config, &weights, &extended[*i][..done[*i]]);
+        let err = row.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-4 * scale.max(1.0), "{:?} seq {i}: max error {err} (scale {scale})", config.architecture);
+    }
+    // Step 3: the last token of each chunked prefill plus more decodes.
+    let mut chunks = Vec::new();
+    for (i, s) in extended.iter_mut().enumerate() {
+        if i >= 3 {
+            chunks.push((i, done[i], vec![s[done[i]]]));
+            done[i] += 1;
+        } else {
+            s.push(7);
+            chunks.push((i, done[i], vec![7]));
+            done[i] += 1;
+        }
+    }
+    let logits: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().unwrap();
+    for (row, (i, _, _)) in logits.iter().zip(&chunks) {
+        let want = reference_last_logits(&config, &weights, &extended[*i][..done[*i]]);
+        let err = row.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-4 * scale.max(1.0), "{:?} seq {i} step 3: max error {err}", config.architecture);
+    }
+}
+
+#[test]
+fn llama_paged_equals_reference() {
+    check_arch(tiny_config("LlamaForCausalLM", r#", "tie_word_embeddings": true"#));
+}
+
+#[test]
+fn mistral_paged_equals_reference() {
+    check_arch(tiny_config("MistralForCausalLM", ""));
+}
+
+#[test]
+fn qwen2_paged_equals_reference() {
+    let c = tiny_config("Qwen2ForCausalLM", r#", "tie_word_embeddings": true"#);
+    assert!(c.qkv_bias);
+    check_arch(c);
+}
+
+#[test]
+fn qwen3_paged_equals_reference() {
+    let c = tiny_config("Qwen3ForCausalLM", r#", "attention_bias": false"#);
+    assert!(c.qk_norm && !c.qkv_bias);
+    check_arch(c);
+}
+
+#[test]
+fn llama3_rope_scaling_is_parsed() {
+    let c = tiny_config(
+        "LlamaForCausalLM",
+        r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+    );
+    let s = c.rope_scaling.expect("llama3 scaling");
+    assert_eq!(s.factor, 8.0);
+    assert_eq!(s.original_max_position_embeddings, 8192);
+}
