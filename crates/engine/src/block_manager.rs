@@ -98,7 +98,12 @@ pub enum BlockState {
     Evictable,
     /// Referenced by `refcount` live tables; `cached` tells whether it is registered in the
     /// prefix cache.
-    InUse { refcount: u32, cached: bool },
+    InUse {
+        /// Number of live tables holding the block.
+        refcount: u32,
+        /// Whether the block is registered in the prefix cache.
+        cached: bool,
+    },
 }
 
 /// Content key of a registered block.
@@ -138,7 +143,7 @@ pub struct BlockManager {
 
 fn key_hash(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
-    let _ = parent;
+    parent.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()
 }
@@ -204,7 +209,10 @@ impl BlockManager {
         let rc = *self.refcount.get(b)?;
         let cached = self.cached[b].is_some();
         Some(if rc > 0 {
-            BlockState::InUse { refcount: rc, cached }
+            BlockState::InUse {
+                refcount: rc,
+                cached,
+            }
         } else if cached {
             BlockState::Evictable
         } else {
@@ -218,7 +226,7 @@ impl BlockManager {
         bucket.iter().copied().find(|&b| {
             self.cached[b as usize]
                 .as_ref()
-                .is_some_and(|c| *c.tokens == *tokens)
+                .is_some_and(|c| c.parent == parent && *c.tokens == *tokens)
         })
     }
 
@@ -240,7 +248,9 @@ impl BlockManager {
     /// Drop one reference on `block`; an unreferenced block becomes evictable (if cached) or free.
     fn release(&mut self, block: BlockId) {
         let b = block as usize;
-        let Some(rc) = self.refcount.get_mut(b) else { return };
+        let Some(rc) = self.refcount.get_mut(b) else {
+            return;
+        };
         if *rc == 0 {
             return; // double free: ignore rather than corrupt the counts
         }
@@ -261,7 +271,9 @@ impl BlockManager {
 
     /// Remove `block`'s prefix-cache entry.
     fn uncache(&mut self, block: BlockId) {
-        let Some(c) = self.cached[block as usize].take() else { return };
+        let Some(c) = self.cached[block as usize].take() else {
+            return;
+        };
         if let Some(bucket) = self.index.get_mut(&c.hash) {
             bucket.retain(|&x| x != block);
             if bucket.is_empty() {
@@ -300,8 +312,12 @@ impl BlockManager {
         let max_blocks = (prompt.len() - 1) / bs;
         let mut parent = 0u64;
         for chunk in prompt.chunks_exact(bs).take(max_blocks) {
-            let Some(block) = self.lookup(parent, chunk) else { break };
-            let Some(id) = self.cached[block as usize].as_ref().map(|c| c.id) else { break };
+            let Some(block) = self.lookup(parent, chunk) else {
+                break;
+            };
+            let Some(id) = self.cached[block as usize].as_ref().map(|c| c.id) else {
+                break;
+            };
             self.take_ref(block);
             table.blocks.push(block);
             table.committed.push(id);
@@ -313,7 +329,12 @@ impl BlockManager {
     }
 
     /// Range of existing table indices that a write of positions `write_from..num_tokens` touches.
-    fn written_existing(&self, table: &BlockTable, num_tokens: usize, write_from: usize) -> std::ops::Range<usize> {
+    fn written_existing(
+        &self,
+        table: &BlockTable,
+        num_tokens: usize,
+        write_from: usize,
+    ) -> std::ops::Range<usize> {
         if num_tokens <= write_from {
             return 0..0;
         }
@@ -330,7 +351,11 @@ impl BlockManager {
         let tail = want.saturating_sub(table.blocks.len());
         let cow = self
             .written_existing(table, num_tokens, write_from)
-            .filter(|&i| self.refcount.get(table.blocks[i] as usize).is_some_and(|&rc| rc > 1))
+            .filter(|&i| {
+                self.refcount
+                    .get(table.blocks[i] as usize)
+                    .is_some_and(|&rc| rc > 1)
+            })
             .count();
         tail + cow
     }
@@ -355,7 +380,7 @@ impl BlockManager {
         let mut copies = Vec::new();
         for i in self.written_existing(table, num_tokens, write_from) {
             let src = table.blocks[i];
-            if self.refcount[src as usize] <= 1 {
+            if self.refcount.get(src as usize).is_none_or(|&rc| rc <= 1) {
                 continue;
             }
             let dst = self.allocate().ok_or(OutOfBlocks { needed, available })?;
@@ -407,7 +432,12 @@ impl BlockManager {
             let id = self.next_reg_id;
             self.next_reg_id += 1;
             let hash = key_hash(parent, chunk);
-            self.cached[b] = Some(CachedBlock { id, parent, tokens: chunk.into(), hash });
+            self.cached[b] = Some(CachedBlock {
+                id,
+                parent,
+                tokens: chunk.into(),
+                hash,
+            });
             self.index.entry(hash).or_default().push(block);
             table.committed.push(id);
         }
@@ -416,7 +446,10 @@ impl BlockManager {
     /// A child sequence (`n > 1`) sharing all of `table`'s blocks: each gets one more
     /// reference; the first write into a shared block copies it (see [`Self::grow`]).
     pub fn fork(&mut self, table: &BlockTable) -> BlockTable {
-        let mut child = BlockTable { blocks: Vec::with_capacity(table.blocks.len()), committed: table.committed.clone() };
+        let mut child = BlockTable {
+            blocks: Vec::with_capacity(table.blocks.len()),
+            committed: table.committed.clone(),
+        };
         for &block in &table.blocks {
             if (block as usize) < self.refcount.len() {
                 self.take_ref(block);
@@ -473,21 +506,26 @@ impl BlockManager {
             }
             seen[b] += 1;
             if self.refcount[b] != 0 || self.cached[b].is_none() || self.evict_tick[b] != tick {
-                return Err(format!("evictable block {b} is referenced, uncached or mis-ticked"));
+                return Err(format!(
+                    "evictable block {b} is referenced, uncached or mis-ticked"
+                ));
             }
         }
         let mut used = 0;
-        for b in 0..n {
+        for (b, count) in seen.iter_mut().enumerate() {
             if self.refcount[b] > 0 {
                 used += 1;
-                seen[b] += 1;
+                *count += 1;
             }
-            if seen[b] != 1 {
-                return Err(format!("block {b} is in {} places", seen[b]));
+            if *count != 1 {
+                return Err(format!("block {b} is in {count} places"));
             }
         }
         if used != self.num_used {
-            return Err(format!("num_used {} but {used} referenced blocks", self.num_used));
+            return Err(format!(
+                "num_used {} but {used} referenced blocks",
+                self.num_used
+            ));
         }
         let mut indexed = 0;
         for (&hash, bucket) in &self.index {
@@ -495,13 +533,19 @@ impl BlockManager {
                 indexed += 1;
                 match &self.cached[b as usize] {
                     Some(c) if c.hash == hash && key_hash(c.parent, &c.tokens) == hash => {}
-                    _ => return Err(format!("index entry for block {b} does not match its metadata")),
+                    _ => {
+                        return Err(format!(
+                            "index entry for block {b} does not match its metadata"
+                        ))
+                    }
                 }
             }
         }
         let registered = self.cached.iter().filter(|c| c.is_some()).count();
         if indexed != registered {
-            return Err(format!("{indexed} index entries but {registered} registered blocks"));
+            return Err(format!(
+                "{indexed} index entries but {registered} registered blocks"
+            ));
         }
         Ok(())
     }
@@ -554,7 +598,13 @@ mod tests {
         let (t3, cached) = prefill(&mut bm, &q);
         assert_eq!(cached, 4);
         assert_eq!(t3.blocks[0], t2.blocks[0]);
-        assert_eq!(bm.block_state(t2.blocks[0]), Some(BlockState::InUse { refcount: 2, cached: true }));
+        assert_eq!(
+            bm.block_state(t2.blocks[0]),
+            Some(BlockState::InUse {
+                refcount: 2,
+                cached: true
+            })
+        );
         bm.free(t2);
         bm.free(t3);
         bm.check_invariants().unwrap();
@@ -596,7 +646,13 @@ mod tests {
         assert_eq!(cached, 4);
         // t2 recomputed block 1 into a private block; the registered one is t's.
         assert_ne!(t.blocks[1], t2.blocks[1]);
-        assert_eq!(bm.block_state(t2.blocks[1]), Some(BlockState::InUse { refcount: 1, cached: false }));
+        assert_eq!(
+            bm.block_state(t2.blocks[1]),
+            Some(BlockState::InUse {
+                refcount: 1,
+                cached: false
+            })
+        );
         let private = t2.blocks[1];
         bm.free(t2);
         assert_eq!(bm.block_state(private), Some(BlockState::Free));
@@ -620,7 +676,17 @@ mod tests {
         bm.commit(&mut b, &p);
         bm.check_invariants().unwrap();
         // b's first two blocks registered first; a's third.
-        let registered: Vec<_> = a.blocks.iter().chain(&b.blocks).filter(|&&x| matches!(bm.block_state(x), Some(BlockState::InUse { cached: true, .. }))).collect();
+        let registered: Vec<_> = a
+            .blocks
+            .iter()
+            .chain(&b.blocks)
+            .filter(|&&x| {
+                matches!(
+                    bm.block_state(x),
+                    Some(BlockState::InUse { cached: true, .. })
+                )
+            })
+            .collect();
         assert_eq!(registered.len(), 3);
         bm.free(a);
         bm.free(b);
@@ -653,7 +719,7 @@ mod tests {
         bm.free(tb);
 
         let pa = prompt(9, 0); // two full blocks + one partial
-        // Within a table, the tail goes first: evicting one block keeps the prefix usable.
+                               // Within a table, the tail goes first: evicting one block keeps the prefix usable.
         let mut bm = BlockManager::new(3, 4, true);
         let (ta, _) = prefill(&mut bm, &pa);
         bm.free(ta);
@@ -678,13 +744,22 @@ mod tests {
         let mut child = bm.fork(&parent);
         assert_eq!(child.blocks, parent.blocks);
         assert_eq!(bm.num_used_blocks(), 2);
-        assert_eq!(bm.block_state(parent.blocks[1]), Some(BlockState::InUse { refcount: 2, cached: false }));
+        assert_eq!(
+            bm.block_state(parent.blocks[1]),
+            Some(BlockState::InUse {
+                refcount: 2,
+                cached: false
+            })
+        );
         // The child writes position 6 (in the shared, partial block 1): copy.
         assert_eq!(bm.blocks_needed(&child, 7, 6), 1);
         let copies = bm.grow(&mut child, 7, 6).unwrap();
         assert_eq!(copies, vec![(parent.blocks[1], child.blocks[1])]);
         assert_ne!(child.blocks[1], parent.blocks[1]);
-        assert_eq!(child.blocks[0], parent.blocks[0], "full prefix block stays shared");
+        assert_eq!(
+            child.blocks[0], parent.blocks[0],
+            "full prefix block stays shared"
+        );
         // The parent is now the only owner of its block: no copy.
         assert_eq!(bm.grow(&mut parent, 7, 6).unwrap(), vec![]);
         // Writing past the shared block allocates without copying.
@@ -705,7 +780,13 @@ mod tests {
         bm.grow(&mut t, 4, 0).unwrap();
         let before = t.blocks.clone();
         let err = bm.grow(&mut t, 13, 4).unwrap_err();
-        assert_eq!(err, OutOfBlocks { needed: 3, available: 1 });
+        assert_eq!(
+            err,
+            OutOfBlocks {
+                needed: 3,
+                available: 1
+            }
+        );
         assert_eq!(t.blocks, before);
         assert_eq!(bm.num_used_blocks(), 1);
         // CoW that does not fit also fails cleanly.

@@ -22,7 +22,12 @@ const INITIAL_PREFIX_TOKENS: usize = 5;
 pub enum DetokenizeError {
     /// The model produced an id the tokenizer does not know (vocab padding rows, etc.).
     #[error("token id {id} is out of range for a vocabulary of {vocab_size}")]
-    OutOfRange { id: u32, vocab_size: usize },
+    OutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The tokenizer's vocabulary size, special tokens included.
+        vocab_size: usize,
+    },
     /// The tokenizer's decoder failed.
     #[error("decoding failed: {0}")]
     Tokenizer(String),
@@ -49,11 +54,19 @@ impl IncrementalDetokenizer {
     pub fn new(prompt_ids: &[u32], skip_special_tokens: bool) -> Self {
         let start = prompt_ids.len().saturating_sub(INITIAL_PREFIX_TOKENS);
         let window = prompt_ids[start..].to_vec();
-        Self { skip_special_tokens, read: window.len(), window, prefix_text: None, context_checked: false }
+        Self {
+            skip_special_tokens,
+            read: window.len(),
+            window,
+            prefix_text: None,
+            context_checked: false,
+        }
     }
 
     fn decode(&self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String, DetokenizeError> {
-        tokenizer.decode(ids, self.skip_special_tokens).map_err(|e| DetokenizeError::Tokenizer(e.to_string()))
+        tokenizer
+            .decode(ids, self.skip_special_tokens)
+            .map_err(|e| DetokenizeError::Tokenizer(e.to_string()))
     }
 
     /// Drop prompt context the tokenizer cannot decode (bad ids must not poison every step), and
@@ -62,7 +75,10 @@ impl IncrementalDetokenizer {
         if !self.context_checked {
             self.context_checked = true;
             let vocab = tokenizer.get_vocab_size(true);
-            if self.window[..self.read].iter().any(|&id| id as usize >= vocab) {
+            if self.window[..self.read]
+                .iter()
+                .any(|&id| id as usize >= vocab)
+            {
                 self.window.drain(..self.read);
                 self.read = 0;
                 self.prefix_text = Some(String::new());
@@ -88,10 +104,17 @@ impl IncrementalDetokenizer {
     /// Feed one new output token; returns the text that became final (empty while the token ends
     /// in the middle of a multi-byte character or decodes to nothing, e.g. a skipped special
     /// token). An out-of-range id is an error and leaves the state unchanged.
-    pub fn push(&mut self, tokenizer: &Tokenizer, token_id: u32) -> Result<String, DetokenizeError> {
+    pub fn push(
+        &mut self,
+        tokenizer: &Tokenizer,
+        token_id: u32,
+    ) -> Result<String, DetokenizeError> {
         let vocab_size = tokenizer.get_vocab_size(true);
         if token_id as usize >= vocab_size {
-            return Err(DetokenizeError::OutOfRange { id: token_id, vocab_size });
+            return Err(DetokenizeError::OutOfRange {
+                id: token_id,
+                vocab_size,
+            });
         }
         let prefix = self.prefix(tokenizer)?;
         self.window.push(token_id);
@@ -152,7 +175,9 @@ mod tests {
 
     /// GPT-2's byte-to-char table: printable bytes map to themselves, the rest to U+0100 on.
     fn byte_char(b: u8) -> char {
-        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = |b: u8| {
+            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+        };
         if printable(b) {
             return b as char;
         }
@@ -167,8 +192,12 @@ mod tests {
     /// A byte-level BPE with merges that deliberately cut multi-byte characters in pieces.
     fn tokenizer() -> Tokenizer {
         let alphabet = ByteLevel::alphabet();
-        let mut vocab: Vec<(String, u32)> = (0..=255u8).map(|b| (byte_char(b).to_string(), b as u32)).collect();
-        assert!(vocab.iter().all(|(s, _)| s.chars().all(|c| alphabet.contains(&c))));
+        let mut vocab: Vec<(String, u32)> = (0..=255u8)
+            .map(|b| (byte_char(b).to_string(), b as u32))
+            .collect();
+        assert!(vocab
+            .iter()
+            .all(|(s, _)| s.chars().all(|c| alphabet.contains(&c))));
         // Pairs of byte strings to merge, in priority order.
         let merge_bytes: Vec<(&[u8], &[u8])> = vec![
             (b"h", b"e"),
@@ -199,11 +228,18 @@ mod tests {
             merges.push((a, b));
         }
         let vocab: Vocab = vocab.into_iter().collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().unwrap();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .unwrap();
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tok.with_decoder(Some(ByteLevel::new(false, true, true)));
-        tok.add_special_tokens([AddedToken::from("<|end|>", true), AddedToken::from("<|im_start|>", true)]).unwrap();
+        tok.add_special_tokens([
+            AddedToken::from("<|end|>", true),
+            AddedToken::from("<|im_start|>", true),
+        ])
+        .unwrap();
         tok
     }
 
@@ -217,7 +253,11 @@ mod tests {
         let mut chunks: Vec<String> = output.iter().map(|&id| d.push(tok, id).unwrap()).collect();
         chunks.push(d.finish(tok).unwrap());
         let joined: String = chunks.concat();
-        assert_eq!(joined, tok.decode(output, skip).unwrap(), "chunks: {chunks:?}");
+        assert_eq!(
+            joined,
+            tok.decode(output, skip).unwrap(),
+            "chunks: {chunks:?}"
+        );
         chunks
     }
 
@@ -267,7 +307,10 @@ mod tests {
     fn incomplete_character_at_the_end_is_flushed() {
         let tok = tokenizer();
         // 你 cut after its first two bytes: the final flush shows what decode shows.
-        let ids: Vec<u32> = [0xE4u8, 0xBD].iter().map(|&b| tok.token_to_id(&byte_char(b).to_string()).unwrap()).collect();
+        let ids: Vec<u32> = [0xE4u8, 0xBD]
+            .iter()
+            .map(|&b| tok.token_to_id(&byte_char(b).to_string()).unwrap())
+            .collect();
         let mut d = IncrementalDetokenizer::new(&[], true);
         assert_eq!(d.push(&tok, ids[0]).unwrap(), "");
         assert_eq!(d.push(&tok, ids[1]).unwrap(), "");
@@ -290,12 +333,65 @@ mod tests {
         assert_eq!(out, text);
     }
 
+    /// The real tokenizers of the repository's models (skipped when the GGUF files are absent):
+    /// SmolLM2 and Qwen2.5 are byte-level BPEs whose merges split CJK and emoji unevenly.
+    #[test]
+    fn real_model_tokenizers() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let files = [
+            "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        ];
+        let text = "Hello, world! Ünïcödé test: 你好，世界。こんにちは 👋🏽🚀 emoji, \n\tindent and   spaces.\n```rust\nfn main() {}\n```";
+        for file in files {
+            let path = root.join(file);
+            if !path.exists() {
+                eprintln!("skipping {file}: not downloaded");
+                continue;
+            }
+            let bundle = spindle_model::gguf::GgufFile::open(&path)
+                .and_then(|g| g.vocab())
+                .and_then(|v| v.build())
+                .unwrap();
+            let tok = &bundle.tokenizer;
+            let prompt = bundle.encode("Write something:", true).unwrap();
+            let ids = bundle.encode(text, false).unwrap();
+            for skip in [true, false] {
+                let chunks = stream(tok, &prompt, &ids, skip);
+                assert!(
+                    chunks.iter().all(|c| !c.contains('\u{FFFD}')),
+                    "{file}: {chunks:?}"
+                );
+                assert_eq!(chunks.concat(), text, "{file}");
+            }
+            // Special tokens inside the output.
+            if let Some(&eos) = bundle.eos_token_ids.first() {
+                let mut with_special = ids.clone();
+                with_special.insert(3, eos);
+                with_special.push(eos);
+                let kept = stream(tok, &prompt, &with_special, false).concat();
+                assert!(
+                    kept.contains(bundle.eos_token.as_deref().unwrap_or("")),
+                    "{file}: {kept}"
+                );
+                assert_eq!(
+                    stream(tok, &prompt, &with_special, true).concat(),
+                    text,
+                    "{file}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bad_ids_are_errors_not_panics() {
         let tok = tokenizer();
         let vocab = tok.get_vocab_size(true) as u32;
         let mut d = IncrementalDetokenizer::new(&[vocab + 10, 1, 2], true);
-        assert!(matches!(d.push(&tok, vocab + 5), Err(DetokenizeError::OutOfRange { .. })));
+        assert!(matches!(
+            d.push(&tok, vocab + 5),
+            Err(DetokenizeError::OutOfRange { .. })
+        ));
         // The bad prompt context is dropped; decoding goes on.
         let ids = encode(&tok, "hello");
         let out: String = ids.iter().map(|&id| d.push(&tok, id).unwrap()).collect();

@@ -71,7 +71,11 @@ impl StopChecker {
         }
         if let Some((pos, i)) = best {
             let stop = self.stops[i].clone();
-            let end = if self.include_stop_str_in_output { pos + stop.len() } else { pos };
+            let end = if self.include_stop_str_in_output {
+                pos + stop.len()
+            } else {
+                pos
+            };
             let mut out = std::mem::take(&mut self.held);
             out.truncate(end);
             self.stopped = true;
@@ -123,7 +127,10 @@ mod tests {
     use super::*;
 
     fn checker(stops: &[&str], include: bool) -> StopChecker {
-        StopChecker::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>(), include)
+        StopChecker::new(
+            &stops.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            include,
+        )
     }
 
     /// Feed `chunks`; return (all emitted text, matched stop).
@@ -157,7 +164,10 @@ mod tests {
         let mut c = checker(&["STOP"], false);
         assert_eq!(c.push("abc STOP def"), ("abc ".into(), Some("STOP".into())));
         let mut c = checker(&["STOP"], true);
-        assert_eq!(c.push("abc STOP def"), ("abc STOP".into(), Some("STOP".into())));
+        assert_eq!(
+            c.push("abc STOP def"),
+            ("abc STOP".into(), Some("STOP".into()))
+        );
     }
 
     #[test]
@@ -169,7 +179,10 @@ mod tests {
         assert_eq!(c.push("d> tail"), (String::new(), Some("<end>".into())));
 
         let mut c = checker(&["<end>"], true);
-        assert_eq!(run(&mut c, &["x<", "e", "nd", ">y"]), ("x<end>".into(), Some("<end>".into())));
+        assert_eq!(
+            run(&mut c, &["x<", "e", "nd", ">y"]),
+            ("x<end>".into(), Some("<end>".into()))
+        );
     }
 
     #[test]
@@ -181,7 +194,10 @@ mod tests {
         assert_eq!(c.finish(), "ab");
         // Overlapping candidate: "aab" + "c" must match "abc".
         let mut c = checker(&["abc"], false);
-        assert_eq!(run(&mut c, &["aa", "b", "c"]), ("a".into(), Some("abc".into())));
+        assert_eq!(
+            run(&mut c, &["aa", "b", "c"]),
+            ("a".into(), Some("abc".into()))
+        );
     }
 
     #[test]
@@ -192,7 +208,10 @@ mod tests {
         assert_eq!(c.push("xabcdx"), ("xabcd".into(), Some("abcd".into())));
         // A stop that completes first wins over a longer one still in progress.
         let mut c = checker(&["abcd", "c"], false);
-        assert_eq!(run(&mut c, &["ab", "c", "d"]), ("ab".into(), Some("c".into())));
+        assert_eq!(
+            run(&mut c, &["ab", "c", "d"]),
+            ("ab".into(), Some("c".into()))
+        );
     }
 
     #[test]
@@ -201,17 +220,33 @@ mod tests {
         // shares no prefix: nothing may be held back in the middle of a char.
         let mut c = checker(&["é!"], false);
         assert_eq!(c.push("caf"), ("caf".into(), None));
-        assert_eq!(c.push("é"), (String::new(), None), "é could start the stop string");
+        assert_eq!(
+            c.push("é"),
+            (String::new(), None),
+            "é could start the stop string"
+        );
         assert_eq!(c.push("!"), (String::new(), Some("é!".into())));
 
         let mut c = checker(&["👋 bye"], false);
-        assert_eq!(run(&mut c, &["hi 你好", "👋", " b", "ye"]), ("hi 你好".into(), Some("👋 bye".into())));
+        assert_eq!(
+            run(&mut c, &["hi 你好", "👋", " b", "ye"]),
+            ("hi 你好".into(), Some("👋 bye".into()))
+        );
         let mut c = checker(&["👋 bye"], false);
-        assert_eq!(run(&mut c, &["hi 👋", " b", "🚀"]), ("hi 👋 b🚀".into(), None));
+        assert_eq!(
+            run(&mut c, &["hi 👋", " b", "🚀"]),
+            ("hi 👋 b🚀".into(), None)
+        );
         // Held-back bytes never split a char even when the stop is long and text is multi-byte.
         let mut c = checker(&["xxxxxxxxxxxx"], false);
         let mut out = String::new();
-        for (chunk, expect) in [("世", "世"), ("界", "界"), ("x", ""), ("世x", "x世"), ("xx", "")] {
+        for (chunk, expect) in [
+            ("世", "世"),
+            ("界", "界"),
+            ("x", ""),
+            ("世x", "x世"),
+            ("xx", ""),
+        ] {
             let (t, hit) = c.push(chunk);
             assert!(hit.is_none());
             assert_eq!(t, expect);
@@ -221,7 +256,10 @@ mod tests {
         assert_eq!(out, "世界x世xxx");
         // Stop string with a multibyte char in the middle, spanning pushes.
         let mut c = checker(&["a€b"], true);
-        assert_eq!(run(&mut c, &["za", "€", "b"]), ("za€b".into(), Some("a€b".into())));
+        assert_eq!(
+            run(&mut c, &["za", "€", "b"]),
+            ("za€b".into(), Some("a€b".into()))
+        );
     }
 
     #[test]

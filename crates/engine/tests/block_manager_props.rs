@@ -39,14 +39,22 @@ struct Kv {
 
 impl Kv {
     fn write(&mut self, table: &BlockTable, tokens: &[u32], pos: usize) {
-        let slot = table.slot(pos, self.block_size).expect("grown table holds the position");
+        let slot = table
+            .slot(pos, self.block_size)
+            .expect("grown table holds the position");
         self.slots[slot] = Some(tokens[..=pos].to_vec());
     }
 
     fn check(&self, table: &BlockTable, tokens: &[u32], upto: usize) {
         for pos in 0..upto {
-            let slot = table.slot(pos, self.block_size).expect("table covers computed tokens");
-            assert_eq!(self.slots[slot].as_deref(), Some(&tokens[..=pos]), "KV at position {pos} is wrong");
+            let slot = table
+                .slot(pos, self.block_size)
+                .expect("table covers computed tokens");
+            assert_eq!(
+                self.slots[slot].as_deref(),
+                Some(&tokens[..=pos]),
+                "KV at position {pos} is wrong"
+            );
         }
     }
 
@@ -76,7 +84,9 @@ fn check_all(bm: &BlockManager, live: &[Seq], kv: &Kv) {
                 assert_eq!(refcount, count, "block {b} refcount vs live tables");
                 used += 1;
             }
-            BlockState::Free | BlockState::Evictable => assert_eq!(count, 0, "block {b} is {state:?} but in a live table"),
+            BlockState::Free | BlockState::Evictable => {
+                assert_eq!(count, 0, "block {b} is {state:?} but in a live table")
+            }
         }
     }
     let entries: usize = live.iter().map(|s| s.table.blocks.len()).sum();
@@ -97,14 +107,20 @@ struct Coverage {
 fn run(num_blocks: usize, block_size: usize, caching: bool, ops: Vec<Op>) -> Coverage {
     let mut cov = Coverage::default();
     let mut bm = BlockManager::new(num_blocks, block_size, caching);
-    let mut kv = Kv { slots: vec![None; num_blocks * block_size], block_size };
+    let mut kv = Kv {
+        slots: vec![None; num_blocks * block_size],
+        block_size,
+    };
     let mut live: Vec<Seq> = Vec::new();
     let mut hits = 0u64;
     for op in ops {
         match op {
             Op::Start(prompt) => {
                 let (mut table, cached) = bm.start_sequence(&prompt);
-                assert!(cached == 0 || cached < prompt.len(), "never the whole prompt");
+                assert!(
+                    cached == 0 || cached < prompt.len(),
+                    "never the whole prompt"
+                );
                 assert_eq!(cached % block_size, 0);
                 assert_eq!(table.blocks.len(), cached / block_size);
                 if !caching {
@@ -121,7 +137,10 @@ fn run(num_blocks: usize, block_size: usize, caching: bool, ops: Vec<Op>) -> Cov
                             kv.write(&table, &prompt, pos);
                         }
                         bm.commit(&mut table, &prompt);
-                        live.push(Seq { table, tokens: prompt });
+                        live.push(Seq {
+                            table,
+                            tokens: prompt,
+                        });
                     }
                     Err(e) => {
                         assert_eq!(table.blocks, before);
@@ -139,13 +158,17 @@ fn run(num_blocks: usize, block_size: usize, caching: bool, ops: Vec<Op>) -> Cov
                 let s = &mut live[i];
                 let pos = s.tokens.len();
                 let before = s.table.blocks.clone();
-                let evictable_before = (0..num_blocks as u32).filter(|&b| bm.block_state(b) == Some(BlockState::Evictable)).count();
+                let evictable_before = (0..num_blocks as u32)
+                    .filter(|&b| bm.block_state(b) == Some(BlockState::Evictable))
+                    .count();
                 let needed = bm.blocks_needed(&s.table, pos + 1, pos);
                 match bm.grow(&mut s.table, pos + 1, pos) {
                     Ok(copies) => {
                         assert!(needed <= 1 + copies.len());
                         cov.copies += copies.len();
-                        let evictable_after = (0..num_blocks as u32).filter(|&b| bm.block_state(b) == Some(BlockState::Evictable)).count();
+                        let evictable_after = (0..num_blocks as u32)
+                            .filter(|&b| bm.block_state(b) == Some(BlockState::Evictable))
+                            .count();
                         cov.evictions += usize::from(evictable_after < evictable_before);
                         for &(src, dst) in &copies {
                             assert_ne!(src, dst);
@@ -216,7 +239,10 @@ fn long_mixed_workload() {
     let mut total = Coverage::default();
     for (num_blocks, block_size) in [(64, 4), (16, 2), (12, 3), (8, 1)] {
         for _ in 0..10 {
-            let ops = prop::collection::vec(op(), 400).new_tree(&mut runner).unwrap().current();
+            let ops = prop::collection::vec(op(), 400)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
             let cov = run(num_blocks, block_size, true, ops);
             total.prefix_hits += cov.prefix_hits;
             total.copies += cov.copies;
@@ -225,5 +251,8 @@ fn long_mixed_workload() {
         }
     }
     eprintln!("coverage: {total:?}");
-    assert!(total.prefix_hits > 0 && total.copies > 0 && total.out_of_blocks > 0 && total.evictions > 0, "{total:?}");
+    assert!(
+        total.prefix_hits > 0 && total.copies > 0 && total.out_of_blocks > 0 && total.evictions > 0,
+        "{total:?}"
+    );
 }

@@ -49,10 +49,7 @@ pub struct LlamaModel {
     dtype: DType,
 }
 
-/// `x @ w^T` for a 2-D `x` and a `[out, in]` weight.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
-}
+use crate::cpu_matmul::linear;
 
 impl LlamaModel {
     /// Build the model from `weights` (HF tensor names). `max_positions` bounds the rope tables.

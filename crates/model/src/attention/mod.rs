@@ -5,6 +5,8 @@
 //! has to split a batch by phase, and a CUDA backend can implement the same trait.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use candle_core::Tensor;
 

@@ -1,0 +1,217 @@
+//! Paged attention on CUDA, through spindle's own kernels (`spindle-kernels`, `/kernels/*.cu`).
+//! Same contract as the CPU backend: `attend` first writes the step's new K/V at
+//! `metadata.slot_mapping`, then runs causal attention of each sequence's new tokens over its
+//! cached context. Decode sequences (one new token) go to the paged decode kernel (split-K for
+//! long contexts with few sequences), the others to the prefill kernel, in the same call.
+//!
+//! The cache has the CPU backend's layout, `[num_blocks, num_kv_heads, block_size, head_dim]` per
+//! layer for K and for V, in the model's dtype (bf16 on CUDA by default), as device byte
+//! buffers this backend owns. The step's metadata (block tables, work list) is uploaded once, at
+//! the first layer of a step, and reused by the other layers while the metadata is unchanged.
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::{CudaDevice, DType, Device, Tensor};
+use spindle_kernels::attention::{self as kernels, CacheGeometry, DevicePlan};
+use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions, SeqSpec};
+use spindle_kernels::KernelError;
+
+use super::{AttentionBackend, AttentionMetadata, CacheShape};
+use crate::error::{ModelError, Result};
+
+/// Map a kernel-layer error onto the model's error type without losing its kind.
+fn kernel_err(e: KernelError) -> ModelError {
+    match e {
+        KernelError::InvalidBatch(m) => ModelError::InvalidBatch(m),
+        KernelError::Unsupported(m) => ModelError::Unsupported(format!("CUDA attention: {m}")),
+        KernelError::Candle(e) => ModelError::Candle(e),
+        KernelError::Driver(e) => ModelError::Candle(candle_core::Error::Cuda(Box::new(e))),
+    }
+}
+
+/// The metadata of the step in flight, uploaded to the device.
+struct StepState {
+    metadata: AttentionMetadata,
+    num_heads: usize,
+    plan: DevicePlan,
+    slots: CudaSlice<u32>,
+}
+
+/// The CUDA KV cache and the attention kernels that read it.
+pub struct CudaAttention {
+    shape: CacheShape,
+    dtype: DType,
+    device: CudaDevice,
+    /// Per layer: (K, V) device buffers.
+    layers: Vec<(CudaSlice<u8>, CudaSlice<u8>)>,
+    scale: f32,
+    options: PlanOptions,
+    step: Option<StepState>,
+}
+
+/// Free and total bytes of device memory, for sizing the cache after the weights are loaded.
+pub fn cuda_memory_info(device: &Device) -> Result<(usize, usize)> {
+    let dev = device.as_cuda_device()?;
+    let info = dev.cuda_stream().context().mem_get_info();
+    info.map_err(|e| kernel_err(KernelError::Driver(e)))
+}
+
+impl CudaAttention {
+    /// Allocate a zeroed cache of `shape` in `dtype` (f32, f16 or bf16) on the CUDA `device`.
+    /// Errors (instead of aborting) when the device is not CUDA, the head size has no kernel, or
+    /// memory is short.
+    pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Result<Self> {
+        let device = match device {
+            Device::Cuda(dev) => dev.clone(),
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "the CUDA attention backend needs a CUDA device, not {:?}",
+                    other.location()
+                )))
+            }
+        };
+        // Validate the geometry against the kernels (num_heads is only known per call; use a
+        // group of one for the check).
+        AttentionShape {
+            num_heads: shape.num_kv_heads,
+            num_kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            block_size: shape.block_size,
+            num_blocks: shape.num_blocks,
+        }
+        .validate()
+        .map_err(kernel_err)?;
+        let geometry = Self::geometry_of(shape);
+        let mut layers = Vec::with_capacity(shape.num_layers);
+        for _ in 0..shape.num_layers {
+            let k = kernels::alloc_cache_buffer(&device, geometry, dtype).map_err(kernel_err)?;
+            let v = kernels::alloc_cache_buffer(&device, geometry, dtype).map_err(kernel_err)?;
+            layers.push((k, v));
+        }
+        let num_sms = device
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(132);
+        let options = PlanOptions { num_sms, ..PlanOptions::default() };
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        Ok(Self { shape, dtype, device, layers, scale, options, step: None })
+    }
+
+    /// Override the kernel planning (tests force each decode variant and small partitions).
+    pub fn set_plan_options(&mut self, options: PlanOptions) {
+        self.options = options;
+        self.step = None;
+    }
+
+    /// The cache dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn geometry_of(shape: CacheShape) -> CacheGeometry {
+        CacheGeometry {
+            num_blocks: shape.num_blocks,
+            num_kv_heads: shape.num_kv_heads,
+            block_size: shape.block_size,
+            head_dim: shape.head_dim,
+        }
+    }
+
+    /// Upload the step's metadata unless the previous layer already did.
+    fn prepare(&mut self, num_heads: usize, tokens: usize, md: &AttentionMetadata) -> Result<()> {
+        if let Some(step) = &self.step {
+            if step.num_heads == num_heads && step.metadata == *md {
+                return Ok(());
+            }
+        }
+        self.step = None;
+        if md.slot_mapping.len() != tokens {
+            return Err(ModelError::InvalidBatch(format!("{} slots for {tokens} tokens", md.slot_mapping.len())));
+        }
+        let capacity = self.shape.capacity_tokens();
+        if let Some(slot) = md.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
+            return Err(ModelError::InvalidBatch(format!("slot {slot} is outside a cache of {capacity} slots")));
+        }
+        let seqs: Vec<SeqSpec<'_>> = md
+            .sequences
+            .iter()
+            .map(|s| SeqSpec {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect();
+        let shape = AttentionShape {
+            num_heads,
+            num_kv_heads: self.shape.num_kv_heads,
+            head_dim: self.shape.head_dim,
+            block_size: self.shape.block_size,
+            num_blocks: self.shape.num_blocks,
+        };
+        let plan = AttentionPlan::build(&seqs, tokens, shape, self.options).map_err(kernel_err)?;
+        let plan = DevicePlan::upload(&self.device, plan).map_err(kernel_err)?;
+        let slots = self.device.clone_htod(md.slot_mapping.as_slice())?;
+        self.step = Some(StepState { metadata: md.clone(), num_heads, plan, slots });
+        Ok(())
+    }
+}
+
+impl AttentionBackend for CudaAttention {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        metadata: &AttentionMetadata,
+    ) -> Result<Tensor> {
+        let CacheShape { num_kv_heads, head_dim, .. } = self.shape;
+        let (tokens, num_heads, q_dim) = q.dims3()?;
+        if q_dim != head_dim || k.dims3()? != (tokens, num_kv_heads, head_dim) || k.dims() != v.dims() {
+            return Err(ModelError::InvalidBatch(format!(
+                "q {:?} / k {:?} / v {:?} do not match the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        if layer >= self.layers.len() {
+            return Err(ModelError::InvalidBatch(format!("layer {layer} has no cache")));
+        }
+        if tokens == 0 {
+            return Ok(q.zeros_like()?);
+        }
+        self.prepare(num_heads, tokens, metadata)?;
+        let step = self.step.as_ref().ok_or_else(|| ModelError::InvalidBatch("no step metadata".into()))?;
+        // The kernels work in the cache dtype; inputs in another dtype are converted (and the
+        // output converted back), never silently mixed.
+        let (qc, kc, vc) = if q.dtype() == self.dtype && k.dtype() == self.dtype && v.dtype() == self.dtype {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (q.to_dtype(self.dtype)?, k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?)
+        };
+        let geometry = Self::geometry_of(self.shape);
+        let (kcache, vcache) = &mut self.layers[layer];
+        kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots).map_err(kernel_err)?;
+        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale).map_err(kernel_err)?;
+        if out.dtype() != q.dtype() {
+            return Ok(out.to_dtype(q.dtype())?);
+        }
+        Ok(out)
+    }
+
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()> {
+        let geometry = Self::geometry_of(self.shape);
+        let elem = self.dtype.size_in_bytes();
+        let block_bytes = geometry.block_elements() * elem;
+        let mut buffers: Vec<&mut CudaSlice<u8>> = self.layers.iter_mut().flat_map(|(k, v)| [k, v]).collect();
+        kernels::copy_blocks(&self.device, &mut buffers, block_bytes, self.shape.num_blocks, pairs).map_err(kernel_err)
+    }
+
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+}
