@@ -7,8 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST_DIR="$ROOT/models/qwen2.5-coder-0.5b-instruct"
 DEST="$DEST_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 PYTHON="${PYTHON:-python3}"
+SHA256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
-if [ -f "$DEST" ] && [ -f "$DEST.sha256" ] && sha256sum --status -c "$DEST.sha256"; then
+if [ -f "$DEST" ] && [ "$(sha256sum "$DEST" | cut -d" " -f1)" = "$SHA256" ]; then
     echo "fetch-qwen: $DEST already present"
     exit 0
 fi
@@ -37,7 +38,11 @@ with open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
 print(f"fetch-qwen: joined {len(parts)} parts")
 PY
-head -c 4 "$DEST.partial" | grep -q GGUF || { echo "fetch-qwen: result is not a GGUF file" >&2; exit 1; }
+GOT="$(sha256sum "$DEST.partial" | cut -d" " -f1)"
+if [ "$GOT" != "$SHA256" ]; then
+    rm -f "$DEST.partial"
+    echo "fetch-qwen: checksum mismatch: expected $SHA256, got $GOT" >&2
+    exit 1
+fi
 mv "$DEST.partial" "$DEST"
-(cd "$DEST_DIR" && sha256sum "$(basename "$DEST")" > "$(basename "$DEST").sha256")
 echo "fetch-qwen: $DEST ready"

@@ -89,8 +89,7 @@ impl EngineHandle {
         if self.liveness.dead.load(Ordering::SeqCst) {
             return Err(EngineError::EngineDead(self.liveness.death_reason()));
         }
-        let waiting = self.stats.num_waiting.load(Ordering::Relaxed) as usize
-            + self.stats.num_submitted_unseen();
+        let waiting = self.stats.num_waiting_total();
         if self.max_waiting_requests > 0 && waiting >= self.max_waiting_requests {
             return Err(EngineError::QueueFull(waiting));
         }

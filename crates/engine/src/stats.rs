@@ -26,6 +26,12 @@ pub struct EngineStats {
 }
 
 impl EngineStats {
+    /// Requests waiting, including those still in the channel: what `vllm:num_requests_waiting`
+    /// should show.
+    pub fn num_waiting_total(&self) -> usize {
+        self.num_waiting.load(Ordering::Relaxed) as usize + self.num_submitted_unseen()
+    }
+
     /// Fraction (0..=1) of KV blocks in use, as `vllm:kv_cache_usage_perc` reports it.
     pub fn kv_cache_usage(&self) -> f64 {
         let total = self.kv_blocks_total.load(Ordering::Relaxed);
@@ -36,7 +42,7 @@ impl EngineStats {
     }
 
     /// Requests sent but not yet picked up by the engine thread (they count as waiting).
-    pub(crate) fn num_submitted_unseen(&self) -> usize {
+    pub fn num_submitted_unseen(&self) -> usize {
         let sent = self.submitted.load(Ordering::Relaxed);
         let seen = self.received.load(Ordering::Relaxed);
         sent.saturating_sub(seen) as usize

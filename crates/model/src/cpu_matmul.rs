@@ -114,6 +114,53 @@ mod avx512 {
         }
     }
 
+    /// One `MI x NJ` tile: rows `x[0..MI]` (stride `k`) against weight rows `w[0..NJ]`.
+    /// Const sizes let the accumulators live in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const MI: usize, const NJ: usize>(
+        xp: *const f32,
+        wp: *const f32,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
+        let full = k / 16 * 16;
+        let mut kk = 0;
+        while kk < full {
+            let mut wv = [_mm512_setzero_ps(); NJ];
+            for b in 0..NJ {
+                wv[b] = _mm512_loadu_ps(wp.add(b * k + kk));
+            }
+            for a in 0..MI {
+                let xv = _mm512_loadu_ps(xp.add(a * k + kk));
+                for b in 0..NJ {
+                    acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                }
+            }
+            kk += 16;
+        }
+        if kk < k {
+            let rem = k - kk;
+            let mut wv = [_mm512_setzero_ps(); NJ];
+            for b in 0..NJ {
+                wv[b] = load(wp.add(b * k + kk), rem);
+            }
+            for a in 0..MI {
+                let xv = load(xp.add(a * k + kk), rem);
+                for b in 0..NJ {
+                    acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                }
+            }
+        }
+        for a in 0..MI {
+            for b in 0..NJ {
+                *out.add(a * ldo + b) = hsum(acc[a][b]);
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(
@@ -135,25 +182,23 @@ mod avx512 {
             let mut i = m0;
             while i < m1 {
                 let mi = (m1 - i).min(X_BLOCK);
-                let mut acc = [[_mm512_setzero_ps(); W_BLOCK]; X_BLOCK];
-                let mut kk = 0;
-                while kk < k {
-                    let rem = k - kk;
-                    let mut wv = [_mm512_setzero_ps(); W_BLOCK];
-                    for (b, v) in wv.iter_mut().enumerate().take(nj) {
-                        *v = load(wp.add((j + b) * k + kk), rem);
-                    }
-                    for a in 0..mi {
-                        let xv = load(xp.add((i + a) * k + kk), rem);
-                        for b in 0..nj {
-                            acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                let (xs, ws, o) = (xp.add(i * k), wp.add(j * k), out.add(i * n + j));
+                match (mi, nj) {
+                    (X_BLOCK, W_BLOCK) => tile::<X_BLOCK, W_BLOCK>(xs, ws, k, o, n),
+                    (X_BLOCK, 1) => tile::<X_BLOCK, 1>(xs, ws, k, o, n),
+                    (X_BLOCK, 2) => tile::<X_BLOCK, 2>(xs, ws, k, o, n),
+                    (X_BLOCK, 3) => tile::<X_BLOCK, 3>(xs, ws, k, o, n),
+                    _ => {
+                        // Leftover rows, one at a time.
+                        for a in 0..mi {
+                            let (xs, o) = (xs.add(a * k), o.add(a * n));
+                            match nj {
+                                1 => tile::<1, 1>(xs, ws, k, o, n),
+                                2 => tile::<1, 2>(xs, ws, k, o, n),
+                                3 => tile::<1, 3>(xs, ws, k, o, n),
+                                _ => tile::<1, W_BLOCK>(xs, ws, k, o, n),
+                            }
                         }
-                    }
-                    kk += 16;
-                }
-                for a in 0..mi {
-                    for b in 0..nj {
-                        *out.add((i + a) * n + j + b) = hsum(acc[a][b]);
                     }
                 }
                 i += mi;

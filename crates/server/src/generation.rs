@@ -1,0 +1,642 @@
+//! Turning engine events into OpenAI responses: one [`Generation`] owns the request's engine
+//! streams (one per prompt), so dropping it — the client went away, hyper dropped the handler
+//! future or the response body — drops the streams, and the engine aborts the requests and frees
+//! their KV blocks. Streaming wraps it in [`SseBody`]; non-streaming awaits [`Generation::collect`].
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
+use serde_json::Value;
+use spindle_engine::{ChoiceDelta, EngineEvent, FinishReason, RequestStream, StepLogprobs, StopReason};
+use spindle_model::TokenizerBundle;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::protocol::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
+    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionChunk,
+    CompletionLogprobs, CompletionResponse, UsageInfo,
+};
+use crate::sse;
+
+/// Which OpenAI endpoint's shapes to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+/// Response-level fields repeated in every chunk.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    /// Which endpoint answered.
+    pub kind: Kind,
+    /// `chatcmpl-…` / `cmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served name the client used.
+    pub model: String,
+    /// Identifies the serving configuration.
+    pub system_fingerprint: Option<String>,
+}
+
+/// Output options of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputOptions {
+    /// Completions per prompt.
+    pub n: usize,
+    /// Whether logprobs were requested (the engine returns them per token).
+    pub logprobs: bool,
+    /// `stream_options.include_usage`: a final usage chunk.
+    pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats`: usage on every chunk.
+    pub continuous_usage: bool,
+}
+
+struct Slot {
+    stream: Option<RequestStream>,
+    prompt_tokens: usize,
+}
+
+#[derive(Default)]
+struct ChoiceState {
+    text: String,
+    tokens: usize,
+    finish_reason: Option<FinishReason>,
+    stop_reason: Option<StopReason>,
+    chat_logprobs: Vec<ChatTokenLogprob>,
+    completion_logprobs: CompletionLogprobs,
+    /// Characters of token text so far (completions' `text_offset`).
+    text_offset: usize,
+    last_delta: Option<Instant>,
+}
+
+/// What one engine event means for the response.
+enum Step {
+    Delta { choice: usize, delta: ChoiceDelta },
+    Continue,
+    Failed(ApiError),
+}
+
+/// One client request in flight: its engine streams and everything needed to answer.
+pub struct Generation {
+    meta: ResponseMeta,
+    opts: OutputOptions,
+    tokenizer: Arc<TokenizerBundle>,
+    metrics: Arc<Metrics>,
+    slots: Vec<Slot>,
+    next_poll: usize,
+    choices: Vec<ChoiceState>,
+    cached_tokens: usize,
+}
+
+impl Generation {
+    /// `streams[i]` is the engine request for prompt `i`, whose prompt had `prompt_tokens[i]`
+    /// tokens. Choice indices are `prompt * n + k`, as OpenAI numbers batched prompts.
+    pub fn new(
+        meta: ResponseMeta,
+        opts: OutputOptions,
+        streams: Vec<(RequestStream, usize)>,
+        tokenizer: Arc<TokenizerBundle>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let total = streams.len() * opts.n;
+        Self {
+            meta,
+            opts,
+            tokenizer,
+            metrics,
+            slots: streams
+                .into_iter()
+                .map(|(s, prompt_tokens)| Slot { stream: Some(s), prompt_tokens })
+                .collect(),
+            next_poll: 0,
+            choices: (0..total).map(|_| ChoiceState::default()).collect(),
+            cached_tokens: 0,
+        }
+    }
+
+    /// Abort whatever is still running (drops the engine streams).
+    fn abort_all(&mut self) {
+        for slot in &mut self.slots {
+            slot.stream = None;
+        }
+    }
+
+    /// The next event of any still-running engine stream (round-robin for fairness);
+    /// `None` once every stream has ended.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Option<EngineEvent>)>> {
+        let count = self.slots.len();
+        let mut any_open = false;
+        for k in 0..count {
+            let i = (self.next_poll + k) % count;
+            let Some(stream) = self.slots[i].stream.as_mut() else { continue };
+            any_open = true;
+            // `recv` is cancel-safe: a pending future can be dropped and recreated next poll
+            // (the channel keeps the waker).
+            let polled = {
+                let mut fut = std::pin::pin!(stream.recv());
+                fut.as_mut().poll(cx)
+            };
+            if let Poll::Ready(ev) = polled {
+                if matches!(ev, None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))) {
+                    self.slots[i].stream = None;
+                }
+                self.next_poll = (i + 1) % count;
+                return Poll::Ready(Some((i, ev)));
+            }
+        }
+        if any_open {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    fn apply(&mut self, slot: usize, event: Option<EngineEvent>) -> Step {
+        match event {
+            Some(EngineEvent::Delta(mut delta)) => {
+                if delta.finish_reason == Some(FinishReason::Abort) {
+                    return Step::Failed(ApiError {
+                        retry_after: Some(1),
+                        ..ApiError::new(
+                            hyper::StatusCode::SERVICE_UNAVAILABLE,
+                            "The request was aborted by the engine (the server is shutting down).",
+                        )
+                    });
+                }
+                if delta.index >= self.opts.n {
+                    return Step::Failed(ApiError::internal(format!(
+                        "engine returned choice index {} for n = {}",
+                        delta.index, self.opts.n
+                    )));
+                }
+                let choice = slot * self.opts.n + delta.index;
+                delta.index = choice;
+                let now = Instant::now();
+                let state = &mut self.choices[choice];
+                if !delta.token_ids.is_empty() {
+                    if let Some(prev) = state.last_delta {
+                        self.metrics.observe_inter_token(now.duration_since(prev).as_secs_f64());
+                    }
+                    state.last_delta = Some(now);
+                }
+                state.tokens += delta.token_ids.len();
+                if delta.finish_reason.is_some() {
+                    state.finish_reason = delta.finish_reason;
+                    state.stop_reason = delta.stop_reason.clone();
+                }
+                Step::Delta { choice, delta }
+            }
+            Some(EngineEvent::Finished { usage, timings }) => {
+                let n = self.opts.n;
+                let generated: usize = self.choices[slot * n..(slot + 1) * n].iter().map(|c| c.tokens).sum();
+                self.metrics.observe_request(&timings, self.slots[slot].prompt_tokens, generated);
+                for c in &self.choices[slot * n..(slot + 1) * n] {
+                    if let Some(r @ (FinishReason::Stop | FinishReason::Length)) = c.finish_reason {
+                        self.metrics.count_success(r.as_str());
+                    }
+                }
+                self.cached_tokens += usage.cached_tokens;
+                Step::Continue
+            }
+            Some(EngineEvent::Error(e)) => Step::Failed(e.into()),
+            None => Step::Failed(ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "The engine stopped before finishing the request.",
+                )
+            }),
+        }
+    }
+
+    /// Token accounting: each prompt counted once, completions summed over all choices.
+    pub fn usage(&self) -> UsageInfo {
+        let prompt: usize = self.slots.iter().map(|s| s.prompt_tokens).sum();
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        UsageInfo::new(prompt, completion, self.cached_tokens)
+    }
+
+    // ----- token text for logprobs -----
+
+    fn token_text(&self, id: u32) -> (String, Option<Vec<u8>>) {
+        let text = self
+            .tokenizer
+            .decode(&[id], false)
+            .ok()
+            .or_else(|| self.tokenizer.id_to_token(id))
+            .unwrap_or_default();
+        let bytes = token_bytes(&text, self.tokenizer.id_to_token(id).as_deref());
+        (text, Some(bytes))
+    }
+
+    fn chat_logprobs(&self, steps: &[StepLogprobs]) -> Vec<ChatTokenLogprob> {
+        steps
+            .iter()
+            .map(|s| {
+                let (token, bytes) = self.token_text(s.chosen.token_id);
+                ChatTokenLogprob {
+                    token,
+                    logprob: clamp_logprob(s.chosen.logprob),
+                    bytes,
+                    top_logprobs: s
+                        .top
+                        .iter()
+                        .map(|t| {
+                            let (token, bytes) = self.token_text(t.token_id);
+                            ChatTopLogprob { token, logprob: clamp_logprob(t.logprob), bytes }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn completion_logprobs(&self, steps: &[StepLogprobs], offset: &mut usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        for s in steps {
+            let (token, _) = self.token_text(s.chosen.token_id);
+            let mut top = std::collections::BTreeMap::new();
+            for t in &s.top {
+                let (tok, _) = self.token_text(t.token_id);
+                top.entry(tok).or_insert(clamp_logprob(t.logprob));
+            }
+            top.entry(token.clone()).or_insert(clamp_logprob(s.chosen.logprob));
+            out.text_offset.push(*offset);
+            *offset += token.chars().count();
+            out.tokens.push(token);
+            out.token_logprobs.push(clamp_logprob(s.chosen.logprob));
+            out.top_logprobs.push(top);
+        }
+        out
+    }
+
+    // ----- streaming -----
+
+    fn chunk_usage(&self) -> Option<Option<UsageInfo>> {
+        if !self.opts.include_usage {
+            None
+        } else if self.opts.continuous_usage {
+            Some(Some(self.usage()))
+        } else {
+            Some(None)
+        }
+    }
+
+    /// The opening chunks of a chat stream: one `{"role": "assistant", "content": ""}` delta per choice.
+    fn opening_chunks(&self) -> Vec<Bytes> {
+        if self.meta.kind != Kind::Chat {
+            return Vec::new();
+        }
+        (0..self.choices.len())
+            .map(|index| {
+                self.chat_chunk(vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                    logprobs: None,
+                    finish_reason: None,
+                    stop_reason: None,
+                }])
+            })
+            .collect()
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>) -> Bytes {
+        sse::event(&ChatCompletionChunk {
+            id: self.meta.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            system_fingerprint: self.meta.system_fingerprint.clone(),
+            choices,
+            usage: self.chunk_usage(),
+        })
+    }
+
+    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Option<UsageInfo>>) -> Bytes {
+        sse::event(&CompletionChunk {
+            id: self.meta.id.clone(),
+            object: "text_completion".into(),
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            system_fingerprint: self.meta.system_fingerprint.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    /// The SSE event for one delta, or `None` when it carries nothing to show.
+    fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
+        let finished = delta.finish_reason.is_some();
+        if delta.text.is_empty() && delta.logprobs.is_empty() && !finished {
+            return None;
+        }
+        let finish_reason = delta.finish_reason.map(|r| r.as_str().to_string());
+        let stop_reason = finished.then(|| stop_reason_value(&delta.stop_reason));
+        match self.meta.kind {
+            Kind::Chat => {
+                let logprobs = self
+                    .opts
+                    .logprobs
+                    .then(|| ChatLogprobs { content: self.chat_logprobs(&delta.logprobs) });
+                let content = (!delta.text.is_empty()).then(|| delta.text.clone());
+                Some(self.chat_chunk(vec![ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta { role: None, content },
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                }]))
+            }
+            Kind::Completion => {
+                let logprobs = if self.opts.logprobs {
+                    let mut offset = self.choices[choice].text_offset;
+                    let lp = self.completion_logprobs(&delta.logprobs, &mut offset);
+                    self.choices[choice].text_offset = offset;
+                    Some(lp)
+                } else {
+                    None
+                };
+                Some(self.completion_chunk(
+                    vec![CompletionChoice { index: choice, text: delta.text.clone(), logprobs, finish_reason, stop_reason }],
+                    self.chunk_usage(),
+                ))
+            }
+        }
+    }
+
+    /// The closing events: the usage chunk (if asked for) and `[DONE]`.
+    fn closing_chunks(&self) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(2);
+        if self.opts.include_usage {
+            let usage = Some(Some(self.usage()));
+            out.push(match self.meta.kind {
+                Kind::Chat => sse::event(&ChatCompletionChunk {
+                    id: self.meta.id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created: self.meta.created,
+                    model: self.meta.model.clone(),
+                    system_fingerprint: self.meta.system_fingerprint.clone(),
+                    choices: Vec::new(),
+                    usage,
+                }),
+                Kind::Completion => self.completion_chunk(Vec::new(), usage),
+            });
+        }
+        out.push(Bytes::from_static(sse::DONE));
+        out
+    }
+
+    // ----- non-streaming -----
+
+    fn accumulate(&mut self, choice: usize, delta: ChoiceDelta) {
+        if self.opts.logprobs && !delta.logprobs.is_empty() {
+            match self.meta.kind {
+                Kind::Chat => {
+                    let lp = self.chat_logprobs(&delta.logprobs);
+                    self.choices[choice].chat_logprobs.extend(lp);
+                }
+                Kind::Completion => {
+                    let mut offset = self.choices[choice].text_offset;
+                    let lp = self.completion_logprobs(&delta.logprobs, &mut offset);
+                    let state = &mut self.choices[choice];
+                    state.text_offset = offset;
+                    state.completion_logprobs.tokens.extend(lp.tokens);
+                    state.completion_logprobs.token_logprobs.extend(lp.token_logprobs);
+                    state.completion_logprobs.top_logprobs.extend(lp.top_logprobs);
+                    state.completion_logprobs.text_offset.extend(lp.text_offset);
+                }
+            }
+        }
+        self.choices[choice].text.push_str(&delta.text);
+    }
+
+    /// Await every engine stream to its end and build the JSON response body. Dropping this
+    /// future (client gone) drops the streams and aborts the engine requests.
+    pub async fn collect(mut self) -> Result<Vec<u8>, ApiError> {
+        while let Some((slot, event)) = std::future::poll_fn(|cx| self.poll_event(cx)).await {
+            match self.apply(slot, event) {
+                Step::Delta { choice, delta } => self.accumulate(choice, delta),
+                Step::Continue => {}
+                Step::Failed(e) => return Err(e),
+            }
+        }
+        let usage = self.usage();
+        let meta = self.meta.clone();
+        let logprobs = self.opts.logprobs;
+        let body = match meta.kind {
+            Kind::Chat => serde_json::to_vec(&ChatCompletionResponse {
+                id: meta.id,
+                object: "chat.completion".into(),
+                created: meta.created,
+                model: meta.model,
+                choices: std::mem::take(&mut self.choices)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| ChatChoice {
+                        index,
+                        message: ChatMessageOut {
+                            role: "assistant".into(),
+                            content: c.text,
+                            refusal: None,
+                            tool_calls: Vec::new(),
+                        },
+                        logprobs: logprobs.then_some(ChatLogprobs { content: c.chat_logprobs }),
+                        finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
+                        stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                    })
+                    .collect(),
+                usage,
+                system_fingerprint: meta.system_fingerprint,
+            }),
+            Kind::Completion => serde_json::to_vec(&CompletionResponse {
+                id: meta.id,
+                object: "text_completion".into(),
+                created: meta.created,
+                model: meta.model,
+                choices: std::mem::take(&mut self.choices)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| CompletionChoice {
+                        index,
+                        text: c.text,
+                        logprobs: logprobs.then_some(c.completion_logprobs),
+                        finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
+                        stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                    })
+                    .collect(),
+                usage,
+                system_fingerprint: meta.system_fingerprint,
+            }),
+        };
+        body.map_err(|e| ApiError::internal(format!("serializing the response failed: {e}")))
+    }
+}
+
+fn stop_reason_value(r: &Option<StopReason>) -> Value {
+    match r {
+        None => Value::Null,
+        Some(StopReason::Text(s)) => Value::String(s.clone()),
+        Some(StopReason::TokenId(id)) => Value::from(*id),
+    }
+}
+
+/// `-inf` is not JSON: clamp like vLLM does.
+fn clamp_logprob(lp: f32) -> f32 {
+    if lp.is_nan() || lp < -9999.0 {
+        -9999.0
+    } else {
+        lp
+    }
+}
+
+/// The raw bytes of a token for logprobs' `bytes`: its UTF-8 text, unless the token is a
+/// partial UTF-8 sequence (decoded as U+FFFD), then from the vocabulary entry: a `<0xNN>`
+/// byte-fallback token or a GPT-2 byte-level string.
+fn token_bytes(text: &str, raw: Option<&str>) -> Vec<u8> {
+    if !text.contains('\u{FFFD}') {
+        return text.as_bytes().to_vec();
+    }
+    let Some(raw) = raw else { return text.as_bytes().to_vec() };
+    if let Some(hex) = raw.strip_prefix("<0x").and_then(|r| r.strip_suffix('>')) {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    let map = byte_level_map();
+    let bytes: Option<Vec<u8>> = raw.chars().map(|c| map.get(&c).copied()).collect();
+    bytes.unwrap_or_else(|| text.as_bytes().to_vec())
+}
+
+/// GPT-2's byte-to-printable-character table, inverted.
+fn byte_level_map() -> &'static HashMap<char, u8> {
+    static MAP: OnceLock<HashMap<char, u8>> = OnceLock::new();
+    MAP.get_or_init(|| {
+        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let mut map = HashMap::with_capacity(256);
+        let mut extra = 0u32;
+        for b in 0u32..256 {
+            let c = if printable(b) {
+                b
+            } else {
+                extra += 1;
+                255 + extra
+            };
+            if let Some(c) = char::from_u32(c) {
+                map.insert(c, b as u8);
+            }
+        }
+        map
+    })
+}
+
+/// A streaming response body: pulls engine events when hyper asks for data and turns them into
+/// SSE events. Owning the [`Generation`] means a disconnect (hyper drops the body) aborts the
+/// engine requests at once; nothing else keeps the streams alive.
+pub struct SseBody {
+    generation: Generation,
+    pending: VecDeque<Bytes>,
+    finished: bool,
+}
+
+/// Coalesce ready events into frames of at most this many bytes (fewer writes under load).
+const MAX_FRAME: usize = 16 * 1024;
+
+impl SseBody {
+    /// Start a stream: the chat role chunks are ready to send immediately.
+    pub fn new(generation: Generation) -> Self {
+        let pending = generation.opening_chunks().into();
+        Self { generation, pending, finished: false }
+    }
+
+    fn fail(&mut self, err: ApiError) {
+        tracing::warn!(id = %self.generation.meta.id, error = %err.message, "stream failed");
+        self.generation.abort_all();
+        self.pending.push_back(sse::error_event(&err));
+        self.pending.push_back(Bytes::from_static(sse::DONE));
+        self.finished = true;
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let mut out = BytesMut::new();
+        loop {
+            while let Some(b) = this.pending.pop_front() {
+                out.extend_from_slice(&b);
+            }
+            if this.finished || out.len() >= MAX_FRAME {
+                break;
+            }
+            match this.generation.poll_event(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    let closing = this.generation.closing_chunks();
+                    this.pending.extend(closing);
+                    this.finished = true;
+                }
+                Poll::Ready(Some((slot, event))) => match this.generation.apply(slot, event) {
+                    Step::Delta { choice, delta } => {
+                        if let Some(chunk) = this.generation.delta_chunk(choice, &delta) {
+                            this.pending.push_back(chunk);
+                        }
+                    }
+                    Step::Continue => {}
+                    Step::Failed(e) => this.fail(e),
+                },
+            }
+        }
+        if !out.is_empty() {
+            Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
+        } else if this.finished {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.pending.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_json_safe() {
+        assert_eq!(clamp_logprob(f32::NEG_INFINITY), -9999.0);
+        assert_eq!(clamp_logprob(f32::NAN), -9999.0);
+        assert_eq!(clamp_logprob(-1.5), -1.5);
+    }
+
+    #[test]
+    fn token_bytes_recovers_partial_utf8() {
+        assert_eq!(token_bytes("hi", Some("hi")), b"hi".to_vec());
+        assert_eq!(token_bytes("\u{FFFD}", Some("<0xE2>")), vec![0xE2]);
+        // GPT-2 byte-level: 'â' (U+00E2) stands for byte 0xE2, 'Ģ' (U+0122) for 0x80, 'Ġ' for a space.
+        assert_eq!(token_bytes("\u{FFFD}", Some("\u{e2}\u{122}")), vec![0xE2, 0x80]);
+        assert_eq!(byte_level_map().get(&'Ġ'), Some(&b' '));
+        assert_eq!(byte_level_map().len(), 256);
+    }
+}

@@ -1,0 +1,292 @@
+//! Endpoint logic: parse and validate, tokenize off the async runtime, submit to the engine,
+//! and answer with JSON or an SSE stream.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+use rand::Rng;
+use serde::Serialize;
+use spindle_engine::GenerateRequest;
+use spindle_model::TokenizerBundle;
+
+use crate::error::ApiError;
+use crate::generation::{Generation, Kind, OutputOptions, ResponseMeta, SseBody};
+use crate::protocol::{
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse, VersionResponse,
+};
+use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
+use crate::template::{normalize_messages, RenderOptions};
+use crate::validation::{
+    chat_params, check_prompt_ids, completion_params, detokenize_ids, parse_json, parse_prompt,
+    resolve_max_tokens, resolve_model, PromptInput, Validated,
+};
+
+fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
+    let body = serde_json::to_vec(value).map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+fn random_id(prefix: &str) -> String {
+    let v: u128 = rand::rng().random();
+    format!("{prefix}-{v:032x}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Run CPU-bound work (template rendering, tokenization) on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+}
+
+fn encode(tok: &TokenizerBundle, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    tok.encode(text, add_special_tokens)
+        .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))
+}
+
+/// Render the chat template and tokenize, on the blocking pool.
+async fn chat_prompt_ids(
+    state: &AppState,
+    messages: Option<&serde_json::Value>,
+    opts: RenderOptions,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let template = state.template.clone().map_err(ApiError::bad_request)?;
+    let messages = normalize_messages(messages)?;
+    let tok = state.engine.tokenizer().clone();
+    blocking(move || {
+        let text = template.render(&messages, &opts)?;
+        encode(&tok, &text, add_special_tokens)
+    })
+    .await
+}
+
+fn render_options(
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+    tools: Option<serde_json::Value>,
+    extra: Option<serde_json::Map<String, serde_json::Value>>,
+) -> RenderOptions {
+    let continue_final = continue_final_message.unwrap_or(false);
+    RenderOptions {
+        // Continuing the last message implies no generation prompt unless explicitly asked.
+        add_generation_prompt: add_generation_prompt.unwrap_or(!continue_final),
+        continue_final_message: continue_final,
+        tools,
+        extra,
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+    let req: ChatCompletionRequest = parse_json(body)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    let validated = chat_params(&req, state.limits)?;
+    let opts = render_options(
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.tools.clone(),
+        req.chat_template_kwargs.clone(),
+    );
+    let ids = chat_prompt_ids(state, req.messages.as_ref(), opts, req.add_special_tokens.unwrap_or(false)).await?;
+    check_prompt_ids(&ids, state.limits.vocab_size)?;
+    let max_tokens = resolve_max_tokens(ids.len(), validated.requested_max_tokens, state.limits.max_model_len, "messages")?;
+    start(state, Kind::Chat, model, validated, vec![(ids, max_tokens)]).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+    let req: CompletionRequest = parse_json(body)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    let validated = completion_params(&req, state.limits)?;
+    let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let tok = state.engine.tokenizer().clone();
+    let all_ids = blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                PromptInput::Text(t) => encode(&tok, &t, add_special),
+                PromptInput::Tokens(ids) => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let mut prompts = Vec::with_capacity(all_ids.len());
+    for ids in all_ids {
+        check_prompt_ids(&ids, state.limits.vocab_size)?;
+        let max = resolve_max_tokens(ids.len(), validated.requested_max_tokens, state.limits.max_model_len, "prompt")?;
+        prompts.push((ids, max));
+    }
+    start(state, Kind::Completion, model, validated, prompts).await
+}
+
+/// Submit every prompt to the engine and answer (stream or not). If any submission fails the
+/// ones already submitted are dropped, which aborts them.
+async fn start(
+    state: &Arc<AppState>,
+    kind: Kind,
+    model: String,
+    validated: Validated,
+    prompts: Vec<(Vec<u32>, usize)>,
+) -> Result<Response<ApiBody>, ApiError> {
+    let id = random_id(match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    });
+    let multi = prompts.len() > 1;
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, (ids, max_tokens)) in prompts.into_iter().enumerate() {
+        let mut params = validated.params.clone();
+        params.max_tokens = max_tokens;
+        params.min_tokens = params.min_tokens.min(max_tokens);
+        let prompt_len = ids.len();
+        let request = GenerateRequest {
+            request_id: if multi { format!("{id}-{i}") } else { id.clone() },
+            prompt_token_ids: ids,
+            params,
+        };
+        streams.push((state.engine.generate(request)?, prompt_len));
+    }
+    tracing::debug!(%id, prompts = streams.len(), stream = validated.stream, "request submitted");
+    let generation = Generation::new(
+        ResponseMeta {
+            kind,
+            id,
+            created: unix_now(),
+            model,
+            system_fingerprint: Some(state.fingerprint.clone()),
+        },
+        OutputOptions {
+            n: validated.params.n,
+            logprobs: validated.params.logprobs.is_some(),
+            include_usage: validated.include_usage,
+            continuous_usage: validated.continuous_usage,
+        },
+        streams,
+        state.engine.tokenizer().clone(),
+        state.metrics.clone(),
+    );
+    if validated.stream {
+        Ok(sse_response(SseBody::new(generation)))
+    } else {
+        let body = generation.collect().await?;
+        Ok(json_response(StatusCode::OK, body))
+    }
+}
+
+/// `POST /tokenize` (vLLM shape).
+pub(crate) async fn tokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+    let req: TokenizeRequest = parse_json(body)?;
+    resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    let tok = state.engine.tokenizer().clone();
+    let ids = match (&req.messages, &req.prompt) {
+        (Some(_), _) => {
+            let opts = render_options(
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.tools.clone(),
+                req.chat_template_kwargs.clone(),
+            );
+            chat_prompt_ids(state, req.messages.as_ref(), opts, req.add_special_tokens.unwrap_or(false)).await?
+        }
+        (None, Some(serde_json::Value::String(text))) => {
+            let text = text.clone();
+            let add_special = req.add_special_tokens.unwrap_or(true);
+            let tok = tok.clone();
+            blocking(move || encode(&tok, &text, add_special)).await?
+        }
+        (None, Some(_)) => return Err(ApiError::invalid_param("prompt", "`prompt` must be a string.")),
+        (None, None) => {
+            return Err(ApiError::bad_request("Either `prompt` or `messages` is required."));
+        }
+    };
+    let token_strs = req
+        .return_token_strs
+        .unwrap_or(false)
+        .then(|| ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_default()).collect());
+    ok_json(&TokenizeResponse { count: ids.len(), max_model_len: state.limits.max_model_len, tokens: ids, token_strs })
+}
+
+/// `POST /detokenize` (vLLM shape).
+pub(crate) async fn detokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+    let req: DetokenizeRequest = parse_json(body)?;
+    resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    let ids = detokenize_ids(req.tokens.as_deref(), state.limits.vocab_size)?;
+    let tok = state.engine.tokenizer().clone();
+    let prompt = blocking(move || {
+        tok.decode(&ids, false)
+            .map_err(|e| ApiError::invalid_param("tokens", format!("Detokenization failed: {e}")))
+    })
+    .await?;
+    ok_json(&DetokenizeResponse { prompt })
+}
+
+fn model_card(state: &AppState, id: &str) -> ModelCard {
+    ModelCard {
+        id: id.to_string(),
+        object: "model".into(),
+        created: state.created,
+        owned_by: "spindle".into(),
+        root: state.cfg.model_root.clone(),
+        parent: None,
+        max_model_len: state.limits.max_model_len,
+    }
+}
+
+/// `GET /v1/models`.
+pub(crate) fn models(state: &AppState) -> Response<ApiBody> {
+    let list = ModelList {
+        object: "list".into(),
+        data: state.cfg.served_model_names.iter().map(|n| model_card(state, n)).collect(),
+    };
+    ok_json(&list).unwrap_or_else(|e| error_response(&e))
+}
+
+/// `GET /v1/models/{id}` (the SDK's `models.retrieve`).
+pub(crate) fn model(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
+    if !state.cfg.served_model_names.iter().any(|n| n == id) {
+        return Err(ApiError::model_not_found(id));
+    }
+    ok_json(&model_card(state, id))
+}
+
+/// `GET /health`: 200 with an empty body only while the engine thread is alive and making
+/// progress (its heartbeat is recent) and the server is not shutting down.
+pub(crate) fn health(state: &AppState) -> Response<ApiBody> {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return error_response(&ApiError::shutting_down());
+    }
+    if state.engine.is_healthy(state.cfg.stall_timeout) {
+        let mut r = Response::new(ApiBody::empty());
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        r
+    } else {
+        let reason = if state.engine.is_dead() { "The engine is not running." } else { "The engine is stalled." };
+        error_response(&ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason))
+    }
+}
+
+/// `GET /version`.
+pub(crate) fn version() -> Response<ApiBody> {
+    ok_json(&VersionResponse { version: env!("CARGO_PKG_VERSION").to_string() }).unwrap_or_else(|e| error_response(&e))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(crate) fn metrics(state: &AppState) -> Response<ApiBody> {
+    let text = state.metrics.render(state.engine.stats());
+    let mut r = Response::new(ApiBody::full(text));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}

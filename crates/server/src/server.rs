@@ -1,0 +1,579 @@
+//! The HTTP server: listener, connections (HTTP/1.1 keep-alive and HTTP/2 via hyper-util's auto
+//! builder), routing, CORS, auth, body limits, per-request metrics, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use spindle_engine::EngineHandle;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::auth::bearer_matches;
+use crate::error::{ApiError, ServerError};
+use crate::generation::SseBody;
+use crate::handlers;
+use crate::metrics::{CacheInfo, Metrics};
+use crate::template::ChatTemplate;
+use crate::validation::ModelLimits;
+
+/// Largest request body accepted by default (32 MiB): room for long prompts as token ids, small
+/// enough that a client cannot make the server buffer arbitrary amounts.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// How the server is set up; `spindle serve` fills it from its flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Host name or address to listen on (`--host`).
+    pub host: String,
+    /// Port (`--port`); 0 picks a free one (tests), see [`Server::local_addr`].
+    pub port: u16,
+    /// Names clients may put in `model` (`--served-model-name`); the first is the default and
+    /// the metrics' `model_name`.
+    pub served_model_names: Vec<String>,
+    /// What was loaded (`--model`), reported as `root` in `/v1/models`.
+    pub model_root: String,
+    /// Required `Authorization: Bearer` key for `/v1/*` (`--api-key`).
+    pub api_key: Option<String>,
+    /// CORS origins (`--allowed-origins`); `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Chat template source replacing the model's own (`--chat-template`, already read from
+    /// its file if it was a path).
+    pub chat_template: Option<String>,
+    /// Request bodies over this are refused with 413.
+    pub max_body_bytes: usize,
+    /// `/health` fails once the engine showed no progress for this long.
+    pub stall_timeout: Duration,
+    /// On shutdown, in-flight requests get this long to finish before they are cut.
+    pub shutdown_timeout: Duration,
+    /// KV-cache settings for `vllm:cache_config_info` (the block count is read from the engine).
+    pub block_size: usize,
+    /// Reported in `vllm:cache_config_info`.
+    pub enable_prefix_caching: bool,
+    /// Reported in `vllm:cache_config_info`.
+    pub gpu_memory_utilization: f32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8000,
+            served_model_names: Vec::new(),
+            model_root: String::new(),
+            api_key: None,
+            allowed_origins: vec!["*".into()],
+            chat_template: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            stall_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            block_size: 16,
+            enable_prefix_caching: true,
+            gpu_memory_utilization: 0.9,
+        }
+    }
+}
+
+/// Shared by every connection and request.
+pub(crate) struct AppState {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) engine: EngineHandle,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The compiled chat template, or why chat requests cannot be served (a 400 message).
+    pub(crate) template: Result<Arc<ChatTemplate>, String>,
+    pub(crate) limits: ModelLimits,
+    /// `created` of `/v1/models` entries.
+    pub(crate) created: u64,
+    pub(crate) fingerprint: String,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+/// Every response body: a buffered one, or an SSE stream tied to engine requests.
+pub enum ApiBody {
+    /// A complete body (JSON, metrics text), sent in one frame.
+    Full(Option<Bytes>),
+    /// A live event stream.
+    Sse(Box<SseBody>),
+}
+
+impl ApiBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        ApiBody::Full(None)
+    }
+
+    /// A buffered body.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        ApiBody::Full((!b.is_empty()).then_some(b))
+    }
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ApiBody::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ApiBody::Full(b) => b.is_none(),
+            ApiBody::Sse(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ApiBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ApiBody::Full(None) => SizeHint::with_exact(0),
+            ApiBody::Sse(s) => s.size_hint(),
+        }
+    }
+}
+
+/// A bound, not yet serving server: bind first to learn the address (port 0 in tests).
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    /// Compile the chat template, publish cache metrics and bind the listener.
+    pub async fn bind(config: ServerConfig, engine: EngineHandle, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+        if config.served_model_names.is_empty() {
+            return Err(ServerError::Config("at least one served model name is required".into()));
+        }
+        let tok = engine.tokenizer().clone();
+        let template = match (&config.chat_template, &tok.chat_template) {
+            (Some(src), _) => Ok(Arc::new(
+                ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+                    .map_err(ServerError::Template)?,
+            )),
+            (None, Some(src)) => match ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref()) {
+                Ok(t) => Ok(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the model's chat template does not compile; chat completions are disabled");
+                    Err(format!(
+                        "The model's chat template could not be compiled ({e}); start the server with --chat-template."
+                    ))
+                }
+            },
+            (None, None) => Err(
+                "This model has no chat template, so chat completions are not available; start the server with --chat-template, or use /v1/completions."
+                    .to_string(),
+            ),
+        };
+        let info = engine.model_info();
+        let limits = ModelLimits { vocab_size: info.vocab_size, max_model_len: info.max_model_len };
+        metrics.set_cache_info(&CacheInfo {
+            block_size: config.block_size,
+            num_gpu_blocks: engine.stats().kv_blocks_total.load(Ordering::Relaxed),
+            enable_prefix_caching: config.enable_prefix_caching,
+            gpu_memory_utilization: config.gpu_memory_utilization,
+        });
+        let fingerprint = fingerprint(&config.model_root, &info.dtype, &info.device);
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+        let local_addr = listener.local_addr()?;
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let state = Arc::new(AppState {
+            cfg: config,
+            engine,
+            metrics,
+            template,
+            limits,
+            created,
+            fingerprint,
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Self { listener, local_addr, state })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until `shutdown` resolves; then stop accepting, let in-flight requests finish for
+    /// up to `shutdown_timeout`, and cut the rest (which aborts their engine requests).
+    pub async fn serve<F>(self, shutdown: F) -> Result<(), ServerError>
+    where
+        F: Future<Output = ()>,
+    {
+        let Server { listener, state, local_addr } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).keep_alive(true);
+        builder.http2().timer(TokioTimer::new());
+        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
+        tracing::info!(%local_addr, "listening");
+
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let state = state.clone();
+                        let service = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(handle(state, req).await) }
+                        });
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let conn = graceful.watch(conn);
+                        connections.spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+
+        state.shutting_down.store(true, Ordering::SeqCst);
+        drop(listener);
+        let timeout = state.cfg.shutdown_timeout;
+        tracing::info!(open_connections = connections.len(), ?timeout, "shutting down: draining in-flight requests");
+        if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
+            tracing::warn!(open_connections = connections.len(), "shutdown timeout reached; cutting remaining requests");
+            connections.abort_all();
+        }
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Bind and serve in one call (the common case).
+pub async fn run_server<F>(config: ServerConfig, engine: EngineHandle, metrics: Arc<Metrics>, shutdown: F) -> Result<(), ServerError>
+where
+    F: Future<Output = ()>,
+{
+    Server::bind(config, engine, metrics).await?.serve(shutdown).await
+}
+
+/// A stable-per-deployment fingerprint (OpenAI's `system_fingerprint` changes when the serving
+/// configuration changes).
+fn fingerprint(model: &str, dtype: &str, device: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (model, dtype, device, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    format!("fp_{:010x}", h.finish() & 0xff_ffff_ffff)
+}
+
+/// Routes: path → (metrics label, allowed methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    ChatCompletions,
+    Completions,
+    Models,
+    Model,
+    Health,
+    Version,
+    Tokenize,
+    Detokenize,
+    Metrics,
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        Some(match path {
+            "/v1/chat/completions" => Route::ChatCompletions,
+            "/v1/completions" => Route::Completions,
+            "/v1/models" => Route::Models,
+            "/health" => Route::Health,
+            "/version" => Route::Version,
+            "/tokenize" => Route::Tokenize,
+            "/detokenize" => Route::Detokenize,
+            "/metrics" => Route::Metrics,
+            p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => Route::Model,
+            _ => return None,
+        })
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Models => "/v1/models",
+            Route::Model => "/v1/models/{model}",
+            Route::Health => "/health",
+            Route::Version => "/version",
+            Route::Tokenize => "/tokenize",
+            Route::Detokenize => "/detokenize",
+            Route::Metrics => "/metrics",
+        }
+    }
+
+    fn is_post(self) -> bool {
+        matches!(self, Route::ChatCompletions | Route::Completions | Route::Tokenize | Route::Detokenize)
+    }
+
+    fn allow(self) -> &'static str {
+        if self.is_post() {
+            "POST, OPTIONS"
+        } else {
+            "GET, HEAD, OPTIONS"
+        }
+    }
+
+    fn method_ok(self, m: &Method) -> bool {
+        if self.is_post() {
+            m == Method::POST
+        } else {
+            m == Method::GET || m == Method::HEAD
+        }
+    }
+}
+
+/// Build a JSON response.
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Render an [`ApiError`] as the OpenAI error response.
+pub(crate) fn error_response(err: &ApiError) -> Response<ApiBody> {
+    let body = serde_json::to_vec(&err.body()).unwrap_or_default();
+    let mut r = json_response(err.status, body);
+    if let Some(secs) = err.retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+/// The streaming response: SSE headers, no buffering by proxies.
+pub(crate) fn sse_response(body: SseBody) -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::Sse(Box::new(body)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBody> {
+    let method = req.method().clone();
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let route = Route::parse(req.uri().path());
+    let label = route.map_or("unmatched", Route::label);
+    let mut resp = match dispatch(&state, route, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(status = e.status.as_u16(), error = %e.message, "request failed");
+            } else {
+                tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
+            }
+            error_response(&e)
+        }
+    };
+    if let Some(origin) = origin {
+        add_cors(&state.cfg.allowed_origins, &origin, resp.headers_mut());
+    }
+    state.metrics.count_http(label, method.as_str(), resp.status().as_u16());
+    resp
+}
+
+fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
+    allowed.iter().any(|a| a == "*" || a.as_bytes() == origin.as_bytes())
+}
+
+/// CORS headers of a simple (non-preflight) response.
+fn add_cors(allowed: &[String], origin: &HeaderValue, headers: &mut HeaderMap) {
+    if allowed.iter().any(|a| a == "*") {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    } else if origin_allowed(allowed, origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}
+
+/// `OPTIONS`: a CORS preflight (Origin + Access-Control-Request-Method) gets the allow headers
+/// (or 400 for a disallowed origin); a plain OPTIONS gets `Allow`.
+fn options_response(state: &AppState, route: Option<Route>, headers: &HeaderMap) -> Result<Response<ApiBody>, ApiError> {
+    let origin = headers.get(header::ORIGIN);
+    let requested = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut r = Response::new(ApiBody::empty());
+    let allow = route.map_or("GET, POST, OPTIONS", Route::allow);
+    match (origin, requested) {
+        (Some(origin), Some(_)) => {
+            if !origin_allowed(&state.cfg.allowed_origins, origin) {
+                return Err(ApiError::bad_request("Disallowed CORS origin."));
+            }
+            let h = r.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            let req_headers = headers
+                .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("*"));
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req_headers);
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        _ => {
+            if route.is_none() {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "Not Found"));
+            }
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+    }
+    Ok(r)
+}
+
+async fn dispatch(state: &Arc<AppState>, route: Option<Route>, req: Request<Incoming>) -> Result<Response<ApiBody>, ApiError> {
+    if req.method() == Method::OPTIONS {
+        return options_response(state, route, req.headers());
+    }
+    if req.uri().path().starts_with("/v1/") || req.uri().path() == "/v1" {
+        if let Some(key) = &state.cfg.api_key {
+            let header = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+            if !bearer_matches(header, key) {
+                return Err(ApiError::unauthorized());
+            }
+        }
+    }
+    let Some(route) = route else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("Not Found: {}", req.uri().path())));
+    };
+    if !route.method_ok(req.method()) {
+        let mut r = error_response(&ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method {} is not allowed on {}; use {}.", req.method(), route.label(), route.allow()),
+        ));
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(route.allow()));
+        return Ok(r);
+    }
+    if state.shutting_down.load(Ordering::SeqCst) && route.is_post() {
+        return Err(ApiError::shutting_down());
+    }
+    match route {
+        Route::ChatCompletions => {
+            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            handlers::chat_completions(state, &body).await
+        }
+        Route::Completions => {
+            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            handlers::completions(state, &body).await
+        }
+        Route::Tokenize => {
+            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            handlers::tokenize(state, &body).await
+        }
+        Route::Detokenize => {
+            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            handlers::detokenize(state, &body).await
+        }
+        Route::Models => Ok(handlers::models(state)),
+        Route::Model => {
+            let id = req.uri().path().trim_start_matches("/v1/models/");
+            handlers::model(state, id)
+        }
+        Route::Health => Ok(handlers::health(state)),
+        Route::Version => Ok(handlers::version()),
+        Route::Metrics => Ok(handlers::metrics(state)),
+    }
+}
+
+/// Read a JSON request body without ever holding more than `max` bytes: a declared length over
+/// the limit is refused before reading, and the limit also applies while streaming (chunked).
+async fn read_json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Type must be application/json, got `{essence}`."),
+            ));
+        }
+    }
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("The request body is larger than the limit of {max} bytes."))
+    };
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > max as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("Failed to read the request body: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("/v1/chat/completions"), Some(Route::ChatCompletions));
+        assert_eq!(Route::parse("/v1/models/org/name"), Some(Route::Model));
+        assert_eq!(Route::parse("/v1/models/"), None);
+        assert_eq!(Route::parse("/nope"), None);
+        assert!(Route::Completions.method_ok(&Method::POST));
+        assert!(!Route::Completions.method_ok(&Method::GET));
+        assert!(Route::Health.method_ok(&Method::HEAD));
+        assert_eq!(Route::Health.allow(), "GET, HEAD, OPTIONS");
+    }
+
+    #[test]
+    fn cors_headers() {
+        let mut h = HeaderMap::new();
+        add_cors(&["*".into()], &HeaderValue::from_static("http://a"), &mut h);
+        assert_eq!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(), "*");
+        let mut h = HeaderMap::new();
+        add_cors(&["http://a".into()], &HeaderValue::from_static("http://a"), &mut h);
+        assert_eq!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(), "http://a");
+        let mut h = HeaderMap::new();
+        add_cors(&["http://a".into()], &HeaderValue::from_static("http://b"), &mut h);
+        assert!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    }
+
+    #[test]
+    fn error_response_shape() {
+        let r = error_response(&ApiError::from(spindle_engine::EngineError::QueueFull(3)));
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let r = error_response(&ApiError::from(spindle_engine::EngineError::EngineDead("x".into())));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn fingerprint_is_stable() {
+        assert_eq!(fingerprint("a", "f32", "cpu"), fingerprint("a", "f32", "cpu"));
+        assert!(fingerprint("a", "f32", "cpu").starts_with("fp_"));
+    }
+}

@@ -1,0 +1,639 @@
+//! Request validation: turn a parsed OpenAI request into engine [`SamplingParams`] with
+//! vLLM-like range checks, so a bad value is a 400 naming the field instead of a surprise in
+//! the engine. Limits are constants so they are documented in one place (see README).
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use spindle_engine::SamplingParams;
+
+use crate::error::ApiError;
+use crate::protocol::{ChatCompletionRequest, CommonFields, CompletionRequest};
+
+/// Most completions per prompt (`n`).
+pub const MAX_N: usize = 128;
+/// Most alternatives per token (`logprobs` / `top_logprobs`), as vLLM's default `max_logprobs`.
+pub const MAX_LOGPROBS: usize = 20;
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+/// Most `stop_token_ids` per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// Most `logit_bias` entries per request.
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+/// Most prompts in one `/v1/completions` request.
+pub const MAX_PROMPTS: usize = 256;
+/// `max_tokens` of a text completion that sends none (OpenAI's and vLLM's default).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+/// What the model imposes on every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Token ids must be below this.
+    pub vocab_size: usize,
+    /// Prompt plus output may not exceed this.
+    pub max_model_len: usize,
+}
+
+/// The outcome of validating everything that does not depend on the prompt's length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// Engine parameters; `max_tokens` is fixed later by [`resolve_max_tokens`].
+    pub params: SamplingParams,
+    /// `max_tokens` as the client asked (None: fill the context / the endpoint's default).
+    pub requested_max_tokens: Option<usize>,
+    /// Answer as SSE.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats`.
+    pub continuous_usage: bool,
+}
+
+/// Parse a JSON body into `T`. On a type error the offending top-level field is found by
+/// re-parsing one field at a time (only on the error path), so `param` names it.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(ApiError::bad_request("The request body must be a JSON object."));
+    };
+    match T::deserialize(&value) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            for (k, v) in obj {
+                let mut single = serde_json::Map::new();
+                single.insert(k.clone(), v.clone());
+                let single = Value::Object(single);
+                if let Err(field_err) = T::deserialize(&single) {
+                    return Err(ApiError::invalid_param(k, format!("Invalid value for `{k}`: {field_err}")));
+                }
+            }
+            Err(ApiError::bad_request(format!("Invalid request: {e}")))
+        }
+    }
+}
+
+/// The served name a request addresses: absent means the first one; unknown is a 404.
+pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<String, ApiError> {
+    match requested {
+        None | Some("") => served
+            .first()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("no served model name configured")),
+        Some(name) if served.iter().any(|s| s == name) => Ok(name.to_string()),
+        Some(name) => Err(ApiError::model_not_found(name)),
+    }
+}
+
+/// Validate a chat request's sampling fields.
+pub fn chat_params(req: &ChatCompletionRequest, limits: ModelLimits) -> Result<Validated, ApiError> {
+    let top = match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if k < 0 || k as usize > MAX_LOGPROBS => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}."),
+            ))
+        }
+        (Some(true), k) => Some(k.unwrap_or(0) as usize),
+        (_, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "`logprobs` must be set to true when `top_logprobs` is used.",
+            ))
+        }
+        _ => None,
+    };
+    match &req.response_format {
+        None | Some(Value::Null) => {}
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(v) => {
+            let kind = v.get("type").and_then(Value::as_str).unwrap_or("?");
+            return Err(ApiError::invalid_param(
+                "response_format",
+                format!("response_format `{kind}` is not supported by this server (only `text`)."),
+            ));
+        }
+    }
+    match &req.tool_choice {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "none" || s == "auto" => {}
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "Only `tool_choice` \"none\" and \"auto\" are supported by this server.",
+            ))
+        }
+    }
+    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    common_params(&req.common, limits, top, max_tokens, param)
+}
+
+/// Validate a text-completion request's sampling fields (`echo`/`suffix` are rejected).
+pub fn completion_params(req: &CompletionRequest, limits: ModelLimits) -> Result<Validated, ApiError> {
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid_param("echo", "`echo` is not supported by this server."));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "`suffix` is not supported by this server."));
+    }
+    let top = match req.logprobs {
+        None => None,
+        Some(k) if k < 0 || k as usize > MAX_LOGPROBS => {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}."),
+            ))
+        }
+        Some(k) => Some(k as usize),
+    };
+    let mut v = common_params(&req.common, limits, top, req.common.max_tokens, "max_tokens")?;
+    if v.requested_max_tokens.is_none() {
+        v.requested_max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
+    }
+    Ok(v)
+}
+
+fn finite(param: &str, v: f64) -> Result<f64, ApiError> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid_param(param, format!("`{param}` must be a finite number.")))
+    }
+}
+
+fn common_params(
+    c: &CommonFields,
+    limits: ModelLimits,
+    logprobs: Option<usize>,
+    max_tokens: Option<i64>,
+    max_tokens_param: &str,
+) -> Result<Validated, ApiError> {
+    let mut p = SamplingParams { logprobs, ..SamplingParams::default() };
+
+    if let Some(n) = c.n {
+        if n < 1 || n as usize > MAX_N {
+            return Err(ApiError::invalid_param("n", format!("`n` must be between 1 and {MAX_N}, got {n}.")));
+        }
+        p.n = n as usize;
+    }
+    if let Some(b) = c.best_of {
+        if b != p.n as i64 {
+            return Err(ApiError::invalid_param(
+                "best_of",
+                format!("`best_of` different from `n` is not supported by this server (best_of={b}, n={}).", p.n),
+            ));
+        }
+    }
+    if let Some(t) = c.temperature {
+        let t = finite("temperature", t)?;
+        if t < 0.0 {
+            return Err(ApiError::invalid_param("temperature", format!("`temperature` must be >= 0, got {t}.")));
+        }
+        p.temperature = t as f32;
+    }
+    if let Some(t) = c.top_p {
+        let t = finite("top_p", t)?;
+        if t <= 0.0 || t > 1.0 {
+            return Err(ApiError::invalid_param("top_p", format!("`top_p` must be in (0, 1], got {t}.")));
+        }
+        p.top_p = t as f32;
+    }
+    if let Some(k) = c.top_k {
+        if k < -1 {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("`top_k` must be -1 (disabled) or at least 1, got {k}."),
+            ));
+        }
+        p.top_k = if k <= 0 { 0 } else { k as usize };
+    }
+    if let Some(m) = c.min_p {
+        let m = finite("min_p", m)?;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(ApiError::invalid_param("min_p", format!("`min_p` must be in [0, 1], got {m}.")));
+        }
+        p.min_p = m as f32;
+    }
+    if let Some(r) = c.repetition_penalty {
+        let r = finite("repetition_penalty", r)?;
+        if r <= 0.0 {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be > 0, got {r}."),
+            ));
+        }
+        p.repetition_penalty = r as f32;
+    }
+    for (name, value, slot) in [
+        ("frequency_penalty", c.frequency_penalty, &mut p.frequency_penalty),
+        ("presence_penalty", c.presence_penalty, &mut p.presence_penalty),
+    ] {
+        if let Some(v) = value {
+            let v = finite(name, v)?;
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid_param(name, format!("`{name}` must be in [-2, 2], got {v}.")));
+            }
+            *slot = v as f32;
+        }
+    }
+    let requested_max_tokens = match max_tokens {
+        None => None,
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid_param(
+                max_tokens_param,
+                format!("`{max_tokens_param}` must be at least 1, got {m}."),
+            ))
+        }
+        Some(m) => Some(m as usize),
+    };
+    if let Some(m) = c.min_tokens {
+        if m < 0 {
+            return Err(ApiError::invalid_param("min_tokens", format!("`min_tokens` must be >= 0, got {m}.")));
+        }
+        if let Some(max) = requested_max_tokens {
+            if m as usize > max {
+                return Err(ApiError::invalid_param(
+                    "min_tokens",
+                    format!("`min_tokens` ({m}) must be less than or equal to `{max_tokens_param}` ({max})."),
+                ));
+            }
+        }
+        p.min_tokens = m as usize;
+    }
+    p.stop = parse_stop(c.stop.as_ref())?;
+    if let Some(ids) = &c.stop_token_ids {
+        if ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::invalid_param(
+                "stop_token_ids",
+                format!("At most {MAX_STOP_TOKEN_IDS} `stop_token_ids` are allowed."),
+            ));
+        }
+        p.stop_token_ids = ids
+            .iter()
+            .map(|&id| token_id("stop_token_ids", id, limits.vocab_size))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(seed) = &c.seed {
+        p.seed = Some(match (seed.as_u64(), seed.as_i64()) {
+            (Some(u), _) => u,
+            (None, Some(i)) => i as u64,
+            _ => return Err(ApiError::invalid_param("seed", "`seed` must be an integer.")),
+        });
+    }
+    if let Some(bias) = &c.logit_bias {
+        p.logit_bias = parse_logit_bias(bias, limits.vocab_size)?;
+    }
+    if let Some(b) = c.ignore_eos {
+        p.ignore_eos = b;
+    }
+    if let Some(b) = c.skip_special_tokens {
+        p.skip_special_tokens = b;
+    }
+    if let Some(b) = c.include_stop_str_in_output {
+        p.include_stop_str_in_output = b;
+    }
+    let stream = c.stream.unwrap_or(false);
+    let (include_usage, continuous_usage) = match &c.stream_options {
+        None => (false, false),
+        Some(_) if !stream => {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "`stream_options` can only be set when `stream` is true.",
+            ))
+        }
+        Some(o) => (o.include_usage.unwrap_or(false), o.continuous_usage_stats.unwrap_or(false)),
+    };
+    Ok(Validated { params: p, requested_max_tokens, stream, include_usage, continuous_usage })
+}
+
+fn token_id(param: &str, id: i64, vocab: usize) -> Result<u32, ApiError> {
+    if id < 0 || id as u64 >= vocab as u64 {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("Token id {id} in `{param}` is out of range for a vocabulary of {vocab}."),
+        ));
+    }
+    Ok(id as u32)
+}
+
+fn parse_stop(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let list: Vec<String> = match stop {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(s) => out.push(s.clone()),
+                    _ => return Err(ApiError::invalid_param("stop", "`stop` must be a string or a list of strings.")),
+                }
+            }
+            out
+        }
+        Some(_) => return Err(ApiError::invalid_param("stop", "`stop` must be a string or a list of strings.")),
+    };
+    if list.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_param("stop", format!("At most {MAX_STOP_STRINGS} stop strings are allowed.")));
+    }
+    if let Some(s) = list.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("Stop strings must be at most {MAX_STOP_STRING_BYTES} bytes (got {}).", s.len()),
+        ));
+    }
+    // An empty stop string can never be meant: drop it rather than stop at once.
+    Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+fn parse_logit_bias(bias: &BTreeMap<String, f64>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    if bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!("At most {MAX_LOGIT_BIAS_ENTRIES} `logit_bias` entries are allowed."),
+        ));
+    }
+    let mut out = Vec::with_capacity(bias.len());
+    for (key, &value) in bias {
+        let Ok(id) = key.trim().parse::<i64>() else {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` keys must be token ids, got {key:?}."),
+            ));
+        };
+        let id = token_id("logit_bias", id, vocab)?;
+        if !value.is_finite() || !(-100.0..=100.0).contains(&value) {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` values must be in [-100, 100], got {value} for token {id}."),
+            ));
+        }
+        out.push((id, value as f32));
+    }
+    Ok(out)
+}
+
+/// One prompt of a text completion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Text, tokenized by the server.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// `prompt` as a string, a list of strings, a list of token ids, or a list of token-id lists.
+pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptInput>, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids, or a list of token-id lists.",
+        )
+    };
+    let empty = || ApiError::invalid_param("prompt", "`prompt` must not be empty.");
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        if items.is_empty() {
+            return Err(empty());
+        }
+        items
+            .iter()
+            .map(|v| v.as_i64().ok_or_else(bad).and_then(|id| token_id("prompt", id, vocab)))
+            .collect()
+    };
+    let prompts = match prompt {
+        None | Some(Value::Null) => return Err(ApiError::invalid_param("prompt", "`prompt` is required.")),
+        Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
+        Some(Value::Array(items)) if items.is_empty() => return Err(empty()),
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![PromptInput::Tokens(ids(items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|v| v.as_array().ok_or_else(bad).and_then(|a| ids(a)).map(PromptInput::Tokens))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad()),
+        },
+        Some(_) => return Err(bad()),
+    };
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid_param("prompt", format!("At most {MAX_PROMPTS} prompts per request.")));
+    }
+    Ok(prompts)
+}
+
+/// Check prompt ids against the vocabulary (ids from `/v1/completions` token prompts).
+pub fn check_prompt_ids(ids: &[u32], vocab: usize) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "The prompt is empty after tokenization."));
+    }
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("Token id {bad} is out of range for a vocabulary of {vocab}."),
+        ));
+    }
+    Ok(())
+}
+
+/// Fix `max_tokens` against the context: over the limit is a 400 stating the numbers (vLLM's
+/// wording); absent means "whatever fits". `prompt_word` is "messages" for chat, "prompt" for
+/// completions.
+pub fn resolve_max_tokens(
+    prompt_tokens: usize,
+    requested: Option<usize>,
+    max_model_len: usize,
+    prompt_word: &str,
+) -> Result<usize, ApiError> {
+    match requested {
+        Some(m) if prompt_tokens.saturating_add(m) > max_model_len => Err(ApiError::invalid_param(
+            if prompt_word == "messages" { "messages" } else { "prompt" },
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_tokens} in the {prompt_word}, {m} in the completion). Please reduce the length of the {prompt_word} or completion.",
+                prompt_tokens + m
+            ),
+        )),
+        Some(m) => Ok(m),
+        None if prompt_tokens >= max_model_len => Err(ApiError::invalid_param(
+            prompt_word,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, your request has {prompt_tokens} input tokens. Please reduce the length of the input {prompt_word}."
+            ),
+        )),
+        None => Ok(max_model_len - prompt_tokens),
+    }
+}
+
+/// Tokenize request's `tokens` for `/detokenize`.
+pub fn detokenize_ids(tokens: Option<&[i64]>, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let Some(tokens) = tokens else {
+        return Err(ApiError::invalid_param("tokens", "`tokens` is required."));
+    };
+    tokens.iter().map(|&t| token_id("tokens", t, vocab)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::StatusCode;
+    use serde_json::json;
+
+    const LIMITS: ModelLimits = ModelLimits { vocab_size: 1000, max_model_len: 100 };
+
+    fn chat(body: Value) -> Result<Validated, ApiError> {
+        let req: ChatCompletionRequest = parse_json(body.to_string().as_bytes())?;
+        chat_params(&req, LIMITS)
+    }
+
+    fn completion(body: Value) -> Result<Validated, ApiError> {
+        let req: CompletionRequest = parse_json(body.to_string().as_bytes())?;
+        completion_params(&req, LIMITS)
+    }
+
+    #[test]
+    fn valid_chat_maps_every_field() {
+        let v = chat(json!({
+            "messages": [], "n": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+            "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+            "max_completion_tokens": 7, "max_tokens": 99, "min_tokens": 2, "stop": ["a", ""],
+            "stop_token_ids": [3], "seed": -1, "logit_bias": {"5": 10}, "ignore_eos": true,
+            "skip_special_tokens": false, "include_stop_str_in_output": true, "logprobs": true,
+            "top_logprobs": 3, "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        let p = &v.params;
+        assert_eq!((p.n, p.top_k, p.min_tokens), (2, 5, 2));
+        assert_eq!(v.requested_max_tokens, Some(7));
+        assert_eq!(p.stop, vec!["a".to_string()]);
+        assert_eq!(p.stop_token_ids, vec![3]);
+        assert_eq!(p.seed, Some(u64::MAX));
+        assert_eq!(p.logit_bias, vec![(5, 10.0)]);
+        assert!(p.ignore_eos && !p.skip_special_tokens && p.include_stop_str_in_output);
+        assert_eq!(p.logprobs, Some(3));
+        assert!(v.stream && v.include_usage);
+    }
+
+    #[test]
+    fn defaults() {
+        let v = chat(json!({"messages": []})).unwrap();
+        assert_eq!(v.params, SamplingParams::default());
+        assert_eq!(v.requested_max_tokens, None);
+        let v = completion(json!({"prompt": "x"})).unwrap();
+        assert_eq!(v.requested_max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
+        assert_eq!(chat(json!({"top_k": -1, "logprobs": true})).unwrap().params.logprobs, Some(0));
+        assert_eq!(chat(json!({"top_k": 0})).unwrap().params.top_k, 0);
+    }
+
+    #[test]
+    fn every_bad_value_is_a_400_naming_the_param() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"temperature": -0.1}), "temperature"),
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_p": 1.5}), "top_p"),
+            (json!({"top_k": -2}), "top_k"),
+            (json!({"min_p": 1.5}), "min_p"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"frequency_penalty": 3}), "frequency_penalty"),
+            (json!({"presence_penalty": -3}), "presence_penalty"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 129}), "n"),
+            (json!({"n": 1.5}), "n"),
+            (json!({"best_of": 3}), "best_of"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
+            (json!({"min_tokens": 5, "max_tokens": 2}), "min_tokens"),
+            (json!({"min_tokens": -1}), "min_tokens"),
+            (json!({"stop": 5}), "stop"),
+            (json!({"stop": [1]}), "stop"),
+            (json!({"stop": vec!["x"; 65]}), "stop"),
+            (json!({"stop": "x".repeat(1025)}), "stop"),
+            (json!({"stop_token_ids": [1000]}), "stop_token_ids"),
+            (json!({"stop_token_ids": [-1]}), "stop_token_ids"),
+            (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"1000": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"1": 101}}), "logit_bias"),
+            (json!({"seed": 1.5}), "seed"),
+            (json!({"top_logprobs": 21, "logprobs": true}), "top_logprobs"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"stream": "yes"}), "stream"),
+        ];
+        for (body, param) in cases {
+            let e = chat(body.clone()).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        for (body, param) in [
+            (json!({"echo": true}), "echo"),
+            (json!({"suffix": "x"}), "suffix"),
+            (json!({"logprobs": 21}), "logprobs"),
+            (json!({"logprobs": -1}), "logprobs"),
+        ] {
+            let e = completion(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        for body in ["", "{", "[1]", "\"x\"", "null"] {
+            let e = parse_json::<ChatCompletionRequest>(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+        }
+    }
+
+    #[test]
+    fn model_resolution() {
+        let served = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(resolve_model(None, &served).unwrap(), "a");
+        assert_eq!(resolve_model(Some("b"), &served).unwrap(), "b");
+        let e = resolve_model(Some("zz"), &served).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.error_type(), "NotFoundError");
+        assert_eq!(e.message, "The model `zz` does not exist.");
+    }
+
+    #[test]
+    fn prompt_shapes() {
+        let p = |v: Value| parse_prompt(Some(&v), 1000);
+        assert_eq!(p(json!("hi")).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(p(json!(["a", "b"])).unwrap().len(), 2);
+        assert_eq!(p(json!([1, 2])).unwrap(), vec![PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(p(json!([[1], [2, 3]])).unwrap().len(), 2);
+        for bad in [json!([]), json!([[]]), json!([1, "a"]), json!([1000]), json!(5), json!([{"a": 1}]), json!(null)] {
+            let e = p(bad.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
+        }
+        assert!(check_prompt_ids(&[], 10).is_err());
+        assert!(check_prompt_ids(&[10], 10).is_err());
+        assert!(check_prompt_ids(&[9], 10).is_ok());
+    }
+
+    #[test]
+    fn context_length_messages_state_the_numbers() {
+        assert_eq!(resolve_max_tokens(10, None, 100, "messages").unwrap(), 90);
+        assert_eq!(resolve_max_tokens(10, Some(90), 100, "messages").unwrap(), 90);
+        let e = resolve_max_tokens(10, Some(91), 100, "messages").unwrap_err();
+        assert_eq!(
+            e.message,
+            "This model's maximum context length is 100 tokens. However, you requested 101 tokens (10 in the messages, 91 in the completion). Please reduce the length of the messages or completion."
+        );
+        let e = resolve_max_tokens(100, None, 100, "prompt").unwrap_err();
+        assert!(e.message.contains("your request has 100 input tokens"), "{}", e.message);
+    }
+
+    #[test]
+    fn detokenize_ids_checked() {
+        assert_eq!(detokenize_ids(Some(&[1, 2]), 10).unwrap(), vec![1, 2]);
+        assert!(detokenize_ids(Some(&[10]), 10).is_err());
+        assert!(detokenize_ids(None, 10).is_err());
+    }
+}

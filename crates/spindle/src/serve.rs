@@ -1,0 +1,526 @@
+//! `spindle serve`: the flags vLLM users already type, mapped onto the engine and the HTTP
+//! server. Common vLLM flags spindle does not implement are recognised and refused with a
+//! clear message (or accepted as harmless no-ops) instead of a generic "unexpected argument".
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use spindle_engine::{Engine, EngineConfig};
+use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use spindle_server::{Metrics, Server, ServerConfig, DEFAULT_MAX_BODY_BYTES};
+
+/// The model `scripts/fetch-model.sh` downloads; served when no model is named.
+const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Flags of `spindle serve`, named and defaulted as in `vllm serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The model: a .gguf file, a Hugging Face model directory, or a Hub repo id (as `vllm serve MODEL`).
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<String>,
+    /// The model, as a flag (same as the positional MODEL).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Name(s) clients use in `model`; the first is the default. Defaults to the --model value.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// Context length (prompt + output); defaults to the model's. Accepts 4096, 4k (=4000), 4K (=4096).
+    #[arg(long, value_parser = parse_count)]
+    pub max_model_len: Option<u64>,
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine iteration (prefill and decode together).
+    #[arg(long, value_parser = parse_count, default_value = "2048")]
+    pub max_num_batched_tokens: u64,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Fraction of GPU memory spindle may use (weights, activations, KV cache).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+    /// KV-cache size in bytes; accepts suffixes: 512MiB, 4GiB, 4G (=GiB), 4GB (=10^9).
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<u64>,
+    /// Use exactly this many KV blocks instead of sizing from memory.
+    #[arg(long)]
+    pub num_gpu_blocks_override: Option<usize>,
+    /// Weight dtype: auto, float32, float16 or bfloat16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// cpu, cuda or cuda:N (default: cuda when built with CUDA, else cpu).
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
+    /// Global seed for requests that bring none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Require `Authorization: Bearer <key>` on /v1/* (also read from SPINDLE_API_KEY, then VLLM_API_KEY).
+    #[arg(long, env = "SPINDLE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Chat template replacing the model's: a file path or the Jinja text itself.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Reuse KV blocks of shared prompt prefixes (on by default).
+    #[arg(long, conflicts_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn prefix caching off.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    /// How to read weights: auto, gguf, safetensors or dummy.
+    #[arg(long, default_value = "auto")]
+    pub load_format: LoadFormat,
+    /// Hub revision (branch, tag or commit) of the model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// CORS origins: a JSON list (`'["https://a.example"]'`, as vLLM takes it) or comma-separated.
+    #[arg(long, default_value = "[\"*\"]")]
+    pub allowed_origins: String,
+    /// Refuse new requests with 429 while this many wait (0 = unbounded).
+    #[arg(long, default_value_t = 0)]
+    pub max_waiting_requests: usize,
+    /// Log format on stderr: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// /health turns 503 when the engine showed no progress for this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub engine_stall_timeout: f64,
+    /// On SIGINT/SIGTERM, in-flight requests get this many seconds to finish.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Largest accepted request body (413 above); suffixes as for --kv-cache-memory.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_request_body: Option<u64>,
+
+    // ---- vLLM flags: accepted as no-ops where harmless, refused clearly otherwise ----
+    #[arg(long, hide = true)]
+    pub tensor_parallel_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub pipeline_parallel_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub data_parallel_size: Option<usize>,
+    #[arg(long, short = 'q', hide = true)]
+    pub quantization: Option<String>,
+    #[arg(long, hide = true)]
+    pub kv_cache_dtype: Option<String>,
+    #[arg(long, hide = true)]
+    pub tokenizer: Option<String>,
+    #[arg(long, hide = true)]
+    pub max_logprobs: Option<usize>,
+    #[arg(long, hide = true)]
+    pub enable_lora: bool,
+    #[arg(long, hide = true, num_args = 1..)]
+    pub lora_modules: Vec<String>,
+    #[arg(long, hide = true)]
+    pub speculative_config: Option<String>,
+    #[arg(long, hide = true)]
+    pub enable_auto_tool_choice: bool,
+    #[arg(long, hide = true)]
+    pub tool_call_parser: Option<String>,
+    #[arg(long, hide = true)]
+    pub reasoning_parser: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_keyfile: Option<String>,
+    #[arg(long, hide = true)]
+    pub ssl_certfile: Option<String>,
+    #[arg(long, hide = true)]
+    pub root_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub enforce_eager: bool,
+    #[arg(long, hide = true)]
+    pub trust_remote_code: bool,
+    #[arg(long, hide = true)]
+    pub disable_log_requests: bool,
+    #[arg(long, hide = true)]
+    pub disable_log_stats: bool,
+    #[arg(long, hide = true)]
+    pub enable_log_requests: bool,
+    #[arg(long, hide = true)]
+    pub uvicorn_log_level: Option<String>,
+    #[arg(long, hide = true)]
+    pub swap_space: Option<f64>,
+    #[arg(long, hide = true)]
+    pub distributed_executor_backend: Option<String>,
+}
+
+impl ServeArgs {
+    /// The model to load: positional or `--model` (they must agree), else the default model.
+    fn model_path(&self) -> anyhow::Result<String> {
+        match (&self.model_tag, &self.model) {
+            (Some(a), Some(b)) if a != b => {
+                bail!("the model is given twice with different values: `{a}` and --model `{b}`")
+            }
+            (Some(m), _) | (None, Some(m)) => Ok(m.clone()),
+            (None, None) => Ok(DEFAULT_MODEL.to_string()),
+        }
+    }
+
+    /// Refuse vLLM flags whose meaning spindle cannot honour; log the harmless no-ops.
+    fn check_vllm_flags(&self) -> anyhow::Result<()> {
+        let unsupported = |flag: &str, why: &str| Err(anyhow!("`--{flag}` is not supported by spindle: {why}"));
+        for (flag, size) in [
+            ("tensor-parallel-size", self.tensor_parallel_size),
+            ("pipeline-parallel-size", self.pipeline_parallel_size),
+            ("data-parallel-size", self.data_parallel_size),
+        ] {
+            if size.is_some_and(|n| n > 1) {
+                return unsupported(flag, "spindle runs one model replica on one device; run several servers behind a load balancer instead");
+            }
+        }
+        if let Some(q) = &self.quantization {
+            return unsupported("quantization", &format!("`{q}` — quantized weights are read from GGUF files as they are; pass a .gguf model"));
+        }
+        if let Some(d) = self.kv_cache_dtype.as_deref().filter(|d| *d != "auto") {
+            return unsupported("kv-cache-dtype", &format!("`{d}` — the KV cache uses the model dtype"));
+        }
+        if self.tokenizer.is_some() {
+            return unsupported("tokenizer", "the tokenizer is always loaded from the model (GGUF metadata or tokenizer.json)");
+        }
+        if let Some(n) = self.max_logprobs.filter(|&n| n != spindle_server::validation::MAX_LOGPROBS) {
+            return unsupported("max-logprobs", &format!("{n} — the limit is fixed at {}", spindle_server::validation::MAX_LOGPROBS));
+        }
+        if self.enable_lora || !self.lora_modules.is_empty() {
+            return unsupported("enable-lora/--lora-modules", "LoRA adapters are not implemented");
+        }
+        if self.speculative_config.is_some() {
+            return unsupported("speculative-config", "speculative decoding is not implemented");
+        }
+        if self.enable_auto_tool_choice || self.tool_call_parser.is_some() {
+            return unsupported("enable-auto-tool-choice/--tool-call-parser", "tool calls are not parsed out of the output (tools are passed to the chat template only)");
+        }
+        if self.reasoning_parser.is_some() {
+            return unsupported("reasoning-parser", "reasoning content is not separated from the output");
+        }
+        if self.ssl_keyfile.is_some() || self.ssl_certfile.is_some() {
+            return unsupported("ssl-keyfile/--ssl-certfile", "TLS is not built in; terminate TLS in a reverse proxy");
+        }
+        if self.root_path.is_some() {
+            return unsupported("root-path", "serve under a path prefix with a reverse proxy");
+        }
+        if self.distributed_executor_backend.is_some() {
+            return unsupported("distributed-executor-backend", "spindle runs in a single process");
+        }
+        for (flag, given) in [
+            ("enforce-eager", self.enforce_eager),
+            ("trust-remote-code", self.trust_remote_code),
+            ("disable-log-requests", self.disable_log_requests),
+            ("enable-log-requests", self.enable_log_requests),
+            ("disable-log-stats", self.disable_log_stats),
+            ("uvicorn-log-level", self.uvicorn_log_level.is_some()),
+            ("swap-space", self.swap_space.is_some()),
+        ] {
+            if given {
+                tracing::info!("--{flag} has no effect in spindle; ignored");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `1000`, `4k` (×1000), `4K` (×1024), `1m`/`1M`, `1g`/`1G` — vLLM's human-readable integers.
+fn parse_count(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let mult: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "K" => 1 << 10,
+        "m" => 1_000_000,
+        "M" => 1 << 20,
+        "g" => 1_000_000_000,
+        "G" => 1 << 30,
+        other => return Err(format!("unknown suffix `{other}` (use k/K, m/M or g/G)")),
+    };
+    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("`{s}` must be a non-negative number"));
+    }
+    let v = value * mult as f64;
+    if v.fract() != 0.0 || v > u64::MAX as f64 {
+        return Err(format!("`{s}` is not a whole number"));
+    }
+    Ok(v as u64)
+}
+
+/// Byte sizes: plain bytes, binary suffixes (KiB, MiB, GiB, TiB; also K, M, G, T and Ki, Mi, …)
+/// and decimal ones (KB, MB, GB, TB; also k, m, g). Case of the `iB`/`B` part is ignored.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let binary = |p: u32| 1024f64.powi(p as i32);
+    let decimal = |p: u32| 1000f64.powi(p as i32);
+    let mult = match suffix {
+        "" | "b" | "B" => 1.0,
+        "K" | "Ki" | "KiB" | "kib" | "KIB" => binary(1),
+        "M" | "Mi" | "MiB" | "mib" | "MIB" => binary(2),
+        "G" | "Gi" | "GiB" | "gib" | "GIB" => binary(3),
+        "T" | "Ti" | "TiB" | "tib" | "TIB" => binary(4),
+        "k" | "KB" | "kB" | "kb" => decimal(1),
+        "m" | "MB" | "mb" => decimal(2),
+        "g" | "GB" | "gb" => decimal(3),
+        "t" | "TB" | "tb" => decimal(4),
+        other => return Err(format!("unknown size suffix `{other}` (use e.g. 512MiB, 4GiB or 4GB)")),
+    };
+    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("`{s}` must be a non-negative size"));
+    }
+    Ok((value * mult).round() as u64)
+}
+
+/// `--allowed-origins` as a JSON list (vLLM) or a comma-separated list.
+fn parse_origins(s: &str) -> anyhow::Result<Vec<String>> {
+    let t = s.trim();
+    let list: Vec<String> = if t.starts_with('[') {
+        serde_json_list(t).with_context(|| format!("--allowed-origins: `{t}` is not a JSON list of strings"))?
+    } else {
+        t.split(',').map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect()
+    };
+    if list.is_empty() {
+        bail!("--allowed-origins: no origin given");
+    }
+    Ok(list)
+}
+
+/// A tiny parser for `["a", "b"]` (keeps serde_json out of this crate's dependencies).
+fn serde_json_list(t: &str) -> anyhow::Result<Vec<String>> {
+    let inner = t
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .ok_or_else(|| anyhow!("missing brackets"))?;
+    let mut out = Vec::new();
+    for item in inner.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let unquoted = item
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .or_else(|| item.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')))
+            .ok_or_else(|| anyhow!("`{item}` is not a quoted string"))?;
+        out.push(unquoted.to_string());
+    }
+    Ok(out)
+}
+
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !v.is_finite() || v < 0.0 {
+        bail!("--{flag} must be a non-negative number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Run `spindle serve`: load the model on the engine thread, serve HTTP until SIGINT/SIGTERM,
+/// drain in-flight requests (up to --shutdown-timeout), stop the engine, exit 0.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::logging::init(args.log_format == "json");
+    args.check_vllm_flags()?;
+
+    let model = args.model_path()?;
+    let served_model_names =
+        if args.served_model_name.is_empty() { vec![model.clone()] } else { args.served_model_name.clone() };
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("VLLM_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let allowed_origins = parse_origins(&args.allowed_origins)?;
+    let stall_timeout = seconds("engine-stall-timeout", args.engine_stall_timeout)?;
+    let shutdown_timeout = seconds("shutdown-timeout", args.shutdown_timeout)?;
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
+    }
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+    }
+    let to_usize = |flag: &str, v: u64| usize::try_from(v).map_err(|_| anyhow!("--{flag} is too large"));
+    let max_model_len = args.max_model_len.map(|v| to_usize("max-model-len", v)).transpose()?;
+    let max_num_batched_tokens = to_usize("max-num-batched-tokens", args.max_num_batched_tokens)?;
+    let max_body_bytes = match args.max_request_body {
+        Some(v) => to_usize("max-request-body", v)?,
+        None => DEFAULT_MAX_BODY_BYTES,
+    };
+    let enable_prefix_caching = !args.no_enable_prefix_caching;
+    let device = args
+        .device
+        .unwrap_or(if cfg!(feature = "cuda") { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu });
+
+    // Metrics exist before the engine so its step observer can feed them. Token-count buckets
+    // are sized to the context length when known, else generously.
+    let metrics = Arc::new(
+        Metrics::new(&served_model_names[0], max_model_len.unwrap_or(1 << 20))
+            .map_err(|e| anyhow!("setting up metrics: {e}"))?,
+    );
+    let engine_config = EngineConfig {
+        model: LoadOptions {
+            model: model.clone(),
+            revision: args.revision.clone(),
+            load_format: args.load_format,
+            dtype: args.dtype,
+            device,
+            max_model_len,
+            chat_template: args.chat_template.clone(),
+            seed: args.seed,
+        },
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens,
+        block_size: args.block_size,
+        kv_cache_memory_bytes: args.kv_cache_memory,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        num_blocks_override: args.num_gpu_blocks_override,
+        enable_prefix_caching,
+        seed: args.seed,
+        max_waiting_requests: args.max_waiting_requests,
+        observer: Some(metrics.clone()),
+        ..EngineConfig::default()
+    };
+    tracing::info!(%model, %device, "loading model");
+    let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
+
+    let info = engine.model_info().clone();
+    let kv_tokens = engine.stats().kv_capacity_tokens.load(Ordering::Relaxed) as usize;
+    let server_config = ServerConfig {
+        host: args.host.clone(),
+        port: args.port,
+        served_model_names,
+        model_root: model.clone(),
+        api_key,
+        allowed_origins,
+        // The loader already applied --chat-template; handing it to the server too makes a
+        // template that does not compile a start-up error rather than a 400 per request.
+        chat_template: args.chat_template.as_ref().and_then(|_| engine.tokenizer().chat_template.clone()),
+        max_body_bytes,
+        stall_timeout,
+        shutdown_timeout,
+        block_size: args.block_size,
+        enable_prefix_caching,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spindle-http")
+        .build()
+        .context("starting the async runtime")?;
+    let served = runtime.block_on(async {
+        let server = Server::bind(server_config, engine.clone(), metrics).await?;
+        tracing::info!(
+            "serving {model} ({}, {}, {}, KV capacity {kv_tokens} tokens, max model len {}) on {}",
+            info.architecture,
+            info.dtype,
+            info.device,
+            info.max_model_len,
+            server.local_addr()
+        );
+        server.serve(shutdown_signal()).await
+    });
+    engine.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    served.map_err(|e| anyhow!("{e}"))?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut full = vec!["spindle-serve"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).map(|c| c.args)
+    }
+
+    #[test]
+    fn vllm_style_command_lines_parse() {
+        let a = parse(&["m.gguf", "--port", "9000", "--served-model-name", "a", "b", "--max-model-len", "4K",
+            "--kv-cache-memory", "512MiB", "--no-enable-prefix-caching", "--dtype", "bfloat16", "--device", "cuda:1"])
+        .unwrap();
+        assert_eq!(a.model_path().unwrap(), "m.gguf");
+        assert_eq!(a.served_model_name, vec!["a", "b"]);
+        assert_eq!(a.max_model_len, Some(4096));
+        assert_eq!(a.kv_cache_memory, Some(512 << 20));
+        assert!(a.no_enable_prefix_caching);
+        assert_eq!(a.device, Some(DeviceChoice::Cuda(1)));
+        assert_eq!(a.port, 9000);
+        let d = parse(&[]).unwrap();
+        assert_eq!((d.host.as_str(), d.port, d.max_num_seqs, d.block_size), ("0.0.0.0", 8000, 256, 16));
+        assert_eq!(d.model_path().unwrap(), DEFAULT_MODEL);
+        assert!(parse(&["a", "--model", "b"]).unwrap().model_path().is_err());
+        assert!(parse(&["--bogus-flag"]).is_err());
+    }
+
+    #[test]
+    fn unsupported_vllm_flags_are_explained() {
+        let err = parse(&["--tensor-parallel-size", "2"]).unwrap().check_vllm_flags().unwrap_err();
+        assert!(err.to_string().contains("not supported by spindle"), "{err}");
+        assert!(parse(&["--tensor-parallel-size", "1"]).unwrap().check_vllm_flags().is_ok());
+        // A no-op flag must not swallow the positional model.
+        assert_eq!(parse(&["--enforce-eager", "m.gguf"]).unwrap().model_path().unwrap(), "m.gguf");
+        assert!(parse(&["--quantization", "awq"]).unwrap().check_vllm_flags().is_err());
+        assert!(parse(&["--enable-lora"]).unwrap().check_vllm_flags().is_err());
+        assert!(parse(&["--enforce-eager", "--trust-remote-code"]).unwrap().check_vllm_flags().is_ok());
+    }
+
+    #[test]
+    fn sizes_and_counts() {
+        assert_eq!(parse_bytes("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_bytes("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_bytes("4GB").unwrap(), 4_000_000_000);
+        assert_eq!(parse_bytes("1.5MiB").unwrap(), 3 << 19);
+        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert!(parse_bytes("4XB").is_err());
+        assert_eq!(parse_count("32k").unwrap(), 32_000);
+        assert_eq!(parse_count("32K").unwrap(), 32_768);
+        assert!(parse_count("1.5").is_err());
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(parse_origins("[\"*\"]").unwrap(), vec!["*"]);
+        assert_eq!(parse_origins("http://a, http://b").unwrap(), vec!["http://a", "http://b"]);
+        assert!(parse_origins("[]").is_err());
+    }
+}
