@@ -18,7 +18,7 @@ const X_CHUNK: usize = 64;
 
 /// Pointer wrapper so parallel tasks can write disjoint columns of the output.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint output elements (distinct column ranges).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -45,6 +45,17 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
             unsafe { block(x, k, w, n, m0, m1, n0, n1, ptr.0) };
         }
     });
+}
+
+/// All rows of `x` against the `rows` weight rows in `w`, writing columns `0..rows` of `out`
+/// (row stride `ldo`).
+///
+/// # Safety
+/// `out` must be valid for `m` rows of stride `ldo` and `rows` columns, written by no one else.
+pub(crate) unsafe fn block_f32(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, out: *mut f32, ldo: usize) {
+    for m0 in (0..m).step_by(X_CHUNK) {
+        block(x, k, w, ldo, m0, (m0 + X_CHUNK).min(m), 0, rows, out);
+    }
 }
 
 /// Compute rows `m0..m1` × columns `n0..n1` of the output.

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::GgufVocab;
-use crate::weights::{check_shape, WeightSource};
+use crate::quant::{is_block_quantized, QuantMatrix};
+use crate::weights::{check_shape, LinearWeight, WeightSource};
 
 /// An opened GGUF file: parsed header and metadata, tensor data read on demand.
 pub struct GgufFile {
@@ -268,6 +269,9 @@ pub struct GgufWeights<'a> {
     device: Device,
     /// Heads for undoing llama.cpp's Q/K permutation (`None`: the arch is stored unpermuted).
     unpermute: Option<(usize, usize)>,
+    /// Keep block-quantized linear weights quantized (CPU, f32 serving): the CPU matmul
+    /// dequantizes them on the fly with identical results.
+    keep_quantized: bool,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -276,7 +280,34 @@ impl<'a> GgufWeights<'a> {
         // rope: Llama and Mistral. Qwen2/Qwen3 use NeoX rope and are stored as in HF.
         let unpermute = matches!(config.architecture, Architecture::Llama | Architecture::Mistral)
             .then_some((config.num_heads, config.num_kv_heads));
-        Self { file, dtype, device, unpermute }
+        let keep_quantized = dtype == DType::F32 && device.is_cpu();
+        Self { file, dtype, device, unpermute, keep_quantized }
+    }
+
+    /// The GGUF name of `hf` and its tensor info, or a clear error.
+    fn info(&self, hf: &str) -> Result<(String, candle_core::quantized::GgmlDType, Vec<usize>)> {
+        let path = self.file.path.clone();
+        let name = gguf_name(hf)
+            .ok_or_else(|| ModelError::MissingTensor { path: path.clone(), tensor: hf.to_string() })?;
+        let info = self
+            .file
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| ModelError::MissingTensor { path: path.clone(), tensor: name.clone() })?;
+        Ok((name, info.ggml_dtype, info.shape.dims().to_vec()))
+    }
+
+    /// Head count to undo llama.cpp's Q/K permutation with, for tensors that need it.
+    fn unpermute_heads(&self, hf: &str) -> Option<usize> {
+        let (heads, kv_heads) = self.unpermute?;
+        if hf.ends_with("q_proj.weight") {
+            Some(heads)
+        } else if hf.ends_with("k_proj.weight") {
+            Some(kv_heads)
+        } else {
+            None
+        }
     }
 
     fn read(&mut self, hf: &str) -> Result<Tensor> {
@@ -304,12 +335,8 @@ impl<'a> GgufWeights<'a> {
                 message: format!("cannot read tensor '{name}': {e}"),
             })?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        if let Some((heads, kv_heads)) = self.unpermute {
-            if hf.ends_with("q_proj.weight") {
-                t = unpermute_rows(&t, heads)?;
-            } else if hf.ends_with("k_proj.weight") {
-                t = unpermute_rows(&t, kv_heads)?;
-            }
+        if let Some(heads) = self.unpermute_heads(hf) {
+            t = unpermute_rows(&t, heads)?;
         }
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
@@ -339,5 +366,43 @@ impl WeightSource for GgufWeights<'_> {
 
     fn origin(&self) -> String {
         self.file.path.display().to_string()
+    }
+
+    fn get_linear(&mut self, name: &str, shape: &[usize]) -> Result<LinearWeight> {
+        let (gguf, dtype, dims) = self.info(name)?;
+        if !self.keep_quantized || !is_block_quantized(dtype) || dims.len() != 2 {
+            return Ok(LinearWeight::Dense(self.get(name, shape)?));
+        }
+        let path = self.file.path.clone();
+        if dims != shape {
+            return Err(ModelError::ShapeMismatch { path, tensor: gguf, expected: shape.to_vec(), actual: dims });
+        }
+        let q = self
+            .file
+            .content
+            .tensor(&mut self.file.reader, &gguf, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile { path: path.clone(), message: format!("cannot read tensor '{gguf}': {e}") })?;
+        let bytes = q.data()?.into_owned();
+        let (rows, cols) = (dims[0], dims[1]);
+        let mut matrix = QuantMatrix::new(dtype, rows, cols, bytes)?;
+        if let Some(heads) = self.unpermute_heads(name) {
+            if heads == 0 || rows % (2 * heads) != 0 {
+                return Err(ModelError::Config(format!("cannot split {rows} rows into {heads} heads")));
+            }
+            let half = rows / heads / 2;
+            let order: Vec<usize> = (0..rows)
+                .map(|o| {
+                    let (h, rest) = (o / (2 * half), o % (2 * half));
+                    let (a, b) = (rest / half, rest % half);
+                    h * 2 * half + b * 2 + a
+                })
+                .collect();
+            matrix = matrix.permute_rows(&order)?;
+        }
+        Ok(LinearWeight::Quantized(std::sync::Arc::new(matrix)))
+    }
+
+    fn keeps_quantized(&self) -> bool {
+        self.keep_quantized
     }
 }

@@ -14,6 +14,7 @@ pub mod info;
 pub mod llama;
 pub mod loader;
 pub mod options;
+pub mod quant;
 pub mod rope;
 pub mod tokenizer;
 pub mod weights;

@@ -26,15 +26,15 @@ pub struct ForwardBatch {
 struct Layer {
     input_norm: Tensor,
     /// q, k and v projections fused into one `[q + 2 kv, hidden]` matrix.
-    qkv: Tensor,
+    qkv: LinearWeight,
     qkv_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    o_proj: Tensor,
+    o_proj: LinearWeight,
     post_norm: Tensor,
     /// gate and up projections fused into one `[2 * intermediate, hidden]` matrix.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: LinearWeight,
+    down: LinearWeight,
 }
 
 /// The loaded decoder.
@@ -43,13 +43,37 @@ pub struct LlamaModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: LinearWeight,
     rope: RotaryEmbedding,
     device: Device,
     dtype: DType,
 }
 
-use crate::cpu_matmul::linear;
+use crate::weights::LinearWeight;
+
+/// `x @ wᵀ` for a 2-D `x`.
+fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+    match w {
+        LinearWeight::Dense(t) => crate::cpu_matmul::linear(x, t),
+        LinearWeight::Quantized(q) => {
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let (m, k) = x.dims2()?;
+            if k != q.cols() {
+                return Err(ModelError::InvalidBatch(format!("matmul [{m}, {k}] with [{}, {}]^T", q.rows(), q.cols())));
+            }
+            let mut out = vec![0f32; m * q.rows()];
+            {
+                let (storage, layout) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return Err(ModelError::Unsupported("quantized weights need CPU activations".into()));
+                };
+                let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
+                crate::quant::matmul_xwt_quant(xs, m, k, q, &mut out);
+            }
+            Ok(Tensor::from_vec(out, (m, q.rows()), x.device())?)
+        }
+    }
+}
 
 impl LlamaModel {
     /// Build the model from `weights` (HF tensor names). `max_positions` bounds the rope tables.
@@ -70,9 +94,9 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let q = weights.get(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
-            let k = weights.get(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?;
-            let v = weights.get(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?;
+            let q = weights.get_linear(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
+            let k = weights.get_linear(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?;
+            let v = weights.get_linear(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?;
             let qkv_bias = if c.qkv_bias {
                 let qb = weights.get(&format!("{p}.self_attn.q_proj.bias"), &[q_dim])?;
                 let kb = weights.get(&format!("{p}.self_attn.k_proj.bias"), &[kv_dim])?;
@@ -89,26 +113,29 @@ impl LlamaModel {
             } else {
                 (None, None)
             };
-            let gate = weights.get(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
-            let up = weights.get(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?;
+            let gate = weights.get_linear(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
+            let up = weights.get_linear(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: Tensor::cat(&[q, k, v], 0)?,
+                qkv: LinearWeight::concat(&[q, k, v], dtype, device)?,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o_proj: weights.get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
+                o_proj: weights.get_linear(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: Tensor::cat(&[gate, up], 0)?,
-                down: weights.get(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                gate_up: LinearWeight::concat(&[gate, up], dtype, device)?,
+                down: weights.get_linear(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
             });
             progress(i + 2, total);
         }
         let norm = weights.get("model.norm.weight", &[h])?;
         let lm_head = if !c.tie_word_embeddings && weights.contains("lm_head.weight") {
-            weights.get("lm_head.weight", &[c.vocab_size, h])?
+            weights.get_linear("lm_head.weight", &[c.vocab_size, h])?
+        } else if weights.keeps_quantized() {
+            // Tied head: lookups use the dense table, the matmul a quantized copy.
+            weights.get_linear("model.embed_tokens.weight", &[c.vocab_size, h])?
         } else {
-            embed.clone()
+            LinearWeight::Dense(embed.clone())
         };
         progress(total, total);
         let rope = RotaryEmbedding::new(c, max_positions, dtype, device)?;
