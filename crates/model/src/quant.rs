@@ -6,8 +6,7 @@
 //! test holds for both.
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
-    BlockQ8_0, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
@@ -108,10 +107,10 @@ impl QuantMatrix {
         let out = &mut out[..count * self.cols];
         match self.dtype {
             GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(bytes, out),
-            GgmlDType::Q4_1 => dequant_as::<BlockQ4_1>(bytes, out),
+            GgmlDType::Q4_1 => fast::q4_1(bytes, out),
             GgmlDType::Q5_0 => dequant_as::<BlockQ5_0>(bytes, out),
             GgmlDType::Q5_1 => dequant_as::<BlockQ5_1>(bytes, out),
-            GgmlDType::Q8_0 => dequant_as::<BlockQ8_0>(bytes, out),
+            GgmlDType::Q8_0 => fast::q8_0(bytes, out),
             GgmlDType::Q2K => dequant_as::<BlockQ2K>(bytes, out),
             GgmlDType::Q3K => dequant_as::<BlockQ3K>(bytes, out),
             GgmlDType::Q4K => dequant_as::<BlockQ4K>(bytes, out),
@@ -150,6 +149,90 @@ impl QuantMatrix {
         let mut out = vec![0f32; self.rows * self.cols];
         self.dequantize_rows(0, self.rows, &mut out);
         out
+    }
+}
+
+/// Vectorized dequantization of the two types the default model uses, computing exactly what
+/// candle's scalar `to_float` computes (`q * d + m` as a multiply then an add, no FMA), so the
+/// values are bit-identical. Other types use candle's routines.
+mod fast {
+    use half::f16;
+
+    const Q4_1_BYTES: usize = 20;
+    const Q8_0_BYTES: usize = 34;
+
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    }
+
+    pub(super) fn q4_1(bytes: &[u8], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected; slices are sized by the callers.
+                return unsafe { avx512::q4_1(bytes, out) };
+            }
+        }
+        for (block, ys) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(32)) {
+            let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+            for j in 0..16 {
+                let q = block[4 + j];
+                ys[j] = ((q & 0x0F) as f32) * d + m;
+                ys[j + 16] = ((q >> 4) as f32) * d + m;
+            }
+        }
+    }
+
+    pub(super) fn q8_0(bytes: &[u8], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected; slices are sized by the callers.
+                return unsafe { avx512::q8_0(bytes, out) };
+            }
+        }
+        for (block, ys) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
+            let d = f16_at(block, 0);
+            for j in 0..32 {
+                ys[j] = (block[2 + j] as i8 as f32) * d;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+
+        use super::{f16_at, Q4_1_BYTES, Q8_0_BYTES};
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn q4_1(bytes: &[u8], out: &mut [f32]) {
+            let mask = _mm_set1_epi8(0x0F);
+            for (block, ys) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(32)) {
+                let d = _mm512_set1_ps(f16_at(block, 0));
+                let m = _mm512_set1_ps(f16_at(block, 2));
+                let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(lo, d), m));
+                _mm512_storeu_ps(ys.as_mut_ptr().add(16), _mm512_add_ps(_mm512_mul_ps(hi, d), m));
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn q8_0(bytes: &[u8], out: &mut [f32]) {
+            for (block, ys) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
+                let d = _mm512_set1_ps(f16_at(block, 0));
+                let a = _mm_loadu_si128(block.as_ptr().add(2) as *const __m128i);
+                let b = _mm_loadu_si128(block.as_ptr().add(18) as *const __m128i);
+                let a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+                let b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_mul_ps(a, d));
+                _mm512_storeu_ps(ys.as_mut_ptr().add(16), _mm512_mul_ps(b, d));
+            }
+        }
     }
 }
 
