@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run every test on a fresh machine: fetch the default model, build and test the workspace in
-# release (the model tests run real forward passes), then the OpenAI-SDK client suite.
+# release (the model tests run real forward passes), the OpenAI-SDK client suite against the
+# real server, and the CUDA compile check (nvcc from PyPI; kernels to PTX, CUDA-only Rust code,
+# CUDA tests compiled; kernel logic on the CPU emulator — no GPU needed).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 scripts/fetch-model.sh
 cargo test --release --workspace
-if [ -x scripts/test-clients.sh ]; then
-    scripts/test-clients.sh
-fi
+scripts/test-clients.sh
+scripts/check-cuda.sh

@@ -93,7 +93,7 @@ fn cuda_attention_matches_cpu_across_steps() {
                 // blocks (a prefix-cache hit); E later forks A (copy-on-write of A's last block).
                 let mut seqs = vec![
                     Seq { table: vec![0, 1, 2, 3, 4, 5], len: 0 },
-                    Seq { table: vec![6, 7, 8], len: 0 },
+                    Seq { table: vec![6, 7, 8, 15], len: 0 },
                     Seq { table: vec![9], len: 0 },
                     Seq { table: vec![0, 1, 10], len: 32 },
                     Seq { table: vec![0, 1, 11, 12, 13, 14], len: 0 },
@@ -115,7 +115,8 @@ fn cuda_attention_matches_cpu_across_steps() {
                     let md = step_metadata(&seqs, step, block_size);
                     let tokens = md.num_tokens();
                     for layer in 0..shape.num_layers {
-                        let mut data = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+                        let mut data =
+                            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
                         let qd = data(tokens * num_heads * head_dim);
                         let kd = data(tokens * num_kv_heads * head_dim);
                         let vd = data(tokens * num_kv_heads * head_dim);
@@ -159,9 +160,14 @@ fn cuda_attention_matches_cpu_across_steps() {
     }
 }
 
+/// SmolLM2's config.json: `$SPINDLE_MODEL_CONFIGS/smollm2-135m.json` when set (the GPU bundle
+/// carries the configs; the build machine's checkout is not there), else the repository's.
 fn smollm2_config() -> String {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("models/configs/smollm2-135m.json").to_string_lossy().into_owned()
+    let dir = match std::env::var_os("SPINDLE_MODEL_CONFIGS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/configs"),
+    };
+    dir.join("smollm2-135m.json").to_string_lossy().into_owned()
 }
 
 fn load(device: DeviceChoice) -> LlamaModel {

@@ -196,7 +196,8 @@ impl AttentionBackend for CudaAttention {
         let geometry = Self::geometry_of(self.shape);
         let (kcache, vcache) = &mut self.layers[layer];
         kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots).map_err(kernel_err)?;
-        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale).map_err(kernel_err)?;
+        let out =
+            kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale).map_err(kernel_err)?;
         if out.dtype() != q.dtype() {
             return Ok(out.to_dtype(q.dtype())?);
         }
