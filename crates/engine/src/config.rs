@@ -32,6 +32,77 @@ pub struct EngineConfig {
     pub observer: Option<Arc<dyn StepObserver>>,
     /// The engine wakes at least this often while idle, to refresh its heartbeat.
     pub heartbeat_interval: Duration,
+    /// A watchdog declares the engine dead once its heartbeat is older than this (a hang counts
+    /// as death: callers get errors and the server can exit). `None`: no watchdog.
+    pub stall_timeout: Option<Duration>,
+    /// Test-only fault injection, so tests can prove engine death and hangs are handled.
+    /// `None` in normal operation.
+    pub fault_injection: Option<FaultInjection>,
+}
+
+/// A fault the engine thread inflicts on itself when a request whose prompt contains `marker`
+/// arrives. It exists so the failure paths (panic, error, hang) can be tested end to end; set it
+/// through [`EngineConfig::fault_injection`] or, for `spindle serve`, the
+/// [`FaultInjection::ENV_VAR`] environment variable (`panic:<marker>`, `error:<marker>` or
+/// `stall:<marker>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultInjection {
+    /// The next engine step panics.
+    Panic {
+        /// Text that arms the fault when it appears in a prompt.
+        marker: String,
+    },
+    /// The next engine step returns an error, ending the engine loop.
+    Error {
+        /// Text that arms the fault when it appears in a prompt.
+        marker: String,
+    },
+    /// The next engine step hangs (no heartbeat) until the watchdog declares the engine dead.
+    Stall {
+        /// Text that arms the fault when it appears in a prompt.
+        marker: String,
+    },
+}
+
+/// A fault-injection spec that cannot be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid fault injection `{0}`: expected panic:<marker>, error:<marker> or stall:<marker>")]
+pub struct FaultSpecError(pub String);
+
+impl FaultInjection {
+    /// The environment variable `spindle serve` reads once at start-up.
+    pub const ENV_VAR: &'static str = "SPINDLE_FAULT_INJECT";
+
+    /// Parse `panic:<marker>`, `error:<marker>` or `stall:<marker>` (the marker is non-empty).
+    pub fn parse(spec: &str) -> Result<Self, FaultSpecError> {
+        let bad = || FaultSpecError(spec.to_string());
+        let (kind, marker) = spec.split_once(':').ok_or_else(bad)?;
+        if marker.is_empty() {
+            return Err(bad());
+        }
+        let marker = marker.to_string();
+        match kind {
+            "panic" => Ok(Self::Panic { marker }),
+            "error" => Ok(Self::Error { marker }),
+            "stall" => Ok(Self::Stall { marker }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Read [`Self::ENV_VAR`]; unset or empty means no fault.
+    pub fn from_env() -> Result<Option<Self>, FaultSpecError> {
+        match std::env::var(Self::ENV_VAR) {
+            Ok(spec) if !spec.is_empty() => Self::parse(&spec).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The text that arms this fault.
+    pub fn marker(&self) -> &str {
+        match self {
+            Self::Panic { marker } | Self::Error { marker } | Self::Stall { marker } => marker,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -49,6 +120,23 @@ impl Default for EngineConfig {
             max_waiting_requests: 0,
             observer: None,
             heartbeat_interval: Duration::from_millis(250),
+            stall_timeout: None,
+            fault_injection: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_parse() {
+        assert_eq!(FaultInjection::parse("panic:XYZ").unwrap(), FaultInjection::Panic { marker: "XYZ".into() });
+        assert_eq!(FaultInjection::parse("stall:a:b").unwrap().marker(), "a:b");
+        assert!(matches!(FaultInjection::parse("error:e"), Ok(FaultInjection::Error { .. })));
+        for bad in ["", "panic", "panic:", "boom:x"] {
+            assert!(FaultInjection::parse(bad).is_err(), "{bad}");
         }
     }
 }

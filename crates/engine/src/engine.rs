@@ -7,11 +7,10 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use rand::{Rng, SeedableRng};
-use spindle_model::attention::cpu::CpuAttention;
 use spindle_model::{
     AttentionBackend, AttentionMetadata, CacheShape, ForwardBatch, LlamaModel, ModelInfo,
     SequenceSlice, TokenizerBundle,
@@ -23,7 +22,7 @@ use crate::api::{
     StepLogprobs, StopReason, Usage,
 };
 use crate::block_manager::BlockManager;
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, FaultInjection};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::handle::{EngineHandle, EngineMessage, Liveness};
 use crate::sampler::{sample_batch, SampleInput, SequenceRng};
@@ -33,8 +32,6 @@ use crate::stats::EngineStats;
 use crate::stop::StopChecker;
 use crate::trace::StepTrace;
 
-/// Default CPU KV-cache budget when `--kv-cache-memory` is not given (vLLM's CPU default).
-const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 4 << 30;
 
 /// Entry point: `Engine::spawn(config)` loads the model on a new thread and returns its handle.
 pub struct Engine;
@@ -65,6 +62,8 @@ impl Engine {
                     return;
                 }
             };
+            // Beat before reporting ready: loading took a while, and the watchdog starts now.
+            thread_liveness.beat();
             let _ = ready_tx.send(Ok(Ready { tokenizer: core.tokenizer.clone(), info: core.info.clone() }));
             core.run_until_exit();
         });
@@ -74,6 +73,18 @@ impl Engine {
         let ready = ready_rx
             .recv()
             .map_err(|_| EngineError::EngineDead("the engine thread died while loading".into()))??;
+        if let Some(timeout) = config.stall_timeout {
+            let timeout = timeout.max(config.heartbeat_interval * 2);
+            let watched = liveness.clone();
+            let spawned = std::thread::Builder::new()
+                .name("spindle-watchdog".into())
+                .spawn(move || watchdog(&watched, timeout));
+            if let Err(e) = spawned {
+                liveness.mark_dead(format!("cannot start the engine watchdog: {e}"));
+                let _ = sender.send(EngineMessage::Shutdown);
+                return Err(EngineError::EngineDead(format!("cannot start the engine watchdog: {e}")));
+            }
+        }
         Ok(EngineHandle {
             sender,
             next_id: Arc::new(AtomicU64::new(1)),
@@ -84,6 +95,28 @@ impl Engine {
             max_waiting_requests: config.max_waiting_requests,
             heartbeat_interval: config.heartbeat_interval,
         })
+    }
+}
+
+/// Declare the engine dead once its heartbeat is older than `timeout` (a hang: a forward pass or
+/// lock that never returns). The engine thread beats every iteration and at least every
+/// heartbeat interval while idle, so only a stuck thread goes quiet. Exits once the engine is
+/// dead for any reason.
+fn watchdog(liveness: &Liveness, timeout: Duration) {
+    let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    while !liveness.is_dead() {
+        let quiet = liveness.since_last_beat();
+        if quiet > timeout {
+            let reason = format!(
+                "the engine made no progress for {:.1} s (stall timeout {:.1} s)",
+                quiet.as_secs_f64(),
+                timeout.as_secs_f64()
+            );
+            tracing::error!("{reason}; declaring the engine dead");
+            liveness.mark_dead(reason);
+            return;
+        }
+        std::thread::sleep(tick);
     }
 }
 
@@ -104,6 +137,8 @@ struct EngineCore {
     liveness: Arc<Liveness>,
     step_count: u64,
     seed_rng: rand::rngs::StdRng,
+    /// Set when a request carrying the fault-injection marker arrived; the next step fails.
+    fault_armed: bool,
 }
 
 /// Whether the loop continues after a message.
@@ -123,32 +158,25 @@ impl EngineCore {
         let loaded = spindle_model::load(&config.model).map_err(|e| EngineError::EngineDead(e.to_string()))?;
         let mc = loaded.model.config().clone();
         let block_size = config.block_size.max(1);
-        let mut shape = CacheShape {
+        let shape = CacheShape {
             num_layers: mc.num_layers,
             num_blocks: 0,
             block_size,
             num_kv_heads: mc.num_kv_heads,
             head_dim: mc.head_dim,
         };
-        let bytes_per_block = shape.bytes_per_block(std::mem::size_of::<f32>());
-        shape.num_blocks = match config.num_blocks_override {
-            Some(n) => n,
-            None => {
-                let budget = config.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
-                (budget / bytes_per_block as u64) as usize
-            }
-        };
+        let (attention, shape) = crate::kv_cache::build(&loaded.model, &config, shape)?;
+        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
         let max_model_len = loaded.info.max_model_len;
         if shape.capacity_tokens() < max_model_len {
             return Err(EngineError::EngineDead(format!(
                 "the KV cache holds {} tokens ({} blocks of {block_size}), less than max_model_len {max_model_len}: \
-                 raise --kv-cache-memory (each block needs {} KiB) or lower --max-model-len",
+                 raise --kv-cache-memory / --gpu-memory-utilization (each block needs {} KiB) or lower --max-model-len",
                 shape.capacity_tokens(),
                 shape.num_blocks,
                 bytes_per_block / 1024
             )));
         }
-        let attention = CpuAttention::new(shape).map_err(|e| EngineError::EngineDead(e.to_string()))?;
         tracing::info!(
             "KV cache: {} blocks x {} tokens = {} tokens ({} MiB), prefix caching {}",
             shape.num_blocks,
@@ -164,7 +192,7 @@ impl EngineCore {
         let seed_rng = rand::rngs::StdRng::seed_from_u64(config.seed);
         Ok(Self {
             model: loaded.model,
-            attention: Box::new(attention),
+            attention,
             tokenizer: Arc::new(loaded.tokenizer),
             info: Arc::new(loaded.info),
             blocks,
@@ -177,6 +205,7 @@ impl EngineCore {
             liveness,
             step_count: 0,
             seed_rng,
+            fault_armed: false,
             config,
         })
     }
@@ -216,6 +245,10 @@ impl EngineCore {
 
     fn run(&mut self) -> Result<(), EngineError> {
         loop {
+            if self.liveness.is_dead() {
+                // The watchdog gave up on us while we were stuck: callers already got errors.
+                return Err(EngineError::EngineDead(self.liveness.death_reason()));
+            }
             self.liveness.beat();
             if !self.scheduler.has_work() {
                 match self.receiver.recv_timeout(self.config.heartbeat_interval) {
@@ -299,6 +332,7 @@ impl EngineCore {
         if max_tokens == 0 {
             return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
         }
+        self.arm_fault_if_marked(&prompt);
         let fallback_seed: u64 = self.seed_rng.random();
         let seq = self.new_sequence(id, 0, &prompt, &params, fallback_seed);
         let seq_id = seq.id;
@@ -397,8 +431,38 @@ impl EngineCore {
         s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
     }
 
+    /// Test-only fault injection: arm the configured fault when the prompt has the marker.
+    fn arm_fault_if_marked(&mut self, prompt: &[u32]) {
+        let Some(fault) = &self.config.fault_injection else { return };
+        let marked = self.tokenizer.decode(prompt, false).is_ok_and(|text| text.contains(fault.marker()));
+        if marked {
+            tracing::warn!(?fault, "fault-injection marker seen; the next engine step fails");
+            self.fault_armed = true;
+        }
+    }
+
+    /// Inflict the armed fault (see [`FaultInjection`]).
+    fn inject_fault(&mut self) -> Result<(), EngineError> {
+        self.fault_armed = false;
+        match &self.config.fault_injection {
+            None => Ok(()),
+            Some(FaultInjection::Panic { .. }) => panic!("injected fault: engine panic"),
+            Some(FaultInjection::Error { .. }) => Err(EngineError::Execution("injected fault: engine error".into())),
+            Some(FaultInjection::Stall { .. }) => {
+                // Hang without beating until the watchdog notices (forever without one).
+                while !self.liveness.is_dead() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(EngineError::EngineDead(self.liveness.death_reason()))
+            }
+        }
+    }
+
     /// One iteration: schedule -> execute -> update.
     fn step(&mut self) -> Result<(), EngineError> {
+        if self.fault_armed {
+            self.inject_fault()?;
+        }
         let batch = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
         self.stats.preemptions_total.fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
         if batch.entries.is_empty() {

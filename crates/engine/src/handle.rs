@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use spindle_model::{ModelInfo, TokenizerBundle};
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::Notify;
 
 use crate::api::{EngineError, EngineEvent, GenerateRequest};
 use crate::stats::EngineStats;
@@ -29,6 +30,9 @@ pub(crate) struct Liveness {
     heartbeat_ms: AtomicU64,
     dead: AtomicBool,
     death_reason: std::sync::Mutex<Option<String>>,
+    /// Woken when the engine is marked dead, so waiting callers learn of a death the engine
+    /// thread cannot report itself (a hang declared by the watchdog).
+    died: Notify,
 }
 
 impl Liveness {
@@ -38,6 +42,7 @@ impl Liveness {
             heartbeat_ms: AtomicU64::new(0),
             dead: AtomicBool::new(false),
             death_reason: std::sync::Mutex::new(None),
+            died: Notify::new(),
         }
     }
 
@@ -51,14 +56,33 @@ impl Liveness {
             slot.get_or_insert(reason);
         }
         self.dead.store(true, Ordering::SeqCst);
+        self.died.notify_waiters();
     }
 
-    fn since_last_beat(&self) -> Duration {
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the engine is marked dead.
+    async fn wait_dead(&self) {
+        loop {
+            let notified = self.died.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Register before checking the flag, so a death in between is not missed.
+            notified.as_mut().enable();
+            if self.is_dead() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn since_last_beat(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)))
     }
 
-    fn death_reason(&self) -> String {
+    pub(crate) fn death_reason(&self) -> String {
         self.death_reason
             .lock()
             .ok()
@@ -99,7 +123,13 @@ impl EngineHandle {
         self.sender
             .send(EngineMessage::Generate { id, request, events: tx })
             .map_err(|_| EngineError::EngineDead(self.liveness.death_reason()))?;
-        Ok(RequestStream { id, events: rx, sender: self.sender.clone(), finished: false })
+        Ok(RequestStream {
+            id,
+            events: rx,
+            sender: self.sender.clone(),
+            liveness: self.liveness.clone(),
+            finished: false,
+        })
     }
 
     /// True while the engine thread runs and has shown progress recently (`stall_timeout`).
@@ -108,9 +138,20 @@ impl EngineHandle {
             && self.liveness.since_last_beat() <= stall_timeout.max(self.heartbeat_interval * 2)
     }
 
-    /// True once the engine thread has stopped for good (error, panic or shutdown).
+    /// True once the engine thread has stopped for good (error, panic, hang or shutdown).
     pub fn is_dead(&self) -> bool {
-        self.liveness.dead.load(Ordering::SeqCst)
+        self.liveness.is_dead()
+    }
+
+    /// Why the engine stopped, once it has (for logs and the process exit message).
+    pub fn death_reason(&self) -> Option<String> {
+        self.is_dead().then(|| self.liveness.death_reason())
+    }
+
+    /// Resolves once the engine is dead, so a server can stop and exit non-zero (an
+    /// orchestrator then restarts it) instead of lingering with a broken engine.
+    pub async fn wait_dead(&self) {
+        self.liveness.wait_dead().await
     }
 
     /// Live counters and gauges the metrics endpoint exports.
@@ -139,13 +180,39 @@ pub struct RequestStream {
     id: u64,
     events: mpsc::UnboundedReceiver<EngineEvent>,
     sender: Sender<EngineMessage>,
+    liveness: Arc<Liveness>,
     finished: bool,
 }
 
 impl RequestStream {
     /// Next event, awaiting it; `None` only if the engine vanished without a final event.
+    /// Once the engine is dead and nothing more is queued, this yields `Error(EngineDead)` even
+    /// if the engine thread could not send it (a hung engine declared dead by the watchdog).
+    /// Cancel-safe: dropping the future loses no event.
     pub async fn recv(&mut self) -> Option<EngineEvent> {
-        let event = self.events.recv().await;
+        let event = loop {
+            match self.events.try_recv() {
+                Ok(event) => break Some(event),
+                Err(TryRecvError::Disconnected) => break None,
+                Err(TryRecvError::Empty) => {}
+            }
+            // Register for the death notice before checking the flag, so none is missed.
+            let died = self.liveness.died.notified();
+            let mut died = std::pin::pin!(died);
+            died.as_mut().enable();
+            if self.liveness.is_dead() {
+                // Events sent before the death are delivered first.
+                if let Ok(event) = self.events.try_recv() {
+                    break Some(event);
+                }
+                break Some(EngineEvent::Error(EngineError::EngineDead(self.liveness.death_reason())));
+            }
+            tokio::select! {
+                biased;
+                event = self.events.recv() => break event,
+                _ = died.as_mut() => continue,
+            }
+        };
         self.note(&event);
         event
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod detokenizer;
 pub mod engine;
 pub mod handle;
+pub mod kv_cache;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
@@ -18,7 +19,7 @@ pub mod stop;
 pub mod trace;
 
 pub use api::*;
-pub use config::EngineConfig;
+pub use config::{EngineConfig, FaultInjection, FaultSpecError};
 pub use engine::Engine;
 pub use handle::{EngineHandle, RequestStream};
 pub use stats::EngineStats;

@@ -31,10 +31,24 @@ impl GgufFile {
             _ => ModelError::Io { path: path.to_path_buf(), source: e },
         })?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| ModelError::InvalidFile {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
-        })?;
+        // candle's reader panics on some malformed headers (e.g. `general.alignment` = 0 divides
+        // by zero; found by fuzzing): a corrupt file must be an error, not a crash.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let content = match read {
+            Ok(Ok(content)) => content,
+            Ok(Err(e)) => {
+                return Err(ModelError::InvalidFile {
+                    path: path.to_path_buf(),
+                    message: format!("not a readable GGUF file: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(ModelError::InvalidFile {
+                    path: path.to_path_buf(),
+                    message: "not a readable GGUF file: malformed header".into(),
+                })
+            }
+        };
         Ok(Self { path: path.to_path_buf(), content, reader })
     }
 
@@ -404,5 +418,35 @@ impl WeightSource for GgufWeights<'_> {
 
     fn keeps_quantized(&self) -> bool {
         self.keep_quantized
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file: no tensors, one u32 metadata entry.
+    fn header_with_u32(key: &str, value: u32) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        b.extend_from_slice(key.as_bytes());
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&value.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn zero_alignment_is_an_error_not_a_panic() {
+        let path = std::env::temp_dir().join(format!("spindle-gguf-align0-{}.gguf", std::process::id()));
+        std::fs::write(&path, header_with_u32("general.alignment", 0)).unwrap();
+        let zero = GgufFile::open(&path);
+        std::fs::write(&path, header_with_u32("general.alignment", 32)).unwrap();
+        let ok = GgufFile::open(&path);
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(zero, Err(ModelError::InvalidFile { .. })));
+        assert!(ok.is_ok());
     }
 }

@@ -210,14 +210,13 @@ impl Generation {
                 self.cached_tokens += usage.cached_tokens;
                 Step::Continue
             }
+            // The engine died with this request in flight: a server error (500) for this request;
+            // new requests are refused with 503 at submission.
+            Some(EngineEvent::Error(spindle_engine::EngineError::EngineDead(reason))) => {
+                Step::Failed(ApiError::internal(format!("The engine died while processing the request: {reason}")))
+            }
             Some(EngineEvent::Error(e)) => Step::Failed(e.into()),
-            None => Step::Failed(ApiError {
-                retry_after: Some(5),
-                ..ApiError::new(
-                    hyper::StatusCode::SERVICE_UNAVAILABLE,
-                    "The engine stopped before finishing the request.",
-                )
-            }),
+            None => Step::Failed(ApiError::internal("The engine stopped before finishing the request.")),
         }
     }
 

@@ -34,6 +34,14 @@ use crate::validation::ModelLimits;
 /// enough that a client cannot make the server buffer arbitrary amounts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// Default time a client has to send a request's headers (hyper's own default). It also ends
+/// idle keep-alive connections, so slow or silent clients cannot pin connections forever.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default time a client has to send a whole request body (32 MiB at ~1 MB/s); a slower body
+/// (slowloris) gets 408.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How the server is set up; `spindle serve` fills it from its flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -55,6 +63,11 @@ pub struct ServerConfig {
     pub chat_template: Option<String>,
     /// Request bodies over this are refused with 413.
     pub max_body_bytes: usize,
+    /// HTTP/1 connections that do not deliver a request head within this are closed (also the
+    /// idle keep-alive limit).
+    pub header_read_timeout: Duration,
+    /// A request body not fully received within this is answered with 408.
+    pub body_read_timeout: Duration,
     /// `/health` fails once the engine showed no progress for this long.
     pub stall_timeout: Duration,
     /// On shutdown, in-flight requests get this long to finish before they are cut.
@@ -78,6 +91,8 @@ impl Default for ServerConfig {
             allowed_origins: vec!["*".into()],
             chat_template: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             stall_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             block_size: 16,
@@ -223,7 +238,7 @@ impl Server {
     {
         let Server { listener, state, local_addr } = self;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).keep_alive(true);
+        builder.http1().timer(TokioTimer::new()).keep_alive(true).header_read_timeout(state.cfg.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
@@ -237,15 +252,31 @@ impl Server {
                     Ok((stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
                         let state = state.clone();
+                        // Set by the first request: hyper's header timeout only starts once it
+                        // knows the protocol, so a client that connects and sends nothing (or a
+                        // fragment of the HTTP/2 preface) is cut here instead.
+                        let seen_request = Arc::new(AtomicBool::new(false));
+                        let seen = seen_request.clone();
+                        let header_read_timeout = state.cfg.header_read_timeout;
                         let service = hyper::service::service_fn(move |req| {
+                            seen.store(true, Ordering::Relaxed);
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(handle(state, req).await) }
                         });
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         let conn = graceful.watch(conn);
                         connections.spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
+                            let silent = async {
+                                tokio::time::sleep(header_read_timeout).await;
+                                if seen_request.load(Ordering::Relaxed) {
+                                    std::future::pending::<()>().await;
+                                }
+                            };
+                            tokio::select! {
+                                ended = conn => if let Err(e) = ended {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                },
+                                _ = silent => tracing::debug!("no request within the header read timeout; closing the connection"),
                             }
                         });
                     }
@@ -479,19 +510,19 @@ async fn dispatch(state: &Arc<AppState>, route: Option<Route>, req: Request<Inco
     }
     match route {
         Route::ChatCompletions => {
-            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            let body = read_json_body(req, &state.cfg).await?;
             handlers::chat_completions(state, &body).await
         }
         Route::Completions => {
-            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            let body = read_json_body(req, &state.cfg).await?;
             handlers::completions(state, &body).await
         }
         Route::Tokenize => {
-            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            let body = read_json_body(req, &state.cfg).await?;
             handlers::tokenize(state, &body).await
         }
         Route::Detokenize => {
-            let body = read_json_body(req, state.cfg.max_body_bytes).await?;
+            let body = read_json_body(req, &state.cfg).await?;
             handlers::detokenize(state, &body).await
         }
         Route::Models => Ok(handlers::models(state)),
@@ -505,9 +536,11 @@ async fn dispatch(state: &Arc<AppState>, route: Option<Route>, req: Request<Inco
     }
 }
 
-/// Read a JSON request body without ever holding more than `max` bytes: a declared length over
-/// the limit is refused before reading, and the limit also applies while streaming (chunked).
-async fn read_json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+/// Read a JSON request body without ever holding more than `max_body_bytes`: a declared length
+/// over the limit is refused before reading, and the limit also applies while streaming
+/// (chunked). A body that does not arrive within `body_read_timeout` is a 408 (slowloris).
+async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
+    let max = cfg.max_body_bytes;
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or("").trim();
@@ -526,7 +559,15 @@ async fn read_json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Api
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    let collected = tokio::time::timeout(cfg.body_read_timeout, Limited::new(req.into_body(), max).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("The request body was not received within {} s.", cfg.body_read_timeout.as_secs_f64()),
+            )
+        })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!("Failed to read the request body: {e}"))),

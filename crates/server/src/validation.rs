@@ -153,12 +153,25 @@ pub fn completion_params(req: &CompletionRequest, limits: ModelLimits) -> Result
     let mut v = common_params(&req.common, limits, top, req.common.max_tokens, "max_tokens")?;
     if v.requested_max_tokens.is_none() {
         v.requested_max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
+        // The default bounds min_tokens like an explicit max_tokens would (found by fuzzing:
+        // min_tokens was silently cut to the default).
+        if v.params.min_tokens > DEFAULT_COMPLETION_MAX_TOKENS {
+            return Err(ApiError::invalid_param(
+                "min_tokens",
+                format!(
+                    "`min_tokens` ({}) must be less than or equal to `max_tokens` (default {DEFAULT_COMPLETION_MAX_TOKENS}).",
+                    v.params.min_tokens
+                ),
+            ));
+        }
     }
     Ok(v)
 }
 
+/// A float field that stays finite as the engine's `f32` (found by fuzzing: 1e300 passed as a
+/// finite f64 and became infinity).
 fn finite(param: &str, v: f64) -> Result<f64, ApiError> {
-    if v.is_finite() {
+    if v.is_finite() && (v as f32).is_finite() {
         Ok(v)
     } else {
         Err(ApiError::invalid_param(param, format!("`{param}` must be a finite number.")))
@@ -197,7 +210,7 @@ fn common_params(
     }
     if let Some(t) = c.top_p {
         let t = finite("top_p", t)?;
-        if t <= 0.0 || t > 1.0 {
+        if (t as f32) <= 0.0 || t > 1.0 {
             return Err(ApiError::invalid_param("top_p", format!("`top_p` must be in (0, 1], got {t}.")));
         }
         p.top_p = t as f32;
@@ -220,7 +233,7 @@ fn common_params(
     }
     if let Some(r) = c.repetition_penalty {
         let r = finite("repetition_penalty", r)?;
-        if r <= 0.0 {
+        if (r as f32) <= 0.0 {
             return Err(ApiError::invalid_param(
                 "repetition_penalty",
                 format!("`repetition_penalty` must be > 0, got {r}."),
@@ -580,6 +593,25 @@ mod tests {
             let e = completion(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn fuzz_findings_are_rejected() {
+        // Finite as f64, infinite or zero as the engine's f32.
+        for (body, param) in [
+            (json!({"temperature": 1e70}), "temperature"),
+            (json!({"top_p": 1e-50}), "top_p"),
+            (json!({"repetition_penalty": 1e-60}), "repetition_penalty"),
+            (json!({"repetition_penalty": 1e300}), "repetition_penalty"),
+            (json!({"min_p": -1e-300}), "min_p"),
+        ] {
+            let e = chat(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        // min_tokens above the completions' default max_tokens.
+        let e = completion(json!({"prompt": "x", "min_tokens": 17})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("min_tokens"));
+        assert!(completion(json!({"prompt": "x", "min_tokens": 16})).is_ok());
     }
 
     #[test]

