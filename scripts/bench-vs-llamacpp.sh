@@ -21,6 +21,8 @@
 #   PROMPTS_PER_LEVEL    sweep mode: prompts per level (default max(8, 4 x concurrency))
 #   LLAMA_EXTRA_ARGS SPINDLE_EXTRA_ARGS   extra server flags
 #   SKIP_BUILD=1         use the existing target/release/spindle
+#   BENCH_NICE           run both servers and the client at this nice level (e.g. -10, as root)
+#                        so that other work on a shared machine disturbs the measurement less
 #   IDLE_WAIT            before each run, wait up to this many seconds (default 1800) for the
 #                        machine to be idle (see wait_idle); the CPU used by other processes
 #                        during each run is written to machine.txt either way.
@@ -89,13 +91,19 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     cargo build --release -p spindle >&2
 fi
 read -r -a BENCH <<<"${SPINDLE_BENCH:-$SPINDLE bench}"
+PRIO=()
+if [ -n "${BENCH_NICE:-}" ]; then
+    PRIO=(nice -n "$BENCH_NICE")
+    BENCH=("${PRIO[@]}" "${BENCH[@]}")
+fi
 mkdir -p "$OUT_DIR"
 {
     echo "date: $(date -u +%FT%TZ)"
     echo "nproc: $(nproc)"
     grep -m1 "model name" /proc/cpuinfo || true
     echo "model: $MODEL"
-    echo "workload: random input $INPUT_LEN, output $OUTPUT_LEN, $NUM_PROMPTS prompts, concurrency $CONCURRENCY, ignore_eos"
+    echo "workload: random input $INPUT_LEN, output $OUTPUT_LEN, $NUM_PROMPTS prompts, concurrency $CONCURRENCY, ignore_eos, mode $MODE"
+    echo "nice: ${BENCH_NICE:-0}; spindle binary: $(date -u -r "$SPINDLE" +%FT%TZ) build"
 } | tee "$OUT_DIR/machine.txt" >&2
 
 SERVER_PID=""
@@ -195,7 +203,7 @@ run_bench() {
 wait_idle
 log "llama-server: -np $NP -c $CTX on port $LLAMA_PORT"
 # shellcheck disable=SC2086
-"$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
+"${PRIO[@]}" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
     --threads "$(nproc)" --metrics ${LLAMA_EXTRA_ARGS:-} >"$OUT_DIR/llama-server.log" 2>&1 &
 SERVER_PID=$!
 wait_ready "$LLAMA_PORT" /health
@@ -205,7 +213,7 @@ stop_server
 wait_idle
 log "spindle serve on port $SPINDLE_PORT"
 # shellcheck disable=SC2086
-"$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
+"${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
     ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/spindle.log" 2>&1 &
 SERVER_PID=$!
 wait_ready "$SPINDLE_PORT" /health

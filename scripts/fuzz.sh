@@ -6,6 +6,7 @@
 #   scripts/fuzz.sh                 # every target, 60 s each
 #   FUZZ_SECONDS=600 scripts/fuzz.sh tokenizer detokenizer
 #   FUZZ_SANITIZER=address scripts/fuzz.sh    # with ASan (slower; default: none)
+#   FUZZ_JOBS=2 scripts/fuzz.sh               # parallel libFuzzer jobs (logs in fuzz/fuzz-<n>.log)
 #
 # Needs: `rustup toolchain install nightly` and `cargo install cargo-fuzz --locked`, and the
 # default model (scripts/fetch-model.sh) for the tokenizer, template and detokenizer targets.
@@ -20,6 +21,9 @@ SANITIZER="${FUZZ_SANITIZER:-none}"
 JOBS="${FUZZ_JOBS:-1}"
 ALL_TARGETS=(request_validation chat_template tokenizer detokenizer gguf_header)
 if [ "$#" -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
+# Parallel jobs only when asked for: libFuzzer then writes fuzz-<n>.log files here.
+parallel=()
+if [ "$JOBS" -gt 1 ]; then parallel=(-jobs="$JOBS" -workers="$JOBS"); fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz.sh: a nightly toolchain is required (rustup toolchain install nightly)" >&2
@@ -43,7 +47,7 @@ for t in "${TARGETS[@]}"; do
     # -rss_limit_mb / -malloc_limit_mb: a single input may not make us hold over 2 GiB.
     if cargo +nightly fuzz run -s "$SANITIZER" "$t" "corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -malloc_limit_mb=2048 \
-        -timeout=10 -jobs="$JOBS" -workers="$JOBS" -print_final_stats=1 >"$log" 2>&1; then
+        -timeout=10 "${parallel[@]}" -print_final_stats=1 >"$log" 2>&1; then
         result="ok"
     else
         result="FAILED (see fuzz/artifacts/$t)"

@@ -30,12 +30,19 @@ fn metadata(seqs: usize, context: usize, query_len: usize) -> AttentionMetadata 
     let blocks_per_seq = context.div_ceil(BLOCK);
     let mut md = AttentionMetadata::default();
     for s in 0..seqs {
-        let block_table: Vec<u32> = (0..blocks_per_seq).map(|b| (s * blocks_per_seq + b) as u32).collect();
+        let block_table: Vec<u32> = (0..blocks_per_seq)
+            .map(|b| (s * blocks_per_seq + b) as u32)
+            .collect();
         for pos in context - query_len..context {
             let block = block_table[pos / BLOCK] as usize;
             md.slot_mapping.push((block * BLOCK + pos % BLOCK) as u32);
         }
-        md.sequences.push(SequenceSlice { query_start: s * query_len, query_len, context_len: context, block_table });
+        md.sequences.push(SequenceSlice {
+            query_start: s * query_len,
+            query_len,
+            context_len: context,
+            block_table,
+        });
     }
     md
 }
@@ -50,17 +57,27 @@ fn qkv(tokens: usize) -> (Tensor, Tensor, Tensor) {
 
 fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention/decode");
-    for &(batch, context) in &[(1usize, 512usize), (8, 512), (32, 512), (64, 512), (32, 2048), (1, 4096)] {
+    for &(batch, context) in &[
+        (1usize, 512usize),
+        (8, 512),
+        (32, 512),
+        (64, 512),
+        (32, 2048),
+        (1, 4096),
+    ] {
         let mut attn = backend(batch, context);
         // Fill the whole context once so the cache is not all zeros.
         let (fq, fk, fv) = qkv(batch * context);
-        attn.attend(0, &fq, &fk, &fv, &metadata(batch, context, context)).expect("fill");
+        attn.attend(0, &fq, &fk, &fv, &metadata(batch, context, context))
+            .expect("fill");
         let md = metadata(batch, context, 1);
         let (q, k, v) = qkv(batch);
         g.throughput(Throughput::Elements(batch as u64));
-        g.bench_with_input(BenchmarkId::new(format!("batch{batch}"), format!("ctx{context}")), &(), |b, _| {
-            b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend"))
-        });
+        g.bench_with_input(
+            BenchmarkId::new(format!("batch{batch}"), format!("ctx{context}")),
+            &(),
+            |b, _| b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend")),
+        );
     }
     g.finish();
 }
@@ -73,9 +90,11 @@ fn prefill(c: &mut Criterion) {
         let md = metadata(1, len, len);
         let (q, k, v) = qkv(len);
         g.throughput(Throughput::Elements(len as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(format!("len{len}")), &(), |b, _| {
-            b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend"))
-        });
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("len{len}")),
+            &(),
+            |b, _| b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend")),
+        );
     }
     g.finish();
 }

@@ -9,7 +9,13 @@ const NUM_BLOCKS: usize = 16_384;
 
 /// `seqs` distinct prompts of `len` tokens (no prefix-cache hits between them).
 fn prompts(seqs: usize, len: usize) -> Vec<Vec<u32>> {
-    (0..seqs).map(|s| (0..len).map(|i| (s * 100_003 + i) as u32 % 49_152).collect()).collect()
+    (0..seqs)
+        .map(|s| {
+            (0..len)
+                .map(|i| (s * 100_003 + i) as u32 % 49_152)
+                .collect()
+        })
+        .collect()
 }
 
 fn admit_and_free(c: &mut Criterion) {
@@ -18,25 +24,29 @@ fn admit_and_free(c: &mut Criterion) {
     let ps = prompts(seqs, len);
     g.throughput(Throughput::Elements(seqs as u64));
     for caching in [false, true] {
-        g.bench_with_input(BenchmarkId::new(format!("prefix_caching_{caching}"), format!("{seqs}x{len}")), &caching, |b, &caching| {
-            b.iter_batched(
-                || BlockManager::new(NUM_BLOCKS, BLOCK, caching),
-                |mut bm| {
-                    let mut tables: Vec<BlockTable> = Vec::with_capacity(seqs);
-                    for p in &ps {
-                        let (mut t, cached) = bm.start_sequence(p);
-                        bm.grow(&mut t, p.len(), cached).expect("room");
-                        bm.commit(&mut t, p);
-                        tables.push(t);
-                    }
-                    for t in tables {
-                        bm.free(t);
-                    }
-                    bm
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        g.bench_with_input(
+            BenchmarkId::new(format!("prefix_caching_{caching}"), format!("{seqs}x{len}")),
+            &caching,
+            |b, &caching| {
+                b.iter_batched(
+                    || BlockManager::new(NUM_BLOCKS, BLOCK, caching),
+                    |mut bm| {
+                        let mut tables: Vec<BlockTable> = Vec::with_capacity(seqs);
+                        for p in &ps {
+                            let (mut t, cached) = bm.start_sequence(p);
+                            bm.grow(&mut t, p.len(), cached).expect("room");
+                            bm.commit(&mut t, p);
+                            tables.push(t);
+                        }
+                        for t in tables {
+                            bm.free(t);
+                        }
+                        bm
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
     }
     g.finish();
 }
@@ -47,36 +57,43 @@ fn decode_growth(c: &mut Criterion) {
     let ps = prompts(seqs, prompt_len);
     g.throughput(Throughput::Elements((seqs * steps) as u64));
     for caching in [false, true] {
-        g.bench_with_input(BenchmarkId::new(format!("prefix_caching_{caching}"), format!("{seqs}seqs_{steps}steps")), &caching, |b, &caching| {
-            b.iter_batched(
-                || {
-                    let mut bm = BlockManager::new(NUM_BLOCKS, BLOCK, caching);
-                    let seqs: Vec<(BlockTable, Vec<u32>)> = ps
-                        .iter()
-                        .map(|p| {
-                            let (mut t, cached) = bm.start_sequence(p);
-                            bm.grow(&mut t, p.len(), cached).expect("room");
-                            bm.commit(&mut t, p);
-                            (t, p.clone())
-                        })
-                        .collect();
-                    (bm, seqs)
-                },
-                |(mut bm, mut seqs)| {
-                    // One engine step = grow every sequence by its new token, then commit.
-                    for step in 0..steps {
-                        for (t, tokens) in seqs.iter_mut() {
-                            let n = tokens.len();
-                            bm.grow(t, n + 1, n).expect("room");
-                            tokens.push((step * 31 + n) as u32 % 49_152);
-                            bm.commit(t, tokens);
+        g.bench_with_input(
+            BenchmarkId::new(
+                format!("prefix_caching_{caching}"),
+                format!("{seqs}seqs_{steps}steps"),
+            ),
+            &caching,
+            |b, &caching| {
+                b.iter_batched(
+                    || {
+                        let mut bm = BlockManager::new(NUM_BLOCKS, BLOCK, caching);
+                        let seqs: Vec<(BlockTable, Vec<u32>)> = ps
+                            .iter()
+                            .map(|p| {
+                                let (mut t, cached) = bm.start_sequence(p);
+                                bm.grow(&mut t, p.len(), cached).expect("room");
+                                bm.commit(&mut t, p);
+                                (t, p.clone())
+                            })
+                            .collect();
+                        (bm, seqs)
+                    },
+                    |(mut bm, mut seqs)| {
+                        // One engine step = grow every sequence by its new token, then commit.
+                        for step in 0..steps {
+                            for (t, tokens) in seqs.iter_mut() {
+                                let n = tokens.len();
+                                bm.grow(t, n + 1, n).expect("room");
+                                tokens.push((step * 31 + n) as u32 % 49_152);
+                                bm.commit(t, tokens);
+                            }
                         }
-                    }
-                    (bm, seqs)
-                },
-                BatchSize::LargeInput,
-            )
-        });
+                        (bm, seqs)
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
     }
     g.finish();
 }

@@ -18,8 +18,14 @@ hundred tokens, which is what a serving benchmark streams back to its clients ev
 fn models() -> Vec<(&'static str, PathBuf)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
     vec![
-        ("smollm2", root.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        ("qwen2.5", root.join("qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
+        (
+            "smollm2",
+            root.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        (
+            "qwen2.5",
+            root.join("qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        ),
     ]
 }
 
@@ -27,32 +33,44 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("detokenizer");
     for (name, path) in models() {
         if !path.exists() {
-            eprintln!("detokenizer bench: {} not found, skipping {name}", path.display());
+            eprintln!(
+                "detokenizer bench: {} not found, skipping {name}",
+                path.display()
+            );
             continue;
         }
-        let bundle = match GgufFile::open(&path).and_then(|f| f.vocab()).and_then(|v| v.build()) {
+        let bundle = match GgufFile::open(&path)
+            .and_then(|f| f.vocab())
+            .and_then(|v| v.build())
+        {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("detokenizer bench: cannot build the {name} tokenizer: {e}");
                 continue;
             }
         };
-        let prompt = bundle.encode("Write a short story about a fox.", true).expect("encode prompt");
+        let prompt = bundle
+            .encode("Write a short story about a fox.", true)
+            .expect("encode prompt");
         let text = format!("{TEXT} {TEXT}");
         let ids = bundle.encode(&text, false).expect("encode output");
         let tok = &bundle.tokenizer;
         g.throughput(Throughput::Elements(ids.len() as u64));
-        g.bench_with_input(BenchmarkId::new(name, format!("{}tokens", ids.len())), &ids, |b, ids| {
-            b.iter(|| {
-                let mut d = IncrementalDetokenizer::new(&prompt, true);
-                let mut out = String::new();
-                for &id in ids {
-                    out.push_str(&d.push(tok, id).expect("push"));
-                }
-                out.push_str(&d.finish(tok).expect("finish"));
-                out
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new(name, format!("{}tokens", ids.len())),
+            &ids,
+            |b, ids| {
+                b.iter(|| {
+                    let mut d = IncrementalDetokenizer::new(&prompt, true);
+                    let mut out = String::new();
+                    for &id in ids {
+                        out.push_str(&d.push(tok, id).expect("push"));
+                    }
+                    out.push_str(&d.finish(tok).expect("finish"));
+                    out
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -10,11 +10,16 @@ use spindle_engine::SamplingParams;
 
 fn logits(rows: usize, vocab: usize, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..rows).map(|_| (0..vocab).map(|_| rng.random_range(-8.0f32..8.0)).collect()).collect()
+    (0..rows)
+        .map(|_| (0..vocab).map(|_| rng.random_range(-8.0f32..8.0)).collect())
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
-    let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
     let random = SamplingParams {
         temperature: 0.8,
         top_k: 50,
@@ -30,25 +35,31 @@ fn bench(c: &mut Criterion) {
         let all = logits(64, vocab, vocab as u64);
         for (name, params) in [("greedy", &greedy), ("t0.8-topk50-topp0.9-rep1.1", &random)] {
             for &batch in &[1usize, 8, 32, 64] {
-                let mut rngs: Vec<SequenceRng> = (0..batch).map(|i| SequenceRng::new(Some(0), i, 0)).collect();
+                let mut rngs: Vec<SequenceRng> = (0..batch)
+                    .map(|i| SequenceRng::new(Some(0), i, 0))
+                    .collect();
                 g.throughput(Throughput::Elements(batch as u64));
-                g.bench_with_input(BenchmarkId::new(name, format!("batch{batch}")), &batch, |b, &batch| {
-                    b.iter(|| {
-                        let mut rows: Vec<SampleInput<'_>> = rngs
-                            .iter_mut()
-                            .zip(&all[..batch])
-                            .map(|(rng, l)| SampleInput {
-                                logits: l,
-                                params,
-                                prompt_ids: &prompt,
-                                output_ids: &output,
-                                eos_ids: &eos,
-                                rng,
-                            })
-                            .collect();
-                        sample_batch(&mut rows)
-                    })
-                });
+                g.bench_with_input(
+                    BenchmarkId::new(name, format!("batch{batch}")),
+                    &batch,
+                    |b, &batch| {
+                        b.iter(|| {
+                            let mut rows: Vec<SampleInput<'_>> = rngs
+                                .iter_mut()
+                                .zip(&all[..batch])
+                                .map(|(rng, l)| SampleInput {
+                                    logits: l,
+                                    params,
+                                    prompt_ids: &prompt,
+                                    output_ids: &output,
+                                    eos_ids: &eos,
+                                    rng,
+                                })
+                                .collect();
+                            sample_batch(&mut rows)
+                        })
+                    },
+                );
             }
         }
         g.finish();

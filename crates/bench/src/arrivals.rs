@@ -22,10 +22,14 @@ impl ArrivalProcess {
     /// `rate` in requests per second (`f64::INFINITY`: all at once); `burstiness` > 0.
     pub fn new(rate: f64, burstiness: f64) -> Result<Self> {
         if rate.is_nan() || rate <= 0.0 {
-            return Err(BenchError::InvalidArgument(format!("request rate must be > 0 (or inf), got {rate}")));
+            return Err(BenchError::InvalidArgument(format!(
+                "request rate must be > 0 (or inf), got {rate}"
+            )));
         }
         if !burstiness.is_finite() || burstiness <= 0.0 {
-            return Err(BenchError::InvalidArgument(format!("burstiness must be a finite value > 0, got {burstiness}")));
+            return Err(BenchError::InvalidArgument(format!(
+                "burstiness must be a finite value > 0, got {burstiness}"
+            )));
         }
         Ok(Self { rate, burstiness })
     }
@@ -145,7 +149,10 @@ mod tests {
             let (mean, cv) = mean_cv(&g);
             assert!((1.0 / mean - 5.0).abs() < 0.1, "b={b}: rate {}", 1.0 / mean);
             let want = 1.0 / b.sqrt();
-            assert!((cv - want).abs() < 0.04 * want.max(1.0), "b={b}: cv {cv}, want {want}");
+            assert!(
+                (cv - want).abs() < 0.04 * want.max(1.0),
+                "b={b}: cv {cv}, want {want}"
+            );
         }
     }
 
@@ -189,10 +196,15 @@ mod tests {
     #[test]
     fn standard_normal_moments() {
         let mut rng = StdRng::seed_from_u64(11);
-        let xs: Vec<f64> = (0..200_000).map(|_| sample_standard_normal(&mut rng)).collect();
+        let xs: Vec<f64> = (0..200_000)
+            .map(|_| sample_standard_normal(&mut rng))
+            .collect();
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "mean {mean} var {var}"
+        );
     }
 }

@@ -57,7 +57,11 @@ impl BaseUrl {
             Some(p) => p.parse::<u16>().map_err(|_| bad("invalid port"))?,
             None => 80,
         };
-        Ok(Self { host, port, prefix: path.trim_end_matches('/').to_owned() })
+        Ok(Self {
+            host,
+            port,
+            prefix: path.trim_end_matches('/').to_owned(),
+        })
     }
 
     /// `host:port` for the Host header and connecting.
@@ -91,7 +95,10 @@ pub struct HttpClient {
 impl HttpClient {
     /// A client for `base`, authenticating with `Authorization: Bearer <api_key>` if given.
     pub fn new(base: BaseUrl, api_key: Option<String>) -> Self {
-        Self { base, api_key: api_key.filter(|k| !k.is_empty()) }
+        Self {
+            base,
+            api_key: api_key.filter(|k| !k.is_empty()),
+        }
     }
 
     /// The server's base URL.
@@ -101,11 +108,19 @@ impl HttpClient {
 
     /// Open a connection and send one request; the response body is left to the caller to
     /// stream. Errors are strings because they end up in the per-request report.
-    pub async fn send(&self, method: Method, route: &str, json_body: Option<Vec<u8>>) -> std::result::Result<Response<Incoming>, String> {
-        let stream = TcpStream::connect(self.base.authority()).await.map_err(|e| format!("connect to {}: {e}", self.base))?;
+    pub async fn send(
+        &self,
+        method: Method,
+        route: &str,
+        json_body: Option<Vec<u8>>,
+    ) -> std::result::Result<Response<Incoming>, String> {
+        let stream = TcpStream::connect(self.base.authority())
+            .await
+            .map_err(|e| format!("connect to {}: {e}", self.base))?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("HTTP handshake: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
         // Drives the connection; it ends when the response body is consumed or dropped.
         tokio::spawn(async move {
             let _ = conn.await;
@@ -114,7 +129,10 @@ impl HttpClient {
             .method(method)
             .uri(self.base.path(route))
             .header(header::HOST, self.base.authority())
-            .header(header::USER_AGENT, concat!("spindle-bench/", env!("CARGO_PKG_VERSION")));
+            .header(
+                header::USER_AGENT,
+                concat!("spindle-bench/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(key) = &self.api_key {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
         }
@@ -125,28 +143,44 @@ impl HttpClient {
             }
             None => Full::new(Bytes::new()),
         };
-        let req = builder.body(body).map_err(|e| format!("building the request: {e}"))?;
-        sender.send_request(req).await.map_err(|e| format!("sending the request: {e}"))
+        let req = builder
+            .body(body)
+            .map_err(|e| format!("building the request: {e}"))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("sending the request: {e}"))
     }
 
     /// GET a route and return status and body text (bodies over `limit` bytes are cut).
     pub async fn get_text(&self, route: &str, timeout: Duration) -> Result<(u16, String)> {
         let fut = async {
-            let resp = self.send(Method::GET, route, None).await.map_err(BenchError::Server)?;
+            let resp = self
+                .send(Method::GET, route, None)
+                .await
+                .map_err(BenchError::Server)?;
             let status = resp.status().as_u16();
-            let body = read_body(resp.into_body(), 64 << 20).await.map_err(BenchError::Server)?;
+            let body = read_body(resp.into_body(), 64 << 20)
+                .await
+                .map_err(BenchError::Server)?;
             Ok((status, body))
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| BenchError::Server(format!("GET {route}: no answer from {} within {timeout:?}", self.base)))?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            BenchError::Server(format!(
+                "GET {route}: no answer from {} within {timeout:?}",
+                self.base
+            ))
+        })?
     }
 
     /// The first model id listed by `GET /v1/models`.
     pub async fn first_model(&self, timeout: Duration) -> Result<String> {
         let (status, body) = self.get_text("/v1/models", timeout).await?;
         if status != 200 {
-            return Err(BenchError::Server(format!("GET /v1/models returned HTTP {status}: {}", truncate(&body, 300))));
+            return Err(BenchError::Server(format!(
+                "GET /v1/models returned HTTP {status}: {}",
+                truncate(&body, 300)
+            )));
         }
         let v: Value = serde_json::from_str(&body)?;
         v.get("data")
@@ -154,7 +188,9 @@ impl HttpClient {
             .and_then(|m| m.get("id"))
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .ok_or_else(|| BenchError::Server("GET /v1/models listed no model; pass --model".into()))
+            .ok_or_else(|| {
+                BenchError::Server("GET /v1/models listed no model; pass --model".into())
+            })
     }
 }
 

@@ -82,30 +82,33 @@ impl DatasetSpec {
 /// Common English words; with a leading space nearly all are a single token in Llama-, GPT- and
 /// Qwen-style BPE vocabularies, which makes "one word ≈ one token" a usable calibration.
 pub const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not",
-    "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you",
-    "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will",
-    "would", "who", "so", "no", "out", "up", "into", "about", "than", "them", "time", "some", "could",
-    "other", "first", "people", "only", "new", "also", "like", "over", "then", "what", "its", "two", "most",
-    "may", "any", "after", "these", "our", "many", "where", "before", "through", "years", "way", "back",
-    "made", "much", "well", "just", "down", "work", "used", "should", "such", "life", "each", "world",
-    "long", "because", "very", "between", "those", "same", "good", "great", "state", "day", "must", "three",
-    "own", "even", "part", "house", "water", "light", "place", "city", "country", "school", "system",
-    "number", "small", "large", "high", "right", "hand", "head", "night", "point", "home", "food", "money",
-    "group", "story", "family", "power", "market", "game", "music", "business", "field", "road", "river",
-    "paper", "table", "tree", "stone", "green", "white", "black", "red", "blue", "open", "close", "simple",
-    "short", "young", "old", "early", "late", "strong", "clear", "free", "full", "real", "sure", "ready",
-    "fast", "slow", "warm", "cold", "dark", "happy", "round", "heavy", "rich", "safe", "wide", "deep",
-    "fresh", "sweet", "spring", "summer", "winter", "morning", "window", "garden", "island", "forest",
-    "animal", "horse", "bird", "fish", "bread", "coffee", "letter", "answer", "question", "reason", "result",
-    "method", "model", "energy", "value", "level", "order", "form", "line", "word", "name", "idea", "fact",
-    "case", "area", "week", "month", "hour", "door", "car", "book", "film", "party", "team", "king", "war",
-    "law", "art", "love", "face", "eye", "body", "child", "man", "woman", "friend", "street", "office",
-    "church", "room", "bed", "fire", "wind", "rain", "snow", "sun", "moon", "star", "sea", "land", "ship",
-    "train", "plan", "rule", "test", "change", "move", "play", "run", "walk", "talk", "read", "write",
-    "think", "know", "see", "come", "give", "take", "find", "tell", "ask", "turn", "keep", "begin", "show",
-    "hear", "hold", "bring", "happen", "stand", "lose", "pay", "meet", "learn", "lead", "build", "stay",
-    "fall", "cut", "reach", "kill", "raise", "pass", "sell", "decide", "pull", "carry", "break", "grow",
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "out", "up", "into", "about",
+    "than", "them", "time", "some", "could", "other", "first", "people", "only", "new", "also",
+    "like", "over", "then", "what", "its", "two", "most", "may", "any", "after", "these", "our",
+    "many", "where", "before", "through", "years", "way", "back", "made", "much", "well", "just",
+    "down", "work", "used", "should", "such", "life", "each", "world", "long", "because", "very",
+    "between", "those", "same", "good", "great", "state", "day", "must", "three", "own", "even",
+    "part", "house", "water", "light", "place", "city", "country", "school", "system", "number",
+    "small", "large", "high", "right", "hand", "head", "night", "point", "home", "food", "money",
+    "group", "story", "family", "power", "market", "game", "music", "business", "field", "road",
+    "river", "paper", "table", "tree", "stone", "green", "white", "black", "red", "blue", "open",
+    "close", "simple", "short", "young", "old", "early", "late", "strong", "clear", "free", "full",
+    "real", "sure", "ready", "fast", "slow", "warm", "cold", "dark", "happy", "round", "heavy",
+    "rich", "safe", "wide", "deep", "fresh", "sweet", "spring", "summer", "winter", "morning",
+    "window", "garden", "island", "forest", "animal", "horse", "bird", "fish", "bread", "coffee",
+    "letter", "answer", "question", "reason", "result", "method", "model", "energy", "value",
+    "level", "order", "form", "line", "word", "name", "idea", "fact", "case", "area", "week",
+    "month", "hour", "door", "car", "book", "film", "party", "team", "king", "war", "law", "art",
+    "love", "face", "eye", "body", "child", "man", "woman", "friend", "street", "office", "church",
+    "room", "bed", "fire", "wind", "rain", "snow", "sun", "moon", "star", "sea", "land", "ship",
+    "train", "plan", "rule", "test", "change", "move", "play", "run", "walk", "talk", "read",
+    "write", "think", "know", "see", "come", "give", "take", "find", "tell", "ask", "turn", "keep",
+    "begin", "show", "hear", "hold", "bring", "happen", "stand", "lose", "pay", "meet", "learn",
+    "lead", "build", "stay", "fall", "cut", "reach", "kill", "raise", "pass", "sell", "decide",
+    "pull", "carry", "break", "grow",
 ];
 
 /// Estimated tokens of a request id prefix such as `a3f91c-17:` (hex and digits split into
@@ -114,8 +117,12 @@ pub const ID_TOKENS_ESTIMATE: u64 = 10;
 
 /// A random nonce for the current run, so the ids of two runs differ even with the same seed.
 pub fn run_nonce() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let mut rng = StdRng::seed_from_u64((t as u64) ^ ((t >> 64) as u64) ^ u64::from(std::process::id()));
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut rng =
+        StdRng::seed_from_u64((t as u64) ^ ((t >> 64) as u64) ^ u64::from(std::process::id()));
     rng.random()
 }
 
@@ -160,31 +167,57 @@ fn synthetic_prompt<R: Rng + ?Sized>(rng: &mut R, id: &str, tokens: u64) -> Stri
 
 /// Build the `num_prompts` requests of a run. `seed` fixes the content and lengths, `nonce` the
 /// per-run ids of synthetic prompts (see [`run_nonce`]).
-pub fn build_requests(spec: &DatasetSpec, num_prompts: usize, seed: u64, nonce: u64) -> Result<Vec<BenchRequest>> {
+pub fn build_requests(
+    spec: &DatasetSpec,
+    num_prompts: usize,
+    seed: u64,
+    nonce: u64,
+) -> Result<Vec<BenchRequest>> {
     if num_prompts == 0 {
-        return Err(BenchError::InvalidArgument("--num-prompts must be at least 1".into()));
+        return Err(BenchError::InvalidArgument(
+            "--num-prompts must be at least 1".into(),
+        ));
     }
     let mut rng = StdRng::seed_from_u64(seed);
     match spec {
-        DatasetSpec::Random { input_len, output_len, range_ratio } => {
+        DatasetSpec::Random {
+            input_len,
+            output_len,
+            range_ratio,
+        } => {
             if !(0.0..1.0).contains(range_ratio) {
-                return Err(BenchError::InvalidArgument(format!("--random-range-ratio must be in [0, 1), got {range_ratio}")));
+                return Err(BenchError::InvalidArgument(format!(
+                    "--random-range-ratio must be in [0, 1), got {range_ratio}"
+                )));
             }
             if *input_len == 0 || *output_len == 0 {
-                return Err(BenchError::InvalidArgument("random input and output lengths must be at least 1".into()));
+                return Err(BenchError::InvalidArgument(
+                    "random input and output lengths must be at least 1".into(),
+                ));
             }
             Ok((0..num_prompts)
                 .map(|i| {
                     let input = sample_len(&mut rng, *input_len, *range_ratio);
                     let output = sample_len(&mut rng, *output_len, *range_ratio);
                     let prompt = synthetic_prompt(&mut rng, &request_id(nonce, i), input);
-                    BenchRequest { prompt, expected_input_tokens: input.max(ID_TOKENS_ESTIMATE + 1), output_len: output }
+                    BenchRequest {
+                        prompt,
+                        expected_input_tokens: input.max(ID_TOKENS_ESTIMATE + 1),
+                        output_len: output,
+                    }
                 })
                 .collect())
         }
-        DatasetSpec::PrefixRepetition { prefix_len, suffix_len, num_prefixes, output_len } => {
+        DatasetSpec::PrefixRepetition {
+            prefix_len,
+            suffix_len,
+            num_prefixes,
+            output_len,
+        } => {
             if *num_prefixes == 0 || *output_len == 0 {
-                return Err(BenchError::InvalidArgument("--num-prefixes and the output length must be at least 1".into()));
+                return Err(BenchError::InvalidArgument(
+                    "--num-prefixes and the output length must be at least 1".into(),
+                ));
             }
             let prefixes: Vec<String> = (0..*num_prefixes)
                 .map(|k| {
@@ -198,7 +231,8 @@ pub fn build_requests(spec: &DatasetSpec, num_prompts: usize, seed: u64, nonce: 
                     let suffix = synthetic_prompt(&mut rng, &request_id(nonce, i), *suffix_len);
                     BenchRequest {
                         prompt: format!("{prefix} {suffix}"),
-                        expected_input_tokens: (*prefix_len).max(ID_TOKENS_ESTIMATE) + (*suffix_len).max(ID_TOKENS_ESTIMATE),
+                        expected_input_tokens: (*prefix_len).max(ID_TOKENS_ESTIMATE)
+                            + (*suffix_len).max(ID_TOKENS_ESTIMATE),
                         output_len: *output_len,
                     }
                 })
@@ -223,7 +257,9 @@ pub fn build_requests(spec: &DatasetSpec, num_prompts: usize, seed: u64, nonce: 
         }
         DatasetSpec::Jsonl { path } => {
             let all = load_jsonl(path)?;
-            Ok((0..num_prompts).map(|i| all[i % all.len()].clone()).collect())
+            Ok((0..num_prompts)
+                .map(|i| all[i % all.len()].clone())
+                .collect())
         }
     }
 }
@@ -233,7 +269,10 @@ fn read_to_string(path: &Path) -> Result<String> {
 }
 
 fn dataset_error(path: &Path, message: impl Into<String>) -> BenchError {
-    BenchError::Dataset { path: path.to_path_buf(), message: message.into() }
+    BenchError::Dataset {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// `(prompt, words of the reply)` of every usable ShareGPT conversation: the first human turn
@@ -250,21 +289,31 @@ pub fn load_sharegpt(path: &Path) -> Result<Vec<(String, u64)>> {
         conversations: Vec<Turn>,
     }
     let text = read_to_string(path)?;
-    let data: Vec<Conversation> =
-        serde_json::from_str(&text).map_err(|e| dataset_error(path, format!("not a ShareGPT JSON list: {e}")))?;
+    let data: Vec<Conversation> = serde_json::from_str(&text)
+        .map_err(|e| dataset_error(path, format!("not a ShareGPT JSON list: {e}")))?;
     let is_user = |t: &Turn| matches!(t.from.as_str(), "human" | "user");
-    let is_assistant = |t: &Turn| matches!(t.from.as_str(), "gpt" | "assistant" | "chatgpt" | "bard" | "bing");
+    let is_assistant = |t: &Turn| {
+        matches!(
+            t.from.as_str(),
+            "gpt" | "assistant" | "chatgpt" | "bard" | "bing"
+        )
+    };
     let pairs: Vec<(String, u64)> = data
         .into_iter()
         .filter_map(|c| {
             let first = c.conversations.iter().position(is_user)?;
-            let reply = c.conversations[first + 1..].iter().find(|t| is_assistant(t))?;
+            let reply = c.conversations[first + 1..]
+                .iter()
+                .find(|t| is_assistant(t))?;
             let prompt = c.conversations[first].value.trim();
             (!prompt.is_empty()).then(|| (prompt.to_owned(), approx_tokens(&reply.value)))
         })
         .collect();
     if pairs.is_empty() {
-        return Err(dataset_error(path, "no conversation with a human turn followed by a gpt turn"));
+        return Err(dataset_error(
+            path,
+            "no conversation with a human turn followed by a gpt turn",
+        ));
     }
     Ok(pairs)
 }
@@ -282,11 +331,19 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<BenchRequest>> {
         if line.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(line).map_err(|e| dataset_error(path, format!("line {}: {e}", i + 1)))?;
+        let l: Line = serde_json::from_str(line)
+            .map_err(|e| dataset_error(path, format!("line {}: {e}", i + 1)))?;
         if l.output_len == 0 {
-            return Err(dataset_error(path, format!("line {}: output_len must be at least 1", i + 1)));
+            return Err(dataset_error(
+                path,
+                format!("line {}: output_len must be at least 1", i + 1),
+            ));
         }
-        out.push(BenchRequest { expected_input_tokens: approx_tokens(&l.prompt).max(1), prompt: l.prompt, output_len: l.output_len });
+        out.push(BenchRequest {
+            expected_input_tokens: approx_tokens(&l.prompt).max(1),
+            prompt: l.prompt,
+            output_len: l.output_len,
+        });
     }
     if out.is_empty() {
         return Err(dataset_error(path, "no prompts"));
@@ -305,7 +362,11 @@ mod tests {
     use super::*;
 
     fn random(input: u64, output: u64, ratio: f64) -> DatasetSpec {
-        DatasetSpec::Random { input_len: input, output_len: output, range_ratio: ratio }
+        DatasetSpec::Random {
+            input_len: input,
+            output_len: output,
+            range_ratio: ratio,
+        }
     }
 
     fn temp_file(name: &str, content: &str) -> PathBuf {
@@ -326,7 +387,11 @@ mod tests {
             assert_eq!(words, 256 - ID_TOKENS_ESTIMATE + 1);
             assert_eq!(r.expected_input_tokens, 256);
             assert_eq!(r.output_len, 32);
-            assert!(r.prompt.split_whitespace().skip(1).all(|w| WORDS.contains(&w)));
+            assert!(r
+                .prompt
+                .split_whitespace()
+                .skip(1)
+                .all(|w| WORDS.contains(&w)));
         }
     }
 
@@ -344,7 +409,10 @@ mod tests {
             assert_eq!(xw, yw);
         }
         // The id comes first, so no two prompts share even their first token block.
-        let firsts: HashSet<&str> = a.iter().map(|r| r.prompt.split(' ').next().unwrap()).collect();
+        let firsts: HashSet<&str> = a
+            .iter()
+            .map(|r| r.prompt.split(' ').next().unwrap())
+            .collect();
         assert_eq!(firsts.len(), a.len());
     }
 
@@ -377,13 +445,28 @@ mod tests {
 
     #[test]
     fn prefix_repetition_shares_prefixes() {
-        let spec = DatasetSpec::PrefixRepetition { prefix_len: 40, suffix_len: 20, num_prefixes: 3, output_len: 5 };
+        let spec = DatasetSpec::PrefixRepetition {
+            prefix_len: 40,
+            suffix_len: 20,
+            num_prefixes: 3,
+            output_len: 5,
+        };
         let reqs = build_requests(&spec, 30, 0, 77).unwrap();
         assert!(all_distinct(&reqs));
-        let prefixes: HashSet<String> =
-            reqs.iter().map(|r| r.prompt.split_whitespace().take(40 - ID_TOKENS_ESTIMATE as usize + 1).collect::<Vec<_>>().join(" ")).collect();
+        let prefixes: HashSet<String> = reqs
+            .iter()
+            .map(|r| {
+                r.prompt
+                    .split_whitespace()
+                    .take(40 - ID_TOKENS_ESTIMATE as usize + 1)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
         assert_eq!(prefixes.len(), 3);
-        assert!(reqs.iter().all(|r| r.expected_input_tokens == 60 && r.output_len == 5));
+        assert!(reqs
+            .iter()
+            .all(|r| r.expected_input_tokens == 60 && r.output_len == 5));
     }
 
     #[test]
@@ -396,25 +479,59 @@ mod tests {
         ]"#;
         let p = temp_file("sharegpt.json", json);
         let pairs = load_sharegpt(&p).unwrap();
-        assert_eq!(pairs, vec![("What is Rust?".to_string(), 6), ("Hi".to_string(), 1)]);
-        let reqs = build_requests(&DatasetSpec::ShareGpt { path: p.clone(), output_len: None }, 4, 0, 0).unwrap();
+        assert_eq!(
+            pairs,
+            vec![("What is Rust?".to_string(), 6), ("Hi".to_string(), 1)]
+        );
+        let reqs = build_requests(
+            &DatasetSpec::ShareGpt {
+                path: p.clone(),
+                output_len: None,
+            },
+            4,
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(reqs.len(), 4);
         for r in &reqs {
             let want = if r.prompt == "Hi" { 4 } else { 6 }; // at least 4
             assert_eq!(r.output_len, want);
         }
-        let fixed = build_requests(&DatasetSpec::ShareGpt { path: p, output_len: Some(100) }, 2, 0, 0).unwrap();
+        let fixed = build_requests(
+            &DatasetSpec::ShareGpt {
+                path: p,
+                output_len: Some(100),
+            },
+            2,
+            0,
+            0,
+        )
+        .unwrap();
         assert!(fixed.iter().all(|r| r.output_len == 100));
         let bad = temp_file("bad.json", "{\"not\": \"a list\"}");
-        assert!(matches!(load_sharegpt(&bad), Err(BenchError::Dataset { .. })));
-        assert!(matches!(load_sharegpt(Path::new("/nonexistent/x.json")), Err(BenchError::Io { .. })));
+        assert!(matches!(
+            load_sharegpt(&bad),
+            Err(BenchError::Dataset { .. })
+        ));
+        assert!(matches!(
+            load_sharegpt(Path::new("/nonexistent/x.json")),
+            Err(BenchError::Io { .. })
+        ));
     }
 
     #[test]
     fn jsonl_file() {
         let p = temp_file("p.jsonl", "{\"prompt\": \"one two three\", \"output_len\": 5}\n\n{\"prompt\": \"x\", \"output_len\": 2}\n");
         let reqs = build_requests(&DatasetSpec::Jsonl { path: p }, 3, 0, 0).unwrap();
-        assert_eq!(reqs[0], BenchRequest { prompt: "one two three".into(), expected_input_tokens: 3, output_len: 5 });
+        assert_eq!(
+            reqs[0],
+            BenchRequest {
+                prompt: "one two three".into(),
+                expected_input_tokens: 3,
+                output_len: 5
+            }
+        );
         assert_eq!(reqs[1].prompt, "x");
         assert_eq!(reqs[2], reqs[0]);
         let bad = temp_file("bad.jsonl", "{\"prompt\": \"x\"}\n");

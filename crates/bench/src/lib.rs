@@ -20,5 +20,7 @@ pub use error::{BenchError, Result};
 pub use metrics::{BenchMetrics, RequestOutcome, Slo, SloMetric, Summary};
 pub use report::format_report;
 pub use request::EndpointKind;
-pub use runner::{run_serve, run_serve_async, BenchResult, LatencyMetric, ServeConfig, ServerCounters};
+pub use runner::{
+    run_serve, run_serve_async, BenchResult, LatencyMetric, ServeConfig, ServerCounters,
+};
 pub use sweep::{run_sweep, write_outputs, SweepConfig, SweepResult};

@@ -42,7 +42,8 @@ pub struct RequestOutcome {
 impl RequestOutcome {
     /// Time per output token after the first; `None` for requests with fewer than 2 tokens.
     pub fn tpot_s(&self) -> Option<f64> {
-        (self.output_tokens > 1).then(|| (self.e2el_s - self.ttft_s) / (self.output_tokens - 1) as f64)
+        (self.output_tokens > 1)
+            .then(|| (self.e2el_s - self.ttft_s) / (self.output_tokens - 1) as f64)
     }
 
     /// Input tokens to count for this request: the server's number, else the estimate.
@@ -101,11 +102,18 @@ pub struct Summary {
 
 /// Summarize samples given in seconds into milliseconds (zeros when there are none).
 pub fn summarize_ms(values_s: &[f64], percentiles: &[f64]) -> Summary {
-    let mut v: Vec<f64> = values_s.iter().map(|x| x * 1e3).filter(|x| x.is_finite()).collect();
+    let mut v: Vec<f64> = values_s
+        .iter()
+        .map(|x| x * 1e3)
+        .filter(|x| x.is_finite())
+        .collect();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return Summary {
-            percentiles: percentiles.iter().map(|&p| (percentile_key(p), 0.0)).collect(),
+            percentiles: percentiles
+                .iter()
+                .map(|&p| (percentile_key(p), 0.0))
+                .collect(),
             ..Summary::default()
         };
     }
@@ -117,7 +125,10 @@ pub fn summarize_ms(values_s: &[f64], percentiles: &[f64]) -> Summary {
         mean,
         median: percentile(&v, 50.0),
         std,
-        percentiles: percentiles.iter().map(|&p| (percentile_key(p), percentile(&v, p))).collect(),
+        percentiles: percentiles
+            .iter()
+            .map(|&p| (percentile_key(p), percentile(&v, p)))
+            .collect(),
     }
 }
 
@@ -147,7 +158,11 @@ impl std::str::FromStr for Slo {
 
     /// Parse `ttft:500`, `tpot:50` or `e2el:10000`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || BenchError::InvalidArgument(format!("goodput SLO {s:?}: expected ttft:MS, tpot:MS or e2el:MS"));
+        let bad = || {
+            BenchError::InvalidArgument(format!(
+                "goodput SLO {s:?}: expected ttft:MS, tpot:MS or e2el:MS"
+            ))
+        };
         let (name, value) = s.split_once(':').ok_or_else(bad)?;
         let metric = match name.trim().to_ascii_lowercase().as_str() {
             "ttft" => SloMetric::Ttft,
@@ -247,17 +262,29 @@ pub struct BenchMetrics {
 }
 
 /// Compute the run's metrics from its requests and its wall time.
-pub fn compute_metrics(outcomes: &[RequestOutcome], duration_s: f64, percentiles: &[f64], slos: &[Slo]) -> BenchMetrics {
+pub fn compute_metrics(
+    outcomes: &[RequestOutcome],
+    duration_s: f64,
+    percentiles: &[f64],
+    slos: &[Slo],
+) -> BenchMetrics {
     let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.success).collect();
     let completed = ok.len();
     let total_input_tokens: u64 = ok.iter().map(|o| o.input_tokens()).sum();
     let total_output_tokens: u64 = ok.iter().map(|o| o.output_tokens).sum();
-    let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+    let per_s = |x: f64| {
+        if duration_s > 0.0 {
+            x / duration_s
+        } else {
+            0.0
+        }
+    };
     let ttfts: Vec<f64> = ok.iter().map(|o| o.ttft_s).collect();
     let tpots: Vec<f64> = ok.iter().filter_map(|o| o.tpot_s()).collect();
     let itls: Vec<f64> = ok.iter().flat_map(|o| o.itl_s.iter().copied()).collect();
     let e2els: Vec<f64> = ok.iter().map(|o| o.e2el_s).collect();
-    let goodput = (!slos.is_empty()).then(|| per_s(ok.iter().filter(|o| meets_slos(o, slos)).count() as f64));
+    let goodput =
+        (!slos.is_empty()).then(|| per_s(ok.iter().filter(|o| meets_slos(o, slos)).count() as f64));
     BenchMetrics {
         completed,
         failed: outcomes.len() - completed,
@@ -306,8 +333,19 @@ mod tests {
     fn percentiles_match_numpy_linear() {
         let v = [1.0, 2.0, 3.0, 4.0];
         // numpy.percentile([1,2,3,4], [0, 25, 50, 90, 99, 100]) = 1, 1.75, 2.5, 3.7, 3.97, 4
-        for (p, want) in [(0.0, 1.0), (25.0, 1.75), (50.0, 2.5), (90.0, 3.7), (99.0, 3.97), (100.0, 4.0)] {
-            assert!(close(percentile(&v, p), want), "p{p}: {}", percentile(&v, p));
+        for (p, want) in [
+            (0.0, 1.0),
+            (25.0, 1.75),
+            (50.0, 2.5),
+            (90.0, 3.7),
+            (99.0, 3.97),
+            (100.0, 4.0),
+        ] {
+            assert!(
+                close(percentile(&v, p), want),
+                "p{p}: {}",
+                percentile(&v, p)
+            );
         }
         let v: Vec<f64> = (1..=10).map(f64::from).collect();
         assert!(close(percentile(&v, 99.0), 9.91));
@@ -345,9 +383,16 @@ mod tests {
 
     #[test]
     fn aggregate_metrics() {
-        let mut failed = RequestOutcome { error: Some("HTTP 500".into()), ..Default::default() };
+        let mut failed = RequestOutcome {
+            error: Some("HTTP 500".into()),
+            ..Default::default()
+        };
         failed.output_tokens = 99; // must not count
-        let outcomes = vec![req(0.0, 0.1, &[0.1; 9], 10), req(0.5, 0.3, &[0.2; 4], 5), failed];
+        let outcomes = vec![
+            req(0.0, 0.1, &[0.1; 9], 10),
+            req(0.5, 0.3, &[0.2; 4], 5),
+            failed,
+        ];
         let m = compute_metrics(&outcomes, 2.0, &[50.0, 99.0], &[]);
         assert_eq!((m.completed, m.failed), (2, 1));
         assert_eq!(m.total_input_tokens, 200);
@@ -382,12 +427,15 @@ mod tests {
         // Binary fractions keep the sums exact: TTFT 125 ms, 8 gaps of 31.25 ms, 9 tokens.
         let gaps = [0.03125; 8];
         let outcomes = vec![
-            req(0.0, 0.125, &gaps, 9),     // TTFT 125, TPOT 31.25, E2EL 375
-            req(0.0, 0.625, &gaps, 9),     // TTFT too slow
+            req(0.0, 0.125, &gaps, 9),       // TTFT 125, TPOT 31.25, E2EL 375
+            req(0.0, 0.625, &gaps, 9),       // TTFT too slow
             req(0.0, 0.125, &[0.125; 8], 9), // TPOT 125: too slow
-            req(0.0, 0.0625, &[], 1),      // single token: no TPOT, meets it
+            req(0.0, 0.0625, &[], 1),        // single token: no TPOT, meets it
         ];
-        let slos: Vec<Slo> = ["ttft:500", "tpot:50"].iter().map(|s| s.parse().unwrap()).collect();
+        let slos: Vec<Slo> = ["ttft:500", "tpot:50"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         let m = compute_metrics(&outcomes, 2.0, &[99.0], &slos);
         assert!(close(m.goodput.unwrap(), 1.0)); // 2 of 4 requests over 2 s
         let e2el: Vec<Slo> = vec!["e2el:375".parse().unwrap()];
@@ -400,7 +448,13 @@ mod tests {
     #[test]
     fn slo_parsing() {
         let s: Slo = "TTFT: 250.5".parse().unwrap();
-        assert_eq!(s, Slo { metric: SloMetric::Ttft, max_ms: 250.5 });
+        assert_eq!(
+            s,
+            Slo {
+                metric: SloMetric::Ttft,
+                max_ms: 250.5
+            }
+        );
         for bad in ["ttft", "itl:5", "tpot:-1", "e2el:x", "tpot:inf"] {
             assert!(bad.parse::<Slo>().is_err(), "{bad}");
         }

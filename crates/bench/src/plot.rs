@@ -26,11 +26,19 @@ impl PlotSeries {
             .iter()
             .map(|l| {
                 let m = &l.result.metrics;
-                (l.concurrency, m.output_throughput, m.tpot_ms.median, p99(&m.tpot_ms))
+                (
+                    l.concurrency,
+                    m.output_throughput,
+                    m.tpot_ms.median,
+                    p99(&m.tpot_ms),
+                )
             })
             .collect();
         points.sort_by_key(|p| p.0);
-        Self { label: label.to_owned(), points }
+        Self {
+            label: label.to_owned(),
+            points,
+        }
     }
 }
 
@@ -48,20 +56,35 @@ pub fn plot_sweeps(series: &[PlotSeries], path: &Path, subtitle: &str) -> Result
     let x_max = all.iter().map(|p| log2(p.0)).fold(0.0, f64::max);
     let x_range = -0.25..(x_max + 0.25).max(1.0);
     let y_tput = all.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.1;
-    let y_tpot = all.iter().map(|p| p.3.max(p.2)).fold(0.0, f64::max).max(1.0) * 1.1;
+    let y_tpot = all
+        .iter()
+        .map(|p| p.3.max(p.2))
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.1;
 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
     }
     let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let root = root.titled(&format!("Concurrency sweep — {subtitle}"), ("sans-serif", 18)).map_err(err)?;
+    let root = root
+        .titled(
+            &format!("Concurrency sweep — {subtitle}"),
+            ("sans-serif", 18),
+        )
+        .map_err(err)?;
     let (left, right) = root.split_horizontally(600);
     let x_fmt = |x: &f64| format!("{}", 2f64.powf(*x).round());
 
     let panels: [(&DrawingArea<SVGBackend, _>, &str, &str, f64); 2] = [
         (&left, "Output throughput", "output tok/s", y_tput),
-        (&right, "Time per output token (p50 solid, p99 dashed)", "TPOT ms", y_tpot),
+        (
+            &right,
+            "Time per output token (p50 solid, p99 dashed)",
+            "TPOT ms",
+            y_tpot,
+        ),
     ];
     for (panel_index, (area, caption, y_desc, y_max)) in panels.into_iter().enumerate() {
         let mut chart = ChartBuilder::on(area)
@@ -81,19 +104,29 @@ pub fn plot_sweeps(series: &[PlotSeries], path: &Path, subtitle: &str) -> Result
             .map_err(err)?;
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let main: Vec<(f64, f64)> =
-                s.points.iter().map(|p| (log2(p.0), if panel_index == 0 { p.1 } else { p.2 })).collect();
+            let main: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .map(|p| (log2(p.0), if panel_index == 0 { p.1 } else { p.2 }))
+                .collect();
             chart
                 .draw_series(LineSeries::new(main.clone(), color.stroke_width(2)))
                 .map_err(err)?
                 .label(s.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
             chart
-                .draw_series(main.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled())))
+                .draw_series(
+                    main.iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
                 .map_err(err)?;
             if panel_index == 1 {
                 let tail: Vec<(f64, f64)> = s.points.iter().map(|p| (log2(p.0), p.3)).collect();
-                chart.draw_series(DashedLineSeries::new(tail, 6, 4, color.stroke_width(2))).map_err(err)?;
+                chart
+                    .draw_series(DashedLineSeries::new(tail, 6, 4, color.stroke_width(2)))
+                    .map_err(err)?;
             }
         }
         chart
@@ -116,15 +149,25 @@ pub fn load_as_sweep(path: &Path) -> Result<SweepResult> {
     if value.get("levels").is_some() {
         return Ok(serde_json::from_value(value)?);
     }
-    let r: BenchResult = serde_json::from_value(value)
-        .map_err(|e| BenchError::InvalidArgument(format!("{}: neither a sweep nor a bench serve result: {e}", path.display())))?;
-    let concurrency = r.max_concurrency.unwrap_or(r.metrics.max_concurrent_requests).max(1);
+    let r: BenchResult = serde_json::from_value(value).map_err(|e| {
+        BenchError::InvalidArgument(format!(
+            "{}: neither a sweep nor a bench serve result: {e}",
+            path.display()
+        ))
+    })?;
+    let concurrency = r
+        .max_concurrency
+        .unwrap_or(r.metrics.max_concurrent_requests)
+        .max(1);
     Ok(SweepResult {
         label: r.label.clone().unwrap_or_else(|| r.base_url.clone()),
         date: r.date.clone(),
         base_url: r.base_url.clone(),
         model: r.model.clone(),
-        levels: vec![SweepLevel { concurrency, result: r }],
+        levels: vec![SweepLevel {
+            concurrency,
+            result: r,
+        }],
     })
 }
 
@@ -132,10 +175,14 @@ pub fn load_as_sweep(path: &Path) -> Result<SweepResult> {
 /// results), `labels` override their stored labels in order.
 pub fn plot_files(inputs: &[std::path::PathBuf], labels: &[String], out: &Path) -> Result<()> {
     if inputs.is_empty() {
-        return Err(BenchError::InvalidArgument("give at least one --input sweep JSON".into()));
+        return Err(BenchError::InvalidArgument(
+            "give at least one --input sweep JSON".into(),
+        ));
     }
     if labels.len() > inputs.len() {
-        return Err(BenchError::InvalidArgument("more --label than --input".into()));
+        return Err(BenchError::InvalidArgument(
+            "more --label than --input".into(),
+        ));
     }
     let mut series = Vec::new();
     let mut models = Vec::new();
@@ -156,9 +203,20 @@ mod tests {
 
     #[test]
     fn several_series_in_one_svg() {
-        let a = PlotSeries { label: "alpha".into(), points: vec![(1, 100.0, 10.0, 12.0), (2, 150.0, 12.0, 20.0), (4, 260.0, 15.0, 30.0)] };
-        let b = PlotSeries { label: "beta".into(), points: vec![(1, 80.0, 12.0, 13.0), (4, 200.0, 18.0, 25.0)] };
-        let path = std::env::temp_dir().join(format!("spindle-plot-test-{}.svg", std::process::id()));
+        let a = PlotSeries {
+            label: "alpha".into(),
+            points: vec![
+                (1, 100.0, 10.0, 12.0),
+                (2, 150.0, 12.0, 20.0),
+                (4, 260.0, 15.0, 30.0),
+            ],
+        };
+        let b = PlotSeries {
+            label: "beta".into(),
+            points: vec![(1, 80.0, 12.0, 13.0), (4, 200.0, 18.0, 25.0)],
+        };
+        let path =
+            std::env::temp_dir().join(format!("spindle-plot-test-{}.svg", std::process::id()));
         plot_sweeps(&[a, b], &path, "m").unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("alpha") && svg.contains("beta") && svg.contains("Output throughput"));
@@ -179,13 +237,23 @@ mod tests {
         single.save(&single_path).unwrap();
 
         let as_sweep = load_as_sweep(&single_path).unwrap();
-        assert_eq!((as_sweep.label.as_str(), as_sweep.levels.len(), as_sweep.levels[0].concurrency), ("single", 1, 2));
+        assert_eq!(
+            (
+                as_sweep.label.as_str(),
+                as_sweep.levels.len(),
+                as_sweep.levels[0].concurrency
+            ),
+            ("single", 1, 2)
+        );
         assert_eq!(load_as_sweep(&sweep_path).unwrap(), sweep);
 
         let out = dir.join("both.svg");
         plot_files(&[sweep_path.clone(), single_path], &["A".into()], &out).unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
-        assert!(svg.contains("\nA\n") && !svg.contains("\ntest\n"), "the --label replaces the stored one");
+        assert!(
+            svg.contains("\nA\n") && !svg.contains("\ntest\n"),
+            "the --label replaces the stored one"
+        );
         assert!(svg.contains("single"));
         let junk = dir.join("junk.json");
         std::fs::write(&junk, "{\"x\": 1}").unwrap();

@@ -124,13 +124,20 @@ impl StreamAccumulator {
         let v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
-                self.error.get_or_insert_with(|| format!("invalid JSON in the stream ({e}): {}", truncate(data, 200)));
+                self.error.get_or_insert_with(|| {
+                    format!("invalid JSON in the stream ({e}): {}", truncate(data, 200))
+                });
                 return;
             }
         };
         if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-            let msg = err.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| err.to_string());
-            self.error.get_or_insert_with(|| format!("error event: {}", truncate(&msg, 300)));
+            let msg = err
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| err.to_string());
+            self.error
+                .get_or_insert_with(|| format!("error event: {}", truncate(&msg, 300)));
             return;
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
@@ -141,7 +148,9 @@ impl StreamAccumulator {
                 self.completion_tokens = Some(c);
             }
         }
-        let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else { return };
+        let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+            return;
+        };
         self.first_choice.get_or_insert(t);
         if choice_text(choice).is_some_and(|s| !s.is_empty()) {
             match self.last_content {
@@ -164,7 +173,11 @@ impl StreamAccumulator {
         let usage_reported = self.completion_tokens.is_some();
         let output_tokens = self.completion_tokens.unwrap_or(self.content_chunks);
         // Without any text (e.g. only an EOS token), the first choice marks the first token.
-        let ttft = self.first_content.or(if output_tokens > 0 { self.first_choice } else { None });
+        let ttft = self.first_content.or(if output_tokens > 0 {
+            self.first_choice
+        } else {
+            None
+        });
         let error = match (&self.error, ttft) {
             (Some(e), _) => Some(e.clone()),
             (None, None) => Some("the stream ended without any output".to_owned()),
@@ -202,8 +215,14 @@ pub async fn run_request(
         let resp = client.send(Method::POST, kind.route(), Some(body)).await?;
         let status = resp.status();
         if !status.is_success() {
-            let text = read_body(resp.into_body(), 1 << 16).await.unwrap_or_default();
-            return Err(format!("HTTP {}: {}", status.as_u16(), truncate(&text, 300)));
+            let text = read_body(resp.into_body(), 1 << 16)
+                .await
+                .unwrap_or_default();
+            return Err(format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                truncate(&text, 300)
+            ));
         }
         let mut parser = SseParser::new();
         let mut body = resp.into_body();
@@ -226,7 +245,11 @@ pub async fn run_request(
         Ok(Err(e)) => acc.fail(e),
         Err(_) => acc.fail(format!("timed out after {timeout:?}")),
     }
-    acc.finish(start_s, sent.elapsed().as_secs_f64(), expected_prompt_tokens)
+    acc.finish(
+        start_s,
+        sent.elapsed().as_secs_f64(),
+        expected_prompt_tokens,
+    )
 }
 
 #[cfg(test)]
@@ -234,11 +257,20 @@ mod tests {
     use super::*;
 
     fn opts() -> RequestOptions {
-        RequestOptions { model: "m".into(), ignore_eos: true, temperature: Some(0.0), extra_body: Map::new() }
+        RequestOptions {
+            model: "m".into(),
+            ignore_eos: true,
+            temperature: Some(0.0),
+            extra_body: Map::new(),
+        }
     }
 
     fn req() -> BenchRequest {
-        BenchRequest { prompt: "hello world".into(), expected_input_tokens: 2, output_len: 16 }
+        BenchRequest {
+            prompt: "hello world".into(),
+            expected_input_tokens: 2,
+            output_len: 16,
+        }
     }
 
     #[test]
@@ -262,26 +294,40 @@ mod tests {
     }
 
     fn chat_chunk(text: &str) -> String {
-        json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}).to_string()
+        json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+            .to_string()
     }
 
     #[test]
     fn timing_from_chat_stream() {
         let mut a = StreamAccumulator::default();
         // A role-only first chunk does not count as the first token.
-        a.on_event(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]}).to_string(), 0.05);
+        a.on_event(
+            &json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]}).to_string(),
+            0.05,
+        );
         a.on_event(&chat_chunk("Hel"), 0.25);
         a.on_event(&chat_chunk("lo"), 0.30);
         a.on_event(&chat_chunk(" there"), 0.40);
-        a.on_event(&json!({"choices": [{"delta": {}, "finish_reason": "length"}]}).to_string(), 0.40);
-        a.on_event(&json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 4}}).to_string(), 0.41);
+        a.on_event(
+            &json!({"choices": [{"delta": {}, "finish_reason": "length"}]}).to_string(),
+            0.40,
+        );
+        a.on_event(
+            &json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 4}})
+                .to_string(),
+            0.41,
+        );
         a.on_event("[DONE]", 0.41);
         let o = a.finish(1.0, 0.42, 2);
         assert!(o.success, "{:?}", o.error);
         assert_eq!(o.ttft_s, 0.25);
         assert_eq!(o.itl_s.len(), 2);
         assert!((o.itl_s[0] - 0.05).abs() < 1e-12 && (o.itl_s[1] - 0.10).abs() < 1e-12);
-        assert_eq!((o.prompt_tokens, o.output_tokens, o.usage_reported), (Some(12), 4, true));
+        assert_eq!(
+            (o.prompt_tokens, o.output_tokens, o.usage_reported),
+            (Some(12), 4, true)
+        );
         assert_eq!((o.start_s, o.e2el_s), (1.0, 0.42));
         assert!((o.tpot_s().unwrap() - (0.42 - 0.25) / 3.0).abs() < 1e-12);
     }
@@ -290,11 +336,17 @@ mod tests {
     fn completions_stream_without_usage_counts_chunks() {
         let mut a = StreamAccumulator::default();
         for (i, t) in ["a", "b", "c"].iter().enumerate() {
-            a.on_event(&json!({"choices": [{"text": t}]}).to_string(), 0.1 * (i + 1) as f64);
+            a.on_event(
+                &json!({"choices": [{"text": t}]}).to_string(),
+                0.1 * (i + 1) as f64,
+            );
         }
         let o = a.finish(0.0, 0.35, 7);
         assert!(o.success);
-        assert_eq!((o.output_tokens, o.usage_reported, o.prompt_tokens), (3, false, None));
+        assert_eq!(
+            (o.output_tokens, o.usage_reported, o.prompt_tokens),
+            (3, false, None)
+        );
         assert_eq!(o.input_tokens(), 7);
     }
 
@@ -302,7 +354,10 @@ mod tests {
     fn failures() {
         let mut a = StreamAccumulator::default();
         a.on_event(&chat_chunk("x"), 0.1);
-        a.on_event(&json!({"error": {"message": "engine died", "code": 500}}).to_string(), 0.2);
+        a.on_event(
+            &json!({"error": {"message": "engine died", "code": 500}}).to_string(),
+            0.2,
+        );
         let o = a.finish(0.0, 0.2, 1);
         assert!(!o.success);
         assert!(o.error.unwrap().contains("engine died"));
@@ -312,19 +367,33 @@ mod tests {
 
         let mut a = StreamAccumulator::default();
         a.on_event("{not json", 0.1);
-        assert!(a.finish(0.0, 0.1, 1).error.unwrap().contains("invalid JSON"));
+        assert!(a
+            .finish(0.0, 0.1, 1)
+            .error
+            .unwrap()
+            .contains("invalid JSON"));
 
         let mut a = StreamAccumulator::default();
         a.fail("HTTP 429: too many requests".into());
         a.fail("second".into());
-        assert_eq!(a.finish(0.0, 0.0, 1).error.unwrap(), "HTTP 429: too many requests");
+        assert_eq!(
+            a.finish(0.0, 0.0, 1).error.unwrap(),
+            "HTTP 429: too many requests"
+        );
     }
 
     #[test]
     fn eos_only_output_counts_via_usage() {
         let mut a = StreamAccumulator::default();
-        a.on_event(&json!({"choices": [{"text": "", "finish_reason": "stop"}]}).to_string(), 0.2);
-        a.on_event(&json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).to_string(), 0.2);
+        a.on_event(
+            &json!({"choices": [{"text": "", "finish_reason": "stop"}]}).to_string(),
+            0.2,
+        );
+        a.on_event(
+            &json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+                .to_string(),
+            0.2,
+        );
         let o = a.finish(0.0, 0.21, 3);
         assert!(o.success);
         assert_eq!((o.ttft_s, o.output_tokens), (0.2, 1));

@@ -41,7 +41,9 @@ impl std::str::FromStr for LatencyMetric {
             "tpot" => Ok(Self::Tpot),
             "itl" => Ok(Self::Itl),
             "e2el" => Ok(Self::E2el),
-            other => Err(BenchError::InvalidArgument(format!("unknown metric {other:?}: use ttft, tpot, itl or e2el"))),
+            other => Err(BenchError::InvalidArgument(format!(
+                "unknown metric {other:?}: use ttft, tpot, itl or e2el"
+            ))),
         }
     }
 }
@@ -59,7 +61,11 @@ pub fn parse_json_object(text: &str) -> Option<JsonMap> {
 
 /// Parse a comma-separated list (`ttft,tpot` or `50,90,99`), skipping empty items.
 pub fn parse_list<T: std::str::FromStr>(s: &str) -> std::result::Result<Vec<T>, T::Err> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::parse).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// Everything one `bench serve` run needs.
@@ -113,7 +119,11 @@ impl Default for ServeConfig {
             base_url: "http://127.0.0.1:8000".into(),
             endpoint: EndpointKind::Completions,
             model: None,
-            dataset: DatasetSpec::Random { input_len: 1024, output_len: 128, range_ratio: 0.0 },
+            dataset: DatasetSpec::Random {
+                input_len: 1024,
+                output_len: 128,
+                range_ratio: 0.0,
+            },
             num_prompts: 1000,
             request_rate: f64::INFINITY,
             burstiness: 1.0,
@@ -124,7 +134,12 @@ impl Default for ServeConfig {
             temperature: None,
             extra_body: Map::new(),
             goodput: Vec::new(),
-            percentile_metrics: vec![LatencyMetric::Ttft, LatencyMetric::Tpot, LatencyMetric::Itl, LatencyMetric::E2el],
+            percentile_metrics: vec![
+                LatencyMetric::Ttft,
+                LatencyMetric::Tpot,
+                LatencyMetric::Itl,
+                LatencyMetric::E2el,
+            ],
             metric_percentiles: vec![99.0],
             api_key: None,
             request_timeout: Duration::from_secs(3600),
@@ -151,7 +166,9 @@ pub fn prometheus_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = false;
     let mut sum = 0.0;
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         // The name must end here: either labels or whitespace follow.
         let rest = match rest.chars().next() {
             Some('{') => match rest.find('}') {
@@ -161,7 +178,11 @@ pub fn prometheus_sum(text: &str, name: &str) -> Option<f64> {
             Some(c) if c.is_whitespace() => rest,
             _ => continue,
         };
-        if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
+        if let Some(v) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
             sum += v;
             found = true;
         }
@@ -169,10 +190,17 @@ pub fn prometheus_sum(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
-const COUNTERS: [&str; 3] = ["vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"];
+const COUNTERS: [&str; 3] = [
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_total",
+    "vllm:request_success_total",
+];
 
 async fn scrape_counters(client: &HttpClient) -> Option<[Option<f64>; 3]> {
-    let (status, text) = client.get_text("/metrics", Duration::from_secs(10)).await.ok()?;
+    let (status, text) = client
+        .get_text("/metrics", Duration::from_secs(10))
+        .await
+        .ok()?;
     (status == 200).then(|| COUNTERS.map(|name| prometheus_sum(&text, name)))
 }
 
@@ -272,26 +300,45 @@ pub fn format_utc(unix_secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Now, formatted by [`format_utc`].
 pub fn now_utc() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format_utc(secs)
 }
 
 fn dataset_params(spec: &DatasetSpec) -> String {
     match spec {
-        DatasetSpec::Random { input_len, output_len, range_ratio } => {
+        DatasetSpec::Random {
+            input_len,
+            output_len,
+            range_ratio,
+        } => {
             format!("input {input_len}, output {output_len}, range ratio {range_ratio}")
         }
         DatasetSpec::ShareGpt { path, output_len } => match output_len {
             Some(o) => format!("{} (output {o})", path.display()),
             None => path.display().to_string(),
         },
-        DatasetSpec::PrefixRepetition { prefix_len, suffix_len, num_prefixes, output_len } => {
-            format!("{num_prefixes} prefixes of {prefix_len}, suffix {suffix_len}, output {output_len}")
+        DatasetSpec::PrefixRepetition {
+            prefix_len,
+            suffix_len,
+            num_prefixes,
+            output_len,
+        } => {
+            format!(
+                "{num_prefixes} prefixes of {prefix_len}, suffix {suffix_len}, output {output_len}"
+            )
         }
         DatasetSpec::Jsonl { path } => path.display().to_string(),
     }
@@ -299,13 +346,23 @@ fn dataset_params(spec: &DatasetSpec) -> String {
 
 fn validate(cfg: &ServeConfig) -> Result<ArrivalProcess> {
     if cfg.num_prompts == 0 {
-        return Err(BenchError::InvalidArgument("--num-prompts must be at least 1".into()));
+        return Err(BenchError::InvalidArgument(
+            "--num-prompts must be at least 1".into(),
+        ));
     }
     if cfg.max_concurrency == Some(0) {
-        return Err(BenchError::InvalidArgument("--max-concurrency must be at least 1".into()));
+        return Err(BenchError::InvalidArgument(
+            "--max-concurrency must be at least 1".into(),
+        ));
     }
-    if let Some(p) = cfg.metric_percentiles.iter().find(|p| !(0.0..=100.0).contains(*p)) {
-        return Err(BenchError::InvalidArgument(format!("percentile {p} is outside 0..100")));
+    if let Some(p) = cfg
+        .metric_percentiles
+        .iter()
+        .find(|p| !(0.0..=100.0).contains(*p))
+    {
+        return Err(BenchError::InvalidArgument(format!(
+            "percentile {p} is outside 0..100"
+        )));
     }
     ArrivalProcess::new(cfg.request_rate, cfg.burstiness)
 }
@@ -349,9 +406,18 @@ async fn send_all(
     (outcomes, t0.elapsed().as_secs_f64())
 }
 
-fn encode_bodies(kind: EndpointKind, opts: &RequestOptions, reqs: &[BenchRequest]) -> Result<Vec<(Vec<u8>, u64)>> {
+fn encode_bodies(
+    kind: EndpointKind,
+    opts: &RequestOptions,
+    reqs: &[BenchRequest],
+) -> Result<Vec<(Vec<u8>, u64)>> {
     reqs.iter()
-        .map(|r| Ok((serde_json::to_vec(&request_body(kind, opts, r))?, r.expected_input_tokens)))
+        .map(|r| {
+            Ok((
+                serde_json::to_vec(&request_body(kind, opts, r))?,
+                r.expected_input_tokens,
+            ))
+        })
         .collect()
 }
 
@@ -364,7 +430,12 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
         None => client.first_model(Duration::from_secs(30)).await?,
     };
     let date = now_utc();
-    let all = build_requests(&cfg.dataset, cfg.num_prompts + cfg.num_warmups, cfg.seed, run_nonce())?;
+    let all = build_requests(
+        &cfg.dataset,
+        cfg.num_prompts + cfg.num_warmups,
+        cfg.seed,
+        run_nonce(),
+    )?;
     let (warmups, measured) = all.split_at(cfg.num_warmups);
     let opts = RequestOptions {
         model: model.clone(),
@@ -378,7 +449,16 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
         let hidden = ProgressBar::hidden();
         let bodies = encode_bodies(cfg.endpoint, &opts, warmups)?;
         let zeros = vec![0.0; bodies.len()];
-        let (outs, _) = send_all(&client, cfg.endpoint, bodies, &zeros, cfg.max_concurrency, cfg.request_timeout, &hidden).await;
+        let (outs, _) = send_all(
+            &client,
+            cfg.endpoint,
+            bodies,
+            &zeros,
+            cfg.max_concurrency,
+            cfg.request_timeout,
+            &hidden,
+        )
+        .await;
         warmup_failures = outs.iter().filter(|o| !o.success).count();
     }
 
@@ -387,16 +467,27 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed_a771_7a1c_0001);
     let arrivals = arrivals_process.arrival_times(bodies.len(), &mut rng);
     let progress = if cfg.show_progress {
-        let pb = ProgressBar::with_draw_target(Some(bodies.len() as u64), ProgressDrawTarget::stderr());
-        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} requests ({per_sec}, eta {eta})") {
+        let pb =
+            ProgressBar::with_draw_target(Some(bodies.len() as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} requests ({per_sec}, eta {eta})",
+        ) {
             pb.set_style(style);
         }
         pb
     } else {
         ProgressBar::hidden()
     };
-    let (outcomes, duration) =
-        send_all(&client, cfg.endpoint, bodies, &arrivals, cfg.max_concurrency, cfg.request_timeout, &progress).await;
+    let (outcomes, duration) = send_all(
+        &client,
+        cfg.endpoint,
+        bodies,
+        &arrivals,
+        cfg.max_concurrency,
+        cfg.request_timeout,
+        &progress,
+    )
+    .await;
     progress.finish_and_clear();
     let after = scrape_counters(&client).await;
 
@@ -406,7 +497,11 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
                 (Some(x), Some(y)) => Some(y - x),
                 _ => None,
             };
-            let c = ServerCounters { generation_tokens: delta(0), prompt_tokens: delta(1), request_success: delta(2) };
+            let c = ServerCounters {
+                generation_tokens: delta(0),
+                prompt_tokens: delta(1),
+                request_success: delta(2),
+            };
             (c != ServerCounters::default()).then_some(c)
         }
         _ => None,
@@ -436,13 +531,22 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
         metrics,
         first_error: outcomes.iter().find_map(|o| o.error.clone()),
         server_counters,
-        input_lens: outcomes.iter().map(|o| if o.success { o.input_tokens() } else { 0 }).collect(),
-        output_lens: outcomes.iter().map(|o| if o.success { o.output_tokens } else { 0 }).collect(),
+        input_lens: outcomes
+            .iter()
+            .map(|o| if o.success { o.input_tokens() } else { 0 })
+            .collect(),
+        output_lens: outcomes
+            .iter()
+            .map(|o| if o.success { o.output_tokens } else { 0 })
+            .collect(),
         ttfts: outcomes.iter().map(|o| o.ttft_s).collect(),
         itls: outcomes.iter().map(|o| o.itl_s.clone()).collect(),
         e2els: outcomes.iter().map(|o| o.e2el_s).collect(),
         start_times: outcomes.iter().map(|o| o.start_s).collect(),
-        errors: outcomes.iter().map(|o| o.error.clone().unwrap_or_default()).collect(),
+        errors: outcomes
+            .iter()
+            .map(|o| o.error.clone().unwrap_or_default())
+            .collect(),
     })
 }
 
@@ -478,8 +582,14 @@ mod tests {
                     vllm:generation_tokens_total{model_name=\"b\"} 5\n\
                     vllm:generation_tokens_total_created 17\n\
                     vllm:prompt_tokens_total 3.5e2\n";
-        assert_eq!(prometheus_sum(text, "vllm:generation_tokens_total"), Some(125.0));
-        assert_eq!(prometheus_sum(text, "vllm:prompt_tokens_total"), Some(350.0));
+        assert_eq!(
+            prometheus_sum(text, "vllm:generation_tokens_total"),
+            Some(125.0)
+        );
+        assert_eq!(
+            prometheus_sum(text, "vllm:prompt_tokens_total"),
+            Some(350.0)
+        );
         assert_eq!(prometheus_sum(text, "vllm:request_success_total"), None);
     }
 
@@ -492,14 +602,23 @@ mod tests {
 
     #[test]
     fn lists() {
-        assert_eq!(parse_list::<f64>("50, 90,99,").unwrap(), vec![50.0, 90.0, 99.0]);
-        assert_eq!(parse_list::<LatencyMetric>("ttft,E2EL").unwrap(), vec![LatencyMetric::Ttft, LatencyMetric::E2el]);
+        assert_eq!(
+            parse_list::<f64>("50, 90,99,").unwrap(),
+            vec![50.0, 90.0, 99.0]
+        );
+        assert_eq!(
+            parse_list::<LatencyMetric>("ttft,E2EL").unwrap(),
+            vec![LatencyMetric::Ttft, LatencyMetric::E2el]
+        );
         assert!(parse_list::<LatencyMetric>("ttft,foo").is_err());
     }
 
     #[test]
     fn config_validation() {
-        let mut c = ServeConfig { num_prompts: 0, ..ServeConfig::default() };
+        let mut c = ServeConfig {
+            num_prompts: 0,
+            ..ServeConfig::default()
+        };
         assert!(validate(&c).is_err());
         c.num_prompts = 1;
         assert!(validate(&c).is_ok());
@@ -515,7 +634,12 @@ mod tests {
 
     #[test]
     fn result_json_round_trip() {
-        let r = BenchResult { date: "x".into(), request_rate: None, ttfts: vec![0.5], ..BenchResult::default() };
+        let r = BenchResult {
+            date: "x".into(),
+            request_rate: None,
+            ttfts: vec![0.5],
+            ..BenchResult::default()
+        };
         let text = serde_json::to_string(&r).unwrap();
         let back: BenchResult = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);

@@ -89,7 +89,8 @@ impl SseParser {
 mod tests {
     use super::*;
 
-    const STREAM: &str = "data: {\"a\":1}\n\n: keep-alive\n\nevent: x\ndata: {\"b\":\"é\"}\n\ndata: [DONE]\n\n";
+    const STREAM: &str =
+        "data: {\"a\":1}\n\n: keep-alive\n\nevent: x\ndata: {\"b\":\"é\"}\n\ndata: [DONE]\n\n";
 
     fn all_at_once(s: &[u8]) -> Vec<String> {
         let mut p = SseParser::new();
@@ -100,7 +101,10 @@ mod tests {
 
     #[test]
     fn whole_stream() {
-        assert_eq!(all_at_once(STREAM.as_bytes()), vec!["{\"a\":1}", "{\"b\":\"é\"}", "[DONE]"]);
+        assert_eq!(
+            all_at_once(STREAM.as_bytes()),
+            vec!["{\"a\":1}", "{\"b\":\"é\"}", "[DONE]"]
+        );
     }
 
     #[test]
@@ -135,7 +139,10 @@ mod tests {
 
     #[test]
     fn multi_line_data_and_missing_final_blank_line() {
-        assert_eq!(all_at_once(b"data: a\ndata: b\n\ndata:c"), vec!["a\nb", "c"]);
+        assert_eq!(
+            all_at_once(b"data: a\ndata: b\n\ndata:c"),
+            vec!["a\nb", "c"]
+        );
     }
 
     #[test]

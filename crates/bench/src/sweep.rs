@@ -63,7 +63,9 @@ impl SweepResult {
 
 /// Powers of two up to `max`, plus `max` itself when it is not one.
 pub fn default_levels(max: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = std::iter::successors(Some(1usize), |&c| c.checked_mul(2)).take_while(|&c| c <= max).collect();
+    let mut v: Vec<usize> = std::iter::successors(Some(1usize), |&c| c.checked_mul(2))
+        .take_while(|&c| c <= max)
+        .collect();
     if max > 0 && v.last() != Some(&max) {
         v.push(max);
     }
@@ -79,10 +81,16 @@ pub fn prompts_for(concurrency: usize, fixed: Option<usize>) -> usize {
 /// Run every level on one runtime; `on_level` sees each result as soon as it is in (to print).
 pub fn run_sweep(cfg: &SweepConfig, mut on_level: impl FnMut(&BenchResult)) -> Result<SweepResult> {
     if cfg.levels.is_empty() || cfg.levels.contains(&0) {
-        return Err(BenchError::InvalidArgument("concurrency levels must be a non-empty list of values ≥ 1".into()));
+        return Err(BenchError::InvalidArgument(
+            "concurrency levels must be a non-empty list of values ≥ 1".into(),
+        ));
     }
     let rt = runtime()?;
-    let mut out = SweepResult { label: cfg.label.clone(), date: now_utc(), ..SweepResult::default() };
+    let mut out = SweepResult {
+        label: cfg.label.clone(),
+        date: now_utc(),
+        ..SweepResult::default()
+    };
     for &c in &cfg.levels {
         let mut level = cfg.base.clone();
         level.max_concurrency = Some(c);
@@ -96,30 +104,49 @@ pub fn run_sweep(cfg: &SweepConfig, mut on_level: impl FnMut(&BenchResult)) -> R
         on_level(&result);
         out.base_url.clone_from(&result.base_url);
         out.model.clone_from(&result.model);
-        out.levels.push(SweepLevel { concurrency: c, result });
+        out.levels.push(SweepLevel {
+            concurrency: c,
+            result,
+        });
     }
     Ok(out)
 }
 
 /// p99 of a summary (the largest percentile present if p99 was not computed).
 pub fn p99(s: &Summary) -> f64 {
-    s.percentiles.get("p99").copied().or_else(|| s.percentiles.values().last().copied()).unwrap_or(0.0)
+    s.percentiles
+        .get("p99")
+        .copied()
+        .or_else(|| s.percentiles.values().last().copied())
+        .unwrap_or(0.0)
 }
 
 /// The sweep as a markdown table, with each level's output throughput relative to concurrency 1.
 pub fn markdown_table(s: &SweepResult) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Sweep `{}` against {} (model `{}`), {}", s.label, s.base_url, s.model, s.date);
+    let _ = writeln!(
+        out,
+        "Sweep `{}` against {} (model `{}`), {}",
+        s.label, s.base_url, s.model, s.date
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
         "| concurrency | prompts | ok | failed | duration s | req/s | output tok/s | total tok/s | × c=1 | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ITL p50 ms | E2EL p50 ms |"
     );
     let _ = writeln!(out, "|{}", "---:|".repeat(15));
-    let base = s.levels.first().map(|l| l.result.metrics.output_throughput).unwrap_or(0.0);
+    let base = s
+        .levels
+        .first()
+        .map(|l| l.result.metrics.output_throughput)
+        .unwrap_or(0.0);
     for l in &s.levels {
         let m = &l.result.metrics;
-        let ratio = if base > 0.0 { format!("{:.2}", m.output_throughput / base) } else { "-".into() };
+        let ratio = if base > 0.0 {
+            format!("{:.2}", m.output_throughput / base)
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} |",
@@ -150,8 +177,13 @@ pub fn write_outputs(s: &SweepResult, dir: &Path, name: &str) -> Result<[PathBuf
     let json = dir.join(format!("{name}.json"));
     let svg = dir.join(format!("{name}.svg"));
     std::fs::write(&md, markdown_table(s)).map_err(|e| BenchError::io(&md, e))?;
-    std::fs::write(&json, serde_json::to_string_pretty(s)?).map_err(|e| BenchError::io(&json, e))?;
-    plot_sweeps(&[PlotSeries::from_sweep(&s.label, s)], &svg, &format!("{} · {}", s.model, s.date))?;
+    std::fs::write(&json, serde_json::to_string_pretty(s)?)
+        .map_err(|e| BenchError::io(&json, e))?;
+    plot_sweeps(
+        &[PlotSeries::from_sweep(&s.label, s)],
+        &svg,
+        &format!("{} · {}", s.model, s.date),
+    )?;
     Ok([md, json, svg])
 }
 
@@ -173,24 +205,42 @@ pub(crate) mod tests {
 
     pub(crate) fn fake_sweep() -> SweepResult {
         let level = |c: usize, tput: f64, tpot: f64| {
-            let mut m = BenchMetrics { output_throughput: tput, completed: 8, ..BenchMetrics::default() };
+            let mut m = BenchMetrics {
+                output_throughput: tput,
+                completed: 8,
+                ..BenchMetrics::default()
+            };
             m.tpot_ms.median = tpot;
             m.tpot_ms.percentiles.insert("p99".into(), tpot * 1.5);
-            SweepLevel { concurrency: c, result: BenchResult { num_prompts: 8, metrics: m, ..BenchResult::default() } }
+            SweepLevel {
+                concurrency: c,
+                result: BenchResult {
+                    num_prompts: 8,
+                    metrics: m,
+                    ..BenchResult::default()
+                },
+            }
         };
         SweepResult {
             label: "test".into(),
             date: "2026-01-01T00:00:00Z".into(),
             base_url: "http://x:1".into(),
             model: "m".into(),
-            levels: vec![level(1, 100.0, 10.0), level(2, 180.0, 11.0), level(4, 300.0, 13.0)],
+            levels: vec![
+                level(1, 100.0, 10.0),
+                level(2, 180.0, 11.0),
+                level(4, 300.0, 13.0),
+            ],
         }
     }
 
     #[test]
     fn table_has_a_row_per_level_and_ratios() {
         let t = markdown_table(&fake_sweep());
-        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| concurrency")).collect();
+        let rows: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| concurrency"))
+            .collect();
         assert_eq!(rows.len(), 3);
         assert!(rows[2].starts_with("| 4 | 8 | 8 | 0 |"));
         assert!(rows[2].contains("| 3.00 |"), "{}", rows[2]);
@@ -202,7 +252,9 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("spindle-sweep-test-{}", std::process::id()));
         let s = fake_sweep();
         let [md, json, svg] = write_outputs(&s, &dir, "sweep").unwrap();
-        assert!(std::fs::read_to_string(md).unwrap().contains("| concurrency |"));
+        assert!(std::fs::read_to_string(md)
+            .unwrap()
+            .contains("| concurrency |"));
         assert_eq!(SweepResult::load(&json).unwrap(), s);
         let svg = std::fs::read_to_string(svg).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("test"));

@@ -26,7 +26,9 @@ fn spindle_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("SPINDLE_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
     target.join("release/spindle")
 }
 
@@ -57,10 +59,17 @@ fn free_port() -> u16 {
 }
 
 async fn counters(client: &HttpClient) -> [f64; 3] {
-    let (status, text) = client.get_text("/metrics", Duration::from_secs(30)).await.expect("GET /metrics");
+    let (status, text) = client
+        .get_text("/metrics", Duration::from_secs(30))
+        .await
+        .expect("GET /metrics");
     assert_eq!(status, 200, "GET /metrics");
-    ["vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"]
-        .map(|name| prometheus_sum(&text, name).unwrap_or(0.0))
+    [
+        "vllm:generation_tokens_total",
+        "vllm:prompt_tokens_total",
+        "vllm:request_success_total",
+    ]
+    .map(|name| prometheus_sum(&text, name).unwrap_or(0.0))
 }
 
 #[test]
@@ -81,11 +90,26 @@ fn bench_serve_matches_server_metrics() {
     }
 
     let port = free_port();
-    let log = std::env::temp_dir().join(format!("spindle-bench-e2e-{}-{port}.log", std::process::id()));
+    let log = std::env::temp_dir().join(format!(
+        "spindle-bench-e2e-{}-{port}.log",
+        std::process::id()
+    ));
     let log_file = std::fs::File::create(&log).expect("create the server log");
     let child = Command::new(&bin)
         .current_dir(workspace_root())
-        .args(["serve", "--model", MODEL, "--host", "127.0.0.1", "--port", &port.to_string(), "--kv-cache-memory", "256MiB", "--max-model-len", "2048"])
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--kv-cache-memory",
+            "256MiB",
+            "--max-model-len",
+            "2048",
+        ])
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("clone log handle"))
         .stderr(log_file)
@@ -101,12 +125,19 @@ fn bench_serve_matches_server_metrics() {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("spindle serve exited with {status} during start-up:\n{}", server.log_tail());
+                panic!(
+                    "spindle serve exited with {status} during start-up:\n{}",
+                    server.log_tail()
+                );
             }
             if let Ok((200, _)) = client.get_text("/health", Duration::from_secs(5)).await {
                 break;
             }
-            assert!(Instant::now() < deadline, "spindle serve not healthy after 300 s:\n{}", server.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "spindle serve not healthy after 300 s:\n{}",
+                server.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
 
@@ -114,7 +145,11 @@ fn bench_serve_matches_server_metrics() {
         let cfg = ServeConfig {
             base_url: base.clone(),
             endpoint: EndpointKind::Completions,
-            dataset: DatasetSpec::Random { input_len: 64, output_len: 16, range_ratio: 0.0 },
+            dataset: DatasetSpec::Random {
+                input_len: 64,
+                output_len: 16,
+                range_ratio: 0.0,
+            },
             num_prompts: 20,
             max_concurrency: Some(8),
             ignore_eos: true,
@@ -128,12 +163,34 @@ fn bench_serve_matches_server_metrics() {
 
         let m = &r.metrics;
         assert_eq!((m.completed, m.failed), (20, 0), "{report}");
-        assert_eq!(m.requests_without_usage, 0, "spindle sends usage when asked");
-        assert_eq!(m.total_output_tokens, 20 * 16, "ignore_eos: every request generates max_tokens\n{report}");
-        assert_eq!(after[0] - before[0], m.total_output_tokens as f64, "vllm:generation_tokens_total delta\n{report}");
-        assert_eq!(after[1] - before[1], m.total_input_tokens as f64, "vllm:prompt_tokens_total delta\n{report}");
-        assert_eq!(after[2] - before[2], 20.0, "vllm:request_success_total delta");
-        let sc = r.server_counters.as_ref().expect("the run scraped /metrics itself");
+        assert_eq!(
+            m.requests_without_usage, 0,
+            "spindle sends usage when asked"
+        );
+        assert_eq!(
+            m.total_output_tokens,
+            20 * 16,
+            "ignore_eos: every request generates max_tokens\n{report}"
+        );
+        assert_eq!(
+            after[0] - before[0],
+            m.total_output_tokens as f64,
+            "vllm:generation_tokens_total delta\n{report}"
+        );
+        assert_eq!(
+            after[1] - before[1],
+            m.total_input_tokens as f64,
+            "vllm:prompt_tokens_total delta\n{report}"
+        );
+        assert_eq!(
+            after[2] - before[2],
+            20.0,
+            "vllm:request_success_total delta"
+        );
+        let sc = r
+            .server_counters
+            .as_ref()
+            .expect("the run scraped /metrics itself");
         assert_eq!(sc.generation_tokens, Some(m.total_output_tokens as f64));
 
         // Per-request arrays are complete and coherent.
@@ -141,7 +198,11 @@ fn bench_serve_matches_server_metrics() {
         assert!(r.errors.iter().all(String::is_empty));
         for i in 0..20 {
             // ~64 tokens by construction (random words ≈ 1 token each plus an id).
-            assert!((48..=80).contains(&r.input_lens[i]), "prompt {i}: {} tokens", r.input_lens[i]);
+            assert!(
+                (48..=80).contains(&r.input_lens[i]),
+                "prompt {i}: {} tokens",
+                r.input_lens[i]
+            );
             assert!(r.ttfts[i] > 0.0 && r.e2els[i] >= r.ttfts[i]);
             assert!(!r.itls[i].is_empty() && r.itls[i].len() <= 15);
         }
@@ -150,12 +211,24 @@ fn bench_serve_matches_server_metrics() {
 
         // The chat endpoint counts the template's tokens too; usage still matches /metrics.
         let before = counters(&client).await;
-        let chat = ServeConfig { endpoint: EndpointKind::Chat, num_prompts: 4, max_concurrency: Some(4), ..cfg };
+        let chat = ServeConfig {
+            endpoint: EndpointKind::Chat,
+            num_prompts: 4,
+            max_concurrency: Some(4),
+            ..cfg
+        };
         let r = run_serve_async(&chat).await.expect("bench serve (chat)");
         let after = counters(&client).await;
-        assert_eq!((r.metrics.completed, r.metrics.total_output_tokens), (4, 64));
+        assert_eq!(
+            (r.metrics.completed, r.metrics.total_output_tokens),
+            (4, 64)
+        );
         assert_eq!(after[0] - before[0], 64.0);
         assert_eq!(after[1] - before[1], r.metrics.total_input_tokens as f64);
-        assert!(r.input_lens.iter().all(|&n| n > 64), "the chat template adds tokens: {:?}", r.input_lens);
+        assert!(
+            r.input_lens.iter().all(|&n| n > 64),
+            "the chat template adds tokens: {:?}",
+            r.input_lens
+        );
     });
 }

@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use spindle_engine::{Engine, EngineConfig, EngineEvent, GenerateRequest, RequestStream, SamplingParams};
+use spindle_engine::{
+    Engine, EngineConfig, EngineEvent, GenerateRequest, RequestStream, SamplingParams,
+};
 use spindle_model::LoadOptions;
 
 fn drain(mut s: RequestStream) -> usize {
@@ -26,21 +28,33 @@ fn main() {
     let model = std::env::var("SPINDLE_MODEL")
         .unwrap_or_else(|_| "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let engine = Engine::spawn(EngineConfig {
-        model: LoadOptions { model, max_model_len: Some(2048), ..LoadOptions::default() },
+        model: LoadOptions {
+            model,
+            max_model_len: Some(2048),
+            ..LoadOptions::default()
+        },
         kv_cache_memory_bytes: Some(1 << 30),
         ..EngineConfig::default()
     })
     .expect("engine");
     let prompts: Vec<Vec<u32>> = (0..n)
         .map(|i| {
-            let text = format!("Request {i}: write a short story about a robot who learns to paint.");
+            let text =
+                format!("Request {i}: write a short story about a robot who learns to paint.");
             engine.tokenizer().encode(&text, true).expect("encode")
         })
         .collect();
-    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) };
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(max_tokens)
+    };
     let submit = |ids: &Vec<u32>| {
         engine
-            .generate(GenerateRequest { request_id: "bench".into(), prompt_token_ids: ids.clone(), params: params.clone() })
+            .generate(GenerateRequest {
+                request_id: "bench".into(),
+                prompt_token_ids: ids.clone(),
+                params: params.clone(),
+            })
             .expect("submit")
     };
     // Warm up.

@@ -74,7 +74,11 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of up to `max_tokens` tokens: what tests and `spindle generate` use.
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { temperature: 0.0, max_tokens, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            max_tokens,
+            ..Self::default()
+        }
     }
 }
 
@@ -175,7 +179,10 @@ pub struct RequestTimings {
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
     Delta(ChoiceDelta),
-    Finished { usage: Usage, timings: RequestTimings },
+    Finished {
+        usage: Usage,
+        timings: RequestTimings,
+    },
     Error(EngineError),
 }
 

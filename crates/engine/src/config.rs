@@ -132,9 +132,17 @@ mod tests {
 
     #[test]
     fn fault_specs_parse() {
-        assert_eq!(FaultInjection::parse("panic:XYZ").unwrap(), FaultInjection::Panic { marker: "XYZ".into() });
+        assert_eq!(
+            FaultInjection::parse("panic:XYZ").unwrap(),
+            FaultInjection::Panic {
+                marker: "XYZ".into()
+            }
+        );
         assert_eq!(FaultInjection::parse("stall:a:b").unwrap().marker(), "a:b");
-        assert!(matches!(FaultInjection::parse("error:e"), Ok(FaultInjection::Error { .. })));
+        assert!(matches!(
+            FaultInjection::parse("error:e"),
+            Ok(FaultInjection::Error { .. })
+        ));
         for bad in ["", "panic", "panic:", "boom:x"] {
             assert!(FaultInjection::parse(bad).is_err(), "{bad}");
         }

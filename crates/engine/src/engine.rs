@@ -32,7 +32,6 @@ use crate::stats::EngineStats;
 use crate::stop::StopChecker;
 use crate::trace::StepTrace;
 
-
 /// Entry point: `Engine::spawn(config)` loads the model on a new thread and returns its handle.
 pub struct Engine;
 
@@ -53,26 +52,38 @@ impl Engine {
         let thread_stats = stats.clone();
         let thread_liveness = liveness.clone();
         let thread_config = config.clone();
-        let spawned = std::thread::Builder::new().name("spindle-engine".into()).spawn(move || {
-            let core = match EngineCore::new(thread_config, receiver, thread_stats, thread_liveness.clone()) {
-                Ok(core) => core,
-                Err(e) => {
-                    thread_liveness.mark_dead(e.to_string());
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            // Beat before reporting ready: loading took a while, and the watchdog starts now.
-            thread_liveness.beat();
-            let _ = ready_tx.send(Ok(Ready { tokenizer: core.tokenizer.clone(), info: core.info.clone() }));
-            core.run_until_exit();
-        });
+        let spawned = std::thread::Builder::new()
+            .name("spindle-engine".into())
+            .spawn(move || {
+                let core = match EngineCore::new(
+                    thread_config,
+                    receiver,
+                    thread_stats,
+                    thread_liveness.clone(),
+                ) {
+                    Ok(core) => core,
+                    Err(e) => {
+                        thread_liveness.mark_dead(e.to_string());
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                // Beat before reporting ready: loading took a while, and the watchdog starts now.
+                thread_liveness.beat();
+                let _ = ready_tx.send(Ok(Ready {
+                    tokenizer: core.tokenizer.clone(),
+                    info: core.info.clone(),
+                }));
+                core.run_until_exit();
+            });
         if let Err(e) = spawned {
-            return Err(EngineError::EngineDead(format!("cannot start the engine thread: {e}")));
+            return Err(EngineError::EngineDead(format!(
+                "cannot start the engine thread: {e}"
+            )));
         }
-        let ready = ready_rx
-            .recv()
-            .map_err(|_| EngineError::EngineDead("the engine thread died while loading".into()))??;
+        let ready = ready_rx.recv().map_err(|_| {
+            EngineError::EngineDead("the engine thread died while loading".into())
+        })??;
         if let Some(timeout) = config.stall_timeout {
             let timeout = timeout.max(config.heartbeat_interval * 2);
             let watched = liveness.clone();
@@ -82,7 +93,9 @@ impl Engine {
             if let Err(e) = spawned {
                 liveness.mark_dead(format!("cannot start the engine watchdog: {e}"));
                 let _ = sender.send(EngineMessage::Shutdown);
-                return Err(EngineError::EngineDead(format!("cannot start the engine watchdog: {e}")));
+                return Err(EngineError::EngineDead(format!(
+                    "cannot start the engine watchdog: {e}"
+                )));
             }
         }
         Ok(EngineHandle {
@@ -155,7 +168,8 @@ impl EngineCore {
         stats: Arc<EngineStats>,
         liveness: Arc<Liveness>,
     ) -> Result<Self, EngineError> {
-        let loaded = spindle_model::load(&config.model).map_err(|e| EngineError::EngineDead(e.to_string()))?;
+        let loaded = spindle_model::load(&config.model)
+            .map_err(|e| EngineError::EngineDead(e.to_string()))?;
         let mc = loaded.model.config().clone();
         let block_size = config.block_size.max(1);
         let shape = CacheShape {
@@ -183,10 +197,18 @@ impl EngineCore {
             block_size,
             shape.capacity_tokens(),
             shape.num_blocks * bytes_per_block >> 20,
-            if config.enable_prefix_caching { "on" } else { "off" }
+            if config.enable_prefix_caching {
+                "on"
+            } else {
+                "off"
+            }
         );
-        stats.kv_blocks_total.store(shape.num_blocks as u64, Ordering::Relaxed);
-        stats.kv_capacity_tokens.store(shape.capacity_tokens() as u64, Ordering::Relaxed);
+        stats
+            .kv_blocks_total
+            .store(shape.num_blocks as u64, Ordering::Relaxed);
+        stats
+            .kv_capacity_tokens
+            .store(shape.capacity_tokens() as u64, Ordering::Relaxed);
         let blocks = BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
         let scheduler = Scheduler::new(config.max_num_seqs, config.max_num_batched_tokens);
         let seed_rng = rand::rngs::StdRng::seed_from_u64(config.seed);
@@ -287,7 +309,11 @@ impl EngineCore {
 
     fn handle_message(&mut self, msg: EngineMessage) -> Flow {
         match msg {
-            EngineMessage::Generate { id, request, events } => {
+            EngineMessage::Generate {
+                id,
+                request,
+                events,
+            } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.add_request(id, request, events.clone()) {
                     let _ = events.send(EngineEvent::Error(e));
@@ -308,7 +334,11 @@ impl EngineCore {
         request: GenerateRequest,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> Result<(), EngineError> {
-        let GenerateRequest { request_id, prompt_token_ids: prompt, params } = request;
+        let GenerateRequest {
+            request_id,
+            prompt_token_ids: prompt,
+            params,
+        } = request;
         let max_len = self.info.max_model_len;
         let vocab = self.model.config().vocab_size as u32;
         if prompt.is_empty() {
@@ -330,7 +360,9 @@ impl EngineCore {
         }
         let max_tokens = params.max_tokens.min(max_len - prompt.len());
         if max_tokens == 0 {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         self.arm_fault_if_marked(&prompt);
         let fallback_seed: u64 = self.seed_rng.random();
@@ -338,7 +370,9 @@ impl EngineCore {
         let seq_id = seq.id;
         self.seqs.insert(seq_id, seq);
         self.scheduler.waiting.push_back(seq_id);
-        self.stats.prompt_tokens_total.fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens_total
+            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
         self.groups.insert(
             id,
             RequestGroup {
@@ -346,7 +380,10 @@ impl EngineCore {
                 pending_children: params.n > 1,
                 params,
                 events,
-                usage: Usage { prompt_tokens: prompt.len(), ..Usage::default() },
+                usage: Usage {
+                    prompt_tokens: prompt.len(),
+                    ..Usage::default()
+                },
                 prompt,
                 max_tokens,
                 fallback_seed,
@@ -387,8 +424,12 @@ impl EngineCore {
 
     /// Abort requests whose caller has gone away (receiver dropped).
     fn abort_abandoned(&mut self) {
-        let gone: Vec<u64> =
-            self.groups.iter().filter(|(_, g)| g.events.is_closed()).map(|(&id, _)| id).collect();
+        let gone: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
         for id in gone {
             self.abort_group(id);
         }
@@ -399,7 +440,12 @@ impl EngineCore {
         if self.groups.remove(&group).is_none() {
             return;
         }
-        let ids: Vec<SeqId> = self.seqs.values().filter(|s| s.group == group).map(|s| s.id).collect();
+        let ids: Vec<SeqId> = self
+            .seqs
+            .values()
+            .filter(|s| s.group == group)
+            .map(|s| s.id)
+            .collect();
         for id in ids {
             self.release_sequence(id);
         }
@@ -423,20 +469,32 @@ impl EngineCore {
 
     fn publish_gauges(&self) {
         let s = &self.stats;
-        s.num_running.store(self.scheduler.running.len() as u64, Ordering::Relaxed);
-        s.num_waiting.store(self.scheduler.waiting.len() as u64, Ordering::Relaxed);
-        s.kv_blocks_used.store(self.blocks.num_used_blocks() as u64, Ordering::Relaxed);
+        s.num_running
+            .store(self.scheduler.running.len() as u64, Ordering::Relaxed);
+        s.num_waiting
+            .store(self.scheduler.waiting.len() as u64, Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.blocks.num_used_blocks() as u64, Ordering::Relaxed);
         let (queries, hits) = self.blocks.prefix_cache_stats();
-        s.prefix_cache_queries_total.store(queries, Ordering::Relaxed);
+        s.prefix_cache_queries_total
+            .store(queries, Ordering::Relaxed);
         s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
     }
 
     /// Test-only fault injection: arm the configured fault when the prompt has the marker.
     fn arm_fault_if_marked(&mut self, prompt: &[u32]) {
-        let Some(fault) = &self.config.fault_injection else { return };
-        let marked = self.tokenizer.decode(prompt, false).is_ok_and(|text| text.contains(fault.marker()));
+        let Some(fault) = &self.config.fault_injection else {
+            return;
+        };
+        let marked = self
+            .tokenizer
+            .decode(prompt, false)
+            .is_ok_and(|text| text.contains(fault.marker()));
         if marked {
-            tracing::warn!(?fault, "fault-injection marker seen; the next engine step fails");
+            tracing::warn!(
+                ?fault,
+                "fault-injection marker seen; the next engine step fails"
+            );
             self.fault_armed = true;
         }
     }
@@ -447,7 +505,9 @@ impl EngineCore {
         match &self.config.fault_injection {
             None => Ok(()),
             Some(FaultInjection::Panic { .. }) => panic!("injected fault: engine panic"),
-            Some(FaultInjection::Error { .. }) => Err(EngineError::Execution("injected fault: engine error".into())),
+            Some(FaultInjection::Error { .. }) => Err(EngineError::Execution(
+                "injected fault: engine error".into(),
+            )),
             Some(FaultInjection::Stall { .. }) => {
                 // Hang without beating until the watchdog notices (forever without one).
                 while !self.liveness.is_dead() {
@@ -464,19 +524,26 @@ impl EngineCore {
             self.inject_fault()?;
         }
         let batch = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
-        self.stats.preemptions_total.fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
+        self.stats
+            .preemptions_total
+            .fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
         if batch.entries.is_empty() {
             // Nothing fits although nothing runs: the head of the queue can never be admitted.
             if self.scheduler.running.is_empty() {
                 if let Some(&id) = self.scheduler.waiting.front() {
-                    tracing::warn!(seq = id, "sequence does not fit in the KV cache; finishing it");
+                    tracing::warn!(
+                        seq = id,
+                        "sequence does not fit in the KV cache; finishing it"
+                    );
                     self.finish_unschedulable(id);
                 }
             }
             return Ok(());
         }
         if !batch.copies.is_empty() {
-            self.attention.copy_blocks(&batch.copies).map_err(|e| EngineError::Execution(e.to_string()))?;
+            self.attention
+                .copy_blocks(&batch.copies)
+                .map_err(|e| EngineError::Execution(e.to_string()))?;
         }
         let started = Instant::now();
 
@@ -485,10 +552,17 @@ impl EngineCore {
         let mut md = AttentionMetadata::default();
         let block_size = self.blocks.block_size();
         let mut sampling: Vec<SeqId> = Vec::new();
-        let mut trace = StepTrace { step: self.step_count, ..StepTrace::default() };
+        let mut trace = StepTrace {
+            step: self.step_count,
+            ..StepTrace::default()
+        };
         for &(id, n) in &batch.entries {
-            let Some(seq) = self.seqs.get(&id) else { continue };
-            let Some(table) = seq.table.as_ref() else { continue };
+            let Some(seq) = self.seqs.get(&id) else {
+                continue;
+            };
+            let Some(table) = seq.table.as_ref() else {
+                continue;
+            };
             let start = fb.token_ids.len();
             let from = seq.num_computed;
             for pos in from..from + n {
@@ -525,9 +599,13 @@ impl EngineCore {
             // Only partial prefill chunks: run for the KV writes, no logits wanted. The model
             // always returns at least one row, so ask for the last token's and ignore it.
             fb.logit_rows.push((fb.token_ids.len() - 1) as u32);
-            self.model.forward(&fb, self.attention.as_mut()).map(|_| Vec::new())
+            self.model
+                .forward(&fb, self.attention.as_mut())
+                .map(|_| Vec::new())
         } else {
-            self.model.forward(&fb, self.attention.as_mut()).and_then(|t| Ok(t.to_vec2::<f32>()?))
+            self.model
+                .forward(&fb, self.attention.as_mut())
+                .and_then(|t| Ok(t.to_vec2::<f32>()?))
         };
         let rows = match logits {
             Ok(rows) => rows,
@@ -549,7 +627,9 @@ impl EngineCore {
         // Update: KV now holds the scheduled tokens.
         let now = Instant::now();
         for &(id, n) in &batch.entries {
-            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
             if let Some(g) = self.groups.get_mut(&seq.group) {
                 if g.first_scheduled.is_none() {
                     g.first_scheduled = Some(started);
@@ -579,15 +659,23 @@ impl EngineCore {
         // Children of n > 1 requests start from their parent's prompt logits.
         let mut work: Vec<(SeqId, usize)> = ids.iter().copied().zip(0..).collect();
         for (i, &id) in ids.iter().enumerate() {
-            let Some(seq) = self.seqs.get(&id) else { continue };
+            let Some(seq) = self.seqs.get(&id) else {
+                continue;
+            };
             let group_id = seq.group;
-            let Some(group) = self.groups.get_mut(&group_id) else { continue };
+            let Some(group) = self.groups.get_mut(&group_id) else {
+                continue;
+            };
             if seq.choice != 0 || !group.pending_children {
                 continue;
             }
             group.pending_children = false;
-            let (n, prompt, params, fallback) =
-                (group.params.n, group.prompt.clone(), group.params.clone(), group.fallback_seed);
+            let (n, prompt, params, fallback) = (
+                group.params.n,
+                group.prompt.clone(),
+                group.params.clone(),
+                group.fallback_seed,
+            );
             group.num_live += n - 1;
             for choice in 1..n {
                 let mut child = self.new_sequence(group_id, choice, &prompt, &params, fallback);
@@ -602,15 +690,23 @@ impl EngineCore {
 
         // Sample all rows in parallel; each sequence has its own RNG.
         let eos = self.tokenizer.eos_token_ids.clone();
-        let mut picked: Vec<(SeqId, Result<(u32, Option<StepLogprobs>), String>)> = Vec::with_capacity(work.len());
+        let mut picked: Vec<(SeqId, Result<(u32, Option<StepLogprobs>), String>)> =
+            Vec::with_capacity(work.len());
         {
             let mut inputs = Vec::with_capacity(work.len());
             let mut order = Vec::with_capacity(work.len());
-            let mut seq_refs: HashMap<SeqId, &mut Sequence> = self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+            let mut seq_refs: HashMap<SeqId, &mut Sequence> =
+                self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
             for &(id, row) in &work {
-                let Some(seq) = seq_refs.remove(&id) else { continue };
-                let Some(group) = self.groups.get(&seq.group) else { continue };
-                let Some(logits) = rows.get(row) else { continue };
+                let Some(seq) = seq_refs.remove(&id) else {
+                    continue;
+                };
+                let Some(group) = self.groups.get(&seq.group) else {
+                    continue;
+                };
+                let Some(logits) = rows.get(row) else {
+                    continue;
+                };
                 let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
                 inputs.push(SampleInput {
                     logits,
@@ -632,7 +728,10 @@ impl EngineCore {
                 Ok((token, logprobs)) => self.append_token(id, token, logprobs, now),
                 Err(e) => {
                     if let Some(group) = self.seqs.get(&id).map(|s| s.group) {
-                        self.fail_group(group, EngineError::Execution(format!("sampling failed: {e}")));
+                        self.fail_group(
+                            group,
+                            EngineError::Execution(format!("sampling failed: {e}")),
+                        );
                     }
                 }
             }
@@ -640,15 +739,27 @@ impl EngineCore {
     }
 
     /// Add a sampled token to a sequence, detokenize, check stops, and send the delta.
-    fn append_token(&mut self, id: SeqId, token: u32, logprobs: Option<StepLogprobs>, now: Instant) {
+    fn append_token(
+        &mut self,
+        id: SeqId,
+        token: u32,
+        logprobs: Option<StepLogprobs>,
+        now: Instant,
+    ) {
         let max_len = self.info.max_model_len;
         let tokenizer = self.tokenizer.clone();
-        let Some(seq) = self.seqs.get_mut(&id) else { return };
-        let Some(group) = self.groups.get_mut(&seq.group) else { return };
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let Some(group) = self.groups.get_mut(&seq.group) else {
+            return;
+        };
         seq.tokens.push(token);
         group.usage.completion_tokens += 1;
         group.first_token.get_or_insert(now);
-        self.stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .generation_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
 
         let params = &group.params;
         let min_reached = seq.num_output() > params.min_tokens || params.min_tokens == 0;
@@ -658,7 +769,11 @@ impl EngineCore {
         let mut finish: Option<(FinishReason, Option<StopReason>)> = None;
         let mut error = None;
         if (is_eos || is_stop_id) && min_reached {
-            let reason = if is_stop_id && !is_eos { Some(StopReason::TokenId(token)) } else { None };
+            let reason = if is_stop_id && !is_eos {
+                Some(StopReason::TokenId(token))
+            } else {
+                None
+            };
             finish = Some((FinishReason::Stop, reason));
         } else {
             match seq.detokenizer.push(&tokenizer.tokenizer, token) {
@@ -671,13 +786,18 @@ impl EngineCore {
                 }
                 Err(e) => error = Some(e.to_string()),
             }
-            if finish.is_none() && (seq.num_output() >= group.max_tokens || seq.tokens.len() >= max_len) {
+            if finish.is_none()
+                && (seq.num_output() >= group.max_tokens || seq.tokens.len() >= max_len)
+            {
                 finish = Some((FinishReason::Length, None));
             }
         }
         if let Some(e) = error {
             let group_id = seq.group;
-            self.fail_group(group_id, EngineError::Execution(format!("detokenization failed: {e}")));
+            self.fail_group(
+                group_id,
+                EngineError::Execution(format!("detokenization failed: {e}")),
+            );
             return;
         }
         // At the end, release text held back for split characters or possible stop strings.
@@ -711,12 +831,16 @@ impl EngineCore {
 
     /// Send `Finished` once every choice of a request is done.
     fn finish_if_done(&mut self, group_id: u64, now: Instant) {
-        let Some(group) = self.groups.get_mut(&group_id) else { return };
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
         group.num_live = group.num_live.saturating_sub(1);
         if group.num_live > 0 || group.pending_children {
             return;
         }
-        let Some(group) = self.groups.remove(&group_id) else { return };
+        let Some(group) = self.groups.remove(&group_id) else {
+            return;
+        };
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         let scheduled = group.first_scheduled.unwrap_or(group.arrived);
         let first = group.first_token.unwrap_or(now);
@@ -727,7 +851,10 @@ impl EngineCore {
             time_to_first_token: secs(group.arrived, first),
             e2e: secs(group.arrived, now),
         };
-        let _ = group.events.send(EngineEvent::Finished { usage: group.usage, timings });
+        let _ = group.events.send(EngineEvent::Finished {
+            usage: group.usage,
+            timings,
+        });
     }
 
     /// A waiting sequence that cannot fit even in an empty cache ends with `length`.

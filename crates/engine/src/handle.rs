@@ -16,8 +16,14 @@ use crate::stats::EngineStats;
 
 /// Messages the engine thread receives.
 pub(crate) enum EngineMessage {
-    Generate { id: u64, request: GenerateRequest, events: mpsc::UnboundedSender<EngineEvent> },
-    Abort { id: u64 },
+    Generate {
+        id: u64,
+        request: GenerateRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    },
+    Abort {
+        id: u64,
+    },
     Shutdown,
 }
 
@@ -121,7 +127,11 @@ impl EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.sender
-            .send(EngineMessage::Generate { id, request, events: tx })
+            .send(EngineMessage::Generate {
+                id,
+                request,
+                events: tx,
+            })
             .map_err(|_| EngineError::EngineDead(self.liveness.death_reason()))?;
         Ok(RequestStream {
             id,
@@ -205,7 +215,9 @@ impl RequestStream {
                 if let Ok(event) = self.events.try_recv() {
                     break Some(event);
                 }
-                break Some(EngineEvent::Error(EngineError::EngineDead(self.liveness.death_reason())));
+                break Some(EngineEvent::Error(EngineError::EngineDead(
+                    self.liveness.death_reason(),
+                )));
             }
             tokio::select! {
                 biased;
@@ -233,7 +245,10 @@ impl RequestStream {
     }
 
     fn note(&mut self, event: &Option<EngineEvent>) {
-        if matches!(event, None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))) {
+        if matches!(
+            event,
+            None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))
+        ) {
             self.finished = true;
         }
     }

@@ -53,7 +53,12 @@ impl Scheduler {
 
     /// Release a sequence's blocks and send it back to the front of the waiting queue; it will
     /// recompute its KV (prompt and output so far) when readmitted.
-    fn preempt(&mut self, id: SeqId, seqs: &mut HashMap<SeqId, Sequence>, blocks: &mut BlockManager) {
+    fn preempt(
+        &mut self,
+        id: SeqId,
+        seqs: &mut HashMap<SeqId, Sequence>,
+        blocks: &mut BlockManager,
+    ) {
         self.running.retain(|&s| s != id);
         if let Some(seq) = seqs.get_mut(&id) {
             if let Some(table) = seq.table.take() {
@@ -65,7 +70,11 @@ impl Scheduler {
     }
 
     /// Pick this step's batch.
-    pub fn schedule(&mut self, seqs: &mut HashMap<SeqId, Sequence>, blocks: &mut BlockManager) -> ScheduledBatch {
+    pub fn schedule(
+        &mut self,
+        seqs: &mut HashMap<SeqId, Sequence>,
+        blocks: &mut BlockManager,
+    ) -> ScheduledBatch {
         let mut out = ScheduledBatch::default();
         let mut budget = self.max_num_batched_tokens;
 
@@ -86,7 +95,9 @@ impl Scheduler {
             let mut scheduled_self = true;
             loop {
                 let Some(seq) = seqs.get(&id) else { break };
-                let Some(table) = seq.table.as_ref() else { break };
+                let Some(table) = seq.table.as_ref() else {
+                    break;
+                };
                 let target = seq.num_computed + n;
                 let need = blocks.blocks_needed(table, target, seq.num_computed);
                 if need <= blocks.num_free_blocks() {
@@ -108,10 +119,14 @@ impl Scheduler {
             if !scheduled_self {
                 continue; // `running[i]` is now the next sequence
             }
-            let Some(seq) = seqs.get_mut(&id) else { continue };
+            let Some(seq) = seqs.get_mut(&id) else {
+                continue;
+            };
             let target = seq.num_computed + n;
             let write_from = seq.num_computed;
-            let Some(table) = seq.table.as_mut() else { continue };
+            let Some(table) = seq.table.as_mut() else {
+                continue;
+            };
             match blocks.grow(table, target, write_from) {
                 Ok(copies) => {
                     out.copies.extend(copies);
@@ -124,12 +139,18 @@ impl Scheduler {
                 }
             }
             // Preemption may have removed entries before `i`: continue after `id`.
-            i = self.running.iter().position(|&s| s == id).map_or(i, |p| p + 1);
+            i = self
+                .running
+                .iter()
+                .position(|&s| s == id)
+                .map_or(i, |p| p + 1);
         }
 
         // 2. Waiting sequences, FCFS, while there is room. Nothing is preempted for them.
         while budget > 0 && self.running.len() < self.max_num_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             let Some(seq) = seqs.get_mut(&id) else {
                 self.waiting.pop_front();
                 continue;
@@ -142,7 +163,9 @@ impl Scheduler {
             let n = seq.num_uncomputed().min(budget);
             let target = seq.num_computed + n;
             let write_from = seq.num_computed;
-            let Some(table) = seq.table.as_mut() else { break };
+            let Some(table) = seq.table.as_mut() else {
+                break;
+            };
             match blocks.grow(table, target, write_from) {
                 Ok(copies) => {
                     out.copies.extend(copies);

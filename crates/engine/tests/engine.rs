@@ -13,7 +13,9 @@ use spindle_model::LoadOptions;
 
 fn model_path() -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string()
+    root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .display()
+        .to_string()
 }
 
 #[derive(Default)]
@@ -27,7 +29,11 @@ impl StepObserver for Recorder {
 
 fn config(kv_bytes: u64) -> EngineConfig {
     EngineConfig {
-        model: LoadOptions { model: model_path(), max_model_len: Some(2048), ..LoadOptions::default() },
+        model: LoadOptions {
+            model: model_path(),
+            max_model_len: Some(2048),
+            ..LoadOptions::default()
+        },
         max_num_seqs: 64,
         max_num_batched_tokens: 512,
         kv_cache_memory_bytes: Some(kv_bytes),
@@ -80,7 +86,11 @@ fn collect(mut stream: RequestStream) -> Output {
 fn request(engine: &EngineHandle, id: &str, text: &str, params: SamplingParams) -> RequestStream {
     let ids = engine.tokenizer().encode(text, true).expect("encode");
     engine
-        .generate(GenerateRequest { request_id: id.to_string(), prompt_token_ids: ids, params })
+        .generate(GenerateRequest {
+            request_id: id.to_string(),
+            prompt_token_ids: ids,
+            params,
+        })
         .expect("submit")
 }
 
@@ -95,7 +105,9 @@ fn prompts(n: usize) -> Vec<String> {
         "The largest planet in the solar system",
         "To install Rust on Linux, run",
     ];
-    (0..n).map(|i| format!("{} ({i})", topics[i % topics.len()])).collect()
+    (0..n)
+        .map(|i| format!("{} ({i})", topics[i % topics.len()]))
+        .collect()
 }
 
 fn wait_idle(engine: &EngineHandle) {
@@ -110,7 +122,10 @@ fn wait_idle(engine: &EngineHandle) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("engine did not become idle: kv usage {}", engine.stats().kv_cache_usage());
+    panic!(
+        "engine did not become idle: kv usage {}",
+        engine.stats().kv_cache_usage()
+    );
 }
 
 #[test]
@@ -123,13 +138,19 @@ fn continuous_batching_batches_and_admits_late_arrivals() {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(24) };
+            let params = SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(24)
+            };
             request(&engine, &format!("early-{i}"), p, params)
         })
         .collect();
     // Let the early batch get going, then add one more request.
     std::thread::sleep(Duration::from_millis(300));
-    let late_params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) };
+    let late_params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(8)
+    };
     let late = request(&engine, "late", "The ocean is", late_params);
     let late_out = collect(late);
     let early_outs: Vec<Output> = early.into_iter().map(collect).collect();
@@ -138,12 +159,20 @@ fn continuous_batching_batches_and_admits_late_arrivals() {
         assert_eq!(o.usage.completion_tokens, 24);
     }
     let traces = recorder.0.lock().unwrap();
-    let max_batch = traces.iter().map(|t| t.request_ids.len()).max().unwrap_or(0);
+    let max_batch = traces
+        .iter()
+        .map(|t| t.request_ids.len())
+        .max()
+        .unwrap_or(0);
     assert!(max_batch > 1, "no step batched more than one sequence");
     let joined = traces.iter().any(|t| {
-        t.request_ids.iter().any(|r| r == "late") && t.request_ids.iter().any(|r| r.starts_with("early-"))
+        t.request_ids.iter().any(|r| r == "late")
+            && t.request_ids.iter().any(|r| r.starts_with("early-"))
     });
-    assert!(joined, "the late request never ran in the same step as the early ones");
+    assert!(
+        joined,
+        "the late request never ran in the same step as the early ones"
+    );
     drop(traces); // the engine's observer takes this lock after every step
     wait_idle(&engine);
 }
@@ -156,8 +185,10 @@ fn batched_greedy_equals_alone_and_preemption_keeps_outputs() {
         .iter()
         .map(|p| collect(request(&engine, "alone", p, SamplingParams::greedy(16))))
         .collect();
-    let streams: Vec<RequestStream> =
-        texts.iter().map(|p| request(&engine, "batched", p, SamplingParams::greedy(16))).collect();
+    let streams: Vec<RequestStream> = texts
+        .iter()
+        .map(|p| request(&engine, "batched", p, SamplingParams::greedy(16)))
+        .collect();
     let batched: Vec<Output> = streams.into_iter().map(collect).collect();
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a.tokens, b.tokens, "prompt {i} differs when batched");
@@ -170,10 +201,15 @@ fn batched_greedy_equals_alone_and_preemption_keeps_outputs() {
     cfg.num_blocks_override = Some(40);
     cfg.model.max_model_len = Some(512);
     let small = spawn(cfg);
-    let streams: Vec<RequestStream> =
-        texts.iter().map(|p| request(&small, "tight", p, SamplingParams::greedy(16))).collect();
+    let streams: Vec<RequestStream> = texts
+        .iter()
+        .map(|p| request(&small, "tight", p, SamplingParams::greedy(16)))
+        .collect();
     let tight: Vec<Output> = streams.into_iter().map(collect).collect();
-    let preemptions = small.stats().preemptions_total.load(std::sync::atomic::Ordering::Relaxed);
+    let preemptions = small
+        .stats()
+        .preemptions_total
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(preemptions > 0, "the small cache forced no preemption");
     for (i, (a, b)) in alone.iter().zip(&tight).enumerate() {
         assert_eq!(a.tokens, b.tokens, "prompt {i} differs after preemption");
@@ -184,20 +220,40 @@ fn batched_greedy_equals_alone_and_preemption_keeps_outputs() {
 
 #[test]
 fn prefix_cache_hits_and_keeps_output() {
-    let shared: String = (0..40).map(|i| format!("Fact {i}: the sky is blue. ")).collect();
+    let shared: String = (0..40)
+        .map(|i| format!("Fact {i}: the sky is blue. "))
+        .collect();
     let run = |caching: bool| {
         let mut cfg = config(128 << 20);
         cfg.enable_prefix_caching = caching;
         let engine = spawn(cfg);
-        let first = collect(request(&engine, "a", &format!("{shared} Question one:"), SamplingParams::greedy(12)));
-        let second = collect(request(&engine, "b", &format!("{shared} Question two:"), SamplingParams::greedy(12)));
+        let first = collect(request(
+            &engine,
+            "a",
+            &format!("{shared} Question one:"),
+            SamplingParams::greedy(12),
+        ));
+        let second = collect(request(
+            &engine,
+            "b",
+            &format!("{shared} Question two:"),
+            SamplingParams::greedy(12),
+        ));
         (first, second)
     };
     let (on_a, on_b) = run(true);
     let (off_a, off_b) = run(false);
-    assert!(on_a.usage.prompt_tokens >= 200, "shared prefix is {} tokens", on_a.usage.prompt_tokens);
+    assert!(
+        on_a.usage.prompt_tokens >= 200,
+        "shared prefix is {} tokens",
+        on_a.usage.prompt_tokens
+    );
     assert_eq!(on_a.usage.cached_tokens, 0);
-    assert!(on_b.usage.cached_tokens >= 192, "cached tokens: {}", on_b.usage.cached_tokens);
+    assert!(
+        on_b.usage.cached_tokens >= 192,
+        "cached tokens: {}",
+        on_b.usage.cached_tokens
+    );
     assert_eq!(off_b.usage.cached_tokens, 0);
     assert_eq!(on_a.tokens, off_a.tokens);
     assert_eq!(on_b.tokens, off_b.tokens);
@@ -206,54 +262,145 @@ fn prefix_cache_hits_and_keeps_output() {
 #[test]
 fn seeded_sampling_is_reproducible_alone_and_batched() {
     let engine = spawn(config(128 << 20));
-    let params = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234), max_tokens: 20, ..SamplingParams::default() };
-    let a = collect(request(&engine, "s1", "Write a poem about the sea:", params.clone()));
-    let b = collect(request(&engine, "s2", "Write a poem about the sea:", params.clone()));
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(1234),
+        max_tokens: 20,
+        ..SamplingParams::default()
+    };
+    let a = collect(request(
+        &engine,
+        "s1",
+        "Write a poem about the sea:",
+        params.clone(),
+    ));
+    let b = collect(request(
+        &engine,
+        "s2",
+        "Write a poem about the sea:",
+        params.clone(),
+    ));
     assert_eq!(a.tokens, b.tokens);
     // The same request in a batch with unrelated traffic.
     let noise: Vec<RequestStream> = prompts(6)
         .iter()
-        .map(|p| request(&engine, "noise", p, SamplingParams { temperature: 1.0, max_tokens: 20, ..SamplingParams::default() }))
+        .map(|p| {
+            request(
+                &engine,
+                "noise",
+                p,
+                SamplingParams {
+                    temperature: 1.0,
+                    max_tokens: 20,
+                    ..SamplingParams::default()
+                },
+            )
+        })
         .collect();
-    let c = collect(request(&engine, "s3", "Write a poem about the sea:", params.clone()));
+    let c = collect(request(
+        &engine,
+        "s3",
+        "Write a poem about the sea:",
+        params.clone(),
+    ));
     noise.into_iter().for_each(|s| drop(collect(s)));
     assert_eq!(a.tokens, c.tokens);
-    let other = collect(request(&engine, "s4", "Write a poem about the sea:", SamplingParams { seed: Some(99), ..params }));
-    assert_ne!(a.tokens, other.tokens, "different seeds gave the same 20 tokens");
+    let other = collect(request(
+        &engine,
+        "s4",
+        "Write a poem about the sea:",
+        SamplingParams {
+            seed: Some(99),
+            ..params
+        },
+    ));
+    assert_ne!(
+        a.tokens, other.tokens,
+        "different seeds gave the same 20 tokens"
+    );
 }
 
 #[test]
 fn n_choices_stops_and_detokenization() {
     let engine = spawn(config(128 << 20));
     // n = 3 with sampling: three choices, usage counts the prompt once.
-    let params = SamplingParams { n: 3, temperature: 1.0, seed: Some(7), max_tokens: 10, ..SamplingParams::default() };
+    let params = SamplingParams {
+        n: 3,
+        temperature: 1.0,
+        seed: Some(7),
+        max_tokens: 10,
+        ..SamplingParams::default()
+    };
     let out = collect(request(&engine, "n3", "List three fruits:", params));
     assert_eq!(out.tokens.len(), 3);
     assert!(out.finish.iter().all(|f| f.is_some()));
-    assert_eq!(out.usage.completion_tokens, out.tokens.iter().map(Vec::len).sum::<usize>());
-    assert_eq!(out.usage.prompt_tokens, engine.tokenizer().encode("List three fruits:", true).unwrap().len());
+    assert_eq!(
+        out.usage.completion_tokens,
+        out.tokens.iter().map(Vec::len).sum::<usize>()
+    );
+    assert_eq!(
+        out.usage.prompt_tokens,
+        engine
+            .tokenizer()
+            .encode("List three fruits:", true)
+            .unwrap()
+            .len()
+    );
 
     // Stop string spanning tokens: first find the greedy text, then stop in its middle.
-    let full = collect(request(&engine, "full", "The capital of France is", SamplingParams::greedy(16)));
+    let full = collect(request(
+        &engine,
+        "full",
+        "The capital of France is",
+        SamplingParams::greedy(16),
+    ));
     let text = full.texts[0].clone();
     assert!(text.len() > 8, "greedy text too short: {text:?}");
     let stop: String = text.chars().skip(3).take(6).collect();
-    let params = SamplingParams { stop: vec![stop.clone()], ..SamplingParams::greedy(16) };
+    let params = SamplingParams {
+        stop: vec![stop.clone()],
+        ..SamplingParams::greedy(16)
+    };
     let stopped = collect(request(&engine, "stop", "The capital of France is", params));
     let cut = text.find(&stop).unwrap();
     assert_eq!(stopped.texts[0], text[..cut]);
     assert_eq!(stopped.finish[0], Some(FinishReason::Stop));
-    assert_eq!(stopped.stop_reasons[0], Some(StopReason::Text(stop.clone())));
-    let params = SamplingParams { stop: vec![stop.clone()], include_stop_str_in_output: true, ..SamplingParams::greedy(16) };
-    let kept = collect(request(&engine, "stop2", "The capital of France is", params));
+    assert_eq!(
+        stopped.stop_reasons[0],
+        Some(StopReason::Text(stop.clone()))
+    );
+    let params = SamplingParams {
+        stop: vec![stop.clone()],
+        include_stop_str_in_output: true,
+        ..SamplingParams::greedy(16)
+    };
+    let kept = collect(request(
+        &engine,
+        "stop2",
+        "The capital of France is",
+        params,
+    ));
     assert_eq!(kept.texts[0], text[..cut + stop.len()]);
 
     // Length finish and the streamed text equals the full decode (emoji and CJK prompt).
-    let out = collect(request(&engine, "utf8", "Translate to Chinese and add emoji: I love 🍕 and 北京 🎉!", SamplingParams::greedy(32)));
+    let out = collect(request(
+        &engine,
+        "utf8",
+        "Translate to Chinese and add emoji: I love 🍕 and 北京 🎉!",
+        SamplingParams::greedy(32),
+    ));
     let decoded = engine.tokenizer().decode(&out.tokens[0], true).unwrap();
     let eos = engine.tokenizer().eos_token_ids.clone();
-    let visible: Vec<u32> = out.tokens[0].iter().copied().filter(|t| !eos.contains(t)).collect();
-    assert_eq!(out.texts[0], engine.tokenizer().decode(&visible, true).unwrap());
+    let visible: Vec<u32> = out.tokens[0]
+        .iter()
+        .copied()
+        .filter(|t| !eos.contains(t))
+        .collect();
+    assert_eq!(
+        out.texts[0],
+        engine.tokenizer().decode(&visible, true).unwrap()
+    );
     assert!(!out.texts[0].contains('\u{FFFD}') || decoded.contains('\u{FFFD}'));
 }
 
@@ -262,7 +409,17 @@ fn abort_frees_blocks_and_dead_receivers_are_dropped() {
     let engine = spawn(config(128 << 20));
     let mut streams: Vec<RequestStream> = prompts(8)
         .iter()
-        .map(|p| request(&engine, "abort", p, SamplingParams { ignore_eos: true, ..SamplingParams::greedy(500) }))
+        .map(|p| {
+            request(
+                &engine,
+                "abort",
+                p,
+                SamplingParams {
+                    ignore_eos: true,
+                    ..SamplingParams::greedy(500)
+                },
+            )
+        })
         .collect();
     // Wait for the first token of each, then drop half and abort the rest explicitly.
     for s in streams.iter_mut() {
@@ -279,7 +436,12 @@ fn abort_frees_blocks_and_dead_receivers_are_dropped() {
     }
     wait_idle(&engine);
     // The engine still serves.
-    let out = collect(request(&engine, "after", "Hello", SamplingParams::greedy(4)));
+    let out = collect(request(
+        &engine,
+        "after",
+        "Hello",
+        SamplingParams::greedy(4),
+    ));
     assert_eq!(out.tokens[0].len(), 4);
 }
 
@@ -288,7 +450,11 @@ fn invalid_requests_get_errors_not_panics() {
     let engine = spawn(config(128 << 20));
     let bad = |ids: Vec<u32>, params: SamplingParams| {
         let mut s = engine
-            .generate(GenerateRequest { request_id: "bad".into(), prompt_token_ids: ids, params })
+            .generate(GenerateRequest {
+                request_id: "bad".into(),
+                prompt_token_ids: ids,
+                params,
+            })
             .expect("submit");
         match s.blocking_recv() {
             Some(EngineEvent::Error(e)) => e,
@@ -298,7 +464,13 @@ fn invalid_requests_get_errors_not_panics() {
     bad(vec![], SamplingParams::greedy(4));
     bad(vec![1, 999_999], SamplingParams::greedy(4));
     bad(vec![1; 4096], SamplingParams::greedy(4));
-    bad(vec![1, 2], SamplingParams { n: 0, ..SamplingParams::greedy(4) });
+    bad(
+        vec![1, 2],
+        SamplingParams {
+            n: 0,
+            ..SamplingParams::greedy(4)
+        },
+    );
     let out = collect(request(&engine, "ok", "Hi", SamplingParams::greedy(2)));
     assert_eq!(out.tokens[0].len(), 2);
 }

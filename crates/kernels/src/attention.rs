@@ -12,11 +12,12 @@ use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::error::{KernelError, Result};
 use crate::launch::{
-    aligned16, alloc_output, allow_smem, as_i32, as_i64, cuda_device, elem_size, function, grid_dim, rows_of, view,
-    KernelFloat,
+    aligned16, alloc_output, allow_smem, as_i32, as_i64, cuda_device, elem_size, function,
+    grid_dim, rows_of, view, KernelFloat,
 };
 use crate::plan::{
-    decode_smem_bytes, prefill_smem_bytes, reduce_smem_bytes, AttentionPlan, DECODE_THREADS, PREFILL_THREADS,
+    decode_smem_bytes, prefill_smem_bytes, reduce_smem_bytes, AttentionPlan, DECODE_THREADS,
+    PREFILL_THREADS,
 };
 use crate::ptx;
 
@@ -57,12 +58,21 @@ impl CacheGeometry {
 }
 
 /// Allocate one zeroed cache buffer (zeros, not garbage: a stray read can never produce NaN).
-pub fn alloc_cache_buffer(dev: &CudaDevice, geometry: CacheGeometry, dtype: DType) -> Result<CudaSlice<u8>> {
+pub fn alloc_cache_buffer(
+    dev: &CudaDevice,
+    geometry: CacheGeometry,
+    dtype: DType,
+) -> Result<CudaSlice<u8>> {
     let bytes = geometry.buffer_bytes(dtype)?;
     Ok(dev.alloc_zeros::<u8>(bytes)?)
 }
 
-fn check_cache(buf: &CudaSlice<u8>, geometry: CacheGeometry, dtype: DType, what: &str) -> Result<()> {
+fn check_cache(
+    buf: &CudaSlice<u8>,
+    geometry: CacheGeometry,
+    dtype: DType,
+    what: &str,
+) -> Result<()> {
     let bytes = geometry.buffer_bytes(dtype)?;
     if buf.len() != bytes {
         return Err(KernelError::Unsupported(format!(
@@ -85,9 +95,25 @@ pub fn reshape_and_cache(
     slot_mapping: &CudaSlice<u32>,
 ) -> Result<()> {
     match key.dtype() {
-        DType::F32 => reshape_and_cache_t::<f32>(key, value, key_cache, value_cache, geometry, slot_mapping),
-        DType::F16 => reshape_and_cache_t::<half::f16>(key, value, key_cache, value_cache, geometry, slot_mapping),
-        DType::BF16 => reshape_and_cache_t::<half::bf16>(key, value, key_cache, value_cache, geometry, slot_mapping),
+        DType::F32 => {
+            reshape_and_cache_t::<f32>(key, value, key_cache, value_cache, geometry, slot_mapping)
+        }
+        DType::F16 => reshape_and_cache_t::<half::f16>(
+            key,
+            value,
+            key_cache,
+            value_cache,
+            geometry,
+            slot_mapping,
+        ),
+        DType::BF16 => reshape_and_cache_t::<half::bf16>(
+            key,
+            value,
+            key_cache,
+            value_cache,
+            geometry,
+            slot_mapping,
+        ),
         other => Err(KernelError::Unsupported(format!("key dtype {other:?}"))),
     }
 }
@@ -103,7 +129,10 @@ fn reshape_and_cache_t<T: KernelFloat>(
     let dtype = key.dtype();
     let es = std::mem::size_of::<T>();
     if value.dtype() != dtype {
-        return Err(KernelError::Unsupported(format!("key {dtype:?} vs value {:?}", value.dtype())));
+        return Err(KernelError::Unsupported(format!(
+            "key {dtype:?} vs value {:?}",
+            value.dtype()
+        )));
     }
     for (t, what) in [(key, "key"), (value, "value")] {
         if t.dims().len() != 3 || t.dims()[1] != g.num_kv_heads || t.dims()[2] != g.head_dim {
@@ -116,14 +145,21 @@ fn reshape_and_cache_t<T: KernelFloat>(
         }
     }
     if key.dims() != value.dims() {
-        return Err(KernelError::Unsupported(format!("key {:?} vs value {:?}", key.dims(), value.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "key {:?} vs value {:?}",
+            key.dims(),
+            value.dims()
+        )));
     }
     check_cache(key_cache, g, dtype, "key cache")?;
     check_cache(value_cache, g, dtype, "value cache")?;
     let (tokens, _, key_stride) = rows_of(key, 2, "key")?;
     let (_, _, value_stride) = rows_of(value, 2, "value")?;
     if slot_mapping.len() != tokens {
-        return Err(KernelError::InvalidBatch(format!("{} slots for {tokens} tokens", slot_mapping.len())));
+        return Err(KernelError::InvalidBatch(format!(
+            "{} slots for {tokens} tokens",
+            slot_mapping.len()
+        )));
     }
     if tokens == 0 {
         return Ok(());
@@ -132,13 +168,23 @@ fn reshape_and_cache_t<T: KernelFloat>(
     let (ks, kl) = key.storage_and_layout();
     let (vs, vl) = value.storage_and_layout();
     if !aligned16(kl, key_stride, es) || !aligned16(vl, value_stride, es) {
-        return Err(KernelError::Unsupported("key/value rows are not 16-byte aligned".into()));
+        return Err(KernelError::Unsupported(
+            "key/value rows are not 16-byte aligned".into(),
+        ));
     }
     let kv = view::<T>(&ks, kl, "key")?;
     let vv = view::<T>(&vs, vl, "value")?;
-    let func = function(&dev, "cache", ptx::CACHE, &format!("reshape_and_cache_{}", T::SUFFIX))?;
-    let (num_kv_heads, head_dim, block_size) =
-        (as_i32(g.num_kv_heads, "kv heads")?, as_i32(g.head_dim, "head_dim")?, as_i32(g.block_size, "block size")?);
+    let func = function(
+        &dev,
+        "cache",
+        ptx::CACHE,
+        &format!("reshape_and_cache_{}", T::SUFFIX),
+    )?;
+    let (num_kv_heads, head_dim, block_size) = (
+        as_i32(g.num_kv_heads, "kv heads")?,
+        as_i32(g.head_dim, "head_dim")?,
+        as_i32(g.block_size, "block size")?,
+    );
     let (key_stride, value_stride) = (as_i64(key_stride), as_i64(value_stride));
     let chunks = g.num_kv_heads * g.head_dim * es / 16;
     let threads = chunks.clamp(32, 256).div_ceil(32) * 32;
@@ -194,7 +240,11 @@ impl DevicePlan {
                 up(&p.work_qoff)?,
             ])
         };
-        Ok(Self { plan, decode, prefill })
+        Ok(Self {
+            plan,
+            decode,
+            prefill,
+        })
     }
 
     /// The host-side plan.
@@ -217,9 +267,20 @@ pub fn paged_attention(
     softmax_scale: f32,
 ) -> Result<Tensor> {
     match q.dtype() {
-        DType::F32 => paged_attention_t::<f32>(q, key_cache, value_cache, geometry, plan, softmax_scale),
-        DType::F16 => paged_attention_t::<half::f16>(q, key_cache, value_cache, geometry, plan, softmax_scale),
-        DType::BF16 => paged_attention_t::<half::bf16>(q, key_cache, value_cache, geometry, plan, softmax_scale),
+        DType::F32 => {
+            paged_attention_t::<f32>(q, key_cache, value_cache, geometry, plan, softmax_scale)
+        }
+        DType::F16 => {
+            paged_attention_t::<half::f16>(q, key_cache, value_cache, geometry, plan, softmax_scale)
+        }
+        DType::BF16 => paged_attention_t::<half::bf16>(
+            q,
+            key_cache,
+            value_cache,
+            geometry,
+            plan,
+            softmax_scale,
+        ),
         other => Err(KernelError::Unsupported(format!("q dtype {other:?}"))),
     }
 }
@@ -236,8 +297,13 @@ fn paged_attention_t<T: KernelFloat>(
     let shape = plan.shape;
     let es = std::mem::size_of::<T>();
     let dtype = q.dtype();
-    if shape.num_kv_heads != g.num_kv_heads || shape.head_dim != g.head_dim || shape.block_size != g.block_size {
-        return Err(KernelError::Unsupported(format!("plan {shape:?} does not match cache {g:?}")));
+    if shape.num_kv_heads != g.num_kv_heads
+        || shape.head_dim != g.head_dim
+        || shape.block_size != g.block_size
+    {
+        return Err(KernelError::Unsupported(format!(
+            "plan {shape:?} does not match cache {g:?}"
+        )));
     }
     let (tokens, heads, d) = q.dims3()?;
     if tokens != plan.num_tokens || heads != shape.num_heads || d != shape.head_dim {
@@ -258,7 +324,9 @@ fn paged_attention_t<T: KernelFloat>(
     if tokens > 0 {
         let (qs, ql) = q.storage_and_layout();
         if !aligned16(ql, q_stride, es) {
-            return Err(KernelError::Unsupported("q rows are not 16-byte aligned".into()));
+            return Err(KernelError::Unsupported(
+                "q rows are not 16-byte aligned".into(),
+            ));
         }
         let qv = view::<T>(&qs, ql, "q")?;
         let (out_stride, q_stride) = (as_i64(row), as_i64(q_stride));
@@ -322,7 +390,11 @@ fn paged_attention_t<T: KernelFloat>(
                 let smem = reduce_smem_bytes(dp.num_partitions);
                 allow_smem(&func, smem)?;
                 let cfg = LaunchConfig {
-                    grid_dim: (grid_dim(shape.num_heads, "heads")?, grid_dim(dp.len(), "decode entries")?, 1),
+                    grid_dim: (
+                        grid_dim(shape.num_heads, "heads")?,
+                        grid_dim(dp.len(), "decode entries")?,
+                        1,
+                    ),
                     block_dim: (DECODE_THREADS, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
@@ -372,12 +444,18 @@ fn paged_attention_t<T: KernelFloat>(
             let smem = prefill_smem_bytes(es, d);
             allow_smem(&func, smem)?;
             let cfg = LaunchConfig {
-                grid_dim: (grid_dim(pp.work_seq.len(), "prefill work")?, grid_dim(shape.num_kv_heads, "kv heads")?, 1),
+                grid_dim: (
+                    grid_dim(pp.work_seq.len(), "prefill work")?,
+                    grid_dim(shape.num_kv_heads, "kv heads")?,
+                    1,
+                ),
                 block_dim: (PREFILL_THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let (bt_stride, tokens_per_cta) =
-                (as_i32(pp.bt_stride, "block table stride")?, as_i32(pp.tokens_per_cta, "tokens per CTA")?);
+            let (bt_stride, tokens_per_cta) = (
+                as_i32(pp.bt_stride, "block table stride")?,
+                as_i32(pp.tokens_per_cta, "tokens per CTA")?,
+            );
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&mut out)
@@ -402,7 +480,12 @@ fn paged_attention_t<T: KernelFloat>(
         }
     }
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
-    Ok(Tensor::from_storage(storage, (tokens, heads, d), BackpropOp::none(), false))
+    Ok(Tensor::from_storage(
+        storage,
+        (tokens, heads, d),
+        BackpropOp::none(),
+        false,
+    ))
 }
 
 /// Copy whole blocks, `(src, dst)` pairs, in every buffer of `buffers` (all layers' K and V):
@@ -417,19 +500,32 @@ pub fn copy_blocks(
     if pairs.is_empty() || buffers.is_empty() {
         return Ok(());
     }
-    if let Some(&(s, d)) = pairs.iter().find(|&&(s, d)| s as usize >= num_blocks || d as usize >= num_blocks) {
-        return Err(KernelError::InvalidBatch(format!("block copy {s} -> {d} is out of range")));
+    if let Some(&(s, d)) = pairs
+        .iter()
+        .find(|&&(s, d)| s as usize >= num_blocks || d as usize >= num_blocks)
+    {
+        return Err(KernelError::InvalidBatch(format!(
+            "block copy {s} -> {d} is out of range"
+        )));
     }
     if block_bytes % 16 != 0 {
-        return Err(KernelError::Unsupported(format!("blocks of {block_bytes} bytes (not a multiple of 16)")));
+        return Err(KernelError::Unsupported(format!(
+            "blocks of {block_bytes} bytes (not a multiple of 16)"
+        )));
     }
     if let Some(b) = buffers.iter().find(|b| b.len() < block_bytes * num_blocks) {
-        return Err(KernelError::Unsupported(format!("a cache buffer of {} bytes is too small", b.len())));
+        return Err(KernelError::Unsupported(format!(
+            "a cache buffer of {} bytes is too small",
+            b.len()
+        )));
     }
     // CTAs are unordered: a block that is written must not be read in the same launch.
     let sources: std::collections::HashSet<u32> = pairs.iter().map(|p| p.0).collect();
-    let batches: Vec<&[(u32, u32)]> =
-        if pairs.iter().any(|p| sources.contains(&p.1)) { pairs.chunks(1).collect() } else { vec![pairs] };
+    let batches: Vec<&[(u32, u32)]> = if pairs.iter().any(|p| sources.contains(&p.1)) {
+        pairs.chunks(1).collect()
+    } else {
+        vec![pairs]
+    };
     let func = function(dev, "cache", ptx::CACHE, "copy_blocks")?;
     let stream = dev.cuda_stream();
     let mut addresses = Vec::with_capacity(buffers.len());
@@ -445,7 +541,11 @@ pub fn copy_blocks(
         let flat: Vec<u32> = batch.iter().flat_map(|&(s, d)| [s, d]).collect();
         let flat = dev.clone_htod(flat.as_slice())?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_dim(batch.len(), "block pairs")?, grid_dim(guards.len(), "cache buffers")?, 1),
+            grid_dim: (
+                grid_dim(batch.len(), "block pairs")?,
+                grid_dim(guards.len(), "cache buffers")?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -55,7 +55,9 @@ pub(crate) fn elem_size(dtype: DType) -> Result<usize> {
     match dtype {
         DType::F32 => Ok(4),
         DType::F16 | DType::BF16 => Ok(2),
-        other => Err(KernelError::Unsupported(format!("dtype {other:?} (the kernels take f32, f16, bf16)"))),
+        other => Err(KernelError::Unsupported(format!(
+            "dtype {other:?} (the kernels take f32, f16, bf16)"
+        ))),
     }
 }
 
@@ -63,22 +65,31 @@ pub(crate) fn elem_size(dtype: DType) -> Result<usize> {
 pub(crate) fn cuda_device(t: &Tensor, what: &str) -> Result<CudaDevice> {
     match t.device().as_cuda_device() {
         Ok(dev) => Ok(dev.clone()),
-        Err(_) => Err(KernelError::Unsupported(format!("{what} is on {:?}, not a CUDA device", t.device().location()))),
+        Err(_) => Err(KernelError::Unsupported(format!(
+            "{what} is on {:?}, not a CUDA device",
+            t.device().location()
+        ))),
     }
 }
 
 /// A device view of a tensor's storage starting at its layout offset. The storage guard the
 /// caller holds keeps the allocation alive and unmodified while the view is used.
-pub(crate) fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
     match storage {
         Storage::Cuda(cuda) => {
             let slice = cuda.as_cuda_slice::<T>()?;
             let start = layout.start_offset();
-            slice
-                .try_slice(start..)
-                .ok_or_else(|| KernelError::Unsupported(format!("{what}: offset {start} is past its storage")))
+            slice.try_slice(start..).ok_or_else(|| {
+                KernelError::Unsupported(format!("{what}: offset {start} is past its storage"))
+            })
         }
-        _ => Err(KernelError::Unsupported(format!("{what} is not stored on a CUDA device"))),
+        _ => Err(KernelError::Unsupported(format!(
+            "{what} is not stored on a CUDA device"
+        ))),
     }
 }
 
@@ -102,7 +113,11 @@ pub(crate) fn rows_of(t: &Tensor, inner_dims: usize, what: &str) -> Result<(usiz
     }
     let inner = expected;
     let rows: usize = dims[..split].iter().product();
-    let row_stride = if split == 0 { inner } else { strides[split - 1] };
+    let row_stride = if split == 0 {
+        inner
+    } else {
+        strides[split - 1]
+    };
     for i in 0..split.saturating_sub(1) {
         if dims[i] > 1 && strides[i] != strides[i + 1] * dims[i + 1] {
             return Err(KernelError::Unsupported(format!(
@@ -120,23 +135,34 @@ pub(crate) fn aligned16(layout: &Layout, row_stride: usize, elem: usize) -> bool
 
 /// Load (once per device; candle caches the module) and return one kernel of one module.
 /// Launch it with `dev.cuda_stream().launch_builder(&func)`: candle's stream.
-pub(crate) fn function(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str) -> Result<CudaFunction> {
-    Ok(dev.get_or_load_custom_func(name, &format!("spindle_{module}"), ptx)?.into_cuda_function())
+pub(crate) fn function(
+    dev: &CudaDevice,
+    module: &str,
+    ptx: &'static str,
+    name: &str,
+) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, &format!("spindle_{module}"), ptx)?
+        .into_cuda_function())
 }
 
 /// Allow `bytes` of dynamic shared memory where that exceeds the 48 KiB default.
 pub(crate) fn allow_smem(func: &CudaFunction, bytes: usize) -> Result<()> {
     if bytes > 48 * 1024 {
-        let bytes =
-            i32::try_from(bytes).map_err(|_| KernelError::Unsupported(format!("{bytes} bytes of shared memory")))?;
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+        let bytes = i32::try_from(bytes)
+            .map_err(|_| KernelError::Unsupported(format!("{bytes} bytes of shared memory")))?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )?;
     }
     Ok(())
 }
 
 /// A grid dimension as the driver wants it, or an error instead of a silent wrap.
 pub(crate) fn grid_dim(n: usize, what: &str) -> Result<u32> {
-    u32::try_from(n).map_err(|_| KernelError::Unsupported(format!("{what}: {n} exceeds the CUDA grid")))
+    u32::try_from(n)
+        .map_err(|_| KernelError::Unsupported(format!("{what}: {n} exceeds the CUDA grid")))
 }
 
 /// An i64 kernel argument from a stride or count.
@@ -146,5 +172,6 @@ pub(crate) fn as_i64(n: usize) -> i64 {
 
 /// An i32 kernel argument, or an error when it does not fit.
 pub(crate) fn as_i32(n: usize, what: &str) -> Result<i32> {
-    i32::try_from(n).map_err(|_| KernelError::Unsupported(format!("{what}: {n} does not fit in 32 bits")))
+    i32::try_from(n)
+        .map_err(|_| KernelError::Unsupported(format!("{what}: {n} does not fit in 32 bits")))
 }

@@ -88,13 +88,22 @@ impl AttentionShape {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(KernelError::Unsupported(m));
         if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
-            return bad(format!("head_dim {} (the CUDA kernels support {:?})", self.head_dim, SUPPORTED_HEAD_DIMS));
+            return bad(format!(
+                "head_dim {} (the CUDA kernels support {:?})",
+                self.head_dim, SUPPORTED_HEAD_DIMS
+            ));
         }
         if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("{} query heads over {} kv heads", self.num_heads, self.num_kv_heads));
+            return bad(format!(
+                "{} query heads over {} kv heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if self.group() > PREFILL_ROWS {
-            return bad(format!("GQA group of {} heads (at most {PREFILL_ROWS})", self.group()));
+            return bad(format!(
+                "GQA group of {} heads (at most {PREFILL_ROWS})",
+                self.group()
+            ));
         }
         if self.block_size == 0 || self.num_blocks == 0 {
             return bad("an empty cache".into());
@@ -131,7 +140,11 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self { decode_variant: DecodeVariant::Auto, partition_size: DEFAULT_PARTITION_SIZE, num_sms: 132 }
+        Self {
+            decode_variant: DecodeVariant::Auto,
+            partition_size: DEFAULT_PARTITION_SIZE,
+            num_sms: 132,
+        }
     }
 }
 
@@ -216,19 +229,30 @@ pub struct AttentionPlan {
 }
 
 fn to_i32(value: usize, what: &str) -> Result<i32> {
-    i32::try_from(value).map_err(|_| KernelError::InvalidBatch(format!("{what} {value} does not fit in 32 bits")))
+    i32::try_from(value)
+        .map_err(|_| KernelError::InvalidBatch(format!("{what} {value} does not fit in 32 bits")))
 }
 
 impl AttentionPlan {
     /// Validate the batch (as the CPU backend does) and plan the launches.
-    pub fn build(seqs: &[SeqSpec<'_>], num_tokens: usize, shape: AttentionShape, options: PlanOptions) -> Result<Self> {
+    pub fn build(
+        seqs: &[SeqSpec<'_>],
+        num_tokens: usize,
+        shape: AttentionShape,
+        options: PlanOptions,
+    ) -> Result<Self> {
         shape.validate()?;
         to_i32(num_tokens, "token count")?;
         let bad = |m: String| Err(KernelError::InvalidBatch(m));
         for (i, seq) in seqs.iter().enumerate() {
             let end = seq.query_start.checked_add(seq.query_len);
-            if end.is_none_or(|e| e > num_tokens) || seq.query_len == 0 || seq.query_len > seq.context_len {
-                return bad(format!("sequence {i}: inconsistent query range or context length"));
+            if end.is_none_or(|e| e > num_tokens)
+                || seq.query_len == 0
+                || seq.query_len > seq.context_len
+            {
+                return bad(format!(
+                    "sequence {i}: inconsistent query range or context length"
+                ));
             }
             to_i32(seq.context_len, "context length")?;
             let needed = seq.context_len.div_ceil(shape.block_size);
@@ -239,46 +263,77 @@ impl AttentionPlan {
                     seq.context_len
                 ));
             }
-            if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= shape.num_blocks) {
+            if let Some(b) = seq
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= shape.num_blocks)
+            {
                 return bad(format!("sequence {i}: block {b} is outside the cache"));
             }
             if shape.num_blocks > i32::MAX as usize {
-                return bad(format!("{} cache blocks do not fit in 32 bits", shape.num_blocks));
+                return bad(format!(
+                    "{} cache blocks do not fit in 32 bits",
+                    shape.num_blocks
+                ));
             }
         }
         let (decode_seqs, prefill_seqs): (Vec<&SeqSpec<'_>>, Vec<&SeqSpec<'_>>) =
             seqs.iter().partition(|s| s.query_len == 1);
         let decode = plan_decode(&decode_seqs, shape, options)?;
         let prefill = plan_prefill(&prefill_seqs, shape)?;
-        Ok(Self { shape, num_tokens, decode, prefill })
+        Ok(Self {
+            shape,
+            num_tokens,
+            decode,
+            prefill,
+        })
     }
 }
 
 /// Flatten the needed part of each block table into rows of a common stride.
 fn flatten_tables(seqs: &[&SeqSpec<'_>], block_size: usize) -> (Vec<i32>, usize) {
-    let stride = seqs.iter().map(|s| s.context_len.div_ceil(block_size)).max().unwrap_or(0).max(1);
+    let stride = seqs
+        .iter()
+        .map(|s| s.context_len.div_ceil(block_size))
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let mut out = vec![0i32; seqs.len() * stride];
     for (row, seq) in seqs.iter().enumerate() {
         let needed = seq.context_len.div_ceil(block_size);
-        for (dst, &b) in out[row * stride..row * stride + needed].iter_mut().zip(seq.block_table) {
+        for (dst, &b) in out[row * stride..row * stride + needed]
+            .iter_mut()
+            .zip(seq.block_table)
+        {
             *dst = b as i32; // < num_blocks <= i32::MAX, checked in build
         }
     }
     (out, stride)
 }
 
-fn plan_decode(seqs: &[&SeqSpec<'_>], shape: AttentionShape, options: PlanOptions) -> Result<DecodePlan> {
+fn plan_decode(
+    seqs: &[&SeqSpec<'_>],
+    shape: AttentionShape,
+    options: PlanOptions,
+) -> Result<DecodePlan> {
     if seqs.is_empty() {
         return Ok(DecodePlan::default());
     }
     if seqs.len() > 65535 {
-        return Err(KernelError::InvalidBatch(format!("{} decode sequences exceed the CUDA grid", seqs.len())));
+        return Err(KernelError::InvalidBatch(format!(
+            "{} decode sequences exceed the CUDA grid",
+            seqs.len()
+        )));
     }
     let group = shape.group();
     let heads_per_cta = group.min(DECODE_MAX_HEADS);
     let head_chunks = group.div_ceil(heads_per_cta);
     let max_ctx = seqs.iter().map(|s| s.context_len).max().unwrap_or(1);
-    let partition = options.partition_size.max(DECODE_TILE).div_ceil(DECODE_TILE) * DECODE_TILE;
+    let partition = options
+        .partition_size
+        .max(DECODE_TILE)
+        .div_ceil(DECODE_TILE)
+        * DECODE_TILE;
     let split_parts = max_ctx.div_ceil(partition);
     let ctas = seqs.len() * shape.num_kv_heads * head_chunks;
     let use_v2 = match options.decode_variant {
@@ -287,10 +342,15 @@ fn plan_decode(seqs: &[&SeqSpec<'_>], shape: AttentionShape, options: PlanOption
         DecodeVariant::Auto => split_parts > 1 && ctas < 2 * options.num_sms.max(1),
     };
     if use_v2 && split_parts > 65535 {
-        return Err(KernelError::InvalidBatch(format!("{split_parts} partitions exceed the CUDA grid")));
+        return Err(KernelError::InvalidBatch(format!(
+            "{split_parts} partitions exceed the CUDA grid"
+        )));
     }
-    let (partition_size, num_partitions) =
-        if use_v2 { (partition, split_parts) } else { (max_ctx.div_ceil(DECODE_TILE) * DECODE_TILE, 1) };
+    let (partition_size, num_partitions) = if use_v2 {
+        (partition, split_parts)
+    } else {
+        (max_ctx.div_ceil(DECODE_TILE) * DECODE_TILE, 1)
+    };
     let (block_tables, bt_stride) = flatten_tables(seqs, shape.block_size);
     Ok(DecodePlan {
         entry_token: seqs.iter().map(|s| s.query_start as i32).collect(),
@@ -341,7 +401,13 @@ mod tests {
     use super::*;
 
     fn shape(num_heads: usize, num_kv_heads: usize) -> AttentionShape {
-        AttentionShape { num_heads, num_kv_heads, head_dim: 64, block_size: 16, num_blocks: 64 }
+        AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim: 64,
+            block_size: 16,
+            num_blocks: 64,
+        }
     }
 
     #[test]
@@ -349,10 +415,21 @@ mod tests {
         let t0: Vec<u32> = vec![3, 7];
         let t1: Vec<u32> = vec![1, 2, 5];
         let seqs = [
-            SeqSpec { query_start: 0, query_len: 1, context_len: 20, block_table: &t0 },
-            SeqSpec { query_start: 1, query_len: 40, context_len: 40, block_table: &t1 },
+            SeqSpec {
+                query_start: 0,
+                query_len: 1,
+                context_len: 20,
+                block_table: &t0,
+            },
+            SeqSpec {
+                query_start: 1,
+                query_len: 40,
+                context_len: 40,
+                block_table: &t1,
+            },
         ];
-        let plan = AttentionPlan::build(&seqs, 41, shape(9, 3), PlanOptions::default()).expect("plan");
+        let plan =
+            AttentionPlan::build(&seqs, 41, shape(9, 3), PlanOptions::default()).expect("plan");
         assert_eq!(plan.decode.entry_token, vec![0]);
         assert_eq!(plan.decode.entry_ctx, vec![20]);
         assert_eq!(plan.decode.block_tables, vec![3, 7]);
@@ -370,33 +447,75 @@ mod tests {
     #[test]
     fn split_k_only_when_forced_or_needed() {
         let table: Vec<u32> = (0..64).collect();
-        let seqs = [SeqSpec { query_start: 0, query_len: 1, context_len: 1000, block_table: &table }];
+        let seqs = [SeqSpec {
+            query_start: 0,
+            query_len: 1,
+            context_len: 1000,
+            block_table: &table,
+        }];
         let s = shape(8, 8);
         let auto = AttentionPlan::build(&seqs, 1, s, PlanOptions::default()).expect("plan");
-        assert_eq!(auto.decode.num_partitions, 2, "8 CTAs leave 132 SMs idle: split");
-        let v1 = PlanOptions { decode_variant: DecodeVariant::V1, ..PlanOptions::default() };
+        assert_eq!(
+            auto.decode.num_partitions, 2,
+            "8 CTAs leave 132 SMs idle: split"
+        );
+        let v1 = PlanOptions {
+            decode_variant: DecodeVariant::V1,
+            ..PlanOptions::default()
+        };
         let plan = AttentionPlan::build(&seqs, 1, s, v1).expect("plan");
-        assert_eq!((plan.decode.num_partitions, plan.decode.partition_size), (1, 1024));
-        let small = PlanOptions { decode_variant: DecodeVariant::V2, partition_size: 100, ..PlanOptions::default() };
+        assert_eq!(
+            (plan.decode.num_partitions, plan.decode.partition_size),
+            (1, 1024)
+        );
+        let small = PlanOptions {
+            decode_variant: DecodeVariant::V2,
+            partition_size: 100,
+            ..PlanOptions::default()
+        };
         let plan = AttentionPlan::build(&seqs, 1, s, small).expect("plan");
-        assert_eq!((plan.decode.partition_size, plan.decode.num_partitions), (128, 8));
+        assert_eq!(
+            (plan.decode.partition_size, plan.decode.num_partitions),
+            (128, 8)
+        );
     }
 
     #[test]
     fn rejects_what_the_cpu_backend_rejects() {
         let table: Vec<u32> = vec![0];
-        let ok = SeqSpec { query_start: 0, query_len: 1, context_len: 16, block_table: &table };
+        let ok = SeqSpec {
+            query_start: 0,
+            query_len: 1,
+            context_len: 16,
+            block_table: &table,
+        };
         let s = shape(4, 2);
         for bad in [
-            SeqSpec { context_len: 17, ..ok },
+            SeqSpec {
+                context_len: 17,
+                ..ok
+            },
             SeqSpec { query_len: 0, ..ok },
-            SeqSpec { query_start: 1, ..ok },
-            SeqSpec { query_len: 2, context_len: 1, ..ok },
+            SeqSpec {
+                query_start: 1,
+                ..ok
+            },
+            SeqSpec {
+                query_len: 2,
+                context_len: 1,
+                ..ok
+            },
         ] {
-            assert!(AttentionPlan::build(&[bad], 1, s, PlanOptions::default()).is_err(), "{bad:?}");
+            assert!(
+                AttentionPlan::build(&[bad], 1, s, PlanOptions::default()).is_err(),
+                "{bad:?}"
+            );
         }
         let far: Vec<u32> = vec![64];
-        let bad = SeqSpec { block_table: &far, ..ok };
+        let bad = SeqSpec {
+            block_table: &far,
+            ..ok
+        };
         assert!(AttentionPlan::build(&[bad], 1, s, PlanOptions::default()).is_err());
         let odd = AttentionShape { head_dim: 72, ..s };
         assert!(AttentionPlan::build(&[ok], 1, odd, PlanOptions::default()).is_err());
@@ -411,6 +530,10 @@ mod tests {
                 assert!(prefill_smem_bytes(es, d) <= 232_448, "prefill d{d} x{es}");
             }
         }
-        assert_eq!(decode_smem_bytes(2, 128), 47_296, "bf16 d128 decode stays under the 48 KiB default");
+        assert_eq!(
+            decode_smem_bytes(2, 128),
+            47_296,
+            "bf16 d128 decode stays under the 48 KiB default"
+        );
     }
 }

@@ -84,7 +84,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return fail(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+            return fail(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return fail("vocab_size, hidden_size and num_hidden_layers must be positive".into());
@@ -107,7 +110,11 @@ impl ModelConfig {
         if self.qk_norm {
             per_layer += 2 * self.head_dim;
         }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * per_layer + h + head
     }
 

@@ -35,16 +35,18 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
     // Split the weight rows across threads in blocks big enough to amortize scheduling.
     let tasks = rayon::current_num_threads().max(1) * 4;
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(W_BLOCK).max(W_BLOCK);
-    (0..n.div_ceil(rows_per_task)).into_par_iter().for_each(|t| {
-        let n0 = t * rows_per_task;
-        let n1 = (n0 + rows_per_task).min(n);
-        let ptr = out_ptr;
-        for m0 in (0..m).step_by(X_CHUNK) {
-            let m1 = (m0 + X_CHUNK).min(m);
-            // SAFETY: this task writes only columns n0..n1 of `out`.
-            unsafe { block(x, k, w, n, m0, m1, n0, n1, ptr.0) };
-        }
-    });
+    (0..n.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|t| {
+            let n0 = t * rows_per_task;
+            let n1 = (n0 + rows_per_task).min(n);
+            let ptr = out_ptr;
+            for m0 in (0..m).step_by(X_CHUNK) {
+                let m1 = (m0 + X_CHUNK).min(m);
+                // SAFETY: this task writes only columns n0..n1 of `out`.
+                unsafe { block(x, k, w, n, m0, m1, n0, n1, ptr.0) };
+            }
+        });
 }
 
 /// All rows of `x` against the `rows` weight rows in `w`, writing columns `0..rows` of `out`
@@ -52,7 +54,15 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
 ///
 /// # Safety
 /// `out` must be valid for `m` rows of stride `ldo` and `rows` columns, written by no one else.
-pub(crate) unsafe fn block_f32(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, out: *mut f32, ldo: usize) {
+pub(crate) unsafe fn block_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
     for m0 in (0..m).step_by(X_CHUNK) {
         block(x, k, w, ldo, m0, (m0 + X_CHUNK).min(m), 0, rows, out);
     }
@@ -60,7 +70,17 @@ pub(crate) unsafe fn block_f32(x: &[f32], m: usize, k: usize, w: &[f32], rows: u
 
 /// Compute rows `m0..m1` × columns `n0..n1` of the output.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(x: &[f32], k: usize, w: &[f32], n: usize, m0: usize, m1: usize, n0: usize, n1: usize, out: *mut f32) {
+unsafe fn block(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    n: usize,
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -71,7 +91,17 @@ unsafe fn block(x: &[f32], k: usize, w: &[f32], n: usize, m0: usize, m1: usize, 
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn portable_block(x: &[f32], k: usize, w: &[f32], n: usize, m0: usize, m1: usize, n0: usize, n1: usize, out: *mut f32) {
+unsafe fn portable_block(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    n: usize,
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    out: *mut f32,
+) {
     for j in n0..n1 {
         let wr = &w[j * k..(j + 1) * k];
         for i in m0..m1 {
@@ -227,7 +257,9 @@ mod tests {
         let mut out = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
+                out[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         out
@@ -240,14 +272,24 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for &(m, k, n) in &[(1, 576, 960), (3, 17, 5), (7, 64, 9), (33, 100, 130), (65, 576, 67), (130, 31, 4)] {
+        for &(m, k, n) in &[
+            (1, 576, 960),
+            (3, 17, 5),
+            (7, 64, 9),
+            (33, 100, 130),
+            (65, 576, 67),
+            (130, 31, 4),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
             let mut out = vec![f32::NAN; m * n];
             matmul_xwt(&x, m, k, &w, n, &mut out);
             let want = reference(&x, m, k, &w, n);
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
             }
         }
     }
@@ -256,8 +298,12 @@ mod tests {
     fn rows_do_not_depend_on_the_batch() {
         let k = 300;
         let n = 37;
-        let x: Vec<f32> = (0..20 * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let x: Vec<f32> = (0..20 * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
         let mut full = vec![0f32; 20 * n];
         matmul_xwt(&x, 20, k, &w, n, &mut full);
         for i in 0..20 {
@@ -270,7 +316,10 @@ mod tests {
 
 /// `x @ wᵀ` for a 2-D `x` and a `[out, in]` weight: the kernel above for f32 CPU tensors,
 /// candle's matmul otherwise (other dtypes, CUDA).
-pub fn linear(x: &candle_core::Tensor, w: &candle_core::Tensor) -> crate::error::Result<candle_core::Tensor> {
+pub fn linear(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> crate::error::Result<candle_core::Tensor> {
     use candle_core::{DType, Storage, Tensor};
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !cpu_f32 || !w.is_contiguous() {

@@ -13,9 +13,18 @@ pub enum ModelError {
     #[error("{path}: missing tensor '{tensor}'")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor '{tensor}' has shape {actual:?}, expected {expected:?}")]
-    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, actual: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("{path}: tensor '{tensor}' uses quantization type {dtype}, which spindle cannot load")]
-    UnsupportedQuant { path: PathBuf, tensor: String, dtype: String },
+    UnsupportedQuant {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
     UnsupportedArchitecture(String),
     #[error("invalid model configuration: {0}")]
@@ -31,7 +40,10 @@ pub enum ModelError {
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Shorthand used across the crate.

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::tokenizer::GgufVocab;
 use crate::quant::{is_block_quantized, QuantMatrix};
+use crate::tokenizer::GgufVocab;
 use crate::weights::{check_shape, LinearWeight, WeightSource};
 
 /// An opened GGUF file: parsed header and metadata, tensor data read on demand.
@@ -28,12 +28,16 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ModelError::NotFound(path.to_path_buf()),
-            _ => ModelError::Io { path: path.to_path_buf(), source: e },
+            _ => ModelError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
         })?;
         let mut reader = BufReader::new(file);
         // candle's reader panics on some malformed headers (e.g. `general.alignment` = 0 divides
         // by zero; found by fuzzing): a corrupt file must be an error, not a crash.
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
         let content = match read {
             Ok(Ok(content)) => content,
             Ok(Err(e)) => {
@@ -49,7 +53,11 @@ impl GgufFile {
                 })
             }
         };
-        Ok(Self { path: path.to_path_buf(), content, reader })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -57,7 +65,10 @@ impl GgufFile {
     }
 
     fn invalid(&self, message: String) -> ModelError {
-        ModelError::InvalidFile { path: self.path.clone(), message }
+        ModelError::InvalidFile {
+            path: self.path.clone(),
+            message,
+        }
     }
 
     fn value(&self, key: &str) -> Option<&Value> {
@@ -65,7 +76,9 @@ impl GgufFile {
     }
 
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        let Some(v) = self.value(key) else { return Ok(None) };
+        let Some(v) = self.value(key) else {
+            return Ok(None);
+        };
         let n = match v {
             Value::U8(x) => *x as i128,
             Value::I8(x) => *x as i128,
@@ -83,7 +96,8 @@ impl GgufFile {
     }
 
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.invalid(format!("missing metadata '{key}'")))
+        self.usize_opt(key)?
+            .ok_or_else(|| self.invalid(format!("missing metadata '{key}'")))
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
@@ -143,7 +157,10 @@ impl GgufFile {
         };
         let vocab_size = match self.usize_opt(&key("vocab_size"))? {
             Some(v) => v,
-            None => self.array("tokenizer.ggml.tokens")?.map(|a| a.len()).unwrap_or(0),
+            None => self
+                .array("tokenizer.ggml.tokens")?
+                .map(|a| a.len())
+                .unwrap_or(0),
         };
         let config = ModelConfig {
             architecture,
@@ -152,9 +169,13 @@ impl GgufFile {
             intermediate_size: self.usize_req(&key("feed_forward_length"))?,
             num_layers: self.usize_req(&key("block_count"))?,
             num_heads,
-            num_kv_heads: self.usize_opt(&key("attention.head_count_kv"))?.unwrap_or(num_heads),
+            num_kv_heads: self
+                .usize_opt(&key("attention.head_count_kv"))?
+                .unwrap_or(num_heads),
             head_dim,
-            rms_norm_eps: self.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rms_norm_eps: self
+                .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             // Llama 3.1 GGUFs bake the scaling into a `rope_freqs` tensor instead.
             rope_scaling: None,
@@ -176,7 +197,9 @@ impl GgufFile {
     /// Tokenizer, chat template and special ids from `tokenizer.*` metadata.
     pub fn vocab(&self) -> Result<GgufVocab> {
         let strings = |key: &str| -> Result<Vec<String>> {
-            let Some(arr) = self.array(key)? else { return Ok(Vec::new()) };
+            let Some(arr) = self.array(key)? else {
+                return Ok(Vec::new());
+            };
             arr.iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.clone()),
@@ -201,9 +224,11 @@ impl GgufFile {
                 extra_eos_ids.push(v);
             }
         }
-        let model = self
-            .string_opt("tokenizer.ggml.model")?
-            .ok_or_else(|| self.invalid("missing metadata 'tokenizer.ggml.model' (no tokenizer in this GGUF)".into()))?;
+        let model = self.string_opt("tokenizer.ggml.model")?.ok_or_else(|| {
+            self.invalid(
+                "missing metadata 'tokenizer.ggml.model' (no tokenizer in this GGUF)".into(),
+            )
+        })?;
         Ok(GgufVocab {
             model,
             pre: self.string_opt("tokenizer.ggml.pre")?,
@@ -292,23 +317,37 @@ impl<'a> GgufWeights<'a> {
     pub fn new(file: &'a mut GgufFile, config: &ModelConfig, dtype: DType, device: Device) -> Self {
         // llama.cpp's converter permutes Q/K only for archs it runs with "normal" (interleaved)
         // rope: Llama and Mistral. Qwen2/Qwen3 use NeoX rope and are stored as in HF.
-        let unpermute = matches!(config.architecture, Architecture::Llama | Architecture::Mistral)
-            .then_some((config.num_heads, config.num_kv_heads));
+        let unpermute = matches!(
+            config.architecture,
+            Architecture::Llama | Architecture::Mistral
+        )
+        .then_some((config.num_heads, config.num_kv_heads));
         let keep_quantized = dtype == DType::F32 && device.is_cpu();
-        Self { file, dtype, device, unpermute, keep_quantized }
+        Self {
+            file,
+            dtype,
+            device,
+            unpermute,
+            keep_quantized,
+        }
     }
 
     /// The GGUF name of `hf` and its tensor info, or a clear error.
     fn info(&self, hf: &str) -> Result<(String, candle_core::quantized::GgmlDType, Vec<usize>)> {
         let path = self.file.path.clone();
-        let name = gguf_name(hf)
-            .ok_or_else(|| ModelError::MissingTensor { path: path.clone(), tensor: hf.to_string() })?;
-        let info = self
-            .file
-            .content
-            .tensor_infos
-            .get(&name)
-            .ok_or_else(|| ModelError::MissingTensor { path: path.clone(), tensor: name.clone() })?;
+        let name = gguf_name(hf).ok_or_else(|| ModelError::MissingTensor {
+            path: path.clone(),
+            tensor: hf.to_string(),
+        })?;
+        let info =
+            self.file
+                .content
+                .tensor_infos
+                .get(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                })?;
         Ok((name, info.ggml_dtype, info.shape.dims().to_vec()))
     }
 
@@ -330,9 +369,15 @@ impl<'a> GgufWeights<'a> {
             path: path.clone(),
             tensor: hf.to_string(),
         })?;
-        let info = self.file.content.tensor_infos.get(&name).ok_or_else(|| {
-            ModelError::MissingTensor { path: path.clone(), tensor: name.clone() }
-        })?;
+        let info =
+            self.file
+                .content
+                .tensor_infos
+                .get(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                })?;
         if !supported(info.ggml_dtype) {
             return Err(ModelError::UnsupportedQuant {
                 path,
@@ -361,16 +406,26 @@ impl<'a> GgufWeights<'a> {
 fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     if heads == 0 || rows % (2 * heads) != 0 {
-        return Err(ModelError::Config(format!("cannot split {rows} rows into {heads} heads")));
+        return Err(ModelError::Config(format!(
+            "cannot split {rows} rows into {heads} heads"
+        )));
     }
     let half = rows / heads / 2;
-    Ok(w.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+    Ok(w.reshape((heads, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 impl WeightSource for GgufWeights<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.read(name)?;
-        check_shape(&self.origin(), &gguf_name(name).unwrap_or_else(|| name.to_string()), &t, shape)?;
+        check_shape(
+            &self.origin(),
+            &gguf_name(name).unwrap_or_else(|| name.to_string()),
+            &t,
+            shape,
+        )?;
         Ok(t)
     }
 
@@ -389,19 +444,29 @@ impl WeightSource for GgufWeights<'_> {
         }
         let path = self.file.path.clone();
         if dims != shape {
-            return Err(ModelError::ShapeMismatch { path, tensor: gguf, expected: shape.to_vec(), actual: dims });
+            return Err(ModelError::ShapeMismatch {
+                path,
+                tensor: gguf,
+                expected: shape.to_vec(),
+                actual: dims,
+            });
         }
         let q = self
             .file
             .content
             .tensor(&mut self.file.reader, &gguf, &Device::Cpu)
-            .map_err(|e| ModelError::InvalidFile { path: path.clone(), message: format!("cannot read tensor '{gguf}': {e}") })?;
+            .map_err(|e| ModelError::InvalidFile {
+                path: path.clone(),
+                message: format!("cannot read tensor '{gguf}': {e}"),
+            })?;
         let bytes = q.data()?.into_owned();
         let (rows, cols) = (dims[0], dims[1]);
         let mut matrix = QuantMatrix::new(dtype, rows, cols, bytes)?;
         if let Some(heads) = self.unpermute_heads(name) {
             if heads == 0 || rows % (2 * heads) != 0 {
-                return Err(ModelError::Config(format!("cannot split {rows} rows into {heads} heads")));
+                return Err(ModelError::Config(format!(
+                    "cannot split {rows} rows into {heads} heads"
+                )));
             }
             let half = rows / heads / 2;
             let order: Vec<usize> = (0..rows)
@@ -440,7 +505,8 @@ mod tests {
 
     #[test]
     fn zero_alignment_is_an_error_not_a_panic() {
-        let path = std::env::temp_dir().join(format!("spindle-gguf-align0-{}.gguf", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("spindle-gguf-align0-{}.gguf", std::process::id()));
         std::fs::write(&path, header_with_u32("general.alignment", 0)).unwrap();
         let zero = GgufFile::open(&path);
         std::fs::write(&path, header_with_u32("general.alignment", 32)).unwrap();

@@ -15,13 +15,18 @@ use crate::weights::{check_shape, WeightSource};
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelError::NotFound(path.to_path_buf()),
-        _ => ModelError::Io { path: path.to_path_buf(), source: e },
+        _ => ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
     })
 }
 
 fn read_json(path: &Path) -> Result<Json> {
-    serde_json::from_str(&read_text(path)?)
-        .map_err(|e| ModelError::InvalidFile { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_str(&read_text(path)?).map_err(|e| ModelError::InvalidFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// A special token in tokenizer_config.json is either a string or `{"content": ...}`.
@@ -62,7 +67,11 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
         message: e.to_string(),
     })?;
     let config_path = dir.join("tokenizer_config.json");
-    let config = if config_path.exists() { read_json(&config_path)? } else { Json::Null };
+    let config = if config_path.exists() {
+        read_json(&config_path)?
+    } else {
+        Json::Null
+    };
     let mut template = chat_template(config.get("chat_template"));
     let jinja = dir.join("chat_template.jinja");
     if template.is_none() && jinja.exists() {
@@ -71,8 +80,11 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
     let bos_token = token_text(config.get("bos_token"));
     let eos_token = token_text(config.get("eos_token"));
     let bos_token_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
-    let mut eos_token_ids: Vec<u32> =
-        eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)).into_iter().collect();
+    let mut eos_token_ids: Vec<u32> = eos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t))
+        .into_iter()
+        .collect();
     let generation = dir.join("generation_config.json");
     if generation.exists() {
         let gen = read_json(&generation)?;
@@ -89,11 +101,16 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
     }
     // HF tokenizers add BOS through their post-processor; we add it ourselves, so honour
     // `add_bos_token` where given and otherwise infer it from the post-processor's template.
-    let add_bos_token = config.get("add_bos_token").and_then(Json::as_bool).unwrap_or_else(|| {
-        bos_token_id.is_some_and(|bos| {
-            tokenizer.encode_fast("a", true).is_ok_and(|e| e.get_ids().first() == Some(&bos))
-        })
-    });
+    let add_bos_token = config
+        .get("add_bos_token")
+        .and_then(Json::as_bool)
+        .unwrap_or_else(|| {
+            bos_token_id.is_some_and(|bos| {
+                tokenizer
+                    .encode_fast("a", true)
+                    .is_ok_and(|e| e.get_ids().first() == Some(&bos))
+            })
+        });
     // Our encode() adds BOS itself; keep the tokenizer from adding it a second time.
     let mut tokenizer = tokenizer;
     tokenizer.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
@@ -114,11 +131,18 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let json = read_json(&index)?;
-        let map = json.get("weight_map").and_then(Json::as_object).ok_or_else(|| {
-            ModelError::InvalidFile { path: index.clone(), message: "no weight_map".into() }
-        })?;
-        let mut files: Vec<PathBuf> =
-            map.values().filter_map(Json::as_str).map(|f| dir.join(f)).collect();
+        let map = json
+            .get("weight_map")
+            .and_then(Json::as_object)
+            .ok_or_else(|| ModelError::InvalidFile {
+                path: index.clone(),
+                message: "no weight_map".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Json::as_str)
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
@@ -146,22 +170,35 @@ impl SafetensorsWeights {
         let paths = safetensors_files(dir)?;
         // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
         // truncating them while the server runs.
-        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
-            ModelError::InvalidFile { path: dir.to_path_buf(), message: format!("safetensors: {e}") }
-        })?;
-        Ok(Self { files, origin: dir.display().to_string(), dtype, device })
+        let files =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::InvalidFile {
+                path: dir.to_path_buf(),
+                message: format!("safetensors: {e}"),
+            })?;
+        Ok(Self {
+            files,
+            origin: dir.display().to_string(),
+            dtype,
+            device,
+        })
     }
 }
 
 impl WeightSource for SafetensorsWeights {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if self.files.get(name).is_err() {
-            return Err(ModelError::MissingTensor { path: self.origin.clone().into(), tensor: name.into() });
+            return Err(ModelError::MissingTensor {
+                path: self.origin.clone().into(),
+                tensor: name.into(),
+            });
         }
-        let t = self.files.load(name, &Device::Cpu).map_err(|e| ModelError::InvalidFile {
-            path: self.origin.clone().into(),
-            message: format!("cannot read tensor '{name}': {e}"),
-        })?;
+        let t = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile {
+                path: self.origin.clone().into(),
+                message: format!("cannot read tensor '{name}': {e}"),
+            })?;
         check_shape(&self.origin, name, &t, shape)?;
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
@@ -184,7 +221,9 @@ pub fn parse_repo_id(model: &str) -> Option<(String, Option<String>)> {
     let mut parts = repo.split('/');
     let (org, name) = (parts.next()?, parts.next()?);
     let valid = |s: &str| {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     (parts.next().is_none() && valid(org) && valid(name) && org != "." && org != "..")
         .then(|| (repo.to_string(), revision))
@@ -200,7 +239,11 @@ pub fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> 
     let revision = revision.unwrap_or("main").to_string();
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
     let required = ["config.json", "tokenizer.json"];
-    let optional = ["tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
+    let optional = [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ];
 
     if env_flag("HF_HUB_OFFLINE") {
         let cached = Cache::from_env().repo(repo);
@@ -216,7 +259,10 @@ pub fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> 
         return Ok(dir);
     }
 
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| Cache::from_env().token());
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| Cache::from_env().token());
     let api = ApiBuilder::from_env()
         .with_token(token)
         .with_progress(true)
@@ -244,7 +290,12 @@ pub fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> 
             let mut shards: Vec<String> = json
                 .get("weight_map")
                 .and_then(Json::as_object)
-                .map(|m| m.values().filter_map(Json::as_str).map(str::to_string).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(Json::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -253,7 +304,9 @@ pub fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> 
             }
         }
         Err(_) => {
-            api_repo.get("model.safetensors").map_err(|e| unreachable("model.safetensors", e))?;
+            api_repo
+                .get("model.safetensors")
+                .map_err(|e| unreachable("model.safetensors", e))?;
         }
     }
     dir.ok_or_else(|| ModelError::Hub(format!("no files downloaded for '{repo_id}'")))
@@ -265,7 +318,10 @@ mod tests {
 
     #[test]
     fn repo_ids_are_told_apart_from_paths() {
-        assert_eq!(parse_repo_id("Qwen/Qwen2.5-0.5B"), Some(("Qwen/Qwen2.5-0.5B".into(), None)));
+        assert_eq!(
+            parse_repo_id("Qwen/Qwen2.5-0.5B"),
+            Some(("Qwen/Qwen2.5-0.5B".into(), None))
+        );
         assert_eq!(
             parse_repo_id("meta-llama/Llama-3.1-8B@v1"),
             Some(("meta-llama/Llama-3.1-8B".into(), Some("v1".into())))

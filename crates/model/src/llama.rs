@@ -59,15 +59,22 @@ fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
             let x = x.to_dtype(DType::F32)?.contiguous()?;
             let (m, k) = x.dims2()?;
             if k != q.cols() {
-                return Err(ModelError::InvalidBatch(format!("matmul [{m}, {k}] with [{}, {}]^T", q.rows(), q.cols())));
+                return Err(ModelError::InvalidBatch(format!(
+                    "matmul [{m}, {k}] with [{}, {}]^T",
+                    q.rows(),
+                    q.cols()
+                )));
             }
             let mut out = vec![0f32; m * q.rows()];
             {
                 let (storage, layout) = x.storage_and_layout();
                 let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return Err(ModelError::Unsupported("quantized weights need CPU activations".into()));
+                    return Err(ModelError::Unsupported(
+                        "quantized weights need CPU activations".into(),
+                    ));
                 };
-                let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
+                let xs =
+                    &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
                 crate::quant::matmul_xwt_quant(xs, m, k, q, &mut out);
             }
             Ok(Tensor::from_vec(out, (m, q.rows()), x.device())?)
@@ -87,7 +94,11 @@ impl LlamaModel {
     ) -> Result<Self> {
         config.validate()?;
         let c = &config;
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         let total = c.num_layers + 2;
         let embed = weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
@@ -113,8 +124,14 @@ impl LlamaModel {
             } else {
                 (None, None)
             };
-            let gate = weights.get_linear(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
-            let up = weights.get_linear(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?;
+            let gate = weights.get_linear(
+                &format!("{p}.mlp.gate_proj.weight"),
+                &[c.intermediate_size, h],
+            )?;
+            let up = weights.get_linear(
+                &format!("{p}.mlp.up_proj.weight"),
+                &[c.intermediate_size, h],
+            )?;
             layers.push(Layer {
                 input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv: LinearWeight::concat(&[q, k, v], dtype, device)?,
@@ -124,7 +141,10 @@ impl LlamaModel {
                 o_proj: weights.get_linear(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
                 post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up: LinearWeight::concat(&[gate, up], dtype, device)?,
-                down: weights.get_linear(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                down: weights.get_linear(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, c.intermediate_size],
+                )?,
             });
             progress(i + 2, total);
         }
@@ -139,7 +159,16 @@ impl LlamaModel {
         };
         progress(total, total);
         let rope = RotaryEmbedding::new(c, max_positions, dtype, device)?;
-        Ok(Self { config, embed, layers, norm, lm_head, rope, device: device.clone(), dtype })
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -155,7 +184,11 @@ impl LlamaModel {
     }
 
     /// Run the batch; returns logits `[logit_rows.len(), vocab]` in f32.
-    pub fn forward(&self, batch: &ForwardBatch, attention: &mut dyn AttentionBackend) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        attention: &mut dyn AttentionBackend,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let tokens = batch.token_ids.len();
         if tokens == 0 || batch.positions.len() != tokens {
@@ -164,14 +197,20 @@ impl LlamaModel {
                 batch.positions.len()
             )));
         }
-        if let Some(bad) = batch.token_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+        if let Some(bad) = batch
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= c.vocab_size)
+        {
             return Err(ModelError::InvalidBatch(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 c.vocab_size
             )));
         }
         if let Some(bad) = batch.logit_rows.iter().find(|&&r| r as usize >= tokens) {
-            return Err(ModelError::InvalidBatch(format!("logit row {bad} of {tokens} tokens")));
+            return Err(ModelError::InvalidBatch(format!(
+                "logit row {bad} of {tokens} tokens"
+            )));
         }
         let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
         let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
@@ -185,9 +224,17 @@ impl LlamaModel {
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
-            let mut q = qkv.narrow(1, 0, q_dim)?.reshape((tokens, c.num_heads, c.head_dim))?;
-            let mut k = qkv.narrow(1, q_dim, kv_dim)?.reshape((tokens, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            let mut q = qkv
+                .narrow(1, 0, q_dim)?
+                .reshape((tokens, c.num_heads, c.head_dim))?;
+            let mut k =
+                qkv.narrow(1, q_dim, kv_dim)?
+                    .reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((
+                tokens,
+                c.num_kv_heads,
+                c.head_dim,
+            ))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
                 k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;

@@ -24,7 +24,10 @@ pub enum ModelSource {
     /// A Hugging Face model directory (config.json + safetensors + tokenizer files).
     HfDirectory(PathBuf),
     /// A Hub repo id, downloaded into the HF cache first.
-    Hub { repo_id: String, revision: Option<String> },
+    Hub {
+        repo_id: String,
+        revision: Option<String>,
+    },
     /// Random weights for the config.json at this path (a file or a directory holding one).
     Dummy(PathBuf),
 }
@@ -47,7 +50,10 @@ impl ModelSource {
             LoadFormat::Safetensors | LoadFormat::Auto => {}
         }
         if path.is_file() {
-            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            {
                 return Ok(Self::Gguf(path.to_path_buf()));
             }
             return Err(ModelError::Unsupported(format!(
@@ -57,9 +63,15 @@ impl ModelSource {
         }
         if path.is_dir() {
             let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: e })?
+                .map_err(|e| ModelError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+                })
                 .collect();
             if path.join("config.json").exists() || options.load_format == LoadFormat::Safetensors {
                 return Ok(Self::HfDirectory(path.to_path_buf()));
@@ -74,7 +86,10 @@ impl ModelSource {
             )));
         }
         if let Some((repo_id, revision)) = parse_repo_id(&options.model) {
-            return Ok(Self::Hub { repo_id, revision: options.revision.clone().or(revision) });
+            return Ok(Self::Hub {
+                repo_id,
+                revision: options.revision.clone().or(revision),
+            });
         }
         Err(ModelError::NotFound(path.to_path_buf()))
     }
@@ -123,8 +138,10 @@ fn dtype_name(dtype: DType) -> &'static str {
 fn chat_template_override(value: &str) -> Result<String> {
     let path = Path::new(value);
     if !value.contains("{%") && !value.contains("{{") {
-        return std::fs::read_to_string(path)
-            .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: e });
+        return std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        });
     }
     Ok(value.to_string())
 }
@@ -162,8 +179,10 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
         }
         ModelSource::Dummy(path) => {
             let config_path = dummy_config_path(path);
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| ModelError::Io { path: config_path.clone(), source: e })?;
+            let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::Io {
+                path: config_path.clone(),
+                source: e,
+            })?;
             let config = ModelConfig::from_hf_json(&text)?;
             let dir = config_path.parent().unwrap_or(Path::new("."));
             let tokenizer = if dir.join("tokenizer.json").exists() {
@@ -172,7 +191,8 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
                 TokenizerBundle::byte_fallback(config.vocab_size)?
             };
             let max_pos = max_positions(&config, options)?;
-            let mut weights = DummyWeights::new(options.seed, dtype, device.clone(), config.qkv_bias);
+            let mut weights =
+                DummyWeights::new(options.seed, dtype, device.clone(), config.qkv_bias);
             let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
             (config, tokenizer, model)
         }
@@ -197,14 +217,20 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
         info.max_model_len,
         started.elapsed().as_secs_f64()
     );
-    Ok(LoadedModel { model, tokenizer, info })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info,
+    })
 }
 
 /// The context length we serve: the model's, or a smaller `--max-model-len`.
 fn max_positions(config: &ModelConfig, options: &LoadOptions) -> Result<usize> {
     match options.max_model_len {
         None => Ok(config.max_position_embeddings),
-        Some(0) => Err(ModelError::Config("--max-model-len must be positive".into())),
+        Some(0) => Err(ModelError::Config(
+            "--max-model-len must be positive".into(),
+        )),
         Some(n) if n > config.max_position_embeddings => Err(ModelError::Config(format!(
             "--max-model-len {n} exceeds the model's context length {}",
             config.max_position_embeddings
@@ -222,7 +248,10 @@ fn load_hf_dir(
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelError::NotFound(config_path.clone()),
-        _ => ModelError::Io { path: config_path.clone(), source: e },
+        _ => ModelError::Io {
+            path: config_path.clone(),
+            source: e,
+        },
     })?;
     let config = ModelConfig::from_hf_json(&text)?;
     let tokenizer = load_tokenizer(dir)?;

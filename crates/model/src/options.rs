@@ -72,7 +72,9 @@ impl FromStr for DeviceChoice {
             "cuda" => Ok(Self::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
-                _ => Err(format!("unsupported device '{other}' (expected cpu, cuda or cuda:N)")),
+                _ => Err(format!(
+                    "unsupported device '{other}' (expected cpu, cuda or cuda:N)"
+                )),
             },
         }
     }

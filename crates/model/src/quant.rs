@@ -62,11 +62,15 @@ impl QuantMatrix {
     /// Wrap raw GGUF tensor bytes of shape `[rows, cols]`.
     pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         if !is_block_quantized(dtype) {
-            return Err(ModelError::Unsupported(format!("{dtype:?} is not a block-quantized type")));
+            return Err(ModelError::Unsupported(format!(
+                "{dtype:?} is not a block-quantized type"
+            )));
         }
         let block = dtype.block_size();
         if cols % block != 0 {
-            return Err(ModelError::Config(format!("{cols} columns are not whole {dtype:?} blocks")));
+            return Err(ModelError::Config(format!(
+                "{cols} columns are not whole {dtype:?} blocks"
+            )));
         }
         let row_bytes = cols / block * dtype.type_size();
         if data.len() != rows * row_bytes {
@@ -79,9 +83,17 @@ impl QuantMatrix {
         // Rows must start aligned for the block structs, whose widest field is an f16.
         let align = 2;
         if data.as_ptr() as usize % align != 0 || row_bytes % align != 0 {
-            return Err(ModelError::Config("misaligned quantized weight data".into()));
+            return Err(ModelError::Config(
+                "misaligned quantized weight data".into(),
+            ));
         }
-        Ok(Self { dtype, rows, cols, row_bytes, data })
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -136,7 +148,10 @@ impl QuantMatrix {
     /// Stack matrices of the same type and width (fused q/k/v or gate/up); `None` otherwise.
     pub fn concat_rows(parts: &[&QuantMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.dtype != first.dtype || p.cols != first.cols) {
+        if parts
+            .iter()
+            .any(|p| p.dtype != first.dtype || p.cols != first.cols)
+        {
             return None;
         }
         let data: Vec<u8> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
@@ -217,7 +232,10 @@ mod fast {
                 let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
                 let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
                 _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                _mm512_storeu_ps(ys.as_mut_ptr().add(16), _mm512_add_ps(_mm512_mul_ps(hi, d), m));
+                _mm512_storeu_ps(
+                    ys.as_mut_ptr().add(16),
+                    _mm512_add_ps(_mm512_mul_ps(hi, d), m),
+                );
             }
         }
 
@@ -273,15 +291,35 @@ mod tests {
     #[test]
     fn quantized_matmul_is_bit_identical_to_dequantized() {
         let (rows, cols) = (70, 256);
-        let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let matrix = QuantMatrix::new(dtype, rows, cols, q.data().unwrap().into_owned()).unwrap();
-            let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(matrix.dequantize(), dense, "{dtype:?} rows differ from candle's dequantize");
+            let matrix =
+                QuantMatrix::new(dtype, rows, cols, q.data().unwrap().into_owned()).unwrap();
+            let dense: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                matrix.dequantize(),
+                dense,
+                "{dtype:?} rows differ from candle's dequantize"
+            );
             for m in [1usize, 5, 33] {
-                let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0).collect();
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
+                    .collect();
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
                 matmul_xwt_quant(&x, m, cols, &matrix, &mut a);
@@ -297,7 +335,8 @@ mod tests {
         let data: Vec<f32> = (0..rows * cols).map(|i| (i / cols) as f32).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
-        let m = QuantMatrix::new(GgmlDType::Q8_0, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let m =
+            QuantMatrix::new(GgmlDType::Q8_0, rows, cols, q.data().unwrap().into_owned()).unwrap();
         let p = m.permute_rows(&[2, 0, 3, 1]).unwrap();
         let d = p.dequantize();
         let firsts: Vec<f32> = (0..rows).map(|r| d[r * cols].round()).collect();

@@ -14,7 +14,11 @@ pub struct RotaryEmbedding {
 }
 
 /// Inverse frequencies, with Llama-3's frequency-dependent scaling when configured.
-fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&Llama3RopeScaling>) -> Vec<f64> {
+fn inverse_frequencies(
+    head_dim: usize,
+    theta: f64,
+    scaling: Option<&Llama3RopeScaling>,
+) -> Vec<f64> {
     (0..head_dim / 2)
         .map(|i| {
             let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
@@ -41,9 +45,18 @@ fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&Llama3RopeS
 }
 
 impl RotaryEmbedding {
-    pub fn new(config: &ModelConfig, max_positions: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = config.head_dim / 2;
-        let inv = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
+        let inv = inverse_frequencies(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_scaling.as_ref(),
+        );
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {

@@ -66,7 +66,9 @@ impl TokenizerBundle {
             a.into_iter().map(String::from).collect()
         };
         if vocab_size < alphabet.len() + 1 {
-            return Err(tok_err(format!("vocab_size {vocab_size} is too small for a byte tokenizer")));
+            return Err(tok_err(format!(
+                "vocab_size {vocab_size} is too small for a byte tokenizer"
+            )));
         }
         let mut vocab = Vocab::new();
         let mut names = alphabet;
@@ -77,7 +79,10 @@ impl TokenizerBundle {
         for (id, name) in names.iter().enumerate() {
             vocab.insert(name.clone(), id as u32);
         }
-        let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(tok_err)?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(tok_err)?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
@@ -167,7 +172,10 @@ impl GgufVocab {
                             .ok_or_else(|| tok_err(format!("malformed merge '{m}'")))
                     })
                     .collect::<crate::error::Result<Vec<_>>>()?;
-                let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .build()
+                    .map_err(tok_err)?;
                 let mut tk = Tokenizer::new(bpe);
                 tk.with_pre_tokenizer(Some(self.byte_level_pre_tokenizer()?));
                 tk.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
@@ -194,7 +202,8 @@ impl GgufVocab {
                     norms.push(Prepend::new("▁".to_string()).into());
                 }
                 norms.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
-                tk.with_normalizer(Some(NormSeq::new(norms))).map_err(tok_err)?;
+                tk.with_normalizer(Some(NormSeq::new(norms)))
+                    .map_err(tok_err)?;
                 use tokenizers::decoders::{
                     byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq,
                     strip::Strip,
@@ -265,7 +274,11 @@ impl GgufVocab {
                 false,
             )
             .map_err(tok_err)?;
-            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into())
         };
         match self.pre.as_deref().unwrap_or("default") {
             // SmolLM / StarCoder: every digit on its own, then GPT-2's byte-level split.
@@ -287,11 +300,19 @@ impl GgufVocab {
     /// way SentencePiece would apply them (a piece made of two vocabulary pieces is a merge,
     /// ranked by the piece's score).
     fn merges_from_scores(&self) -> Vec<(String, String)> {
-        let lookup: std::collections::HashMap<&str, usize> =
-            self.tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let lookup: std::collections::HashMap<&str, usize> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
         let mut ranked: Vec<(f32, usize, usize, String, String)> = Vec::new();
         for (id, piece) in self.tokens.iter().enumerate() {
-            if self.token_types.get(id).is_some_and(|&t| t == TOKEN_TYPE_BYTE || t == TOKEN_TYPE_CONTROL) {
+            if self
+                .token_types
+                .get(id)
+                .is_some_and(|&t| t == TOKEN_TYPE_BYTE || t == TOKEN_TYPE_CONTROL)
+            {
                 continue;
             }
             let score = self.scores.get(id).copied().unwrap_or(0.0);

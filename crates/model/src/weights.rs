@@ -31,7 +31,11 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(t) => Ok(t.clone()),
             LinearWeight::Quantized(q) => {
-                Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+                Ok(
+                    Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                )
             }
         }
     }
@@ -51,7 +55,10 @@ impl LinearWeight {
                 return Ok(LinearWeight::Quantized(Arc::new(q)));
             }
         }
-        let dense = parts.iter().map(|p| p.to_dense(dtype, device)).collect::<Result<Vec<_>>>()?;
+        let dense = parts
+            .iter()
+            .map(|p| p.to_dense(dtype, device))
+            .collect::<Result<Vec<_>>>()?;
         Ok(LinearWeight::Dense(Tensor::cat(&dense, 0)?))
     }
 }
@@ -102,7 +109,12 @@ pub struct DummyWeights {
 impl DummyWeights {
     pub fn new(seed: u64, dtype: DType, device: Device, include_bias: bool) -> Self {
         use rand::SeedableRng;
-        Self { dtype, device, rng: rand::rngs::StdRng::seed_from_u64(seed), include_bias }
+        Self {
+            dtype,
+            device,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            include_bias,
+        }
     }
 }
 
@@ -115,7 +127,9 @@ impl WeightSource for DummyWeights {
         } else {
             // Uniform with std ~0.02, like common initializers.
             let bound = 0.02f32 * 3f32.sqrt();
-            (0..count).map(|_| self.rng.random_range(-bound..bound)).collect()
+            (0..count)
+                .map(|_| self.rng.random_range(-bound..bound))
+                .collect()
         };
         Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
     }

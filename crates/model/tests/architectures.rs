@@ -16,10 +16,14 @@ struct MapWeights(HashMap<String, Tensor>);
 
 impl WeightSource for MapWeights {
     fn get(&mut self, name: &str, shape: &[usize]) -> spindle_model::Result<Tensor> {
-        let t = self.0.get(name).cloned().ok_or_else(|| spindle_model::ModelError::MissingTensor {
-            path: "test".into(),
-            tensor: name.into(),
-        })?;
+        let t =
+            self.0
+                .get(name)
+                .cloned()
+                .ok_or_else(|| spindle_model::ModelError::MissingTensor {
+                    path: "test".into(),
+                    tensor: name.into(),
+                })?;
         assert_eq!(t.dims(), shape, "{name}");
         Ok(t)
     }
@@ -47,11 +51,23 @@ fn random_weights(c: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut map = HashMap::new();
     let mut add = |name: String, shape: &[usize], scale: f32, offset: f32| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| offset + scale * rng.random_range(-1.0f32..1.0)).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| offset + scale * rng.random_range(-1.0f32..1.0))
+            .collect();
         map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
     };
-    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    add("model.embed_tokens.weight".into(), &[c.vocab_size, h], 1.0, 0.0);
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    add(
+        "model.embed_tokens.weight".into(),
+        &[c.vocab_size, h],
+        1.0,
+        0.0,
+    );
     add("model.norm.weight".into(), &[h], 0.2, 1.0);
     if !c.tie_word_embeddings {
         add("lm_head.weight".into(), &[c.vocab_size, h], 0.2, 0.0);
@@ -59,7 +75,12 @@ fn random_weights(c: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         add(format!("{p}.input_layernorm.weight"), &[h], 0.2, 1.0);
-        add(format!("{p}.post_attention_layernorm.weight"), &[h], 0.2, 1.0);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            0.2,
+            1.0,
+        );
         add(format!("{p}.self_attn.q_proj.weight"), &[q, h], 0.2, 0.0);
         add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], 0.2, 0.0);
         add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], 0.2, 0.0);
@@ -73,8 +94,18 @@ fn random_weights(c: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
             add(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.2, 0.0);
         }
         if c.qk_norm {
-            add(format!("{p}.self_attn.q_norm.weight"), &[c.head_dim], 0.2, 1.0);
-            add(format!("{p}.self_attn.k_norm.weight"), &[c.head_dim], 0.2, 1.0);
+            add(
+                format!("{p}.self_attn.q_norm.weight"),
+                &[c.head_dim],
+                0.2,
+                1.0,
+            );
+            add(
+                format!("{p}.self_attn.k_norm.weight"),
+                &[c.head_dim],
+                0.2,
+                1.0,
+            );
         }
     }
     map
@@ -82,7 +113,9 @@ fn random_weights(c: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
 
 fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let normed = x.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+    let normed = x
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
     normed.broadcast_mul(w).unwrap()
 }
 
@@ -114,25 +147,45 @@ fn reference_last_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, tokens: &
     let lin = |x: &Tensor, n: &str| x.matmul(&g(n).t().unwrap()).unwrap();
     let t = tokens.len();
     let ids = Tensor::new(tokens, &Device::Cpu).unwrap();
-    let mut x = g("model.embed_tokens.weight").index_select(&ids, 0).unwrap();
+    let mut x = g("model.embed_tokens.weight")
+        .index_select(&ids, 0)
+        .unwrap();
     let group = c.num_heads / c.num_kv_heads;
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
-        let h = rms(&x, &g(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+        let h = rms(
+            &x,
+            &g(&format!("{p}.input_layernorm.weight")),
+            c.rms_norm_eps,
+        );
         let mut q = lin(&h, &format!("{p}.self_attn.q_proj.weight"));
         let mut k = lin(&h, &format!("{p}.self_attn.k_proj.weight"));
         let mut v = lin(&h, &format!("{p}.self_attn.v_proj.weight"));
         if c.qkv_bias {
-            q = q.broadcast_add(&g(&format!("{p}.self_attn.q_proj.bias"))).unwrap();
-            k = k.broadcast_add(&g(&format!("{p}.self_attn.k_proj.bias"))).unwrap();
-            v = v.broadcast_add(&g(&format!("{p}.self_attn.v_proj.bias"))).unwrap();
+            q = q
+                .broadcast_add(&g(&format!("{p}.self_attn.q_proj.bias")))
+                .unwrap();
+            k = k
+                .broadcast_add(&g(&format!("{p}.self_attn.k_proj.bias")))
+                .unwrap();
+            v = v
+                .broadcast_add(&g(&format!("{p}.self_attn.v_proj.bias")))
+                .unwrap();
         }
         let mut q = q.reshape((t, c.num_heads, c.head_dim)).unwrap();
         let mut k = k.reshape((t, c.num_kv_heads, c.head_dim)).unwrap();
         let v = v.reshape((t, c.num_kv_heads, c.head_dim)).unwrap();
         if c.qk_norm {
-            q = rms(&q, &g(&format!("{p}.self_attn.q_norm.weight")), c.rms_norm_eps);
-            k = rms(&k, &g(&format!("{p}.self_attn.k_norm.weight")), c.rms_norm_eps);
+            q = rms(
+                &q,
+                &g(&format!("{p}.self_attn.q_norm.weight")),
+                c.rms_norm_eps,
+            );
+            k = rms(
+                &k,
+                &g(&format!("{p}.self_attn.k_norm.weight")),
+                c.rms_norm_eps,
+            );
         }
         let (q, k) = (rope(&q, c), rope(&k, c));
         let mut heads = Vec::new();
@@ -140,15 +193,28 @@ fn reference_last_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, tokens: &
             let qh = q.narrow(1, hd, 1).unwrap().squeeze(1).unwrap();
             let kh = k.narrow(1, hd / group, 1).unwrap().squeeze(1).unwrap();
             let vh = v.narrow(1, hd / group, 1).unwrap().squeeze(1).unwrap();
-            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (c.head_dim as f64).sqrt()).unwrap();
-            let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let scores =
+                (qh.matmul(&kh.t().unwrap()).unwrap() / (c.head_dim as f64).sqrt()).unwrap();
+            let mask: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    if i % t > i / t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
             let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
             let probs = candle_nn::ops::softmax_last_dim(&(scores + mask).unwrap()).unwrap();
             heads.push(probs.matmul(&vh).unwrap());
         }
         let attn = Tensor::cat(&heads, 1).unwrap();
         x = (x + lin(&attn, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
-        let h = rms(&x, &g(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
+        let h = rms(
+            &x,
+            &g(&format!("{p}.post_attention_layernorm.weight")),
+            c.rms_norm_eps,
+        );
         let gate = lin(&h, &format!("{p}.mlp.gate_proj.weight"));
         let up = lin(&h, &format!("{p}.mlp.up_proj.weight"));
         let act = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
@@ -156,20 +222,40 @@ fn reference_last_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, tokens: &
     }
     let last = x.narrow(0, t - 1, 1).unwrap();
     let last = rms(&last, &g("model.norm.weight"), c.rms_norm_eps);
-    let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-    last.matmul(&g(head).t().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    let head = if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    last.matmul(&g(head).t().unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn check_arch(config: ModelConfig) {
     let weights = random_weights(&config, 42);
-    let model = LlamaModel::load(config.clone(), &mut MapWeights(weights.clone()), 256, DType::F32, &Device::Cpu, |_, _| {})
-        .expect("load tiny model");
+    let model = LlamaModel::load(
+        config.clone(),
+        &mut MapWeights(weights.clone()),
+        256,
+        DType::F32,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .expect("load tiny model");
     let block = 4;
     // Sequences of lengths around block boundaries (block size 4).
     let seqs: Vec<Vec<u32>> = [3usize, 4, 5, 8, 13, 17]
         .iter()
         .enumerate()
-        .map(|(s, &len)| (0..len).map(|i| ((s * 31 + i * 7) % config.vocab_size) as u32).collect())
+        .map(|(s, &len)| {
+            (0..len)
+                .map(|i| ((s * 31 + i * 7) % config.vocab_size) as u32)
+                .collect()
+        })
         .collect();
     let mut runner = PagedRunner::new(&model, seqs.len(), 32, block);
     // Step 1: sequences 0..3 prefill whole; 3..6 prefill all but their last 4 tokens in chunks.
@@ -198,9 +284,17 @@ fn check_arch(config: ModelConfig) {
     let logits: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().unwrap();
     for (row, (i, _, _)) in logits.iter().zip(&chunks) {
         let want = reference_last_logits(&config, &weights, &extended[*i][..done[*i]]);
-        let err = row.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let err = row
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        assert!(err <= 1e-4 * scale.max(1.0), "{:?} seq {i}: max error {err} (scale {scale})", config.architecture);
+        assert!(
+            err <= 1e-4 * scale.max(1.0),
+            "{:?} seq {i}: max error {err} (scale {scale})",
+            config.architecture
+        );
     }
     // Step 3: the last token of each chunked prefill plus more decodes.
     let mut chunks = Vec::new();
@@ -217,15 +311,26 @@ fn check_arch(config: ModelConfig) {
     let logits: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().unwrap();
     for (row, (i, _, _)) in logits.iter().zip(&chunks) {
         let want = reference_last_logits(&config, &weights, &extended[*i][..done[*i]]);
-        let err = row.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let err = row
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        assert!(err <= 1e-4 * scale.max(1.0), "{:?} seq {i} step 3: max error {err}", config.architecture);
+        assert!(
+            err <= 1e-4 * scale.max(1.0),
+            "{:?} seq {i} step 3: max error {err}",
+            config.architecture
+        );
     }
 }
 
 #[test]
 fn llama_paged_equals_reference() {
-    check_arch(tiny_config("LlamaForCausalLM", r#", "tie_word_embeddings": true"#));
+    check_arch(tiny_config(
+        "LlamaForCausalLM",
+        r#", "tie_word_embeddings": true"#,
+    ));
 }
 
 #[test]

@@ -14,8 +14,8 @@ use spindle_kernels::plan::{DecodeVariant, PlanOptions};
 use spindle_model::attention::cpu::CpuAttention;
 use spindle_model::attention::cuda::CudaAttention;
 use spindle_model::{
-    AttentionBackend, AttentionMetadata, CacheShape, DTypeChoice, DeviceChoice, ForwardBatch, LlamaModel, LoadFormat,
-    LoadOptions, SequenceSlice,
+    AttentionBackend, AttentionMetadata, CacheShape, DTypeChoice, DeviceChoice, ForwardBatch,
+    LlamaModel, LoadFormat, LoadOptions, SequenceSlice,
 };
 
 fn gpu(test: &str) -> Option<Device> {
@@ -29,22 +29,36 @@ fn gpu(test: &str) -> Option<Device> {
 }
 
 fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("SPINDLE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("SPINDLE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("{test}: seed {seed}");
     StdRng::seed_from_u64(seed)
 }
 
 fn host(t: &Tensor) -> Vec<f64> {
-    let v = t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("download");
+    let v = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("download");
     v.into_iter().map(f64::from).collect()
 }
 
 fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
     assert_eq!(out.len(), reference.len());
     assert!(out.iter().all(|x| x.is_finite()), "non-finite output");
-    let num: f64 = out.iter().zip(reference).map(|(o, r)| (o - r) * (o - r)).sum();
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(o, r)| (o - r) * (o - r))
+        .sum();
     let den: f64 = reference.iter().map(|r| r * r).sum();
     (num / den.max(1e-300)).sqrt()
 }
@@ -62,9 +76,13 @@ fn step_metadata(seqs: &[Seq], step: &[(usize, usize)], block_size: usize) -> At
     for &(s, new) in step {
         let seq = &seqs[s];
         let ctx = seq.len + new;
-        assert!(seq.table.len() * block_size >= ctx, "test bug: sequence {s} needs more blocks");
+        assert!(
+            seq.table.len() * block_size >= ctx,
+            "test bug: sequence {s} needs more blocks"
+        );
         for p in seq.len..ctx {
-            md.slot_mapping.push(seq.table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            md.slot_mapping
+                .push(seq.table[p / block_size] * block_size as u32 + (p % block_size) as u32);
         }
         md.sequences.push(SequenceSlice {
             query_start: start,
@@ -79,24 +97,51 @@ fn step_metadata(seqs: &[Seq], step: &[(usize, usize)], block_size: usize) -> At
 
 #[test]
 fn cuda_attention_matches_cpu_across_steps() {
-    let Some(dev) = gpu("cuda_attention_matches_cpu_across_steps") else { return };
+    let Some(dev) = gpu("cuda_attention_matches_cpu_across_steps") else {
+        return;
+    };
     let mut rng = rng("cuda_attention_matches_cpu_across_steps");
     let block_size = 16;
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
         for (head_dim, num_heads, num_kv_heads) in [(64, 9, 3), (128, 8, 2), (80, 4, 4)] {
             for variant in [DecodeVariant::Auto, DecodeVariant::V2] {
-                let shape = CacheShape { num_layers: 2, num_blocks: 40, block_size, num_kv_heads, head_dim };
+                let shape = CacheShape {
+                    num_layers: 2,
+                    num_blocks: 40,
+                    block_size,
+                    num_kv_heads,
+                    head_dim,
+                };
                 let mut cpu = CpuAttention::new(shape).expect("cpu cache");
                 let mut gpu_backend = CudaAttention::new(shape, dtype, &dev).expect("cuda cache");
-                gpu_backend.set_plan_options(PlanOptions { decode_variant: variant, partition_size: 64, num_sms: 132 });
+                gpu_backend.set_plan_options(PlanOptions {
+                    decode_variant: variant,
+                    partition_size: 64,
+                    num_sms: 132,
+                });
                 // A: 37-token prompt; B: 16 (exactly one block); C: 5. D later shares A's first two
                 // blocks (a prefix-cache hit); E later forks A (copy-on-write of A's last block).
                 let mut seqs = vec![
-                    Seq { table: vec![0, 1, 2, 3, 4, 5], len: 0 },
-                    Seq { table: vec![6, 7, 8, 15], len: 0 },
-                    Seq { table: vec![9], len: 0 },
-                    Seq { table: vec![0, 1, 10], len: 32 },
-                    Seq { table: vec![0, 1, 11, 12, 13, 14], len: 0 },
+                    Seq {
+                        table: vec![0, 1, 2, 3, 4, 5],
+                        len: 0,
+                    },
+                    Seq {
+                        table: vec![6, 7, 8, 15],
+                        len: 0,
+                    },
+                    Seq {
+                        table: vec![9],
+                        len: 0,
+                    },
+                    Seq {
+                        table: vec![0, 1, 10],
+                        len: 32,
+                    },
+                    Seq {
+                        table: vec![0, 1, 11, 12, 13, 14],
+                        len: 0,
+                    },
                 ];
                 let steps: Vec<Vec<(usize, usize)>> = vec![
                     vec![(0, 37), (1, 16), (2, 5)],
@@ -115,8 +160,9 @@ fn cuda_attention_matches_cpu_across_steps() {
                     let md = step_metadata(&seqs, step, block_size);
                     let tokens = md.num_tokens();
                     for layer in 0..shape.num_layers {
-                        let mut data =
-                            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+                        let mut data = |n: usize| -> Vec<f32> {
+                            (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+                        };
                         let qd = data(tokens * num_heads * head_dim);
                         let kd = data(tokens * num_kv_heads * head_dim);
                         let vd = data(tokens * num_kv_heads * head_dim);
@@ -180,7 +226,9 @@ fn load(device: DeviceChoice) -> LlamaModel {
         seed: 7,
         ..LoadOptions::default()
     };
-    spindle_model::load(&options).expect("load dummy SmolLM2").model
+    spindle_model::load(&options)
+        .expect("load dummy SmolLM2")
+        .model
 }
 
 /// Greedy-decode two sequences together (prefill both, then decode both each step). With
@@ -203,13 +251,18 @@ fn greedy(
         let mut batch = ForwardBatch::default();
         for (s, toks) in tokens.iter().enumerate() {
             let new = &toks[cached[s]..];
-            let table: Vec<u32> = (0..blocks_per_seq).map(|b| (s * blocks_per_seq + b) as u32).collect();
+            let table: Vec<u32> = (0..blocks_per_seq)
+                .map(|b| (s * blocks_per_seq + b) as u32)
+                .collect();
             let start = batch.token_ids.len();
             for (i, &t) in new.iter().enumerate() {
                 let p = cached[s] + i;
                 batch.token_ids.push(t);
                 batch.positions.push(p as u32);
-                batch.attention.slot_mapping.push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+                batch
+                    .attention
+                    .slot_mapping
+                    .push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
             }
             batch.attention.sequences.push(SequenceSlice {
                 query_start: start,
@@ -225,7 +278,13 @@ fn greedy(
             let best = row
                 .iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
+                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
+                    if v > acc.1 {
+                        (i, v)
+                    } else {
+                        acc
+                    }
+                })
                 .0 as u32;
             generated[s].push(best);
             cached[s] = tokens[s].len();
@@ -239,7 +298,9 @@ fn greedy(
 
 #[test]
 fn greedy_decoding_on_cuda_equals_cpu() {
-    let Some(_dev) = gpu("greedy_decoding_on_cuda_equals_cpu") else { return };
+    let Some(_dev) = gpu("greedy_decoding_on_cuda_equals_cpu") else {
+        return;
+    };
     let mut rng = rng("greedy_decoding_on_cuda_equals_cpu");
     let cpu_model = load(DeviceChoice::Cpu);
     let gpu_model = load(DeviceChoice::Cuda(0));
@@ -252,21 +313,37 @@ fn greedy_decoding_on_cuda_equals_cpu() {
         head_dim: c.head_dim,
     };
     // Prompts of 21 and 16 tokens (a whole block), 24 steps: decode crosses block boundaries.
-    let prompts: Vec<Vec<u32>> =
-        [21usize, 16].iter().map(|&n| (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect()).collect();
+    let prompts: Vec<Vec<u32>> = [21usize, 16]
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| rng.random_range(0..c.vocab_size as u32))
+                .collect()
+        })
+        .collect();
     let steps = 24;
     let mut cpu_cache = CpuAttention::new(shape).expect("cpu cache");
     let (cpu_tokens, cpu_logits) = greedy(&cpu_model, &mut cpu_cache, &prompts, steps, None);
     // Teacher-force the CPU's tokens on CUDA so one near-tie cannot derail the whole comparison.
-    let mut gpu_cache = CudaAttention::new(shape, DType::F32, gpu_model.device()).expect("cuda cache");
-    let (gpu_tokens, gpu_logits) = greedy(&gpu_model, &mut gpu_cache, &prompts, steps, Some(&cpu_tokens));
+    let mut gpu_cache =
+        CudaAttention::new(shape, DType::F32, gpu_model.device()).expect("cuda cache");
+    let (gpu_tokens, gpu_logits) = greedy(
+        &gpu_model,
+        &mut gpu_cache,
+        &prompts,
+        steps,
+        Some(&cpu_tokens),
+    );
     let mut near_ties = 0;
     for s in 0..prompts.len() {
         for step in 0..steps {
             let (a, b) = (&cpu_logits[s][step], &gpu_logits[s][step]);
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff / scale < 1e-3, "sequence {s} step {step}: logits differ by {diff} (scale {scale})");
+            assert!(
+                diff / scale < 1e-3,
+                "sequence {s} step {step}: logits differ by {diff} (scale {scale})"
+            );
             if cpu_tokens[s][step] != gpu_tokens[s][step] {
                 // Only a genuine near-tie (top-2 margin within the numerical difference) may flip it.
                 let mut sorted = a.clone();

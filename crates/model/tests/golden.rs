@@ -48,9 +48,16 @@ fn golden() -> Golden {
 
 fn load() -> spindle_model::LoadedModel {
     let path = default_model_path();
-    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
-    spindle_model::load(&LoadOptions { model: path.display().to_string(), ..Default::default() })
-        .expect("load default model")
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
+    spindle_model::load(&LoadOptions {
+        model: path.display().to_string(),
+        ..Default::default()
+    })
+    .expect("load default model")
 }
 
 fn check_tokenizer(tok: &TokenizerBundle, g: &Golden) {
@@ -63,40 +70,67 @@ fn check_tokenizer(tok: &TokenizerBundle, g: &Golden) {
         assert_eq!(decoded, case.decoded, "decode differs for {:?}", case.text);
     }
     for case in &g.cases {
-        let ids = tok.encode(&case.prompt_text, case.add_special_tokens).expect("encode");
-        assert_eq!(ids, case.prompt_ids, "prompt ids differ for case {}", case.name);
+        let ids = tok
+            .encode(&case.prompt_text, case.add_special_tokens)
+            .expect("encode");
+        assert_eq!(
+            ids, case.prompt_ids,
+            "prompt ids differ for case {}",
+            case.name
+        );
     }
 }
 
 #[test]
 fn greedy_tokens_and_logprobs_match_transformers() {
     let g = golden();
-    let sha = std::process::Command::new("sha256sum").arg(default_model_path()).output();
+    let sha = std::process::Command::new("sha256sum")
+        .arg(default_model_path())
+        .output();
     if let Ok(out) = sha {
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.starts_with(&g.model_sha256), "golden data was made from another file");
+        assert!(
+            text.starts_with(&g.model_sha256),
+            "golden data was made from another file"
+        );
     }
     let loaded = load();
     check_tokenizer(&loaded.tokenizer, &g);
 
     let mut worst = 0f64;
     for case in &g.cases {
-        let mut runner = PagedRunner::new(&loaded.model, 1, case.prompt_ids.len() + case.greedy_ids.len() + 1, 16);
+        let mut runner = PagedRunner::new(
+            &loaded.model,
+            1,
+            case.prompt_ids.len() + case.greedy_ids.len() + 1,
+            16,
+        );
         let mut logits = runner.step(&loaded.model, &[(0, 0, case.prompt_ids.clone())]);
         let mut len = case.prompt_ids.len();
         for (step, (&want, top)) in case.greedy_ids.iter().zip(&case.top_logprobs).enumerate() {
             let row = &log_softmax_rows(&logits)[0];
             let got = argmax(row);
-            assert_eq!(got, want, "case {} step {step}: greedy token differs", case.name);
+            assert_eq!(
+                got, want,
+                "case {} step {step}: greedy token differs",
+                case.name
+            );
             let diff = (row[want as usize] as f64 - top[0].logprob).abs();
             assert_eq!(top[0].id, want);
-            assert!(diff < 1e-3, "case {} step {step}: top-1 logprob off by {diff}", case.name);
+            assert!(
+                diff < 1e-3,
+                "case {} step {step}: top-1 logprob off by {diff}",
+                case.name
+            );
             worst = worst.max(diff);
             logits = runner.step(&loaded.model, &[(0, len, vec![got])]);
             len += 1;
         }
     }
-    println!("{} cases, worst top-1 logprob difference {worst:.2e}", g.cases.len());
+    println!(
+        "{} cases, worst top-1 logprob difference {worst:.2e}",
+        g.cases.len()
+    );
 }
 
 #[test]
@@ -105,7 +139,12 @@ fn batched_paged_forward_matches_the_golden_reference() {
     // same greedy tokens as the reference.
     let g = golden();
     let loaded = load();
-    let max_len = g.cases.iter().map(|c| c.prompt_ids.len() + c.greedy_ids.len() + 1).max().unwrap_or(0);
+    let max_len = g
+        .cases
+        .iter()
+        .map(|c| c.prompt_ids.len() + c.greedy_ids.len() + 1)
+        .max()
+        .unwrap_or(0);
     let mut runner = PagedRunner::new(&loaded.model, g.cases.len(), max_len, 16);
     // Step 0: half the cases prefill; the other half start one step later, so prefill and
     // decode share batches.
@@ -139,6 +178,10 @@ fn batched_paged_forward_matches_the_golden_reference() {
         pending.append(&mut waiting);
     }
     for (i, c) in g.cases.iter().enumerate() {
-        assert_eq!(generated[i], c.greedy_ids, "case {} differs in a mixed batch", c.name);
+        assert_eq!(
+            generated[i], c.greedy_ids,
+            "case {} differs in a mixed batch",
+            c.name
+        );
     }
 }

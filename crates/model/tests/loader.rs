@@ -16,7 +16,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn opts(model: &Path) -> LoadOptions {
-    LoadOptions { model: model.display().to_string(), ..Default::default() }
+    LoadOptions {
+        model: model.display().to_string(),
+        ..Default::default()
+    }
 }
 
 fn err(result: spindle_model::Result<spindle_model::LoadedModel>) -> ModelError {
@@ -43,7 +46,11 @@ fn write_hf_dir(dir: &Path, break_tensor: Option<&str>) {
     let c = loaded.model.config().clone();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let t = |shape: &[usize]| Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let (h, q, kv) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    );
     tensors.push(("model.embed_tokens.weight".into(), t(&[c.vocab_size, h])));
     tensors.push(("model.norm.weight".into(), t(&[h])));
     for l in 0..c.num_layers {
@@ -60,27 +67,40 @@ fn write_hf_dir(dir: &Path, break_tensor: Option<&str>) {
             ("mlp.down_proj.weight", vec![h, c.intermediate_size]),
         ] {
             let name = format!("{p}.{n}");
-            let shape = if break_tensor == Some(name.as_str()) { vec![s[0] + 1, s[1..].iter().product()] } else { s };
+            let shape = if break_tensor == Some(name.as_str()) {
+                vec![s[0] + 1, s[1..].iter().product()]
+            } else {
+                s
+            };
             tensors.push((name, t(&shape)));
         }
     }
     let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
     candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
     let tok = TokenizerBundle::byte_fallback(c.vocab_size).unwrap();
-    tok.tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+    tok.tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
         r#"{"eos_token": "<|endoftext|>", "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#,
     )
     .unwrap();
-    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [256, 257]}"#).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [256, 257]}"#,
+    )
+    .unwrap();
 }
 
 #[test]
 fn hf_directory_loads_and_runs() {
     let dir = temp_dir("hf-ok");
     write_hf_dir(&dir, None);
-    assert_eq!(ModelSource::resolve(&opts(&dir)).unwrap(), ModelSource::HfDirectory(dir.clone()));
+    assert_eq!(
+        ModelSource::resolve(&opts(&dir)).unwrap(),
+        ModelSource::HfDirectory(dir.clone())
+    );
     let loaded = load(&opts(&dir)).expect("load HF dir");
     assert_eq!(loaded.info.architecture, "llama");
     assert_eq!(loaded.tokenizer.eos_token_ids, vec![256, 257]);
@@ -94,10 +114,17 @@ fn hf_directory_loads_and_runs() {
 fn dummy_weights_have_the_configured_shapes() {
     let dir = temp_dir("dummy");
     std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
-    let loaded = load(&LoadOptions { load_format: LoadFormat::Dummy, ..opts(&dir) }).expect("dummy");
+    let loaded = load(&LoadOptions {
+        load_format: LoadFormat::Dummy,
+        ..opts(&dir)
+    })
+    .expect("dummy");
     assert_eq!(loaded.info.vocab_size, 300);
     let mut runner = PagedRunner::new(&loaded.model, 1, 32, 16);
-    let logits = runner.step(&loaded.model, &[(0, 0, loaded.tokenizer.encode("hi", false).unwrap())]);
+    let logits = runner.step(
+        &loaded.model,
+        &[(0, 0, loaded.tokenizer.encode("hi", false).unwrap())],
+    );
     assert_eq!(logits.dims(), &[1, 300]);
 }
 
@@ -106,7 +133,10 @@ fn shape_mismatch_names_file_and_tensor() {
     let dir = temp_dir("hf-shape");
     write_hf_dir(&dir, Some("model.layers.1.mlp.up_proj.weight"));
     let e = err(load(&opts(&dir))).to_string();
-    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("hf-shape"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("hf-shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -122,9 +152,16 @@ fn missing_tokenizer_is_a_clear_error() {
 fn unknown_architecture_is_a_clear_error() {
     let dir = temp_dir("hf-arch");
     write_hf_dir(&dir, None);
-    std::fs::write(dir.join("config.json"), TINY_CONFIG.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        TINY_CONFIG.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
     let e = err(load(&opts(&dir)));
-    assert!(matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "GPT2LMHeadModel"), "{e}");
+    assert!(
+        matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "GPT2LMHeadModel"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -134,11 +171,18 @@ fn missing_and_truncated_gguf_are_clear_errors() {
 
     let dir = temp_dir("gguf");
     let full = std::fs::read(default_model_path()).expect("default model (scripts/fetch-model.sh)");
-    for (name, len) in [("header.gguf", 20usize), ("meta.gguf", 200_000), ("data.gguf", full.len() / 2)] {
+    for (name, len) in [
+        ("header.gguf", 20usize),
+        ("meta.gguf", 200_000),
+        ("data.gguf", full.len() / 2),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, &full[..len]).unwrap();
         let e = err(load(&opts(&path))).to_string();
-        assert!(e.contains(name), "error for {name} does not name the file: {e}");
+        assert!(
+            e.contains(name),
+            "error for {name} does not name the file: {e}"
+        );
     }
     let path = dir.join("garbage.gguf");
     std::fs::write(&path, b"definitely not a gguf file").unwrap();
@@ -152,11 +196,17 @@ fn hub_errors_say_what_to_do() {
     std::env::set_var("HF_HOME", &home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let e = err(load(&opts(Path::new("SomeOrg/some-model")))).to_string();
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("SomeOrg/some-model"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("SomeOrg/some-model"),
+        "{e}"
+    );
     // Online but unreachable (a closed local port stands in for "no network").
     std::env::remove_var("HF_HUB_OFFLINE");
     std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
     let e = err(load(&opts(Path::new("SomeOrg/some-model@v2")))).to_string();
-    assert!(e.contains("SomeOrg/some-model@v2") && e.contains("local"), "{e}");
+    assert!(
+        e.contains("SomeOrg/some-model@v2") && e.contains("local"),
+        "{e}"
+    );
     std::env::remove_var("HF_ENDPOINT");
 }

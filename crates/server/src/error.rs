@@ -24,7 +24,12 @@ pub struct ApiError {
 impl ApiError {
     /// A generic error with the given status.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None, retry_after: None }
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
     }
 
     /// 400 for a malformed or out-of-range request.
@@ -34,14 +39,20 @@ impl ApiError {
 
     /// 400 naming the offending field in `param`.
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
-        Self { param: Some(param.to_string()), ..Self::bad_request(message) }
+        Self {
+            param: Some(param.to_string()),
+            ..Self::bad_request(message)
+        }
     }
 
     /// 404 for a model name the server does not serve (vLLM's wording).
     pub fn model_not_found(model: &str) -> Self {
         Self {
             param: Some("model".to_string()),
-            ..Self::new(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."))
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                format!("The model `{model}` does not exist."),
+            )
         }
     }
 
@@ -55,7 +66,13 @@ impl ApiError {
 
     /// 503 while the server drains connections before exiting.
     pub fn shutting_down() -> Self {
-        Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "The server is shutting down.") }
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server is shutting down.",
+            )
+        }
     }
 
     /// 500 for a failure on our side (a bug or a failed worker task).

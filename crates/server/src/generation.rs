@@ -4,8 +4,8 @@
 //! their KV blocks. Streaming wraps it in [`SseBody`]; non-streaming awaits [`Generation::collect`].
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -14,15 +14,17 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use serde_json::Value;
-use spindle_engine::{ChoiceDelta, EngineEvent, FinishReason, RequestStream, StepLogprobs, StopReason};
+use spindle_engine::{
+    ChoiceDelta, EngineEvent, FinishReason, RequestStream, StepLogprobs, StopReason,
+};
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
-    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionChunk,
-    CompletionLogprobs, CompletionResponse, UsageInfo,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    ChatLogprobs, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
+    CompletionChunk, CompletionLogprobs, CompletionResponse, UsageInfo,
 };
 use crate::sse;
 
@@ -118,7 +120,10 @@ impl Generation {
             metrics,
             slots: streams
                 .into_iter()
-                .map(|(s, prompt_tokens)| Slot { stream: Some(s), prompt_tokens })
+                .map(|(s, prompt_tokens)| Slot {
+                    stream: Some(s),
+                    prompt_tokens,
+                })
                 .collect(),
             next_poll: 0,
             choices: (0..total).map(|_| ChoiceState::default()).collect(),
@@ -140,7 +145,9 @@ impl Generation {
         let mut any_open = false;
         for k in 0..count {
             let i = (self.next_poll + k) % count;
-            let Some(stream) = self.slots[i].stream.as_mut() else { continue };
+            let Some(stream) = self.slots[i].stream.as_mut() else {
+                continue;
+            };
             any_open = true;
             // `recv` is cancel-safe: a pending future can be dropped and recreated next poll
             // (the channel keeps the waker).
@@ -149,7 +156,10 @@ impl Generation {
                 fut.as_mut().poll(cx)
             };
             if let Poll::Ready(ev) = polled {
-                if matches!(ev, None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))) {
+                if matches!(
+                    ev,
+                    None | Some(EngineEvent::Finished { .. }) | Some(EngineEvent::Error(_))
+                ) {
                     self.slots[i].stream = None;
                 }
                 self.next_poll = (i + 1) % count;
@@ -187,7 +197,8 @@ impl Generation {
                 let state = &mut self.choices[choice];
                 if !delta.token_ids.is_empty() {
                     if let Some(prev) = state.last_delta {
-                        self.metrics.observe_inter_token(now.duration_since(prev).as_secs_f64());
+                        self.metrics
+                            .observe_inter_token(now.duration_since(prev).as_secs_f64());
                     }
                     state.last_delta = Some(now);
                 }
@@ -200,8 +211,12 @@ impl Generation {
             }
             Some(EngineEvent::Finished { usage, timings }) => {
                 let n = self.opts.n;
-                let generated: usize = self.choices[slot * n..(slot + 1) * n].iter().map(|c| c.tokens).sum();
-                self.metrics.observe_request(&timings, self.slots[slot].prompt_tokens, generated);
+                let generated: usize = self.choices[slot * n..(slot + 1) * n]
+                    .iter()
+                    .map(|c| c.tokens)
+                    .sum();
+                self.metrics
+                    .observe_request(&timings, self.slots[slot].prompt_tokens, generated);
                 for c in &self.choices[slot * n..(slot + 1) * n] {
                     if let Some(r @ (FinishReason::Stop | FinishReason::Length)) = c.finish_reason {
                         self.metrics.count_success(r.as_str());
@@ -213,10 +228,14 @@ impl Generation {
             // The engine died with this request in flight: a server error (500) for this request;
             // new requests are refused with 503 at submission.
             Some(EngineEvent::Error(spindle_engine::EngineError::EngineDead(reason))) => {
-                Step::Failed(ApiError::internal(format!("The engine died while processing the request: {reason}")))
+                Step::Failed(ApiError::internal(format!(
+                    "The engine died while processing the request: {reason}"
+                )))
             }
             Some(EngineEvent::Error(e)) => Step::Failed(e.into()),
-            None => Step::Failed(ApiError::internal("The engine stopped before finishing the request.")),
+            None => Step::Failed(ApiError::internal(
+                "The engine stopped before finishing the request.",
+            )),
         }
     }
 
@@ -254,7 +273,11 @@ impl Generation {
                         .iter()
                         .map(|t| {
                             let (token, bytes) = self.token_text(t.token_id);
-                            ChatTopLogprob { token, logprob: clamp_logprob(t.logprob), bytes }
+                            ChatTopLogprob {
+                                token,
+                                logprob: clamp_logprob(t.logprob),
+                                bytes,
+                            }
                         })
                         .collect(),
                 }
@@ -262,7 +285,11 @@ impl Generation {
             .collect()
     }
 
-    fn completion_logprobs(&self, steps: &[StepLogprobs], offset: &mut usize) -> CompletionLogprobs {
+    fn completion_logprobs(
+        &self,
+        steps: &[StepLogprobs],
+        offset: &mut usize,
+    ) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
         for s in steps {
             let (token, _) = self.token_text(s.chosen.token_id);
@@ -271,7 +298,8 @@ impl Generation {
                 let (tok, _) = self.token_text(t.token_id);
                 top.entry(tok).or_insert(clamp_logprob(t.logprob));
             }
-            top.entry(token.clone()).or_insert(clamp_logprob(s.chosen.logprob));
+            top.entry(token.clone())
+                .or_insert(clamp_logprob(s.chosen.logprob));
             out.text_offset.push(*offset);
             *offset += token.chars().count();
             out.tokens.push(token);
@@ -302,7 +330,10 @@ impl Generation {
             .map(|index| {
                 self.chat_chunk(vec![ChatChunkChoice {
                     index,
-                    delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                    delta: ChatDelta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    },
                     logprobs: None,
                     finish_reason: None,
                     stop_reason: None,
@@ -323,7 +354,11 @@ impl Generation {
         })
     }
 
-    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Option<UsageInfo>>) -> Bytes {
+    fn completion_chunk(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<Option<UsageInfo>>,
+    ) -> Bytes {
         sse::event(&CompletionChunk {
             id: self.meta.id.clone(),
             object: "text_completion".into(),
@@ -345,14 +380,16 @@ impl Generation {
         let stop_reason = finished.then(|| stop_reason_value(&delta.stop_reason));
         match self.meta.kind {
             Kind::Chat => {
-                let logprobs = self
-                    .opts
-                    .logprobs
-                    .then(|| ChatLogprobs { content: self.chat_logprobs(&delta.logprobs) });
+                let logprobs = self.opts.logprobs.then(|| ChatLogprobs {
+                    content: self.chat_logprobs(&delta.logprobs),
+                });
                 let content = (!delta.text.is_empty()).then(|| delta.text.clone());
                 Some(self.chat_chunk(vec![ChatChunkChoice {
                     index: choice,
-                    delta: ChatDelta { role: None, content },
+                    delta: ChatDelta {
+                        role: None,
+                        content,
+                    },
                     logprobs,
                     finish_reason,
                     stop_reason,
@@ -368,7 +405,13 @@ impl Generation {
                     None
                 };
                 Some(self.completion_chunk(
-                    vec![CompletionChoice { index: choice, text: delta.text.clone(), logprobs, finish_reason, stop_reason }],
+                    vec![CompletionChoice {
+                        index: choice,
+                        text: delta.text.clone(),
+                        logprobs,
+                        finish_reason,
+                        stop_reason,
+                    }],
                     self.chunk_usage(),
                 ))
             }
@@ -412,8 +455,14 @@ impl Generation {
                     let state = &mut self.choices[choice];
                     state.text_offset = offset;
                     state.completion_logprobs.tokens.extend(lp.tokens);
-                    state.completion_logprobs.token_logprobs.extend(lp.token_logprobs);
-                    state.completion_logprobs.top_logprobs.extend(lp.top_logprobs);
+                    state
+                        .completion_logprobs
+                        .token_logprobs
+                        .extend(lp.token_logprobs);
+                    state
+                        .completion_logprobs
+                        .top_logprobs
+                        .extend(lp.top_logprobs);
                     state.completion_logprobs.text_offset.extend(lp.text_offset);
                 }
             }
@@ -451,7 +500,9 @@ impl Generation {
                             refusal: None,
                             tool_calls: Vec::new(),
                         },
-                        logprobs: logprobs.then_some(ChatLogprobs { content: c.chat_logprobs }),
+                        logprobs: logprobs.then_some(ChatLogprobs {
+                            content: c.chat_logprobs,
+                        }),
                         finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
                         stop_reason: Some(stop_reason_value(&c.stop_reason)),
                     })
@@ -507,7 +558,9 @@ fn token_bytes(text: &str, raw: Option<&str>) -> Vec<u8> {
     if !text.contains('\u{FFFD}') {
         return text.as_bytes().to_vec();
     }
-    let Some(raw) = raw else { return text.as_bytes().to_vec() };
+    let Some(raw) = raw else {
+        return text.as_bytes().to_vec();
+    };
     if let Some(hex) = raw.strip_prefix("<0x").and_then(|r| r.strip_suffix('>')) {
         if let Ok(b) = u8::from_str_radix(hex, 16) {
             return vec![b];
@@ -522,7 +575,9 @@ fn token_bytes(text: &str, raw: Option<&str>) -> Vec<u8> {
 fn byte_level_map() -> &'static HashMap<char, u8> {
     static MAP: OnceLock<HashMap<char, u8>> = OnceLock::new();
     MAP.get_or_init(|| {
-        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = |b: u32| {
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b)
+        };
         let mut map = HashMap::with_capacity(256);
         let mut extra = 0u32;
         for b in 0u32..256 {
@@ -556,7 +611,11 @@ impl SseBody {
     /// Start a stream: the chat role chunks are ready to send immediately.
     pub fn new(generation: Generation) -> Self {
         let pending = generation.opening_chunks().into();
-        Self { generation, pending, finished: false }
+        Self {
+            generation,
+            pending,
+            finished: false,
+        }
     }
 
     fn fail(&mut self, err: ApiError) {
@@ -572,7 +631,10 @@ impl Body for SseBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
         let mut out = BytesMut::new();
         loop {
@@ -634,7 +696,10 @@ mod tests {
         assert_eq!(token_bytes("hi", Some("hi")), b"hi".to_vec());
         assert_eq!(token_bytes("\u{FFFD}", Some("<0xE2>")), vec![0xE2]);
         // GPT-2 byte-level: 'â' (U+00E2) stands for byte 0xE2, 'Ģ' (U+0122) for 0x80, 'Ġ' for a space.
-        assert_eq!(token_bytes("\u{FFFD}", Some("\u{e2}\u{122}")), vec![0xE2, 0x80]);
+        assert_eq!(
+            token_bytes("\u{FFFD}", Some("\u{e2}\u{122}")),
+            vec![0xE2, 0x80]
+        );
         assert_eq!(byte_level_map().get(&'Ġ'), Some(&b' '));
         assert_eq!(byte_level_map().len(), 256);
     }

@@ -15,8 +15,8 @@ use spindle_model::TokenizerBundle;
 use crate::error::ApiError;
 use crate::generation::{Generation, Kind, OutputOptions, ResponseMeta, SseBody};
 use crate::protocol::{
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse, VersionResponse,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+    ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
 };
 use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
 use crate::template::{normalize_messages, RenderOptions};
@@ -26,7 +26,8 @@ use crate::validation::{
 };
 
 fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
-    let body = serde_json::to_vec(value).map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
+    let body = serde_json::to_vec(value)
+        .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
     Ok(json_response(StatusCode::OK, body))
 }
 
@@ -36,7 +37,10 @@ fn random_id(prefix: &str) -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Run CPU-bound work (template rendering, tokenization) on the blocking pool.
@@ -50,7 +54,11 @@ where
         .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
 }
 
-fn encode(tok: &TokenizerBundle, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+fn encode(
+    tok: &TokenizerBundle,
+    text: &str,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
     tok.encode(text, add_special_tokens)
         .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))
 }
@@ -89,7 +97,10 @@ fn render_options(
 }
 
 /// `POST /v1/chat/completions`.
-pub(crate) async fn chat_completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+pub(crate) async fn chat_completions(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
     let req: ChatCompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     let validated = chat_params(&req, state.limits)?;
@@ -99,14 +110,28 @@ pub(crate) async fn chat_completions(state: &Arc<AppState>, body: &[u8]) -> Resu
         req.tools.clone(),
         req.chat_template_kwargs.clone(),
     );
-    let ids = chat_prompt_ids(state, req.messages.as_ref(), opts, req.add_special_tokens.unwrap_or(false)).await?;
+    let ids = chat_prompt_ids(
+        state,
+        req.messages.as_ref(),
+        opts,
+        req.add_special_tokens.unwrap_or(false),
+    )
+    .await?;
     check_prompt_ids(&ids, state.limits.vocab_size)?;
-    let max_tokens = resolve_max_tokens(ids.len(), validated.requested_max_tokens, state.limits.max_model_len, "messages")?;
+    let max_tokens = resolve_max_tokens(
+        ids.len(),
+        validated.requested_max_tokens,
+        state.limits.max_model_len,
+        "messages",
+    )?;
     start(state, Kind::Chat, model, validated, vec![(ids, max_tokens)]).await
 }
 
 /// `POST /v1/completions`.
-pub(crate) async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+pub(crate) async fn completions(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     let validated = completion_params(&req, state.limits)?;
@@ -126,7 +151,12 @@ pub(crate) async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Re
     let mut prompts = Vec::with_capacity(all_ids.len());
     for ids in all_ids {
         check_prompt_ids(&ids, state.limits.vocab_size)?;
-        let max = resolve_max_tokens(ids.len(), validated.requested_max_tokens, state.limits.max_model_len, "prompt")?;
+        let max = resolve_max_tokens(
+            ids.len(),
+            validated.requested_max_tokens,
+            state.limits.max_model_len,
+            "prompt",
+        )?;
         prompts.push((ids, max));
     }
     start(state, Kind::Completion, model, validated, prompts).await
@@ -153,7 +183,11 @@ async fn start(
         params.min_tokens = params.min_tokens.min(max_tokens);
         let prompt_len = ids.len();
         let request = GenerateRequest {
-            request_id: if multi { format!("{id}-{i}") } else { id.clone() },
+            request_id: if multi {
+                format!("{id}-{i}")
+            } else {
+                id.clone()
+            },
             prompt_token_ids: ids,
             params,
         };
@@ -187,7 +221,10 @@ async fn start(
 }
 
 /// `POST /tokenize` (vLLM shape).
-pub(crate) async fn tokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+pub(crate) async fn tokenize(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
     let req: TokenizeRequest = parse_json(body)?;
     resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     let tok = state.engine.tokenizer().clone();
@@ -199,7 +236,13 @@ pub(crate) async fn tokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Respo
                 req.tools.clone(),
                 req.chat_template_kwargs.clone(),
             );
-            chat_prompt_ids(state, req.messages.as_ref(), opts, req.add_special_tokens.unwrap_or(false)).await?
+            chat_prompt_ids(
+                state,
+                req.messages.as_ref(),
+                opts,
+                req.add_special_tokens.unwrap_or(false),
+            )
+            .await?
         }
         (None, Some(serde_json::Value::String(text))) => {
             let text = text.clone();
@@ -207,20 +250,36 @@ pub(crate) async fn tokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Respo
             let tok = tok.clone();
             blocking(move || encode(&tok, &text, add_special)).await?
         }
-        (None, Some(_)) => return Err(ApiError::invalid_param("prompt", "`prompt` must be a string.")),
+        (None, Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "`prompt` must be a string.",
+            ))
+        }
         (None, None) => {
-            return Err(ApiError::bad_request("Either `prompt` or `messages` is required."));
+            return Err(ApiError::bad_request(
+                "Either `prompt` or `messages` is required.",
+            ));
         }
     };
-    let token_strs = req
-        .return_token_strs
-        .unwrap_or(false)
-        .then(|| ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_default()).collect());
-    ok_json(&TokenizeResponse { count: ids.len(), max_model_len: state.limits.max_model_len, tokens: ids, token_strs })
+    let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
+        ids.iter()
+            .map(|&id| tok.id_to_token(id).unwrap_or_default())
+            .collect()
+    });
+    ok_json(&TokenizeResponse {
+        count: ids.len(),
+        max_model_len: state.limits.max_model_len,
+        tokens: ids,
+        token_strs,
+    })
 }
 
 /// `POST /detokenize` (vLLM shape).
-pub(crate) async fn detokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<ApiBody>, ApiError> {
+pub(crate) async fn detokenize(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
     let req: DetokenizeRequest = parse_json(body)?;
     resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     let ids = detokenize_ids(req.tokens.as_deref(), state.limits.vocab_size)?;
@@ -249,7 +308,12 @@ fn model_card(state: &AppState, id: &str) -> ModelCard {
 pub(crate) fn models(state: &AppState) -> Response<ApiBody> {
     let list = ModelList {
         object: "list".into(),
-        data: state.cfg.served_model_names.iter().map(|n| model_card(state, n)).collect(),
+        data: state
+            .cfg
+            .served_model_names
+            .iter()
+            .map(|n| model_card(state, n))
+            .collect(),
     };
     ok_json(&list).unwrap_or_else(|e| error_response(&e))
 }
@@ -270,23 +334,34 @@ pub(crate) fn health(state: &AppState) -> Response<ApiBody> {
     }
     if state.engine.is_healthy(state.cfg.stall_timeout) {
         let mut r = Response::new(ApiBody::empty());
-        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         r
     } else {
-        let reason = if state.engine.is_dead() { "The engine is not running." } else { "The engine is stalled." };
+        let reason = if state.engine.is_dead() {
+            "The engine is not running."
+        } else {
+            "The engine is stalled."
+        };
         error_response(&ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason))
     }
 }
 
 /// `GET /version`.
 pub(crate) fn version() -> Response<ApiBody> {
-    ok_json(&VersionResponse { version: env!("CARGO_PKG_VERSION").to_string() }).unwrap_or_else(|e| error_response(&e))
+    ok_json(&VersionResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+    .unwrap_or_else(|e| error_response(&e))
 }
 
 /// `GET /metrics`: Prometheus text format.
 pub(crate) fn metrics(state: &AppState) -> Response<ApiBody> {
     let text = state.metrics.render(state.engine.stats());
     let mut r = Response::new(ApiBody::full(text));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     r
 }

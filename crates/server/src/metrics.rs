@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Opts, Registry, TextEncoder,
 };
 use spindle_engine::{EngineStats, RequestTimings, StepObserver, StepTrace};
 use std::sync::atomic::Ordering;
@@ -58,7 +58,9 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("model_name", &self.model_name).finish_non_exhaustive()
+        f.debug_struct("Metrics")
+            .field("model_name", &self.model_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,15 +69,16 @@ const LATENCY_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-    40.0, 80.0, 160.0, 640.0, 2560.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
     40.0, 80.0,
 ];
-const ITERATION_TOKEN_BUCKETS: &[f64] =
-    &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+const ITERATION_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
 
 /// 1, 2, 5, 10, 20, 50, … up to `max` (token-count histograms scale with the context).
 fn one_two_five_buckets(max: usize) -> Vec<f64> {
@@ -113,59 +116,138 @@ impl Metrics {
         }
         macro_rules! counter {
             ($name:expr, $help:expr) => {{
-                let v = IntCounterVec::new(Opts::new($name, $help), &["model_name"]).map_err(err)?;
+                let v =
+                    IntCounterVec::new(Opts::new($name, $help), &["model_name"]).map_err(err)?;
                 registry.register(Box::new(v.clone())).map_err(err)?;
                 v.with_label_values(&model)
             }};
         }
         macro_rules! histogram {
             ($name:expr, $help:expr, $buckets:expr) => {{
-                let v = HistogramVec::new(HistogramOpts::new($name, $help).buckets($buckets), &["model_name"])
-                    .map_err(err)?;
+                let v = HistogramVec::new(
+                    HistogramOpts::new($name, $help).buckets($buckets),
+                    &["model_name"],
+                )
+                .map_err(err)?;
                 registry.register(Box::new(v.clone())).map_err(err)?;
                 v.with_label_values(&model)
             }};
         }
 
         let request_success = IntCounterVec::new(
-            Opts::new("vllm:request_success_total", "Finished requests, by finish reason."),
+            Opts::new(
+                "vllm:request_success_total",
+                "Finished requests, by finish reason.",
+            ),
             &["model_name", "finished_reason"],
         )
         .map_err(err)?;
-        registry.register(Box::new(request_success.clone())).map_err(err)?;
+        registry
+            .register(Box::new(request_success.clone()))
+            .map_err(err)?;
         let cache_config_info = GaugeVec::new(
-            Opts::new("vllm:cache_config_info", "KV-cache configuration (value is always 1)."),
-            &["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching", "gpu_memory_utilization"],
+            Opts::new(
+                "vllm:cache_config_info",
+                "KV-cache configuration (value is always 1).",
+            ),
+            &[
+                "model_name",
+                "block_size",
+                "num_gpu_blocks",
+                "enable_prefix_caching",
+                "gpu_memory_utilization",
+            ],
         )
         .map_err(err)?;
-        registry.register(Box::new(cache_config_info.clone())).map_err(err)?;
+        registry
+            .register(Box::new(cache_config_info.clone()))
+            .map_err(err)?;
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by handler, method and status."),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by handler, method and status.",
+            ),
             &["handler", "method", "status"],
         )
         .map_err(err)?;
-        registry.register(Box::new(http_requests.clone())).map_err(err)?;
+        registry
+            .register(Box::new(http_requests.clone()))
+            .map_err(err)?;
 
         Ok(Self {
             model_name: model_name.to_string(),
-            num_requests_running: gauge!("vllm:num_requests_running", "Requests in the running batch."),
-            num_requests_waiting: gauge!("vllm:num_requests_waiting", "Requests waiting to be scheduled."),
-            kv_cache_usage: gauge!("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)."),
+            num_requests_running: gauge!(
+                "vllm:num_requests_running",
+                "Requests in the running batch."
+            ),
+            num_requests_waiting: gauge!(
+                "vllm:num_requests_waiting",
+                "Requests waiting to be scheduled."
+            ),
+            kv_cache_usage: gauge!(
+                "vllm:kv_cache_usage_perc",
+                "Fraction of KV-cache blocks in use (0-1)."
+            ),
             prompt_tokens: counter!("vllm:prompt_tokens_total", "Prefill tokens processed."),
             generation_tokens: counter!("vllm:generation_tokens_total", "Tokens generated."),
-            preemptions: counter!("vllm:num_preemptions_total", "Sequences preempted to free KV blocks."),
-            prefix_cache_queries: counter!("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache."),
-            prefix_cache_hits: counter!("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
+            preemptions: counter!(
+                "vllm:num_preemptions_total",
+                "Sequences preempted to free KV blocks."
+            ),
+            prefix_cache_queries: counter!(
+                "vllm:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache."
+            ),
+            prefix_cache_hits: counter!(
+                "vllm:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache."
+            ),
             request_success,
-            ttft: histogram!("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS.to_vec()),
-            itl: histogram!("vllm:inter_token_latency_seconds", "Time between streamed deltas.", ITL_BUCKETS.to_vec()),
-            e2e: histogram!("vllm:e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS.to_vec()),
-            queue_time: histogram!("vllm:request_queue_time_seconds", "Time waiting before first scheduled.", LATENCY_BUCKETS.to_vec()),
-            prefill_time: histogram!("vllm:request_prefill_time_seconds", "Time in prefill.", LATENCY_BUCKETS.to_vec()),
-            decode_time: histogram!("vllm:request_decode_time_seconds", "Time in decode.", LATENCY_BUCKETS.to_vec()),
-            request_prompt_tokens: histogram!("vllm:request_prompt_tokens", "Prompt tokens per request.", one_two_five_buckets(max_model_len)),
-            request_generation_tokens: histogram!("vllm:request_generation_tokens", "Generated tokens per request.", one_two_five_buckets(max_model_len)),
-            iteration_tokens: histogram!("vllm:iteration_tokens_total", "Tokens per engine iteration.", ITERATION_TOKEN_BUCKETS.to_vec()),
+            ttft: histogram!(
+                "vllm:time_to_first_token_seconds",
+                "Time to first token.",
+                TTFT_BUCKETS.to_vec()
+            ),
+            itl: histogram!(
+                "vllm:inter_token_latency_seconds",
+                "Time between streamed deltas.",
+                ITL_BUCKETS.to_vec()
+            ),
+            e2e: histogram!(
+                "vllm:e2e_request_latency_seconds",
+                "End-to-end request latency.",
+                LATENCY_BUCKETS.to_vec()
+            ),
+            queue_time: histogram!(
+                "vllm:request_queue_time_seconds",
+                "Time waiting before first scheduled.",
+                LATENCY_BUCKETS.to_vec()
+            ),
+            prefill_time: histogram!(
+                "vllm:request_prefill_time_seconds",
+                "Time in prefill.",
+                LATENCY_BUCKETS.to_vec()
+            ),
+            decode_time: histogram!(
+                "vllm:request_decode_time_seconds",
+                "Time in decode.",
+                LATENCY_BUCKETS.to_vec()
+            ),
+            request_prompt_tokens: histogram!(
+                "vllm:request_prompt_tokens",
+                "Prompt tokens per request.",
+                one_two_five_buckets(max_model_len)
+            ),
+            request_generation_tokens: histogram!(
+                "vllm:request_generation_tokens",
+                "Generated tokens per request.",
+                one_two_five_buckets(max_model_len)
+            ),
+            iteration_tokens: histogram!(
+                "vllm:iteration_tokens_total",
+                "Tokens per engine iteration.",
+                ITERATION_TOKEN_BUCKETS.to_vec()
+            ),
             cache_config_info,
             http_requests,
             registry,
@@ -193,7 +275,9 @@ impl Metrics {
 
     /// Count one HTTP response.
     pub fn count_http(&self, handler: &str, method: &str, status: u16) {
-        self.http_requests.with_label_values(&[handler, method, &status.to_string()]).inc();
+        self.http_requests
+            .with_label_values(&[handler, method, &status.to_string()])
+            .inc();
     }
 
     /// One gap between two streamed deltas of a choice.
@@ -202,33 +286,46 @@ impl Metrics {
     }
 
     /// A finished engine request: its phases and token counts.
-    pub fn observe_request(&self, timings: &RequestTimings, prompt_tokens: usize, generation_tokens: usize) {
+    pub fn observe_request(
+        &self,
+        timings: &RequestTimings,
+        prompt_tokens: usize,
+        generation_tokens: usize,
+    ) {
         self.ttft.observe(timings.time_to_first_token);
         self.e2e.observe(timings.e2e);
         self.queue_time.observe(timings.queue);
         self.prefill_time.observe(timings.prefill);
         self.decode_time.observe(timings.decode);
         self.request_prompt_tokens.observe(prompt_tokens as f64);
-        self.request_generation_tokens.observe(generation_tokens as f64);
+        self.request_generation_tokens
+            .observe(generation_tokens as f64);
     }
 
     /// One choice that ended normally (`stop` or `length`).
     pub fn count_success(&self, finished_reason: &str) {
-        self.request_success.with_label_values(&[self.model_name.as_str(), finished_reason]).inc();
+        self.request_success
+            .with_label_values(&[self.model_name.as_str(), finished_reason])
+            .inc();
     }
 
     /// Copy the engine's live numbers into the registry (gauges set, counters advanced to the
     /// engine's totals).
     pub fn sync_from_engine(&self, stats: &EngineStats) {
         let _guard = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
-        self.num_requests_running.set(stats.num_running.load(Ordering::Relaxed) as f64);
-        self.num_requests_waiting.set(stats.num_waiting_total() as f64);
+        self.num_requests_running
+            .set(stats.num_running.load(Ordering::Relaxed) as f64);
+        self.num_requests_waiting
+            .set(stats.num_waiting_total() as f64);
         self.kv_cache_usage.set(stats.kv_cache_usage());
         for (counter, value) in [
             (&self.prompt_tokens, &stats.prompt_tokens_total),
             (&self.generation_tokens, &stats.generation_tokens_total),
             (&self.preemptions, &stats.preemptions_total),
-            (&self.prefix_cache_queries, &stats.prefix_cache_queries_total),
+            (
+                &self.prefix_cache_queries,
+                &stats.prefix_cache_queries_total,
+            ),
             (&self.prefix_cache_hits, &stats.prefix_cache_hits_total),
         ] {
             let target = value.load(Ordering::Relaxed);
@@ -283,7 +380,10 @@ mod tests {
         m.observe_inter_token(0.02);
         m.count_success("stop");
         m.count_http("/v1/completions", "POST", 200);
-        m.on_step(&StepTrace { num_decode_tokens: 4, ..Default::default() });
+        m.on_step(&StepTrace {
+            num_decode_tokens: 4,
+            ..Default::default()
+        });
         let text = m.render(&stats);
         for name in [
             "vllm:num_requests_running",
@@ -309,18 +409,32 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
-        assert!(text.contains("vllm:num_requests_running{model_name=\"my-model\"} 3"), "{text}");
-        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"my-model\"} 0.5"), "{text}");
-        assert!(text.contains("vllm:prompt_tokens_total{model_name=\"my-model\"} 42"), "{text}");
+        assert!(
+            text.contains("vllm:num_requests_running{model_name=\"my-model\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vllm:kv_cache_usage_perc{model_name=\"my-model\"} 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vllm:prompt_tokens_total{model_name=\"my-model\"} 42"),
+            "{text}"
+        );
         assert!(text.contains("finished_reason=\"stop\""), "{text}");
         // Counters follow the engine's totals and never go backwards.
         stats.prompt_tokens_total.store(50, Ordering::Relaxed);
-        assert!(m.render(&stats).contains("vllm:prompt_tokens_total{model_name=\"my-model\"} 50"));
+        assert!(m
+            .render(&stats)
+            .contains("vllm:prompt_tokens_total{model_name=\"my-model\"} 50"));
     }
 
     #[test]
     fn token_buckets() {
-        assert_eq!(one_two_five_buckets(100), vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        assert_eq!(
+            one_two_five_buckets(100),
+            vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+        );
         assert_eq!(one_two_five_buckets(0), vec![1.0]);
     }
 }

@@ -371,7 +371,9 @@ mod tests {
         };
         assert!(!serde_json::to_string(&c).unwrap().contains("usage"));
         c.usage = Some(None);
-        assert!(serde_json::to_string(&c).unwrap().contains(r#""usage":null"#));
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains(r#""usage":null"#));
         c.usage = Some(Some(UsageInfo::new(3, 4, 1)));
         let s = serde_json::to_string(&c).unwrap();
         assert!(s.contains(r#""total_tokens":7"#), "{s}");
@@ -380,7 +382,10 @@ mod tests {
 
     #[test]
     fn delta_omits_absent_fields() {
-        let d = ChatDelta { role: None, content: Some("a".into()) };
+        let d = ChatDelta {
+            role: None,
+            content: Some("a".into()),
+        };
         assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"content":"a"}"#);
     }
 }

@@ -141,7 +141,10 @@ impl Body for ApiBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ApiBody::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
@@ -173,9 +176,15 @@ pub struct Server {
 
 impl Server {
     /// Compile the chat template, publish cache metrics and bind the listener.
-    pub async fn bind(config: ServerConfig, engine: EngineHandle, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+    pub async fn bind(
+        config: ServerConfig,
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
         if config.served_model_names.is_empty() {
-            return Err(ServerError::Config("at least one served model name is required".into()));
+            return Err(ServerError::Config(
+                "at least one served model name is required".into(),
+            ));
         }
         let tok = engine.tokenizer().clone();
         let template = match (&config.chat_template, &tok.chat_template) {
@@ -198,7 +207,10 @@ impl Server {
             ),
         };
         let info = engine.model_info();
-        let limits = ModelLimits { vocab_size: info.vocab_size, max_model_len: info.max_model_len };
+        let limits = ModelLimits {
+            vocab_size: info.vocab_size,
+            max_model_len: info.max_model_len,
+        };
         metrics.set_cache_info(&CacheInfo {
             block_size: config.block_size,
             num_gpu_blocks: engine.stats().kv_blocks_total.load(Ordering::Relaxed),
@@ -209,9 +221,15 @@ impl Server {
         let addr = format!("{}:{}", config.host, config.port);
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
-            .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
         let local_addr = listener.local_addr()?;
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let state = Arc::new(AppState {
             cfg: config,
             engine,
@@ -222,7 +240,11 @@ impl Server {
             fingerprint,
             shutting_down: AtomicBool::new(false),
         });
-        Ok(Self { listener, local_addr, state })
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+        })
     }
 
     /// The address actually bound.
@@ -236,9 +258,17 @@ impl Server {
     where
         F: Future<Output = ()>,
     {
-        let Server { listener, state, local_addr } = self;
+        let Server {
+            listener,
+            state,
+            local_addr,
+        } = self;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).keep_alive(true).header_read_timeout(state.cfg.header_read_timeout);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(state.cfg.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
@@ -293,9 +323,19 @@ impl Server {
         state.shutting_down.store(true, Ordering::SeqCst);
         drop(listener);
         let timeout = state.cfg.shutdown_timeout;
-        tracing::info!(open_connections = connections.len(), ?timeout, "shutting down: draining in-flight requests");
-        if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
-            tracing::warn!(open_connections = connections.len(), "shutdown timeout reached; cutting remaining requests");
+        tracing::info!(
+            open_connections = connections.len(),
+            ?timeout,
+            "shutting down: draining in-flight requests"
+        );
+        if tokio::time::timeout(timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open_connections = connections.len(),
+                "shutdown timeout reached; cutting remaining requests"
+            );
             connections.abort_all();
         }
         while connections.join_next().await.is_some() {}
@@ -304,11 +344,19 @@ impl Server {
 }
 
 /// Bind and serve in one call (the common case).
-pub async fn run_server<F>(config: ServerConfig, engine: EngineHandle, metrics: Arc<Metrics>, shutdown: F) -> Result<(), ServerError>
+pub async fn run_server<F>(
+    config: ServerConfig,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    shutdown: F,
+) -> Result<(), ServerError>
 where
     F: Future<Output = ()>,
 {
-    Server::bind(config, engine, metrics).await?.serve(shutdown).await
+    Server::bind(config, engine, metrics)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 /// A stable-per-deployment fingerprint (OpenAI's `system_fingerprint` changes when the serving
@@ -365,7 +413,10 @@ impl Route {
     }
 
     fn is_post(self) -> bool {
-        matches!(self, Route::ChatCompletions | Route::Completions | Route::Tokenize | Route::Detokenize)
+        matches!(
+            self,
+            Route::ChatCompletions | Route::Completions | Route::Tokenize | Route::Detokenize
+        )
     }
 
     fn allow(self) -> &'static str {
@@ -389,7 +440,10 @@ impl Route {
 pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<ApiBody> {
     let mut r = Response::new(ApiBody::full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -398,7 +452,8 @@ pub(crate) fn error_response(err: &ApiError) -> Response<ApiBody> {
     let body = serde_json::to_vec(&err.body()).unwrap_or_default();
     let mut r = json_response(err.status, body);
     if let Some(secs) = err.retry_after {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }
@@ -407,7 +462,10 @@ pub(crate) fn error_response(err: &ApiError) -> Response<ApiBody> {
 pub(crate) fn sse_response(body: SseBody) -> Response<ApiBody> {
     let mut r = Response::new(ApiBody::Sse(Box::new(body)));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -432,18 +490,25 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBod
     if let Some(origin) = origin {
         add_cors(&state.cfg.allowed_origins, &origin, resp.headers_mut());
     }
-    state.metrics.count_http(label, method.as_str(), resp.status().as_u16());
+    state
+        .metrics
+        .count_http(label, method.as_str(), resp.status().as_u16());
     resp
 }
 
 fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
-    allowed.iter().any(|a| a == "*" || a.as_bytes() == origin.as_bytes())
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.as_bytes() == origin.as_bytes())
 }
 
 /// CORS headers of a simple (non-preflight) response.
 fn add_cors(allowed: &[String], origin: &HeaderValue, headers: &mut HeaderMap) {
     if allowed.iter().any(|a| a == "*") {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
     } else if origin_allowed(allowed, origin) {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
@@ -452,7 +517,11 @@ fn add_cors(allowed: &[String], origin: &HeaderValue, headers: &mut HeaderMap) {
 
 /// `OPTIONS`: a CORS preflight (Origin + Access-Control-Request-Method) gets the allow headers
 /// (or 400 for a disallowed origin); a plain OPTIONS gets `Allow`.
-fn options_response(state: &AppState, route: Option<Route>, headers: &HeaderMap) -> Result<Response<ApiBody>, ApiError> {
+fn options_response(
+    state: &AppState,
+    route: Option<Route>,
+    headers: &HeaderMap,
+) -> Result<Response<ApiBody>, ApiError> {
     let origin = headers.get(header::ORIGIN);
     let requested = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD);
     let mut r = Response::new(ApiBody::empty());
@@ -463,46 +532,69 @@ fn options_response(state: &AppState, route: Option<Route>, headers: &HeaderMap)
                 return Err(ApiError::bad_request("Disallowed CORS origin."));
             }
             let h = r.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
             let req_headers = headers
                 .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
                 .cloned()
                 .unwrap_or_else(|| HeaderValue::from_static("*"));
             h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req_headers);
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
         _ => {
             if route.is_none() {
                 return Err(ApiError::new(StatusCode::NOT_FOUND, "Not Found"));
             }
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
     }
     Ok(r)
 }
 
-async fn dispatch(state: &Arc<AppState>, route: Option<Route>, req: Request<Incoming>) -> Result<Response<ApiBody>, ApiError> {
+async fn dispatch(
+    state: &Arc<AppState>,
+    route: Option<Route>,
+    req: Request<Incoming>,
+) -> Result<Response<ApiBody>, ApiError> {
     if req.method() == Method::OPTIONS {
         return options_response(state, route, req.headers());
     }
     if req.uri().path().starts_with("/v1/") || req.uri().path() == "/v1" {
         if let Some(key) = &state.cfg.api_key {
-            let header = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes);
             if !bearer_matches(header, key) {
                 return Err(ApiError::unauthorized());
             }
         }
     }
     let Some(route) = route else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("Not Found: {}", req.uri().path())));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Not Found: {}", req.uri().path()),
+        ));
     };
     if !route.method_ok(req.method()) {
         let mut r = error_response(&ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("Method {} is not allowed on {}; use {}.", req.method(), route.label(), route.allow()),
+            format!(
+                "Method {} is not allowed on {}; use {}.",
+                req.method(),
+                route.label(),
+                route.allow()
+            ),
         ));
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(route.allow()));
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(route.allow()));
         return Ok(r);
     }
     if state.shutting_down.load(Ordering::SeqCst) && route.is_post() {
@@ -552,25 +644,46 @@ async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<By
         }
     }
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("The request body is larger than the limit of {max} bytes."))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than the limit of {max} bytes."),
+        )
     };
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > max as u64 {
             return Err(too_large());
         }
     }
-    let collected = tokio::time::timeout(cfg.body_read_timeout, Limited::new(req.into_body(), max).collect())
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("The request body was not received within {} s.", cfg.body_read_timeout.as_secs_f64()),
-            )
-        })?;
+    let collected = tokio::time::timeout(
+        cfg.body_read_timeout,
+        Limited::new(req.into_body(), max).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "The request body was not received within {} s.",
+                cfg.body_read_timeout.as_secs_f64()
+            ),
+        )
+    })?;
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("Failed to read the request body: {e}"))),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "Failed to read the request body: {e}"
+        ))),
     }
 }
 
@@ -580,7 +693,10 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(Route::parse("/v1/chat/completions"), Some(Route::ChatCompletions));
+        assert_eq!(
+            Route::parse("/v1/chat/completions"),
+            Some(Route::ChatCompletions)
+        );
         assert_eq!(Route::parse("/v1/models/org/name"), Some(Route::Model));
         assert_eq!(Route::parse("/v1/models/"), None);
         assert_eq!(Route::parse("/nope"), None);
@@ -596,10 +712,21 @@ mod tests {
         add_cors(&["*".into()], &HeaderValue::from_static("http://a"), &mut h);
         assert_eq!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(), "*");
         let mut h = HeaderMap::new();
-        add_cors(&["http://a".into()], &HeaderValue::from_static("http://a"), &mut h);
-        assert_eq!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(), "http://a");
+        add_cors(
+            &["http://a".into()],
+            &HeaderValue::from_static("http://a"),
+            &mut h,
+        );
+        assert_eq!(
+            h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(),
+            "http://a"
+        );
         let mut h = HeaderMap::new();
-        add_cors(&["http://a".into()], &HeaderValue::from_static("http://b"), &mut h);
+        add_cors(
+            &["http://a".into()],
+            &HeaderValue::from_static("http://b"),
+            &mut h,
+        );
         assert!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
     }
 
@@ -608,13 +735,18 @@ mod tests {
         let r = error_response(&ApiError::from(spindle_engine::EngineError::QueueFull(3)));
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
-        let r = error_response(&ApiError::from(spindle_engine::EngineError::EngineDead("x".into())));
+        let r = error_response(&ApiError::from(spindle_engine::EngineError::EngineDead(
+            "x".into(),
+        )));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]
     fn fingerprint_is_stable() {
-        assert_eq!(fingerprint("a", "f32", "cpu"), fingerprint("a", "f32", "cpu"));
+        assert_eq!(
+            fingerprint("a", "f32", "cpu"),
+            fingerprint("a", "f32", "cpu")
+        );
         assert!(fingerprint("a", "f32", "cpu").starts_with("fp_"));
     }
 }

@@ -45,7 +45,8 @@ mod tests {
         let text = std::str::from_utf8(&b).unwrap();
         assert!(text.starts_with("data: {\"error\":{"), "{text}");
         assert!(text.ends_with("}\n\n"));
-        let v: serde_json::Value = serde_json::from_str(text.trim_start_matches("data: ").trim()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(text.trim_start_matches("data: ").trim()).unwrap();
         assert_eq!(v["error"]["message"], "nope");
         assert_eq!(v["error"]["code"], 400);
     }

@@ -40,7 +40,11 @@ pub struct RenderOptions {
 
 impl ChatTemplate {
     /// Compile `source`; a syntax error is reported with minijinja's explanation.
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, String> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, String> {
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
@@ -52,7 +56,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| describe(&e))?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| describe(&e))?;
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
@@ -80,7 +85,10 @@ impl ChatTemplate {
             }
         }
         ctx.insert("messages".into(), Value::Array(messages.to_vec()));
-        ctx.insert("add_generation_prompt".into(), Value::Bool(opts.add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(opts.add_generation_prompt),
+        );
         ctx.insert("bos_token".into(), Value::String(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Value::String(self.eos_token.clone()));
         ctx.insert("tools".into(), opts.tools.clone().unwrap_or(Value::Null));
@@ -111,7 +119,11 @@ fn cut_after_final_message(rendered: String, messages: &[Value]) -> Result<Strin
         ));
     };
     let head = content.trim_start();
-    let end = if rendered[at..].starts_with(head) { at + head.len() } else { at + needle.len() };
+    let end = if rendered[at..].starts_with(head) {
+        at + head.len()
+    } else {
+        at + needle.len()
+    };
     let mut rendered = rendered;
     rendered.truncate(end);
     Ok(rendered)
@@ -122,18 +134,30 @@ fn cut_after_final_message(rendered: String, messages: &[Value]) -> Result<Strin
 /// Every other field of a message (`name`, `tool_calls`, `tool_call_id`, …) passes through.
 pub fn normalize_messages(raw: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     let Some(raw) = raw else {
-        return Err(ApiError::invalid_param("messages", "`messages` is required."));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` is required.",
+        ));
     };
     let Some(list) = raw.as_array() else {
-        return Err(ApiError::invalid_param("messages", "`messages` must be a list of message objects."));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` must be a list of message objects.",
+        ));
     };
     if list.is_empty() {
-        return Err(ApiError::invalid_param("messages", "`messages` must not be empty."));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` must not be empty.",
+        ));
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, msg) in list.iter().enumerate() {
         let Some(obj) = msg.as_object() else {
-            return Err(ApiError::invalid_param("messages", format!("messages[{i}] must be an object.")));
+            return Err(ApiError::invalid_param(
+                "messages",
+                format!("messages[{i}] must be an object."),
+            ));
         };
         match obj.get("role") {
             Some(Value::String(r)) if !r.is_empty() => {}
@@ -227,10 +251,28 @@ fn strftime_now(fmt: String) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// Format unix seconds (UTC) with a strftime subset.
 fn format_utc(secs: u64, fmt: &str) -> String {
@@ -308,7 +350,12 @@ fn tojson(value: &JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, minijinja::E
     Ok(JinjaValue::from_safe_string(out))
 }
 
-fn write_json(v: &JinjaValue, indent: Option<usize>, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
+fn write_json(
+    v: &JinjaValue,
+    indent: Option<usize>,
+    depth: usize,
+    out: &mut String,
+) -> Result<(), minijinja::Error> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
             out.push('\n');
@@ -353,7 +400,10 @@ fn write_json(v: &JinjaValue, indent: Option<usize>, depth: usize, out: &mut Str
                     }
                 }
                 newline(out, depth + 1);
-                let key = k.as_str().map(str::to_string).unwrap_or_else(|| k.to_string());
+                let key = k
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| k.to_string());
                 out.push_str(&serde_json::to_string(&key).unwrap_or_else(|_| "\"\"".into()));
                 out.push_str(": ");
                 write_json(&v.get_item(k)?, indent, depth + 1, out)?;
@@ -412,15 +462,25 @@ mod tests {
                 {"role": "assistant", "content": "Hello"},
                 {"role": "tool", "content": "42", "tool_call_id": "c1"},
             ]),
-            RenderOptions { add_generation_prompt: true, ..Default::default() },
+            RenderOptions {
+                add_generation_prompt: true,
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nSys<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
         );
-        let no_gen = render(json!([{"role": "user", "content": "x"}]), RenderOptions::default()).unwrap();
-        assert_eq!(no_gen, "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n");
+        let no_gen = render(
+            json!([{"role": "user", "content": "x"}]),
+            RenderOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            no_gen,
+            "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
+        );
     }
 
     #[test]
@@ -433,7 +493,11 @@ mod tests {
         assert!(out.ends_with("<|im_start|>assistant\n1, 2,"), "{out:?}");
         let both = render(
             json!([{"role": "user", "content": "x"}]),
-            RenderOptions { continue_final_message: true, add_generation_prompt: true, ..Default::default() },
+            RenderOptions {
+                continue_final_message: true,
+                add_generation_prompt: true,
+                ..Default::default()
+            },
         );
         assert_eq!(both.unwrap_err().status, hyper::StatusCode::BAD_REQUEST);
     }
@@ -458,7 +522,12 @@ mod tests {
 
     #[test]
     fn bad_messages_are_400() {
-        for bad in [json!([]), json!("hi"), json!([{"content": "x"}]), json!([{"role": "user", "content": 5}])] {
+        for bad in [
+            json!([]),
+            json!("hi"),
+            json!([{"content": "x"}]),
+            json!([{"role": "user", "content": 5}]),
+        ] {
             let e = normalize_messages(Some(&bad)).unwrap_err();
             assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST, "{bad}");
         }
@@ -467,8 +536,14 @@ mod tests {
 
     #[test]
     fn raise_exception_reaches_the_client() {
-        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
-        let e = t.render(&[json!({"role": "user", "content": "x"})], &RenderOptions::default()).unwrap_err();
+        let t =
+            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
+        let e = t
+            .render(
+                &[json!({"role": "user", "content": "x"})],
+                &RenderOptions::default(),
+            )
+            .unwrap_err();
         assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST);
         assert!(e.message.contains("roles must alternate"), "{}", e.message);
     }
@@ -480,11 +555,19 @@ mod tests {
 
     #[test]
     fn tojson_matches_python() {
-        let t = ChatTemplate::new("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}", None, None).unwrap();
+        let t = ChatTemplate::new(
+            "{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}",
+            None,
+            None,
+        )
+        .unwrap();
         let out = t
             .render(
                 &[json!({"role": "user", "content": "x"})],
-                &RenderOptions { tools: Some(json!([{"z": "<a>", "a": [1, 2.5, true, null]}])), ..Default::default() },
+                &RenderOptions {
+                    tools: Some(json!([{"z": "<a>", "a": [1, 2.5, true, null]}])),
+                    ..Default::default()
+                },
             )
             .unwrap();
         // Keys come out sorted: request JSON is parsed into serde_json maps, which sort.
@@ -496,11 +579,22 @@ mod tests {
 
     #[test]
     fn bos_eos_and_kwargs_reach_the_template() {
-        let t = ChatTemplate::new("{{ bos_token }}{{ flavor }}{{ eos_token }}", Some("<s>"), Some("</s>")).unwrap();
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{{ flavor }}{{ eos_token }}",
+            Some("<s>"),
+            Some("</s>"),
+        )
+        .unwrap();
         let mut extra = Map::new();
         extra.insert("flavor".into(), json!("mint"));
         let out = t
-            .render(&[json!({"role": "user", "content": "x"})], &RenderOptions { extra: Some(extra), ..Default::default() })
+            .render(
+                &[json!({"role": "user", "content": "x"})],
+                &RenderOptions {
+                    extra: Some(extra),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(out, "<s>mint</s>");
     }
@@ -508,7 +602,10 @@ mod tests {
     #[test]
     fn strftime_formats_dates() {
         // 2024-07-26 13:25:09 UTC
-        assert_eq!(format_utc(1_722_000_309, "%d %b %Y %H:%M:%S %A %j"), "26 Jul 2024 13:25:09 Friday 208");
+        assert_eq!(
+            format_utc(1_722_000_309, "%d %b %Y %H:%M:%S %A %j"),
+            "26 Jul 2024 13:25:09 Friday 208"
+        );
         assert_eq!(format_utc(0, "%Y-%m-%d"), "1970-01-01");
     }
 }

@@ -58,7 +58,9 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
     let Some(obj) = value.as_object() else {
-        return Err(ApiError::bad_request("The request body must be a JSON object."));
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+        ));
     };
     match T::deserialize(&value) {
         Ok(t) => Ok(t),
@@ -68,7 +70,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
                 single.insert(k.clone(), v.clone());
                 let single = Value::Object(single);
                 if let Err(field_err) = T::deserialize(&single) {
-                    return Err(ApiError::invalid_param(k, format!("Invalid value for `{k}`: {field_err}")));
+                    return Err(ApiError::invalid_param(
+                        k,
+                        format!("Invalid value for `{k}`: {field_err}"),
+                    ));
                 }
             }
             Err(ApiError::bad_request(format!("Invalid request: {e}")))
@@ -89,7 +94,10 @@ pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<Strin
 }
 
 /// Validate a chat request's sampling fields.
-pub fn chat_params(req: &ChatCompletionRequest, limits: ModelLimits) -> Result<Validated, ApiError> {
+pub fn chat_params(
+    req: &ChatCompletionRequest,
+    limits: ModelLimits,
+) -> Result<Validated, ApiError> {
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if k < 0 || k as usize > MAX_LOGPROBS => {
             return Err(ApiError::invalid_param(
@@ -128,17 +136,30 @@ pub fn chat_params(req: &ChatCompletionRequest, limits: ModelLimits) -> Result<V
         }
     }
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let param = if req.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
     common_params(&req.common, limits, top, max_tokens, param)
 }
 
 /// Validate a text-completion request's sampling fields (`echo`/`suffix` are rejected).
-pub fn completion_params(req: &CompletionRequest, limits: ModelLimits) -> Result<Validated, ApiError> {
+pub fn completion_params(
+    req: &CompletionRequest,
+    limits: ModelLimits,
+) -> Result<Validated, ApiError> {
     if req.echo == Some(true) {
-        return Err(ApiError::invalid_param("echo", "`echo` is not supported by this server."));
+        return Err(ApiError::invalid_param(
+            "echo",
+            "`echo` is not supported by this server.",
+        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid_param("suffix", "`suffix` is not supported by this server."));
+        return Err(ApiError::invalid_param(
+            "suffix",
+            "`suffix` is not supported by this server.",
+        ));
     }
     let top = match req.logprobs {
         None => None,
@@ -150,7 +171,13 @@ pub fn completion_params(req: &CompletionRequest, limits: ModelLimits) -> Result
         }
         Some(k) => Some(k as usize),
     };
-    let mut v = common_params(&req.common, limits, top, req.common.max_tokens, "max_tokens")?;
+    let mut v = common_params(
+        &req.common,
+        limits,
+        top,
+        req.common.max_tokens,
+        "max_tokens",
+    )?;
     if v.requested_max_tokens.is_none() {
         v.requested_max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
         // The default bounds min_tokens like an explicit max_tokens would (found by fuzzing:
@@ -174,7 +201,10 @@ fn finite(param: &str, v: f64) -> Result<f64, ApiError> {
     if v.is_finite() && (v as f32).is_finite() {
         Ok(v)
     } else {
-        Err(ApiError::invalid_param(param, format!("`{param}` must be a finite number.")))
+        Err(ApiError::invalid_param(
+            param,
+            format!("`{param}` must be a finite number."),
+        ))
     }
 }
 
@@ -185,11 +215,17 @@ fn common_params(
     max_tokens: Option<i64>,
     max_tokens_param: &str,
 ) -> Result<Validated, ApiError> {
-    let mut p = SamplingParams { logprobs, ..SamplingParams::default() };
+    let mut p = SamplingParams {
+        logprobs,
+        ..SamplingParams::default()
+    };
 
     if let Some(n) = c.n {
         if n < 1 || n as usize > MAX_N {
-            return Err(ApiError::invalid_param("n", format!("`n` must be between 1 and {MAX_N}, got {n}.")));
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("`n` must be between 1 and {MAX_N}, got {n}."),
+            ));
         }
         p.n = n as usize;
     }
@@ -204,14 +240,20 @@ fn common_params(
     if let Some(t) = c.temperature {
         let t = finite("temperature", t)?;
         if t < 0.0 {
-            return Err(ApiError::invalid_param("temperature", format!("`temperature` must be >= 0, got {t}.")));
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("`temperature` must be >= 0, got {t}."),
+            ));
         }
         p.temperature = t as f32;
     }
     if let Some(t) = c.top_p {
         let t = finite("top_p", t)?;
         if (t as f32) <= 0.0 || t > 1.0 {
-            return Err(ApiError::invalid_param("top_p", format!("`top_p` must be in (0, 1], got {t}.")));
+            return Err(ApiError::invalid_param(
+                "top_p",
+                format!("`top_p` must be in (0, 1], got {t}."),
+            ));
         }
         p.top_p = t as f32;
     }
@@ -227,7 +269,10 @@ fn common_params(
     if let Some(m) = c.min_p {
         let m = finite("min_p", m)?;
         if !(0.0..=1.0).contains(&m) {
-            return Err(ApiError::invalid_param("min_p", format!("`min_p` must be in [0, 1], got {m}.")));
+            return Err(ApiError::invalid_param(
+                "min_p",
+                format!("`min_p` must be in [0, 1], got {m}."),
+            ));
         }
         p.min_p = m as f32;
     }
@@ -242,13 +287,24 @@ fn common_params(
         p.repetition_penalty = r as f32;
     }
     for (name, value, slot) in [
-        ("frequency_penalty", c.frequency_penalty, &mut p.frequency_penalty),
-        ("presence_penalty", c.presence_penalty, &mut p.presence_penalty),
+        (
+            "frequency_penalty",
+            c.frequency_penalty,
+            &mut p.frequency_penalty,
+        ),
+        (
+            "presence_penalty",
+            c.presence_penalty,
+            &mut p.presence_penalty,
+        ),
     ] {
         if let Some(v) = value {
             let v = finite(name, v)?;
             if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::invalid_param(name, format!("`{name}` must be in [-2, 2], got {v}.")));
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("`{name}` must be in [-2, 2], got {v}."),
+                ));
             }
             *slot = v as f32;
         }
@@ -265,7 +321,10 @@ fn common_params(
     };
     if let Some(m) = c.min_tokens {
         if m < 0 {
-            return Err(ApiError::invalid_param("min_tokens", format!("`min_tokens` must be >= 0, got {m}.")));
+            return Err(ApiError::invalid_param(
+                "min_tokens",
+                format!("`min_tokens` must be >= 0, got {m}."),
+            ));
         }
         if let Some(max) = requested_max_tokens {
             if m as usize > max {
@@ -294,7 +353,12 @@ fn common_params(
         p.seed = Some(match (seed.as_u64(), seed.as_i64()) {
             (Some(u), _) => u,
             (None, Some(i)) => i as u64,
-            _ => return Err(ApiError::invalid_param("seed", "`seed` must be an integer.")),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "seed",
+                    "`seed` must be an integer.",
+                ))
+            }
         });
     }
     if let Some(bias) = &c.logit_bias {
@@ -318,9 +382,18 @@ fn common_params(
                 "`stream_options` can only be set when `stream` is true.",
             ))
         }
-        Some(o) => (o.include_usage.unwrap_or(false), o.continuous_usage_stats.unwrap_or(false)),
+        Some(o) => (
+            o.include_usage.unwrap_or(false),
+            o.continuous_usage_stats.unwrap_or(false),
+        ),
     };
-    Ok(Validated { params: p, requested_max_tokens, stream, include_usage, continuous_usage })
+    Ok(Validated {
+        params: p,
+        requested_max_tokens,
+        stream,
+        include_usage,
+        continuous_usage,
+    })
 }
 
 fn token_id(param: &str, id: i64, vocab: usize) -> Result<u32, ApiError> {
@@ -342,27 +415,46 @@ fn parse_stop(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
             for item in items {
                 match item {
                     Value::String(s) => out.push(s.clone()),
-                    _ => return Err(ApiError::invalid_param("stop", "`stop` must be a string or a list of strings.")),
+                    _ => {
+                        return Err(ApiError::invalid_param(
+                            "stop",
+                            "`stop` must be a string or a list of strings.",
+                        ))
+                    }
                 }
             }
             out
         }
-        Some(_) => return Err(ApiError::invalid_param("stop", "`stop` must be a string or a list of strings.")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "stop",
+                "`stop` must be a string or a list of strings.",
+            ))
+        }
     };
     if list.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::invalid_param("stop", format!("At most {MAX_STOP_STRINGS} stop strings are allowed.")));
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("At most {MAX_STOP_STRINGS} stop strings are allowed."),
+        ));
     }
     if let Some(s) = list.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
         return Err(ApiError::invalid_param(
             "stop",
-            format!("Stop strings must be at most {MAX_STOP_STRING_BYTES} bytes (got {}).", s.len()),
+            format!(
+                "Stop strings must be at most {MAX_STOP_STRING_BYTES} bytes (got {}).",
+                s.len()
+            ),
         ));
     }
     // An empty stop string can never be meant: drop it rather than stop at once.
     Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
-fn parse_logit_bias(bias: &BTreeMap<String, f64>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+fn parse_logit_bias(
+    bias: &BTreeMap<String, f64>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
     if bias.len() > MAX_LOGIT_BIAS_ENTRIES {
         return Err(ApiError::invalid_param(
             "logit_bias",
@@ -413,29 +505,47 @@ pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptIn
         }
         items
             .iter()
-            .map(|v| v.as_i64().ok_or_else(bad).and_then(|id| token_id("prompt", id, vocab)))
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(bad)
+                    .and_then(|id| token_id("prompt", id, vocab))
+            })
             .collect()
     };
     let prompts = match prompt {
-        None | Some(Value::Null) => return Err(ApiError::invalid_param("prompt", "`prompt` is required.")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid_param("prompt", "`prompt` is required."))
+        }
         Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
         Some(Value::Array(items)) if items.is_empty() => return Err(empty()),
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items
                 .iter()
-                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(bad))
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| PromptInput::Text(s.to_string()))
+                        .ok_or_else(bad)
+                })
                 .collect::<Result<_, _>>()?,
             Value::Number(_) => vec![PromptInput::Tokens(ids(items)?)],
             Value::Array(_) => items
                 .iter()
-                .map(|v| v.as_array().ok_or_else(bad).and_then(|a| ids(a)).map(PromptInput::Tokens))
+                .map(|v| {
+                    v.as_array()
+                        .ok_or_else(bad)
+                        .and_then(|a| ids(a))
+                        .map(PromptInput::Tokens)
+                })
                 .collect::<Result<_, _>>()?,
             _ => return Err(bad()),
         },
         Some(_) => return Err(bad()),
     };
     if prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::invalid_param("prompt", format!("At most {MAX_PROMPTS} prompts per request.")));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("At most {MAX_PROMPTS} prompts per request."),
+        ));
     }
     Ok(prompts)
 }
@@ -443,7 +553,10 @@ pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptIn
 /// Check prompt ids against the vocabulary (ids from `/v1/completions` token prompts).
 pub fn check_prompt_ids(ids: &[u32], vocab: usize) -> Result<(), ApiError> {
     if ids.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "The prompt is empty after tokenization."));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "The prompt is empty after tokenization.",
+        ));
     }
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::invalid_param(
@@ -487,7 +600,10 @@ pub fn detokenize_ids(tokens: Option<&[i64]>, vocab: usize) -> Result<Vec<u32>, 
     let Some(tokens) = tokens else {
         return Err(ApiError::invalid_param("tokens", "`tokens` is required."));
     };
-    tokens.iter().map(|&t| token_id("tokens", t, vocab)).collect()
+    tokens
+        .iter()
+        .map(|&t| token_id("tokens", t, vocab))
+        .collect()
 }
 
 #[cfg(test)]
@@ -496,7 +612,10 @@ mod tests {
     use hyper::StatusCode;
     use serde_json::json;
 
-    const LIMITS: ModelLimits = ModelLimits { vocab_size: 1000, max_model_len: 100 };
+    const LIMITS: ModelLimits = ModelLimits {
+        vocab_size: 1000,
+        max_model_len: 100,
+    };
 
     fn chat(body: Value) -> Result<Validated, ApiError> {
         let req: ChatCompletionRequest = parse_json(body.to_string().as_bytes())?;
@@ -538,7 +657,13 @@ mod tests {
         assert_eq!(v.requested_max_tokens, None);
         let v = completion(json!({"prompt": "x"})).unwrap();
         assert_eq!(v.requested_max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
-        assert_eq!(chat(json!({"top_k": -1, "logprobs": true})).unwrap().params.logprobs, Some(0));
+        assert_eq!(
+            chat(json!({"top_k": -1, "logprobs": true}))
+                .unwrap()
+                .params
+                .logprobs,
+            Some(0)
+        );
         assert_eq!(chat(json!({"top_k": 0})).unwrap().params.top_k, 0);
     }
 
@@ -559,7 +684,10 @@ mod tests {
             (json!({"n": 1.5}), "n"),
             (json!({"best_of": 3}), "best_of"),
             (json!({"max_tokens": 0}), "max_tokens"),
-            (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
+            (
+                json!({"max_completion_tokens": -1}),
+                "max_completion_tokens",
+            ),
             (json!({"min_tokens": 5, "max_tokens": 2}), "min_tokens"),
             (json!({"min_tokens": -1}), "min_tokens"),
             (json!({"stop": 5}), "stop"),
@@ -572,10 +700,19 @@ mod tests {
             (json!({"logit_bias": {"1000": 1}}), "logit_bias"),
             (json!({"logit_bias": {"1": 101}}), "logit_bias"),
             (json!({"seed": 1.5}), "seed"),
-            (json!({"top_logprobs": 21, "logprobs": true}), "top_logprobs"),
+            (
+                json!({"top_logprobs": 21, "logprobs": true}),
+                "top_logprobs",
+            ),
             (json!({"top_logprobs": 2}), "top_logprobs"),
-            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (
+                json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"stream": "yes"}), "stream"),
         ];
@@ -636,11 +773,25 @@ mod tests {
     #[test]
     fn prompt_shapes() {
         let p = |v: Value| parse_prompt(Some(&v), 1000);
-        assert_eq!(p(json!("hi")).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(
+            p(json!("hi")).unwrap(),
+            vec![PromptInput::Text("hi".into())]
+        );
         assert_eq!(p(json!(["a", "b"])).unwrap().len(), 2);
-        assert_eq!(p(json!([1, 2])).unwrap(), vec![PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(
+            p(json!([1, 2])).unwrap(),
+            vec![PromptInput::Tokens(vec![1, 2])]
+        );
         assert_eq!(p(json!([[1], [2, 3]])).unwrap().len(), 2);
-        for bad in [json!([]), json!([[]]), json!([1, "a"]), json!([1000]), json!(5), json!([{"a": 1}]), json!(null)] {
+        for bad in [
+            json!([]),
+            json!([[]]),
+            json!([1, "a"]),
+            json!([1000]),
+            json!(5),
+            json!([{"a": 1}]),
+            json!(null),
+        ] {
             let e = p(bad.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
         }
@@ -652,14 +803,21 @@ mod tests {
     #[test]
     fn context_length_messages_state_the_numbers() {
         assert_eq!(resolve_max_tokens(10, None, 100, "messages").unwrap(), 90);
-        assert_eq!(resolve_max_tokens(10, Some(90), 100, "messages").unwrap(), 90);
+        assert_eq!(
+            resolve_max_tokens(10, Some(90), 100, "messages").unwrap(),
+            90
+        );
         let e = resolve_max_tokens(10, Some(91), 100, "messages").unwrap_err();
         assert_eq!(
             e.message,
             "This model's maximum context length is 100 tokens. However, you requested 101 tokens (10 in the messages, 91 in the completion). Please reduce the length of the messages or completion."
         );
         let e = resolve_max_tokens(100, None, 100, "prompt").unwrap_err();
-        assert!(e.message.contains("your request has 100 input tokens"), "{}", e.message);
+        assert!(
+            e.message.contains("your request has 100 input tokens"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

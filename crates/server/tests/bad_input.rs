@@ -54,19 +54,30 @@ struct Case {
 }
 
 fn head(method: &str, path: &str, extra: &str, body_len: Option<usize>) -> Vec<u8> {
-    let len = body_len.map(|n| format!("content-length: {n}\r\n")).unwrap_or_default();
-    format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n{extra}{len}\r\n").into_bytes()
+    let len = body_len
+        .map(|n| format!("content-length: {n}\r\n"))
+        .unwrap_or_default();
+    format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n{extra}{len}\r\n")
+        .into_bytes()
 }
 
 /// A POST with a JSON content type and the given body bytes.
 fn post_bytes(path: &str, body: &[u8]) -> Vec<u8> {
-    let mut r = head("POST", path, "content-type: application/json\r\n", Some(body.len()));
+    let mut r = head(
+        "POST",
+        path,
+        "content-type: application/json\r\n",
+        Some(body.len()),
+    );
     r.extend_from_slice(body);
     r
 }
 
 fn chat(body: Value) -> Send {
-    Send::Raw(post_bytes("/v1/chat/completions", body.to_string().as_bytes()))
+    Send::Raw(post_bytes(
+        "/v1/chat/completions",
+        body.to_string().as_bytes(),
+    ))
 }
 
 fn completion(body: Value) -> Send {
@@ -88,7 +99,12 @@ fn catalogue() -> Vec<Case> {
     invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
     invalid_utf8.extend_from_slice(br#""}]}"#);
     // A 2 MiB chunked body (no Content-Length): the limit applies while reading.
-    let mut chunked = head("POST", chat_path, "content-type: application/json\r\ntransfer-encoding: chunked\r\n", None);
+    let mut chunked = head(
+        "POST",
+        chat_path,
+        "content-type: application/json\r\ntransfer-encoding: chunked\r\n",
+        None,
+    );
     for _ in 0..(2 * MAX_BODY / 65536) {
         chunked.extend_from_slice(format!("{:x}\r\n", 65536).as_bytes());
         chunked.extend_from_slice(&[b' '; 65536]);
@@ -96,18 +112,34 @@ fn catalogue() -> Vec<Case> {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     // A chunked body with a size line that is not hex.
-    let mut bad_chunk = head("POST", chat_path, "content-type: application/json\r\ntransfer-encoding: chunked\r\n", None);
+    let mut bad_chunk = head(
+        "POST",
+        chat_path,
+        "content-type: application/json\r\ntransfer-encoding: chunked\r\n",
+        None,
+    );
     bad_chunk.extend_from_slice(b"zz\r\n{}\r\n0\r\n\r\n");
     // Declares 100 bytes, sends 40, then waits: the body timeout answers 408.
     let slow_body = {
         let body = json!({"messages": user("hello"), "max_tokens": 1}).to_string();
-        let mut h = head("POST", chat_path, "content-type: application/json\r\n", Some(body.len() + 60));
+        let mut h = head(
+            "POST",
+            chat_path,
+            "content-type: application/json\r\n",
+            Some(body.len() + 60),
+        );
         h.extend_from_slice(&body.as_bytes()[..20]);
-        vec![(h, Duration::from_millis(300)), (body.as_bytes()[20..].to_vec(), BODY_TIMEOUT * 3)]
+        vec![
+            (h, Duration::from_millis(300)),
+            (body.as_bytes()[20..].to_vec(), BODY_TIMEOUT * 3),
+        ]
     };
     // Sends the request head one byte at a time, slower than the header timeout allows.
     let slow_headers: Vec<(Vec<u8>, Duration)> =
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n".iter().map(|&b| (vec![b], Duration::from_millis(150))).collect();
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n"
+            .iter()
+            .map(|&b| (vec![b], Duration::from_millis(150)))
+            .collect();
     // HTTP/1.0 (no Host, no keep-alive) with invalid JSON.
     let http10 = b"POST /v1/completions HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{not json".to_vec();
     // Three pipelined requests in one write; the last closes the connection.
@@ -118,7 +150,9 @@ fn catalogue() -> Vec<Case> {
             .as_bytes(),
     );
     pipelined.extend_from_slice(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
-    let too_long_ids: Vec<u32> = (0..MAX_MODEL_LEN as u32 + 50).map(|i| 100 + i % 1000).collect();
+    let too_long_ids: Vec<u32> = (0..MAX_MODEL_LEN as u32 + 50)
+        .map(|i| 100 + i % 1000)
+        .collect();
     let nested = format!("{{\"messages\": {}{}}}", "[".repeat(5000), "]".repeat(5000));
 
     vec![
@@ -280,29 +314,56 @@ async fn send(addr: SocketAddr, send: &Send) -> Vec<u8> {
 fn check(r: Option<&RawResponse>, expect: Expect) -> Result<(), String> {
     match (expect, r) {
         (Expect::Closed, None) => Ok(()),
-        (Expect::Closed, Some(r)) => Err(format!("expected the connection to be closed, got {}", r.status)),
+        (Expect::Closed, Some(r)) => Err(format!(
+            "expected the connection to be closed, got {}",
+            r.status
+        )),
         (_, None) => Err("no response".into()),
         (Expect::Http(status), Some(r)) => {
             if r.status != status {
-                return Err(format!("status {} (expected {status}): {}", r.status, String::from_utf8_lossy(&r.body)));
+                return Err(format!(
+                    "status {} (expected {status}): {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                ));
             }
             Ok(())
         }
         (Expect::Api(status, param), Some(r)) => {
             if r.status != status {
-                return Err(format!("status {} (expected {status}): {}", r.status, String::from_utf8_lossy(&r.body)));
+                return Err(format!(
+                    "status {} (expected {status}): {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                ));
             }
-            if !r.header("content-type").is_some_and(|c| c.starts_with("application/json")) {
-                return Err(format!("error without a JSON content type: {:?}", r.headers));
+            if !r
+                .header("content-type")
+                .is_some_and(|c| c.starts_with("application/json"))
+            {
+                return Err(format!(
+                    "error without a JSON content type: {:?}",
+                    r.headers
+                ));
             }
-            let e = std::panic::catch_unwind(|| assert_openai_error(StatusCode::from_u16(status).unwrap(), &r.body))
-                .map_err(|_| format!("not an OpenAI error body: {}", String::from_utf8_lossy(&r.body)))?;
+            let e = std::panic::catch_unwind(|| {
+                assert_openai_error(StatusCode::from_u16(status).unwrap(), &r.body)
+            })
+            .map_err(|_| {
+                format!(
+                    "not an OpenAI error body: {}",
+                    String::from_utf8_lossy(&r.body)
+                )
+            })?;
             if let Some(p) = param {
                 if e["param"] != p {
                     return Err(format!("param {} (expected {p}): {e}", e["param"]));
                 }
             }
-            if r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-injected")) {
+            if r.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("x-injected"))
+            {
                 return Err("a header was injected into the response".into());
             }
             Ok(())
@@ -320,7 +381,11 @@ async fn malformed_requests_get_documented_errors_and_the_server_survives() {
     })
     .await;
     let cases = catalogue();
-    assert!(cases.len() >= 30, "the catalogue must have at least 30 cases, has {}", cases.len());
+    assert!(
+        cases.len() >= 30,
+        "the catalogue must have at least 30 cases, has {}",
+        cases.len()
+    );
 
     // Run the cases concurrently (the slow ones take seconds), each on its own connection.
     let started = Instant::now();
@@ -334,12 +399,21 @@ async fn malformed_requests_get_documented_errors_and_the_server_survives() {
                 let outcome = match &case.send {
                     Send::Pipelined(_, expects) => {
                         if responses.len() != expects.len() {
-                            Err(format!("{} responses to {} pipelined requests", responses.len(), expects.len()))
+                            Err(format!(
+                                "{} responses to {} pipelined requests",
+                                responses.len(),
+                                expects.len()
+                            ))
                         } else {
-                            responses.iter().zip(expects).try_for_each(|(r, &e)| check(Some(r), e))
+                            responses
+                                .iter()
+                                .zip(expects)
+                                .try_for_each(|(r, &e)| check(Some(r), e))
                         }
                     }
-                    _ if responses.len() > 1 => Err(format!("{} responses to one request", responses.len())),
+                    _ if responses.len() > 1 => {
+                        Err(format!("{} responses to one request", responses.len()))
+                    }
                     _ => check(responses.first(), case.expect),
                 };
                 let first = responses.first().map(|r| (r.version.clone(), r.status));
@@ -350,7 +424,10 @@ async fn malformed_requests_get_documented_errors_and_the_server_survives() {
     let mut failures = Vec::new();
     let total = runs.len();
     for run in runs {
-        let (name, outcome, first) = tokio::time::timeout(Duration::from_secs(60), run).await.expect("case finishes").expect("case task");
+        let (name, outcome, first) = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("case finishes")
+            .expect("case task");
         match outcome {
             Ok(()) => println!("ok    {name}: {first:?}"),
             Err(why) => {
@@ -359,27 +436,52 @@ async fn malformed_requests_get_documented_errors_and_the_server_survives() {
             }
         }
     }
-    println!("{total} malformed requests in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(failures.is_empty(), "{} of {total} cases failed:\n{}", failures.len(), failures.join("\n"));
+    println!(
+        "{total} malformed requests in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 
     // HTTP/1.0 is answered as HTTP/1.x and the connection closes (checked by reading to EOF).
-    let r = parse_responses(&raw(s.addr, b"GET /health HTTP/1.0\r\n\r\n", Duration::from_secs(10)).await);
+    let r = parse_responses(
+        &raw(
+            s.addr,
+            b"GET /health HTTP/1.0\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await,
+    );
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].status, 200);
 
     // An idle keep-alive connection is closed once the header timeout passes without a request.
     let mut conn = TcpStream::connect(s.addr).await.expect("connect");
-    conn.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n").await.expect("write");
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("write");
     let opened = Instant::now();
     let bytes = read_until_quiet(&mut conn, Duration::from_secs(20)).await;
     let closed_after = opened.elapsed();
     assert_eq!(parse_responses(&bytes).first().map(|r| r.status), Some(200));
-    assert!(closed_after < HEADER_TIMEOUT * 5, "idle keep-alive connection still open after {closed_after:?}");
+    assert!(
+        closed_after < HEADER_TIMEOUT * 5,
+        "idle keep-alive connection still open after {closed_after:?}"
+    );
 
     // Still healthy, nothing stuck in the engine, and a normal request works.
     assert_eq!(get(s.addr, "/health").await.status, StatusCode::OK);
     wait_engine_idle(s.addr, Duration::from_secs(10)).await;
-    let r = post(s.addr, "/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 3})).await;
+    let r = post(
+        s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": user("Hi"), "max_tokens": 3}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
     s.shutdown().await;

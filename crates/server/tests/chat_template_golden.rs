@@ -17,14 +17,21 @@ fn default_model_template_matches_transformers() {
     })
     .expect("default model (scripts/fetch-model.sh)");
     let tok = &loaded.tokenizer;
-    let source = tok.chat_template.as_deref().expect("the GGUF carries a chat template");
-    let template = ChatTemplate::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref()).expect("compile");
+    let source = tok
+        .chat_template
+        .as_deref()
+        .expect("the GGUF carries a chat template");
+    let template = ChatTemplate::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+        .expect("compile");
 
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("tests/golden/smollm2-135m-instruct.json")).expect("golden file"),
+        &std::fs::read_to_string(root.join("tests/golden/smollm2-135m-instruct.json"))
+            .expect("golden file"),
     )
     .expect("golden json");
-    let cases = golden["chat_template_cases"].as_array().expect("chat_template_cases");
+    let cases = golden["chat_template_cases"]
+        .as_array()
+        .expect("chat_template_cases");
     assert!(cases.len() >= 6);
     for case in cases {
         let messages = normalize_messages(case.get("messages")).expect("messages");
@@ -33,6 +40,11 @@ fn default_model_template_matches_transformers() {
             ..RenderOptions::default()
         };
         let rendered = template.render(&messages, &opts).expect("render");
-        assert_eq!(rendered, case["rendered"].as_str().unwrap_or_default(), "messages: {}", case["messages"]);
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().unwrap_or_default(),
+            "messages: {}",
+            case["messages"]
+        );
     }
 }

@@ -63,8 +63,12 @@ fn chat_body(i: usize, stream: bool) -> Vec<u8> {
 
 fn long_prompt_body(i: usize, stream: bool) -> Vec<u8> {
     // Unique from the first token on, so the prefix cache cannot skip the prefill.
-    let words: String = (0..230).map(|k| format!("w{} ", (k * 7 + i) % 97)).collect();
-    json!({"prompt": format!("Client {i} says: {words}"), "max_tokens": 50, "stream": stream}).to_string().into_bytes()
+    let words: String = (0..230)
+        .map(|k| format!("w{} ", (k * 7 + i) % 97))
+        .collect();
+    json!({"prompt": format!("Client {i} says: {words}"), "max_tokens": 50, "stream": stream})
+        .to_string()
+        .into_bytes()
 }
 
 fn request_bytes(addr: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
@@ -81,9 +85,15 @@ fn request_bytes(addr: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
 async fn read_chunks(resp: &mut hyper::Response<hyper::body::Incoming>, n: usize) -> bool {
     let mut seen = String::new();
     loop {
-        let events: Vec<&str> = seen.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+        let events: Vec<&str> = seen
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .collect();
         let role = events.iter().any(|e| e.contains("\"role\":\"assistant\""));
-        let content = events.iter().filter(|e| e.contains("\"content\":\"") && !e.contains("\"role\"")).count();
+        let content = events
+            .iter()
+            .filter(|e| e.contains("\"content\":\"") && !e.contains("\"role\""))
+            .count();
         if role && content >= n {
             return true;
         }
@@ -120,8 +130,20 @@ async fn storm_client(addr: SocketAddr, i: usize, point: DropPoint, delay_ms: u6
             let _ = s.write_all(&req).await;
         }
         DropPoint::AfterRoleChunk | DropPoint::MidStream(_) => {
-            let n = if let DropPoint::MidStream(n) = point { n } else { 0 };
-            let Ok((mut resp, conn)) = open(addr, "POST", "/v1/chat/completions", &ct, chat_body(i, true)).await else {
+            let n = if let DropPoint::MidStream(n) = point {
+                n
+            } else {
+                0
+            };
+            let Ok((mut resp, conn)) = open(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                &ct,
+                chat_body(i, true),
+            )
+            .await
+            else {
                 return;
             };
             if resp.status() == StatusCode::OK {
@@ -131,14 +153,28 @@ async fn storm_client(addr: SocketAddr, i: usize, point: DropPoint, delay_ms: u6
             conn.abort();
         }
         DropPoint::DuringPrefill(ms) => {
-            let sent = open(addr, "POST", "/v1/completions", &ct, long_prompt_body(i, true));
-            if let Ok(Ok((resp, conn))) = tokio::time::timeout(Duration::from_millis(ms), sent).await {
+            let sent = open(
+                addr,
+                "POST",
+                "/v1/completions",
+                &ct,
+                long_prompt_body(i, true),
+            );
+            if let Ok(Ok((resp, conn))) =
+                tokio::time::timeout(Duration::from_millis(ms), sent).await
+            {
                 drop(resp);
                 conn.abort();
             }
         }
         DropPoint::NonStreaming(ms) => {
-            let sent = open(addr, "POST", "/v1/chat/completions", &ct, chat_body(i, false));
+            let sent = open(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                &ct,
+                chat_body(i, false),
+            );
             // The response only comes when generation ends (200 tokens: many seconds), so the
             // timeout drops the request, and with it the connection, while it runs.
             let _ = tokio::time::timeout(Duration::from_millis(ms), sent).await;

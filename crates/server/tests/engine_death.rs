@@ -28,7 +28,9 @@ fn long_stream(i: usize) -> Vec<u8> {
 }
 
 fn long_blocking(i: usize) -> Vec<u8> {
-    json!({"prompt": format!("A long text, number {i}:"), "max_tokens": 800, "ignore_eos": true}).to_string().into_bytes()
+    json!({"prompt": format!("A long text, number {i}:"), "max_tokens": 800, "ignore_eos": true})
+        .to_string()
+        .into_bytes()
 }
 
 fn marked() -> Vec<u8> {
@@ -64,12 +66,19 @@ fn assert_stream_ends_with_error(head: &str, rest: &str) {
     let n = events.len();
     assert!(n >= 2, "stream too short: {body}");
     assert_eq!(events[n - 1], "[DONE]", "{body}");
-    let err: Value = serde_json::from_str(&events[n - 2]).unwrap_or_else(|e| panic!("last event not JSON ({e}): {body}"));
+    let err: Value = serde_json::from_str(&events[n - 2])
+        .unwrap_or_else(|e| panic!("last event not JSON ({e}): {body}"));
     assert_openai_error(StatusCode::INTERNAL_SERVER_ERROR, events[n - 2].as_bytes());
     let msg = err["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("engine"), "the error should say the engine died: {msg}");
+    assert!(
+        msg.contains("engine"),
+        "the error should say the engine died: {msg}"
+    );
     for e in &events[..n - 2] {
-        assert!(!e.contains("\"error\""), "only the last event may be an error: {body}");
+        assert!(
+            !e.contains("\"error\""),
+            "only the last event may be an error: {body}"
+        );
     }
 }
 
@@ -83,28 +92,55 @@ async fn start_in_flight(addr: SocketAddr, streams: usize, blocking: usize) -> I
     let ct = [("content-type", "application/json")];
     let mut open_streams = Vec::new();
     for i in 0..streams {
-        let (mut resp, conn) = open(addr, "POST", "/v1/chat/completions", &ct, long_stream(i)).await.expect("send");
+        let (mut resp, conn) = open(addr, "POST", "/v1/chat/completions", &ct, long_stream(i))
+            .await
+            .expect("send");
         assert_eq!(resp.status(), StatusCode::OK);
         let head = wait_first_token(&mut resp).await;
         open_streams.push((resp, head, conn));
     }
     let blocking: Vec<JoinHandle<Reply>> = (0..blocking)
-        .map(|i| tokio::spawn(async move { call(addr, "POST", "/v1/completions", &[("content-type", "application/json")], long_blocking(i)).await }))
+        .map(|i| {
+            tokio::spawn(async move {
+                call(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    &[("content-type", "application/json")],
+                    long_blocking(i),
+                )
+                .await
+            })
+        })
         .collect();
     // Wait until the non-streaming requests run too.
     let deadline = Instant::now() + Duration::from_secs(30);
     while engine_gauges(addr).await.0 < (streams + blocking.len()) as f64 {
-        assert!(Instant::now() < deadline, "in-flight requests never all ran");
+        assert!(
+            Instant::now() < deadline,
+            "in-flight requests never all ran"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    InFlight { streams: open_streams, blocking }
+    InFlight {
+        streams: open_streams,
+        blocking,
+    }
 }
 
 /// Everything the issue asks of a dead engine, checked against a running server.
-async fn assert_death_is_visible(addr: SocketAddr, engine: &EngineHandle, in_flight: InFlight, death_deadline: Duration) {
+async fn assert_death_is_visible(
+    addr: SocketAddr,
+    engine: &EngineHandle,
+    in_flight: InFlight,
+    death_deadline: Duration,
+) {
     let hit = Instant::now();
     while !engine.is_dead() {
-        assert!(hit.elapsed() < death_deadline, "the engine did not die within {death_deadline:?} of the fault");
+        assert!(
+            hit.elapsed() < death_deadline,
+            "the engine did not die within {death_deadline:?} of the fault"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let died = Instant::now();
@@ -113,7 +149,10 @@ async fn assert_death_is_visible(addr: SocketAddr, engine: &EngineHandle, in_fli
         if get(addr, "/health").await.status == StatusCode::SERVICE_UNAVAILABLE {
             break;
         }
-        assert!(died.elapsed() < Duration::from_secs(1), "/health still 200 a second after the engine died");
+        assert!(
+            died.elapsed() < Duration::from_secs(1),
+            "/health still 200 a second after the engine died"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!(
@@ -134,7 +173,10 @@ async fn assert_death_is_visible(addr: SocketAddr, engine: &EngineHandle, in_fli
     }
     // Non-streaming requests in flight: 500 with an OpenAI error body.
     for b in in_flight.blocking {
-        let r = tokio::time::timeout(Duration::from_secs(30), b).await.expect("answered").expect("task");
+        let r = tokio::time::timeout(Duration::from_secs(30), b)
+            .await
+            .expect("answered")
+            .expect("task");
         assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.text());
         assert_openai_error(StatusCode::INTERNAL_SERVER_ERROR, &r.body);
     }
@@ -160,13 +202,25 @@ async fn fault_scenario(fault: FaultInjection, stall_timeout: Duration) {
     let in_flight = start_in_flight(s.addr, 3, 2).await;
 
     // The marked request: it is in flight too when the fault hits.
-    let (mut marked_resp, marked_conn) =
-        open(s.addr, "POST", "/v1/chat/completions", &[("content-type", "application/json")], marked()).await.expect("send");
+    let (mut marked_resp, marked_conn) = open(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        marked(),
+    )
+    .await
+    .expect("send");
     assert_eq!(marked_resp.status(), StatusCode::OK);
     // Generous: the fault fires at the engine's next step, a hang after the stall timeout.
     let death_deadline = stall_timeout.min(Duration::from_secs(5)) + Duration::from_secs(30);
     assert_death_is_visible(s.addr, &engine, in_flight, death_deadline).await;
-    let marked_body = marked_resp.body_mut().collect().await.expect("marked body").to_bytes();
+    let marked_body = marked_resp
+        .body_mut()
+        .collect()
+        .await
+        .expect("marked body")
+        .to_bytes();
     assert_stream_ends_with_error("", &String::from_utf8_lossy(&marked_body));
     marked_conn.abort();
 
@@ -185,24 +239,51 @@ async fn fault_scenario(fault: FaultInjection, stall_timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_panic_fails_in_flight_requests_and_health() {
-    fault_scenario(FaultInjection::Panic { marker: MARKER.into() }, Duration::from_secs(30)).await;
+    fault_scenario(
+        FaultInjection::Panic {
+            marker: MARKER.into(),
+        },
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_error_fails_in_flight_requests_and_health() {
-    fault_scenario(FaultInjection::Error { marker: MARKER.into() }, Duration::from_secs(30)).await;
+    fault_scenario(
+        FaultInjection::Error {
+            marker: MARKER.into(),
+        },
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_hang_is_declared_dead_after_the_stall_timeout() {
-    fault_scenario(FaultInjection::Stall { marker: MARKER.into() }, Duration::from_secs(1)).await;
+    fault_scenario(
+        FaultInjection::Stall {
+            marker: MARKER.into(),
+        },
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_the_marker_are_unaffected() {
-    let (engine, metrics) = start_engine(|c| c.fault_injection = Some(FaultInjection::Panic { marker: MARKER.into() }));
+    let (engine, metrics) = start_engine(|c| {
+        c.fault_injection = Some(FaultInjection::Panic {
+            marker: MARKER.into(),
+        })
+    });
     let s = TestServer::start(engine.clone(), metrics, |_| {}).await;
-    let r = post(s.addr, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})).await;
+    let r = post(
+        s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert!(!engine.is_dead());
     assert_eq!(get(s.addr, "/health").await.status, StatusCode::OK);

@@ -27,13 +27,21 @@ const MODEL_NAME: &str = "smollm2";
 fn model_path() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     path.display().to_string()
 }
 
 fn engine_config(metrics: &Arc<Metrics>) -> EngineConfig {
     EngineConfig {
-        model: LoadOptions { model: model_path(), max_model_len: Some(2048), ..LoadOptions::default() },
+        model: LoadOptions {
+            model: model_path(),
+            max_model_len: Some(2048),
+            ..LoadOptions::default()
+        },
         max_num_seqs: 32,
         kv_cache_memory_bytes: Some(256 << 20),
         observer: Some(metrics.clone()),
@@ -60,7 +68,11 @@ struct TestServer {
 }
 
 impl TestServer {
-    async fn start(engine: EngineHandle, metrics: Arc<Metrics>, tweak: impl FnOnce(&mut ServerConfig)) -> Self {
+    async fn start(
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut cfg = ServerConfig {
             host: "127.0.0.1".into(),
             port: 0,
@@ -75,7 +87,11 @@ impl TestServer {
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
         }));
-        TestServer { addr, stop: Some(tx), task }
+        TestServer {
+            addr,
+            stop: Some(tx),
+            task,
+        }
     }
 
     async fn shared(tweak: impl FnOnce(&mut ServerConfig)) -> Self {
@@ -116,7 +132,10 @@ impl Reply {
     fn error(&self) -> Value {
         let v = self.json();
         let e = v["error"].clone();
-        assert!(e["message"].is_string() && e["type"].is_string(), "bad error body: {v}");
+        assert!(
+            e["message"].is_string() && e["type"].is_string(),
+            "bad error body: {v}"
+        );
         assert_eq!(e["code"], self.status.as_u16(), "{v}");
         e
     }
@@ -131,25 +150,42 @@ async fn open(
     body: Option<Vec<u8>>,
 ) -> (Response<Incoming>, JoinHandle<()>) {
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     let conn_task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}")).header("host", addr.to_string());
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
     let resp = sender.send_request(req).await.expect("send");
     (resp, conn_task)
 }
 
-async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Reply {
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Reply {
     let (resp, conn) = open(addr, method, path, headers, body).await;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     conn.abort();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Reply {
@@ -157,22 +193,39 @@ async fn get(addr: SocketAddr, path: &str) -> Reply {
 }
 
 async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
-    call(addr, "POST", path, &[("content-type", "application/json")], Some(body.to_string().into_bytes())).await
+    call(
+        addr,
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        Some(body.to_string().into_bytes()),
+    )
+    .await
 }
 
 /// Split an SSE body into its `data:` payloads (`[DONE]` included as a string).
 fn sse_events(body: &str) -> Vec<String> {
-    assert!(body.ends_with("\n\n"), "SSE body must end with a blank line: {body:?}");
+    assert!(
+        body.ends_with("\n\n"),
+        "SSE body must end with a blank line: {body:?}"
+    );
     body.split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data line: {e:?}")).to_string())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data line: {e:?}"))
+                .to_string()
+        })
         .collect()
 }
 
 fn chunks(body: &str) -> Vec<Value> {
     let events = sse_events(body);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
-    events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
 }
 
 fn metric(text: &str, name_and_labels_prefix: &str) -> f64 {
@@ -190,7 +243,12 @@ fn user(content: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completions_non_stream_and_stream() {
     let s = TestServer::shared(|_| {}).await;
-    let tok = post(s.addr, "/tokenize", &json!({"messages": user("What is the capital of France?")})).await;
+    let tok = post(
+        s.addr,
+        "/tokenize",
+        &json!({"messages": user("What is the capital of France?")}),
+    )
+    .await;
     assert_eq!(tok.status, StatusCode::OK);
     let prompt_tokens = tok.json()["count"].as_u64().unwrap();
 
@@ -201,7 +259,10 @@ async fn chat_completions_non_stream_and_stream() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
     let v = r.json();
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["object"], "chat.completion");
@@ -215,10 +276,18 @@ async fn chat_completions_non_stream_and_stream() {
     assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
     let completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
     assert!((1..=8).contains(&completion_tokens));
-    assert_eq!(v["usage"]["total_tokens"], prompt_tokens + completion_tokens);
+    assert_eq!(
+        v["usage"]["total_tokens"],
+        prompt_tokens + completion_tokens
+    );
 
     // The model alias works and is echoed back.
-    let r = post(s.addr, "/v1/chat/completions", &json!({"model": "alias", "messages": user("Hi"), "max_tokens": 1})).await;
+    let r = post(
+        s.addr,
+        "/v1/chat/completions",
+        &json!({"model": "alias", "messages": user("Hi"), "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(r.json()["model"], "alias");
 
     // Streaming with usage.
@@ -230,15 +299,24 @@ async fn chat_completions_non_stream_and_stream() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let cs = chunks(&r.text());
-    assert_eq!(cs[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert_eq!(
+        cs[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
     let id = cs[0]["id"].as_str().unwrap().to_string();
     let mut text = String::new();
     for c in &cs[..cs.len() - 1] {
         assert_eq!(c["id"], id.as_str());
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert!(c["usage"].is_null(), "usage must be null on content chunks: {c}");
+        assert!(
+            c["usage"].is_null(),
+            "usage must be null on content chunks: {c}"
+        );
         text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
     }
     assert_eq!(cs[cs.len() - 2]["choices"][0]["finish_reason"], "length");
@@ -248,7 +326,12 @@ async fn chat_completions_non_stream_and_stream() {
     assert!(!text.is_empty());
 
     // Without include_usage, no chunk carries a usage field at all.
-    let r = post(s.addr, "/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 3, "stream": true})).await;
+    let r = post(
+        s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": user("Hi"), "max_tokens": 3, "stream": true}),
+    )
+    .await;
     for c in chunks(&r.text()) {
         assert!(c.get("usage").is_none(), "{c}");
         assert_eq!(c["choices"].as_array().unwrap().len(), 1);
@@ -265,9 +348,21 @@ async fn chat_features_n_seed_stop_logprobs_continue() {
     let b = post(s.addr, "/v1/chat/completions", &body).await.json();
     assert_eq!(a["choices"].as_array().unwrap().len(), 2);
     assert_eq!(a["choices"][1]["index"], 1);
-    assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
-    let single = post(s.addr, "/v1/chat/completions", &json!({"messages": user("Write a word."), "max_tokens": 1})).await.json();
-    assert_eq!(a["usage"]["prompt_tokens"], single["usage"]["prompt_tokens"]);
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+    let single = post(
+        s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": user("Write a word."), "max_tokens": 1}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        a["usage"]["prompt_tokens"],
+        single["usage"]["prompt_tokens"]
+    );
 
     // Stop string: finish_reason stop, stop_reason names it.
     let r = post(
@@ -290,10 +385,20 @@ async fn chat_features_n_seed_stop_logprobs_continue() {
     )
     .await
     .json();
-    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
-    assert_eq!(content.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap());
+    let content = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        r["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     for t in &content {
-        assert!(t["token"].is_string() && t["logprob"].as_f64().unwrap() <= 0.0 && t["bytes"].is_array());
+        assert!(
+            t["token"].is_string()
+                && t["logprob"].as_f64().unwrap() <= 0.0
+                && t["bytes"].is_array()
+        );
         assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
     }
 
@@ -320,8 +425,15 @@ async fn chat_features_n_seed_stop_logprobs_continue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_prompt_shapes_stream_and_logprobs() {
     let s = TestServer::shared(|_| {}).await;
-    let ids = post(s.addr, "/tokenize", &json!({"prompt": "Once upon a time"})).await.json();
-    let ids: Vec<u64> = ids["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let ids = post(s.addr, "/tokenize", &json!({"prompt": "Once upon a time"}))
+        .await
+        .json();
+    let ids: Vec<u64> = ids["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
 
     for (prompt, prompts) in [
         (json!("Once upon a time"), 1),
@@ -329,7 +441,12 @@ async fn completions_prompt_shapes_stream_and_logprobs() {
         (json!(ids), 1),
         (json!([ids, [1, 2, 3]]), 2),
     ] {
-        let r = post(s.addr, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0})).await;
+        let r = post(
+            s.addr,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0}),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK, "{prompt}: {}", r.text());
         let v = r.json();
         assert_eq!(v["object"], "text_completion");
@@ -345,14 +462,32 @@ async fn completions_prompt_shapes_stream_and_logprobs() {
         assert_eq!(v["usage"]["completion_tokens"], completion, "{v}");
     }
     // The token-id prompt counts exactly its ids.
-    let v = post(s.addr, "/v1/completions", &json!({"prompt": ids, "max_tokens": 1})).await.json();
+    let v = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 1}),
+    )
+    .await
+    .json();
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
     // Default max_tokens for completions is 16.
-    let v = post(s.addr, "/v1/completions", &json!({"prompt": "Hello", "ignore_eos": true})).await.json();
+    let v = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "ignore_eos": true}),
+    )
+    .await
+    .json();
     assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
 
     // Logprobs in completions format.
-    let v = post(s.addr, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 4, "logprobs": 2, "ignore_eos": true})).await.json();
+    let v = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 4, "logprobs": 2, "ignore_eos": true}),
+    )
+    .await
+    .json();
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 4);
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
@@ -387,22 +522,59 @@ async fn every_error_status() {
     let json_ct = [("content-type", "application/json")];
 
     // 400: invalid JSON, wrong type, out of range, context too long, unsupported options.
-    let r = call(a, "POST", "/v1/chat/completions", &json_ct, Some(b"{not json".to_vec())).await;
+    let r = call(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        &json_ct,
+        Some(b"{not json".to_vec()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     r.error();
-    let r = post(a, "/v1/chat/completions", &json!({"messages": user("x"), "temperature": "hot"})).await;
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("x"), "temperature": "hot"}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.error()["param"], "temperature");
-    let r = post(a, "/v1/chat/completions", &json!({"messages": user("x"), "top_p": 0})).await;
-    assert_eq!((r.status, r.error()["param"].clone()), (StatusCode::BAD_REQUEST, json!("top_p")));
-    let r = post(a, "/v1/chat/completions", &json!({"messages": user("x"), "n": 0})).await;
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("x"), "top_p": 0}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error()["param"].clone()),
+        (StatusCode::BAD_REQUEST, json!("top_p"))
+    );
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("x"), "n": 0}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = post(a, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": 3000})).await;
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("x"), "max_tokens": 3000}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let msg = r.error()["message"].as_str().unwrap().to_string();
-    assert!(msg.contains("maximum context length is 2048 tokens") && msg.contains("3000 in the completion"), "{msg}");
+    assert!(
+        msg.contains("maximum context length is 2048 tokens")
+            && msg.contains("3000 in the completion"),
+        "{msg}"
+    );
     let r = post(a, "/v1/completions", &json!({"prompt": "x", "echo": true})).await;
-    assert_eq!((r.status, r.error()["param"].clone()), (StatusCode::BAD_REQUEST, json!("echo")));
+    assert_eq!(
+        (r.status, r.error()["param"].clone()),
+        (StatusCode::BAD_REQUEST, json!("echo"))
+    );
     let r = post(a, "/v1/completions", &json!({"prompt": []})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = post(a, "/v1/completions", &json!({"prompt": [999999999]})).await;
@@ -411,24 +583,40 @@ async fn every_error_status() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = post(a, "/v1/chat/completions", &json!({"messages": []})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = post(a, "/v1/chat/completions", &json!({"messages": user("x"), "stream_options": {"include_usage": true}})).await;
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("x"), "stream_options": {"include_usage": true}}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     // 404: unknown model, unknown route.
-    let r = post(a, "/v1/chat/completions", &json!({"model": "gpt-9", "messages": user("x")})).await;
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-9", "messages": user("x")}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let e = r.error();
     assert_eq!(e["type"], "NotFoundError");
     assert_eq!(e["message"], "The model `gpt-9` does not exist.");
     assert_eq!(get(a, "/v2/nothing").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(get(a, "/v1/models/gpt-9").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(a, "/v1/models/gpt-9").await.status,
+        StatusCode::NOT_FOUND
+    );
 
     // 405 with Allow.
     let r = get(a, "/v1/chat/completions").await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(r.headers["allow"].to_str().unwrap().contains("POST"));
     r.error();
-    assert_eq!(call(a, "POST", "/health", &[], None).await.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        call(a, "POST", "/health", &[], None).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
 
     // 413: declared too large, and streamed (chunked) too large.
     let big = json!({"prompt": "x".repeat(10_000)});
@@ -437,7 +625,14 @@ async fn every_error_status() {
     r.error();
 
     // 415 for a non-JSON content type.
-    let r = call(a, "POST", "/v1/completions", &[("content-type", "text/plain")], Some(b"{}".to_vec())).await;
+    let r = call(
+        a,
+        "POST",
+        "/v1/completions",
+        &[("content-type", "text/plain")],
+        Some(b"{}".to_vec()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     r.error();
     s.shutdown().await;
@@ -447,7 +642,9 @@ async fn every_error_status() {
 async fn chunked_body_over_the_limit_is_413() {
     let s = TestServer::shared(|c| c.max_body_bytes = 1024).await;
     let stream = TcpStream::connect(s.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     let conn = tokio::spawn(conn);
     // A body without Content-Length (chunked): the limit applies while reading.
     let req = Request::post(format!("http://{}/v1/completions", s.addr))
@@ -474,7 +671,10 @@ impl hyper::body::Body for Chunked {
             return std::task::Poll::Ready(None);
         }
         self.0 -= 1;
-        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![b' '; 512])))))
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            b' ';
+            512
+        ])))))
     }
 }
 
@@ -485,16 +685,46 @@ async fn api_key_guards_v1_only() {
     let r = get(a, "/v1/models").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.error()["type"], "AuthenticationError");
-    assert_eq!(call(a, "GET", "/v1/models", &[("authorization", "Bearer nope")], None).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(a, "GET", "/v1/models", &[("authorization", "sekrit")], None).await.status, StatusCode::UNAUTHORIZED);
-    let ok = call(a, "GET", "/v1/models", &[("authorization", "Bearer sekrit")], None).await;
+    assert_eq!(
+        call(
+            a,
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer nope")],
+            None
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(a, "GET", "/v1/models", &[("authorization", "sekrit")], None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let ok = call(
+        a,
+        "GET",
+        "/v1/models",
+        &[("authorization", "Bearer sekrit")],
+        None,
+    )
+    .await;
     assert_eq!(ok.status, StatusCode::OK);
     let r = call(
         a,
         "POST",
         "/v1/completions",
-        &[("authorization", "Bearer sekrit"), ("content-type", "application/json")],
-        Some(json!({"prompt": "Hi", "max_tokens": 1}).to_string().into_bytes()),
+        &[
+            ("authorization", "Bearer sekrit"),
+            ("content-type", "application/json"),
+        ],
+        Some(
+            json!({"prompt": "Hi", "max_tokens": 1})
+                .to_string()
+                .into_bytes(),
+        ),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -506,7 +736,10 @@ async fn api_key_guards_v1_only() {
         a,
         "OPTIONS",
         "/v1/chat/completions",
-        &[("origin", "http://app.example"), ("access-control-request-method", "POST")],
+        &[
+            ("origin", "http://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
         None,
     )
     .await;
@@ -530,20 +763,59 @@ async fn cors_preflight_and_simple_requests() {
         &[
             ("origin", "http://app.example"),
             ("access-control-request-method", "POST"),
-            ("access-control-request-headers", "authorization, content-type"),
+            (
+                "access-control-request-headers",
+                "authorization, content-type",
+            ),
         ],
         None,
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.headers["access-control-allow-origin"], "http://app.example");
-    assert!(r.headers["access-control-allow-methods"].to_str().unwrap().contains("POST"));
-    assert_eq!(r.headers["access-control-allow-headers"], "authorization, content-type");
-    let r = call(a, "OPTIONS", "/v1/models", &[("origin", "http://evil.example"), ("access-control-request-method", "GET")], None).await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "http://app.example"
+    );
+    assert!(r.headers["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    assert_eq!(
+        r.headers["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    let r = call(
+        a,
+        "OPTIONS",
+        "/v1/models",
+        &[
+            ("origin", "http://evil.example"),
+            ("access-control-request-method", "GET"),
+        ],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = call(a, "GET", "/v1/models", &[("origin", "http://app.example")], None).await;
-    assert_eq!(r.headers["access-control-allow-origin"], "http://app.example");
-    let r = call(a, "GET", "/v1/models", &[("origin", "http://evil.example")], None).await;
+    let r = call(
+        a,
+        "GET",
+        "/v1/models",
+        &[("origin", "http://app.example")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let r = call(
+        a,
+        "GET",
+        "/v1/models",
+        &[("origin", "http://evil.example")],
+        None,
+    )
+    .await;
     assert!(r.headers.get("access-control-allow-origin").is_none());
     s.shutdown().await;
 
@@ -561,7 +833,10 @@ async fn health_version_models_tokenize() {
     let r = get(a, "/health").await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.is_empty());
-    assert_eq!(get(a, "/version").await.json()["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        get(a, "/version").await.json()["version"],
+        env!("CARGO_PKG_VERSION")
+    );
     let m = get(a, "/v1/models").await.json();
     assert_eq!(m["object"], "list");
     let data = m["data"].as_array().unwrap();
@@ -571,18 +846,47 @@ async fn health_version_models_tokenize() {
     assert_eq!(data[0]["owned_by"], "spindle");
     assert_eq!(data[0]["max_model_len"], 2048);
     assert_eq!(data[0]["root"], model_path());
-    assert_eq!(get(a, &format!("/v1/models/{MODEL_NAME}")).await.json()["id"], MODEL_NAME);
+    assert_eq!(
+        get(a, &format!("/v1/models/{MODEL_NAME}")).await.json()["id"],
+        MODEL_NAME
+    );
 
-    let t = post(a, "/tokenize", &json!({"prompt": "Hello world, how are you?", "return_token_strs": true})).await.json();
+    let t = post(
+        a,
+        "/tokenize",
+        &json!({"prompt": "Hello world, how are you?", "return_token_strs": true}),
+    )
+    .await
+    .json();
     assert_eq!(t["max_model_len"], 2048);
-    assert_eq!(t["count"].as_u64().unwrap() as usize, t["tokens"].as_array().unwrap().len());
-    assert_eq!(t["token_strs"].as_array().unwrap().len(), t["tokens"].as_array().unwrap().len());
-    let d = post(a, "/detokenize", &json!({"tokens": t["tokens"]})).await.json();
+    assert_eq!(
+        t["count"].as_u64().unwrap() as usize,
+        t["tokens"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        t["token_strs"].as_array().unwrap().len(),
+        t["tokens"].as_array().unwrap().len()
+    );
+    let d = post(a, "/detokenize", &json!({"tokens": t["tokens"]}))
+        .await
+        .json();
     assert_eq!(d["prompt"], "Hello world, how are you?");
-    let chat = post(a, "/tokenize", &json!({"messages": user("Hi")})).await.json();
+    let chat = post(a, "/tokenize", &json!({"messages": user("Hi")}))
+        .await
+        .json();
     assert!(chat["count"].as_u64().unwrap() > 2);
-    assert_eq!(post(a, "/detokenize", &json!({"tokens": [99999999]})).await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(post(a, "/tokenize", &json!({"model": "nope", "prompt": "x"})).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        post(a, "/detokenize", &json!({"tokens": [99999999]}))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        post(a, "/tokenize", &json!({"model": "nope", "prompt": "x"}))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     s.shutdown().await;
 }
 
@@ -591,12 +895,20 @@ async fn metrics_have_vllm_names_and_move() {
     let s = TestServer::shared(|_| {}).await;
     let a = s.addr;
     let before = get(a, "/metrics").await;
-    assert!(before.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(before.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let before = before.text();
     let label = format!("{{model_name=\"{MODEL_NAME}\"}}");
     let prompt_before = metric(&before, &format!("vllm:prompt_tokens_total{label}"));
     let gen_before = metric(&before, &format!("vllm:generation_tokens_total{label}"));
-    let r = post(a, "/v1/completions", &json!({"prompt": "The metrics test", "max_tokens": 5, "ignore_eos": true, "stream": true})).await;
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "The metrics test", "max_tokens": 5, "ignore_eos": true, "stream": true}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     let after = get(a, "/metrics").await.text();
     for name in [
@@ -625,11 +937,25 @@ async fn metrics_have_vllm_names_and_move() {
     }
     assert!(metric(&after, &format!("vllm:prompt_tokens_total{label}")) > prompt_before);
     assert!(metric(&after, &format!("vllm:generation_tokens_total{label}")) >= gen_before + 5.0);
-    assert!(metric(&after, &format!("vllm:inter_token_latency_seconds_count{label}")) >= 4.0);
-    assert!(metric(&after, &format!("vllm:e2e_request_latency_seconds_count{label}")) >= 1.0);
+    assert!(
+        metric(
+            &after,
+            &format!("vllm:inter_token_latency_seconds_count{label}")
+        ) >= 4.0
+    );
+    assert!(
+        metric(
+            &after,
+            &format!("vllm:e2e_request_latency_seconds_count{label}")
+        ) >= 1.0
+    );
     assert!(metric(&after, &format!("vllm:iteration_tokens_total_count{label}")) >= 1.0);
-    assert!(after.contains(&format!("vllm:request_success_total{{finished_reason=\"length\",model_name=\"{MODEL_NAME}\"}}")));
-    assert!(after.contains("http_requests_total{handler=\"/v1/completions\",method=\"POST\",status=\"200\"}"));
+    assert!(after.contains(&format!(
+        "vllm:request_success_total{{finished_reason=\"length\",model_name=\"{MODEL_NAME}\"}}"
+    )));
+    assert!(after.contains(
+        "http_requests_total{handler=\"/v1/completions\",method=\"POST\",status=\"200\"}"
+    ));
     assert!(after.contains("block_size=\"16\""));
     s.shutdown().await;
 }
@@ -638,11 +964,16 @@ async fn metrics_have_vllm_names_and_move() {
 async fn http2_prior_knowledge() {
     let s = TestServer::shared(|_| {}).await;
     let stream = TcpStream::connect(s.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     let conn = tokio::spawn(conn);
     let req = Request::post(format!("http://{}/v1/completions", s.addr))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(json!({"prompt": "Hi", "max_tokens": 2}).to_string())))
+        .body(Full::new(Bytes::from(
+            json!({"prompt": "Hi", "max_tokens": 2}).to_string(),
+        )))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -666,12 +997,17 @@ async fn wait_first_token(resp: &mut Response<Incoming>) {
             .expect("frame ok");
         if let Ok(data) = frame.into_data() {
             seen.push_str(&String::from_utf8_lossy(&data));
-            let has_token = seen.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).any(|e| {
-                let v: Value = serde_json::from_str(e).unwrap_or(Value::Null);
-                let c = &v["choices"][0];
-                c["text"].as_str().is_some_and(|t| !t.is_empty())
-                    || c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())
-            });
+            let has_token = seen
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .any(|e| {
+                    let v: Value = serde_json::from_str(e).unwrap_or(Value::Null);
+                    let c = &v["choices"][0];
+                    c["text"].as_str().is_some_and(|t| !t.is_empty())
+                        || c["delta"]["content"]
+                            .as_str()
+                            .is_some_and(|t| !t.is_empty())
+                });
             if has_token {
                 return;
             }
@@ -702,11 +1038,24 @@ async fn disconnects_abort_and_free_kv() {
     let mut open_streams = Vec::new();
     for i in 0..20 {
         let (path, body) = if i % 2 == 0 {
-            ("/v1/completions", json!({"prompt": format!("Story number {i}:"), "max_tokens": 1000, "ignore_eos": true, "stream": true}))
+            (
+                "/v1/completions",
+                json!({"prompt": format!("Story number {i}:"), "max_tokens": 1000, "ignore_eos": true, "stream": true}),
+            )
         } else {
-            ("/v1/chat/completions", json!({"messages": user(&format!("Tell story {i}")), "max_tokens": 1000, "ignore_eos": true, "stream": true}))
+            (
+                "/v1/chat/completions",
+                json!({"messages": user(&format!("Tell story {i}")), "max_tokens": 1000, "ignore_eos": true, "stream": true}),
+            )
         };
-        let (resp, conn) = open(s.addr, "POST", path, &[("content-type", "application/json")], Some(body.to_string().into_bytes())).await;
+        let (resp, conn) = open(
+            s.addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            Some(body.to_string().into_bytes()),
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         open_streams.push((resp, conn));
     }
@@ -714,7 +1063,10 @@ async fn disconnects_abort_and_free_kv() {
         wait_first_token(resp).await;
     }
     let (running, kv) = scrape(s.addr).await;
-    assert!(running > 0.0 && kv > idle_kv, "requests should be running: running={running} kv={kv}");
+    assert!(
+        running > 0.0 && kv > idle_kv,
+        "requests should be running: running={running} kv={kv}"
+    );
     for (resp, conn) in open_streams {
         drop(resp);
         conn.abort();
@@ -725,25 +1077,35 @@ async fn disconnects_abort_and_free_kv() {
         if running == 0.0 && kv <= idle_kv {
             break;
         }
-        assert!(dropped_at.elapsed() < Duration::from_secs(1), "not freed within 1 s: running={running} kv={kv}");
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(1),
+            "not freed within 1 s: running={running} kv={kv}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // A non-streaming request whose client leaves is aborted too.
     let (resp_fut_conn, _) = {
         let stream = TcpStream::connect(s.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         let conn = tokio::spawn(conn);
         let req = Request::post(format!("http://{}/v1/completions", s.addr))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(json!({"prompt": "Long", "max_tokens": 1500, "ignore_eos": true}).to_string())))
+            .body(Full::new(Bytes::from(
+                json!({"prompt": "Long", "max_tokens": 1500, "ignore_eos": true}).to_string(),
+            )))
             .unwrap();
         let pending = tokio::spawn(async move { sender.send_request(req).await });
         ((pending, conn), ())
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while scrape(s.addr).await.0 == 0.0 {
-        assert!(Instant::now() < deadline, "non-streaming request never started");
+        assert!(
+            Instant::now() < deadline,
+            "non-streaming request never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (pending, conn) = resp_fut_conn;
@@ -755,7 +1117,10 @@ async fn disconnects_abort_and_free_kv() {
         if running == 0.0 && kv <= idle_kv {
             break;
         }
-        assert!(dropped_at.elapsed() < Duration::from_secs(1), "non-streaming abort not freed: running={running} kv={kv}");
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(1),
+            "non-streaming abort not freed: running={running} kv={kv}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s.shutdown().await;
@@ -765,7 +1130,11 @@ async fn disconnects_abort_and_free_kv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_429_and_engine_death_is_503() {
     let metrics = Arc::new(Metrics::new(MODEL_NAME, 2048).unwrap());
-    let cfg = EngineConfig { max_num_seqs: 1, max_waiting_requests: 1, ..engine_config(&metrics) };
+    let cfg = EngineConfig {
+        max_num_seqs: 1,
+        max_waiting_requests: 1,
+        ..engine_config(&metrics)
+    };
     let engine = Engine::spawn(cfg).expect("engine starts");
     let s = TestServer::start(engine.clone(), metrics, |_| {}).await;
     let long = json!({"prompt": "Go on", "max_tokens": 1500, "ignore_eos": true, "stream": true});
@@ -773,7 +1142,14 @@ async fn overload_is_429_and_engine_death_is_503() {
     let mut held = Vec::new();
     let mut refused = None;
     for _ in 0..6 {
-        let (resp, conn) = open(s.addr, "POST", "/v1/completions", &[("content-type", "application/json")], Some(long.to_string().into_bytes())).await;
+        let (resp, conn) = open(
+            s.addr,
+            "POST",
+            "/v1/completions",
+            &[("content-type", "application/json")],
+            Some(long.to_string().into_bytes()),
+        )
+        .await;
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             refused = Some(resp);
             break;
@@ -796,8 +1172,16 @@ async fn overload_is_429_and_engine_death_is_503() {
         assert!(Instant::now() < deadline, "engine did not stop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(get(s.addr, "/health").await.status, StatusCode::SERVICE_UNAVAILABLE);
-    let r = post(s.addr, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2})).await;
+    assert_eq!(
+        get(s.addr, "/health").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     r.error();
     s.shutdown().await;
@@ -808,14 +1192,24 @@ async fn graceful_shutdown_lets_streams_finish() {
     let s = TestServer::shared(|c| c.shutdown_timeout = Duration::from_secs(60)).await;
     let addr = s.addr;
     let body = json!({"prompt": "Once", "max_tokens": 24, "ignore_eos": true, "stream": true});
-    let (mut resp, conn) = open(addr, "POST", "/v1/completions", &[("content-type", "application/json")], Some(body.to_string().into_bytes())).await;
+    let (mut resp, conn) = open(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[("content-type", "application/json")],
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
     wait_first_token(&mut resp).await;
     let stopping = tokio::spawn(s.shutdown());
     let rest = resp.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8_lossy(&rest);
     assert!(text.ends_with("data: [DONE]\n\n"), "stream was cut: {text}");
     assert!(text.contains("\"finish_reason\":\"length\""));
-    tokio::time::timeout(Duration::from_secs(30), stopping).await.expect("stops after drain").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("stops after drain")
+        .unwrap();
     conn.abort();
     // The listener is closed.
     assert!(TcpStream::connect(addr).await.is_err());

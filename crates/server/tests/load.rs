@@ -52,7 +52,13 @@ async fn client(addr: SocketAddr, i: usize) -> Outcome {
         "seed": i,
         "stream": true,
     });
-    let sent = open(addr, "POST", "/v1/chat/completions", &[("content-type", "application/json")], body.to_string().into_bytes());
+    let sent = open(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        body.to_string().into_bytes(),
+    );
     let (resp, conn) = match sent.await {
         Ok(r) => r,
         Err(e) => return Outcome::Broken(format!("client {i}: request failed: {e}")),
@@ -80,19 +86,27 @@ async fn client(addr: SocketAddr, i: usize) -> Outcome {
                 return Outcome::Broken(format!("client {i}: 429 without Retry-After"));
             }
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            if v["error"]["code"] != 429 || !v["error"]["message"].is_string() || v["error"]["type"] != "RateLimitError" {
+            if v["error"]["code"] != 429
+                || !v["error"]["message"].is_string()
+                || v["error"]["type"] != "RateLimitError"
+            {
                 return Outcome::Broken(format!("client {i}: 429 with a bad body: {v}"));
             }
             Outcome::Refused
         }
-        other => Outcome::Broken(format!("client {i}: status {other}: {}", String::from_utf8_lossy(&body))),
+        other => Outcome::Broken(format!(
+            "client {i}: status {other}: {}",
+            String::from_utf8_lossy(&body)
+        )),
     }
 }
 
 /// Run `n` clients at once; returns (complete, refused, broken messages, seconds).
 async fn burst(addr: SocketAddr, n: usize, first: usize) -> (usize, usize, Vec<String>, f64) {
     let started = Instant::now();
-    let tasks: Vec<_> = (first..first + n).map(|i| tokio::spawn(client(addr, i))).collect();
+    let tasks: Vec<_> = (first..first + n)
+        .map(|i| tokio::spawn(client(addr, i)))
+        .collect();
     let (mut complete, mut refused, mut broken) = (0, 0, Vec::new());
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(240), t).await {
@@ -109,7 +123,11 @@ async fn burst(addr: SocketAddr, n: usize, first: usize) -> (usize, usize, Vec<S
 #[test]
 fn thousand_streaming_clients_complete_or_get_429() {
     // The runtime `spindle serve` builds: multi-threaded, default blocking pool.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let (engine, metrics) = start_engine(|c| {
             c.max_num_seqs = MAX_NUM_SEQS;

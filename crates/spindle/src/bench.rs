@@ -10,7 +10,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use spindle_bench::metrics::Slo;
 use spindle_bench::plot::plot_files;
 use spindle_bench::runner::{parse_json_object, parse_list, LatencyMetric};
-use spindle_bench::{format_report, run_serve, run_sweep, write_outputs, DatasetSpec, EndpointKind, ServeConfig, SweepConfig};
+use spindle_bench::{
+    format_report, run_serve, run_sweep, write_outputs, DatasetSpec, EndpointKind, ServeConfig,
+    SweepConfig,
+};
 
 /// Benchmark a running server: `serve`, `sweep` or `plot`.
 #[derive(Args, Debug)]
@@ -193,7 +196,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn dataset_spec(w: &WorkloadArgs) -> Result<DatasetSpec> {
     let path = |name: &str| -> Result<PathBuf> {
-        w.dataset_path.clone().with_context(|| format!("--dataset {name} needs --dataset-path"))
+        w.dataset_path
+            .clone()
+            .with_context(|| format!("--dataset {name} needs --dataset-path"))
     };
     Ok(match w.dataset {
         Dataset::Random => DatasetSpec::Random {
@@ -201,22 +206,31 @@ fn dataset_spec(w: &WorkloadArgs) -> Result<DatasetSpec> {
             output_len: w.random_output_len,
             range_ratio: w.random_range_ratio,
         },
-        Dataset::Sharegpt => DatasetSpec::ShareGpt { path: path("sharegpt")?, output_len: w.sharegpt_output_len },
+        Dataset::Sharegpt => DatasetSpec::ShareGpt {
+            path: path("sharegpt")?,
+            output_len: w.sharegpt_output_len,
+        },
         Dataset::PrefixRepetition => DatasetSpec::PrefixRepetition {
             prefix_len: w.prefix_len,
             suffix_len: w.random_input_len,
             num_prefixes: w.num_prefixes,
             output_len: w.random_output_len,
         },
-        Dataset::Jsonl => DatasetSpec::Jsonl { path: path("jsonl")? },
+        Dataset::Jsonl => DatasetSpec::Jsonl {
+            path: path("jsonl")?,
+        },
     })
 }
 
 fn serve_config(w: &WorkloadArgs) -> Result<ServeConfig> {
-    let goodput = w.goodput.iter().map(|s| s.parse::<Slo>()).collect::<Result<Vec<_>, _>>()?;
+    let goodput = w
+        .goodput
+        .iter()
+        .map(|s| s.parse::<Slo>())
+        .collect::<Result<Vec<_>, _>>()?;
     let percentile_metrics: Vec<LatencyMetric> = parse_list(&w.percentile_metrics)?;
-    let metric_percentiles: Vec<f64> =
-        parse_list(&w.metric_percentiles).with_context(|| format!("--metric-percentiles {:?}", w.metric_percentiles))?;
+    let metric_percentiles: Vec<f64> = parse_list(&w.metric_percentiles)
+        .with_context(|| format!("--metric-percentiles {:?}", w.metric_percentiles))?;
     let extra_body = match &w.extra_body {
         None => Default::default(),
         Some(text) => match parse_json_object(text) {
@@ -274,14 +288,30 @@ fn sweep(a: SweepArgs) -> Result<()> {
     } else {
         a.concurrency.clone()
     };
-    let label = a.workload.label.clone().unwrap_or_else(|| a.workload.base_url.clone());
-    let cfg = SweepConfig { base, levels, prompts_per_level: a.prompts_per_level, out_dir: a.out_dir, name: a.name, label };
+    let label = a
+        .workload
+        .label
+        .clone()
+        .unwrap_or_else(|| a.workload.base_url.clone());
+    let cfg = SweepConfig {
+        base,
+        levels,
+        prompts_per_level: a.prompts_per_level,
+        out_dir: a.out_dir,
+        name: a.name,
+        label,
+    };
     let result = run_sweep(&cfg, |r| {
         print!("{}", format_report(r));
         println!();
     })?;
     let [md, json, svg] = write_outputs(&result, &cfg.out_dir, &cfg.name)?;
     print!("{}", spindle_bench::sweep::markdown_table(&result));
-    println!("wrote {}, {}, {}", md.display(), json.display(), svg.display());
+    println!(
+        "wrote {}, {}, {}",
+        md.display(),
+        json.display(),
+        svg.display()
+    );
     Ok(())
 }

@@ -42,11 +42,17 @@ pub struct GenerateArgs {
 }
 
 /// Render `prompt` as one user turn with the model's chat template.
-fn chat_prompt(template: &str, bos: Option<&str>, eos: Option<&str>, prompt: &str) -> anyhow::Result<String> {
+fn chat_prompt(
+    template: &str,
+    bos: Option<&str>,
+    eos: Option<&str>,
+    prompt: &str,
+) -> anyhow::Result<String> {
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_template("chat", template).context("parsing the chat template")?;
+    env.add_template("chat", template)
+        .context("parsing the chat template")?;
     let messages = vec![minijinja::context! { role => "user", content => prompt }];
     let rendered = env
         .get_template("chat")?
@@ -81,7 +87,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let Some(template) = tokenizer.chat_template.as_deref() else {
             bail!("--chat: the model has no chat template");
         };
-        let text = chat_prompt(template, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref(), &args.prompt)?;
+        let text = chat_prompt(
+            template,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+            &args.prompt,
+        )?;
         tokenizer.encode(&text, false)?
     } else {
         tokenizer.encode(&args.prompt, true)?

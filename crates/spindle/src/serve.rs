@@ -11,7 +11,8 @@ use clap::Args;
 use spindle_engine::{Engine, EngineConfig, FaultInjection};
 use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use spindle_server::{
-    Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
 };
 
 /// The model `scripts/fetch-model.sh` downloads; served when no model is named.
@@ -174,7 +175,8 @@ impl ServeArgs {
 
     /// Refuse vLLM flags whose meaning spindle cannot honour; log the harmless no-ops.
     fn check_vllm_flags(&self) -> anyhow::Result<()> {
-        let unsupported = |flag: &str, why: &str| Err(anyhow!("`--{flag}` is not supported by spindle: {why}"));
+        let unsupported =
+            |flag: &str, why: &str| Err(anyhow!("`--{flag}` is not supported by spindle: {why}"));
         for (flag, size) in [
             ("tensor-parallel-size", self.tensor_parallel_size),
             ("pipeline-parallel-size", self.pipeline_parallel_size),
@@ -188,34 +190,67 @@ impl ServeArgs {
             return unsupported("quantization", &format!("`{q}` — quantized weights are read from GGUF files as they are; pass a .gguf model"));
         }
         if let Some(d) = self.kv_cache_dtype.as_deref().filter(|d| *d != "auto") {
-            return unsupported("kv-cache-dtype", &format!("`{d}` — the KV cache uses the model dtype"));
+            return unsupported(
+                "kv-cache-dtype",
+                &format!("`{d}` — the KV cache uses the model dtype"),
+            );
         }
         if self.tokenizer.is_some() {
-            return unsupported("tokenizer", "the tokenizer is always loaded from the model (GGUF metadata or tokenizer.json)");
+            return unsupported(
+                "tokenizer",
+                "the tokenizer is always loaded from the model (GGUF metadata or tokenizer.json)",
+            );
         }
-        if let Some(n) = self.max_logprobs.filter(|&n| n != spindle_server::validation::MAX_LOGPROBS) {
-            return unsupported("max-logprobs", &format!("{n} — the limit is fixed at {}", spindle_server::validation::MAX_LOGPROBS));
+        if let Some(n) = self
+            .max_logprobs
+            .filter(|&n| n != spindle_server::validation::MAX_LOGPROBS)
+        {
+            return unsupported(
+                "max-logprobs",
+                &format!(
+                    "{n} — the limit is fixed at {}",
+                    spindle_server::validation::MAX_LOGPROBS
+                ),
+            );
         }
         if self.enable_lora || !self.lora_modules.is_empty() {
-            return unsupported("enable-lora/--lora-modules", "LoRA adapters are not implemented");
+            return unsupported(
+                "enable-lora/--lora-modules",
+                "LoRA adapters are not implemented",
+            );
         }
         if self.speculative_config.is_some() {
-            return unsupported("speculative-config", "speculative decoding is not implemented");
+            return unsupported(
+                "speculative-config",
+                "speculative decoding is not implemented",
+            );
         }
         if self.enable_auto_tool_choice || self.tool_call_parser.is_some() {
             return unsupported("enable-auto-tool-choice/--tool-call-parser", "tool calls are not parsed out of the output (tools are passed to the chat template only)");
         }
         if self.reasoning_parser.is_some() {
-            return unsupported("reasoning-parser", "reasoning content is not separated from the output");
+            return unsupported(
+                "reasoning-parser",
+                "reasoning content is not separated from the output",
+            );
         }
         if self.ssl_keyfile.is_some() || self.ssl_certfile.is_some() {
-            return unsupported("ssl-keyfile/--ssl-certfile", "TLS is not built in; terminate TLS in a reverse proxy");
+            return unsupported(
+                "ssl-keyfile/--ssl-certfile",
+                "TLS is not built in; terminate TLS in a reverse proxy",
+            );
         }
         if self.root_path.is_some() {
-            return unsupported("root-path", "serve under a path prefix with a reverse proxy");
+            return unsupported(
+                "root-path",
+                "serve under a path prefix with a reverse proxy",
+            );
         }
         if self.distributed_executor_backend.is_some() {
-            return unsupported("distributed-executor-backend", "spindle runs in a single process");
+            return unsupported(
+                "distributed-executor-backend",
+                "spindle runs in a single process",
+            );
         }
         for (flag, given) in [
             ("enforce-eager", self.enforce_eager),
@@ -249,7 +284,10 @@ fn parse_count(s: &str) -> Result<u64, String> {
         "G" => 1 << 30,
         other => return Err(format!("unknown suffix `{other}` (use k/K, m/M or g/G)")),
     };
-    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("`{s}` must be a non-negative number"));
     }
@@ -278,9 +316,16 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "m" | "MB" | "mb" => decimal(2),
         "g" | "GB" | "gb" => decimal(3),
         "t" | "TB" | "tb" => decimal(4),
-        other => return Err(format!("unknown size suffix `{other}` (use e.g. 512MiB, 4GiB or 4GB)")),
+        other => {
+            return Err(format!(
+                "unknown size suffix `{other}` (use e.g. 512MiB, 4GiB or 4GB)"
+            ))
+        }
     };
-    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size"))?;
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("`{s}` must be a non-negative size"));
     }
@@ -291,9 +336,13 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 fn parse_origins(s: &str) -> anyhow::Result<Vec<String>> {
     let t = s.trim();
     let list: Vec<String> = if t.starts_with('[') {
-        serde_json_list(t).with_context(|| format!("--allowed-origins: `{t}` is not a JSON list of strings"))?
+        serde_json_list(t)
+            .with_context(|| format!("--allowed-origins: `{t}` is not a JSON list of strings"))?
     } else {
-        t.split(',').map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect()
+        t.split(',')
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect()
     };
     if list.is_empty() {
         bail!("--allowed-origins: no origin given");
@@ -361,8 +410,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     args.check_vllm_flags()?;
 
     let model = args.model_path()?;
-    let served_model_names =
-        if args.served_model_name.is_empty() { vec![model.clone()] } else { args.served_model_name.clone() };
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![model.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
     let api_key = args
         .api_key
         .clone()
@@ -378,25 +430,38 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let fault_injection = FaultInjection::from_env()?;
     if let Some(fault) = &fault_injection {
-        tracing::warn!(?fault, "{} is set: fault injection is armed (for tests only)", FaultInjection::ENV_VAR);
+        tracing::warn!(
+            ?fault,
+            "{} is set: fault injection is armed (for tests only)",
+            FaultInjection::ENV_VAR
+        );
     }
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
-        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
+        bail!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            args.gpu_memory_utilization
+        );
     }
     if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
     }
-    let to_usize = |flag: &str, v: u64| usize::try_from(v).map_err(|_| anyhow!("--{flag} is too large"));
-    let max_model_len = args.max_model_len.map(|v| to_usize("max-model-len", v)).transpose()?;
+    let to_usize =
+        |flag: &str, v: u64| usize::try_from(v).map_err(|_| anyhow!("--{flag} is too large"));
+    let max_model_len = args
+        .max_model_len
+        .map(|v| to_usize("max-model-len", v))
+        .transpose()?;
     let max_num_batched_tokens = to_usize("max-num-batched-tokens", args.max_num_batched_tokens)?;
     let max_body_bytes = match args.max_request_body {
         Some(v) => to_usize("max-request-body", v)?,
         None => DEFAULT_MAX_BODY_BYTES,
     };
     let enable_prefix_caching = !args.no_enable_prefix_caching;
-    let device = args
-        .device
-        .unwrap_or(if cfg!(feature = "cuda") { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu });
+    let device = args.device.unwrap_or(if cfg!(feature = "cuda") {
+        DeviceChoice::Cuda(0)
+    } else {
+        DeviceChoice::Cpu
+    });
 
     // Metrics exist before the engine so its step observer can feed them. Token-count buckets
     // are sized to the context length when known, else generously.
@@ -443,7 +508,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_origins,
         // The loader already applied --chat-template; handing it to the server too makes a
         // template that does not compile a start-up error rather than a 400 per request.
-        chat_template: args.chat_template.as_ref().and_then(|_| engine.tokenizer().chat_template.clone()),
+        chat_template: args
+            .chat_template
+            .as_ref()
+            .and_then(|_| engine.tokenizer().chat_template.clone()),
         max_body_bytes,
         header_read_timeout,
         body_read_timeout,
@@ -512,8 +580,23 @@ mod tests {
 
     #[test]
     fn vllm_style_command_lines_parse() {
-        let a = parse(&["m.gguf", "--port", "9000", "--served-model-name", "a", "b", "--max-model-len", "4K",
-            "--kv-cache-memory", "512MiB", "--no-enable-prefix-caching", "--dtype", "bfloat16", "--device", "cuda:1"])
+        let a = parse(&[
+            "m.gguf",
+            "--port",
+            "9000",
+            "--served-model-name",
+            "a",
+            "b",
+            "--max-model-len",
+            "4K",
+            "--kv-cache-memory",
+            "512MiB",
+            "--no-enable-prefix-caching",
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cuda:1",
+        ])
         .unwrap();
         assert_eq!(a.model_path().unwrap(), "m.gguf");
         assert_eq!(a.served_model_name, vec!["a", "b"]);
@@ -523,7 +606,10 @@ mod tests {
         assert_eq!(a.device, Some(DeviceChoice::Cuda(1)));
         assert_eq!(a.port, 9000);
         let d = parse(&[]).unwrap();
-        assert_eq!((d.host.as_str(), d.port, d.max_num_seqs, d.block_size), ("0.0.0.0", 8000, 256, 16));
+        assert_eq!(
+            (d.host.as_str(), d.port, d.max_num_seqs, d.block_size),
+            ("0.0.0.0", 8000, 256, 16)
+        );
         assert_eq!(d.model_path().unwrap(), DEFAULT_MODEL);
         assert!(parse(&["a", "--model", "b"]).unwrap().model_path().is_err());
         assert!(parse(&["--bogus-flag"]).is_err());
@@ -531,14 +617,38 @@ mod tests {
 
     #[test]
     fn unsupported_vllm_flags_are_explained() {
-        let err = parse(&["--tensor-parallel-size", "2"]).unwrap().check_vllm_flags().unwrap_err();
-        assert!(err.to_string().contains("not supported by spindle"), "{err}");
-        assert!(parse(&["--tensor-parallel-size", "1"]).unwrap().check_vllm_flags().is_ok());
+        let err = parse(&["--tensor-parallel-size", "2"])
+            .unwrap()
+            .check_vllm_flags()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not supported by spindle"),
+            "{err}"
+        );
+        assert!(parse(&["--tensor-parallel-size", "1"])
+            .unwrap()
+            .check_vllm_flags()
+            .is_ok());
         // A no-op flag must not swallow the positional model.
-        assert_eq!(parse(&["--enforce-eager", "m.gguf"]).unwrap().model_path().unwrap(), "m.gguf");
-        assert!(parse(&["--quantization", "awq"]).unwrap().check_vllm_flags().is_err());
-        assert!(parse(&["--enable-lora"]).unwrap().check_vllm_flags().is_err());
-        assert!(parse(&["--enforce-eager", "--trust-remote-code"]).unwrap().check_vllm_flags().is_ok());
+        assert_eq!(
+            parse(&["--enforce-eager", "m.gguf"])
+                .unwrap()
+                .model_path()
+                .unwrap(),
+            "m.gguf"
+        );
+        assert!(parse(&["--quantization", "awq"])
+            .unwrap()
+            .check_vllm_flags()
+            .is_err());
+        assert!(parse(&["--enable-lora"])
+            .unwrap()
+            .check_vllm_flags()
+            .is_err());
+        assert!(parse(&["--enforce-eager", "--trust-remote-code"])
+            .unwrap()
+            .check_vllm_flags()
+            .is_ok());
     }
 
     #[test]
@@ -557,7 +667,10 @@ mod tests {
     #[test]
     fn origins() {
         assert_eq!(parse_origins("[\"*\"]").unwrap(), vec!["*"]);
-        assert_eq!(parse_origins("http://a, http://b").unwrap(), vec!["http://a", "http://b"]);
+        assert_eq!(
+            parse_origins("http://a, http://b").unwrap(),
+            vec!["http://a", "http://b"]
+        );
         assert!(parse_origins("[]").is_err());
     }
 }

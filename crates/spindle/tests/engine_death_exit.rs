@@ -14,7 +14,11 @@ const MARKER: &str = "ZQX-EXIT-MARKER";
 fn model_path() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     path.display().to_string()
 }
 
@@ -33,7 +37,16 @@ impl Drop for Served {
 /// Start `spindle serve` with `fault` armed; returns the child, its address, and its stderr lines.
 fn serve(fault: &str, extra: &[&str]) -> (Served, String, mpsc::Receiver<String>) {
     let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args(["serve", &model_path(), "--host", "127.0.0.1", "--port", "0", "--max-model-len", "512"])
+        .args([
+            "serve",
+            &model_path(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-model-len",
+            "512",
+        ])
         .args(["--kv-cache-memory", "64MiB", "--served-model-name", "m"])
         .args(extra)
         .env("SPINDLE_FAULT_INJECT", fault)
@@ -66,7 +79,8 @@ fn serve(fault: &str, extra: &[&str]) -> (Served, String, mpsc::Receiver<String>
 /// One HTTP/1.1 request with `Connection: close`; the raw response.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -99,13 +113,26 @@ fn dies_and_exits_non_zero(fault: &str, extra: &[&str]) {
     let resp = http(&addr, "POST", "/v1/chat/completions", &body);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // The body is chunked; the error event and [DONE] are its last two events.
-    let error_at = resp.find("data: {\"error\"").unwrap_or_else(|| panic!("no error event: {resp}"));
-    let done_at = resp.find("data: [DONE]\n\n").unwrap_or_else(|| panic!("no [DONE]: {resp}"));
-    assert!(error_at < done_at && resp[error_at..].contains("\"code\":500"), "{resp}");
-    assert!(!resp[done_at + "data: [DONE]".len()..].contains("data: "), "nothing may follow [DONE]: {resp}");
+    let error_at = resp
+        .find("data: {\"error\"")
+        .unwrap_or_else(|| panic!("no error event: {resp}"));
+    let done_at = resp
+        .find("data: [DONE]\n\n")
+        .unwrap_or_else(|| panic!("no [DONE]: {resp}"));
+    assert!(
+        error_at < done_at && resp[error_at..].contains("\"code\":500"),
+        "{resp}"
+    );
+    assert!(
+        !resp[done_at + "data: [DONE]".len()..].contains("data: "),
+        "nothing may follow [DONE]: {resp}"
+    );
     let status = wait_exit(&mut child, Duration::from_secs(60));
     let logs: Vec<String> = logs.try_iter().collect();
-    assert!(!status.success(), "spindle serve must exit non-zero after engine death, got {status}");
+    assert!(
+        !status.success(),
+        "spindle serve must exit non-zero after engine death, got {status}"
+    );
     assert!(
         logs.iter().any(|l| l.contains("engine died")),
         "the exit should say why; stderr tail: {:#?}",

@@ -37,7 +37,11 @@ impl CpuAttention {
             layers.push((k, v));
         }
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        Ok(Self { shape, layers, scale })
+        Ok(Self {
+            shape,
+            layers,
+            scale,
+        })
     }
 
     fn block_stride(&self) -> usize {
@@ -46,22 +50,31 @@ impl CpuAttention {
 
     /// Offset of (block, kv_head, slot-in-block) in a layer's K or V buffer.
     fn offset(&self, block: usize, head: usize, in_block: usize) -> usize {
-        block * self.block_stride() + (head * self.shape.block_size + in_block) * self.shape.head_dim
+        block * self.block_stride()
+            + (head * self.shape.block_size + in_block) * self.shape.head_dim
     }
 
     fn check_metadata(&self, md: &AttentionMetadata, tokens: usize) -> Result<()> {
         let bad = |m: String| Err(ModelError::InvalidBatch(m));
         if md.slot_mapping.len() != tokens {
-            return bad(format!("{} slots for {} tokens", md.slot_mapping.len(), tokens));
+            return bad(format!(
+                "{} slots for {} tokens",
+                md.slot_mapping.len(),
+                tokens
+            ));
         }
         let capacity = self.shape.capacity_tokens();
         if let Some(slot) = md.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
-            return bad(format!("slot {slot} is outside a cache of {capacity} slots"));
+            return bad(format!(
+                "slot {slot} is outside a cache of {capacity} slots"
+            ));
         }
         for (i, seq) in md.sequences.iter().enumerate() {
             let end = seq.query_start + seq.query_len;
             if end > tokens || seq.query_len == 0 || seq.query_len > seq.context_len {
-                return bad(format!("sequence {i}: inconsistent query range or context length"));
+                return bad(format!(
+                    "sequence {i}: inconsistent query range or context length"
+                ));
             }
             let blocks_needed = seq.context_len.div_ceil(self.shape.block_size);
             if seq.block_table.len() < blocks_needed {
@@ -71,7 +84,11 @@ impl CpuAttention {
                     seq.context_len
                 ));
             }
-            if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= self.shape.num_blocks) {
+            if let Some(b) = seq
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.shape.num_blocks)
+            {
                 return bad(format!("sequence {i}: block {b} is outside the cache"));
             }
         }
@@ -80,7 +97,10 @@ impl CpuAttention {
 }
 
 fn oom(elements: usize) -> ModelError {
-    ModelError::Config(format!("cannot allocate {} MiB for the KV cache", elements * 4 >> 20))
+    ModelError::Config(format!(
+        "cannot allocate {} MiB for the KV cache",
+        elements * 4 >> 20
+    ))
 }
 
 /// Borrow a tensor's data as a contiguous f32 slice (converting if needed).
@@ -94,7 +114,9 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
             let start = layout.start_offset();
             Ok(all[start..start + t.elem_count()].to_vec())
         }
-        _ => Err(ModelError::Unsupported("the CPU attention backend needs CPU tensors".into())),
+        _ => Err(ModelError::Unsupported(
+            "the CPU attention backend needs CPU tensors".into(),
+        )),
     }
 }
 
@@ -131,9 +153,17 @@ impl AttentionBackend for CpuAttention {
         v: &Tensor,
         md: &AttentionMetadata,
     ) -> Result<Tensor> {
-        let CacheShape { block_size, num_kv_heads, head_dim, .. } = self.shape;
+        let CacheShape {
+            block_size,
+            num_kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
         let (tokens, num_heads, q_dim) = q.dims3()?;
-        if q_dim != head_dim || k.dims3()? != (tokens, num_kv_heads, head_dim) || k.dims() != v.dims() {
+        if q_dim != head_dim
+            || k.dims3()? != (tokens, num_kv_heads, head_dim)
+            || k.dims() != v.dims()
+        {
             return Err(ModelError::InvalidBatch(format!(
                 "q {:?} / k {:?} / v {:?} do not match the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
                 q.dims(),
@@ -142,7 +172,9 @@ impl AttentionBackend for CpuAttention {
             )));
         }
         if layer >= self.layers.len() {
-            return Err(ModelError::InvalidBatch(format!("layer {layer} has no cache")));
+            return Err(ModelError::InvalidBatch(format!(
+                "layer {layer} has no cache"
+            )));
         }
         self.check_metadata(md, tokens)?;
         let group = num_heads / num_kv_heads;
@@ -234,7 +266,9 @@ impl AttentionBackend for CpuAttention {
         let stride = self.block_stride();
         let n = self.shape.num_blocks as u32;
         if let Some(&(s, d)) = pairs.iter().find(|&&(s, d)| s >= n || d >= n) {
-            return Err(ModelError::InvalidBatch(format!("block copy {s} -> {d} is out of range")));
+            return Err(ModelError::InvalidBatch(format!(
+                "block copy {s} -> {d} is out of range"
+            )));
         }
         for (k, v) in self.layers.iter_mut() {
             for &(src, dst) in pairs {

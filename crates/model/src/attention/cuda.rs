@@ -94,9 +94,20 @@ impl CudaAttention {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map(|n| n.max(1) as usize)
             .unwrap_or(132);
-        let options = PlanOptions { num_sms, ..PlanOptions::default() };
+        let options = PlanOptions {
+            num_sms,
+            ..PlanOptions::default()
+        };
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        Ok(Self { shape, dtype, device, layers, scale, options, step: None })
+        Ok(Self {
+            shape,
+            dtype,
+            device,
+            layers,
+            scale,
+            options,
+            step: None,
+        })
     }
 
     /// Override the kernel planning (tests force each decode variant and small partitions).
@@ -128,11 +139,16 @@ impl CudaAttention {
         }
         self.step = None;
         if md.slot_mapping.len() != tokens {
-            return Err(ModelError::InvalidBatch(format!("{} slots for {tokens} tokens", md.slot_mapping.len())));
+            return Err(ModelError::InvalidBatch(format!(
+                "{} slots for {tokens} tokens",
+                md.slot_mapping.len()
+            )));
         }
         let capacity = self.shape.capacity_tokens();
         if let Some(slot) = md.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
-            return Err(ModelError::InvalidBatch(format!("slot {slot} is outside a cache of {capacity} slots")));
+            return Err(ModelError::InvalidBatch(format!(
+                "slot {slot} is outside a cache of {capacity} slots"
+            )));
         }
         let seqs: Vec<SeqSpec<'_>> = md
             .sequences
@@ -154,7 +170,12 @@ impl CudaAttention {
         let plan = AttentionPlan::build(&seqs, tokens, shape, self.options).map_err(kernel_err)?;
         let plan = DevicePlan::upload(&self.device, plan).map_err(kernel_err)?;
         let slots = self.device.clone_htod(md.slot_mapping.as_slice())?;
-        self.step = Some(StepState { metadata: md.clone(), num_heads, plan, slots });
+        self.step = Some(StepState {
+            metadata: md.clone(),
+            num_heads,
+            plan,
+            slots,
+        });
         Ok(())
     }
 }
@@ -168,9 +189,16 @@ impl AttentionBackend for CudaAttention {
         v: &Tensor,
         metadata: &AttentionMetadata,
     ) -> Result<Tensor> {
-        let CacheShape { num_kv_heads, head_dim, .. } = self.shape;
+        let CacheShape {
+            num_kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
         let (tokens, num_heads, q_dim) = q.dims3()?;
-        if q_dim != head_dim || k.dims3()? != (tokens, num_kv_heads, head_dim) || k.dims() != v.dims() {
+        if q_dim != head_dim
+            || k.dims3()? != (tokens, num_kv_heads, head_dim)
+            || k.dims() != v.dims()
+        {
             return Err(ModelError::InvalidBatch(format!(
                 "q {:?} / k {:?} / v {:?} do not match the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
                 q.dims(),
@@ -179,25 +207,36 @@ impl AttentionBackend for CudaAttention {
             )));
         }
         if layer >= self.layers.len() {
-            return Err(ModelError::InvalidBatch(format!("layer {layer} has no cache")));
+            return Err(ModelError::InvalidBatch(format!(
+                "layer {layer} has no cache"
+            )));
         }
         if tokens == 0 {
             return Ok(q.zeros_like()?);
         }
         self.prepare(num_heads, tokens, metadata)?;
-        let step = self.step.as_ref().ok_or_else(|| ModelError::InvalidBatch("no step metadata".into()))?;
+        let step = self
+            .step
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidBatch("no step metadata".into()))?;
         // The kernels work in the cache dtype; inputs in another dtype are converted (and the
         // output converted back), never silently mixed.
-        let (qc, kc, vc) = if q.dtype() == self.dtype && k.dtype() == self.dtype && v.dtype() == self.dtype {
-            (q.clone(), k.clone(), v.clone())
-        } else {
-            (q.to_dtype(self.dtype)?, k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?)
-        };
+        let (qc, kc, vc) =
+            if q.dtype() == self.dtype && k.dtype() == self.dtype && v.dtype() == self.dtype {
+                (q.clone(), k.clone(), v.clone())
+            } else {
+                (
+                    q.to_dtype(self.dtype)?,
+                    k.to_dtype(self.dtype)?,
+                    v.to_dtype(self.dtype)?,
+                )
+            };
         let geometry = Self::geometry_of(self.shape);
         let (kcache, vcache) = &mut self.layers[layer];
-        kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots).map_err(kernel_err)?;
-        let out =
-            kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale).map_err(kernel_err)?;
+        kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots)
+            .map_err(kernel_err)?;
+        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale)
+            .map_err(kernel_err)?;
         if out.dtype() != q.dtype() {
             return Ok(out.to_dtype(q.dtype())?);
         }
@@ -208,8 +247,16 @@ impl AttentionBackend for CudaAttention {
         let geometry = Self::geometry_of(self.shape);
         let elem = self.dtype.size_in_bytes();
         let block_bytes = geometry.block_elements() * elem;
-        let mut buffers: Vec<&mut CudaSlice<u8>> = self.layers.iter_mut().flat_map(|(k, v)| [k, v]).collect();
-        kernels::copy_blocks(&self.device, &mut buffers, block_bytes, self.shape.num_blocks, pairs).map_err(kernel_err)
+        let mut buffers: Vec<&mut CudaSlice<u8>> =
+            self.layers.iter_mut().flat_map(|(k, v)| [k, v]).collect();
+        kernels::copy_blocks(
+            &self.device,
+            &mut buffers,
+            block_bytes,
+            self.shape.num_blocks,
+            pairs,
+        )
+        .map_err(kernel_err)
     }
 
     fn shape(&self) -> CacheShape {

@@ -53,7 +53,11 @@ pub struct CacheShape {
 impl CacheShape {
     /// Bytes one block occupies across all layers (K and V), at `bytes_per_element`.
     pub fn bytes_per_block(&self, bytes_per_element: usize) -> usize {
-        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * bytes_per_element
+        2 * self.num_layers
+            * self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * bytes_per_element
     }
 
     /// Token capacity of the whole cache.

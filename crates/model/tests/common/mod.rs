@@ -42,12 +42,18 @@ pub struct PagedRunner {
 impl PagedRunner {
     pub fn new(model: &LlamaModel, num_seqs: usize, max_tokens: usize, block_size: usize) -> Self {
         let blocks_per_seq = max_tokens.div_ceil(block_size);
-        Self { cache: cpu_cache(model, num_seqs * blocks_per_seq, block_size), block_size, blocks_per_seq }
+        Self {
+            cache: cpu_cache(model, num_seqs * blocks_per_seq, block_size),
+            block_size,
+            blocks_per_seq,
+        }
     }
 
     fn table(&self, seq: usize, context_len: usize) -> Vec<u32> {
         let first = seq * self.blocks_per_seq;
-        (first..first + context_len.div_ceil(self.block_size)).map(|b| b as u32).collect()
+        (first..first + context_len.div_ceil(self.block_size))
+            .map(|b| b as u32)
+            .collect()
     }
 
     /// One step: `chunks[i] = (sequence index, tokens already cached, new tokens)`.
@@ -63,9 +69,17 @@ impl PagedRunner {
                 let pos = cached + i;
                 batch.token_ids.push(tok);
                 batch.positions.push(pos as u32);
-                md.slot_mapping.push(table[pos / self.block_size] * self.block_size as u32 + (pos % self.block_size) as u32);
+                md.slot_mapping.push(
+                    table[pos / self.block_size] * self.block_size as u32
+                        + (pos % self.block_size) as u32,
+                );
             }
-            md.sequences.push(SequenceSlice { query_start: start, query_len: new.len(), context_len, block_table: table });
+            md.sequences.push(SequenceSlice {
+                query_start: start,
+                query_len: new.len(),
+                context_len,
+                block_table: table,
+            });
             batch.logit_rows.push((batch.token_ids.len() - 1) as u32);
         }
         batch.attention = md;

@@ -32,14 +32,22 @@ pub const MODEL_NAME: &str = "smollm2";
 pub fn model_path() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
     path.display().to_string()
 }
 
 /// A small engine: context 1024, 128 MiB of KV cache (about 180 blocks of 16 tokens).
 pub fn engine_config(metrics: &Arc<Metrics>) -> EngineConfig {
     EngineConfig {
-        model: LoadOptions { model: model_path(), max_model_len: Some(1024), ..LoadOptions::default() },
+        model: LoadOptions {
+            model: model_path(),
+            max_model_len: Some(1024),
+            ..LoadOptions::default()
+        },
         max_num_seqs: 64,
         kv_cache_memory_bytes: Some(128 << 20),
         observer: Some(metrics.clone()),
@@ -64,7 +72,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(engine: EngineHandle, metrics: Arc<Metrics>, tweak: impl FnOnce(&mut ServerConfig)) -> Self {
+    pub async fn start(
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut cfg = ServerConfig {
             host: "127.0.0.1".into(),
             port: 0,
@@ -79,7 +91,11 @@ impl TestServer {
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
         }));
-        TestServer { addr, stop: Some(tx), task }
+        TestServer {
+            addr,
+            stop: Some(tx),
+            task,
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -108,19 +124,28 @@ impl Reply {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
 /// Check that `body` is an OpenAI error object for `status`; returns the inner `error`.
 pub fn assert_openai_error(status: StatusCode, body: &[u8]) -> Value {
-    let v: Value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let v: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "error body is not JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
     let e = &v["error"];
     assert!(e["message"].is_string(), "error.message missing: {v}");
     assert!(e["type"].is_string(), "error.type missing: {v}");
     assert!(e.get("param").is_some(), "error.param missing: {v}");
-    assert_eq!(e["code"], status.as_u16(), "error.code must be the status: {v}");
+    assert_eq!(
+        e["code"],
+        status.as_u16(),
+        "error.code must be the status: {v}"
+    );
     e.clone()
 }
 
@@ -138,7 +163,10 @@ pub async fn open(
     let conn_task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}")).header("host", addr.to_string());
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -153,12 +181,22 @@ pub async fn open(
 }
 
 /// One request, read to the end.
-pub async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
     let (resp, conn) = open(addr, method, path, headers, body).await.expect("send");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     conn.abort();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
@@ -166,7 +204,14 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 }
 
 pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
-    call(addr, "POST", path, &[("content-type", "application/json")], body.to_string().into_bytes()).await
+    call(
+        addr,
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        body.to_string().into_bytes(),
+    )
+    .await
 }
 
 /// Send raw bytes on a fresh connection, then read until the server closes it or `quiet`
@@ -200,7 +245,10 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -219,16 +267,27 @@ pub fn parse_responses(mut bytes: &[u8]) -> Vec<RawResponse> {
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect();
         let rest = &bytes[head_end + 4..];
-        let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-        let (body, consumed) = if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-            let len = len.min(rest.len());
-            (rest[..len].to_vec(), len)
-        } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-            dechunk(rest)
-        } else {
-            (rest.to_vec(), rest.len())
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
         };
-        out.push(RawResponse { version, status, headers, body });
+        let (body, consumed) =
+            if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+                let len = len.min(rest.len());
+                (rest[..len].to_vec(), len)
+            } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                dechunk(rest)
+            } else {
+                (rest.to_vec(), rest.len())
+            };
+        out.push(RawResponse {
+            version,
+            status,
+            headers,
+            body,
+        });
         bytes = &rest[consumed..];
     }
     out
@@ -242,7 +301,8 @@ fn dechunk(mut b: &[u8]) -> (Vec<u8>, usize) {
     let total = b.len();
     let mut out = Vec::new();
     while let Some(eol) = find(b, b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         b = &b[eol + 2..];
         if size == 0 {
             let trailer = find(b, b"\r\n").map_or(b.len(), |i| i + 2);
@@ -263,7 +323,11 @@ pub fn sse_events(body: &str) -> Result<Vec<String>, String> {
     }
     body.split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").map(str::to_string).ok_or_else(|| format!("not a data line: {e:?}")))
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .map(str::to_string)
+                .ok_or_else(|| format!("not a data line: {e:?}"))
+        })
         .collect()
 }
 
@@ -275,8 +339,10 @@ pub fn check_chat_stream(body: &str) -> Result<String, String> {
     if done != "[DONE]" {
         return Err(format!("stream does not end with [DONE]: {body}"));
     }
-    let chunks: Vec<Value> =
-        chunks.iter().map(|c| serde_json::from_str(c).map_err(|e| format!("bad chunk {c}: {e}"))).collect::<Result<_, _>>()?;
+    let chunks: Vec<Value> = chunks
+        .iter()
+        .map(|c| serde_json::from_str(c).map_err(|e| format!("bad chunk {c}: {e}")))
+        .collect::<Result<_, _>>()?;
     let first = chunks.first().ok_or("no chunks")?;
     if first["choices"][0]["delta"]["role"] != "assistant" {
         return Err(format!("first chunk is not the role chunk: {first}"));
@@ -332,7 +398,10 @@ pub async fn wait_engine_idle(addr: SocketAddr, within: Duration) {
         if running == 0.0 && waiting == 0.0 && kv == 0.0 {
             return;
         }
-        assert!(start.elapsed() < within, "engine not idle after {within:?}: running={running} waiting={waiting} kv={kv}");
+        assert!(
+            start.elapsed() < within,
+            "engine not idle after {within:?}: running={running} waiting={waiting} kv={kv}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -349,5 +418,7 @@ pub fn rss_kib() -> u64 {
 
 /// Threads of this process, from /proc/self/task.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").expect("/proc/self/task").count()
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .count()
 }
