@@ -51,8 +51,12 @@ fn template() -> &'static ChatTemplate {
     static T: OnceLock<ChatTemplate> = OnceLock::new();
     T.get_or_init(|| {
         let b = spindle_fuzz::bundle();
-        let src = b.chat_template.as_deref().expect("the default model has a chat template");
-        ChatTemplate::new(src, b.bos_token.as_deref(), b.eos_token.as_deref()).expect("the template compiles")
+        let src = b
+            .chat_template
+            .as_deref()
+            .expect("the default model has a chat template");
+        ChatTemplate::new(src, b.bos_token.as_deref(), b.eos_token.as_deref())
+            .expect("the template compiles")
     })
 }
 
@@ -67,7 +71,12 @@ fn to_json(m: &Message) -> Value {
     };
     let content = match &m.content {
         Content::Text(t) => Value::String(t.clone()),
-        Content::Parts(parts) => Value::Array(parts.iter().map(|p| json!({"type": "text", "text": p})).collect()),
+        Content::Parts(parts) => Value::Array(
+            parts
+                .iter()
+                .map(|p| json!({"type": "text", "text": p}))
+                .collect(),
+        ),
         Content::Null => Value::Null,
         Content::Json(j) => serde_json::from_str(j).unwrap_or(Value::Null),
     };
@@ -77,7 +86,9 @@ fn to_json(m: &Message) -> Value {
     if let Some(n) = &m.name {
         obj.insert("name".into(), Value::String(n.clone()));
     }
-    if let Some(Ok(Value::Object(extra))) = m.extra_json.as_deref().map(serde_json::from_str::<Value>) {
+    if let Some(Ok(Value::Object(extra))) =
+        m.extra_json.as_deref().map(serde_json::from_str::<Value>)
+    {
         for (k, v) in extra {
             obj.entry(k).or_insert(v);
         }
@@ -87,14 +98,25 @@ fn to_json(m: &Message) -> Value {
 
 fuzz_target!(|input: Input| {
     let raw = Value::Array(input.messages.iter().map(to_json).collect());
-    let Ok(messages) = normalize_messages(Some(&raw)) else { return };
-    let tools = input.tools_json.as_deref().and_then(|t| serde_json::from_str(t).ok());
-    let extra = match input.kwargs_json.as_deref().map(serde_json::from_str::<Value>) {
+    let Ok(messages) = normalize_messages(Some(&raw)) else {
+        return;
+    };
+    let tools = input
+        .tools_json
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok());
+    let extra = match input
+        .kwargs_json
+        .as_deref()
+        .map(serde_json::from_str::<Value>)
+    {
         Some(Ok(Value::Object(m))) => Some(m),
         _ => None,
     };
     let opts = RenderOptions {
-        add_generation_prompt: input.add_generation_prompt.unwrap_or(!input.continue_final_message),
+        add_generation_prompt: input
+            .add_generation_prompt
+            .unwrap_or(!input.continue_final_message),
         continue_final_message: input.continue_final_message,
         tools,
         extra,

@@ -9,12 +9,17 @@ use libfuzzer_sys::fuzz_target;
 use spindle_engine::detokenizer::IncrementalDetokenizer;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let skip_special = flags & 1 == 1;
     let bundle = spindle_fuzz::bundle();
     let vocab = bundle.vocab_size() as u32;
     // Little-endian u16 ids; ids past the vocabulary (up to 65535) are kept as they are.
-    let ids: Vec<u32> = rest.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
+    let ids: Vec<u32> = rest
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+        .collect();
     let prompt_len = (flags >> 1) as usize % 8;
     let (prompt, output) = ids.split_at(prompt_len.min(ids.len()));
     let tk = &bundle.tokenizer;
@@ -39,9 +44,14 @@ fuzz_target!(|data: &[u8]| {
     // streamed text attributes the character to the prompt (as vLLM does) while a decode of the
     // output alone shows a replacement character: compare only with a clean context.
     let context_clean = prompt.iter().all(|&id| id < vocab)
-        && !tk.decode(prompt, skip_special).is_ok_and(|t| t.ends_with('\u{FFFD}'));
+        && !tk
+            .decode(prompt, skip_special)
+            .is_ok_and(|t| t.ends_with('\u{FFFD}'));
     if context_clean {
         let whole = tk.decode(output, skip_special).expect("decode valid ids");
-        assert_eq!(streamed, whole, "incremental detokenization differs from decode (prompt {prompt:?}, output {output:?})");
+        assert_eq!(
+            streamed, whole,
+            "incremental detokenization differs from decode (prompt {prompt:?}, output {output:?})"
+        );
     }
 });

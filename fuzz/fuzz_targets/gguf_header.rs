@@ -13,7 +13,11 @@ use spindle_model::gguf::GgufFile;
 fn scratch() -> &'static std::path::PathBuf {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm".into()
+        } else {
+            std::env::temp_dir()
+        };
         dir.join(format!("spindle-fuzz-gguf-{}.gguf", std::process::id()))
     })
 }
@@ -25,7 +29,9 @@ fn install_panic_hook() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         std::panic::set_hook(Box::new(|info| {
-            let in_candle = info.location().is_some_and(|l| l.file().contains("candle-core"));
+            let in_candle = info
+                .location()
+                .is_some_and(|l| l.file().contains("candle-core"));
             if !in_candle {
                 eprintln!("panic: {info}");
             }
@@ -40,7 +46,9 @@ fuzz_target!(|data: &[u8]| {
         let mut f = std::fs::File::create(path).expect("scratch file");
         f.write_all(data).expect("write scratch file");
     }
-    let Ok(file) = GgufFile::open(path) else { return };
+    let Ok(file) = GgufFile::open(path) else {
+        return;
+    };
     let _ = file.architecture_name();
     let _ = file.config();
     if let Ok(vocab) = file.vocab() {

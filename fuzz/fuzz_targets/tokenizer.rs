@@ -15,7 +15,9 @@ fn unrepresentable() -> &'static HashSet<u8> {
     static SET: OnceLock<HashSet<u8>> = OnceLock::new();
     SET.get_or_init(|| {
         let bundle = spindle_fuzz::bundle();
-        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = |b: u32| {
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b)
+        };
         let mut extra = 0;
         let mut missing = HashSet::new();
         for b in 0u32..256 {
@@ -37,9 +39,13 @@ fn unrepresentable() -> &'static HashSet<u8> {
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let bundle = spindle_fuzz::bundle();
-    let ids = bundle.encode(&text, true).expect("encoding text never fails");
+    let ids = bundle
+        .encode(&text, true)
+        .expect("encoding text never fails");
     assert!(ids.iter().all(|&id| (id as usize) < bundle.vocab_size()));
-    let back = bundle.decode(&ids, false).expect("decoding our own ids never fails");
+    let back = bundle
+        .decode(&ids, false)
+        .expect("decoding our own ids never fails");
     if !text.bytes().any(|b| unrepresentable().contains(&b)) {
         assert_eq!(back, text, "round trip changed the text (ids {ids:?})");
     }

@@ -10,8 +10,11 @@ use spindle_model::TokenizerBundle;
 /// The default model's file.
 pub fn model_path() -> String {
     std::env::var("SPINDLE_FUZZ_MODEL").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-            .to_string()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+        .to_string()
     })
 }
 
