@@ -1,7 +1,8 @@
 //! Batching gain on this machine: the same N greedy requests run one at a time, then all at
 //! once, through the engine API (no HTTP). Prints output tokens/s for both and the ratio.
 //!
-//! `cargo run --release -p spindle-engine --example batch_throughput -- [N] [MAX_TOKENS]`
+//! `cargo run --release -p spindle-engine --example batch_throughput -- [N] [MAX_TOKENS] [batched]`
+//! (`batched`: skip the one-at-a-time run, e.g. to profile the batched one alone)
 
 use std::time::Instant;
 
@@ -60,10 +61,13 @@ fn main() {
     // Warm up.
     drain(submit(&prompts[0]));
 
+    let batched_only = args.get(3).is_some_and(|a| a == "batched");
     let t = Instant::now();
     let mut tokens = 0;
-    for p in &prompts {
-        tokens += drain(submit(p));
+    if !batched_only {
+        for p in &prompts {
+            tokens += drain(submit(p));
+        }
     }
     let sequential = tokens as f64 / t.elapsed().as_secs_f64();
 

@@ -333,6 +333,17 @@ fn llama_paged_equals_reference() {
     ));
 }
 
+/// Head sizes the CPU backend has a vectorized kernel for (64, 128) take a different code path
+/// from the tiny 16-wide heads above; check them against the reference too.
+#[test]
+fn llama_paged_equals_reference_at_kernel_head_sizes() {
+    for head_dim in [64, 128] {
+        let mut c = tiny_config("LlamaForCausalLM", "");
+        c.head_dim = head_dim;
+        check_arch(c);
+    }
+}
+
 #[test]
 fn mistral_paged_equals_reference() {
     check_arch(tiny_config("MistralForCausalLM", ""));

@@ -48,12 +48,6 @@ impl CpuAttention {
         self.shape.num_kv_heads * self.shape.block_size * self.shape.head_dim
     }
 
-    /// Offset of (block, kv_head, slot-in-block) in a layer's K or V buffer.
-    fn offset(&self, block: usize, head: usize, in_block: usize) -> usize {
-        block * self.block_stride()
-            + (head * self.shape.block_size + in_block) * self.shape.head_dim
-    }
-
     fn check_metadata(&self, md: &AttentionMetadata, tokens: usize) -> Result<()> {
         let bad = |m: String| Err(ModelError::InvalidBatch(m));
         if md.slot_mapping.len() != tokens {
@@ -120,27 +114,169 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-#[inline]
+/// 16 independent lanes, summed in a fixed order: vectorizes to whatever width the function it
+/// is inlined into was compiled for.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
     for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for l in 0..8 {
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }
     let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 16..a.len() {
         sum += a[i] * b[i];
     }
     sum
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o += w * v;
+    }
+}
+
+/// Attention of one sequence's queries for the query heads of one KV head, over the paged
+/// cache of one layer. A portable version, and an AVX-512 one for the common head sizes that
+/// keeps the query and the output accumulator in registers (the baseline x86-64 target only
+/// allows 4-wide SSE, and the portable loop's scalar reductions dominated batched decode).
+struct HeadKernel<'a> {
+    kc: &'a [f32],
+    vc: &'a [f32],
+    qd: &'a [f32],
+    block_stride: usize,
+    block_size: usize,
+    head_dim: usize,
+    num_heads: usize,
+    group: usize,
+    scale: f32,
+}
+
+impl HeadKernel<'_> {
+    /// `[query_len, group, head_dim]` for sequence `seq` and KV head `g`.
+    fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected; each arm's chunk count matches head_dim.
+                unsafe {
+                    match self.head_dim {
+                        64 => return self.run_avx512::<4>(seq, g),
+                        80 => return self.run_avx512::<5>(seq, g),
+                        96 => return self.run_avx512::<6>(seq, g),
+                        128 => return self.run_avx512::<8>(seq, g),
+                        256 => return self.run_avx512::<16>(seq, g),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.run_generic(seq, g)
+    }
+
+    /// The same computation as [`Self::run_generic`] for `head_dim == 16 * C`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and `self.head_dim == 16 * C`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
+        use std::arch::x86_64::*;
+        let (bs, hd, group) = (self.block_size, self.head_dim, self.group);
+        debug_assert_eq!(hd, 16 * C);
+        let mut out = vec![0f32; seq.query_len * group * hd];
+        let mut scores = vec![0f32; seq.context_len];
+        let first_pos = seq.context_len - seq.query_len;
+        let row = |j: usize| {
+            let block = seq.block_table[j / bs] as usize;
+            block * self.block_stride + (g * bs + j % bs) * hd
+        };
+        for i in 0..seq.query_len {
+            let t = seq.query_start + i;
+            let visible = first_pos + i + 1;
+            for hq in 0..group {
+                let head = g * group + hq;
+                let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
+                let mut q = [_mm512_setzero_ps(); C];
+                for (c, qc) in q.iter_mut().enumerate() {
+                    *qc = _mm512_loadu_ps(qv.as_ptr().add(16 * c));
+                }
+                let mut max = f32::NEG_INFINITY;
+                for (j, score) in scores[..visible].iter_mut().enumerate() {
+                    let k = self.kc[row(j)..][..hd].as_ptr();
+                    let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+                    for (c, qc) in q.iter().enumerate().skip(1) {
+                        acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
+                    }
+                    let sc = _mm512_reduce_add_ps(acc) * self.scale;
+                    *score = sc;
+                    max = max.max(sc);
+                }
+                let mut denom = 0f32;
+                for score in scores[..visible].iter_mut() {
+                    *score = (*score - max).exp();
+                    denom += *score;
+                }
+                let inv = 1.0 / denom;
+                let mut acc = [_mm512_setzero_ps(); C];
+                for (j, &w) in scores[..visible].iter().enumerate() {
+                    let v = self.vc[row(j)..][..hd].as_ptr();
+                    let w = _mm512_set1_ps(w * inv);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(16 * c)), *a);
+                    }
+                }
+                let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
+                for (c, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(16 * c), *a);
+                }
+            }
+        }
+        out
+    }
+
+    #[inline(always)]
+    fn run_generic(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
+        let (bs, hd, group) = (self.block_size, self.head_dim, self.group);
+        let mut out = vec![0f32; seq.query_len * group * hd];
+        let mut scores = vec![0f32; seq.context_len];
+        let first_pos = seq.context_len - seq.query_len;
+        // Row `j` of this head's keys (or values) in the paged cache.
+        let row = |j: usize| {
+            let block = seq.block_table[j / bs] as usize;
+            block * self.block_stride + (g * bs + j % bs) * hd
+        };
+        for i in 0..seq.query_len {
+            let t = seq.query_start + i;
+            let visible = first_pos + i + 1; // causal: positions 0..=first_pos+i
+            for hq in 0..group {
+                let head = g * group + hq;
+                let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, score) in scores[..visible].iter_mut().enumerate() {
+                    let off = row(j);
+                    let sc = dot(qv, &self.kc[off..off + hd]) * self.scale;
+                    *score = sc;
+                    max = max.max(sc);
+                }
+                let mut denom = 0f32;
+                for score in scores[..visible].iter_mut() {
+                    *score = (*score - max).exp();
+                    denom += *score;
+                }
+                let inv = 1.0 / denom;
+                let acc = &mut out[(i * group + hq) * hd..][..hd];
+                for (j, &w) in scores[..visible].iter().enumerate() {
+                    let off = row(j);
+                    axpy(acc, w * inv, &self.vc[off..off + hd]);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -205,43 +341,20 @@ impl AttentionBackend for CpuAttention {
         let tasks: Vec<(usize, usize)> = (0..md.sequences.len())
             .flat_map(|s| (0..num_kv_heads).map(move |g| (s, g)))
             .collect();
+        let kernel = HeadKernel {
+            kc,
+            vc,
+            qd: &qd,
+            block_stride: this.block_stride(),
+            block_size,
+            head_dim,
+            num_heads,
+            group,
+            scale: this.scale,
+        };
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
-            .map(|&(s, g)| {
-                let seq = &md.sequences[s];
-                let mut out = vec![0f32; seq.query_len * group * head_dim];
-                let mut scores = vec![0f32; seq.context_len];
-                let first_pos = seq.context_len - seq.query_len;
-                for i in 0..seq.query_len {
-                    let t = seq.query_start + i;
-                    let visible = first_pos + i + 1; // causal: positions 0..=first_pos+i
-                    for hq in 0..group {
-                        let head = g * group + hq;
-                        let qv = &qd[(t * num_heads + head) * head_dim..][..head_dim];
-                        let mut max = f32::NEG_INFINITY;
-                        for (j, score) in scores[..visible].iter_mut().enumerate() {
-                            let block = seq.block_table[j / block_size] as usize;
-                            let off = this.offset(block, g, j % block_size);
-                            let sc = dot(qv, &kc[off..off + head_dim]) * this.scale;
-                            *score = sc;
-                            max = max.max(sc);
-                        }
-                        let mut denom = 0f32;
-                        for score in scores[..visible].iter_mut() {
-                            *score = (*score - max).exp();
-                            denom += *score;
-                        }
-                        let inv = 1.0 / denom;
-                        let acc = &mut out[(i * group + hq) * head_dim..][..head_dim];
-                        for (j, &w) in scores[..visible].iter().enumerate() {
-                            let block = seq.block_table[j / block_size] as usize;
-                            let off = this.offset(block, g, j % block_size);
-                            axpy(acc, w * inv, &vc[off..off + head_dim]);
-                        }
-                    }
-                }
-                out
-            })
+            .map(|&(s, g)| kernel.run(&md.sequences[s], g))
             .collect();
 
         // 3. Scatter into [tokens, num_heads, head_dim]. Tokens no sequence claims stay zero.

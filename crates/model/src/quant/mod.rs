@@ -14,6 +14,8 @@ use rayon::prelude::*;
 use crate::cpu_matmul::{block_f32, OutPtr};
 use crate::error::{ModelError, Result};
 
+mod fused;
+
 /// Weight rows dequantized together; 64 rows of a 1536-wide matrix is 384 KiB of f32, which
 /// stays in L2 while every row of `x` passes over it.
 const ROWS_PER_PANEL: usize = 32;
@@ -167,11 +169,14 @@ impl QuantMatrix {
     }
 }
 
-/// Vectorized dequantization of the two types the default model uses, computing exactly what
+/// Portable dequantization of the two types the default model uses, computing exactly what
 /// candle's scalar `to_float` computes (`q * d + m` as a multiply then an add, no FMA), so the
-/// values are bit-identical. Other types use candle's routines.
+/// values are bit-identical; CPUs with AVX-512 use the same expansion as the fused kernels.
 mod fast {
     use half::f16;
+
+    use super::fused;
+    use candle_core::quantized::GgmlDType;
 
     const Q4_1_BYTES: usize = 20;
     const Q8_0_BYTES: usize = 34;
@@ -181,12 +186,9 @@ mod fast {
     }
 
     pub(super) fn q4_1(bytes: &[u8], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected; slices are sized by the callers.
-                return unsafe { avx512::q4_1(bytes, out) };
-            }
+        if fused::supported(GgmlDType::Q4_1) {
+            // SAFETY: support was checked; slices are sized by the callers.
+            return unsafe { fused::dequantize(GgmlDType::Q4_1, bytes, out) };
         }
         for (block, ys) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(32)) {
             let (d, m) = (f16_at(block, 0), f16_at(block, 2));
@@ -199,56 +201,14 @@ mod fast {
     }
 
     pub(super) fn q8_0(bytes: &[u8], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected; slices are sized by the callers.
-                return unsafe { avx512::q8_0(bytes, out) };
-            }
+        if fused::supported(GgmlDType::Q8_0) {
+            // SAFETY: support was checked; slices are sized by the callers.
+            return unsafe { fused::dequantize(GgmlDType::Q8_0, bytes, out) };
         }
         for (block, ys) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
             let d = f16_at(block, 0);
             for j in 0..32 {
                 ys[j] = (block[2 + j] as i8 as f32) * d;
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod avx512 {
-        use std::arch::x86_64::*;
-
-        use super::{f16_at, Q4_1_BYTES, Q8_0_BYTES};
-
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn q4_1(bytes: &[u8], out: &mut [f32]) {
-            let mask = _mm_set1_epi8(0x0F);
-            for (block, ys) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(32)) {
-                let d = _mm512_set1_ps(f16_at(block, 0));
-                let m = _mm512_set1_ps(f16_at(block, 2));
-                let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-                _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(lo, d), m));
-                _mm512_storeu_ps(
-                    ys.as_mut_ptr().add(16),
-                    _mm512_add_ps(_mm512_mul_ps(hi, d), m),
-                );
-            }
-        }
-
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn q8_0(bytes: &[u8], out: &mut [f32]) {
-            for (block, ys) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
-                let d = _mm512_set1_ps(f16_at(block, 0));
-                let a = _mm_loadu_si128(block.as_ptr().add(2) as *const __m128i);
-                let b = _mm_loadu_si128(block.as_ptr().add(18) as *const __m128i);
-                let a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
-                let b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-                _mm512_storeu_ps(ys.as_mut_ptr(), _mm512_mul_ps(a, d));
-                _mm512_storeu_ps(ys.as_mut_ptr().add(16), _mm512_mul_ps(b, d));
             }
         }
     }
@@ -265,6 +225,25 @@ pub fn matmul_xwt_quant(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out: &mu
         return;
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
+    if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
+        // Split the rows into a few tasks per thread: enough to balance, few enough that
+        // scheduling stays small next to a decode step's arithmetic.
+        let tasks = rayon::current_num_threads().max(1) * 2;
+        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
+        (0..n.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let r0 = t * rows_per_task;
+                let rows = rows_per_task.min(n - r0);
+                let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+                let ptr = out_ptr;
+                // SAFETY: `supported` was checked; this task writes only columns r0..r0 + rows.
+                unsafe {
+                    fused::block(w.dtype, x, m, k, bytes, w.row_bytes, rows, ptr.0.add(r0), n)
+                };
+            });
+        return;
+    }
     let panels = n.div_ceil(ROWS_PER_PANEL);
     (0..panels).into_par_iter().for_each_init(
         || vec![0f32; ROWS_PER_PANEL * k],
@@ -316,7 +295,7 @@ mod tests {
                 dense,
                 "{dtype:?} rows differ from candle's dequantize"
             );
-            for m in [1usize, 5, 33] {
+            for m in [1usize, 2, 3, 4, 5, 8, 33] {
                 let x: Vec<f32> = (0..m * cols)
                     .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
                     .collect();
