@@ -196,8 +196,8 @@ run_bench() {
     # CPU the machine spent outside the server during the run (the benchmark client included).
     awk -v a="$cpu0" -v b="$(cpu_jiffies)" -v s0="$srv0" -v s1="$(proc_jiffies "$SERVER_PID")" \
         -v n="$name" -v cores="$(nproc)" 'BEGIN { split(a, x, " "); split(b, y, " "); dt = y[2] - x[2];
-        if (dt <= 0) exit; printf "%s run: server used %.0f%% of the machine, everything else (client included) %.0f%% (of %d cores)\n",
-        n, 100 * (s1 - s0) / dt, 100 * ((y[1] - x[1]) - (s1 - s0)) / dt, cores }' | tee -a "$OUT_DIR/machine.txt" >&2
+        if (dt <= 0) exit; other = 100 * ((y[1] - x[1]) - (s1 - s0)) / dt; printf "%s run: server used %.0f%% of the machine, everything else (client included) %.0f%% (of %d cores)\n",
+        n, 100 * (s1 - s0) / dt, other < 0 ? 0 : other, cores }' | tee -a "$OUT_DIR/machine.txt" >&2
 }
 
 wait_idle
