@@ -18,6 +18,12 @@ use spindle_server::{
 /// The model `scripts/fetch-model.sh` downloads; served when no model is named.
 const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Default engine token budget on the CPU: big enough to run matmuls at full speed, small
+/// enough that a prefill chunk delays the running streams by well under a second here.
+const DEFAULT_CPU_BATCHED_TOKENS: usize = 512;
+/// Default engine token budget on a GPU (vLLM's default for online serving).
+const DEFAULT_GPU_BATCHED_TOKENS: usize = 2048;
+
 /// Flags of `spindle serve`, named and defaulted as in `vllm serve`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -42,9 +48,11 @@ pub struct ServeArgs {
     /// Most sequences in one batch.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
-    /// Token budget of one engine iteration (prefill and decode together).
-    #[arg(long, value_parser = parse_count, default_value = "2048")]
-    pub max_num_batched_tokens: u64,
+    /// Token budget of one engine iteration (prefill and decode together). Default: 2048 on
+    /// CUDA, 512 on the CPU, where a 2048-token prefill chunk holds every running stream's next
+    /// token back for seconds (measured: same throughput, p99 inter-token latency 3.1 s -> 1.0 s).
+    #[arg(long, value_parser = parse_count)]
+    pub max_num_batched_tokens: Option<u64>,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -442,7 +450,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.gpu_memory_utilization
         );
     }
-    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == Some(0) {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
     }
     let to_usize =
@@ -451,7 +459,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .max_model_len
         .map(|v| to_usize("max-model-len", v))
         .transpose()?;
-    let max_num_batched_tokens = to_usize("max-num-batched-tokens", args.max_num_batched_tokens)?;
     let max_body_bytes = match args.max_request_body {
         Some(v) => to_usize("max-request-body", v)?,
         None => DEFAULT_MAX_BODY_BYTES,
@@ -462,6 +469,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         DeviceChoice::Cpu
     });
+    let max_num_batched_tokens = match args.max_num_batched_tokens {
+        Some(v) => to_usize("max-num-batched-tokens", v)?,
+        None if matches!(device, DeviceChoice::Cpu) => DEFAULT_CPU_BATCHED_TOKENS,
+        None => DEFAULT_GPU_BATCHED_TOKENS,
+    };
 
     // Metrics exist before the engine so its step observer can feed them. Token-count buckets
     // are sized to the context length when known, else generously.
