@@ -236,6 +236,12 @@ fn reference_last_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, tokens: &
 }
 
 fn check_arch(config: ModelConfig) {
+    check_arch_with_blocks(config, 4);
+}
+
+/// Paged forward passes (whole and chunked prefill, decode) against the contiguous reference,
+/// with sequence lengths around multiples of `block`.
+fn check_arch_with_blocks(config: ModelConfig, block: usize) {
     let weights = random_weights(&config, 42);
     let model = LlamaModel::load(
         config.clone(),
@@ -246,9 +252,16 @@ fn check_arch(config: ModelConfig) {
         |_, _| {},
     )
     .expect("load tiny model");
-    let block = 4;
-    // Sequences of lengths around block boundaries (block size 4).
-    let seqs: Vec<Vec<u32>> = [3usize, 4, 5, 8, 13, 17]
+    // Sequences of lengths around block boundaries.
+    let lengths = [
+        block - 1,
+        block,
+        block + 1,
+        2 * block,
+        3 * block + 1,
+        4 * block + 1,
+    ];
+    let seqs: Vec<Vec<u32>> = lengths
         .iter()
         .enumerate()
         .map(|(s, &len)| {
@@ -257,7 +270,7 @@ fn check_arch(config: ModelConfig) {
                 .collect()
         })
         .collect();
-    let mut runner = PagedRunner::new(&model, seqs.len(), 32, block);
+    let mut runner = PagedRunner::new(&model, seqs.len(), 8 * block, block);
     // Step 1: sequences 0..3 prefill whole; 3..6 prefill all but their last 4 tokens in chunks.
     let mut done = vec![0usize; seqs.len()];
     let mut chunks = Vec::new();
@@ -333,14 +346,19 @@ fn llama_paged_equals_reference() {
     ));
 }
 
-/// Head sizes the CPU backend has a vectorized kernel for (64, 128) take a different code path
-/// from the tiny 16-wide heads above; check them against the reference too.
+/// Head sizes (64, 128) with 16-token blocks take the CPU backend's vectorized kernel instead of
+/// the portable one; check it against the reference too, with GQA groups of 1 to 5 query heads
+/// (the kernel takes up to four heads per pass).
 #[test]
 fn llama_paged_equals_reference_at_kernel_head_sizes() {
-    for head_dim in [64, 128] {
+    for (head_dim, heads, kv_heads) in [(64, 4, 2), (128, 3, 3), (64, 5, 1), (64, 3, 1)] {
         let mut c = tiny_config("LlamaForCausalLM", "");
         c.head_dim = head_dim;
-        check_arch(c);
+        c.num_heads = heads;
+        c.num_kv_heads = kv_heads;
+        for block in [4, 16] {
+            check_arch_with_blocks(c.clone(), block);
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! Paged attention on the CPU, in plain Rust over f32 slices. The cache of each layer is one
-//! `Vec<f32>` for K and one for V, laid out `[num_blocks, num_kv_heads, block_size, head_dim]`
-//! so that the keys of one head inside a block are contiguous (good for the dot-product loops).
-//! Work is split across (sequence, kv-head) pairs with rayon; accumulation is in f32.
+//! `Vec<f32>` for K and one for V. V is `[num_blocks, num_kv_heads, block_size, head_dim]`, so a
+//! value row is contiguous for the weighted sum. K is stored transposed inside each block,
+//! `[num_blocks, num_kv_heads, head_dim, block_size]`: with 16-token blocks one vector load
+//! holds dimension `d` of all 16 keys, and the scores of a whole block come out of `head_dim`
+//! broadcast-FMAs with no horizontal sums. Work is split across (sequence, kv-head) pairs with
+//! rayon; accumulation is in f32.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -114,25 +117,6 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-/// 16 independent lanes, summed in a fixed order: vectorizes to whatever width the function it
-/// is inlined into was compiled for.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 16..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 #[inline(always)]
 fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
     for (o, v) in out.iter_mut().zip(x) {
@@ -140,10 +124,24 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
+/// In-place softmax of `scores`, in f32.
+#[inline(always)]
+fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut denom = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        denom += *s;
+    }
+    let inv = 1.0 / denom;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
 /// Attention of one sequence's queries for the query heads of one KV head, over the paged
-/// cache of one layer. A portable version, and an AVX-512 one for the common head sizes that
-/// keeps the query and the output accumulator in registers (the baseline x86-64 target only
-/// allows 4-wide SSE, and the portable loop's scalar reductions dominated batched decode).
+/// cache of one layer: a portable version, and an AVX-512 one for 16-token blocks and the
+/// common head sizes (the baseline x86-64 target only allows 4-wide SSE).
 struct HeadKernel<'a> {
     kc: &'a [f32],
     vc: &'a [f32],
@@ -161,8 +159,9 @@ impl HeadKernel<'_> {
     fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected; each arm's chunk count matches head_dim.
+            if self.block_size == avx512::BLOCK && std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected; each arm's chunk count matches head_dim and
+                // the block size was checked.
                 unsafe {
                     match self.head_dim {
                         64 => return self.run_avx512::<4>(seq, g),
@@ -178,75 +177,17 @@ impl HeadKernel<'_> {
         self.run_generic(seq, g)
     }
 
-    /// The same computation as [`Self::run_generic`] for `head_dim == 16 * C`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available and `self.head_dim == 16 * C`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
-        use std::arch::x86_64::*;
-        let (bs, hd, group) = (self.block_size, self.head_dim, self.group);
-        debug_assert_eq!(hd, 16 * C);
-        let mut out = vec![0f32; seq.query_len * group * hd];
-        let mut scores = vec![0f32; seq.context_len];
-        let first_pos = seq.context_len - seq.query_len;
-        let row = |j: usize| {
-            let block = seq.block_table[j / bs] as usize;
-            block * self.block_stride + (g * bs + j % bs) * hd
-        };
-        for i in 0..seq.query_len {
-            let t = seq.query_start + i;
-            let visible = first_pos + i + 1;
-            for hq in 0..group {
-                let head = g * group + hq;
-                let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
-                let mut q = [_mm512_setzero_ps(); C];
-                for (c, qc) in q.iter_mut().enumerate() {
-                    *qc = _mm512_loadu_ps(qv.as_ptr().add(16 * c));
-                }
-                let mut max = f32::NEG_INFINITY;
-                for (j, score) in scores[..visible].iter_mut().enumerate() {
-                    let k = self.kc[row(j)..][..hd].as_ptr();
-                    let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
-                    for (c, qc) in q.iter().enumerate().skip(1) {
-                        acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
-                    }
-                    let sc = _mm512_reduce_add_ps(acc) * self.scale;
-                    *score = sc;
-                    max = max.max(sc);
-                }
-                let mut denom = 0f32;
-                for score in scores[..visible].iter_mut() {
-                    *score = (*score - max).exp();
-                    denom += *score;
-                }
-                let inv = 1.0 / denom;
-                let mut acc = [_mm512_setzero_ps(); C];
-                for (j, &w) in scores[..visible].iter().enumerate() {
-                    let v = self.vc[row(j)..][..hd].as_ptr();
-                    let w = _mm512_set1_ps(w * inv);
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(16 * c)), *a);
-                    }
-                }
-                let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
-                for (c, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(dst.add(16 * c), *a);
-                }
-            }
-        }
-        out
-    }
-
-    #[inline(always)]
     fn run_generic(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         let (bs, hd, group) = (self.block_size, self.head_dim, self.group);
         let mut out = vec![0f32; seq.query_len * group * hd];
         let mut scores = vec![0f32; seq.context_len];
         let first_pos = seq.context_len - seq.query_len;
-        // Row `j` of this head's keys (or values) in the paged cache.
-        let row = |j: usize| {
+        // Where key `j` (dimension 0; the others follow `bs` apart) and value row `j` start.
+        let key = |j: usize| {
+            let block = seq.block_table[j / bs] as usize;
+            block * self.block_stride + g * hd * bs + j % bs
+        };
+        let value = |j: usize| {
             let block = seq.block_table[j / bs] as usize;
             block * self.block_stride + (g * bs + j % bs) * hd
         };
@@ -256,27 +197,252 @@ impl HeadKernel<'_> {
             for hq in 0..group {
                 let head = g * group + hq;
                 let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
                 for (j, score) in scores[..visible].iter_mut().enumerate() {
-                    let off = row(j);
-                    let sc = dot(qv, &self.kc[off..off + hd]) * self.scale;
-                    *score = sc;
-                    max = max.max(sc);
+                    let k = &self.kc[key(j)..];
+                    let dot: f32 = qv.iter().enumerate().map(|(d, &q)| q * k[d * bs]).sum();
+                    *score = dot * self.scale;
                 }
-                let mut denom = 0f32;
-                for score in scores[..visible].iter_mut() {
-                    *score = (*score - max).exp();
-                    denom += *score;
-                }
-                let inv = 1.0 / denom;
+                softmax(&mut scores[..visible]);
                 let acc = &mut out[(i * group + hq) * hd..][..hd];
                 for (j, &w) in scores[..visible].iter().enumerate() {
-                    let off = row(j);
-                    axpy(acc, w * inv, &self.vc[off..off + hd]);
+                    let off = value(j);
+                    axpy(acc, w, &self.vc[off..off + hd]);
                 }
             }
         }
         out
+    }
+
+    /// The same computation as [`Self::run_generic`] for 16-token blocks and
+    /// `head_dim == 16 * C`: block scores from broadcast-FMAs over the transposed keys (up to
+    /// four query heads per pass over a block, so each key vector is loaded once for them), and
+    /// the weighted sum of values in `C` register accumulators.
+    ///
+    /// # Safety
+    /// AVX-512F must be available, `self.block_size == 16` and `self.head_dim == 16 * C`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
+        use std::arch::x86_64::*;
+        const BS: usize = avx512::BLOCK;
+        let (hd, group) = (self.head_dim, self.group);
+        debug_assert!(hd == 16 * C && self.block_size == BS);
+        let mut out = vec![0f32; seq.query_len * group * hd];
+        // One row of scores per query head, padded to whole blocks.
+        let stride = seq.context_len.next_multiple_of(BS);
+        let mut scores = vec![0f32; group * stride];
+        let first_pos = seq.context_len - seq.query_len;
+        for i in 0..seq.query_len {
+            let t = seq.query_start + i;
+            let visible = first_pos + i + 1;
+            let q = &self.qd[(t * self.num_heads + g * group) * hd..][..group * hd];
+            let mut h0 = 0;
+            while h0 < group {
+                let nh = (group - h0).min(4);
+                let (q, sc) = (&q[h0 * hd..], &mut scores[h0 * stride..]);
+                match nh {
+                    4 => self.block_scores::<4>(seq, g, q, sc, stride, visible),
+                    3 => self.block_scores::<3>(seq, g, q, sc, stride, visible),
+                    2 => self.block_scores::<2>(seq, g, q, sc, stride, visible),
+                    _ => self.block_scores::<1>(seq, g, q, sc, stride, visible),
+                }
+                h0 += nh;
+            }
+            for hq in 0..group {
+                let sc = &mut scores[hq * stride..hq * stride + visible];
+                let inv = avx512::softmax_unnormalized(sc);
+                // Two keys per iteration into two accumulator sets: twice the FMA chains.
+                let mut acc = [[_mm512_setzero_ps(); C]; 2];
+                let value = |j: usize| {
+                    let block = seq.block_table[j / BS] as usize;
+                    let off = block * self.block_stride + (g * BS + j % BS) * hd;
+                    self.vc[off..off + hd].as_ptr()
+                };
+                let mut j = 0;
+                while j < visible {
+                    let pair = (visible - j).min(2);
+                    for (u, acc) in acc.iter_mut().enumerate().take(pair) {
+                        let v = value(j + u);
+                        let w = _mm512_set1_ps(sc[j + u]);
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(16 * c)), *a);
+                        }
+                    }
+                    j += pair;
+                }
+                let inv = _mm512_set1_ps(inv);
+                let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
+                for c in 0..C {
+                    let sum = _mm512_add_ps(acc[0][c], acc[1][c]);
+                    _mm512_storeu_ps(dst.add(16 * c), _mm512_mul_ps(sum, inv));
+                }
+            }
+        }
+        out
+    }
+
+    /// Scaled scores of `NH` query heads (`q`, `head_dim` apart) against keys `0..visible`,
+    /// written to `scores` (rows `stride` apart); lanes past `visible` are not written.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_scores<const NH: usize>(
+        &self,
+        seq: &super::SequenceSlice,
+        g: usize,
+        q: &[f32],
+        scores: &mut [f32],
+        stride: usize,
+        visible: usize,
+    ) {
+        use std::arch::x86_64::*;
+        const BS: usize = avx512::BLOCK;
+        let hd = self.head_dim;
+        assert!(q.len() >= NH * hd && scores.len() >= (NH - 1) * stride + visible);
+        let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
+        let scale = _mm512_set1_ps(self.scale);
+        for b in 0..visible.div_ceil(BS) {
+            let block = seq.block_table[b] as usize;
+            let kp = self.kc[block * self.block_stride + g * hd * BS..][..hd * BS].as_ptr();
+            // Two interleaved chains per head keep enough FMAs in flight.
+            let mut even = [_mm512_setzero_ps(); NH];
+            let mut odd = [_mm512_setzero_ps(); NH];
+            for d in (0..hd).step_by(2) {
+                let k0 = _mm512_loadu_ps(kp.add(d * BS));
+                let k1 = _mm512_loadu_ps(kp.add((d + 1) * BS));
+                for h in 0..NH {
+                    even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d)), k0, even[h]);
+                    odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d + 1)), k1, odd[h]);
+                }
+            }
+            let n = (visible - b * BS).min(BS);
+            let mask = if n == BS { u16::MAX } else { (1u16 << n) - 1 };
+            for h in 0..NH {
+                let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
+                _mm512_mask_storeu_ps(sp.add(h * stride + b * BS), mask, s);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// The block size the vectorized kernel serves: one 16-lane vector per key dimension.
+    pub(super) const BLOCK: usize = 16;
+
+    /// Replace `scores` by `exp(score - max)` and return `1 / Σ`, 16 lanes at a time (a
+    /// scalar `expf` per key cost more than the dot products).
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
+        let n = scores.len();
+        let p = scores.as_mut_ptr();
+        let mask = |i: usize| {
+            let left = n - i;
+            if left >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << left) - 1
+            }
+        };
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..n).step_by(16) {
+            max = _mm512_mask_max_ps(max, mask(i), max, _mm512_maskz_loadu_ps(mask(i), p.add(i)));
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let m = mask(i);
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+        }
+        1.0 / _mm512_reduce_add_ps(sum)
+    }
+
+    /// `exp(x)` for `x <= 0` to about 1 ulp: `2^n · e^r` with `|r| <= ln2 / 2` and Cephes'
+    /// polynomial for `e^r`; inputs below -87 give `e^-87` (negligible next to the maximum's 1).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // r = x - n·ln2, with ln2 split in two for precision.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_matches_libm() {
+            if !std::is_x86_feature_detected!("avx512f") {
+                eprintln!("skipped: no AVX-512 on this CPU");
+                return;
+            }
+            let xs: Vec<f32> = (0..4000).map(|i| -(i as f32) * 0.0219).collect();
+            let mut ys = vec![0f32; xs.len()];
+            for (x, y) in xs.chunks(16).zip(ys.chunks_mut(16)) {
+                // SAFETY: the feature was detected; chunks are whole (4000 = 250 x 16).
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm512_storeu_ps(y.as_mut_ptr(), super::exp(_mm512_loadu_ps(x.as_ptr())));
+                }
+            }
+            for (x, y) in xs.iter().zip(&ys) {
+                let want = x.exp();
+                if *x >= -87.0 {
+                    assert!(
+                        (y - want).abs() <= 2e-7 * want,
+                        "exp({x}) = {y}, libm {want}"
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn softmax_sums_to_one_on_ragged_lengths() {
+            if !std::is_x86_feature_detected!("avx512f") {
+                eprintln!("skipped: no AVX-512 on this CPU");
+                return;
+            }
+            for n in [1usize, 5, 16, 17, 40] {
+                let mut s: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+                let want: Vec<f32> = {
+                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let e: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f32 = e.iter().sum();
+                    e.iter().map(|x| x / sum).collect()
+                };
+                // SAFETY: the feature was detected.
+                let inv = unsafe { super::softmax_unnormalized(&mut s) };
+                for (a, b) in s.iter().zip(&want) {
+                    assert!((a * inv - b).abs() <= 1e-6, "n={n}: {} vs {b}", a * inv);
+                }
+            }
+        }
     }
 }
 
@@ -327,10 +493,13 @@ impl AttentionBackend for CpuAttention {
             let (kc, vc) = &mut self.layers[layer];
             for (t, &(block, in_block)) in offsets.iter().enumerate() {
                 for h in 0..num_kv_heads {
-                    let dst = block * block_stride + (h * block_size + in_block) * head_dim;
                     let src = (t * num_kv_heads + h) * head_dim;
-                    kc[dst..dst + head_dim].copy_from_slice(&kd[src..src + head_dim]);
-                    vc[dst..dst + head_dim].copy_from_slice(&vd[src..src + head_dim]);
+                    let k_dst = block * block_stride + h * head_dim * block_size + in_block;
+                    for (d, &x) in kd[src..src + head_dim].iter().enumerate() {
+                        kc[k_dst + d * block_size] = x;
+                    }
+                    let v_dst = block * block_stride + (h * block_size + in_block) * head_dim;
+                    vc[v_dst..v_dst + head_dim].copy_from_slice(&vd[src..src + head_dim]);
                 }
             }
         }
