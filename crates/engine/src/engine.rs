@@ -179,9 +179,10 @@ impl EngineCore {
             num_kv_heads: mc.num_kv_heads,
             head_dim: mc.head_dim,
         };
-        let (attention, shape) = crate::kv_cache::build(&loaded.model, &config, shape)?;
-        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
         let max_model_len = loaded.info.max_model_len;
+        let (attention, shape) =
+            crate::kv_cache::build(&loaded.model, &config, shape, max_model_len)?;
+        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
         if shape.capacity_tokens() < max_model_len {
             return Err(EngineError::EngineDead(format!(
                 "the KV cache holds {} tokens ({} blocks of {block_size}), less than max_model_len {max_model_len}: \

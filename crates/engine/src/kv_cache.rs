@@ -1,6 +1,6 @@
 //! Sizing the paged KV cache and choosing the attention backend for the model's device: the
-//! CPU cache from `--kv-cache-memory`, the CUDA cache from `--gpu-memory-utilization` (or an
-//! explicit block count for either).
+//! CPU cache from `--kv-cache-memory`, the CUDA cache from `--gpu-memory-utilization` after a
+//! profiling forward pass (or an explicit block count for either).
 
 use spindle_model::attention::cpu::CpuAttention;
 use spindle_model::{AttentionBackend, CacheShape, LlamaModel};
@@ -16,10 +16,10 @@ fn dead(e: impl std::fmt::Display) -> EngineError {
 }
 
 /// Bytes of activations one step at `max_num_batched_tokens` may need on the GPU (hidden states,
-/// fused projections, MLP, logits rows), doubled for temporaries. Reserved before the cache is
-/// sized. An estimate: no profiling pass has been run on hardware yet.
+/// fused projections, MLP, logits rows), doubled for temporaries: the fallback when the profiling
+/// pass cannot measure (a driver without stream-ordered allocation).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn activation_reserve(model: &LlamaModel, config: &EngineConfig) -> u64 {
+fn activation_estimate(model: &LlamaModel, config: &EngineConfig) -> u64 {
     let c = model.config();
     let tokens = config.max_num_batched_tokens as u64;
     let per_token = (4 * c.hidden_size
@@ -29,15 +29,18 @@ fn activation_reserve(model: &LlamaModel, config: &EngineConfig) -> u64 {
     2 * (tokens * per_token + logits) * model.dtype().size_in_bytes() as u64
 }
 
-/// Build the cache and backend for `model`, with `shape.num_blocks` filled in.
+/// Build the cache and backend for `model`, with `shape.num_blocks` filled in. On CUDA this runs
+/// one profiling forward pass of up to `max_model_len` tokens first.
 pub fn build(
     model: &LlamaModel,
     config: &EngineConfig,
     mut shape: CacheShape,
+    max_model_len: usize,
 ) -> Result<(Box<dyn AttentionBackend>, CacheShape), EngineError> {
     if model.device().is_cuda() {
-        return build_cuda(model, config, shape);
+        return build_cuda(model, config, shape, max_model_len);
     }
+    let _ = max_model_len;
     // The CPU cache is always f32 (see spindle_model::attention::cpu).
     let bytes_per_block = shape.bytes_per_block(std::mem::size_of::<f32>()) as u64;
     shape.num_blocks = match config.num_blocks_override {
@@ -52,11 +55,57 @@ pub fn build(
     Ok((Box::new(CpuAttention::new(shape).map_err(dead)?), shape))
 }
 
+/// Run one forward pass of the biggest step the scheduler can build (`max_num_batched_tokens`
+/// prompt tokens of one sequence, capped at `max_model_len`, with logits for up to
+/// `max_num_seqs` rows) on a cache just big enough for it, and return the peak device memory it
+/// used beyond what was allocated before; `None` when the driver cannot report it.
+#[cfg(feature = "cuda")]
+fn profile_step_memory(
+    model: &LlamaModel,
+    config: &EngineConfig,
+    shape: CacheShape,
+    max_model_len: usize,
+) -> Result<Option<u64>, EngineError> {
+    use spindle_model::attention::cuda::{CudaAttention, PoolPeak};
+    use spindle_model::{AttentionMetadata, ForwardBatch, SequenceSlice};
+    let tokens = config.max_num_batched_tokens.min(max_model_len).max(1);
+    let logit_rows = config.max_num_seqs.clamp(1, tokens);
+    let mut small = shape;
+    small.num_blocks = tokens.div_ceil(shape.block_size);
+    let mut backend = CudaAttention::new(small, model.dtype(), model.device()).map_err(dead)?;
+    let batch = ForwardBatch {
+        token_ids: vec![0; tokens],
+        positions: (0..tokens as u32).collect(),
+        attention: AttentionMetadata {
+            sequences: vec![SequenceSlice {
+                query_start: 0,
+                query_len: tokens,
+                context_len: tokens,
+                block_table: (0..small.num_blocks as u32).collect(),
+            }],
+            slot_mapping: (0..tokens as u32).collect(),
+        },
+        logit_rows: ((tokens - logit_rows) as u32..tokens as u32).collect(),
+    };
+    let Some(probe) = PoolPeak::start(model.device()).map_err(dead)? else {
+        return Ok(None);
+    };
+    let logits = model.forward(&batch, &mut backend).map_err(|e| {
+        dead(format!(
+            "the profiling forward pass ({tokens} tokens) failed: {e}; lower --max-num-batched-tokens"
+        ))
+    })?;
+    let peak = probe.finish(model.device()).map_err(dead)?;
+    drop(logits);
+    Ok(Some(peak))
+}
+
 #[cfg(feature = "cuda")]
 fn build_cuda(
     model: &LlamaModel,
     config: &EngineConfig,
     mut shape: CacheShape,
+    max_model_len: usize,
 ) -> Result<(Box<dyn AttentionBackend>, CacheShape), EngineError> {
     use spindle_model::attention::cuda::{cuda_memory_info, CudaAttention};
     let dtype = model.dtype();
@@ -64,6 +113,24 @@ fn build_cuda(
     shape.num_blocks = match config.num_blocks_override {
         Some(n) => n,
         None => {
+            // Measure one maximal step, as vLLM does before sizing its cache.
+            let step = match profile_step_memory(model, config, shape, max_model_len)? {
+                Some(peak) => {
+                    tracing::info!(
+                        peak_mib = peak >> 20,
+                        "profiling pass: one step at --max-num-batched-tokens needs this much beyond the weights"
+                    );
+                    peak
+                }
+                None => {
+                    let estimate = activation_estimate(model, config);
+                    tracing::warn!(
+                        estimate_mib = estimate >> 20,
+                        "the driver reports no memory-pool statistics; reserving an estimate for activations"
+                    );
+                    estimate
+                }
+            };
             // Weights are loaded: what is used now is theirs (and other processes'). Keep the
             // total under `utilization`, minus room for one step's activations.
             let (free, total) = cuda_memory_info(model.device()).map_err(dead)?;
@@ -71,9 +138,7 @@ fn build_cuda(
             let allowed =
                 (total as f64 * config.gpu_memory_utilization.clamp(0.0, 1.0) as f64) as u64;
             let used = total.saturating_sub(free);
-            let budget = allowed
-                .saturating_sub(used)
-                .saturating_sub(activation_reserve(model, config));
+            let budget = allowed.saturating_sub(used).saturating_sub(step);
             (budget / bytes_per_block) as usize
         }
     };
@@ -86,6 +151,7 @@ fn build_cuda(
     _: &LlamaModel,
     _: &EngineConfig,
     _: CacheShape,
+    _: usize,
 ) -> Result<(Box<dyn AttentionBackend>, CacheShape), EngineError> {
     Err(dead("the model is on a CUDA device but this build has no CUDA support: rebuild with `--features cuda`"))
 }

@@ -9,8 +9,11 @@
 //! buffers this backend owns. The step's metadata (block tables, work list) is uploaded once, at
 //! the first layer of a step, and reused by the other layers while the metadata is unchanged.
 
+use std::ffi::c_void;
+
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::driver::{result, sys};
 use candle_core::{CudaDevice, DType, Device, Tensor};
 use spindle_kernels::attention::{self as kernels, CacheGeometry, DevicePlan};
 use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions, SeqSpec};
@@ -54,6 +57,71 @@ pub fn cuda_memory_info(device: &Device) -> Result<(usize, usize)> {
     let dev = device.as_cuda_device()?;
     let info = dev.cuda_stream().context().mem_get_info();
     info.map_err(|e| kernel_err(KernelError::Driver(e)))
+}
+
+/// The high-water mark of memory handed out by the device's default stream-ordered memory pool,
+/// which is where candle's CUDA tensors come from when the driver supports asynchronous
+/// allocation. Like `torch.cuda.max_memory_allocated`, it measures what a profiling forward
+/// pass really needed, including temporaries freed before it returned.
+pub struct PoolPeak {
+    pool: sys::CUmemoryPool,
+    base: u64,
+}
+
+impl PoolPeak {
+    const USED_MEM_CURRENT: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+    const USED_MEM_HIGH: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    /// Reset the pool's high-water mark to what is in use now. `None` when this device
+    /// allocates without a pool (then nothing can be measured this way).
+    pub fn start(device: &Device) -> Result<Option<Self>> {
+        let dev = device.as_cuda_device()?;
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        let driver = |e| kernel_err(KernelError::Driver(e));
+        stream.synchronize().map_err(driver)?;
+        ctx.bind_to_thread().map_err(driver)?;
+        // SAFETY: the device comes from a live context; both attributes are `cuuint64_t`, and
+        // the high-water mark may only be reset to zero (which sets it to the current use).
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver)?;
+            let mut zero: u64 = 0;
+            result::mem_pool::set_attribute(
+                pool,
+                Self::USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut c_void,
+            )
+            .map_err(driver)?;
+            let base = Self::read(pool, Self::USED_MEM_CURRENT).map_err(driver)?;
+            Ok(Some(Self { pool, base }))
+        }
+    }
+
+    /// Bytes in use at the high-water mark since [`PoolPeak::start`], above what was in use then.
+    pub fn finish(self, device: &Device) -> Result<u64> {
+        let dev = device.as_cuda_device()?;
+        let driver = |e| kernel_err(KernelError::Driver(e));
+        dev.cuda_stream().synchronize().map_err(driver)?;
+        // SAFETY: the pool was obtained in `start` from the same live context.
+        let high = unsafe { Self::read(self.pool, Self::USED_MEM_HIGH) }.map_err(driver)?;
+        Ok(high.saturating_sub(self.base))
+    }
+
+    /// # Safety
+    /// `pool` must be valid and `attr` a `cuuint64_t` attribute.
+    unsafe fn read(
+        pool: sys::CUmemoryPool,
+        attr: sys::CUmemPool_attribute,
+    ) -> std::result::Result<u64, result::DriverError> {
+        let mut value: u64 = 0;
+        result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut c_void)?;
+        Ok(value)
+    }
 }
 
 impl CudaAttention {
