@@ -46,8 +46,19 @@ fn err<E: std::fmt::Display>(e: E) -> BenchError {
     BenchError::Plot(e.to_string())
 }
 
-/// Draw `series` into an SVG file at `path`, with `subtitle` under the title.
+/// Draw `series` into an SVG file at `path`, with `subtitle` under the title. Other extensions
+/// are refused rather than written as SVG under a misleading name (a bitmap backend would pull
+/// in font rendering for little gain: browsers and converters read SVG).
 pub fn plot_sweeps(series: &[PlotSeries], path: &Path, subtitle: &str) -> Result<()> {
+    let is_svg = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    if !is_svg {
+        return Err(BenchError::Plot(format!(
+            "{}: plots are written as SVG; give a path ending in .svg",
+            path.display()
+        )));
+    }
     let all: Vec<&(usize, f64, f64, f64)> = series.iter().flat_map(|s| &s.points).collect();
     if all.is_empty() {
         return Err(BenchError::Plot("nothing to plot: no sweep levels".into()));
@@ -200,6 +211,18 @@ pub fn plot_files(inputs: &[std::path::PathBuf], labels: &[String], out: &Path) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_svg_paths_are_refused() {
+        let s = PlotSeries {
+            label: "a".into(),
+            points: vec![(1, 10.0, 5.0, 6.0)],
+        };
+        let path = std::env::temp_dir().join(format!("spindle-plot-{}.png", std::process::id()));
+        let e = plot_sweeps(&[s], &path, "").unwrap_err();
+        assert!(e.to_string().contains(".svg"), "{e}");
+        assert!(!path.exists());
+    }
 
     #[test]
     fn several_series_in_one_svg() {
