@@ -532,6 +532,9 @@ impl EngineCore {
         self.stats
             .preemptions_total
             .fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
+        // Publish before any token of this step goes out, so that a client who has seen a
+        // token also sees the blocks that produced it counted.
+        self.publish_gauges();
         if batch.entries.is_empty() {
             // Nothing fits although nothing runs: the head of the queue can never be admitted.
             if self.scheduler.running.is_empty() {
