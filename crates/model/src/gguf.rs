@@ -280,25 +280,14 @@ fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{mapped}"))
 }
 
-/// Quantization types we dequantize at load; others are rejected with the tensor's name.
+/// Quantization types we dequantize at load (the float types, every block type the quantized
+/// matmul keeps, and Q8_K); others are rejected with the tensor's name.
 fn supported(dtype: GgmlDType) -> bool {
-    matches!(
-        dtype,
-        GgmlDType::F32
-            | GgmlDType::F16
-            | GgmlDType::BF16
-            | GgmlDType::Q4_0
-            | GgmlDType::Q4_1
-            | GgmlDType::Q5_0
-            | GgmlDType::Q5_1
-            | GgmlDType::Q8_0
-            | GgmlDType::Q2K
-            | GgmlDType::Q3K
-            | GgmlDType::Q4K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K
-            | GgmlDType::Q8K
-    )
+    is_block_quantized(dtype)
+        || matches!(
+            dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8K
+        )
 }
 
 /// GGUF tensors served under HF names, dequantized to the serving dtype.
