@@ -50,47 +50,6 @@ impl CpuAttention {
     fn block_stride(&self) -> usize {
         self.shape.num_kv_heads * self.shape.block_size * self.shape.head_dim
     }
-
-    fn check_metadata(&self, md: &AttentionMetadata, tokens: usize) -> Result<()> {
-        let bad = |m: String| Err(ModelError::InvalidBatch(m));
-        if md.slot_mapping.len() != tokens {
-            return bad(format!(
-                "{} slots for {} tokens",
-                md.slot_mapping.len(),
-                tokens
-            ));
-        }
-        let capacity = self.shape.capacity_tokens();
-        if let Some(slot) = md.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
-            return bad(format!(
-                "slot {slot} is outside a cache of {capacity} slots"
-            ));
-        }
-        for (i, seq) in md.sequences.iter().enumerate() {
-            let end = seq.query_start + seq.query_len;
-            if end > tokens || seq.query_len == 0 || seq.query_len > seq.context_len {
-                return bad(format!(
-                    "sequence {i}: inconsistent query range or context length"
-                ));
-            }
-            let blocks_needed = seq.context_len.div_ceil(self.shape.block_size);
-            if seq.block_table.len() < blocks_needed {
-                return bad(format!(
-                    "sequence {i}: {} blocks cannot hold {} tokens",
-                    seq.block_table.len(),
-                    seq.context_len
-                ));
-            }
-            if let Some(b) = seq
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= self.shape.num_blocks)
-            {
-                return bad(format!("sequence {i}: block {b} is outside the cache"));
-            }
-        }
-        Ok(())
-    }
 }
 
 fn oom(elements: usize) -> ModelError {
@@ -478,7 +437,7 @@ impl AttentionBackend for CpuAttention {
                 "layer {layer} has no cache"
             )));
         }
-        self.check_metadata(md, tokens)?;
+        md.validate(&self.shape, tokens)?;
         let group = num_heads / num_kv_heads;
         let (qd, kd, vd) = (f32_data(q)?, f32_data(k)?, f32_data(v)?);
 

@@ -206,18 +206,7 @@ impl CudaAttention {
             }
         }
         self.step = None;
-        if md.slot_mapping.len() != tokens {
-            return Err(ModelError::InvalidBatch(format!(
-                "{} slots for {tokens} tokens",
-                md.slot_mapping.len()
-            )));
-        }
-        let capacity = self.shape.capacity_tokens();
-        if let Some(slot) = md.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
-            return Err(ModelError::InvalidBatch(format!(
-                "slot {slot} is outside a cache of {capacity} slots"
-            )));
-        }
+        md.validate(&self.shape, tokens)?;
         let seqs: Vec<SeqSpec<'_>> = md
             .sequences
             .iter()

@@ -10,7 +10,7 @@ pub mod cuda;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// Where one sequence's new tokens sit in the flattened batch and in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,48 @@ impl AttentionMetadata {
     /// Total new tokens in the flattened batch.
     pub fn num_tokens(&self) -> usize {
         self.slot_mapping.len()
+    }
+
+    /// Check the metadata against a cache of `shape` and a batch of `tokens` new tokens, so a
+    /// bad batch is an error before any backend indexes its cache with it.
+    pub fn validate(&self, shape: &CacheShape, tokens: usize) -> Result<()> {
+        let bad = |m: String| Err(ModelError::InvalidBatch(m));
+        if self.slot_mapping.len() != tokens {
+            return bad(format!(
+                "{} slots for {tokens} tokens",
+                self.slot_mapping.len()
+            ));
+        }
+        let capacity = shape.capacity_tokens();
+        if let Some(slot) = self.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
+            return bad(format!(
+                "slot {slot} is outside a cache of {capacity} slots"
+            ));
+        }
+        for (i, seq) in self.sequences.iter().enumerate() {
+            let end = seq.query_start + seq.query_len;
+            if end > tokens || seq.query_len == 0 || seq.query_len > seq.context_len {
+                return bad(format!(
+                    "sequence {i}: inconsistent query range or context length"
+                ));
+            }
+            let blocks_needed = seq.context_len.div_ceil(shape.block_size);
+            if seq.block_table.len() < blocks_needed {
+                return bad(format!(
+                    "sequence {i}: {} blocks cannot hold {} tokens",
+                    seq.block_table.len(),
+                    seq.context_len
+                ));
+            }
+            if let Some(b) = seq
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= shape.num_blocks)
+            {
+                return bad(format!("sequence {i}: block {b} is outside the cache"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -86,4 +128,59 @@ pub trait AttentionBackend: Send {
     fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()>;
 
     fn shape(&self) -> CacheShape;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> CacheShape {
+        CacheShape {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 8,
+        }
+    }
+
+    /// One sequence: 2 cached tokens plus 3 new ones in blocks 2 and 0.
+    fn good() -> AttentionMetadata {
+        AttentionMetadata {
+            sequences: vec![SequenceSlice {
+                query_start: 0,
+                query_len: 3,
+                context_len: 5,
+                block_table: vec![2, 0],
+            }],
+            slot_mapping: vec![10, 11, 0],
+        }
+    }
+
+    #[test]
+    fn each_inconsistency_is_an_error() {
+        assert!(good().validate(&shape(), 3).is_ok());
+        let cases: Vec<(&str, Box<dyn Fn(&mut AttentionMetadata)>)> = vec![
+            (
+                "slots for",
+                Box::new(|m| {
+                    m.slot_mapping.pop();
+                }),
+            ),
+            ("outside a cache", Box::new(|m| m.slot_mapping[0] = 16)),
+            ("inconsistent", Box::new(|m| m.sequences[0].query_start = 1)),
+            ("inconsistent", Box::new(|m| m.sequences[0].context_len = 2)),
+            ("cannot hold", Box::new(|m| m.sequences[0].context_len = 9)),
+            (
+                "outside the cache",
+                Box::new(|m| m.sequences[0].block_table[1] = 4),
+            ),
+        ];
+        for (want, break_it) in cases {
+            let mut md = good();
+            break_it(&mut md);
+            let err = md.validate(&shape(), 3).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
 }
