@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod config;
 pub mod cpu_matmul;
+pub mod cpu_ops;
 pub mod error;
 pub mod gguf;
 pub mod hf;

@@ -247,7 +247,7 @@ impl LlamaModel {
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let gate_up = linear(&h, &layer.gate_up)?;
             let inter = c.intermediate_size;
-            let act = (gate_up.narrow(1, 0, inter)?.silu()? * gate_up.narrow(1, inter, inter)?)?;
+            let act = crate::cpu_ops::silu_and_mul(&gate_up, inter)?;
             x = (x + linear(&act, &layer.down)?)?;
         }
         let rows = Tensor::new(batch.logit_rows.as_slice(), &self.device)?;
