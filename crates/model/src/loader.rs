@@ -118,12 +118,20 @@ fn select_device(choice: DeviceChoice) -> Result<Device> {
 }
 
 fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
-    match choice {
+    let dtype = match choice {
         DTypeChoice::Auto if device.is_cuda() => DType::BF16,
         DTypeChoice::Auto | DTypeChoice::Float32 => DType::F32,
         DTypeChoice::Float16 => DType::F16,
         DTypeChoice::BFloat16 => DType::BF16,
+    };
+    if device.is_cpu() && dtype != DType::F32 {
+        // vLLM users often pass --dtype bfloat16 on CPU out of habit; here that is a slow path.
+        tracing::warn!(
+            "{} on the CPU runs candle's generic kernels, about 10x slower than float32 here (the tuned CPU kernels, quantized weights included, are f32): use --dtype auto",
+            dtype_name(dtype)
+        );
     }
+    dtype
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
