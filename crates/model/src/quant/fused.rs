@@ -100,21 +100,24 @@ mod avx512 {
 
     impl Block32 for Q4_1 {
         const BYTES: usize = 20;
+        /// A block has only 16 distinct weights, `q * d + m` for `q` in 0..16: compute those
+        /// once (the same multiply-then-add as candle), then pick each weight with a lane
+        /// permute, which reads only the low 4 bits of each index — the nibble — so the bytes
+        /// need no masking.
         #[inline(always)]
         unsafe fn expand(p: *const u8) -> (__m512, __m512) {
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
             let d = _mm512_broadcastss_ps(dm);
             let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-            let mask = _mm_set1_epi8(0x0F);
-            let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                _mm_srli_epi16(qs, 4),
-                mask,
-            )));
+            let levels = _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            );
+            let table = _mm512_add_ps(_mm512_mul_ps(levels, d), m);
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(4) as *const __m128i));
             (
-                _mm512_add_ps(_mm512_mul_ps(lo, d), m),
-                _mm512_add_ps(_mm512_mul_ps(hi, d), m),
+                _mm512_permutexvar_ps(bytes, table),
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table),
             )
         }
     }
