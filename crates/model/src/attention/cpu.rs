@@ -55,7 +55,7 @@ impl CpuAttention {
 fn oom(elements: usize) -> ModelError {
     ModelError::Config(format!(
         "cannot allocate {} MiB for the KV cache",
-        elements * 4 >> 20
+        (elements * 4) >> 20
     ))
 }
 
@@ -231,8 +231,8 @@ impl HeadKernel<'_> {
                 }
                 let inv = _mm512_set1_ps(inv);
                 let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
-                for c in 0..C {
-                    let sum = _mm512_add_ps(acc[0][c], acc[1][c]);
+                for (c, (a0, a1)) in acc[0].iter().zip(&acc[1]).enumerate() {
+                    let sum = _mm512_add_ps(*a0, *a1);
                     _mm512_storeu_ps(dst.add(16 * c), _mm512_mul_ps(sum, inv));
                 }
             }

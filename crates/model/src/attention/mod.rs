@@ -160,7 +160,8 @@ mod tests {
     #[test]
     fn each_inconsistency_is_an_error() {
         assert!(good().validate(&shape(), 3).is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut AttentionMetadata)>)> = vec![
+        type Breakage = Box<dyn Fn(&mut AttentionMetadata)>;
+        let cases: Vec<(&str, Breakage)> = vec![
             (
                 "slots for",
                 Box::new(|m| {
