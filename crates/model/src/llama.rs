@@ -65,8 +65,7 @@ fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
                     q.cols()
                 )));
             }
-            let mut out = vec![0f32; m * q.rows()];
-            {
+            let out = {
                 let (storage, layout) = x.storage_and_layout();
                 let candle_core::Storage::Cpu(cpu) = &*storage else {
                     return Err(ModelError::Unsupported(
@@ -75,8 +74,8 @@ fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
                 };
                 let xs =
                     &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
-                crate::quant::matmul_xwt_quant(xs, m, k, q, &mut out);
-            }
+                crate::quant::matmul_xwt_quant_new(xs, m, k, q)
+            };
             Ok(Tensor::from_vec(out, (m, q.rows()), x.device())?)
         }
     }

@@ -221,14 +221,30 @@ mod fast {
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]` with `w` quantized: panels of weight rows are
 /// dequantized into a per-task scratch buffer, then multiplied with the f32 kernel.
 pub fn matmul_xwt_quant(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out: &mut [f32]) {
+    assert_eq!(out.len(), m * w.rows);
+    // SAFETY: `out` holds `m * rows` floats.
+    unsafe { matmul_xwt_quant_into(x, m, k, w, OutPtr(out.as_mut_ptr())) }
+}
+
+/// `x · wᵀ` as a new `[m, w.rows()]` buffer, not zeroed first (every element is written).
+pub fn matmul_xwt_quant_new(x: &[f32], m: usize, k: usize, w: &QuantMatrix) -> Vec<f32> {
+    // SAFETY: the kernel writes all m * rows outputs (its shapes are asserted first).
+    unsafe {
+        crate::cpu_matmul::filled_buffer(m * w.rows, |out| matmul_xwt_quant_into(x, m, k, w, out))
+    }
+}
+
+/// [`matmul_xwt_quant`] writing through a raw pointer (all `m * rows` outputs are written).
+///
+/// # Safety
+/// `out_ptr` must be valid for `m * w.rows()` writes and not accessed by anyone else meanwhile.
+unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_ptr: OutPtr) {
     let n = w.rows;
     assert_eq!(w.cols, k);
     assert_eq!(x.len(), m * k);
-    assert_eq!(out.len(), m * n);
     if m == 0 || n == 0 {
         return;
     }
-    let out_ptr = OutPtr(out.as_mut_ptr());
     if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
         // Split the rows into a few tasks per thread: enough to balance, few enough that
         // scheduling stays small next to a decode step's arithmetic.
@@ -308,11 +324,17 @@ mod tests {
                 let x: Vec<f32> = (0..m * cols)
                     .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
                     .collect();
-                let mut a = vec![0f32; m * rows];
-                let mut b = vec![0f32; m * rows];
+                // NaN-poisoned: an output the kernel skipped would show.
+                let mut a = vec![f32::NAN; m * rows];
+                let mut b = vec![f32::NAN; m * rows];
                 matmul_xwt_quant(&x, m, cols, &matrix, &mut a);
                 matmul_xwt(&x, m, cols, &dense, rows, &mut b);
                 assert_eq!(a, b, "{dtype:?} m={m}");
+                assert_eq!(
+                    matmul_xwt_quant_new(&x, m, cols, &matrix),
+                    b,
+                    "{dtype:?} m={m}"
+                );
             }
         }
     }
