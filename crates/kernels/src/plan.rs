@@ -233,6 +233,42 @@ fn to_i32(value: usize, what: &str) -> Result<i32> {
         .map_err(|_| KernelError::InvalidBatch(format!("{what} {value} does not fit in 32 bits")))
 }
 
+/// Check that every sequence's query rows lie inside a batch of `num_tokens` new tokens, its
+/// context covers its queries, and its block table holds the context within a cache of
+/// `num_blocks` blocks of `block_size` — the checks every attention backend needs before it
+/// indexes a cache (the CPU backend calls this too).
+pub fn validate_sequences(
+    seqs: &[SeqSpec<'_>],
+    num_tokens: usize,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<()> {
+    let bad = |m: String| Err(KernelError::InvalidBatch(m));
+    for (i, seq) in seqs.iter().enumerate() {
+        let end = seq.query_start.checked_add(seq.query_len);
+        if end.is_none_or(|e| e > num_tokens)
+            || seq.query_len == 0
+            || seq.query_len > seq.context_len
+        {
+            return bad(format!(
+                "sequence {i}: inconsistent query range or context length"
+            ));
+        }
+        let needed = seq.context_len.div_ceil(block_size.max(1));
+        if seq.block_table.len() < needed {
+            return bad(format!(
+                "sequence {i}: {} blocks cannot hold {} tokens",
+                seq.block_table.len(),
+                seq.context_len
+            ));
+        }
+        if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= num_blocks) {
+            return bad(format!("sequence {i}: block {b} is outside the cache"));
+        }
+    }
+    Ok(())
+}
+
 impl AttentionPlan {
     /// Validate the batch (as the CPU backend does) and plan the launches.
     pub fn build(
@@ -243,39 +279,15 @@ impl AttentionPlan {
     ) -> Result<Self> {
         shape.validate()?;
         to_i32(num_tokens, "token count")?;
-        let bad = |m: String| Err(KernelError::InvalidBatch(m));
-        for (i, seq) in seqs.iter().enumerate() {
-            let end = seq.query_start.checked_add(seq.query_len);
-            if end.is_none_or(|e| e > num_tokens)
-                || seq.query_len == 0
-                || seq.query_len > seq.context_len
-            {
-                return bad(format!(
-                    "sequence {i}: inconsistent query range or context length"
-                ));
-            }
+        validate_sequences(seqs, num_tokens, shape.block_size, shape.num_blocks)?;
+        for seq in seqs {
             to_i32(seq.context_len, "context length")?;
-            let needed = seq.context_len.div_ceil(shape.block_size);
-            if seq.block_table.len() < needed {
-                return bad(format!(
-                    "sequence {i}: {} blocks cannot hold {} tokens",
-                    seq.block_table.len(),
-                    seq.context_len
-                ));
-            }
-            if let Some(b) = seq
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= shape.num_blocks)
-            {
-                return bad(format!("sequence {i}: block {b} is outside the cache"));
-            }
-            if shape.num_blocks > i32::MAX as usize {
-                return bad(format!(
-                    "{} cache blocks do not fit in 32 bits",
-                    shape.num_blocks
-                ));
-            }
+        }
+        if shape.num_blocks > i32::MAX as usize {
+            return Err(KernelError::InvalidBatch(format!(
+                "{} cache blocks do not fit in 32 bits",
+                shape.num_blocks
+            )));
         }
         let (decode_seqs, prefill_seqs): (Vec<&SeqSpec<'_>>, Vec<&SeqSpec<'_>>) =
             seqs.iter().partition(|s| s.query_len == 1);

@@ -10,6 +10,9 @@ pub mod cuda;
 
 use candle_core::Tensor;
 
+use spindle_kernels::plan::{validate_sequences, SeqSpec};
+use spindle_kernels::KernelError;
+
 use crate::error::{ModelError, Result};
 
 /// Where one sequence's new tokens sit in the flattened batch and in the cache.
@@ -55,29 +58,22 @@ impl AttentionMetadata {
                 "slot {slot} is outside a cache of {capacity} slots"
             ));
         }
-        for (i, seq) in self.sequences.iter().enumerate() {
-            let end = seq.query_start + seq.query_len;
-            if end > tokens || seq.query_len == 0 || seq.query_len > seq.context_len {
-                return bad(format!(
-                    "sequence {i}: inconsistent query range or context length"
-                ));
-            }
-            let blocks_needed = seq.context_len.div_ceil(shape.block_size);
-            if seq.block_table.len() < blocks_needed {
-                return bad(format!(
-                    "sequence {i}: {} blocks cannot hold {} tokens",
-                    seq.block_table.len(),
-                    seq.context_len
-                ));
-            }
-            if let Some(b) = seq
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= shape.num_blocks)
-            {
-                return bad(format!("sequence {i}: block {b} is outside the cache"));
-            }
-        }
+        let seqs: Vec<SeqSpec<'_>> = self
+            .sequences
+            .iter()
+            .map(|s| SeqSpec {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect();
+        validate_sequences(&seqs, tokens, shape.block_size, shape.num_blocks).map_err(|e| {
+            ModelError::InvalidBatch(match e {
+                KernelError::InvalidBatch(m) => m,
+                other => other.to_string(),
+            })
+        })?;
         Ok(())
     }
 }
