@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::cudarc::driver::{result, sys};
 use candle_core::{CudaDevice, DType, Device, Tensor};
 use spindle_kernels::attention::{self as kernels, CacheGeometry, DevicePlan};
-use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions, SeqSpec};
+use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions};
 use spindle_kernels::KernelError;
 
 use super::{AttentionBackend, AttentionMetadata, CacheShape};
@@ -207,16 +207,7 @@ impl CudaAttention {
         }
         self.step = None;
         md.validate(&self.shape, tokens)?;
-        let seqs: Vec<SeqSpec<'_>> = md
-            .sequences
-            .iter()
-            .map(|s| SeqSpec {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: &s.block_table,
-            })
-            .collect();
+        let seqs = md.seq_specs();
         let shape = AttentionShape {
             num_heads,
             num_kv_heads: self.shape.num_kv_heads,

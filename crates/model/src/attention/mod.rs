@@ -42,6 +42,19 @@ impl AttentionMetadata {
         self.slot_mapping.len()
     }
 
+    /// The sequences as the kernels crate describes them (for its checks and launch plans).
+    pub fn seq_specs(&self) -> Vec<SeqSpec<'_>> {
+        self.sequences
+            .iter()
+            .map(|s| SeqSpec {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect()
+    }
+
     /// Check the metadata against a cache of `shape` and a batch of `tokens` new tokens, so a
     /// bad batch is an error before any backend indexes its cache with it.
     pub fn validate(&self, shape: &CacheShape, tokens: usize) -> Result<()> {
@@ -58,17 +71,13 @@ impl AttentionMetadata {
                 "slot {slot} is outside a cache of {capacity} slots"
             ));
         }
-        let seqs: Vec<SeqSpec<'_>> = self
-            .sequences
-            .iter()
-            .map(|s| SeqSpec {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: &s.block_table,
-            })
-            .collect();
-        validate_sequences(&seqs, tokens, shape.block_size, shape.num_blocks).map_err(|e| {
+        validate_sequences(
+            &self.seq_specs(),
+            tokens,
+            shape.block_size,
+            shape.num_blocks,
+        )
+        .map_err(|e| {
             ModelError::InvalidBatch(match e {
                 KernelError::InvalidBatch(m) => m,
                 other => other.to_string(),
