@@ -353,25 +353,13 @@ impl<'a> GgufWeights<'a> {
     }
 
     fn read(&mut self, hf: &str) -> Result<Tensor> {
+        let (name, dtype, _) = self.info(hf)?;
         let path = self.file.path.clone();
-        let name = gguf_name(hf).ok_or_else(|| ModelError::MissingTensor {
-            path: path.clone(),
-            tensor: hf.to_string(),
-        })?;
-        let info =
-            self.file
-                .content
-                .tensor_infos
-                .get(&name)
-                .ok_or_else(|| ModelError::MissingTensor {
-                    path: path.clone(),
-                    tensor: name.clone(),
-                })?;
-        if !supported(info.ggml_dtype) {
+        if !supported(dtype) {
             return Err(ModelError::UnsupportedQuant {
                 path,
                 tensor: name,
-                dtype: format!("{:?}", info.ggml_dtype),
+                dtype: format!("{dtype:?}"),
             });
         }
         let q = self
