@@ -6,7 +6,8 @@
 //! test holds for both.
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
@@ -124,11 +125,17 @@ impl QuantMatrix {
         let bytes = &self.data[r0 * self.row_bytes..(r0 + count) * self.row_bytes];
         let out = &mut out[..count * self.cols];
         match self.dtype {
+            // The in-register expansion of the fused kernels where the CPU has it; it computes
+            // exactly what candle's `to_float` below computes.
+            dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0) if fused::supported(dtype) => {
+                // SAFETY: support was checked; `bytes` and `out` cover `count` whole rows.
+                unsafe { fused::dequantize(dtype, bytes, out) }
+            }
             GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(bytes, out),
-            GgmlDType::Q4_1 => fast::q4_1(bytes, out),
+            GgmlDType::Q4_1 => dequant_as::<BlockQ4_1>(bytes, out),
             GgmlDType::Q5_0 => dequant_as::<BlockQ5_0>(bytes, out),
             GgmlDType::Q5_1 => dequant_as::<BlockQ5_1>(bytes, out),
-            GgmlDType::Q8_0 => fast::q8_0(bytes, out),
+            GgmlDType::Q8_0 => dequant_as::<BlockQ8_0>(bytes, out),
             GgmlDType::Q2K => dequant_as::<BlockQ2K>(bytes, out),
             GgmlDType::Q3K => dequant_as::<BlockQ3K>(bytes, out),
             GgmlDType::Q4K => dequant_as::<BlockQ4K>(bytes, out),
@@ -170,51 +177,6 @@ impl QuantMatrix {
         let mut out = vec![0f32; self.rows * self.cols];
         self.dequantize_rows(0, self.rows, &mut out);
         out
-    }
-}
-
-/// Portable dequantization of the two types the default model uses, computing exactly what
-/// candle's scalar `to_float` computes (`q * d + m` as a multiply then an add, no FMA), so the
-/// values are bit-identical; CPUs with AVX-512 use the same expansion as the fused kernels.
-mod fast {
-    use half::f16;
-
-    use super::fused;
-    use candle_core::quantized::GgmlDType;
-
-    const Q4_1_BYTES: usize = 20;
-    const Q8_0_BYTES: usize = 34;
-
-    fn f16_at(b: &[u8], i: usize) -> f32 {
-        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-    }
-
-    pub(super) fn q4_1(bytes: &[u8], out: &mut [f32]) {
-        if fused::supported(GgmlDType::Q4_1) {
-            // SAFETY: support was checked; slices are sized by the callers.
-            return unsafe { fused::dequantize(GgmlDType::Q4_1, bytes, out) };
-        }
-        for (block, ys) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(32)) {
-            let (d, m) = (f16_at(block, 0), f16_at(block, 2));
-            for j in 0..16 {
-                let q = block[4 + j];
-                ys[j] = ((q & 0x0F) as f32) * d + m;
-                ys[j + 16] = ((q >> 4) as f32) * d + m;
-            }
-        }
-    }
-
-    pub(super) fn q8_0(bytes: &[u8], out: &mut [f32]) {
-        if fused::supported(GgmlDType::Q8_0) {
-            // SAFETY: support was checked; slices are sized by the callers.
-            return unsafe { fused::dequantize(GgmlDType::Q8_0, bytes, out) };
-        }
-        for (block, ys) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
-            let d = f16_at(block, 0);
-            for j in 0..32 {
-                ys[j] = (block[2 + j] as i8 as f32) * d;
-            }
-        }
     }
 }
 
