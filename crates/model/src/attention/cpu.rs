@@ -465,7 +465,6 @@ impl AttentionBackend for CpuAttention {
 
         // 2. Attention per (sequence, kv head); each task yields [query_len, group, head_dim].
         let (kc, vc) = &self.layers[layer];
-        let this = &*self;
         let tasks: Vec<(usize, usize)> = (0..md.sequences.len())
             .flat_map(|s| (0..num_kv_heads).map(move |g| (s, g)))
             .collect();
@@ -473,12 +472,12 @@ impl AttentionBackend for CpuAttention {
             kc,
             vc,
             qd: &qd,
-            block_stride: this.block_stride(),
+            block_stride: self.block_stride(),
             block_size,
             head_dim,
             num_heads,
             group,
-            scale: this.scale,
+            scale: self.scale,
         };
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
