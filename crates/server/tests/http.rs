@@ -4,49 +4,34 @@
 //! engine death and graceful shutdown.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::HeaderMap;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use spindle_engine::{Engine, EngineConfig, EngineHandle};
-use spindle_model::LoadOptions;
-use spindle_server::{Metrics, Server, ServerConfig};
+use spindle_server::{Metrics, ServerConfig};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const MODEL_NAME: &str = "smollm2";
+mod reliability;
 
-fn model_path() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path.display().to_string()
-}
+use reliability::{
+    assert_openai_error, call, engine_config, get, metric, model_path, open, post, Reply,
+    TestServer, MODEL_NAME,
+};
 
-fn engine_config(metrics: &Arc<Metrics>) -> EngineConfig {
-    EngineConfig {
-        model: LoadOptions {
-            model: model_path(),
-            max_model_len: Some(2048),
-            ..LoadOptions::default()
-        },
-        max_num_seqs: 32,
-        kv_cache_memory_bytes: Some(256 << 20),
-        observer: Some(metrics.clone()),
-        ..EngineConfig::default()
-    }
+/// This suite's engine: a longer context, fewer sequences and a bigger cache than the
+/// reliability suites' default.
+fn http_engine_config(metrics: &Arc<Metrics>) -> EngineConfig {
+    let mut cfg = engine_config(metrics);
+    cfg.model.max_model_len = Some(2048);
+    cfg.max_num_seqs = 32;
+    cfg.kv_cache_memory_bytes = Some(256 << 20);
+    cfg
 }
 
 /// One engine (and its metrics) shared by the tests that do not need their own.
@@ -55,152 +40,41 @@ fn shared_engine() -> (EngineHandle, Arc<Metrics>) {
     SHARED
         .get_or_init(|| {
             let metrics = Arc::new(Metrics::new(MODEL_NAME, 2048).unwrap());
-            let engine = Engine::spawn(engine_config(&metrics)).expect("engine starts");
+            let engine = Engine::spawn(http_engine_config(&metrics)).expect("engine starts");
             (engine, metrics)
         })
         .clone()
 }
 
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), spindle_server::ServerError>>,
-}
-
 impl TestServer {
-    async fn start(
+    /// A server that also answers to the model name "alias".
+    async fn start_with_alias(
         engine: EngineHandle,
         metrics: Arc<Metrics>,
         tweak: impl FnOnce(&mut ServerConfig),
     ) -> Self {
-        let mut cfg = ServerConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            served_model_names: vec![MODEL_NAME.into(), "alias".into()],
-            model_root: model_path(),
-            ..ServerConfig::default()
-        };
-        tweak(&mut cfg);
-        let server = Server::bind(cfg, engine, metrics).await.expect("bind");
-        let addr = server.local_addr();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async move {
-            let _ = rx.await;
-        }));
-        TestServer {
-            addr,
-            stop: Some(tx),
-            task,
-        }
+        Self::start(engine, metrics, |c| {
+            c.served_model_names.push("alias".into());
+            tweak(c)
+        })
+        .await
     }
 
     async fn shared(tweak: impl FnOnce(&mut ServerConfig)) -> Self {
         let (engine, metrics) = shared_engine();
-        Self::start(engine, metrics, tweak).await
-    }
-
-    async fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(60), &mut self.task)
-            .await
-            .expect("server stops")
-            .expect("server task")
-            .expect("serve ok");
+        Self::start_with_alias(engine, metrics, tweak).await
     }
 }
 
-/// A reply read to the end.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
+/// The OpenAI error object of a reply, checked for shape.
+trait ErrorBody {
+    fn error(&self) -> Value;
 }
 
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The OpenAI error object, checked for shape.
+impl ErrorBody for Reply {
     fn error(&self) -> Value {
-        let v = self.json();
-        let e = v["error"].clone();
-        assert!(
-            e["message"].is_string() && e["type"].is_string(),
-            "bad error body: {v}"
-        );
-        assert_eq!(e["code"], self.status.as_u16(), "{v}");
-        e
+        assert_openai_error(self.status, &self.body)
     }
-}
-
-/// Open one HTTP/1.1 connection, send one request, return the response head and live body.
-async fn open(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Vec<u8>>,
-) -> (Response<Incoming>, JoinHandle<()>) {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    let conn_task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    let resp = sender.send_request(req).await.expect("send");
-    (resp, conn_task)
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Vec<u8>>,
-) -> Reply {
-    let (resp, conn) = open(addr, method, path, headers, body).await;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    conn.abort();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Reply {
-    call(addr, "GET", path, &[], None).await
-}
-
-async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
-    call(
-        addr,
-        "POST",
-        path,
-        &[("content-type", "application/json")],
-        Some(body.to_string().into_bytes()),
-    )
-    .await
 }
 
 /// Split an SSE body into its `data:` payloads (`[DONE]` included as a string).
@@ -226,14 +100,6 @@ fn chunks(body: &str) -> Vec<Value> {
         .iter()
         .map(|e| serde_json::from_str(e).unwrap())
         .collect()
-}
-
-fn metric(text: &str, name_and_labels_prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name_and_labels_prefix} not in metrics"))
 }
 
 fn user(content: &str) -> Value {
@@ -527,7 +393,7 @@ async fn every_error_status() {
         "POST",
         "/v1/chat/completions",
         &json_ct,
-        Some(b"{not json".to_vec()),
+        b"{not json".to_vec(),
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -614,7 +480,7 @@ async fn every_error_status() {
     assert!(r.headers["allow"].to_str().unwrap().contains("POST"));
     r.error();
     assert_eq!(
-        call(a, "POST", "/health", &[], None).await.status,
+        call(a, "POST", "/health", &[], Vec::new()).await.status,
         StatusCode::METHOD_NOT_ALLOWED
     );
 
@@ -630,7 +496,7 @@ async fn every_error_status() {
         "POST",
         "/v1/completions",
         &[("content-type", "text/plain")],
-        Some(b"{}".to_vec()),
+        b"{}".to_vec(),
     )
     .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
@@ -691,16 +557,22 @@ async fn api_key_guards_v1_only() {
             "GET",
             "/v1/models",
             &[("authorization", "Bearer nope")],
-            None
+            Vec::new()
         )
         .await
         .status,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        call(a, "GET", "/v1/models", &[("authorization", "sekrit")], None)
-            .await
-            .status,
+        call(
+            a,
+            "GET",
+            "/v1/models",
+            &[("authorization", "sekrit")],
+            Vec::new()
+        )
+        .await
+        .status,
         StatusCode::UNAUTHORIZED
     );
     let ok = call(
@@ -708,7 +580,7 @@ async fn api_key_guards_v1_only() {
         "GET",
         "/v1/models",
         &[("authorization", "Bearer sekrit")],
-        None,
+        Vec::new(),
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
@@ -720,11 +592,9 @@ async fn api_key_guards_v1_only() {
             ("authorization", "Bearer sekrit"),
             ("content-type", "application/json"),
         ],
-        Some(
-            json!({"prompt": "Hi", "max_tokens": 1})
-                .to_string()
-                .into_bytes(),
-        ),
+        json!({"prompt": "Hi", "max_tokens": 1})
+            .to_string()
+            .into_bytes(),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -740,7 +610,7 @@ async fn api_key_guards_v1_only() {
             ("origin", "http://app.example"),
             ("access-control-request-method", "POST"),
         ],
-        None,
+        Vec::new(),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -768,7 +638,7 @@ async fn cors_preflight_and_simple_requests() {
                 "authorization, content-type",
             ),
         ],
-        None,
+        Vec::new(),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -792,7 +662,7 @@ async fn cors_preflight_and_simple_requests() {
             ("origin", "http://evil.example"),
             ("access-control-request-method", "GET"),
         ],
-        None,
+        Vec::new(),
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -801,7 +671,7 @@ async fn cors_preflight_and_simple_requests() {
         "GET",
         "/v1/models",
         &[("origin", "http://app.example")],
-        None,
+        Vec::new(),
     )
     .await;
     assert_eq!(
@@ -813,7 +683,7 @@ async fn cors_preflight_and_simple_requests() {
         "GET",
         "/v1/models",
         &[("origin", "http://evil.example")],
-        None,
+        Vec::new(),
     )
     .await;
     assert!(r.headers.get("access-control-allow-origin").is_none());
@@ -821,7 +691,14 @@ async fn cors_preflight_and_simple_requests() {
 
     // Default: any origin.
     let s = TestServer::shared(|_| {}).await;
-    let r = call(s.addr, "GET", "/health", &[("origin", "http://x")], None).await;
+    let r = call(
+        s.addr,
+        "GET",
+        "/health",
+        &[("origin", "http://x")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(r.headers["access-control-allow-origin"], "*");
     s.shutdown().await;
 }
@@ -1029,8 +906,8 @@ async fn scrape(addr: SocketAddr) -> (f64, f64) {
 async fn disconnects_abort_and_free_kv() {
     // Its own engine: the running count and KV usage must not see other tests' requests.
     let metrics = Arc::new(Metrics::new(MODEL_NAME, 2048).unwrap());
-    let engine = Engine::spawn(engine_config(&metrics)).expect("engine starts");
-    let s = TestServer::start(engine.clone(), metrics, |_| {}).await;
+    let engine = Engine::spawn(http_engine_config(&metrics)).expect("engine starts");
+    let s = TestServer::start_with_alias(engine.clone(), metrics, |_| {}).await;
     let (running, idle_kv) = scrape(s.addr).await;
     assert_eq!(running, 0.0);
 
@@ -1053,9 +930,10 @@ async fn disconnects_abort_and_free_kv() {
             "POST",
             path,
             &[("content-type", "application/json")],
-            Some(body.to_string().into_bytes()),
+            body.to_string().into_bytes(),
         )
-        .await;
+        .await
+        .expect("send");
         assert_eq!(resp.status(), StatusCode::OK);
         open_streams.push((resp, conn));
     }
@@ -1133,10 +1011,10 @@ async fn overload_is_429_and_engine_death_is_503() {
     let cfg = EngineConfig {
         max_num_seqs: 1,
         max_waiting_requests: 1,
-        ..engine_config(&metrics)
+        ..http_engine_config(&metrics)
     };
     let engine = Engine::spawn(cfg).expect("engine starts");
-    let s = TestServer::start(engine.clone(), metrics, |_| {}).await;
+    let s = TestServer::start_with_alias(engine.clone(), metrics, |_| {}).await;
     let long = json!({"prompt": "Go on", "max_tokens": 1500, "ignore_eos": true, "stream": true});
     // One runs, one waits, the next is refused.
     let mut held = Vec::new();
@@ -1147,9 +1025,10 @@ async fn overload_is_429_and_engine_death_is_503() {
             "POST",
             "/v1/completions",
             &[("content-type", "application/json")],
-            Some(long.to_string().into_bytes()),
+            long.to_string().into_bytes(),
         )
-        .await;
+        .await
+        .expect("send");
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             refused = Some(resp);
             break;
@@ -1197,9 +1076,10 @@ async fn graceful_shutdown_lets_streams_finish() {
         "POST",
         "/v1/completions",
         &[("content-type", "application/json")],
-        Some(body.to_string().into_bytes()),
+        body.to_string().into_bytes(),
     )
-    .await;
+    .await
+    .expect("send");
     wait_first_token(&mut resp).await;
     let stopping = tokio::spawn(s.shutdown());
     let rest = resp.into_body().collect().await.unwrap().to_bytes();
