@@ -39,26 +39,6 @@ fn marked() -> Vec<u8> {
         .into_bytes()
 }
 
-/// Read SSE frames until a content chunk arrives (the request is running in the engine).
-async fn wait_first_token(resp: &mut Response<Incoming>) -> String {
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let frame = tokio::time::timeout(Duration::from_secs(60), resp.body_mut().frame())
-            .await
-            .expect("frame in time")
-            .expect("stream not ended")
-            .expect("frame ok");
-        if let Ok(data) = frame.into_data() {
-            seen.push_str(&String::from_utf8_lossy(&data));
-            if seen.contains("\"content\":\"") && seen.matches("data: ").count() >= 2 {
-                return seen;
-            }
-        }
-    }
-    panic!("no token within the deadline");
-}
-
 /// The rest of a stream must be: maybe more chunks, then one error event (500), then `[DONE]`.
 fn assert_stream_ends_with_error(head: &str, rest: &str) {
     let body = format!("{head}{rest}");

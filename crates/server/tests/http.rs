@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use spindle_engine::{Engine, EngineConfig, EngineHandle};
@@ -20,8 +19,8 @@ use tokio::net::TcpStream;
 mod reliability;
 
 use reliability::{
-    assert_openai_error, call, engine_config, get, metric, model_path, open, post, Reply,
-    TestServer, MODEL_NAME,
+    assert_openai_error, call, engine_config, get, metric, model_path, open, post,
+    wait_first_token, Reply, TestServer, MODEL_NAME,
 };
 
 /// This suite's engine: a longer context, fewer sequences and a bigger cache than the
@@ -860,37 +859,6 @@ async fn http2_prior_knowledge() {
     assert_eq!(v["usage"]["completion_tokens"], 2);
     conn.abort();
     s.shutdown().await;
-}
-
-/// Read SSE bytes until the first content delta arrives.
-async fn wait_first_token(resp: &mut Response<Incoming>) {
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let frame = tokio::time::timeout(Duration::from_secs(60), resp.body_mut().frame())
-            .await
-            .expect("frame in time")
-            .expect("stream not ended")
-            .expect("frame ok");
-        if let Ok(data) = frame.into_data() {
-            seen.push_str(&String::from_utf8_lossy(&data));
-            let has_token = seen
-                .split("\n\n")
-                .filter_map(|e| e.strip_prefix("data: "))
-                .any(|e| {
-                    let v: Value = serde_json::from_str(e).unwrap_or(Value::Null);
-                    let c = &v["choices"][0];
-                    c["text"].as_str().is_some_and(|t| !t.is_empty())
-                        || c["delta"]["content"]
-                            .as_str()
-                            .is_some_and(|t| !t.is_empty())
-                });
-            if has_token {
-                return;
-            }
-        }
-    }
-    panic!("no token within the deadline");
 }
 
 async fn scrape(addr: SocketAddr) -> (f64, f64) {

@@ -370,6 +370,38 @@ pub fn check_chat_stream(body: &str) -> Result<String, String> {
     Ok(text)
 }
 
+/// Read SSE frames until one carries generated text (completions `text` or chat
+/// `delta.content`): the request is running in the engine. Returns what was read.
+pub async fn wait_first_token(resp: &mut Response<Incoming>) -> String {
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let frame = tokio::time::timeout(Duration::from_secs(60), resp.body_mut().frame())
+            .await
+            .expect("frame in time")
+            .expect("stream not ended")
+            .expect("frame ok");
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+            let has_token = seen
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .any(|e| {
+                    let v: Value = serde_json::from_str(e).unwrap_or(Value::Null);
+                    let c = &v["choices"][0];
+                    c["text"].as_str().is_some_and(|t| !t.is_empty())
+                        || c["delta"]["content"]
+                            .as_str()
+                            .is_some_and(|t| !t.is_empty())
+                });
+            if has_token {
+                return seen;
+            }
+        }
+    }
+    panic!("no token within the deadline");
+}
+
 /// A metric's value from Prometheus text, by the start of its line (name and labels).
 pub fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
