@@ -126,4 +126,26 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 constexpr float LOG2E = 1.4426950408889634f;
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
+// One step of the online softmax for a 64-wide row of base-2 scores, by one warp: replaces the
+// scores by their weights against the running maximum `m`, folds their sum into `l`, and leaves
+// in `alpha` the factor earlier partial outputs must be rescaled by. `m`, `l`, `alpha` live in
+// shared memory; lane 0 updates them. Shared by the paged decode and prefill kernels.
+__device__ __forceinline__ void online_softmax_row(float *row, float &m, float &l, float &alpha,
+                                                   int lane) {
+  const float s0 = row[lane], s1 = row[lane + 32];
+  const float m_old = m;
+  const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+  const float m_use = m_new == neg_inf() ? 0.f : m_new;
+  const float p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
+  row[lane] = p0;
+  row[lane + 32] = p1;
+  const float psum = warp_sum(p0 + p1);
+  if (lane == 0) {
+    const float a = exp2f(m_old - m_use);
+    l = l * a + psum;
+    m = m_new;
+    alpha = a;
+  }
+}
+
 } // namespace spindle

@@ -199,23 +199,8 @@ __device__ __forceinline__ void paged_decode_impl(
     cp_async_commit();
 
     // Online softmax, one warp per head row.
-    for (int g = warp; g < gc; g += DECODE_THREADS / 32) {
-      float *row = Ss + g * DECODE_TILE;
-      const float s0 = row[lane], s1 = row[lane + 32];
-      const float m_old = m_s[g];
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-      const float m_use = m_new == neg_inf() ? 0.f : m_new;
-      const float p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
-      row[lane] = p0;
-      row[lane + 32] = p1;
-      const float psum = warp_sum(p0 + p1);
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - m_use);
-        l_s[g] = l_s[g] * alpha + psum;
-        m_s[g] = m_new;
-        a_s[g] = alpha;
-      }
-    }
+    for (int g = warp; g < gc; g += DECODE_THREADS / 32)
+      online_softmax_row(Ss + g * DECODE_TILE, m_s[g], l_s[g], a_s[g], lane);
     cp_async_wait<1>(); // V(t) has landed; K(t+1) may still be in flight
     __syncthreads();
 

@@ -206,23 +206,8 @@ __device__ __forceinline__ void prefill_impl(
     cp_async_commit();
 
     // Online softmax: warp w takes rows w, w + 8, ...
-    for (int r = warp; r < rows; r += PF_THREADS / 32) {
-      float *row = Ss + r * SROW;
-      const float s0 = row[lane], s1 = row[lane + 32];
-      const float m_old = m_s[r];
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-      const float m_use = m_new == neg_inf() ? 0.f : m_new;
-      const float p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
-      row[lane] = p0;
-      row[lane + 32] = p1;
-      const float psum = warp_sum(p0 + p1);
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - m_use);
-        l_s[r] = l_s[r] * alpha + psum;
-        m_s[r] = m_new;
-        a_s[r] = alpha;
-      }
-    }
+    for (int r = warp; r < rows; r += PF_THREADS / 32)
+      online_softmax_row(Ss + r * SROW, m_s[r], l_s[r], a_s[r], lane);
     cp_async_wait<1>();
     __syncthreads();
 
