@@ -148,4 +148,27 @@ __device__ __forceinline__ void online_softmax_row(float *row, float &m, float &
   }
 }
 
+// Copy key (or value) rows `tile_start .. tile_start + TILE` of one KV head from the paged cache
+// into shared memory with 16-byte cp.async: `THREADS` threads, `CH` chunks of `V` elements per
+// head row of `D` elements, rows `ROW` elements apart in `dst`. `base` is the head's start in
+// block 0, `table` the sequence's block table; rows at or past `end` are zero-filled and their
+// global memory is not read. Shared by the paged decode and prefill kernels.
+template <int TILE, int THREADS, int D, int V, int CH, int ROW, typename T>
+__device__ __forceinline__ void load_kv_tile(T *dst, const T *base, int tile_start, int end,
+                                             const int *table, int block_size,
+                                             long long block_stride, int tid) {
+  for (int i = tid; i < TILE * CH; i += THREADS) {
+    const int r = i / CH;
+    const int c = i - r * CH;
+    const int pos = tile_start + r;
+    const bool valid = pos < end;
+    const T *src = base;
+    if (valid) {
+      const long long blk = table[pos / block_size];
+      src = base + blk * block_stride + (long long)(pos % block_size) * D + c * V;
+    }
+    cp_async16(dst + r * ROW + c * V, src, valid);
+  }
+}
+
 } // namespace spindle

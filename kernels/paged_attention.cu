@@ -96,18 +96,8 @@ __device__ __forceinline__ void paged_decode_impl(
 
   // DECODE_TILE rows x CH chunks of 16 bytes; rows at or past `end` are zero-filled, unread.
   auto load_tile = [&](T *dst, const T *base, int tile_start) {
-    for (int i = tid; i < DECODE_TILE * CH; i += DECODE_THREADS) {
-      const int r = i / CH;
-      const int c = i - r * CH;
-      const int pos = tile_start + r;
-      const bool valid = pos < end;
-      const T *src = base;
-      if (valid) {
-        const long long blk = table[pos / block_size];
-        src = base + blk * block_stride + (long long)(pos % block_size) * D + c * V;
-      }
-      cp_async16(dst + r * ROW + c * V, src, valid);
-    }
+    load_kv_tile<DECODE_TILE, DECODE_THREADS, D, V, CH, ROW>(dst, base, tile_start, end, table,
+                                                            block_size, block_stride, tid);
   };
 
   load_tile(Ks, kbase, start);

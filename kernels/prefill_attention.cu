@@ -93,19 +93,10 @@ __device__ __forceinline__ void prefill_impl(
   const T *kbase = k_cache + kvh * head_stride;
   const T *vbase = v_cache + kvh * head_stride;
 
+  // PF_TILE rows x CH chunks of 16 bytes; keys at or past `nkeys` are zero-filled, unread.
   auto load_tile = [&](T *dst, const T *base, int tile_start) {
-    for (int i = tid; i < PF_TILE * CH; i += PF_THREADS) {
-      const int r = i / CH;
-      const int c = i - r * CH;
-      const int pos = tile_start + r;
-      const bool valid = pos < nkeys;
-      const T *src = base;
-      if (valid) {
-        const long long blk = table[pos / block_size];
-        src = base + blk * block_stride + (long long)(pos % block_size) * D + c * V;
-      }
-      cp_async16(dst + r * ROW + c * V, src, valid);
-    }
+    load_kv_tile<PF_TILE, PF_THREADS, D, V, CH, ROW>(dst, base, tile_start, nkeys, table,
+                                                    block_size, block_stride, tid);
   };
 
   load_tile(Ks, kbase, 0);
