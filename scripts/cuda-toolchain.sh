@@ -121,8 +121,10 @@ make_driver_stub() { # $1 = output path, $2 = soname, $3 = error code every entr
             | awk '{print $2; print $3}'
         # Whatever cudarc declares, when its source is in the cargo registry.
         local sys
+        # (On a fresh machine the glob matches nothing: that must not fail the pipeline.)
         for sys in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs; do
-            [ -f "$sys" ] && grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$sys" | sed -E 's/^\s+fn //; s/\($//'
+            [ -f "$sys" ] || continue
+            grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$sys" | sed -E 's/^\s+fn //; s/\($//' || true
         done
     } | sort -u | grep -E '^cu[A-Za-z0-9_]+$' >"$tmp/names"
     if [ "$(wc -l <"$tmp/names")" -lt 300 ]; then
