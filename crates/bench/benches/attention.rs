@@ -68,15 +68,18 @@ fn decode(c: &mut Criterion) {
         let mut attn = backend(batch, context);
         // Fill the whole context once so the cache is not all zeros.
         let (fq, fk, fv) = qkv(batch * context);
-        attn.attend(0, &fq, &fk, &fv, &metadata(batch, context, context))
-            .expect("fill");
-        let md = metadata(batch, context, 1);
+        attn.begin_step(&metadata(batch, context, context), HEADS)
+            .expect("fill step");
+        attn.attend(0, &fq, &fk, &fv).expect("fill");
+        // One step, timed per layer (the step's validation runs once, in begin_step).
+        attn.begin_step(&metadata(batch, context, 1), HEADS)
+            .expect("decode step");
         let (q, k, v) = qkv(batch);
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_with_input(
             BenchmarkId::new(format!("batch{batch}"), format!("ctx{context}")),
             &(),
-            |b, _| b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend")),
+            |b, _| b.iter(|| attn.attend(0, &q, &k, &v).expect("attend")),
         );
     }
     g.finish();
@@ -87,13 +90,14 @@ fn prefill(c: &mut Criterion) {
     g.sample_size(10);
     for &len in &[128usize, 512, 1024] {
         let mut attn = backend(1, len);
-        let md = metadata(1, len, len);
+        attn.begin_step(&metadata(1, len, len), HEADS)
+            .expect("prefill step");
         let (q, k, v) = qkv(len);
         g.throughput(Throughput::Elements(len as u64));
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("len{len}")),
             &(),
-            |b, _| b.iter(|| attn.attend(0, &q, &k, &v, &md).expect("attend")),
+            |b, _| b.iter(|| attn.attend(0, &q, &k, &v).expect("attend")),
         );
     }
     g.finish();

@@ -53,32 +53,7 @@ use crate::weights::LinearWeight;
 
 /// `x @ wᵀ` for a 2-D `x`.
 fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
-    match w {
-        LinearWeight::Dense(t) => crate::cpu_matmul::linear(x, t),
-        LinearWeight::Quantized(q) => {
-            let x = x.to_dtype(DType::F32)?.contiguous()?;
-            let (m, k) = x.dims2()?;
-            if k != q.cols() {
-                return Err(ModelError::InvalidBatch(format!(
-                    "matmul [{m}, {k}] with [{}, {}]^T",
-                    q.rows(),
-                    q.cols()
-                )));
-            }
-            let out = {
-                let (storage, layout) = x.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return Err(ModelError::Unsupported(
-                        "quantized weights need CPU activations".into(),
-                    ));
-                };
-                let xs =
-                    &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
-                crate::quant::matmul_xwt_quant_new(xs, m, k, q)
-            };
-            Ok(Tensor::from_vec(out, (m, q.rows()), x.device())?)
-        }
-    }
+    w.forward(x)
 }
 
 impl LlamaModel {
@@ -216,6 +191,7 @@ impl LlamaModel {
         let eps = c.rms_norm_eps as f32;
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
 
+        attention.begin_step(&batch.attention, c.num_heads)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
@@ -239,7 +215,7 @@ impl LlamaModel {
                 k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
             }
             let (q, k) = self.rope.apply(&q, &k, &positions)?;
-            let attn = attention.attend(i, &q, &k, &v.contiguous()?, &batch.attention)?;
+            let attn = attention.attend(i, &q, &k, &v.contiguous()?)?;
             let attn = attn.reshape((tokens, q_dim))?;
             x = (x + linear(&attn, &layer.o_proj)?)?;
 

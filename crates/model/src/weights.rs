@@ -18,6 +18,42 @@ pub enum LinearWeight {
 }
 
 impl LinearWeight {
+    /// `x @ wᵀ` for a 2-D `x` (`[m, in]` -> `[m, out]`). Dense weights take the CPU matmul
+    /// kernels (or candle's on other devices); quantized ones are consumed block by block by
+    /// the quantized kernels, which need f32 activations on the CPU.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let q = match self {
+            LinearWeight::Dense(t) => return crate::cpu_matmul::linear(x, t),
+            LinearWeight::Quantized(q) => q,
+        };
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (m, k) = x.dims2()?;
+        if k != q.cols() {
+            return Err(ModelError::InvalidBatch(format!(
+                "matmul [{m}, {k}] with [{}, {}]^T",
+                q.rows(),
+                q.cols()
+            )));
+        }
+        let out = {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                return Err(ModelError::Unsupported(
+                    "quantized weights need CPU activations".into(),
+                ));
+            };
+            let start = layout.start_offset();
+            let xs = cpu
+                .as_slice::<f32>()?
+                .get(start..start + m * k)
+                .ok_or_else(|| {
+                    ModelError::InvalidBatch(format!("activations shorter than [{m}, {k}]"))
+                })?;
+            crate::quant::matmul_xwt_quant_new(xs, m, k, q)
+        };
+        Ok(Tensor::from_vec(out, (m, q.rows()), x.device())?)
+    }
+
     /// Output features (rows).
     pub fn rows(&self) -> usize {
         match self {

@@ -159,6 +159,8 @@ fn cuda_attention_matches_cpu_across_steps() {
                     }
                     let md = step_metadata(&seqs, step, block_size);
                     let tokens = md.num_tokens();
+                    cpu.begin_step(&md, num_heads).expect("cpu step");
+                    gpu_backend.begin_step(&md, num_heads).expect("cuda step");
                     for layer in 0..shape.num_layers {
                         let mut data = |n: usize| -> Vec<f32> {
                             (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
@@ -177,7 +179,6 @@ fn cuda_attention_matches_cpu_across_steps() {
                                 &make(&qd, num_heads, &Device::Cpu),
                                 &make(&kd, num_kv_heads, &Device::Cpu),
                                 &make(&vd, num_kv_heads, &Device::Cpu),
-                                &md,
                             )
                             .expect("cpu attend");
                         let gpu_out = gpu_backend
@@ -186,7 +187,6 @@ fn cuda_attention_matches_cpu_across_steps() {
                                 &make(&qd, num_heads, &dev),
                                 &make(&kd, num_kv_heads, &dev),
                                 &make(&vd, num_kv_heads, &dev),
-                                &md,
                             )
                             .expect("cuda attend");
                         assert_eq!(gpu_out.dims(), cpu_out.dims());

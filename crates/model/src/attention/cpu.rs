@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{AttentionBackend, AttentionMetadata, CacheShape};
+use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape};
 use crate::error::{ModelError, Result};
 
 /// The CPU KV cache and the attention kernels that read it.
@@ -18,6 +18,8 @@ pub struct CpuAttention {
     /// Per layer: (K, V), each `num_blocks * num_kv_heads * block_size * head_dim` floats.
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     scale: f32,
+    /// The validated metadata of the step in flight and its query head count.
+    step: Option<(AttentionMetadata, usize)>,
 }
 
 impl CpuAttention {
@@ -44,6 +46,7 @@ impl CpuAttention {
             shape,
             layers,
             scale,
+            step: None,
         })
     }
 
@@ -406,38 +409,30 @@ mod avx512 {
 }
 
 impl AttentionBackend for CpuAttention {
-    fn attend(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        md: &AttentionMetadata,
-    ) -> Result<Tensor> {
+    fn begin_step(&mut self, md: &AttentionMetadata, num_heads: usize) -> Result<()> {
+        self.step = None;
+        md.validate(&self.shape, md.num_tokens())?;
+        self.step = Some((md.clone(), num_heads));
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let CacheShape {
             block_size,
             num_kv_heads,
             head_dim,
             ..
         } = self.shape;
-        let (tokens, num_heads, q_dim) = q.dims3()?;
-        if q_dim != head_dim
-            || k.dims3()? != (tokens, num_kv_heads, head_dim)
-            || k.dims() != v.dims()
-        {
+        let Some((md, step_heads)) = self.step.as_ref() else {
+            return Err(ModelError::InvalidBatch("attend before begin_step".into()));
+        };
+        let tokens = md.num_tokens();
+        let num_heads = check_layer_inputs(&self.shape, layer, tokens, q, k, v)?;
+        if num_heads != *step_heads {
             return Err(ModelError::InvalidBatch(format!(
-                "q {:?} / k {:?} / v {:?} do not match the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
-                q.dims(),
-                k.dims(),
-                v.dims()
+                "{num_heads} query heads in a step begun for {step_heads}"
             )));
         }
-        if layer >= self.layers.len() {
-            return Err(ModelError::InvalidBatch(format!(
-                "layer {layer} has no cache"
-            )));
-        }
-        md.validate(&self.shape, tokens)?;
         let group = num_heads / num_kv_heads;
         let (qd, kd, vd) = (f32_data(q)?, f32_data(k)?, f32_data(v)?);
 

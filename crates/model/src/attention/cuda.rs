@@ -19,7 +19,7 @@ use spindle_kernels::attention::{self as kernels, CacheGeometry, DevicePlan};
 use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions};
 use spindle_kernels::KernelError;
 
-use super::{AttentionBackend, AttentionMetadata, CacheShape};
+use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape};
 use crate::error::{ModelError, Result};
 
 /// Map a kernel-layer error onto the model's error type without losing its kind.
@@ -34,7 +34,7 @@ fn kernel_err(e: KernelError) -> ModelError {
 
 /// The metadata of the step in flight, uploaded to the device.
 struct StepState {
-    metadata: AttentionMetadata,
+    tokens: usize,
     num_heads: usize,
     plan: DevicePlan,
     slots: CudaSlice<u32>,
@@ -197,16 +197,18 @@ impl CudaAttention {
             head_dim: shape.head_dim,
         }
     }
+}
 
-    /// Upload the step's metadata unless the previous layer already did.
-    fn prepare(&mut self, num_heads: usize, tokens: usize, md: &AttentionMetadata) -> Result<()> {
-        if let Some(step) = &self.step {
-            if step.num_heads == num_heads && step.metadata == *md {
-                return Ok(());
-            }
-        }
+impl AttentionBackend for CudaAttention {
+    /// Validate the step's metadata and upload its launch plan and slot mapping once; every
+    /// layer of the step reuses them.
+    fn begin_step(&mut self, md: &AttentionMetadata, num_heads: usize) -> Result<()> {
         self.step = None;
+        let tokens = md.num_tokens();
         md.validate(&self.shape, tokens)?;
+        if tokens == 0 {
+            return Ok(());
+        }
         let seqs = md.seq_specs();
         let shape = AttentionShape {
             num_heads,
@@ -219,54 +221,28 @@ impl CudaAttention {
         let plan = DevicePlan::upload(&self.device, plan).map_err(kernel_err)?;
         let slots = self.device.clone_htod(md.slot_mapping.as_slice())?;
         self.step = Some(StepState {
-            metadata: md.clone(),
+            tokens,
             num_heads,
             plan,
             slots,
         });
         Ok(())
     }
-}
 
-impl AttentionBackend for CudaAttention {
-    fn attend(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        metadata: &AttentionMetadata,
-    ) -> Result<Tensor> {
-        let CacheShape {
-            num_kv_heads,
-            head_dim,
-            ..
-        } = self.shape;
-        let (tokens, num_heads, q_dim) = q.dims3()?;
-        if q_dim != head_dim
-            || k.dims3()? != (tokens, num_kv_heads, head_dim)
-            || k.dims() != v.dims()
-        {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let Some(step) = self.step.as_ref() else {
+            if q.dims().first() == Some(&0) {
+                return Ok(q.zeros_like()?);
+            }
+            return Err(ModelError::InvalidBatch("attend before begin_step".into()));
+        };
+        let num_heads = check_layer_inputs(&self.shape, layer, step.tokens, q, k, v)?;
+        if num_heads != step.num_heads {
             return Err(ModelError::InvalidBatch(format!(
-                "q {:?} / k {:?} / v {:?} do not match the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
-                q.dims(),
-                k.dims(),
-                v.dims()
+                "{num_heads} query heads in a step begun for {}",
+                step.num_heads
             )));
         }
-        if layer >= self.layers.len() {
-            return Err(ModelError::InvalidBatch(format!(
-                "layer {layer} has no cache"
-            )));
-        }
-        if tokens == 0 {
-            return Ok(q.zeros_like()?);
-        }
-        self.prepare(num_heads, tokens, metadata)?;
-        let step = self
-            .step
-            .as_ref()
-            .ok_or_else(|| ModelError::InvalidBatch("no step metadata".into()))?;
         // The kernels work in the cache dtype; inputs in another dtype are converted (and the
         // output converted back), never silently mixed.
         let (qc, kc, vc) =

@@ -113,21 +113,60 @@ impl CacheShape {
     }
 }
 
+/// The shape checks every backend applies to one layer's inputs, so a mismatch is an error
+/// before any cache is indexed: `q` must be `[step_tokens, num_heads, head_dim]` with `num_heads`
+/// a multiple of the cache's kv heads, `k`/`v` `[step_tokens, num_kv_heads, head_dim]`, and the
+/// layer must have a cache. Returns `num_heads`.
+pub fn check_layer_inputs(
+    shape: &CacheShape,
+    layer: usize,
+    step_tokens: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<usize> {
+    let CacheShape {
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        ..
+    } = *shape;
+    let (tokens, num_heads, q_dim) = q.dims3()?;
+    if tokens != step_tokens
+        || q_dim != head_dim
+        || num_heads % num_kv_heads.max(1) != 0
+        || k.dims3()? != (tokens, num_kv_heads, head_dim)
+        || k.dims() != v.dims()
+    {
+        return Err(ModelError::InvalidBatch(format!(
+            "q {:?} / k {:?} / v {:?} do not match the step ({step_tokens} tokens) and the cache (kv heads {num_kv_heads}, head_dim {head_dim})",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if layer >= num_layers {
+        return Err(ModelError::InvalidBatch(format!(
+            "layer {layer} has no cache"
+        )));
+    }
+    Ok(num_heads)
+}
+
 /// A paged-attention implementation that owns the KV cache it attends over.
 ///
-/// `q` is `[tokens, num_heads, head_dim]`, `k`/`v` are `[tokens, num_kv_heads, head_dim]`; the
-/// backend first writes `k`/`v` into the cache at `metadata.slot_mapping`, then computes causal
-/// attention of each sequence's new tokens over its cached context and returns
-/// `[tokens, num_heads, head_dim]`.
+/// Each forward pass first calls [`AttentionBackend::begin_step`] with the step's metadata: the
+/// backend validates it once and prepares what every layer shares (the CUDA backend uploads its
+/// launch plan). Then each layer calls [`AttentionBackend::attend`]: `q` is
+/// `[tokens, num_heads, head_dim]`, `k`/`v` are `[tokens, num_kv_heads, head_dim]`; the backend
+/// writes `k`/`v` into the cache at the step's slots, then computes causal attention of each
+/// sequence's new tokens over its cached context and returns `[tokens, num_heads, head_dim]`.
 pub trait AttentionBackend: Send {
-    fn attend(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        metadata: &AttentionMetadata,
-    ) -> Result<Tensor>;
+    /// Validate and prepare one step's metadata for `num_heads` query heads.
+    fn begin_step(&mut self, metadata: &AttentionMetadata, num_heads: usize) -> Result<()>;
+
+    /// One layer's attention within the step begun last.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 
     /// Copy whole blocks (all layers), `(src, dst)` pairs: copy-on-write after a fork.
     fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()>;
