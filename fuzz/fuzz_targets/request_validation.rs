@@ -10,7 +10,7 @@ use spindle_server::protocol::{
 };
 use spindle_server::template::normalize_messages;
 use spindle_server::validation::{
-    chat_params, completion_params, detokenize_ids, parse_json, parse_prompt, resolve_max_tokens,
+    build_request, chat_params, completion_params, detokenize_ids, parse_json, parse_prompt,
     ModelLimits, PromptInput, Validated, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_PROMPTS,
     MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS,
 };
@@ -56,23 +56,22 @@ fn check(v: &Validated) {
         .all(|&(t, b)| (t as usize) < LIMITS.vocab_size
             && b.is_finite()
             && (-100.0..=100.0).contains(&b)));
-    if let Some(m) = v.requested_max_tokens {
+    if let Some(m) = p.max_tokens {
         assert!(m >= 1);
         assert!(p.min_tokens <= m);
     }
 }
 
+/// The engine's request built from the validated parameters fits the context.
 fn check_max_tokens(prompt_len: usize, v: &Validated) {
-    if let Ok(m) = resolve_max_tokens(
-        prompt_len,
-        v.requested_max_tokens,
-        LIMITS.max_model_len,
-        "prompt",
-    ) {
+    let ids = vec![1; prompt_len];
+    if let Ok(r) = build_request("fuzz".into(), ids, &v.params, LIMITS, "prompt") {
+        let m = r.max_tokens();
         assert!(
             m >= 1 && prompt_len + m <= LIMITS.max_model_len,
             "prompt {prompt_len} + max_tokens {m}"
         );
+        assert!(r.params().min_tokens <= m);
     }
 }
 

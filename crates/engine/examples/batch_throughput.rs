@@ -51,11 +51,10 @@ fn main() {
     };
     let submit = |ids: &Vec<u32>| {
         engine
-            .generate(GenerateRequest {
-                request_id: "bench".into(),
-                prompt_token_ids: ids.clone(),
-                params: params.clone(),
-            })
+            .generate(
+                GenerateRequest::new("bench", ids.clone(), params.clone(), engine.limits())
+                    .expect("valid request"),
+            )
             .expect("submit")
     };
     // Warm up.

@@ -3,9 +3,16 @@
 //! OpenAI wire details; the server maps them to the protocol.
 
 use std::fmt;
+use std::sync::Arc;
+
+use spindle_model::ModelError;
+
+use crate::detokenizer::DetokenizeError;
+use crate::sampler::SamplerError;
 
 /// Per-request generation settings with vLLM semantics. The server validates ranges before a
 /// request gets here; the engine still clamps defensively and never panics on odd values.
+/// The length bound is resolved against the prompt by [`GenerateRequest::new`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// Number of independent completions for the prompt; children share the prompt's KV blocks.
@@ -28,8 +35,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Seed for this request's private RNG: same seed, same output, whatever else is batched.
     pub seed: Option<u64>,
-    /// Upper bound of generated tokens (the engine also stops at max-model-len).
-    pub max_tokens: usize,
+    /// Most tokens to generate as asked; `None` fills the context (vLLM's `max_tokens=None`).
+    /// [`GenerateRequest::max_tokens`] is the bound the engine applies.
+    pub max_tokens: Option<usize>,
     /// EOS and stop token ids are ignored until this many tokens were generated.
     pub min_tokens: usize,
     /// Keep generating past EOS (benchmarks).
@@ -59,7 +67,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
             seed: None,
-            max_tokens: 16,
+            max_tokens: Some(16),
             min_tokens: 0,
             ignore_eos: false,
             stop: Vec::new(),
@@ -76,19 +84,147 @@ impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
         Self {
             temperature: 0.0,
-            max_tokens,
+            max_tokens: Some(max_tokens),
             ..Self::default()
         }
     }
 }
 
-/// One request for the engine: already tokenized and validated.
+/// What the model imposes on every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Token ids must be below this.
+    pub vocab_size: usize,
+    /// Prompt plus output may not exceed this.
+    pub max_model_len: usize,
+}
+
+/// The KV-cache settings the engine actually uses (after sizing), for metrics such as
+/// `vllm:cache_config_info` and for routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the cache.
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+}
+
+/// Why a request cannot run on this model, with the numbers a client needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {id} is out of range for a vocabulary of {vocab_size}")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("n must be at least 1")]
+    ZeroChoices,
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    /// The prompt alone fills the context (no `max_tokens` was asked for).
+    #[error("the prompt has {prompt_tokens} tokens, the model's context is {max_model_len}")]
+    PromptTooLong {
+        prompt_tokens: usize,
+        max_model_len: usize,
+    },
+    /// The prompt plus the asked `max_tokens` exceed the context.
+    #[error("{prompt_tokens} prompt tokens plus max_tokens {max_tokens} exceed the model's context of {max_model_len}")]
+    ContextExceeded {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
+}
+
+/// One request for the engine, tokenized and checked against the model's limits. It can only be
+/// built by [`GenerateRequest::new`], so the engine trusts it without validating again.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// Caller-chosen id, used in logs and traces (the engine assigns its own internal id).
-    pub request_id: String,
-    pub prompt_token_ids: Vec<u32>,
-    pub params: SamplingParams,
+    request_id: String,
+    prompt_token_ids: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: usize,
+}
+
+impl GenerateRequest {
+    /// Check `prompt_token_ids` and `params` against `limits` and fix the length bound:
+    /// `params.max_tokens` if the context holds it, else an error; `None` fills the context.
+    /// `min_tokens` is capped at the bound. `request_id` is the caller's (logs and traces).
+    pub fn new(
+        request_id: impl Into<String>,
+        prompt_token_ids: Vec<u32>,
+        mut params: SamplingParams,
+        limits: ModelLimits,
+    ) -> Result<Self, RequestError> {
+        let prompt_tokens = prompt_token_ids.len();
+        let max_model_len = limits.max_model_len;
+        if prompt_tokens == 0 {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if let Some(&id) = prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= limits.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                id,
+                vocab_size: limits.vocab_size,
+            });
+        }
+        if params.n == 0 {
+            return Err(RequestError::ZeroChoices);
+        }
+        let max_tokens = match params.max_tokens {
+            Some(0) => return Err(RequestError::ZeroMaxTokens),
+            Some(m) if prompt_tokens.saturating_add(m) > max_model_len => {
+                return Err(RequestError::ContextExceeded {
+                    prompt_tokens,
+                    max_tokens: m,
+                    max_model_len,
+                })
+            }
+            Some(m) => m,
+            None if prompt_tokens >= max_model_len => {
+                return Err(RequestError::PromptTooLong {
+                    prompt_tokens,
+                    max_model_len,
+                })
+            }
+            None => max_model_len - prompt_tokens,
+        };
+        params.min_tokens = params.min_tokens.min(max_tokens);
+        Ok(Self {
+            request_id: request_id.into(),
+            prompt_token_ids,
+            params,
+            max_tokens,
+        })
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.prompt_token_ids
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Most tokens each choice generates: at least 1, and prompt + bound fit the context.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub(crate) fn into_parts(self) -> (String, Vec<u32>, SamplingParams, usize) {
+        (
+            self.request_id,
+            self.prompt_token_ids,
+            self.params,
+            self.max_tokens,
+        )
+    }
 }
 
 /// Why a sequence ended, spelled as OpenAI/vLLM report it.
@@ -98,8 +234,6 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model's context length.
     Length,
-    /// The request was aborted (client gone or engine shutting down).
-    Abort,
 }
 
 impl FinishReason {
@@ -107,7 +241,6 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
-            FinishReason::Abort => "abort",
         }
     }
 }
@@ -186,19 +319,71 @@ pub enum EngineEvent {
     Error(EngineError),
 }
 
-/// Errors the engine reports to a caller.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+/// Errors the engine reports to a caller. Cloneable, since one failure can end several
+/// requests (a failed batch, a dead engine); sources are shared.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// Rejected before scheduling (e.g. prompt longer than the model's context).
+    /// The request does not fit the model (prompt longer than the context, ...).
     #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    InvalidRequest(#[from] RequestError),
     /// The waiting queue is at `--max-waiting-requests`.
     #[error("the server is overloaded: {0} requests are waiting")]
     QueueFull(usize),
-    /// The engine thread is gone (panicked, failed, or shut down).
+    /// The engine thread is gone (panicked, failed, hung, or shut down).
     #[error("the engine is not running: {0}")]
     EngineDead(String),
-    /// The model's forward pass failed.
+    /// The model could not be loaded (missing file, bad config, unsupported tensors, ...).
+    #[error("loading the model failed: {0}")]
+    Load(Arc<ModelError>),
+    /// The KV cache cannot hold one sequence of the model's full context.
+    #[error(
+        "the KV cache holds {capacity_tokens} tokens ({num_blocks} blocks of {block_size}), less than max_model_len {max_model_len}: \
+         raise --kv-cache-memory / --gpu-memory-utilization (each block needs {block_kib} KiB) or lower --max-model-len"
+    )]
+    KvCacheTooSmall {
+        capacity_tokens: usize,
+        num_blocks: usize,
+        block_size: usize,
+        max_model_len: usize,
+        block_kib: usize,
+    },
+    /// The KV cache could not be allocated or sized.
+    #[error("setting up the KV cache failed: {0}")]
+    KvCacheSetup(Arc<ModelError>),
+    /// The profiling pass that sizes the GPU cache failed.
+    #[error("the profiling forward pass ({tokens} tokens) failed: {source}; lower --max-num-batched-tokens")]
+    ProfilingPass {
+        tokens: usize,
+        source: Arc<ModelError>,
+    },
+    /// The engine thread could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(String),
+    /// The model's forward pass (or a cache operation) failed.
     #[error("model execution failed: {0}")]
-    Execution(String),
+    Model(Arc<ModelError>),
+    /// A logits row could not be sampled.
+    #[error("sampling failed: {0}")]
+    Sampler(#[from] SamplerError),
+    /// A generated token could not be turned into text.
+    #[error("detokenization failed: {0}")]
+    Detokenize(#[from] DetokenizeError),
+    /// The scheduler handed the runner a sequence position it has no token or slot for (a bug).
+    #[error("sequence {seq} has no token or cache slot for position {position}")]
+    SchedulerMismatch { seq: u64, position: usize },
+    /// A test asked the engine to fail ([`crate::FaultInjection`]).
+    #[error("injected fault: {0}")]
+    InjectedFault(&'static str),
+}
+
+impl EngineError {
+    /// Wrap a model error from a forward pass or cache operation.
+    pub fn model(e: ModelError) -> Self {
+        Self::Model(Arc::new(e))
+    }
+
+    /// Wrap a model error from loading.
+    pub fn load(e: ModelError) -> Self {
+        Self::Load(Arc::new(e))
+    }
 }

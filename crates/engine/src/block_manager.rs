@@ -67,11 +67,6 @@ impl BlockTable {
         Self::default()
     }
 
-    /// Number of token slots the table can hold, so callers know when to grow.
-    pub fn num_slots(&self, block_size: usize) -> usize {
-        self.blocks.len() * block_size
-    }
-
     /// Cache slot of token position `pos` (what the model's slot mapping needs); `None` when the
     /// table does not reach that far.
     pub fn slot(&self, pos: usize, block_size: usize) -> Option<usize> {
@@ -83,8 +78,9 @@ impl BlockTable {
     }
 
     /// Number of leading full blocks already committed (registered or matched in the prefix
-    /// cache), so tests and the scheduler can tell how much of the sequence is reusable.
-    pub fn num_committed_blocks(&self) -> usize {
+    /// cache).
+    #[cfg(test)]
+    fn num_committed_blocks(&self) -> usize {
         self.committed.len()
     }
 }
@@ -174,11 +170,6 @@ impl BlockManager {
     /// Slots per block, so callers can compute slot mappings and block counts.
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    /// Whether `start_sequence` looks up and `commit` registers blocks.
-    pub fn prefix_caching_enabled(&self) -> bool {
-        self.enable_prefix_caching
     }
 
     /// Size of the cache in blocks (the denominator of KV-cache usage).
@@ -576,7 +567,7 @@ mod tests {
         assert_eq!(t.blocks, vec![0, 1]);
         assert_eq!(t.slot(5, 4), Some(5));
         assert_eq!(t.slot(8, 4), None);
-        assert_eq!(t.num_slots(4), 8);
+        assert_eq!(t.blocks.len() * 4, 8);
     }
 
     #[test]

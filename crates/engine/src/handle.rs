@@ -11,10 +11,11 @@ use spindle_model::{ModelInfo, TokenizerBundle};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::Notify;
 
-use crate::api::{EngineError, EngineEvent, GenerateRequest};
+use crate::api::{CacheConfig, EngineError, EngineEvent, GenerateRequest, ModelLimits};
 use crate::stats::EngineStats;
 
-/// Messages the engine thread receives.
+/// Messages the engine thread receives. A request ends early only through `Abort`, which its
+/// [`RequestStream`] sends when dropped or aborted.
 pub(crate) enum EngineMessage {
     Generate {
         id: u64,
@@ -106,6 +107,8 @@ pub struct EngineHandle {
     pub(crate) stats: Arc<EngineStats>,
     pub(crate) tokenizer: Arc<TokenizerBundle>,
     pub(crate) model_info: Arc<ModelInfo>,
+    pub(crate) limits: ModelLimits,
+    pub(crate) cache: CacheConfig,
     pub(crate) max_waiting_requests: usize,
     /// The engine is idle-blocked at most this long between heartbeats.
     pub(crate) heartbeat_interval: Duration,
@@ -177,6 +180,16 @@ impl EngineHandle {
     /// What was loaded: architecture, context length, vocabulary, dtype, device.
     pub fn model_info(&self) -> &ModelInfo {
         &self.model_info
+    }
+
+    /// What every request must fit: build [`GenerateRequest`]s against these.
+    pub fn limits(&self) -> ModelLimits {
+        self.limits
+    }
+
+    /// The KV-cache settings in use (block size, block count after sizing, prefix caching).
+    pub fn cache_config(&self) -> CacheConfig {
+        self.cache
     }
 
     /// Ask the engine thread to stop after aborting what is in flight.

@@ -3,7 +3,7 @@
 //! profiling forward pass (or an explicit block count for either).
 
 use spindle_model::attention::cpu::CpuAttention;
-use spindle_model::{AttentionBackend, CacheShape, LlamaModel};
+use spindle_model::{AttentionBackend, CacheShape, LlamaModel, ModelError};
 
 use crate::api::EngineError;
 use crate::config::EngineConfig;
@@ -11,8 +11,8 @@ use crate::config::EngineConfig;
 /// Default CPU KV-cache budget when `--kv-cache-memory` is not given (vLLM's CPU default).
 pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 4 << 30;
 
-fn dead(e: impl std::fmt::Display) -> EngineError {
-    EngineError::EngineDead(e.to_string())
+fn setup(e: ModelError) -> EngineError {
+    EngineError::KvCacheSetup(std::sync::Arc::new(e))
 }
 
 /// Bytes of activations one step at `max_num_batched_tokens` may need on the GPU (hidden states,
@@ -52,7 +52,7 @@ pub fn build(
                 / bytes_per_block) as usize
         }
     };
-    Ok((Box::new(CpuAttention::new(shape).map_err(dead)?), shape))
+    Ok((Box::new(CpuAttention::new(shape).map_err(setup)?), shape))
 }
 
 /// Run one forward pass of the biggest step the scheduler can build (`max_num_batched_tokens`
@@ -72,7 +72,7 @@ fn profile_step_memory(
     let logit_rows = config.max_num_seqs.clamp(1, tokens);
     let mut small = shape;
     small.num_blocks = tokens.div_ceil(shape.block_size);
-    let mut backend = CudaAttention::new(small, model.dtype(), model.device()).map_err(dead)?;
+    let mut backend = CudaAttention::new(small, model.dtype(), model.device()).map_err(setup)?;
     let batch = ForwardBatch {
         token_ids: vec![0; tokens],
         positions: (0..tokens as u32).collect(),
@@ -87,15 +87,16 @@ fn profile_step_memory(
         },
         logit_rows: ((tokens - logit_rows) as u32..tokens as u32).collect(),
     };
-    let Some(probe) = PoolPeak::start(model.device()).map_err(dead)? else {
+    let Some(probe) = PoolPeak::start(model.device()).map_err(setup)? else {
         return Ok(None);
     };
-    let logits = model.forward(&batch, &mut backend).map_err(|e| {
-        dead(format!(
-            "the profiling forward pass ({tokens} tokens) failed: {e}; lower --max-num-batched-tokens"
-        ))
-    })?;
-    let peak = probe.finish(model.device()).map_err(dead)?;
+    let logits = model
+        .forward(&batch, &mut backend)
+        .map_err(|e| EngineError::ProfilingPass {
+            tokens,
+            source: std::sync::Arc::new(e),
+        })?;
+    let peak = probe.finish(model.device()).map_err(setup)?;
     drop(logits);
     Ok(Some(peak))
 }
@@ -133,7 +134,7 @@ fn build_cuda(
             };
             // Weights are loaded: what is used now is theirs (and other processes'). Keep the
             // total under `utilization`, minus room for one step's activations.
-            let (free, total) = cuda_memory_info(model.device()).map_err(dead)?;
+            let (free, total) = cuda_memory_info(model.device()).map_err(setup)?;
             let (free, total) = (free as u64, total as u64);
             let allowed =
                 (total as f64 * config.gpu_memory_utilization.clamp(0.0, 1.0) as f64) as u64;
@@ -142,7 +143,7 @@ fn build_cuda(
             (budget / bytes_per_block) as usize
         }
     };
-    let backend = CudaAttention::new(shape, dtype, model.device()).map_err(dead)?;
+    let backend = CudaAttention::new(shape, dtype, model.device()).map_err(setup)?;
     Ok((Box::new(backend), shape))
 }
 
@@ -153,7 +154,9 @@ fn build_cuda(
     _: CacheShape,
     _: usize,
 ) -> Result<(Box<dyn AttentionBackend>, CacheShape), EngineError> {
-    Err(dead("the model is on a CUDA device but this build has no CUDA support: rebuild with `--features cuda`"))
+    Err(setup(ModelError::Unsupported(
+        "the model is on a CUDA device but this build has no CUDA support: rebuild with `--features cuda`".into(),
+    )))
 }
 
 /// Bytes one block takes on the backend `model` uses (for logs and errors).

@@ -1,5 +1,5 @@
 //! The spindle engine: one dedicated thread owns the model and the paged KV cache and runs
-//! continuous batching (`step() = schedule -> execute -> update`). Front ends talk to it through
+//! continuous batching (`step() = schedule -> run the model -> process outputs`). Front ends talk to it through
 //! an [`EngineHandle`]; nothing here knows about HTTP.
 //!
 //! Depends on spindle-model; never on the server.
@@ -9,8 +9,11 @@ pub mod block_manager;
 pub mod config;
 pub mod detokenizer;
 pub mod engine;
+mod fault;
 pub mod handle;
 pub mod kv_cache;
+pub mod model_runner;
+pub mod output_processor;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

@@ -4,35 +4,127 @@
 //! sequences are admitted FCFS while the budget, `max_num_seqs` and free blocks allow. A long
 //! prompt is split over steps so it never stalls running decodes. When blocks run out, the
 //! most recently admitted running sequence is preempted (its blocks freed, recomputed later).
+//! A waiting sequence that cannot fit even when nothing else runs is refused.
+//!
+//! The scheduler owns the block manager and a lean per-sequence state (tokens, progress, block
+//! table, arrival and admission order, priority): nothing about sampling or text, so it can be
+//! tested with fake requests.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::block_manager::{BlockId, BlockManager};
-use crate::sequence::{SeqId, Sequence};
+use crate::block_manager::{BlockId, BlockManager, BlockTable};
 
-/// What one step runs.
-#[derive(Debug, Default)]
-pub struct ScheduledBatch {
-    /// (sequence, number of new tokens this step), in batch order.
-    pub entries: Vec<(SeqId, usize)>,
-    /// KV block copies (copy-on-write) to perform before the forward pass.
-    pub copies: Vec<(BlockId, BlockId)>,
-    /// Sequences preempted while scheduling this step.
-    pub preempted: Vec<SeqId>,
+/// Engine-internal id of a sequence.
+pub type SeqId = u64;
+
+/// What the scheduler knows of one sequence.
+#[derive(Debug)]
+pub struct SeqState {
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose K/V are in the cache (prefix-cache hits included).
+    num_computed: usize,
+    /// KV blocks; `None` while waiting or after preemption.
+    table: Option<BlockTable>,
+    /// Order of admission to the running set; the most recent is preempted first.
+    admitted_at: u64,
+    /// Lower runs first (vLLM's convention); kept for priority scheduling, unused by FCFS.
+    priority: i32,
 }
 
-/// The waiting queue and running set, plus the budget knobs.
+impl SeqState {
+    /// Prompt followed by the generated tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The prompt tokens (for repetition penalties).
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    /// The generated tokens so far.
+    pub fn output_ids(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn num_output(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens whose K/V are in the cache.
+    pub fn num_computed(&self) -> usize {
+        self.num_computed
+    }
+
+    /// The sequence's KV blocks while it runs.
+    pub fn table(&self) -> Option<&BlockTable> {
+        self.table.as_ref()
+    }
+
+    pub fn priority(&self) -> i32 {
+        self.priority
+    }
+
+    /// Tokens still to run through the model before the next token can be sampled.
+    fn num_uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    /// Tokens computed this step, starting at position `num_computed`.
+    pub num_new_tokens: usize,
+    /// Tokens already in the cache before this step (prefix-cache hits on first admission).
+    pub num_computed: usize,
+    /// This step reaches the end of the sequence, so its last row's logits are sampled.
+    pub samples: bool,
+}
+
+/// What one step runs, and what scheduling decided besides.
+#[derive(Debug, Default)]
+pub struct SchedulerOutput {
+    /// The batch, in order.
+    pub scheduled: Vec<ScheduledSeq>,
+    /// KV block copies (copy-on-write) to perform before the forward pass.
+    pub copies: Vec<(BlockId, BlockId)>,
+    /// Sequences preempted while scheduling this step (they wait to be recomputed).
+    pub preempted: Vec<SeqId>,
+    /// Sequences that can never fit the KV cache; already removed, the caller finishes them.
+    pub refused: Vec<SeqId>,
+}
+
+impl SchedulerOutput {
+    /// Total tokens of the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.num_new_tokens).sum()
+    }
+}
+
+/// The waiting queue, the running set and the KV blocks behind them.
 pub struct Scheduler {
-    pub waiting: VecDeque<SeqId>,
-    pub running: Vec<SeqId>,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, SeqState>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     next_admission: u64,
 }
 
 impl Scheduler {
-    pub fn new(max_num_seqs: usize, max_num_batched_tokens: usize) -> Self {
+    pub fn new(blocks: BlockManager, max_num_seqs: usize, max_num_batched_tokens: usize) -> Self {
         Self {
+            blocks,
+            seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs: max_num_seqs.max(1),
@@ -45,48 +137,150 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Forget a sequence wherever it is (finish or abort); the caller frees its blocks.
-    pub fn remove(&mut self, id: SeqId) {
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// The KV blocks, for gauges (usage, prefix-cache counters).
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    pub fn seq(&self, id: SeqId) -> Option<&SeqState> {
+        self.seqs.get(&id)
+    }
+
+    /// Queue a new sequence behind every waiting one.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, priority: i32) {
+        debug_assert!(!prompt.is_empty(), "validated requests have a prompt");
+        let prompt_len = prompt.len();
+        self.seqs.insert(
+            id,
+            SeqState {
+                tokens: prompt,
+                prompt_len,
+                num_computed: 0,
+                table: None,
+                admitted_at: 0,
+                priority,
+            },
+        );
+        self.waiting.push_back(id);
+    }
+
+    /// Start `child` already running on a copy of `parent`'s prompt, sharing its computed prompt
+    /// blocks (an `n > 1` choice forked after the prompt's prefill). False if the parent is gone.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> bool {
+        let Some(p) = self.seqs.get(&parent) else {
+            return false;
+        };
+        let table = p.table.as_ref().map(|t| self.blocks.fork(t));
+        let state = SeqState {
+            tokens: p.tokens[..p.prompt_len].to_vec(),
+            prompt_len: p.prompt_len,
+            num_computed: p.prompt_len,
+            table,
+            admitted_at: self.next_admission,
+            priority: p.priority,
+        };
+        self.next_admission += 1;
+        self.seqs.insert(child, state);
+        self.running.push(child);
+        true
+    }
+
+    /// Add a sampled token to a sequence (its KV is computed in the next step).
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.tokens.push(token);
+        }
+    }
+
+    /// Forget a sequence wherever it is (finished or aborted) and free its blocks.
+    pub fn finish(&mut self, id: SeqId) {
         self.running.retain(|&s| s != id);
         self.waiting.retain(|&s| s != id);
+        if let Some(mut seq) = self.seqs.remove(&id) {
+            if let Some(table) = seq.table.take() {
+                self.blocks.free(table);
+            }
+        }
+    }
+
+    /// After the forward pass: the scheduled tokens' K/V are in the cache, so full blocks are
+    /// registered for prefix caching.
+    pub fn on_step_done(&mut self, scheduled: &[ScheduledSeq]) {
+        for s in scheduled {
+            let Some(seq) = self.seqs.get_mut(&s.id) else {
+                continue;
+            };
+            seq.num_computed += s.num_new_tokens;
+            if let Some(table) = seq.table.as_mut() {
+                self.blocks.commit(table, &seq.tokens[..seq.num_computed]);
+            }
+        }
     }
 
     /// Release a sequence's blocks and send it back to the front of the waiting queue; it will
     /// recompute its KV (prompt and output so far) when readmitted.
-    fn preempt(
-        &mut self,
-        id: SeqId,
-        seqs: &mut HashMap<SeqId, Sequence>,
-        blocks: &mut BlockManager,
-    ) {
+    fn preempt(&mut self, id: SeqId) {
         self.running.retain(|&s| s != id);
-        if let Some(seq) = seqs.get_mut(&id) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
             if let Some(table) = seq.table.take() {
-                blocks.free(table);
+                self.blocks.free(table);
             }
             seq.num_computed = 0;
         }
         self.waiting.push_front(id);
     }
 
-    /// Pick this step's batch.
-    pub fn schedule(
-        &mut self,
-        seqs: &mut HashMap<SeqId, Sequence>,
-        blocks: &mut BlockManager,
-    ) -> ScheduledBatch {
-        let mut out = ScheduledBatch::default();
-        let mut budget = self.max_num_batched_tokens;
+    fn entry(&self, id: SeqId, n: usize) -> ScheduledSeq {
+        let (num_computed, len) = self
+            .seqs
+            .get(&id)
+            .map_or((0, 0), |s| (s.num_computed, s.tokens.len()));
+        ScheduledSeq {
+            id,
+            num_new_tokens: n,
+            num_computed,
+            samples: num_computed + n == len,
+        }
+    }
 
-        // 1. Running sequences, oldest first.
+    /// Pick this step's batch.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.max_num_batched_tokens;
+        self.schedule_running(&mut out, &mut budget);
+        self.schedule_waiting(&mut out, &mut budget);
+        if out.scheduled.is_empty() && self.running.is_empty() {
+            // Nothing fits although nothing runs: the head of the queue can never be admitted.
+            if let Some(id) = self.waiting.pop_front() {
+                tracing::warn!(
+                    seq = id,
+                    "sequence does not fit in the KV cache; refusing it"
+                );
+                self.finish(id);
+                out.refused.push(id);
+            }
+        }
+        out
+    }
+
+    /// 1. Running sequences, oldest first, preempting the newest when blocks run out.
+    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
-            let Some(seq) = seqs.get(&id) else {
+            let Some(seq) = self.seqs.get(&id) else {
                 self.running.remove(i);
                 continue;
             };
-            let n = seq.num_uncomputed().min(budget);
+            let n = seq.num_uncomputed().min(*budget);
             if n == 0 {
                 i += 1;
                 continue;
@@ -94,22 +288,23 @@ impl Scheduler {
             // Make room, preempting the newest running sequences (possibly this one).
             let mut scheduled_self = true;
             loop {
-                let Some(seq) = seqs.get(&id) else { break };
+                let Some(seq) = self.seqs.get(&id) else { break };
                 let Some(table) = seq.table.as_ref() else {
                     break;
                 };
-                let target = seq.num_computed + n;
-                let need = blocks.blocks_needed(table, target, seq.num_computed);
-                if need <= blocks.num_free_blocks() {
+                let need = self
+                    .blocks
+                    .blocks_needed(table, seq.num_computed + n, seq.num_computed);
+                if need <= self.blocks.num_free_blocks() {
                     break;
                 }
                 let victim = *self
                     .running
                     .iter()
-                    .filter(|s| !out.entries.iter().any(|(e, _)| e == *s))
-                    .max_by_key(|s| seqs.get(s).map(|q| q.admitted_at).unwrap_or(0))
+                    .filter(|s| !out.scheduled.iter().any(|e| e.id == **s))
+                    .max_by_key(|s| self.seqs.get(s).map(|q| q.admitted_at).unwrap_or(0))
                     .unwrap_or(&id);
-                self.preempt(victim, seqs, blocks);
+                self.preempt(victim);
                 out.preempted.push(victim);
                 if victim == id {
                     scheduled_self = false;
@@ -119,19 +314,21 @@ impl Scheduler {
             if !scheduled_self {
                 continue; // `running[i]` is now the next sequence
             }
-            let Some(seq) = seqs.get_mut(&id) else {
+            let entry = self.entry(id, n);
+            let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            let target = seq.num_computed + n;
-            let write_from = seq.num_computed;
             let Some(table) = seq.table.as_mut() else {
                 continue;
             };
-            match blocks.grow(table, target, write_from) {
+            match self
+                .blocks
+                .grow(table, seq.num_computed + n, seq.num_computed)
+            {
                 Ok(copies) => {
                     out.copies.extend(copies);
-                    out.entries.push((id, n));
-                    budget -= n;
+                    out.scheduled.push(entry);
+                    *budget -= n;
                 }
                 Err(_) => {
                     // Cannot happen after the check above; be safe and retry next step.
@@ -145,54 +342,58 @@ impl Scheduler {
                 .position(|&s| s == id)
                 .map_or(i, |p| p + 1);
         }
+    }
 
-        // 2. Waiting sequences, FCFS, while there is room. Nothing is preempted for them.
-        while budget > 0 && self.running.len() < self.max_num_seqs {
+    /// 2. Waiting sequences, FCFS, while there is room. Nothing is preempted for them.
+    fn schedule_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
+        while *budget > 0 && self.running.len() < self.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let Some(seq) = seqs.get_mut(&id) else {
+            let Some(seq) = self.seqs.get_mut(&id) else {
                 self.waiting.pop_front();
                 continue;
             };
             if seq.table.is_none() {
-                let (table, cached) = blocks.start_sequence(&seq.tokens);
+                let (table, cached) = self.blocks.start_sequence(&seq.tokens);
                 seq.table = Some(table);
                 seq.num_computed = cached;
             }
-            let n = seq.num_uncomputed().min(budget);
-            let target = seq.num_computed + n;
-            let write_from = seq.num_computed;
+            let n = seq.num_uncomputed().min(*budget);
+            let entry = ScheduledSeq {
+                id,
+                num_new_tokens: n,
+                num_computed: seq.num_computed,
+                samples: seq.num_computed + n == seq.tokens.len(),
+            };
             let Some(table) = seq.table.as_mut() else {
                 break;
             };
-            match blocks.grow(table, target, write_from) {
+            match self
+                .blocks
+                .grow(table, seq.num_computed + n, seq.num_computed)
+            {
                 Ok(copies) => {
                     out.copies.extend(copies);
                     self.waiting.pop_front();
                     seq.admitted_at = self.next_admission;
                     self.next_admission += 1;
                     self.running.push(id);
-                    out.entries.push((id, n));
-                    budget -= n;
+                    out.scheduled.push(entry);
+                    *budget -= n;
                 }
                 Err(_) => {
                     // Not enough free blocks: give the prefix-cache references back and wait.
                     if let Some(table) = seq.table.take() {
-                        blocks.free(table);
+                        self.blocks.free(table);
                     }
                     seq.num_computed = 0;
                     break;
                 }
             }
         }
-        out
-    }
-
-    /// Admit a sequence created already running (an n > 1 child forked from its parent).
-    pub fn add_running(&mut self, seq: &mut Sequence) {
-        seq.admitted_at = self.next_admission;
-        self.next_admission += 1;
-        self.running.push(seq.id);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,11 @@
 //! started earlier but is still incomplete when a shorter one completes does not win: like vLLM,
 //! generation stops as soon as a stop string is seen.
 //!
+//! `min_tokens`: while a sequence has not generated more than `min_tokens` tokens its text goes
+//! through [`StopChecker::push_unmatched`]: no stop string may end there (vLLM checks stop
+//! strings only past `min_tokens`), but a stop string that starts there and completes later
+//! still matches, since the possible prefix is held back as usual.
+//!
 //! Engine usage per new token: `let (text, hit) = stop.push(&detok.push(..)?)`; emit `text`; on
 //! `Some(s)` finish with `FinishReason::Stop` / `StopReason::Text(s)`. At EOS or length:
 //! `stop.push(&detok.finish(..)?)` (a stop string may still complete there) and then, if that did
@@ -24,6 +29,8 @@ pub struct StopChecker {
     include_stop_str_in_output: bool,
     /// Text received but not yet emitted (a possible stop-string prefix).
     held: String,
+    /// Matches must end after this byte of `held` (text pushed before `min_tokens` was reached).
+    match_after: usize,
     stopped: bool,
 }
 
@@ -35,6 +42,7 @@ impl StopChecker {
             stops: stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             include_stop_str_in_output,
             held: String::new(),
+            match_after: 0,
             stopped: false,
         }
     }
@@ -59,7 +67,12 @@ impl StopChecker {
         // Earliest start, then longest, then earliest listed.
         let mut best: Option<(usize, usize)> = None; // (position, index into stops)
         for (i, stop) in self.stops.iter().enumerate() {
-            if let Some(pos) = self.held.find(stop.as_str()) {
+            // Only matches ending after `match_after`, i.e. starting at or after `from`.
+            let mut from = (self.match_after + 1).saturating_sub(stop.len());
+            while !self.held.is_char_boundary(from) {
+                from += 1;
+            }
+            if let Some(pos) = self.held[from..].find(stop.as_str()).map(|p| p + from) {
                 let better = match best {
                     None => true,
                     Some((bp, bi)) => pos < bp || (pos == bp && stop.len() > self.stops[bi].len()),
@@ -82,11 +95,30 @@ impl StopChecker {
             return (out, Some(stop));
         }
 
+        (self.emit_safe_prefix(), None)
+    }
+
+    /// Feed text generated before `min_tokens` was passed: no stop string may end in it, but
+    /// one may start in it and complete in a later [`Self::push`].
+    pub fn push_unmatched(&mut self, new_text: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        if self.stops.is_empty() {
+            return new_text.to_owned();
+        }
+        self.held.push_str(new_text);
+        self.match_after = self.held.len();
+        self.emit_safe_prefix()
+    }
+
+    /// Emit everything but the longest tail that could still begin a stop string.
+    fn emit_safe_prefix(&mut self) -> String {
         let keep = self.partial_match_len();
         let cut = self.held.len() - keep;
         let rest = self.held.split_off(cut);
-        let out = std::mem::replace(&mut self.held, rest);
-        (out, None)
+        self.match_after = self.match_after.saturating_sub(cut);
+        std::mem::replace(&mut self.held, rest)
     }
 
     /// Release the held-back text at the end of the sequence (EOS or length).
@@ -94,6 +126,7 @@ impl StopChecker {
         if self.stopped {
             return String::new();
         }
+        self.match_after = 0;
         std::mem::take(&mut self.held)
     }
 
@@ -276,5 +309,35 @@ mod tests {
             assert_eq!(out, "the quick brown fox jumps over the ");
             assert_eq!(hit.as_deref(), Some("lazy dog"));
         }
+    }
+
+    #[test]
+    fn text_before_min_tokens_never_ends_a_match() {
+        let mut c = checker(&["END"], false);
+        // "END" complete before min_tokens: emitted as text, no match.
+        let mut out = c.push_unmatched("a END b");
+        assert!(!c.is_stopped());
+        let (t, hit) = c.push(" c END");
+        out.push_str(&t);
+        assert_eq!((out.as_str(), hit.as_deref()), ("a END b c ", Some("END")));
+    }
+
+    #[test]
+    fn a_stop_string_started_before_min_tokens_and_completed_after_matches() {
+        let mut c = checker(&["STOP"], false);
+        let out = c.push_unmatched("xx ST");
+        assert_eq!(out, "xx ", "the possible prefix is held back");
+        let (t, hit) = c.push("OP yy");
+        assert_eq!((t.as_str(), hit.as_deref()), ("", Some("STOP")));
+    }
+
+    #[test]
+    fn an_old_full_match_in_held_text_is_not_found_later() {
+        // "ab" completes before min_tokens inside text held back for "abc".
+        let mut c = checker(&["ab", "abc"], false);
+        assert_eq!(c.push_unmatched("x ab"), "x ");
+        let (t, hit) = c.push("d");
+        assert_eq!((t.as_str(), hit), ("abd", None));
+        assert_eq!(c.finish(), "");
     }
 }

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spindle_engine::{
-    Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestStream,
-    SamplingParams, StepObserver, StepTrace, StopReason, Usage,
+    Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestError,
+    RequestStream, SamplingParams, StepObserver, StepTrace, StopReason, Usage,
 };
 use spindle_model::LoadOptions;
 
@@ -85,13 +85,8 @@ fn collect(mut stream: RequestStream) -> Output {
 
 fn request(engine: &EngineHandle, id: &str, text: &str, params: SamplingParams) -> RequestStream {
     let ids = engine.tokenizer().encode(text, true).expect("encode");
-    engine
-        .generate(GenerateRequest {
-            request_id: id.to_string(),
-            prompt_token_ids: ids,
-            params,
-        })
-        .expect("submit")
+    let request = GenerateRequest::new(id, ids, params, engine.limits()).expect("valid request");
+    engine.generate(request).expect("submit")
 }
 
 fn prompts(n: usize) -> Vec<String> {
@@ -266,7 +261,7 @@ fn seeded_sampling_is_reproducible_alone_and_batched() {
         temperature: 0.9,
         top_p: 0.95,
         seed: Some(1234),
-        max_tokens: 20,
+        max_tokens: Some(20),
         ..SamplingParams::default()
     };
     let a = collect(request(
@@ -292,7 +287,7 @@ fn seeded_sampling_is_reproducible_alone_and_batched() {
                 p,
                 SamplingParams {
                     temperature: 1.0,
-                    max_tokens: 20,
+                    max_tokens: Some(20),
                     ..SamplingParams::default()
                 },
             )
@@ -329,7 +324,7 @@ fn n_choices_stops_and_detokenization() {
         n: 3,
         temperature: 1.0,
         seed: Some(7),
-        max_tokens: 10,
+        max_tokens: Some(10),
         ..SamplingParams::default()
     };
     let out = collect(request(&engine, "n3", "List three fruits:", params));
@@ -446,31 +441,101 @@ fn abort_frees_blocks_and_dead_receivers_are_dropped() {
 }
 
 #[test]
-fn invalid_requests_get_errors_not_panics() {
+fn invalid_requests_are_refused_before_the_engine() {
     let engine = spawn(config(128 << 20));
+    let limits = engine.limits();
     let bad = |ids: Vec<u32>, params: SamplingParams| {
-        let mut s = engine
-            .generate(GenerateRequest {
-                request_id: "bad".into(),
-                prompt_token_ids: ids,
-                params,
-            })
-            .expect("submit");
-        match s.blocking_recv() {
-            Some(EngineEvent::Error(e)) => e,
-            other => panic!("expected an error, got {other:?}"),
-        }
+        GenerateRequest::new("bad", ids, params, limits).expect_err("must be refused")
     };
-    bad(vec![], SamplingParams::greedy(4));
-    bad(vec![1, 999_999], SamplingParams::greedy(4));
-    bad(vec![1; 4096], SamplingParams::greedy(4));
-    bad(
-        vec![1, 2],
-        SamplingParams {
-            n: 0,
-            ..SamplingParams::greedy(4)
-        },
+    assert_eq!(
+        bad(vec![], SamplingParams::greedy(4)),
+        RequestError::EmptyPrompt
+    );
+    assert!(matches!(
+        bad(vec![1, 999_999], SamplingParams::greedy(4)),
+        RequestError::TokenOutOfRange { id: 999_999, .. }
+    ));
+    assert_eq!(
+        bad(vec![1; 4096], SamplingParams::greedy(4)),
+        RequestError::ContextExceeded {
+            prompt_tokens: 4096,
+            max_tokens: 4,
+            max_model_len: 2048
+        }
+    );
+    assert!(matches!(
+        bad(
+            vec![1; 2048],
+            SamplingParams {
+                max_tokens: None,
+                ..SamplingParams::default()
+            }
+        ),
+        RequestError::PromptTooLong { .. }
+    ));
+    assert_eq!(
+        bad(
+            vec![1, 2],
+            SamplingParams {
+                n: 0,
+                ..SamplingParams::greedy(4)
+            }
+        ),
+        RequestError::ZeroChoices
     );
     let out = collect(request(&engine, "ok", "Hi", SamplingParams::greedy(2)));
     assert_eq!(out.tokens[0].len(), 2);
+}
+
+/// vLLM semantics: a stop string cannot end a sequence before `min_tokens` tokens, like EOS.
+#[test]
+fn min_tokens_holds_off_stop_strings() {
+    let engine = spawn(config(128 << 20));
+    let prompt = "The capital of France is";
+    let greedy = |max: usize| SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(max)
+    };
+    let full = collect(request(&engine, "full", prompt, greedy(24)));
+    // A stop string that the greedy output reaches within its first few tokens.
+    let mut prefix = String::new();
+    let mut stop = None;
+    for (i, &t) in full.tokens[0].iter().enumerate().take(6) {
+        let piece = engine
+            .tokenizer()
+            .decode(&full.tokens[0][..=i], true)
+            .unwrap();
+        let new = piece[prefix.len().min(piece.len())..].trim().to_string();
+        if new.len() >= 2 && i >= 1 {
+            stop = Some((i, new));
+            break;
+        }
+        prefix = piece;
+        let _ = t;
+    }
+    let (at, stop) = stop.expect("an early word in the greedy output");
+    let stop_params = |min_tokens: usize| SamplingParams {
+        stop: vec![stop.clone()],
+        min_tokens,
+        ..greedy(24)
+    };
+    // Without min_tokens it stops right there.
+    let early = collect(request(&engine, "early", prompt, stop_params(0)));
+    assert_eq!(early.stop_reasons[0], Some(StopReason::Text(stop.clone())));
+    assert!(early.tokens[0].len() <= at + 1, "{early:?}");
+    // With min_tokens past that point the early occurrence is plain text and generation goes on.
+    let min_tokens = at + 4;
+    let held = collect(request(&engine, "held", prompt, stop_params(min_tokens)));
+    assert!(held.tokens[0].len() > min_tokens, "{held:?}");
+    assert_eq!(held.tokens[0][..min_tokens], full.tokens[0][..min_tokens]);
+    assert!(held.texts[0].contains(&stop), "{held:?}");
+    match &held.stop_reasons[0] {
+        // A later occurrence may stop it: the output then ends right before that one.
+        Some(StopReason::Text(s)) => {
+            assert_eq!(s, &stop);
+            assert!(full.texts[0].starts_with(&held.texts[0]));
+        }
+        None => assert_eq!(held.finish[0], Some(FinishReason::Length)),
+        other => panic!("unexpected stop reason {other:?}"),
+    }
 }

@@ -121,7 +121,7 @@ impl From<EngineError> for ApiError {
     /// Engine failures map to the statuses clients retry on (429, 503) or report (400, 500).
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::InvalidRequest(msg) => ApiError::bad_request(msg),
+            EngineError::InvalidRequest(e) => ApiError::bad_request(e.to_string()),
             EngineError::QueueFull(n) => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(
@@ -136,9 +136,9 @@ impl From<EngineError> for ApiError {
                     format!("The engine is not running: {reason}"),
                 )
             },
-            EngineError::Execution(msg) => {
-                ApiError::internal(format!("Model execution failed: {msg}"))
-            }
+            // Load, cache and spawn failures never reach a request; the rest end one request
+            // (a failed forward pass, sampling or detokenization) or reveal an engine bug.
+            other => ApiError::internal(format!("The engine failed this request: {other}")),
         }
     }
 }

@@ -176,15 +176,6 @@ impl Generation {
     fn apply(&mut self, slot: usize, event: Option<EngineEvent>) -> Step {
         match event {
             Some(EngineEvent::Delta(mut delta)) => {
-                if delta.finish_reason == Some(FinishReason::Abort) {
-                    return Step::Failed(ApiError {
-                        retry_after: Some(1),
-                        ..ApiError::new(
-                            hyper::StatusCode::SERVICE_UNAVAILABLE,
-                            "The request was aborted by the engine (the server is shutting down).",
-                        )
-                    });
-                }
                 if delta.index >= self.opts.n {
                     return Step::Failed(ApiError::internal(format!(
                         "engine returned choice index {} for n = {}",

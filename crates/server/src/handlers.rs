@@ -21,8 +21,8 @@ use crate::protocol::{
 use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
 use crate::template::{normalize_messages, RenderOptions};
 use crate::validation::{
-    chat_params, check_prompt_ids, completion_params, detokenize_ids, parse_json, parse_prompt,
-    resolve_max_tokens, resolve_model, PromptInput, Validated,
+    build_request, chat_params, completion_params, detokenize_ids, parse_json, parse_prompt,
+    resolve_model, PromptInput, Validated,
 };
 
 fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
@@ -117,14 +117,9 @@ pub(crate) async fn chat_completions(
         req.add_special_tokens.unwrap_or(false),
     )
     .await?;
-    check_prompt_ids(&ids, state.limits.vocab_size)?;
-    let max_tokens = resolve_max_tokens(
-        ids.len(),
-        validated.requested_max_tokens,
-        state.limits.max_model_len,
-        "messages",
-    )?;
-    start(state, Kind::Chat, model, validated, vec![(ids, max_tokens)]).await
+    let id = random_id("chatcmpl");
+    let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
+    start(state, Kind::Chat, id, model, validated, vec![request]).await
 }
 
 /// `POST /v1/completions`.
@@ -148,18 +143,24 @@ pub(crate) async fn completions(
             .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    let mut prompts = Vec::with_capacity(all_ids.len());
-    for ids in all_ids {
-        check_prompt_ids(&ids, state.limits.vocab_size)?;
-        let max = resolve_max_tokens(
-            ids.len(),
-            validated.requested_max_tokens,
-            state.limits.max_model_len,
+    let id = random_id("cmpl");
+    let multi = all_ids.len() > 1;
+    let mut requests = Vec::with_capacity(all_ids.len());
+    for (i, ids) in all_ids.into_iter().enumerate() {
+        let request_id = if multi {
+            format!("{id}-{i}")
+        } else {
+            id.clone()
+        };
+        requests.push(build_request(
+            request_id,
+            ids,
+            &validated.params,
+            state.limits,
             "prompt",
-        )?;
-        prompts.push((ids, max));
+        )?);
     }
-    start(state, Kind::Completion, model, validated, prompts).await
+    start(state, Kind::Completion, id, model, validated, requests).await
 }
 
 /// Submit every prompt to the engine and answer (stream or not). If any submission fails the
@@ -167,30 +168,14 @@ pub(crate) async fn completions(
 async fn start(
     state: &Arc<AppState>,
     kind: Kind,
+    id: String,
     model: String,
     validated: Validated,
-    prompts: Vec<(Vec<u32>, usize)>,
+    requests: Vec<GenerateRequest>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let id = random_id(match kind {
-        Kind::Chat => "chatcmpl",
-        Kind::Completion => "cmpl",
-    });
-    let multi = prompts.len() > 1;
-    let mut streams = Vec::with_capacity(prompts.len());
-    for (i, (ids, max_tokens)) in prompts.into_iter().enumerate() {
-        let mut params = validated.params.clone();
-        params.max_tokens = max_tokens;
-        params.min_tokens = params.min_tokens.min(max_tokens);
-        let prompt_len = ids.len();
-        let request = GenerateRequest {
-            request_id: if multi {
-                format!("{id}-{i}")
-            } else {
-                id.clone()
-            },
-            prompt_token_ids: ids,
-            params,
-        };
+    let mut streams = Vec::with_capacity(requests.len());
+    for request in requests {
+        let prompt_len = request.prompt_token_ids().len();
         streams.push((state.engine.generate(request)?, prompt_len));
     }
     tracing::debug!(%id, prompts = streams.len(), stream = validated.stream, "request submitted");

@@ -72,10 +72,6 @@ pub struct ServerConfig {
     pub stall_timeout: Duration,
     /// On shutdown, in-flight requests get this long to finish before they are cut.
     pub shutdown_timeout: Duration,
-    /// KV-cache settings for `vllm:cache_config_info` (the block count is read from the engine).
-    pub block_size: usize,
-    /// Reported in `vllm:cache_config_info`.
-    pub enable_prefix_caching: bool,
     /// Reported in `vllm:cache_config_info`.
     pub gpu_memory_utilization: f32,
 }
@@ -95,8 +91,6 @@ impl Default for ServerConfig {
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             stall_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
-            block_size: 16,
-            enable_prefix_caching: true,
             gpu_memory_utilization: 0.9,
         }
     }
@@ -207,14 +201,12 @@ impl Server {
             ),
         };
         let info = engine.model_info();
-        let limits = ModelLimits {
-            vocab_size: info.vocab_size,
-            max_model_len: info.max_model_len,
-        };
+        let limits = engine.limits();
+        let cache = engine.cache_config();
         metrics.set_cache_info(&CacheInfo {
-            block_size: config.block_size,
-            num_gpu_blocks: engine.stats().kv_blocks_total.load(Ordering::Relaxed),
-            enable_prefix_caching: config.enable_prefix_caching,
+            block_size: cache.block_size,
+            num_gpu_blocks: cache.num_blocks as u64,
+            enable_prefix_caching: cache.enable_prefix_caching,
             gpu_memory_utilization: config.gpu_memory_utilization,
         });
         let fingerprint = fingerprint(&config.model_root, &info.dtype, &info.device);

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use spindle_engine::SamplingParams;
+pub use spindle_engine::ModelLimits;
+use spindle_engine::{GenerateRequest, RequestError, SamplingParams};
 
 use crate::error::ApiError;
 use crate::protocol::{ChatCompletionRequest, CommonFields, CompletionRequest};
@@ -28,22 +29,14 @@ pub const MAX_PROMPTS: usize = 256;
 /// `max_tokens` of a text completion that sends none (OpenAI's and vLLM's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
-/// What the model imposes on every request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModelLimits {
-    /// Token ids must be below this.
-    pub vocab_size: usize,
-    /// Prompt plus output may not exceed this.
-    pub max_model_len: usize,
-}
-
-/// The outcome of validating everything that does not depend on the prompt's length.
+/// The outcome of validating everything that does not depend on the prompt. The prompt is
+/// checked with these parameters against the model by [`build_request`], which gives the one
+/// request type the engine takes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
-    /// Engine parameters; `max_tokens` is fixed later by [`resolve_max_tokens`].
+    /// Engine parameters; `max_tokens` is what the client asked (or the endpoint's default),
+    /// `None` filling the context.
     pub params: SamplingParams,
-    /// `max_tokens` as the client asked (None: fill the context / the endpoint's default).
-    pub requested_max_tokens: Option<usize>,
     /// Answer as SSE.
     pub stream: bool,
     /// `stream_options.include_usage`.
@@ -178,8 +171,8 @@ pub fn completion_params(
         req.common.max_tokens,
         "max_tokens",
     )?;
-    if v.requested_max_tokens.is_none() {
-        v.requested_max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
+    if v.params.max_tokens.is_none() {
+        v.params.max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
         // The default bounds min_tokens like an explicit max_tokens would (found by fuzzing:
         // min_tokens was silently cut to the default).
         if v.params.min_tokens > DEFAULT_COMPLETION_MAX_TOKENS {
@@ -387,9 +380,9 @@ fn common_params(
             o.continuous_usage_stats.unwrap_or(false),
         ),
     };
+    p.max_tokens = requested_max_tokens;
     Ok(Validated {
         params: p,
-        requested_max_tokens,
         stream,
         include_usage,
         continuous_usage,
@@ -550,48 +543,57 @@ pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptIn
     Ok(prompts)
 }
 
-/// Check prompt ids against the vocabulary (ids from `/v1/completions` token prompts).
-pub fn check_prompt_ids(ids: &[u32], vocab: usize) -> Result<(), ApiError> {
-    if ids.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "The prompt is empty after tokenization.",
-        ));
-    }
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            format!("Token id {bad} is out of range for a vocabulary of {vocab}."),
-        ));
-    }
-    Ok(())
+/// Check a tokenized prompt with the validated parameters against the model and build the
+/// engine's request: an empty prompt, an unknown token id, or a prompt and `max_tokens` over the
+/// context are a 400 stating the numbers (vLLM's wording). `prompt_word` is "messages" for chat,
+/// "prompt" for completions.
+pub fn build_request(
+    request_id: String,
+    prompt_ids: Vec<u32>,
+    params: &SamplingParams,
+    limits: ModelLimits,
+    prompt_word: &str,
+) -> Result<GenerateRequest, ApiError> {
+    GenerateRequest::new(request_id, prompt_ids, params.clone(), limits)
+        .map_err(|e| request_error(e, prompt_word))
 }
 
-/// Fix `max_tokens` against the context: over the limit is a 400 stating the numbers (vLLM's
-/// wording); absent means "whatever fits". `prompt_word` is "messages" for chat, "prompt" for
-/// completions.
-pub fn resolve_max_tokens(
-    prompt_tokens: usize,
-    requested: Option<usize>,
-    max_model_len: usize,
-    prompt_word: &str,
-) -> Result<usize, ApiError> {
-    match requested {
-        Some(m) if prompt_tokens.saturating_add(m) > max_model_len => Err(ApiError::invalid_param(
+fn request_error(e: RequestError, prompt_word: &str) -> ApiError {
+    let max_model_len = |m: usize| format!("This model's maximum context length is {m} tokens.");
+    match e {
+        RequestError::EmptyPrompt => {
+            ApiError::invalid_param("prompt", "The prompt is empty after tokenization.")
+        }
+        RequestError::TokenOutOfRange { id, vocab_size } => ApiError::invalid_param(
+            "prompt",
+            format!("Token id {id} is out of range for a vocabulary of {vocab_size}."),
+        ),
+        RequestError::ContextExceeded {
+            prompt_tokens,
+            max_tokens,
+            max_model_len: m,
+        } => ApiError::invalid_param(
             if prompt_word == "messages" { "messages" } else { "prompt" },
             format!(
-                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_tokens} in the {prompt_word}, {m} in the completion). Please reduce the length of the {prompt_word} or completion.",
-                prompt_tokens + m
+                "{} However, you requested {} tokens ({prompt_tokens} in the {prompt_word}, {max_tokens} in the completion). Please reduce the length of the {prompt_word} or completion.",
+                max_model_len(m),
+                prompt_tokens + max_tokens
             ),
-        )),
-        Some(m) => Ok(m),
-        None if prompt_tokens >= max_model_len => Err(ApiError::invalid_param(
+        ),
+        RequestError::PromptTooLong {
+            prompt_tokens,
+            max_model_len: m,
+        } => ApiError::invalid_param(
             prompt_word,
             format!(
-                "This model's maximum context length is {max_model_len} tokens. However, your request has {prompt_tokens} input tokens. Please reduce the length of the input {prompt_word}."
+                "{} However, your request has {prompt_tokens} input tokens. Please reduce the length of the input {prompt_word}.",
+                max_model_len(m)
             ),
-        )),
-        None => Ok(max_model_len - prompt_tokens),
+        ),
+        RequestError::ZeroChoices => ApiError::invalid_param("n", "`n` must be at least 1."),
+        RequestError::ZeroMaxTokens => {
+            ApiError::invalid_param("max_tokens", "`max_tokens` must be at least 1.")
+        }
     }
 }
 
@@ -614,6 +616,10 @@ mod tests {
 
     const LIMITS: ModelLimits = ModelLimits {
         vocab_size: 1000,
+        max_model_len: 100,
+    };
+    const LIMITS_10: ModelLimits = ModelLimits {
+        vocab_size: 10,
         max_model_len: 100,
     };
 
@@ -640,7 +646,7 @@ mod tests {
         .unwrap();
         let p = &v.params;
         assert_eq!((p.n, p.top_k, p.min_tokens), (2, 5, 2));
-        assert_eq!(v.requested_max_tokens, Some(7));
+        assert_eq!(p.max_tokens, Some(7));
         assert_eq!(p.stop, vec!["a".to_string()]);
         assert_eq!(p.stop_token_ids, vec![3]);
         assert_eq!(p.seed, Some(u64::MAX));
@@ -653,10 +659,15 @@ mod tests {
     #[test]
     fn defaults() {
         let v = chat(json!({"messages": []})).unwrap();
-        assert_eq!(v.params, SamplingParams::default());
-        assert_eq!(v.requested_max_tokens, None);
+        assert_eq!(
+            v.params,
+            SamplingParams {
+                max_tokens: None,
+                ..SamplingParams::default()
+            }
+        );
         let v = completion(json!({"prompt": "x"})).unwrap();
-        assert_eq!(v.requested_max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
+        assert_eq!(v.params.max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
         assert_eq!(
             chat(json!({"top_k": -1, "logprobs": true}))
                 .unwrap()
@@ -795,29 +806,51 @@ mod tests {
             let e = p(bad.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
         }
-        assert!(check_prompt_ids(&[], 10).is_err());
-        assert!(check_prompt_ids(&[10], 10).is_err());
-        assert!(check_prompt_ids(&[9], 10).is_ok());
+        let build = |ids: Vec<u32>| {
+            build_request(
+                "r".into(),
+                ids,
+                &SamplingParams::default(),
+                LIMITS_10,
+                "prompt",
+            )
+        };
+        assert!(build(vec![]).is_err());
+        assert!(build(vec![10]).is_err());
+        assert!(build(vec![9]).is_ok());
     }
 
     #[test]
     fn context_length_messages_state_the_numbers() {
-        assert_eq!(resolve_max_tokens(10, None, 100, "messages").unwrap(), 90);
-        assert_eq!(
-            resolve_max_tokens(10, Some(90), 100, "messages").unwrap(),
-            90
-        );
-        let e = resolve_max_tokens(10, Some(91), 100, "messages").unwrap_err();
+        let build = |n: usize, max: Option<usize>, word: &str| {
+            let params = SamplingParams {
+                max_tokens: max,
+                ..SamplingParams::default()
+            };
+            build_request("r".into(), vec![1; n], &params, LIMITS, word)
+        };
+        assert_eq!(build(10, None, "messages").unwrap().max_tokens(), 90);
+        assert_eq!(build(10, Some(90), "messages").unwrap().max_tokens(), 90);
+        let e = build(10, Some(91), "messages").unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
         assert_eq!(
             e.message,
             "This model's maximum context length is 100 tokens. However, you requested 101 tokens (10 in the messages, 91 in the completion). Please reduce the length of the messages or completion."
         );
-        let e = resolve_max_tokens(100, None, 100, "prompt").unwrap_err();
+        let e = build(100, None, "prompt").unwrap_err();
         assert!(
             e.message.contains("your request has 100 input tokens"),
             "{}",
             e.message
         );
+        // min_tokens is bounded by the resolved max_tokens.
+        let params = SamplingParams {
+            max_tokens: None,
+            min_tokens: 95,
+            ..SamplingParams::default()
+        };
+        let r = build_request("r".into(), vec![1; 10], &params, LIMITS, "prompt").unwrap();
+        assert_eq!((r.max_tokens(), r.params().min_tokens), (90, 90));
     }
 
     #[test]

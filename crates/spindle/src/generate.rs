@@ -101,15 +101,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        max_tokens: args.max_tokens,
+        max_tokens: Some(args.max_tokens),
         ..SamplingParams::default()
     };
+    let request = GenerateRequest::new("generate", prompt_ids, params, engine.limits())?;
     let started = std::time::Instant::now();
-    let mut stream = engine.generate(GenerateRequest {
-        request_id: "generate".into(),
-        prompt_token_ids: prompt_ids,
-        params,
-    })?;
+    let mut stream = engine.generate(request)?;
     let mut out = std::io::stdout().lock();
     if !args.chat {
         write!(out, "{}", args.prompt)?;

@@ -529,8 +529,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         body_read_timeout,
         stall_timeout,
         shutdown_timeout,
-        block_size: args.block_size,
-        enable_prefix_caching,
         gpu_memory_utilization: args.gpu_memory_utilization,
     };
 

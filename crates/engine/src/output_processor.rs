@@ -1,0 +1,501 @@
+//! The output processor: after a forward pass it samples the next token of every sequence that
+//! reached its end, forks `n > 1` choices after their prompt, appends each token to the
+//! scheduler's sequence, detokenizes, checks stops and streams the delta to the request's
+//! channel. It owns the requests (their channels, settings and accounting) and each sequence's
+//! RNG, detokenizer and stop checker; tokens and KV blocks stay with the scheduler.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use spindle_model::TokenizerBundle;
+use tokio::sync::mpsc;
+
+use crate::api::{
+    ChoiceDelta, EngineError, EngineEvent, FinishReason, GenerateRequest, RequestTimings,
+    SamplingParams, StepLogprobs, StopReason, Usage,
+};
+use crate::sampler::{sample_batch, SampleInput, SampleResult, SequenceRng};
+use crate::scheduler::{ScheduledSeq, Scheduler, SeqId};
+use crate::sequence::{RequestGroup, SeqOutput};
+use crate::stats::EngineStats;
+
+/// Why a sequence ends, as reported in its last delta.
+pub type Finish = (FinishReason, Option<StopReason>);
+
+/// Whether `min_tokens` lets a sequence stop once it has `num_output` tokens: EOS is masked while
+/// fewer than `min_tokens` tokens precede it, so the first token that may end a sequence is
+/// number `min_tokens + 1` (vLLM's rule, for stop strings too).
+pub fn min_tokens_passed(num_output: usize, min_tokens: usize) -> bool {
+    min_tokens == 0 || num_output > min_tokens
+}
+
+/// Stop decided by the token alone: EOS (unless `ignore_eos`) or a stop token id, once
+/// `min_tokens` is passed. EOS reports no stop reason, a stop token id reports itself.
+pub fn stop_on_token(
+    token: u32,
+    num_output: usize,
+    params: &SamplingParams,
+    eos_ids: &[u32],
+) -> Option<Finish> {
+    let is_eos = !params.ignore_eos && eos_ids.contains(&token);
+    let is_stop_id = params.stop_token_ids.contains(&token);
+    if !(is_eos || is_stop_id) || !min_tokens_passed(num_output, params.min_tokens) {
+        return None;
+    }
+    let reason = (is_stop_id && !is_eos).then_some(StopReason::TokenId(token));
+    Some((FinishReason::Stop, reason))
+}
+
+/// Whether a sequence of `seq_len` tokens with `num_output` generated is at its length bound.
+pub fn stop_on_length(
+    num_output: usize,
+    seq_len: usize,
+    max_tokens: usize,
+    max_model_len: usize,
+) -> bool {
+    num_output >= max_tokens || seq_len >= max_model_len
+}
+
+/// Requests in flight and what turns their tokens into events.
+pub struct OutputProcessor {
+    tokenizer: Arc<TokenizerBundle>,
+    max_model_len: usize,
+    stats: Arc<EngineStats>,
+    requests: HashMap<u64, RequestGroup>,
+    seqs: HashMap<SeqId, SeqOutput>,
+    next_seq: SeqId,
+    /// Draws the fallback seed of each unseeded request.
+    seed_rng: rand::rngs::StdRng,
+}
+
+impl OutputProcessor {
+    pub fn new(
+        tokenizer: Arc<TokenizerBundle>,
+        max_model_len: usize,
+        seed: u64,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Self {
+            tokenizer,
+            max_model_len,
+            stats,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq: 0,
+            seed_rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Register request `id` with its first sequence; returns that sequence's id for the
+    /// scheduler.
+    pub fn add_request(
+        &mut self,
+        id: u64,
+        request: GenerateRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    ) -> (SeqId, Vec<u32>) {
+        let (request_id, prompt, params, max_tokens) = request.into_parts();
+        debug_assert!(!prompt.is_empty() && prompt.len() + max_tokens <= self.max_model_len);
+        let fallback_seed: u64 = self.seed_rng.random();
+        let seq_id = self.new_seq(SeqOutput::new(id, 0, &prompt, &params, fallback_seed));
+        self.stats
+            .prompt_tokens_total
+            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        self.requests.insert(
+            id,
+            RequestGroup {
+                request_id,
+                pending_children: params.n > 1,
+                params,
+                events,
+                usage: Usage {
+                    prompt_tokens: prompt.len(),
+                    ..Usage::default()
+                },
+                max_tokens,
+                first_seq: seq_id,
+                fallback_seed,
+                num_live: 1,
+                arrived: Instant::now(),
+                first_scheduled: None,
+                first_token: None,
+            },
+        );
+        (seq_id, prompt)
+    }
+
+    fn new_seq(&mut self, output: SeqOutput) -> SeqId {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.seqs.insert(id, output);
+        id
+    }
+
+    /// The caller's id of the request a sequence belongs to (for step traces).
+    pub fn request_id_of(&self, seq: SeqId) -> Option<&str> {
+        let group = self.seqs.get(&seq)?.group;
+        self.requests.get(&group).map(|g| g.request_id.as_str())
+    }
+
+    /// Every request in flight, so a dying engine can fail them all.
+    pub fn request_ids(&self) -> Vec<u64> {
+        self.requests.keys().copied().collect()
+    }
+
+    /// Note when each request was first scheduled and how much of its prompt was cached.
+    pub fn note_scheduled(&mut self, scheduled: &[ScheduledSeq], started: Instant) {
+        for s in scheduled {
+            let Some(group) = self.seqs.get(&s.id).map(|q| q.group) else {
+                continue;
+            };
+            if let Some(g) = self.requests.get_mut(&group) {
+                if g.first_scheduled.is_none() {
+                    g.first_scheduled = Some(started);
+                    g.usage.cached_tokens = s.num_computed;
+                }
+            }
+        }
+    }
+
+    /// Sample the next token of every sequence in `ids` (row `i` of `rows` belongs to `ids[i]`),
+    /// fork `n > 1` children after their parent's prefill, and stream the results.
+    pub fn process(
+        &mut self,
+        ids: &[SeqId],
+        rows: &[Vec<f32>],
+        scheduler: &mut Scheduler,
+        now: Instant,
+    ) {
+        let mut work: Vec<(SeqId, usize)> = ids.iter().copied().zip(0..).collect();
+        for (row, &id) in ids.iter().enumerate() {
+            self.fork_children(id, row, scheduler, &mut work);
+        }
+        let results = self.sample(&work, rows, scheduler);
+        for (id, result) in results {
+            match result {
+                Ok((token, logprobs)) => self.append_token(id, token, logprobs, scheduler, now),
+                Err(e) => self.fail_seq_request(id, EngineError::Sampler(e), scheduler),
+            }
+        }
+    }
+
+    /// After the prompt of a request's first choice is computed, start its other `n - 1`
+    /// choices on the same prompt blocks; they sample from the parent's row.
+    fn fork_children(
+        &mut self,
+        parent: SeqId,
+        row: usize,
+        scheduler: &mut Scheduler,
+        work: &mut Vec<(SeqId, usize)>,
+    ) {
+        let Some(group_id) = self.seqs.get(&parent).map(|s| s.group) else {
+            return;
+        };
+        let Some(group) = self.requests.get_mut(&group_id) else {
+            return;
+        };
+        if group.first_seq != parent || !group.pending_children {
+            return;
+        }
+        group.pending_children = false;
+        let n = group.params.n;
+        group.num_live += n - 1;
+        let (params, fallback) = (group.params.clone(), group.fallback_seed);
+        let prompt = scheduler
+            .seq(parent)
+            .map(|s| s.prompt_ids().to_vec())
+            .unwrap_or_default();
+        for choice in 1..n {
+            let child = self.new_seq(SeqOutput::new(group_id, choice, &prompt, &params, fallback));
+            scheduler.fork(parent, child);
+            work.push((child, row));
+        }
+    }
+
+    /// Sample every work item in parallel; each sequence advances its own RNG.
+    fn sample(
+        &mut self,
+        work: &[(SeqId, usize)],
+        rows: &[Vec<f32>],
+        scheduler: &Scheduler,
+    ) -> Vec<(SeqId, SampleResult)> {
+        let eos = &self.tokenizer.eos_token_ids;
+        let mut order = Vec::with_capacity(work.len());
+        let mut rngs: Vec<SequenceRng> = Vec::with_capacity(work.len());
+        let mut picked = Vec::with_capacity(work.len());
+        for &(id, row) in work {
+            let (Some(out), Some(_), Some(_)) =
+                (self.seqs.get(&id), scheduler.seq(id), rows.get(row))
+            else {
+                continue;
+            };
+            if !self.requests.contains_key(&out.group) {
+                continue;
+            }
+            order.push((id, row, out.group));
+            rngs.push(out.rng.clone());
+        }
+        {
+            let mut inputs = Vec::with_capacity(order.len());
+            for (&(id, row, group), rng) in order.iter().zip(rngs.iter_mut()) {
+                let (Some(seq), Some(group), Some(logits)) =
+                    (scheduler.seq(id), self.requests.get(&group), rows.get(row))
+                else {
+                    continue; // checked above
+                };
+                inputs.push(SampleInput {
+                    logits,
+                    params: &group.params,
+                    prompt_ids: seq.prompt_ids(),
+                    output_ids: seq.output_ids(),
+                    eos_ids: eos,
+                    rng,
+                });
+            }
+            picked.extend(sample_batch(&mut inputs));
+        }
+        for (&(id, _, _), rng) in order.iter().zip(rngs) {
+            if let Some(out) = self.seqs.get_mut(&id) {
+                out.rng = rng;
+            }
+        }
+        order.into_iter().map(|(id, _, _)| id).zip(picked).collect()
+    }
+
+    /// Add a sampled token to a sequence, detokenize, check stops, and send the delta.
+    fn append_token(
+        &mut self,
+        id: SeqId,
+        token: u32,
+        logprobs: Option<StepLogprobs>,
+        scheduler: &mut Scheduler,
+        now: Instant,
+    ) {
+        scheduler.append_token(id, token);
+        let (Some(out), Some(seq)) = (self.seqs.get_mut(&id), scheduler.seq(id)) else {
+            return;
+        };
+        let Some(group) = self.requests.get_mut(&out.group) else {
+            return;
+        };
+        group.usage.completion_tokens += 1;
+        group.first_token.get_or_insert(now);
+        self.stats
+            .generation_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
+
+        let params = &group.params;
+        let tokenizer = &self.tokenizer.tokenizer;
+        let num_output = seq.num_output();
+        let may_stop = min_tokens_passed(num_output, params.min_tokens);
+        let mut text = String::new();
+        let mut finish = stop_on_token(token, num_output, params, &self.tokenizer.eos_token_ids);
+        if finish.is_none() {
+            let piece = match out.detokenizer.push(tokenizer, token) {
+                Ok(piece) => piece,
+                Err(e) => {
+                    let group_id = out.group;
+                    self.fail_request(group_id, EngineError::Detokenize(e), scheduler);
+                    return;
+                }
+            };
+            if may_stop {
+                let (emit, hit) = out.stop.push(&piece);
+                text.push_str(&emit);
+                finish = hit.map(|s| (FinishReason::Stop, Some(StopReason::Text(s))));
+            } else {
+                text.push_str(&out.stop.push_unmatched(&piece));
+            }
+            if finish.is_none()
+                && stop_on_length(
+                    num_output,
+                    seq.tokens().len(),
+                    group.max_tokens,
+                    self.max_model_len,
+                )
+            {
+                finish = Some((FinishReason::Length, None));
+            }
+        }
+        // At the end, release text held back for split characters or possible stop strings.
+        if let Some((_, None)) | Some((FinishReason::Length, _)) = finish {
+            if let Ok(tail) = out.detokenizer.finish(tokenizer) {
+                let hit = if may_stop {
+                    let (emit, hit) = out.stop.push(&tail);
+                    text.push_str(&emit);
+                    hit
+                } else {
+                    text.push_str(&out.stop.push_unmatched(&tail));
+                    None
+                };
+                match hit {
+                    Some(stop) => finish = Some((FinishReason::Stop, Some(StopReason::Text(stop)))),
+                    None => text.push_str(&out.stop.finish()),
+                }
+            }
+        }
+        let delta = ChoiceDelta {
+            index: out.choice,
+            token_ids: vec![token],
+            text,
+            logprobs: logprobs.into_iter().collect(),
+            finish_reason: finish.as_ref().map(|f| f.0),
+            stop_reason: finish.as_ref().and_then(|f| f.1.clone()),
+        };
+        let _ = group.events.send(EngineEvent::Delta(delta));
+        if finish.is_some() {
+            let group_id = out.group;
+            self.release_seq(id, scheduler);
+            self.finish_if_done(group_id, now);
+        }
+    }
+
+    /// Send `Finished` once every choice of a request is done.
+    fn finish_if_done(&mut self, group_id: u64, now: Instant) {
+        let Some(group) = self.requests.get_mut(&group_id) else {
+            return;
+        };
+        group.num_live = group.num_live.saturating_sub(1);
+        if group.num_live > 0 || group.pending_children {
+            return;
+        }
+        let Some(group) = self.requests.remove(&group_id) else {
+            return;
+        };
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        let scheduled = group.first_scheduled.unwrap_or(group.arrived);
+        let first = group.first_token.unwrap_or(now);
+        let timings = RequestTimings {
+            queue: secs(group.arrived, scheduled),
+            prefill: secs(scheduled, first),
+            decode: secs(first, now),
+            time_to_first_token: secs(group.arrived, first),
+            e2e: secs(group.arrived, now),
+        };
+        let _ = group.events.send(EngineEvent::Finished {
+            usage: group.usage,
+            timings,
+        });
+    }
+
+    /// A sequence the scheduler refused (it can never fit the KV cache) ends with `length`.
+    pub fn refuse(&mut self, id: SeqId, scheduler: &mut Scheduler) {
+        let Some(out) = self.seqs.get(&id) else {
+            scheduler.finish(id);
+            return;
+        };
+        let group_id = out.group;
+        let delta = ChoiceDelta {
+            index: out.choice,
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish_reason: Some(FinishReason::Length),
+            stop_reason: None,
+        };
+        if let Some(g) = self.requests.get(&group_id) {
+            let _ = g.events.send(EngineEvent::Delta(delta));
+        }
+        self.release_seq(id, scheduler);
+        self.finish_if_done(group_id, Instant::now());
+    }
+
+    /// Remove a request and free its blocks without telling the caller (it is gone or asked).
+    pub fn abort_request(&mut self, group: u64, scheduler: &mut Scheduler) {
+        if self.requests.remove(&group).is_none() {
+            return;
+        }
+        let ids: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.group == group)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.release_seq(id, scheduler);
+        }
+    }
+
+    /// End a request with an error event.
+    pub fn fail_request(&mut self, group: u64, error: EngineError, scheduler: &mut Scheduler) {
+        if let Some(g) = self.requests.get(&group) {
+            let _ = g.events.send(EngineEvent::Error(error));
+        }
+        self.abort_request(group, scheduler);
+    }
+
+    /// End the request a sequence belongs to with an error event.
+    pub fn fail_seq_request(&mut self, seq: SeqId, error: EngineError, scheduler: &mut Scheduler) {
+        if let Some(group) = self.seqs.get(&seq).map(|s| s.group) {
+            self.fail_request(group, error, scheduler);
+        }
+    }
+
+    fn release_seq(&mut self, id: SeqId, scheduler: &mut Scheduler) {
+        scheduler.finish(id);
+        self.seqs.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_and_stop_ids_wait_for_min_tokens() {
+        let params = SamplingParams {
+            min_tokens: 2,
+            stop_token_ids: vec![9],
+            ..SamplingParams::default()
+        };
+        let eos = [2];
+        assert_eq!(stop_on_token(2, 2, &params, &eos), None);
+        assert_eq!(stop_on_token(9, 2, &params, &eos), None);
+        assert_eq!(
+            stop_on_token(2, 3, &params, &eos),
+            Some((FinishReason::Stop, None))
+        );
+        assert_eq!(
+            stop_on_token(9, 3, &params, &eos),
+            Some((FinishReason::Stop, Some(StopReason::TokenId(9))))
+        );
+        assert_eq!(stop_on_token(5, 3, &params, &eos), None);
+    }
+
+    #[test]
+    fn ignore_eos_keeps_stop_ids() {
+        let params = SamplingParams {
+            ignore_eos: true,
+            stop_token_ids: vec![2],
+            ..SamplingParams::default()
+        };
+        // An EOS id listed as a stop id still stops, reported as the stop id.
+        assert_eq!(
+            stop_on_token(2, 1, &params, &[2]),
+            Some((FinishReason::Stop, Some(StopReason::TokenId(2))))
+        );
+        assert_eq!(
+            stop_on_token(
+                3,
+                1,
+                &SamplingParams {
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                },
+                &[3]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn length_bound_is_max_tokens_or_the_context() {
+        assert!(!stop_on_length(3, 10, 4, 100));
+        assert!(stop_on_length(4, 11, 4, 100));
+        assert!(stop_on_length(1, 100, 50, 100));
+        assert!(min_tokens_passed(1, 0) && !min_tokens_passed(3, 3) && min_tokens_passed(4, 3));
+    }
+}

@@ -1,0 +1,275 @@
+//! The scheduler on fake requests: no model, no sampler. `run_step` plays the engine's part
+//! (compute the scheduled tokens, append a made-up token to every sequence that sampled).
+
+use super::*;
+
+const BLOCK: usize = 4;
+
+fn scheduler(num_blocks: usize, max_seqs: usize, budget: usize, prefix: bool) -> Scheduler {
+    Scheduler::new(
+        BlockManager::new(num_blocks, BLOCK, prefix),
+        max_seqs,
+        budget,
+    )
+}
+
+fn prompt(first: u32, len: usize) -> Vec<u32> {
+    (first..first + len as u32).collect()
+}
+
+/// One engine step without a model: schedule, mark the KV computed, sample a fake token.
+fn run_step(s: &mut Scheduler) -> SchedulerOutput {
+    let out = s.schedule();
+    s.on_step_done(&out.scheduled);
+    for e in &out.scheduled {
+        if e.samples {
+            s.append_token(e.id, 7);
+        }
+    }
+    s.blocks().check_invariants().expect("block bookkeeping");
+    out
+}
+
+fn ids(out: &SchedulerOutput) -> Vec<SeqId> {
+    out.scheduled.iter().map(|e| e.id).collect()
+}
+
+fn sizes(out: &SchedulerOutput) -> Vec<(SeqId, usize)> {
+    out.scheduled
+        .iter()
+        .map(|e| (e.id, e.num_new_tokens))
+        .collect()
+}
+
+#[test]
+fn decodes_take_the_budget_first_and_prefills_get_the_rest() {
+    let mut s = scheduler(64, 16, 10, false);
+    s.add(1, prompt(0, 3), 0);
+    s.add(2, prompt(100, 3), 0);
+    assert_eq!(sizes(&run_step(&mut s)), vec![(1, 3), (2, 3)]);
+    // Both decode now; a new 20-token prompt gets what is left of the budget (10 - 2).
+    s.add(3, prompt(200, 20), 0);
+    let out = run_step(&mut s);
+    assert_eq!(sizes(&out), vec![(1, 1), (2, 1), (3, 8)]);
+    assert_eq!(out.num_tokens(), 10);
+    assert!(
+        !out.scheduled[2].samples,
+        "a partial prefill samples nothing"
+    );
+}
+
+#[test]
+fn a_long_prompt_is_chunked_over_steps() {
+    let mut s = scheduler(64, 16, 8, false);
+    s.add(1, prompt(0, 20), 0);
+    let chunks: Vec<ScheduledSeq> = (0..3).map(|_| run_step(&mut s).scheduled[0]).collect();
+    assert_eq!(
+        chunks
+            .iter()
+            .map(|c| (c.num_computed, c.num_new_tokens, c.samples))
+            .collect::<Vec<_>>(),
+        vec![(0, 8, false), (8, 8, false), (16, 4, true)]
+    );
+    assert_eq!(s.seq(1).map(|q| q.num_output()), Some(1));
+    // Then it decodes one token per step.
+    assert_eq!(sizes(&run_step(&mut s)), vec![(1, 1)]);
+}
+
+#[test]
+fn a_chunked_prefill_never_stalls_running_decodes() {
+    let mut s = scheduler(64, 16, 6, false);
+    s.add(1, prompt(0, 2), 0);
+    run_step(&mut s);
+    s.add(2, prompt(50, 30), 0);
+    for _ in 0..5 {
+        let out = run_step(&mut s);
+        assert_eq!(out.scheduled[0].id, 1, "the decode comes first");
+        assert_eq!(out.scheduled[0].num_new_tokens, 1);
+        assert_eq!(out.num_tokens(), 6);
+    }
+}
+
+#[test]
+fn running_out_of_blocks_preempts_the_latest_admitted() {
+    // 6 blocks of 4 = 24 slots; three 8-token prompts take 2 blocks each.
+    let mut s = scheduler(6, 16, 64, false);
+    for id in 1..=3 {
+        s.add(id, prompt(10 * id as u32, 8), 0);
+    }
+    assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
+    assert_eq!(s.blocks().num_free_blocks(), 0);
+    // Each needs a third block for its 9th token: the newest (3) is preempted for the first.
+    let out = run_step(&mut s);
+    assert_eq!(out.preempted, vec![3]);
+    assert_eq!(sizes(&out), vec![(1, 1), (2, 1)]);
+    assert_eq!(s.num_waiting(), 1);
+    assert_eq!(s.seq(3).map(|q| q.num_computed()), Some(0));
+    assert!(s.seq(3).is_some_and(|q| q.table().is_none()));
+}
+
+#[test]
+fn a_preempted_sequence_resumes_with_its_output_recomputed() {
+    let mut s = scheduler(6, 16, 64, false);
+    for id in 1..=3 {
+        s.add(id, prompt(10 * id as u32, 8), 0);
+    }
+    run_step(&mut s);
+    let out = run_step(&mut s);
+    assert_eq!(out.preempted, vec![3]);
+    let before: Vec<u32> = s.seq(3).map(|q| q.tokens().to_vec()).unwrap_or_default();
+    assert_eq!(
+        before.len(),
+        9,
+        "prompt + the token sampled before preemption"
+    );
+    s.finish(1);
+    s.finish(2);
+    // Readmitted: prompt and output so far are recomputed in one go, then it samples.
+    let out = run_step(&mut s);
+    assert_eq!(
+        out.scheduled,
+        vec![ScheduledSeq {
+            id: 3,
+            num_new_tokens: 9,
+            num_computed: 0,
+            samples: true
+        }]
+    );
+    let q = s.seq(3).expect("still there");
+    assert_eq!(&q.tokens()[..9], before.as_slice());
+    assert_eq!(q.num_output(), 2);
+    assert_eq!(q.num_computed(), 9);
+}
+
+#[test]
+fn prefix_cache_hits_reduce_the_tokens_to_compute() {
+    let mut s = scheduler(32, 16, 64, true);
+    let shared = prompt(0, 12);
+    s.add(1, shared.clone(), 0);
+    run_step(&mut s);
+    s.finish(1);
+    let mut longer = shared.clone();
+    longer.extend([500, 501]);
+    s.add(2, longer, 0);
+    let out = run_step(&mut s);
+    // 12 tokens = 3 full cached blocks: only the 2 new tokens run.
+    assert_eq!(
+        out.scheduled,
+        vec![ScheduledSeq {
+            id: 2,
+            num_new_tokens: 2,
+            num_computed: 12,
+            samples: true
+        }]
+    );
+    let (queries, hits) = s.blocks().prefix_cache_stats();
+    assert!(hits > 0 && queries >= hits);
+}
+
+#[test]
+fn a_fully_cached_prompt_still_computes_its_last_block() {
+    let mut s = scheduler(32, 16, 64, true);
+    s.add(1, prompt(0, 8), 0);
+    run_step(&mut s);
+    s.add(2, prompt(0, 8), 0);
+    let out = run_step(&mut s);
+    let e = out.scheduled.iter().find(|e| e.id == 2).copied();
+    assert_eq!(
+        e.map(|e| (e.num_computed, e.num_new_tokens, e.samples)),
+        Some((4, 4, true))
+    );
+}
+
+#[test]
+fn a_request_that_can_never_fit_is_refused() {
+    let mut s = scheduler(4, 16, 64, false); // 16 slots
+    s.add(1, prompt(0, 17), 0);
+    s.add(2, prompt(100, 4), 0);
+    let out = run_step(&mut s);
+    assert_eq!(out.refused, vec![1]);
+    assert!(out.scheduled.is_empty());
+    assert!(s.seq(1).is_none());
+    // The next one is not held up.
+    assert_eq!(ids(&run_step(&mut s)), vec![2]);
+    assert_eq!(s.blocks().num_used_blocks(), 1);
+}
+
+#[test]
+fn a_waiting_request_waits_for_blocks_instead_of_preempting() {
+    let mut s = scheduler(4, 16, 64, false);
+    s.add(1, prompt(0, 12), 0);
+    run_step(&mut s);
+    s.add(2, prompt(100, 8), 0);
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![1]);
+    assert!(out.refused.is_empty() && out.preempted.is_empty());
+    assert_eq!(s.num_waiting(), 1);
+    s.finish(1);
+    assert_eq!(ids(&run_step(&mut s)), vec![2]);
+}
+
+#[test]
+fn max_num_seqs_is_respected() {
+    let mut s = scheduler(64, 3, 64, false);
+    for id in 1..=5 {
+        s.add(id, prompt(10 * id as u32, 2), 0);
+    }
+    assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
+    assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
+    assert_eq!((s.num_running(), s.num_waiting()), (3, 2));
+    s.finish(2);
+    assert_eq!(ids(&run_step(&mut s)), vec![1, 3, 4]);
+}
+
+#[test]
+fn admission_is_first_come_first_served_under_load() {
+    let mut s = scheduler(64, 64, 10, false);
+    for id in 1..=6 {
+        s.add(id, prompt(10 * id as u32, 4), 0);
+    }
+    let mut admitted = Vec::new();
+    for _ in 0..4 {
+        for e in run_step(&mut s).scheduled {
+            if e.num_computed == 0 && !admitted.contains(&e.id) {
+                admitted.push(e.id);
+            }
+        }
+    }
+    assert_eq!(admitted, vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_fork_shares_the_prompt_and_runs_at_once() {
+    let mut s = scheduler(16, 16, 64, false);
+    s.add(1, prompt(0, 6), 0);
+    let out = s.schedule();
+    s.on_step_done(&out.scheduled);
+    let used = s.blocks().num_used_blocks();
+    assert!(s.fork(1, 2));
+    assert_eq!(
+        s.blocks().num_used_blocks(),
+        used,
+        "prompt blocks are shared"
+    );
+    s.append_token(1, 40);
+    s.append_token(2, 41);
+    let out = run_step(&mut s);
+    assert_eq!(sizes(&out), vec![(1, 1), (2, 1)]);
+    // Both wrote into the shared, partly filled block: the child got a copy.
+    assert_eq!(out.copies.len(), 1);
+    assert_eq!(s.seq(2).map(|q| &q.tokens()[..6]), Some(&prompt(0, 6)[..]));
+    assert!(!s.fork(99, 100));
+}
+
+#[test]
+fn finishing_frees_every_block() {
+    let mut s = scheduler(16, 16, 64, false);
+    s.add(1, prompt(0, 9), 0);
+    s.add(2, prompt(50, 3), 0);
+    run_step(&mut s);
+    assert!(s.blocks().num_used_blocks() > 0);
+    s.finish(1);
+    s.finish(2);
+    assert_eq!(s.blocks().num_used_blocks(), 0);
+    assert!(!s.has_work());
+}
