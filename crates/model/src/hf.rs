@@ -122,6 +122,39 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
         bos_token_id,
         eos_token_ids,
         add_bos_token,
+        post_process_special_tokens: false,
+    })
+}
+
+/// The tokenizer of an encoder (BERT-style embedding model): special tokens come from its own
+/// post-processor (`[CLS] ... [SEP]`), and the truncation and padding that such a
+/// `tokenizer.json` often carries (e.g. pad/truncate to 128) are removed, so inputs are never
+/// silently cut or padded: length limits are checked by the server.
+pub fn load_encoder_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(ModelError::Tokenizer(format!(
+            "{} is missing: spindle needs a fast tokenizer (tokenizer.json) next to the weights",
+            path.display()
+        )));
+    }
+    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| ModelError::InvalidFile {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    tokenizer.with_padding(None);
+    Ok(TokenizerBundle {
+        tokenizer,
+        chat_template: None,
+        bos_token: None,
+        eos_token: None,
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        add_bos_token: false,
+        post_process_special_tokens: true,
     })
 }
 

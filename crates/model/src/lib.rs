@@ -5,6 +5,7 @@
 //! Depends on candle and spindle-kernels only; never on the engine or the server.
 
 pub mod attention;
+pub mod bert;
 pub mod config;
 pub mod cpu_matmul;
 pub mod cpu_ops;
@@ -21,10 +22,13 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
+pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;
 pub use llama::{ForwardBatch, LlamaModel};
-pub use loader::{load, LoadedModel, ModelSource};
+pub use loader::{
+    is_encoder_dir, load, load_any, load_encoder, Loaded, LoadedEncoder, LoadedModel, ModelSource,
+};
 pub use options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 pub use tokenizer::TokenizerBundle;

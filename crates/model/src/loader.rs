@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
+use crate::bert::BertModel;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
-use crate::hf::{fetch_from_hub, load_tokenizer, parse_repo_id, SafetensorsWeights};
+use crate::hf::{
+    fetch_from_hub, load_encoder_tokenizer, load_tokenizer, parse_repo_id, SafetensorsWeights,
+};
 use crate::info::ModelInfo;
 use crate::llama::LlamaModel;
 use crate::options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
@@ -93,6 +96,110 @@ impl ModelSource {
         }
         Err(ModelError::NotFound(path.to_path_buf()))
     }
+}
+
+/// A loaded embedding model (encoder) with its tokenizer and a summary.
+pub struct LoadedEncoder {
+    pub model: BertModel,
+    pub tokenizer: TokenizerBundle,
+    /// `max_model_len` is the longest input (sentence-transformers' `max_seq_length`).
+    pub info: ModelInfo,
+}
+
+/// What `--model` turned out to be: a decoder to generate with, or an encoder to embed with.
+pub enum Loaded {
+    Decoder(LoadedModel),
+    Encoder(LoadedEncoder),
+}
+
+/// Whether a model directory holds a BERT-family encoder (what sentence-transformers
+/// embedding models are) rather than a decoder.
+pub fn is_encoder_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return false;
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let bert_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .is_some_and(|t| t == "bert");
+    let bert_arch = json
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .any(|x| x.starts_with("Bert"))
+        });
+    bert_type || bert_arch
+}
+
+/// Load whatever `options.model` is: an encoder directory (or Hub repo) as an embedding model,
+/// anything else as a decoder through [`load`].
+pub fn load_any(options: &LoadOptions) -> Result<Loaded> {
+    let dir = match ModelSource::resolve(options)? {
+        ModelSource::HfDirectory(dir) => Some(dir),
+        ModelSource::Hub { repo_id, revision } => {
+            Some(fetch_from_hub(&repo_id, revision.as_deref())?)
+        }
+        _ => None,
+    };
+    match dir {
+        Some(dir) if is_encoder_dir(&dir) => Ok(Loaded::Encoder(load_encoder(&dir, options)?)),
+        _ => Ok(Loaded::Decoder(load(options)?)),
+    }
+}
+
+/// Load a BERT-family encoder with its sentence-transformers head (f32, CPU).
+pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> {
+    let started = Instant::now();
+    if options.device != DeviceChoice::Cpu {
+        return Err(ModelError::Unsupported(
+            "embedding models run on the CPU only (use --device cpu)".into(),
+        ));
+    }
+    let model = BertModel::load(dir)?;
+    let tokenizer = load_encoder_tokenizer(dir)?;
+    let limit = model.max_input_len();
+    let max_model_len = match options.max_model_len {
+        None => limit,
+        Some(0) => {
+            return Err(ModelError::Config(
+                "--max-model-len must be positive".into(),
+            ))
+        }
+        Some(n) if n > limit => {
+            return Err(ModelError::Config(format!(
+                "--max-model-len {n} exceeds the embedding model's input limit {limit}"
+            )))
+        }
+        Some(n) => n,
+    };
+    let info = ModelInfo {
+        architecture: "bert".into(),
+        max_model_len,
+        vocab_size: model.config().vocab_size,
+        num_parameters: model.num_parameters(),
+        dtype: "float32".into(),
+        device: options.device.to_string(),
+    };
+    tracing::info!(
+        "loaded embedding model ({}, {} pooling{}): {:.1}M parameters, {} dimensions, max input {} tokens, in {:.2}s",
+        info.architecture,
+        format!("{:?}", model.head().pooling).to_lowercase(),
+        if model.head().normalize { ", normalized" } else { "" },
+        info.num_parameters as f64 / 1e6,
+        model.hidden_size(),
+        info.max_model_len,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(LoadedEncoder {
+        model,
+        tokenizer,
+        info,
+    })
 }
 
 /// A loaded model with its tokenizer and a summary.

@@ -22,11 +22,21 @@ pub struct TokenizerBundle {
     pub eos_token_ids: Vec<u32>,
     /// Whether `encode(.., add_special_tokens = true)` should prepend BOS.
     pub add_bos_token: bool,
+    /// `encode(.., true)` adds special tokens through the tokenizer's own post-processor
+    /// (encoders: `[CLS] ... [SEP]`) instead of prepending BOS.
+    pub post_process_special_tokens: bool,
 }
 
 impl TokenizerBundle {
     /// Encode text; with `add_special_tokens` a BOS is prepended when the model wants one.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        if self.post_process_special_tokens {
+            let encoding = self
+                .tokenizer
+                .encode_fast(text, add_special_tokens)
+                .map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
+            return Ok(encoding.get_ids().to_vec());
+        }
         let encoding = self
             .tokenizer
             .encode_fast(text, false)
@@ -38,6 +48,40 @@ impl TokenizerBundle {
             }
         }
         ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Encode `text` into at most `max_tokens` ids: the text is cut at its end and the special
+    /// tokens are kept (what sentence-transformers does with inputs over its limit).
+    pub fn encode_truncated(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let err = |e: tokenizers::Error| TokenizerError::Tokenizer(e.to_string());
+        if !(self.post_process_special_tokens && add_special_tokens) {
+            let mut ids = self.encode(text, add_special_tokens)?;
+            ids.truncate(max_tokens);
+            return Ok(ids);
+        }
+        use tokenizers::PostProcessor;
+        let added = self
+            .tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        let mut encoding = self.tokenizer.encode_fast(text, false).map_err(err)?;
+        encoding.truncate(
+            max_tokens.saturating_sub(added),
+            0,
+            tokenizers::TruncationDirection::Right,
+        );
+        let encoding = self
+            .tokenizer
+            .post_process(encoding, None, true)
+            .map_err(err)?;
+        let mut ids = encoding.get_ids().to_vec();
+        ids.truncate(max_tokens);
         Ok(ids)
     }
 
@@ -98,6 +142,7 @@ impl TokenizerBundle {
             bos_token_id: None,
             eos_token_ids: vec![eos],
             add_bos_token: false,
+            post_process_special_tokens: false,
         })
     }
 
@@ -257,6 +302,7 @@ impl GgufVocab {
             bos_token_id: self.bos_token_id,
             eos_token_ids,
             add_bos_token: self.add_bos_token.unwrap_or(self.model == "llama"),
+            post_process_special_tokens: false,
         })
     }
 
