@@ -110,6 +110,18 @@ pub struct CacheConfig {
     pub enable_prefix_caching: bool,
 }
 
+/// What the loaded model serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A decoder: completions and chat.
+    Generate,
+    /// An embedding model (an encoder with pooling): `/v1/embeddings`, rerank, score.
+    Embed {
+        /// Length of every vector.
+        dimensions: usize,
+    },
+}
+
 /// Why a request cannot run on this model, with the numbers a client needs to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -125,6 +137,19 @@ pub enum RequestError {
     #[error("the prompt has {prompt_tokens} tokens, the model's context is {max_model_len}")]
     PromptTooLong {
         prompt_tokens: usize,
+        max_model_len: usize,
+    },
+    /// An embedding request without any input.
+    #[error("the input is empty")]
+    NoInputs,
+    /// Input `index` of an embedding request has no tokens.
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+    /// Input `index` of an embedding request is longer than the model takes.
+    #[error("input {index} has {tokens} tokens, more than the model's limit of {max_model_len}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
         max_model_len: usize,
     },
     /// The prompt plus the asked `max_tokens` exceed the context.
@@ -227,6 +252,67 @@ impl GenerateRequest {
     }
 }
 
+/// One embedding request: token inputs checked against the model's limits. Built only by
+/// [`EmbedRequest::new`], so the engine trusts it.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    request_id: String,
+    inputs: Vec<Vec<u32>>,
+}
+
+impl EmbedRequest {
+    /// Check every input: at least one, none empty, ids in the vocabulary, none longer than the
+    /// model's limit (truncation, if wanted, happens before).
+    pub fn new(
+        request_id: impl Into<String>,
+        inputs: Vec<Vec<u32>>,
+        limits: ModelLimits,
+    ) -> Result<Self, RequestError> {
+        if inputs.is_empty() {
+            return Err(RequestError::NoInputs);
+        }
+        for (index, ids) in inputs.iter().enumerate() {
+            if ids.is_empty() {
+                return Err(RequestError::EmptyInput { index });
+            }
+            if ids.len() > limits.max_model_len {
+                return Err(RequestError::InputTooLong {
+                    index,
+                    tokens: ids.len(),
+                    max_model_len: limits.max_model_len,
+                });
+            }
+            if let Some(&id) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+                return Err(RequestError::TokenOutOfRange {
+                    id,
+                    vocab_size: limits.vocab_size,
+                });
+            }
+        }
+        Ok(Self {
+            request_id: request_id.into(),
+            inputs,
+        })
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn inputs(&self) -> &[Vec<u32>] {
+        &self.inputs
+    }
+
+    /// Tokens over all inputs.
+    pub fn num_tokens(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum()
+    }
+
+    pub(crate) fn into_parts(self) -> (String, Vec<Vec<u32>>) {
+        (self.request_id, self.inputs)
+    }
+}
+
 /// Why a sequence ended, spelled as OpenAI/vLLM report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FinishReason {
@@ -307,11 +393,13 @@ pub struct RequestTimings {
     pub e2e: f64,
 }
 
-/// Events on a request's private channel, in order: any number of `Delta`s, then exactly one of
-/// `Finished` or `Error`.
+/// Events on a request's private channel, in order: any number of `Delta`s (generation) or one
+/// `Embeddings` (embedding), then exactly one of `Finished` or `Error`.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
     Delta(ChoiceDelta),
+    /// One vector per input, in input order.
+    Embeddings(Vec<Vec<f32>>),
     Finished {
         usage: Usage,
         timings: RequestTimings,
@@ -356,6 +444,10 @@ pub enum EngineError {
         tokens: usize,
         source: Arc<ModelError>,
     },
+    /// The request asks for something this model does not do (generation from an embedding
+    /// model, or embeddings from a decoder).
+    #[error("{0}")]
+    WrongModelKind(&'static str),
     /// The engine thread could not be started.
     #[error("cannot start the engine thread: {0}")]
     Spawn(String),

@@ -4,33 +4,31 @@
 //! gets an error and the handle reports the engine dead.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use spindle_model::{CacheShape, ModelInfo, TokenizerBundle};
+use spindle_model::{Loaded, ModelInfo, TokenizerBundle};
 
-use crate::api::{CacheConfig, EngineError, EngineEvent, ModelLimits};
-use crate::block_manager::BlockManager;
+use crate::api::{CacheConfig, EngineError, EngineEvent, ModelKind, ModelLimits};
 use crate::config::EngineConfig;
-use crate::fault::FaultInjector;
+use crate::embedding::EmbeddingCore;
+use crate::generation::GenerationCore;
 use crate::handle::{EngineHandle, EngineMessage, Liveness};
-use crate::model_runner::ModelRunner;
-use crate::output_processor::OutputProcessor;
-use crate::scheduler::{Scheduler, SchedulerOutput};
 use crate::stats::EngineStats;
-use crate::trace::StepTrace;
 
 /// Entry point: `Engine::spawn(config)` loads the model on a new thread and returns its handle.
 pub struct Engine;
 
 /// What the engine thread reports back once the model is loaded.
-struct Ready {
-    tokenizer: Arc<TokenizerBundle>,
-    info: Arc<ModelInfo>,
-    limits: ModelLimits,
-    cache: CacheConfig,
+#[derive(Clone)]
+pub(crate) struct Ready {
+    pub(crate) kind: ModelKind,
+    pub(crate) tokenizer: Arc<TokenizerBundle>,
+    pub(crate) info: Arc<ModelInfo>,
+    pub(crate) limits: ModelLimits,
+    pub(crate) cache: CacheConfig,
 }
 
 impl Engine {
@@ -47,13 +45,22 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("spindle-engine".into())
             .spawn(move || {
-                let core = match EngineCore::new(
-                    thread_config,
-                    receiver,
-                    thread_stats,
-                    thread_liveness.clone(),
-                ) {
-                    Ok(core) => core,
+                let heartbeat = thread_config.heartbeat_interval;
+                let liveness = thread_liveness.clone();
+                let started = spindle_model::load_any(&thread_config.model)
+                    .map_err(EngineError::load)
+                    .and_then(|loaded| match loaded {
+                        Loaded::Decoder(model) => {
+                            GenerationCore::new(model, thread_config, thread_stats, liveness)
+                                .map(|core| (core.ready(), CoreKind::Generation(core)))
+                        }
+                        Loaded::Encoder(model) => {
+                            let core = EmbeddingCore::new(model, &thread_config, thread_stats);
+                            Ok((core.ready(), CoreKind::Embedding(core)))
+                        }
+                    });
+                let (ready, core) = match started {
+                    Ok(started) => started,
                     Err(e) => {
                         thread_liveness.mark_dead(e.to_string());
                         let _ = ready_tx.send(Err(e));
@@ -62,8 +69,15 @@ impl Engine {
                 };
                 // Beat before reporting ready: loading took a while, and the watchdog starts now.
                 thread_liveness.beat();
-                let _ = ready_tx.send(Ok(core.ready()));
-                core.run_until_exit();
+                let _ = ready_tx.send(Ok(ready));
+                match core {
+                    CoreKind::Generation(core) => {
+                        EngineLoop::new(core, receiver, thread_liveness, heartbeat).run_until_exit()
+                    }
+                    CoreKind::Embedding(core) => {
+                        EngineLoop::new(core, receiver, thread_liveness, heartbeat).run_until_exit()
+                    }
+                }
             });
         if let Err(e) = spawned {
             return Err(EngineError::Spawn(e.to_string()));
@@ -88,6 +102,7 @@ impl Engine {
             next_id: Arc::new(AtomicU64::new(1)),
             liveness,
             stats,
+            kind: ready.kind,
             tokenizer: ready.tokenizer,
             model_info: ready.info,
             limits: ready.limits,
@@ -120,21 +135,25 @@ fn watchdog(liveness: &Liveness, timeout: Duration) {
     }
 }
 
-/// State owned by the engine thread: the scheduler (queues, KV blocks), the model runner
-/// (model, KV cache) and the output processor (requests, sampling, text).
-struct EngineCore {
-    config: EngineConfig,
-    scheduler: Scheduler,
-    runner: ModelRunner,
-    outputs: OutputProcessor,
-    tokenizer: Arc<TokenizerBundle>,
-    info: Arc<ModelInfo>,
-    cache: CacheConfig,
-    receiver: Receiver<EngineMessage>,
-    stats: Arc<EngineStats>,
-    liveness: Arc<Liveness>,
-    faults: FaultInjector,
-    step_count: u64,
+/// The two cores the engine thread can run, chosen by what the model is.
+enum CoreKind {
+    Generation(GenerationCore),
+    Embedding(EmbeddingCore),
+}
+
+/// What the engine thread runs between messages: the generation core (scheduler, model runner,
+/// output processor) or the embedding core (token-budget packing of encoder inputs).
+pub(crate) trait Core: Send {
+    /// Whether a step has anything to do (otherwise the loop blocks on its channel).
+    fn has_work(&self) -> bool;
+    /// A new request or an abort (shutdown is the loop's own).
+    fn handle(&mut self, msg: EngineMessage);
+    /// One iteration. An error ends the engine.
+    fn step(&mut self) -> Result<(), EngineError>;
+    /// Refresh the gauges in `EngineStats`.
+    fn publish_gauges(&self);
+    /// The engine is stopping: end every request in flight with `error`.
+    fn fail_all(&mut self, error: &EngineError);
 }
 
 /// Whether the loop continues after a message.
@@ -144,89 +163,27 @@ enum Flow {
     Shutdown,
 }
 
-impl EngineCore {
-    fn new(
-        config: EngineConfig,
-        receiver: Receiver<EngineMessage>,
-        stats: Arc<EngineStats>,
-        liveness: Arc<Liveness>,
-    ) -> Result<Self, EngineError> {
-        let loaded = spindle_model::load(&config.model).map_err(EngineError::load)?;
-        let mc = loaded.model.config().clone();
-        let block_size = config.block_size.max(1);
-        let shape = CacheShape {
-            num_layers: mc.num_layers,
-            num_blocks: 0,
-            block_size,
-            num_kv_heads: mc.num_kv_heads,
-            head_dim: mc.head_dim,
-        };
-        let max_model_len = loaded.info.max_model_len;
-        let (attention, shape) =
-            crate::kv_cache::build(&loaded.model, &config, shape, max_model_len)?;
-        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
-        if shape.capacity_tokens() < max_model_len {
-            return Err(EngineError::KvCacheTooSmall {
-                capacity_tokens: shape.capacity_tokens(),
-                num_blocks: shape.num_blocks,
-                block_size,
-                max_model_len,
-                block_kib: bytes_per_block / 1024,
-            });
-        }
-        tracing::info!(
-            "KV cache: {} blocks x {} tokens = {} tokens ({} MiB), prefix caching {}",
-            shape.num_blocks,
-            block_size,
-            shape.capacity_tokens(),
-            shape.num_blocks * bytes_per_block >> 20,
-            if config.enable_prefix_caching {
-                "on"
-            } else {
-                "off"
-            }
-        );
-        stats
-            .kv_blocks_total
-            .store(shape.num_blocks as u64, Ordering::Relaxed);
-        stats
-            .kv_capacity_tokens
-            .store(shape.capacity_tokens() as u64, Ordering::Relaxed);
-        let blocks = BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
-        let scheduler = Scheduler::new(blocks, config.max_num_seqs, config.max_num_batched_tokens);
-        let tokenizer = Arc::new(loaded.tokenizer);
-        let outputs =
-            OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());
-        Ok(Self {
-            scheduler,
-            runner: ModelRunner::new(loaded.model, attention),
-            outputs,
-            tokenizer,
-            info: Arc::new(loaded.info),
-            cache: CacheConfig {
-                block_size,
-                num_blocks: shape.num_blocks,
-                enable_prefix_caching: config.enable_prefix_caching,
-            },
-            receiver,
-            stats,
-            liveness,
-            faults: FaultInjector::new(config.fault_injection.clone()),
-            step_count: 0,
-            config,
-        })
-    }
+/// The engine thread's loop around a core: take messages, beat, step while there is work, and
+/// fail whatever is in flight when it ends.
+struct EngineLoop<C: Core> {
+    core: C,
+    receiver: Receiver<EngineMessage>,
+    liveness: Arc<Liveness>,
+    heartbeat_interval: Duration,
+}
 
-    /// What the handle needs to know about the loaded engine.
-    fn ready(&self) -> Ready {
-        Ready {
-            tokenizer: self.tokenizer.clone(),
-            info: self.info.clone(),
-            limits: ModelLimits {
-                vocab_size: self.runner.model().config().vocab_size,
-                max_model_len: self.info.max_model_len,
-            },
-            cache: self.cache,
+impl<C: Core> EngineLoop<C> {
+    fn new(
+        core: C,
+        receiver: Receiver<EngineMessage>,
+        liveness: Arc<Liveness>,
+        heartbeat_interval: Duration,
+    ) -> Self {
+        Self {
+            core,
+            receiver,
+            liveness,
+            heartbeat_interval,
         }
     }
 
@@ -251,16 +208,17 @@ impl EngineCore {
             }
         };
         self.liveness.mark_dead(reason.clone());
-        for id in self.outputs.request_ids() {
-            let error = EngineError::EngineDead(reason.clone());
-            self.outputs.fail_request(id, error, &mut self.scheduler);
-        }
+        let error = EngineError::EngineDead(reason);
+        self.core.fail_all(&error);
         while let Ok(msg) = self.receiver.try_recv() {
-            if let EngineMessage::Generate { events, .. } = msg {
-                let _ = events.send(EngineEvent::Error(EngineError::EngineDead(reason.clone())));
+            match msg {
+                EngineMessage::Generate { events, .. } | EngineMessage::Embed { events, .. } => {
+                    let _ = events.send(EngineEvent::Error(error.clone()));
+                }
+                EngineMessage::Abort { .. } | EngineMessage::Shutdown => {}
             }
         }
-        self.publish_gauges();
+        self.core.publish_gauges();
     }
 
     fn run(&mut self) -> Result<(), EngineError> {
@@ -270,158 +228,53 @@ impl EngineCore {
                 return Err(EngineError::EngineDead(self.liveness.death_reason()));
             }
             self.liveness.beat();
-            if self.drain_messages()? == Flow::Shutdown {
+            if self.drain_messages() == Flow::Shutdown {
                 return Ok(());
             }
-            if self.scheduler.has_work() {
+            if self.core.has_work() {
                 // Run the whole step on a rayon worker: the forward pass makes hundreds of
                 // small parallel calls, and from a worker each is a cheap local fork instead of
                 // a cross-thread injection with a sleep and a wake-up (measured: half the
                 // single-stream decode time went to those round trips).
-                rayon::scope(|_| self.step())?;
+                let core = &mut self.core;
+                rayon::scope(|_| core.step())?;
             }
-            self.publish_gauges();
+            self.core.publish_gauges();
         }
     }
 
     /// Take every pending message; block (up to a heartbeat) for one when there is no work.
-    fn drain_messages(&mut self) -> Result<Flow, EngineError> {
-        if !self.scheduler.has_work() {
-            match self.receiver.recv_timeout(self.config.heartbeat_interval) {
+    fn drain_messages(&mut self) -> Flow {
+        if !self.core.has_work() {
+            match self.receiver.recv_timeout(self.heartbeat_interval) {
                 Ok(msg) => {
-                    if self.handle_message(msg) == Flow::Shutdown {
-                        return Ok(Flow::Shutdown);
+                    if self.handle(msg) == Flow::Shutdown {
+                        return Flow::Shutdown;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => return Ok(Flow::Continue),
-                Err(RecvTimeoutError::Disconnected) => return Ok(Flow::Shutdown),
+                Err(RecvTimeoutError::Timeout) => return Flow::Continue,
+                Err(RecvTimeoutError::Disconnected) => return Flow::Shutdown,
             }
         }
         loop {
             match self.receiver.try_recv() {
                 Ok(msg) => {
-                    if self.handle_message(msg) == Flow::Shutdown {
-                        return Ok(Flow::Shutdown);
+                    if self.handle(msg) == Flow::Shutdown {
+                        return Flow::Shutdown;
                     }
                 }
-                Err(TryRecvError::Empty) => return Ok(Flow::Continue),
-                Err(TryRecvError::Disconnected) if !self.scheduler.has_work() => {
-                    return Ok(Flow::Shutdown)
-                }
-                Err(TryRecvError::Disconnected) => return Ok(Flow::Continue),
+                Err(TryRecvError::Empty) => return Flow::Continue,
+                Err(TryRecvError::Disconnected) if !self.core.has_work() => return Flow::Shutdown,
+                Err(TryRecvError::Disconnected) => return Flow::Continue,
             }
         }
     }
 
-    fn handle_message(&mut self, msg: EngineMessage) -> Flow {
-        match msg {
-            EngineMessage::Generate {
-                id,
-                request,
-                events,
-            } => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
-                self.faults
-                    .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
-                let priority = 0;
-                let (seq, prompt) = self.outputs.add_request(id, request, events);
-                self.scheduler.add(seq, prompt, priority);
-                Flow::Continue
-            }
-            EngineMessage::Abort { id } => {
-                self.outputs.abort_request(id, &mut self.scheduler);
-                Flow::Continue
-            }
-            EngineMessage::Shutdown => Flow::Shutdown,
+    fn handle(&mut self, msg: EngineMessage) -> Flow {
+        if matches!(msg, EngineMessage::Shutdown) {
+            return Flow::Shutdown;
         }
-    }
-
-    /// One iteration: schedule -> run the model -> process the outputs.
-    fn step(&mut self) -> Result<(), EngineError> {
-        self.faults.inject_if_armed(&self.liveness)?;
-        let batch = self.scheduler.schedule();
-        self.stats
-            .preemptions_total
-            .fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
-        // Publish before any token of this step goes out, so that a client who has seen a
-        // token also sees the blocks that produced it counted.
-        self.publish_gauges();
-        for &id in &batch.refused {
-            self.outputs.refuse(id, &mut self.scheduler);
-        }
-        if batch.scheduled.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut trace = self.config.observer.is_some().then(|| self.trace(&batch));
-
-        let input = self.runner.prepare(&batch, &self.scheduler)?;
-        let rows = match self.runner.run(input) {
-            Ok(rows) => rows,
-            Err(e) => {
-                // A failing batch fails its requests, not the engine.
-                tracing::error!("forward pass failed: {e}");
-                let error = EngineError::model(e);
-                for s in &batch.scheduled {
-                    self.outputs
-                        .fail_seq_request(s.id, error.clone(), &mut self.scheduler);
-                }
-                return Ok(());
-            }
-        };
-        self.scheduler.on_step_done(&batch.scheduled);
-        self.outputs.note_scheduled(&batch.scheduled, started);
-        let sampled: Vec<_> = batch
-            .scheduled
-            .iter()
-            .filter(|s| s.samples)
-            .map(|s| s.id)
-            .collect();
-        self.outputs
-            .process(&sampled, &rows, &mut self.scheduler, Instant::now());
-
-        self.step_count += 1;
-        self.stats.iterations_total.fetch_add(1, Ordering::Relaxed);
-        if let (Some(observer), Some(trace)) = (&self.config.observer, trace.as_mut()) {
-            trace.execute_seconds = started.elapsed().as_secs_f64();
-            observer.on_step(trace);
-        }
-        Ok(())
-    }
-
-    /// What a step observer sees of a batch (taken before the outputs change it).
-    fn trace(&self, batch: &SchedulerOutput) -> StepTrace {
-        let mut trace = StepTrace {
-            step: self.step_count,
-            num_preempted: batch.preempted.len(),
-            ..StepTrace::default()
-        };
-        for s in &batch.scheduled {
-            if let Some(request_id) = self.outputs.request_id_of(s.id) {
-                trace.request_ids.push(request_id.to_string());
-            }
-            let decoding = self.scheduler.seq(s.id).is_some_and(|q| q.num_output() > 0);
-            if s.num_new_tokens == 1 && decoding {
-                trace.num_decode_tokens += 1;
-            } else {
-                trace.num_prefill_tokens += s.num_new_tokens;
-            }
-        }
-        trace
-    }
-
-    fn publish_gauges(&self) {
-        let s = &self.stats;
-        let blocks = self.scheduler.blocks();
-        s.num_running
-            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
-        s.num_waiting
-            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
-        s.kv_blocks_used
-            .store(blocks.num_used_blocks() as u64, Ordering::Relaxed);
-        let (queries, hits) = blocks.prefix_cache_stats();
-        s.prefix_cache_queries_total
-            .store(queries, Ordering::Relaxed);
-        s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
+        self.core.handle(msg);
+        Flow::Continue
     }
 }

@@ -11,7 +11,9 @@ use spindle_model::{ModelInfo, TokenizerBundle};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::Notify;
 
-use crate::api::{CacheConfig, EngineError, EngineEvent, GenerateRequest, ModelLimits};
+use crate::api::{
+    CacheConfig, EmbedRequest, EngineError, EngineEvent, GenerateRequest, ModelKind, ModelLimits,
+};
 use crate::stats::EngineStats;
 
 /// Messages the engine thread receives. A request ends early only through `Abort`, which its
@@ -20,6 +22,11 @@ pub(crate) enum EngineMessage {
     Generate {
         id: u64,
         request: GenerateRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    },
+    Embed {
+        id: u64,
+        request: EmbedRequest,
         events: mpsc::UnboundedSender<EngineEvent>,
     },
     Abort {
@@ -101,6 +108,7 @@ impl Liveness {
 /// A front end's view of a running engine. Clone it freely.
 #[derive(Clone)]
 pub struct EngineHandle {
+    pub(crate) kind: ModelKind,
     pub(crate) sender: Sender<EngineMessage>,
     pub(crate) next_id: Arc<AtomicU64>,
     pub(crate) liveness: Arc<Liveness>,
@@ -119,6 +127,27 @@ impl EngineHandle {
     /// returned stream yields deltas, then `Finished` or `Error`. Dropping the stream aborts the
     /// request and frees its KV blocks on the engine's next iteration.
     pub fn generate(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
+        self.submit(|id, events| EngineMessage::Generate {
+            id,
+            request,
+            events,
+        })
+    }
+
+    /// Submit an embedding request (embedding models only). The stream yields one
+    /// `Embeddings` event, then `Finished` (or `Error`); dropping it aborts the request.
+    pub fn embed(&self, request: EmbedRequest) -> Result<RequestStream, EngineError> {
+        self.submit(|id, events| EngineMessage::Embed {
+            id,
+            request,
+            events,
+        })
+    }
+
+    fn submit(
+        &self,
+        message: impl FnOnce(u64, mpsc::UnboundedSender<EngineEvent>) -> EngineMessage,
+    ) -> Result<RequestStream, EngineError> {
         if self.liveness.dead.load(Ordering::SeqCst) {
             return Err(EngineError::EngineDead(self.liveness.death_reason()));
         }
@@ -130,11 +159,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.sender
-            .send(EngineMessage::Generate {
-                id,
-                request,
-                events: tx,
-            })
+            .send(message(id, tx))
             .map_err(|_| EngineError::EngineDead(self.liveness.death_reason()))?;
         Ok(RequestStream {
             id,
@@ -143,6 +168,11 @@ impl EngineHandle {
             liveness: self.liveness.clone(),
             finished: false,
         })
+    }
+
+    /// Whether the model generates text or computes embeddings.
+    pub fn model_kind(&self) -> ModelKind {
+        self.kind
     }
 
     /// True while the engine thread runs and has shown progress recently (`stall_timeout`).

@@ -78,6 +78,7 @@ fn collect(mut stream: RequestStream) -> Output {
                 return out;
             }
             Some(EngineEvent::Error(e)) => panic!("request failed: {e}"),
+            Some(EngineEvent::Embeddings(_)) => panic!("embeddings from a generative model"),
             None => panic!("stream ended without Finished"),
         }
     }

@@ -224,6 +224,9 @@ impl Generation {
                 )))
             }
             Some(EngineEvent::Error(e)) => Step::Failed(e.into()),
+            Some(EngineEvent::Embeddings(_)) => Step::Failed(ApiError::internal(
+                "The engine sent embeddings for a generation request.",
+            )),
             None => Step::Failed(ApiError::internal(
                 "The engine stopped before finishing the request.",
             )),

@@ -594,6 +594,10 @@ fn request_error(e: RequestError, prompt_word: &str) -> ApiError {
         RequestError::ZeroMaxTokens => {
             ApiError::invalid_param("max_tokens", "`max_tokens` must be at least 1.")
         }
+        // Embedding-request errors; generation requests never produce them.
+        e @ (RequestError::NoInputs
+        | RequestError::EmptyInput { .. }
+        | RequestError::InputTooLong { .. }) => ApiError::invalid_param("prompt", e.to_string()),
     }
 }
 

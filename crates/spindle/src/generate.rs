@@ -135,6 +135,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 break;
             }
             Some(EngineEvent::Error(e)) => bail!("generation failed: {e}"),
+            Some(EngineEvent::Embeddings(_)) => bail!("the engine answered with embeddings"),
             None => bail!("the engine stopped unexpectedly"),
         }
     }

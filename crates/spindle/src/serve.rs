@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use spindle_engine::{Engine, EngineConfig, FaultInjection};
+use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind};
 use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use spindle_server::{
     Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
@@ -510,7 +510,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
 
     let info = engine.model_info().clone();
-    let kv_tokens = engine.stats().kv_capacity_tokens.load(Ordering::Relaxed) as usize;
+    let capacity = match engine.model_kind() {
+        ModelKind::Generate => format!(
+            "KV capacity {} tokens",
+            engine.stats().kv_capacity_tokens.load(Ordering::Relaxed)
+        ),
+        ModelKind::Embed { dimensions } => format!("embedding model, {dimensions} dimensions"),
+    };
     let server_config = ServerConfig {
         host: args.host.clone(),
         port: args.port,
@@ -540,7 +546,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let served = runtime.block_on(async {
         let server = Server::bind(server_config, engine.clone(), metrics).await?;
         tracing::info!(
-            "serving {model} ({}, {}, {}, KV capacity {kv_tokens} tokens, max model len {}) on {}",
+            "serving {model} ({}, {}, {}, {capacity}, max model len {}) on {}",
             info.architecture,
             info.dtype,
             info.device,

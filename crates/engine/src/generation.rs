@@ -1,0 +1,249 @@
+//! The generation core of the engine thread: `step() = schedule -> run the model -> process
+//! outputs` over the scheduler, the model runner and the output processor.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use spindle_model::{CacheShape, LoadedModel, ModelInfo, TokenizerBundle};
+
+use crate::api::{CacheConfig, EngineError, EngineEvent, ModelKind, ModelLimits};
+use crate::block_manager::BlockManager;
+use crate::config::EngineConfig;
+use crate::engine::{Core, Ready};
+use crate::fault::FaultInjector;
+use crate::handle::{EngineMessage, Liveness};
+use crate::model_runner::ModelRunner;
+use crate::output_processor::OutputProcessor;
+use crate::scheduler::{Scheduler, SchedulerOutput};
+use crate::stats::EngineStats;
+use crate::trace::StepTrace;
+
+/// The generation core: the scheduler (queues, KV blocks), the model runner (model, KV cache)
+/// and the output processor (requests, sampling, text).
+pub(crate) struct GenerationCore {
+    config: EngineConfig,
+    scheduler: Scheduler,
+    runner: ModelRunner,
+    outputs: OutputProcessor,
+    tokenizer: Arc<TokenizerBundle>,
+    info: Arc<ModelInfo>,
+    cache: CacheConfig,
+    stats: Arc<EngineStats>,
+    liveness: Arc<Liveness>,
+    faults: FaultInjector,
+    step_count: u64,
+}
+
+impl GenerationCore {
+    pub(crate) fn new(
+        loaded: LoadedModel,
+        config: EngineConfig,
+        stats: Arc<EngineStats>,
+        liveness: Arc<Liveness>,
+    ) -> Result<Self, EngineError> {
+        let mc = loaded.model.config().clone();
+        let block_size = config.block_size.max(1);
+        let shape = CacheShape {
+            num_layers: mc.num_layers,
+            num_blocks: 0,
+            block_size,
+            num_kv_heads: mc.num_kv_heads,
+            head_dim: mc.head_dim,
+        };
+        let max_model_len = loaded.info.max_model_len;
+        let (attention, shape) =
+            crate::kv_cache::build(&loaded.model, &config, shape, max_model_len)?;
+        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
+        if shape.capacity_tokens() < max_model_len {
+            return Err(EngineError::KvCacheTooSmall {
+                capacity_tokens: shape.capacity_tokens(),
+                num_blocks: shape.num_blocks,
+                block_size,
+                max_model_len,
+                block_kib: bytes_per_block / 1024,
+            });
+        }
+        tracing::info!(
+            "KV cache: {} blocks x {} tokens = {} tokens ({} MiB), prefix caching {}",
+            shape.num_blocks,
+            block_size,
+            shape.capacity_tokens(),
+            shape.num_blocks * bytes_per_block >> 20,
+            if config.enable_prefix_caching {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        stats
+            .kv_blocks_total
+            .store(shape.num_blocks as u64, Ordering::Relaxed);
+        stats
+            .kv_capacity_tokens
+            .store(shape.capacity_tokens() as u64, Ordering::Relaxed);
+        let blocks = BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
+        let scheduler = Scheduler::new(blocks, config.max_num_seqs, config.max_num_batched_tokens);
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let outputs =
+            OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());
+        Ok(Self {
+            scheduler,
+            runner: ModelRunner::new(loaded.model, attention),
+            outputs,
+            tokenizer,
+            info: Arc::new(loaded.info),
+            cache: CacheConfig {
+                block_size,
+                num_blocks: shape.num_blocks,
+                enable_prefix_caching: config.enable_prefix_caching,
+            },
+            stats,
+            liveness,
+            faults: FaultInjector::new(config.fault_injection.clone()),
+            step_count: 0,
+            config,
+        })
+    }
+
+    /// What the handle needs to know about the loaded engine.
+    pub(crate) fn ready(&self) -> Ready {
+        Ready {
+            kind: ModelKind::Generate,
+            tokenizer: self.tokenizer.clone(),
+            info: self.info.clone(),
+            limits: ModelLimits {
+                vocab_size: self.runner.model().config().vocab_size,
+                max_model_len: self.info.max_model_len,
+            },
+            cache: self.cache,
+        }
+    }
+
+    /// What a step observer sees of a batch (taken before the outputs change it).
+    fn trace(&self, batch: &SchedulerOutput) -> StepTrace {
+        let mut trace = StepTrace {
+            step: self.step_count,
+            num_preempted: batch.preempted.len(),
+            ..StepTrace::default()
+        };
+        for s in &batch.scheduled {
+            if let Some(request_id) = self.outputs.request_id_of(s.id) {
+                trace.request_ids.push(request_id.to_string());
+            }
+            let decoding = self.scheduler.seq(s.id).is_some_and(|q| q.num_output() > 0);
+            if s.num_new_tokens == 1 && decoding {
+                trace.num_decode_tokens += 1;
+            } else {
+                trace.num_prefill_tokens += s.num_new_tokens;
+            }
+        }
+        trace
+    }
+}
+
+impl Core for GenerationCore {
+    fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    fn handle(&mut self, msg: EngineMessage) {
+        match msg {
+            EngineMessage::Generate {
+                id,
+                request,
+                events,
+            } => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                self.faults
+                    .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
+                let priority = 0;
+                let (seq, prompt) = self.outputs.add_request(id, request, events);
+                self.scheduler.add(seq, prompt, priority);
+            }
+            EngineMessage::Embed { events, .. } => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(
+                    "this model generates text; it is not an embedding model",
+                )));
+            }
+            EngineMessage::Abort { id } => self.outputs.abort_request(id, &mut self.scheduler),
+            EngineMessage::Shutdown => {}
+        }
+    }
+
+    fn fail_all(&mut self, error: &EngineError) {
+        for id in self.outputs.request_ids() {
+            self.outputs
+                .fail_request(id, error.clone(), &mut self.scheduler);
+        }
+    }
+
+    /// One iteration: schedule -> run the model -> process the outputs.
+    fn step(&mut self) -> Result<(), EngineError> {
+        self.faults.inject_if_armed(&self.liveness)?;
+        let batch = self.scheduler.schedule();
+        self.stats
+            .preemptions_total
+            .fetch_add(batch.preempted.len() as u64, Ordering::Relaxed);
+        // Publish before any token of this step goes out, so that a client who has seen a
+        // token also sees the blocks that produced it counted.
+        self.publish_gauges();
+        for &id in &batch.refused {
+            self.outputs.refuse(id, &mut self.scheduler);
+        }
+        if batch.scheduled.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut trace = self.config.observer.is_some().then(|| self.trace(&batch));
+
+        let input = self.runner.prepare(&batch, &self.scheduler)?;
+        let rows = match self.runner.run(input) {
+            Ok(rows) => rows,
+            Err(e) => {
+                // A failing batch fails its requests, not the engine.
+                tracing::error!("forward pass failed: {e}");
+                let error = EngineError::model(e);
+                for s in &batch.scheduled {
+                    self.outputs
+                        .fail_seq_request(s.id, error.clone(), &mut self.scheduler);
+                }
+                return Ok(());
+            }
+        };
+        self.scheduler.on_step_done(&batch.scheduled);
+        self.outputs.note_scheduled(&batch.scheduled, started);
+        let sampled: Vec<_> = batch
+            .scheduled
+            .iter()
+            .filter(|s| s.samples)
+            .map(|s| s.id)
+            .collect();
+        self.outputs
+            .process(&sampled, &rows, &mut self.scheduler, Instant::now());
+
+        self.step_count += 1;
+        self.stats.iterations_total.fetch_add(1, Ordering::Relaxed);
+        if let (Some(observer), Some(trace)) = (&self.config.observer, trace.as_mut()) {
+            trace.execute_seconds = started.elapsed().as_secs_f64();
+            observer.on_step(trace);
+        }
+        Ok(())
+    }
+
+    fn publish_gauges(&self) {
+        let s = &self.stats;
+        let blocks = self.scheduler.blocks();
+        s.num_running
+            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
+        s.num_waiting
+            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(blocks.num_used_blocks() as u64, Ordering::Relaxed);
+        let (queries, hits) = blocks.prefix_cache_stats();
+        s.prefix_cache_queries_total
+            .store(queries, Ordering::Relaxed);
+        s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
+    }
+}
