@@ -3,8 +3,9 @@
 #
 # Installs the pinned Python packages of tests/clients/requirements.txt into a venv outside the
 # repository, fetches the default model and builds target/release/spindle (cargo skips the build
-# when it is up to date), starts two servers on free ports of 127.0.0.1 -- one open, one with
-# --api-key for the authentication tests -- waits for GET /health, runs pytest, and always stops
+# when it is up to date), starts three servers on free ports of 127.0.0.1 -- one open, one with
+# --api-key for the authentication tests, one serving the embedding model (scripts/fetch-minilm.sh)
+# -- waits for GET /health, runs pytest, and always stops
 # the servers. Exits with pytest's status ("no tests collected" counts as a failure).
 #
 # Arguments are passed to pytest, e.g. `scripts/test-clients.sh -k stream -x`.
@@ -51,6 +52,9 @@ VPY="$VENV/bin/python"
 
 # --- Model and binary --------------------------------------------------------------------------
 scripts/fetch-model.sh
+scripts/fetch-minilm.sh
+EMBED_MODEL_DIR="$ROOT/models/all-minilm-l6-v2"
+EMBED_NAME="minilm"
 if [ -n "${SPINDLE_BIN:-}" ]; then
     BIN="$SPINDLE_BIN"
 else
@@ -110,10 +114,10 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-# Two distinct free ports (held open together while picking them).
-read -r PORT AUTH_PORT < <("$VPY" - <<'PY'
+# Three distinct free ports (held open together while picking them).
+read -r PORT AUTH_PORT EMBED_PORT < <("$VPY" - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -123,17 +127,13 @@ PY
 )
 API_KEY="clients-key-$RANDOM$RANDOM"
 
-# name port kv-cache-memory [extra flags...]
+# name port [serve flags...]
 start_server() {
-    local name="$1" port="$2" kv="$3"
-    shift 3
-    # The open server must not pick up a key from the caller's environment.
+    local name="$1" port="$2"
+    shift 2
+    # The open servers must not pick up a key from the caller's environment.
     env -u SPINDLE_API_KEY -u VLLM_API_KEY NO_COLOR=1 "$BIN" serve \
-        --model "$MODEL_FILE" \
-        --served-model-name "$SERVED_NAME" \
         --host 127.0.0.1 --port "$port" \
-        --max-model-len "$MAX_MODEL_LEN" \
-        --kv-cache-memory "$kv" \
         --shutdown-timeout 5 \
         "$@" >"$WORK/$name.log" 2>&1 &
     PIDS+=("$!")
@@ -141,8 +141,10 @@ start_server() {
     log "started $name server on 127.0.0.1:$port (pid $!)"
 }
 
-start_server main "$PORT" 512MiB
-start_server auth "$AUTH_PORT" 128MiB --api-key "$API_KEY"
+GEN_FLAGS=(--model "$MODEL_FILE" --served-model-name "$SERVED_NAME" --max-model-len "$MAX_MODEL_LEN")
+start_server main "$PORT" "${GEN_FLAGS[@]}" --kv-cache-memory 512MiB
+start_server auth "$AUTH_PORT" "${GEN_FLAGS[@]}" --kv-cache-memory 128MiB --api-key "$API_KEY"
+start_server embed "$EMBED_PORT" --model "$EMBED_MODEL_DIR" --served-model-name "$EMBED_NAME"
 
 # Wait until every server answers GET /health with 200.
 http_status() {
@@ -157,7 +159,7 @@ except Exception:
     print("000")
 PY
 }
-PORTS=("$PORT" "$AUTH_PORT")
+PORTS=("$PORT" "$AUTH_PORT" "$EMBED_PORT")
 deadline=$((SECONDS + HEALTH_TIMEOUT))
 for i in "${!PIDS[@]}"; do
     while :; do
@@ -186,6 +188,9 @@ log "servers healthy after $((SECONDS - START))s"
         SPINDLE_MAX_MODEL_LEN="$MAX_MODEL_LEN" \
         SPINDLE_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT" \
         SPINDLE_AUTH_API_KEY="$API_KEY" \
+        SPINDLE_EMBED_BASE_URL="http://127.0.0.1:$EMBED_PORT" \
+        SPINDLE_EMBED_MODEL_NAME="$EMBED_NAME" \
+        SPINDLE_EMBED_REFERENCE="$ROOT/tests/golden/all-minilm-l6-v2.json" \
         PYTHONDONTWRITEBYTECODE=1 \
         "$VPY" -m pytest "$@"
 ) &

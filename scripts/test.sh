@@ -8,6 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 scripts/fetch-model.sh
+scripts/fetch-minilm.sh
 cargo test --release --workspace
 scripts/test-clients.sh
 scripts/check-cuda.sh

@@ -9,7 +9,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use rand::Rng;
 use serde::Serialize;
-use spindle_engine::GenerateRequest;
+use spindle_engine::{GenerateRequest, ModelKind};
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
@@ -31,12 +31,12 @@ fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
     Ok(json_response(StatusCode::OK, body))
 }
 
-fn random_id(prefix: &str) -> String {
+pub(crate) fn random_id(prefix: &str) -> String {
     let v: u128 = rand::rng().random();
     format!("{prefix}-{v:032x}")
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -44,7 +44,7 @@ fn unix_now() -> u64 {
 }
 
 /// Run CPU-bound work (template rendering, tokenization) on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     T: Send + 'static,
@@ -96,6 +96,16 @@ fn render_options(
     }
 }
 
+/// A 400 for generation requests to an embedding model.
+fn require_generative_model(state: &AppState, endpoint: &str) -> Result<(), ApiError> {
+    match state.engine.model_kind() {
+        ModelKind::Generate => Ok(()),
+        ModelKind::Embed { .. } => Err(ApiError::bad_request(format!(
+            "The served model is an embedding model: it does not generate text, so {endpoint} is not available. Use /v1/embeddings, /v1/rerank or /v1/score."
+        ))),
+    }
+}
+
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     state: &Arc<AppState>,
@@ -103,6 +113,7 @@ pub(crate) async fn chat_completions(
 ) -> Result<Response<ApiBody>, ApiError> {
     let req: ChatCompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, "/v1/chat/completions")?;
     let validated = chat_params(&req, state.limits)?;
     let opts = render_options(
         req.add_generation_prompt,
@@ -129,6 +140,7 @@ pub(crate) async fn completions(
 ) -> Result<Response<ApiBody>, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, "/v1/completions")?;
     let validated = completion_params(&req, state.limits)?;
     let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
     let add_special = req.add_special_tokens.unwrap_or(true);

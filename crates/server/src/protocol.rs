@@ -389,3 +389,42 @@ mod tests {
         assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"content":"a"}"#);
     }
 }
+
+/// `POST /v1/embeddings` (OpenAI's and vLLM's shape).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    /// A string, a list of strings, a list of token ids, or a list of token-id lists.
+    pub input: Option<Value>,
+    /// `float` (default) or `base64` (little-endian float32).
+    pub encoding_format: Option<String>,
+    /// Only for matryoshka models, which spindle has none of: always a 400.
+    pub dimensions: Option<i64>,
+    /// Truncate each input to this many tokens (-1: the model's limit) instead of refusing it.
+    pub truncate_prompt_tokens: Option<i64>,
+    pub user: Option<String>,
+    /// Add the model's special tokens (`[CLS]`/`[SEP]`) to text inputs (default true).
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `POST /v1/rerank`, `/rerank`, `/v2/rerank` (vLLM's / Jina's / Cohere's shape).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RerankRequest {
+    pub model: Option<String>,
+    pub query: Option<Value>,
+    pub documents: Option<Value>,
+    /// Keep the best `top_n` results (absent or 0: all).
+    pub top_n: Option<i64>,
+    /// Include each document's text in its result (default true).
+    pub return_documents: Option<bool>,
+    pub truncate_prompt_tokens: Option<i64>,
+}
+
+/// `POST /v1/score`, `/score` (vLLM's shape): `text_1` against each of `text_2`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct ScoreRequest {
+    pub model: Option<String>,
+    pub text_1: Option<Value>,
+    pub text_2: Option<Value>,
+    pub truncate_prompt_tokens: Option<i64>,
+}

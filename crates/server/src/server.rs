@@ -372,6 +372,9 @@ pub(crate) enum Route {
     Tokenize,
     Detokenize,
     Metrics,
+    Embeddings,
+    Rerank,
+    Score,
 }
 
 impl Route {
@@ -385,6 +388,9 @@ impl Route {
             "/tokenize" => Route::Tokenize,
             "/detokenize" => Route::Detokenize,
             "/metrics" => Route::Metrics,
+            "/v1/embeddings" => Route::Embeddings,
+            "/v1/rerank" | "/rerank" | "/v2/rerank" => Route::Rerank,
+            "/v1/score" | "/score" => Route::Score,
             p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => Route::Model,
             _ => return None,
         })
@@ -401,13 +407,22 @@ impl Route {
             Route::Tokenize => "/tokenize",
             Route::Detokenize => "/detokenize",
             Route::Metrics => "/metrics",
+            Route::Embeddings => "/v1/embeddings",
+            Route::Rerank => "/v1/rerank",
+            Route::Score => "/v1/score",
         }
     }
 
     fn is_post(self) -> bool {
         matches!(
             self,
-            Route::ChatCompletions | Route::Completions | Route::Tokenize | Route::Detokenize
+            Route::ChatCompletions
+                | Route::Completions
+                | Route::Tokenize
+                | Route::Detokenize
+                | Route::Embeddings
+                | Route::Rerank
+                | Route::Score
         )
     }
 
@@ -558,7 +573,11 @@ async fn dispatch(
     if req.method() == Method::OPTIONS {
         return options_response(state, route, req.headers());
     }
-    if req.uri().path().starts_with("/v1/") || req.uri().path() == "/v1" {
+    // `/v1/*` as vLLM, plus the model-running aliases outside it (rerank and score).
+    let guarded = req.uri().path().starts_with("/v1/")
+        || req.uri().path() == "/v1"
+        || matches!(route, Some(Route::Rerank | Route::Score));
+    if guarded {
         if let Some(key) = &state.cfg.api_key {
             let header = req
                 .headers()
@@ -608,6 +627,18 @@ async fn dispatch(
         Route::Detokenize => {
             let body = read_json_body(req, &state.cfg).await?;
             handlers::detokenize(state, &body).await
+        }
+        Route::Embeddings => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::embeddings::embeddings(state, &body).await
+        }
+        Route::Rerank => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::embeddings::rerank(state, &body).await
+        }
+        Route::Score => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::embeddings::score(state, &body).await
         }
         Route::Models => Ok(handlers::models(state)),
         Route::Model => {

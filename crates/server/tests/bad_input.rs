@@ -284,6 +284,16 @@ fn catalogue() -> Vec<Case> {
         c("stream_options without stream", chat(json!({"messages": user("x"), "stream_options": {"include_usage": true}})), param(400, "stream_options")),
         c("detokenize id >= vocab", Send::Raw(post_bytes("/detokenize", json!({"tokens": [VOCAB]}).to_string().as_bytes())), param(400, "tokens")),
         c("tokenize prompt not a string", Send::Raw(post_bytes("/tokenize", json!({"prompt": [1, 2]}).to_string().as_bytes())), param(400, "prompt")),
+        // --- Embedding endpoints on a text-generation model (the embedding model's own cases are
+        // in tests/embeddings.rs) ---
+        c("embeddings on a generative model", Send::Raw(post_bytes("/v1/embeddings", json!({"input": "hi"}).to_string().as_bytes())), bad(400)),
+        c("embeddings invalid JSON", Send::Raw(post_bytes("/v1/embeddings", b"{not json")), bad(400)),
+        c("embeddings input of wrong type", Send::Raw(post_bytes("/v1/embeddings", json!({"input": {"a": 1}}).to_string().as_bytes())), bad(400)),
+        c("embeddings unknown model", Send::Raw(post_bytes("/v1/embeddings", json!({"model": "nope", "input": "hi"}).to_string().as_bytes())), param(404, "model")),
+        c("rerank on a generative model", Send::Raw(post_bytes("/v1/rerank", json!({"query": "q", "documents": ["d"]}).to_string().as_bytes())), bad(400)),
+        c("rerank alias, body is an array", Send::Raw(post_bytes("/rerank", b"[1]")), bad(400)),
+        c("score on a generative model", Send::Raw(post_bytes("/v1/score", json!({"text_1": "a", "text_2": "b"}).to_string().as_bytes())), bad(400)),
+        c("score alias, text_1 of wrong type", Send::Raw(post_bytes("/score", json!({"text_1": 5, "text_2": "b"}).to_string().as_bytes())), bad(400)),
     ]
 }
 
