@@ -6,6 +6,7 @@
 pub mod arrivals;
 pub mod client;
 pub mod dataset;
+pub mod embeddings;
 pub mod error;
 pub mod metrics;
 pub mod plot;

@@ -30,6 +30,48 @@ enum BenchCommand {
     Sweep(SweepArgs),
     /// Draw several saved sweeps (e.g. spindle and llama-server) on one SVG plot.
     Plot(PlotArgs),
+    /// Measure `/v1/embeddings`: clients sending batches of sentences back to back.
+    Embeddings(EmbeddingsArgs),
+}
+
+#[derive(Args, Debug)]
+struct EmbeddingsArgs {
+    /// Server base URL (plain http).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    base_url: String,
+    /// Model name (default: the first of /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// Bearer token (default: $OPENAI_API_KEY if set).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Clients, each with one request in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Sentences per request.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Measured requests (after one warm-up request).
+    #[arg(long, default_value_t = 200)]
+    num_requests: usize,
+    /// One sentence per line (default: a synthetic corpus of --corpus-size sentences).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Size of the synthetic corpus.
+    #[arg(long, default_value_t = 4096)]
+    corpus_size: usize,
+    /// Seed of the synthetic corpus.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Save the corpus used (one sentence per line), e.g. for scripts/bench-embeddings-st.py.
+    #[arg(long)]
+    write_corpus: Option<PathBuf>,
+    /// Latency percentiles to report.
+    #[arg(long, default_value = "50,90,99")]
+    percentiles: String,
+    /// Write the result as JSON.
+    #[arg(long)]
+    save_result: Option<PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,6 +228,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Serve(a) => serve(a),
         BenchCommand::Sweep(a) => sweep(a),
+        BenchCommand::Embeddings(a) => embeddings(a),
         BenchCommand::Plot(a) => {
             plot_files(&a.input, &a.label, &a.out)?;
             println!("wrote {}", a.out.display());
@@ -313,5 +356,46 @@ fn sweep(a: SweepArgs) -> Result<()> {
         json.display(),
         svg.display()
     );
+    Ok(())
+}
+
+fn embeddings(a: EmbeddingsArgs) -> Result<()> {
+    use spindle_bench::embeddings::{
+        format_embed_report, read_corpus, run_embeddings, synthetic_corpus, write_corpus,
+        EmbedBenchConfig,
+    };
+    let corpus = match &a.corpus {
+        Some(path) => read_corpus(path)?,
+        None => synthetic_corpus(a.corpus_size, a.seed),
+    };
+    if let Some(path) = &a.write_corpus {
+        write_corpus(path, &corpus)?;
+    }
+    let percentiles =
+        parse_list(&a.percentiles).map_err(|e| anyhow::anyhow!("--percentiles: {e}"))?;
+    let cfg = EmbedBenchConfig {
+        base_url: a.base_url,
+        api_key: a.api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok()),
+        model: a.model,
+        corpus,
+        concurrency: a.concurrency,
+        batch_size: a.batch_size,
+        num_requests: a.num_requests,
+        percentiles,
+        request_timeout: Duration::from_secs(600),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run_embeddings(&cfg))?;
+    print!("{}", format_embed_report(&result));
+    if let Some(path) = &a.save_result {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if result.completed == 0 {
+        bail!("every request failed");
+    }
     Ok(())
 }
