@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::client::{read_body, truncate, BaseUrl, HttpClient};
 use crate::error::{BenchError, Result};
@@ -194,13 +194,21 @@ async fn one_request(
     if status != 200 {
         return Err(format!("HTTP {status}: {}", truncate(&text, 200)));
     }
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("bad JSON: {e}"))?;
-    let got = v["data"].as_array().map_or(0, Vec::len);
-    if got != n {
-        return Err(format!("{got} embeddings for {n} inputs"));
+    // Count the vectors without converting their numbers (the client shares the machine).
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        prompt_tokens: u64,
     }
-    let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-    Ok((latency, n, tokens))
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        data: Vec<serde::de::IgnoredAny>,
+        usage: Usage,
+    }
+    let v: Reply = serde_json::from_str(&text).map_err(|e| format!("bad JSON: {e}"))?;
+    if v.data.len() != n {
+        return Err(format!("{} embeddings for {n} inputs", v.data.len()));
+    }
+    Ok((latency, n, v.usage.prompt_tokens))
 }
 
 /// Run the benchmark.

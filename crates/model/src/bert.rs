@@ -207,7 +207,7 @@ impl Dense {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::cpu_matmul::linear(x, &self.weight)?.broadcast_add(&self.bias)?)
+        crate::cpu_matmul::linear_bias(x, &self.weight, &self.bias)
     }
 }
 
@@ -242,6 +242,40 @@ struct Layer {
     intermediate: Dense,
     output: Dense,
     output_norm: Norm,
+}
+
+/// `a · b` with 16 independent partial sums, so the compiler vectorizes it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Replace `scores` by `exp(score - max)` and return `1 / Σ` (AVX-512 when available).
+fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { crate::attention::cpu::avx512::softmax_unnormalized(scores) };
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    1.0 / sum
 }
 
 /// A loaded BERT encoder with its sentence-transformers head.
@@ -412,7 +446,7 @@ impl BertModel {
             x = layer.attn_norm.forward(&(h + &x)?, eps)?;
             let inter = layer.intermediate.forward(&x)?;
             let inter = match c.hidden_act.as_str() {
-                "gelu" => inter.gelu_erf()?,
+                "gelu" => crate::cpu_ops::gelu_erf(&inter)?,
                 _ => inter.gelu()?,
             };
             let h = layer.output.forward(&inter)?;
@@ -452,20 +486,13 @@ impl BertModel {
                 let mut scores = vec![0f32; len];
                 for i in 0..len {
                     let qi = q(i);
-                    let mut max = f32::NEG_INFINITY;
                     for (j, score) in scores.iter_mut().enumerate() {
-                        let dot: f32 = qi.iter().zip(k(j)).map(|(a, b)| a * b).sum();
-                        *score = dot * scale;
-                        max = max.max(*score);
+                        *score = dot(qi, k(j)) * scale;
                     }
-                    let mut sum = 0f32;
-                    for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        sum += *score;
-                    }
+                    let inv_sum = softmax_unnormalized(&mut scores);
                     let o = &mut out[i * d..(i + 1) * d];
                     for (j, &p) in scores.iter().enumerate() {
-                        let w = p / sum;
+                        let w = p * inv_sum;
                         for (o, &x) in o.iter_mut().zip(v(j)) {
                             *o += w * x;
                         }

@@ -348,10 +348,37 @@ pub fn linear(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
 ) -> crate::error::Result<candle_core::Tensor> {
+    linear_impl(x, w, None)
+}
+
+/// `x @ wᵀ + b` (encoder layers): the bias is added to the kernel's output buffer in the same
+/// parallel pass over its rows, instead of a separate broadcast over a new tensor.
+pub fn linear_bias(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> crate::error::Result<candle_core::Tensor> {
+    let fast = b.device().is_cpu() && b.dtype() == candle_core::DType::F32 && b.rank() == 1;
+    if !fast {
+        return Ok(linear(x, w)?.broadcast_add(b)?);
+    }
+    let bias = b.to_vec1::<f32>()?;
+    linear_impl(x, w, Some(&bias))
+}
+
+fn linear_impl(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    bias: Option<&[f32]>,
+) -> crate::error::Result<candle_core::Tensor> {
     use candle_core::{DType, Storage, Tensor};
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !cpu_f32 || !w.is_contiguous() {
-        return Ok(x.matmul(&w.t()?)?);
+        let y = x.matmul(&w.t()?)?;
+        return match bias {
+            Some(b) => Ok(y.broadcast_add(&Tensor::new(b, x.device())?)?),
+            None => Ok(y),
+        };
     }
     let x = x.contiguous()?;
     let (m, k) = x.dims2()?;
@@ -369,8 +396,22 @@ pub fn linear(
         };
         let xs = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
         let ws = &ws.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + n * k];
+        if bias.is_some_and(|b| b.len() != n) {
+            return Err(crate::error::ModelError::InvalidBatch(format!(
+                "a bias of {} for {n} outputs",
+                bias.map_or(0, <[f32]>::len)
+            )));
+        }
         // SAFETY: the kernel writes all m * n outputs (its shapes are asserted first).
-        unsafe { filled_buffer(m * n, |out| matmul_xwt_into(xs, m, k, ws, n, out)) }
+        let mut out = unsafe { filled_buffer(m * n, |out| matmul_xwt_into(xs, m, k, ws, n, out)) };
+        if let Some(b) = bias {
+            out.par_chunks_mut(n).for_each(|row| {
+                for (o, &b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            });
+        }
+        out
     };
     Ok(Tensor::from_vec(out, (m, n), x.device())?)
 }

@@ -229,11 +229,30 @@ async fn embed(
     }
 }
 
+/// One vector as sent: float32 numbers (serialized as f32, shortest form, not widened to f64)
+/// or base64 of little-endian float32.
 #[derive(Serialize)]
-struct EmbeddingData {
+#[serde(untagged)]
+enum EmbeddingValue<'a> {
+    Float(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingData<'a> {
     object: &'static str,
     index: usize,
-    embedding: Value,
+    embedding: EmbeddingValue<'a>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingResponse<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    data: Vec<EmbeddingData<'a>>,
+    usage: Value,
 }
 
 fn to_base64(v: &[f32]) -> String {
@@ -284,21 +303,23 @@ pub(crate) async fn embeddings(
             object: "embedding",
             index,
             embedding: if base64 {
-                Value::String(to_base64(v))
+                EmbeddingValue::Base64(to_base64(v))
             } else {
-                json!(v)
+                EmbeddingValue::Float(v)
             },
         })
         .collect();
-    let body = json!({
-        "id": id,
-        "object": "list",
-        "created": unix_now(),
-        "model": model,
-        "data": data,
-        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
-    });
-    Ok(json_response(StatusCode::OK, body.to_string().into_bytes()))
+    let body = EmbeddingResponse {
+        id: &id,
+        object: "list",
+        created: unix_now(),
+        model: &model,
+        data,
+        usage: json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}),
+    };
+    let body = serde_json::to_vec(&body)
+        .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
+    Ok(json_response(StatusCode::OK, body))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {

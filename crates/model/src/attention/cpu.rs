@@ -288,7 +288,7 @@ impl HeadKernel<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     /// The block size the vectorized kernel serves: one 16-lane vector per key dimension.
@@ -301,7 +301,7 @@ mod avx512 {
     /// AVX-512F must be available.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
+    pub(crate) unsafe fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
         let n = scores.len();
         let p = scores.as_mut_ptr();
         let mask = |i: usize| {
@@ -329,9 +329,13 @@ mod avx512 {
 
     /// `exp(x)` for `x <= 0` to about 1 ulp: `2^n · e^r` with `|r| <= ln2 / 2` and Cephes'
     /// polynomial for `e^r`; inputs below -87 give `e^-87` (negligible next to the maximum's 1).
+    /// Shared with the other vectorized CPU ops (`cpu_ops::gelu_erf`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
