@@ -53,19 +53,24 @@ fn chat_template(v: Option<&Json>) -> Option<String> {
     }
 }
 
-/// Tokenizer + chat template + special tokens from a model directory.
-pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
-    let tokenizer_path = dir.join("tokenizer.json");
-    if !tokenizer_path.exists() {
+/// The fast tokenizer (`tokenizer.json`) of a model directory.
+fn read_tokenizer_json(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
         return Err(ModelError::Tokenizer(format!(
             "{} is missing: spindle needs a fast tokenizer (tokenizer.json) next to the weights",
-            tokenizer_path.display()
+            path.display()
         )));
     }
-    let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::InvalidFile {
-        path: tokenizer_path.clone(),
+    Tokenizer::from_file(&path).map_err(|e| ModelError::InvalidFile {
+        path: path.clone(),
         message: e.to_string(),
-    })?;
+    })
+}
+
+/// Tokenizer + chat template + special tokens from a model directory.
+pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
+    let tokenizer = read_tokenizer_json(dir)?;
     let config_path = dir.join("tokenizer_config.json");
     let config = if config_path.exists() {
         read_json(&config_path)?
@@ -131,17 +136,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
 /// `tokenizer.json` often carries (e.g. pad/truncate to 128) are removed, so inputs are never
 /// silently cut or padded: length limits are checked by the server.
 pub fn load_encoder_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Err(ModelError::Tokenizer(format!(
-            "{} is missing: spindle needs a fast tokenizer (tokenizer.json) next to the weights",
-            path.display()
-        )));
-    }
-    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| ModelError::InvalidFile {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let mut tokenizer = read_tokenizer_json(dir)?;
     tokenizer
         .with_truncation(None)
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;

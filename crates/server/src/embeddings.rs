@@ -17,18 +17,11 @@ use crate::error::ApiError;
 use crate::handlers::{blocking, random_id, unix_now};
 use crate::protocol::{EmbeddingRequest, RerankRequest, ScoreRequest};
 use crate::server::{json_response, ApiBody, AppState};
-use crate::validation::{parse_json, resolve_model};
+use crate::validation::{parse_json, parse_text_or_tokens, resolve_model, PromptInput};
 
 /// Most inputs in one `/v1/embeddings` request (OpenAI's limit), and most documents to rerank or
 /// texts to score.
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
-
-/// One input as the client sent it.
-#[derive(Debug, Clone, PartialEq)]
-enum Input {
-    Text(String),
-    Tokens(Vec<u32>),
-}
 
 /// How inputs longer than the model's limit are handled.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,87 +49,10 @@ fn parse_truncation(value: Option<i64>, limits: ModelLimits) -> Result<Truncatio
     }
 }
 
-/// Parse `input` (or another field of the same shape): a string, a list of strings, a list of
-/// token ids, or a list of token-id lists.
-fn parse_inputs(value: Option<&Value>, param: &str, vocab: usize) -> Result<Vec<Input>, ApiError> {
-    let bad = || {
-        ApiError::invalid_param(
-            param,
-            format!("`{param}` must be a string, a list of strings, a list of token ids or a list of token-id lists."),
-        )
-    };
-    let token = |v: &Value| -> Result<u32, ApiError> {
-        let id = v.as_i64().ok_or_else(bad)?;
-        if id < 0 || id as u64 >= vocab as u64 {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("Token id {id} is out of range for a vocabulary of {vocab}."),
-            ));
-        }
-        Ok(id as u32)
-    };
-    let tokens = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        if items.is_empty() {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("`{param}` contains an empty list of token ids."),
-            ));
-        }
-        items.iter().map(token).collect()
-    };
-    let inputs = match value {
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("`{param}` is required."),
-            ))
-        }
-        Some(Value::String(s)) => vec![Input::Text(s.clone())],
-        Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("`{param}` must not be an empty list."),
-            ))
-        }
-        Some(Value::Array(items)) => match &items[0] {
-            Value::String(_) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(|s| Input::Text(s.to_string()))
-                        .ok_or_else(bad)
-                })
-                .collect::<Result<_, _>>()?,
-            Value::Number(_) => vec![Input::Tokens(tokens(items)?)],
-            Value::Array(_) => items
-                .iter()
-                .map(|v| {
-                    v.as_array()
-                        .ok_or_else(bad)
-                        .and_then(|a| tokens(a))
-                        .map(Input::Tokens)
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
-    };
-    if inputs.len() > MAX_EMBEDDING_INPUTS {
-        return Err(ApiError::invalid_param(
-            param,
-            format!(
-                "At most {MAX_EMBEDDING_INPUTS} inputs per request, got {}.",
-                inputs.len()
-            ),
-        ));
-    }
-    Ok(inputs)
-}
-
 /// Tokenize (on the blocking pool) and truncate the inputs.
 async fn tokenize(
     tok: Arc<TokenizerBundle>,
-    inputs: Vec<Input>,
+    inputs: Vec<PromptInput>,
     truncation: Truncation,
     add_special_tokens: bool,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
@@ -145,16 +61,16 @@ async fn tokenize(
             .into_iter()
             .map(|input| {
                 let ids = match (input, truncation) {
-                    (Input::Tokens(mut ids), Truncation::To(n)) => {
+                    (PromptInput::Tokens(mut ids), Truncation::To(n)) => {
                         ids.truncate(n);
                         ids
                     }
-                    (Input::Tokens(ids), Truncation::Refuse) => ids,
-                    (Input::Text(t), Truncation::To(n)) => {
+                    (PromptInput::Tokens(ids), Truncation::Refuse) => ids,
+                    (PromptInput::Text(t), Truncation::To(n)) => {
                         tok.encode_truncated(&t, add_special_tokens, n)
                     }
                     .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))?,
-                    (Input::Text(t), Truncation::Refuse) => tok
+                    (PromptInput::Text(t), Truncation::Refuse) => tok
                         .encode(&t, add_special_tokens)
                         .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))?,
                 };
@@ -286,7 +202,13 @@ pub(crate) async fn embeddings(
         ));
     }
     let truncation = parse_truncation(req.truncate_prompt_tokens, limits)?;
-    let inputs = parse_inputs(req.input.as_ref(), "input", limits.vocab_size)?;
+    let inputs = parse_text_or_tokens(
+        req.input.as_ref(),
+        "input",
+        "inputs",
+        limits.vocab_size,
+        MAX_EMBEDDING_INPUTS,
+    )?;
     let ids = tokenize(
         state.engine.tokenizer().clone(),
         inputs,
@@ -391,7 +313,7 @@ async fn embed_texts(
 ) -> Result<(Vec<Vec<f32>>, Usage), ApiError> {
     let limits = state.engine.limits();
     let truncation = parse_truncation(truncate, limits)?;
-    let inputs = texts.into_iter().map(Input::Text).collect();
+    let inputs = texts.into_iter().map(PromptInput::Text).collect();
     let ids = tokenize(state.engine.tokenizer().clone(), inputs, truncation, true).await?;
     embed(state, request_id, ids, param).await
 }
@@ -524,16 +446,26 @@ mod tests {
 
     #[test]
     fn input_shapes() {
-        let p = |v: Value| parse_inputs(Some(&v), "input", 100);
-        assert_eq!(p(json!("hi")).unwrap(), vec![Input::Text("hi".into())]);
+        let p =
+            |v: Value| parse_text_or_tokens(Some(&v), "input", "inputs", 100, MAX_EMBEDDING_INPUTS);
+        assert_eq!(
+            p(json!("hi")).unwrap(),
+            vec![PromptInput::Text("hi".into())]
+        );
         assert_eq!(
             p(json!(["a", "b"])).unwrap(),
-            vec![Input::Text("a".into()), Input::Text("b".into())]
+            vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]
         );
-        assert_eq!(p(json!([1, 2])).unwrap(), vec![Input::Tokens(vec![1, 2])]);
+        assert_eq!(
+            p(json!([1, 2])).unwrap(),
+            vec![PromptInput::Tokens(vec![1, 2])]
+        );
         assert_eq!(
             p(json!([[1], [2, 3]])).unwrap(),
-            vec![Input::Tokens(vec![1]), Input::Tokens(vec![2, 3])]
+            vec![
+                PromptInput::Tokens(vec![1]),
+                PromptInput::Tokens(vec![2, 3])
+            ]
         );
         for bad in [
             json!([]),
@@ -551,7 +483,7 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("input"), "{bad}");
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }
-        assert!(parse_inputs(None, "input", 100).is_err());
+        assert!(parse_text_or_tokens(None, "input", "inputs", 100, 1).is_err());
         let many = Value::Array(vec![json!("x"); MAX_EMBEDDING_INPUTS + 1]);
         assert!(p(many).is_err());
     }

@@ -485,13 +485,27 @@ pub enum PromptInput {
 
 /// `prompt` as a string, a list of strings, a list of token ids, or a list of token-id lists.
 pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptInput>, ApiError> {
+    parse_text_or_tokens(prompt, "prompt", "prompts", vocab, MAX_PROMPTS)
+}
+
+/// A field (`param`) holding a string, a list of strings, a list of token ids, or a list of
+/// token-id lists, as `/v1/completions`' `prompt` and `/v1/embeddings`' `input` do: at least
+/// one item, at most `max_items` (`noun` names them in the error), no empty token list, ids
+/// below `vocab`.
+pub fn parse_text_or_tokens(
+    value: Option<&Value>,
+    param: &str,
+    noun: &str,
+    vocab: usize,
+    max_items: usize,
+) -> Result<Vec<PromptInput>, ApiError> {
     let bad = || {
         ApiError::invalid_param(
-            "prompt",
-            "`prompt` must be a string, a list of strings, a list of token ids, or a list of token-id lists.",
+            param,
+            format!("`{param}` must be a string, a list of strings, a list of token ids, or a list of token-id lists."),
         )
     };
-    let empty = || ApiError::invalid_param("prompt", "`prompt` must not be empty.");
+    let empty = || ApiError::invalid_param(param, format!("`{param}` must not be empty."));
     let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         if items.is_empty() {
             return Err(empty());
@@ -501,13 +515,16 @@ pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptIn
             .map(|v| {
                 v.as_i64()
                     .ok_or_else(bad)
-                    .and_then(|id| token_id("prompt", id, vocab))
+                    .and_then(|id| token_id(param, id, vocab))
             })
             .collect()
     };
-    let prompts = match prompt {
+    let items = match value {
         None | Some(Value::Null) => {
-            return Err(ApiError::invalid_param("prompt", "`prompt` is required."))
+            return Err(ApiError::invalid_param(
+                param,
+                format!("`{param}` is required."),
+            ))
         }
         Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
         Some(Value::Array(items)) if items.is_empty() => return Err(empty()),
@@ -534,13 +551,13 @@ pub fn parse_prompt(prompt: Option<&Value>, vocab: usize) -> Result<Vec<PromptIn
         },
         Some(_) => return Err(bad()),
     };
-    if prompts.len() > MAX_PROMPTS {
+    if items.len() > max_items {
         return Err(ApiError::invalid_param(
-            "prompt",
-            format!("At most {MAX_PROMPTS} prompts per request."),
+            param,
+            format!("At most {max_items} {noun} per request."),
         ));
     }
-    Ok(prompts)
+    Ok(items)
 }
 
 /// Check a tokenized prompt with the validated parameters against the model and build the
