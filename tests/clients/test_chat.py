@@ -1,5 +1,6 @@
 """`POST /v1/chat/completions` through `client.chat.completions.create`."""
 
+import json
 import math
 
 import openai
@@ -195,3 +196,72 @@ def test_max_tokens_gives_length(client: openai.OpenAI, model: str, field: str):
     assert r.usage.completion_tokens == 3
     check_usage(r.usage, max_completion_tokens=3)
     assert choice.message.content
+
+
+# ----- structured outputs -----
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema(client, model):
+    resp = client.chat.completions.create(
+        model=model,
+        messages=user("Describe a person as JSON."),
+        max_tokens=80,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
+    )
+    data = json.loads(resp.choices[0].message.content)
+    assert set(data) == {"name", "age"} and isinstance(data["age"], int)
+    assert 0 <= data["age"] <= 120
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_response_format_json_object_and_vllm_structured_outputs(client, model):
+    resp = client.chat.completions.create(
+        model=model,
+        messages=user("Give me any JSON object."),
+        max_tokens=100,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    resp = client.completions.create(
+        model=model,
+        prompt="The sentiment of 'I love it' is",
+        max_tokens=5,
+        extra_body={"structured_outputs": {"choice": ["positive", "negative"]}},
+    )
+    assert resp.choices[0].text in ("positive", "negative")
+
+
+def test_bad_schema_is_a_400(client, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=model,
+            messages=user("hi"),
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+        )
+    assert e.value.body["param"] == "response_format"
+
+
+def test_langchain_with_structured_output(base_url, model):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=model, base_url=f"{base_url}/v1", api_key="unused", max_retries=0, max_tokens=80, temperature=0
+    )
+    structured = llm.with_structured_output(
+        {"title": "Person", "description": "A person.", **PERSON_SCHEMA}, method="json_schema"
+    )
+    result = structured.invoke("Describe a person.")
+    assert isinstance(result, dict) and set(result) == {"name", "age"}

@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use spindle_model::ModelError;
+use spindle_structured::{Constraint, StructuredError};
 
 use crate::detokenizer::DetokenizeError;
 use crate::sampler::SamplerError;
@@ -169,6 +170,7 @@ pub struct GenerateRequest {
     prompt_token_ids: Vec<u32>,
     params: SamplingParams,
     max_tokens: usize,
+    constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -222,7 +224,16 @@ impl GenerateRequest {
             prompt_token_ids,
             params,
             max_tokens,
+            constraint: None,
         })
+    }
+
+    /// Constrain the output (structured outputs): every sampled token must be allowed by
+    /// `constraint`, and the sequence stops once the constrained output is complete. Compile
+    /// it off the engine thread (`spindle_structured::GrammarCompiler`).
+    pub fn with_constraint(mut self, constraint: Constraint) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     pub fn request_id(&self) -> &str {
@@ -242,12 +253,15 @@ impl GenerateRequest {
         self.max_tokens
     }
 
-    pub(crate) fn into_parts(self) -> (String, Vec<u32>, SamplingParams, usize) {
+    pub(crate) fn into_parts(
+        self,
+    ) -> (String, Vec<u32>, SamplingParams, usize, Option<Constraint>) {
         (
             self.request_id,
             self.prompt_token_ids,
             self.params,
             self.max_tokens,
+            self.constraint,
         )
     }
 }
@@ -457,6 +471,9 @@ pub enum EngineError {
     /// A logits row could not be sampled.
     #[error("sampling failed: {0}")]
     Sampler(#[from] SamplerError),
+    /// A structured-output constraint failed while decoding (it admits no continuation).
+    #[error("structured output: {0}")]
+    Constraint(#[from] StructuredError),
     /// A generated token could not be turned into text.
     #[error("detokenization failed: {0}")]
     Detokenize(#[from] DetokenizeError),

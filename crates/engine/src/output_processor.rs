@@ -17,7 +17,10 @@ use crate::api::{
     ChoiceDelta, EngineError, EngineEvent, FinishReason, GenerateRequest, RequestTimings,
     SamplingParams, StepLogprobs, StopReason, Usage,
 };
-use crate::sampler::{sample_batch, SampleInput, SampleResult, SequenceRng};
+use rayon::prelude::*;
+use spindle_structured::{Constraint, StructuredError};
+
+use crate::sampler::{sample_batch, SampleInput, SequenceRng};
 use crate::scheduler::{ScheduledSeq, Scheduler, SeqId};
 use crate::sequence::{RequestGroup, SeqOutput};
 use crate::stats::EngineStats;
@@ -97,10 +100,17 @@ impl OutputProcessor {
         request: GenerateRequest,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> (SeqId, Vec<u32>) {
-        let (request_id, prompt, params, max_tokens) = request.into_parts();
+        let (request_id, prompt, params, max_tokens, constraint) = request.into_parts();
         debug_assert!(!prompt.is_empty() && prompt.len() + max_tokens <= self.max_model_len);
         let fallback_seed: u64 = self.seed_rng.random();
-        let seq_id = self.new_seq(SeqOutput::new(id, 0, &prompt, &params, fallback_seed));
+        let seq_id = self.new_seq(SeqOutput::new(
+            id,
+            0,
+            &prompt,
+            &params,
+            fallback_seed,
+            constraint.clone(),
+        ));
         self.stats
             .prompt_tokens_total
             .fetch_add(prompt.len() as u64, Ordering::Relaxed);
@@ -117,6 +127,7 @@ impl OutputProcessor {
                 },
                 max_tokens,
                 first_seq: seq_id,
+                constraint,
                 fallback_seed,
                 num_live: 1,
                 arrived: Instant::now(),
@@ -177,7 +188,7 @@ impl OutputProcessor {
         for (id, result) in results {
             match result {
                 Ok((token, logprobs)) => self.append_token(id, token, logprobs, scheduler, now),
-                Err(e) => self.fail_seq_request(id, EngineError::Sampler(e), scheduler),
+                Err(e) => self.fail_seq_request(id, e, scheduler),
             }
         }
     }
@@ -203,32 +214,45 @@ impl OutputProcessor {
         group.pending_children = false;
         let n = group.params.n;
         group.num_live += n - 1;
-        let (params, fallback) = (group.params.clone(), group.fallback_seed);
+        let (params, fallback, constraint) = (
+            group.params.clone(),
+            group.fallback_seed,
+            group.constraint.clone(),
+        );
         let prompt = scheduler
             .seq(parent)
             .map(|s| s.prompt_ids().to_vec())
             .unwrap_or_default();
         for choice in 1..n {
-            let child = self.new_seq(SeqOutput::new(group_id, choice, &prompt, &params, fallback));
+            let child = self.new_seq(SeqOutput::new(
+                group_id,
+                choice,
+                &prompt,
+                &params,
+                fallback,
+                constraint.clone(),
+            ));
             scheduler.fork(parent, child);
             work.push((child, row));
         }
     }
 
-    /// Sample every work item in parallel; each sequence advances its own RNG.
+    /// Sample every work item in parallel; each sequence advances its own RNG. Constrained
+    /// sequences sample from a copy of their row with disallowed tokens at -inf (masks computed
+    /// in parallel); unconstrained ones read the row as it is.
     fn sample(
         &mut self,
         work: &[(SeqId, usize)],
         rows: &[Vec<f32>],
         scheduler: &Scheduler,
-    ) -> Vec<(SeqId, SampleResult)> {
+    ) -> Vec<(SeqId, Result<(u32, Option<StepLogprobs>), EngineError>)> {
         let eos = &self.tokenizer.eos_token_ids;
         let mut order = Vec::with_capacity(work.len());
         let mut rngs: Vec<SequenceRng> = Vec::with_capacity(work.len());
-        let mut picked = Vec::with_capacity(work.len());
+        let mut constraints: Vec<Option<Constraint>> = Vec::with_capacity(work.len());
         for &(id, row) in work {
             let (Some(out), Some(_), Some(_)) =
-                (self.seqs.get(&id), scheduler.seq(id), rows.get(row))
+                (self.seqs.get_mut(&id), scheduler.seq(id), rows.get(row))
             else {
                 continue;
             };
@@ -237,14 +261,35 @@ impl OutputProcessor {
             }
             order.push((id, row, out.group));
             rngs.push(out.rng.clone());
+            constraints.push(out.constraint.take());
         }
+        let masked: Vec<Option<Result<Vec<f32>, StructuredError>>> = constraints
+            .par_iter_mut()
+            .zip(order.par_iter())
+            .map(|(c, &(_, row, _))| {
+                let c = c.as_mut()?;
+                let mut logits = rows.get(row)?.clone();
+                Some(c.mask_logits(&mut logits).map(|()| logits))
+            })
+            .collect();
+        let mut results: Vec<Option<Result<(u32, Option<StepLogprobs>), EngineError>>> =
+            (0..order.len()).map(|_| None).collect();
         {
             let mut inputs = Vec::with_capacity(order.len());
-            for (&(id, row, group), rng) in order.iter().zip(rngs.iter_mut()) {
-                let (Some(seq), Some(group), Some(logits)) =
+            let mut sampled = Vec::with_capacity(order.len());
+            for (k, (&(id, row, group), rng)) in order.iter().zip(rngs.iter_mut()).enumerate() {
+                let (Some(seq), Some(group), Some(row)) =
                     (scheduler.seq(id), self.requests.get(&group), rows.get(row))
                 else {
                     continue; // checked above
+                };
+                let logits = match &masked[k] {
+                    None => row.as_slice(),
+                    Some(Ok(m)) => m.as_slice(),
+                    Some(Err(e)) => {
+                        results[k] = Some(Err(EngineError::Constraint(e.clone())));
+                        continue;
+                    }
                 };
                 inputs.push(SampleInput {
                     logits,
@@ -254,15 +299,23 @@ impl OutputProcessor {
                     eos_ids: eos,
                     rng,
                 });
+                sampled.push(k);
             }
-            picked.extend(sample_batch(&mut inputs));
+            for (k, r) in sampled.into_iter().zip(sample_batch(&mut inputs)) {
+                results[k] = Some(r.map_err(EngineError::Sampler));
+            }
         }
-        for (&(id, _, _), rng) in order.iter().zip(rngs) {
+        for ((&(id, _, _), rng), constraint) in order.iter().zip(rngs).zip(constraints) {
             if let Some(out) = self.seqs.get_mut(&id) {
                 out.rng = rng;
+                out.constraint = constraint;
             }
         }
-        order.into_iter().map(|(id, _, _)| id).zip(picked).collect()
+        order
+            .into_iter()
+            .zip(results)
+            .filter_map(|((id, _, _), r)| r.map(|r| (id, r)))
+            .collect()
     }
 
     /// Add a sampled token to a sequence, detokenize, check stops, and send the delta.
@@ -287,6 +340,15 @@ impl OutputProcessor {
             .generation_tokens_total
             .fetch_add(1, Ordering::Relaxed);
 
+        let mut constraint_done = false;
+        if let Some(c) = out.constraint.as_mut() {
+            if let Err(e) = c.accept(token) {
+                let group_id = out.group;
+                self.fail_request(group_id, EngineError::Constraint(e), scheduler);
+                return;
+            }
+            constraint_done = c.is_finished();
+        }
         let params = &group.params;
         let tokenizer = &self.tokenizer.tokenizer;
         let num_output = seq.num_output();
@@ -308,6 +370,10 @@ impl OutputProcessor {
                 finish = hit.map(|s| (FinishReason::Stop, Some(StopReason::Text(s))));
             } else {
                 text.push_str(&out.stop.push_unmatched(&piece));
+            }
+            if finish.is_none() && constraint_done {
+                // The structured output is complete: nothing may follow it.
+                finish = Some((FinishReason::Stop, None));
             }
             if finish.is_none()
                 && stop_on_length(

@@ -12,6 +12,7 @@ use crate::detokenizer::IncrementalDetokenizer;
 use crate::sampler::SequenceRng;
 use crate::scheduler::SeqId;
 use crate::stop::StopChecker;
+use spindle_structured::Constraint;
 
 /// One sequence's output state.
 pub struct SeqOutput {
@@ -22,6 +23,8 @@ pub struct SeqOutput {
     pub rng: SequenceRng,
     pub detokenizer: IncrementalDetokenizer,
     pub stop: StopChecker,
+    /// Structured-output state: masks this sequence's logits and follows its tokens.
+    pub constraint: Option<Constraint>,
 }
 
 impl SeqOutput {
@@ -31,6 +34,7 @@ impl SeqOutput {
         prompt: &[u32],
         params: &SamplingParams,
         fallback_seed: u64,
+        constraint: Option<Constraint>,
     ) -> Self {
         Self {
             group,
@@ -38,6 +42,7 @@ impl SeqOutput {
             rng: SequenceRng::new(params.seed, choice, fallback_seed),
             detokenizer: IncrementalDetokenizer::new(prompt, params.skip_special_tokens),
             stop: StopChecker::new(&params.stop, params.include_stop_str_in_output),
+            constraint,
         }
     }
 }
@@ -51,6 +56,8 @@ pub struct RequestGroup {
     pub max_tokens: usize,
     /// The first choice; the others are forked from it after the prompt's prefill.
     pub first_seq: SeqId,
+    /// The constraint's initial state, for the choices forked later.
+    pub constraint: Option<Constraint>,
     /// Seed for unseeded requests' RNGs, fixed at arrival.
     pub fallback_seed: u64,
     /// Choices not yet created (n > 1 children are forked after the prompt's prefill).

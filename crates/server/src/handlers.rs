@@ -15,8 +15,8 @@ use spindle_model::TokenizerBundle;
 use crate::error::ApiError;
 use crate::generation::{Generation, Kind, OutputOptions, ResponseMeta, SseBody};
 use crate::protocol::{
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
-    ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
+    ChatCompletionRequest, CommonFields, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    ModelCard, ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
 };
 use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
 use crate::template::{normalize_messages, RenderOptions};
@@ -130,7 +130,8 @@ pub(crate) async fn chat_completions(
     .await?;
     let id = random_id("chatcmpl");
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
-    start(state, Kind::Chat, id, model, validated, vec![request]).await
+    let requests = constrain(state, &req.common, &validated, vec![request]).await?;
+    start(state, Kind::Chat, id, model, validated, requests).await
 }
 
 /// `POST /v1/completions`.
@@ -172,7 +173,26 @@ pub(crate) async fn completions(
             "prompt",
         )?);
     }
+    let requests = constrain(state, &req.common, &validated, requests).await?;
     start(state, Kind::Completion, id, model, validated, requests).await
+}
+
+/// Compile the request's constraint (if any) off the runtime and attach a copy to every prompt.
+async fn constrain(
+    state: &AppState,
+    common: &CommonFields,
+    validated: &Validated,
+    requests: Vec<GenerateRequest>,
+) -> Result<Vec<GenerateRequest>, ApiError> {
+    let Some(spec) = validated.constraint.clone() else {
+        return Ok(requests);
+    };
+    let param = crate::structured::spec_param(common);
+    let constraint = crate::structured::compile(state.compiler.as_ref(), spec, param).await?;
+    Ok(requests
+        .into_iter()
+        .map(|r| r.with_constraint(constraint.clone()))
+        .collect())
 }
 
 /// Submit every prompt to the engine and answer (stream or not). If any submission fails the

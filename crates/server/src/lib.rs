@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod sse;
+pub mod structured;
 pub mod template;
 pub mod validation;
 

@@ -27,6 +27,11 @@ pub struct StreamOptions {
 /// rather than a type error.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct CommonFields {
+    /// `text`, `json_object` or `json_schema` (`{name, description?, schema, strict?}`).
+    pub response_format: Option<Value>,
+    /// vLLM's constraint object: exactly one of `json`, `regex`, `choice`, `grammar`,
+    /// `json_object`, plus `disable_any_whitespace` / `whitespace_pattern`.
+    pub structured_outputs: Option<Value>,
     pub n: Option<i64>,
     pub best_of: Option<i64>,
     pub temperature: Option<f64>,
@@ -75,7 +80,6 @@ pub struct ChatCompletionRequest {
     /// Passed to the chat template as `tools`.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
-    pub response_format: Option<Value>,
 }
 
 /// `POST /v1/completions`.

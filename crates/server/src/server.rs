@@ -29,6 +29,8 @@ use crate::handlers;
 use crate::metrics::{CacheInfo, Metrics};
 use crate::template::ChatTemplate;
 use crate::validation::ModelLimits;
+use spindle_engine::ModelKind;
+use spindle_structured::GrammarCompiler;
 
 /// Largest request body accepted by default (32 MiB): room for long prompts as token ids, small
 /// enough that a client cannot make the server buffer arbitrary amounts.
@@ -108,6 +110,9 @@ pub(crate) struct AppState {
     pub(crate) created: u64,
     pub(crate) fingerprint: String,
     pub(crate) shutting_down: AtomicBool,
+    /// Compiles structured-output constraints for this model's vocabulary (`None` for
+    /// embedding models, or when the tokenizer cannot be turned into a token trie).
+    pub(crate) compiler: Option<Arc<GrammarCompiler>>,
 }
 
 /// Every response body: a buffered one, or an SSE stream tied to engine requests.
@@ -222,6 +227,23 @@ impl Server {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let compiler = match engine.model_kind() {
+            ModelKind::Embed { .. } => None,
+            ModelKind::Generate => {
+                let tok = engine.tokenizer().clone();
+                let vocab = limits.vocab_size;
+                let built = tokio::task::spawn_blocking(move || GrammarCompiler::new(&tok, vocab))
+                    .await
+                    .map_err(|e| ServerError::Config(format!("building the token trie: {e}")))?;
+                match built {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::warn!("structured outputs are disabled: {e}");
+                        None
+                    }
+                }
+            }
+        };
         let state = Arc::new(AppState {
             cfg: config,
             engine,
@@ -231,6 +253,7 @@ impl Server {
             created,
             fingerprint,
             shutting_down: AtomicBool::new(false),
+            compiler,
         });
         Ok(Self {
             listener,

@@ -570,10 +570,11 @@ mod tests {
                 },
             )
             .unwrap();
-        // Keys come out sorted: request JSON is parsed into serde_json maps, which sort.
+        // Keys keep the request's order, as Python's json.dumps does (serde_json's
+        // preserve_order, which the structured-outputs dependency llguidance enables).
         assert_eq!(
             out,
-            "[{\"a\": [1, 2.5, true, null], \"z\": \"<a>\"}]|{\n  \"a\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"z\": \"<a>\"\n}"
+            "[{\"z\": \"<a>\", \"a\": [1, 2.5, true, null]}]|{\n  \"z\": \"<a>\",\n  \"a\": [\n    1,\n    2.5,\n    true,\n    null\n  ]\n}"
         );
     }
 

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 pub use spindle_engine::ModelLimits;
 use spindle_engine::{GenerateRequest, RequestError, SamplingParams};
+use spindle_structured::ConstraintSpec;
 
 use crate::error::ApiError;
 use crate::protocol::{ChatCompletionRequest, CommonFields, CompletionRequest};
@@ -43,6 +44,8 @@ pub struct Validated {
     pub include_usage: bool,
     /// `stream_options.continuous_usage_stats`.
     pub continuous_usage: bool,
+    /// `response_format` / `structured_outputs`, parsed (compiled later, off the runtime).
+    pub constraint: Option<ConstraintSpec>,
 }
 
 /// Parse a JSON body into `T`. On a type error the offending top-level field is found by
@@ -107,17 +110,6 @@ pub fn chat_params(
         }
         _ => None,
     };
-    match &req.response_format {
-        None | Some(Value::Null) => {}
-        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => {}
-        Some(v) => {
-            let kind = v.get("type").and_then(Value::as_str).unwrap_or("?");
-            return Err(ApiError::invalid_param(
-                "response_format",
-                format!("response_format `{kind}` is not supported by this server (only `text`)."),
-            ));
-        }
-    }
     match &req.tool_choice {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s == "none" || s == "auto" => {}
@@ -381,11 +373,13 @@ fn common_params(
         ),
     };
     p.max_tokens = requested_max_tokens;
+    let constraint = crate::structured::constraint_spec(c)?;
     Ok(Validated {
         params: p,
         stream,
         include_usage,
         continuous_usage,
+        constraint,
     })
 }
 
@@ -742,7 +736,7 @@ mod tests {
                 "stream_options",
             ),
             (
-                json!({"response_format": {"type": "json_object"}}),
+                json!({"response_format": {"type": "json_schema"}}),
                 "response_format",
             ),
             (json!({"tool_choice": "required"}), "tool_choice"),

@@ -284,6 +284,11 @@ fn catalogue() -> Vec<Case> {
         c("stream_options without stream", chat(json!({"messages": user("x"), "stream_options": {"include_usage": true}})), param(400, "stream_options")),
         c("detokenize id >= vocab", Send::Raw(post_bytes("/detokenize", json!({"tokens": [VOCAB]}).to_string().as_bytes())), param(400, "tokens")),
         c("tokenize prompt not a string", Send::Raw(post_bytes("/tokenize", json!({"prompt": [1, 2]}).to_string().as_bytes())), param(400, "prompt")),
+        // --- Structured outputs ---
+        c("response_format not an object", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "response_format": "json"}).to_string().as_bytes())), param(400, "response_format")),
+        c("json_schema without schema", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}).to_string().as_bytes())), param(400, "response_format")),
+        c("invalid regex constraint", Send::Raw(post_bytes("/v1/completions", json!({"prompt": "x", "structured_outputs": {"regex": "[z-a]"}}).to_string().as_bytes())), param(400, "structured_outputs")),
+        c("two constraints at once", Send::Raw(post_bytes("/v1/completions", json!({"prompt": "x", "structured_outputs": {"regex": "a", "grammar": "start: \"a\""}}).to_string().as_bytes())), param(400, "structured_outputs")),
         // --- Embedding endpoints on a text-generation model (the embedding model's own cases are
         // in tests/embeddings.rs) ---
         c("embeddings on a generative model", Send::Raw(post_bytes("/v1/embeddings", json!({"input": "hi"}).to_string().as_bytes())), bad(400)),

@@ -1,0 +1,345 @@
+//! Structured outputs at the API: `response_format` (OpenAI) and `structured_outputs` (vLLM)
+//! parsed into one [`ConstraintSpec`] (a 400 naming the field for anything malformed or
+//! ambiguous), and compiled on the blocking pool with a time bound, so a hostile schema never
+//! stalls the runtime or the engine. Compiled specs are cached by the compiler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use spindle_structured::{
+    Constraint, ConstraintSpec, GrammarCompiler, StructuredError, Whitespace,
+};
+
+use crate::error::ApiError;
+use crate::protocol::CommonFields;
+
+/// Longest a grammar may take to compile before the request is refused.
+pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The constraint a request asks for, if any.
+pub fn constraint_spec(c: &CommonFields) -> Result<Option<ConstraintSpec>, ApiError> {
+    let from_format = response_format(c.response_format.as_ref())?;
+    let from_outputs = structured_outputs(c.structured_outputs.as_ref())?;
+    match (from_format, from_outputs) {
+        (Some(_), Some(_)) => Err(ApiError::invalid_param(
+            "structured_outputs",
+            "Give either `response_format` or `structured_outputs`, not both.",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+fn response_format(v: Option<&Value>) -> Result<Option<ConstraintSpec>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param("response_format", m);
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(bad(
+            "`response_format` must be an object with a `type`.".into()
+        ));
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ConstraintSpec::JsonObject {
+            whitespace: Whitespace::Compact,
+        })),
+        Some("json_schema") => {
+            let Some(js) = obj.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad(
+                    "`response_format` of type `json_schema` needs a `json_schema` object with a `schema`.".into(),
+                ));
+            };
+            let schema = match js.get("schema") {
+                Some(s @ (Value::Object(_) | Value::Bool(_))) => s.clone(),
+                Some(_) => {
+                    return Err(bad(
+                        "`json_schema.schema` must be a JSON schema object.".into()
+                    ))
+                }
+                None => return Err(bad("`json_schema.schema` is required.".into())),
+            };
+            Ok(Some(ConstraintSpec::JsonSchema {
+                schema,
+                whitespace: Whitespace::Compact,
+            }))
+        }
+        Some(other) => Err(bad(format!(
+            "`response_format.type` must be `text`, `json_object` or `json_schema`, got `{other}`."
+        ))),
+        None => Err(bad("`response_format.type` is required.".into())),
+    }
+}
+
+fn structured_outputs(v: Option<&Value>) -> Result<Option<ConstraintSpec>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param("structured_outputs", m);
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(bad("`structured_outputs` must be an object.".into()));
+    };
+    const KINDS: [&str; 5] = ["json", "regex", "choice", "grammar", "json_object"];
+    const OPTIONS: [&str; 2] = ["disable_any_whitespace", "whitespace_pattern"];
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !KINDS.contains(&k.as_str()) && !OPTIONS.contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "Unknown key `{k}` in `structured_outputs` (supported: json, regex, choice, grammar, json_object, disable_any_whitespace, whitespace_pattern)."
+        )));
+    }
+    let given: Vec<&str> = KINDS
+        .iter()
+        .copied()
+        .filter(|k| {
+            obj.get(*k)
+                .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+        })
+        .collect();
+    let whitespace = match (
+        obj.get("disable_any_whitespace").and_then(Value::as_bool),
+        obj.get("whitespace_pattern"),
+    ) {
+        (Some(true), Some(p)) if !p.is_null() => {
+            return Err(bad(
+                "`disable_any_whitespace` and `whitespace_pattern` exclude each other.".into(),
+            ))
+        }
+        (Some(true), _) => Whitespace::None,
+        (_, Some(Value::String(p))) => Whitespace::Pattern(p.clone()),
+        (_, Some(v)) if !v.is_null() => {
+            return Err(bad("`whitespace_pattern` must be a string.".into()))
+        }
+        _ => Whitespace::Compact,
+    };
+    let kind = match given.as_slice() {
+        [] => {
+            return Err(bad(format!(
+                "`structured_outputs` needs exactly one of {}.",
+                KINDS.join(", ")
+            )))
+        }
+        [one] => *one,
+        many => {
+            return Err(bad(format!(
+                "`structured_outputs` takes exactly one constraint, got {}.",
+                many.join(", ")
+            )))
+        }
+    };
+    let field = &obj[kind];
+    let spec = match kind {
+        "json" => {
+            let schema = match field {
+                Value::String(s) => serde_json::from_str(s).map_err(|e| {
+                    bad(format!("`structured_outputs.json` is not valid JSON: {e}"))
+                })?,
+                other => other.clone(),
+            };
+            if !(schema.is_object() || schema.is_boolean()) {
+                return Err(bad(
+                    "`structured_outputs.json` must be a JSON schema object.".into(),
+                ));
+            }
+            ConstraintSpec::JsonSchema { schema, whitespace }
+        }
+        "json_object" => ConstraintSpec::JsonObject { whitespace },
+        "regex" => match field {
+            Value::String(r) if !r.is_empty() => ConstraintSpec::Regex(r.clone()),
+            _ => {
+                return Err(bad(
+                    "`structured_outputs.regex` must be a non-empty string.".into(),
+                ))
+            }
+        },
+        "grammar" => match field {
+            Value::String(g) if !g.trim().is_empty() => ConstraintSpec::Grammar(g.clone()),
+            _ => {
+                return Err(bad(
+                    "`structured_outputs.grammar` must be a non-empty Lark grammar string.".into(),
+                ))
+            }
+        },
+        _ => {
+            let choices: Option<Vec<String>> = field
+                .as_array()
+                .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect());
+            match choices {
+                Some(c) if !c.is_empty() && c.iter().all(|s| !s.is_empty()) => {
+                    ConstraintSpec::Choice(c)
+                }
+                _ => return Err(bad(
+                    "`structured_outputs.choice` must be a non-empty list of non-empty strings."
+                        .into(),
+                )),
+            }
+        }
+    };
+    Ok(Some(spec))
+}
+
+/// Compile `spec` on the blocking pool, within [`COMPILE_TIMEOUT`]. A bad spec is a 400
+/// naming `param`.
+pub async fn compile(
+    compiler: Option<&Arc<GrammarCompiler>>,
+    spec: ConstraintSpec,
+    param: &'static str,
+) -> Result<Constraint, ApiError> {
+    let Some(compiler) = compiler.cloned() else {
+        return Err(ApiError::invalid_param(
+            param,
+            "Structured outputs are not available for this model.",
+        ));
+    };
+    let task = tokio::task::spawn_blocking(move || compiler.compile(&spec));
+    match tokio::time::timeout(COMPILE_TIMEOUT, task).await {
+        Err(_) => Err(ApiError::invalid_param(
+            param,
+            format!(
+                "The constraint took longer than {} s to compile; simplify it.",
+                COMPILE_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => Err(ApiError::internal(format!(
+            "grammar compilation task failed: {e}"
+        ))),
+        Ok(Ok(Err(StructuredError::InvalidSpec(m)))) => Err(ApiError::invalid_param(
+            param,
+            format!("Invalid or unsupported constraint: {m}"),
+        )),
+        Ok(Ok(Err(e))) => Err(ApiError::internal(e.to_string())),
+        Ok(Ok(Ok(c))) => Ok(c),
+    }
+}
+
+/// Which request field a spec came from, for error messages.
+pub fn spec_param(c: &CommonFields) -> &'static str {
+    if c.structured_outputs.as_ref().is_some_and(|v| !v.is_null()) {
+        "structured_outputs"
+    } else {
+        "response_format"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(body: Value) -> Result<Option<ConstraintSpec>, ApiError> {
+        let c: CommonFields = serde_json::from_value(body).expect("fields");
+        constraint_spec(&c)
+    }
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!(spec(json!({})).unwrap(), None);
+        assert_eq!(
+            spec(json!({"response_format": {"type": "text"}})).unwrap(),
+            None
+        );
+        assert!(matches!(
+            spec(json!({"response_format": {"type": "json_object"}})).unwrap(),
+            Some(ConstraintSpec::JsonObject { .. })
+        ));
+        assert!(matches!(
+            spec(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}}})).unwrap(),
+            Some(ConstraintSpec::JsonSchema { .. })
+        ));
+        assert_eq!(
+            spec(json!({"structured_outputs": {"regex": "[0-9]+"}})).unwrap(),
+            Some(ConstraintSpec::Regex("[0-9]+".into()))
+        );
+        assert_eq!(
+            spec(json!({"structured_outputs": {"choice": ["a", "b"]}})).unwrap(),
+            Some(ConstraintSpec::Choice(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            spec(json!({"structured_outputs": {"json": "{\"type\": \"integer\"}", "disable_any_whitespace": true}})).unwrap(),
+            Some(ConstraintSpec::JsonSchema { schema: json!({"type": "integer"}), whitespace: Whitespace::None })
+        );
+        assert_eq!(
+            spec(json!({"structured_outputs": {"json_object": true, "whitespace_pattern": " ?"}}))
+                .unwrap(),
+            Some(ConstraintSpec::JsonObject {
+                whitespace: Whitespace::Pattern(" ?".into())
+            })
+        );
+        assert!(matches!(
+            spec(json!({"structured_outputs": {"grammar": "start: \"a\""}})).unwrap(),
+            Some(ConstraintSpec::Grammar(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_forms_are_400s_naming_the_field() {
+        let cases = [
+            (json!({"response_format": "json"}), "response_format"),
+            (json!({"response_format": {}}), "response_format"),
+            (
+                json!({"response_format": {"type": "yaml"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}),
+                "response_format",
+            ),
+            (json!({"structured_outputs": []}), "structured_outputs"),
+            (json!({"structured_outputs": {}}), "structured_outputs"),
+            (
+                json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"choice": []}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"choice": ["a", 1]}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"regex": ""}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"json": "{not json"}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"json": 5}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"grammar": " "}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"regex": "a", "guided_json": {}}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"structured_outputs": {"json_object": true, "disable_any_whitespace": true, "whitespace_pattern": " "}}),
+                "structured_outputs",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+                "structured_outputs",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = spec(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+}
