@@ -265,3 +265,48 @@ def test_langchain_with_structured_output(base_url, model):
     )
     result = structured.invoke("Describe a person.")
     assert isinstance(result, dict) and set(result) == {"name", "age"}
+
+
+# ----- forced tool calls -----
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_choice_required_and_named(client, model):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        resp = client.chat.completions.create(
+            model=model,
+            messages=user("What is the weather in Paris?"),
+            tools=[WEATHER_TOOL],
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            max_tokens=60,
+        )
+        choice0 = resp.choices[0]
+        assert choice0.finish_reason == "tool_calls"
+        assert choice0.message.content is None
+        assert len(choice0.message.tool_calls) == 1
+        call = choice0.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_langchain_bind_tools_required(base_url, model):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=model, base_url=f"{base_url}/v1", api_key="unused", max_retries=0, max_tokens=60)
+    msg = llm.bind_tools([WEATHER_TOOL], tool_choice="required").invoke("Weather in Rome?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(msg.tool_calls[0]["args"]["city"], str)

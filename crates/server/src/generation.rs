@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
-use serde_json::Value;
+use serde_json::{json, Value};
 use spindle_engine::{
     ChoiceDelta, EngineEvent, FinishReason, RequestStream, StepLogprobs, StopReason,
 };
@@ -53,7 +53,7 @@ pub struct ResponseMeta {
 }
 
 /// Output options of one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OutputOptions {
     /// Completions per prompt.
     pub n: usize,
@@ -63,6 +63,8 @@ pub struct OutputOptions {
     pub include_usage: bool,
     /// `stream_options.continuous_usage_stats`: usage on every chunk.
     pub continuous_usage: bool,
+    /// Forced tool calls: the (constrained) text is held back and answered as `tool_calls`.
+    pub tools: Option<crate::tools::ToolMode>,
 }
 
 struct Slot {
@@ -327,6 +329,7 @@ impl Generation {
                     delta: ChatDelta {
                         role: Some("assistant".into()),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -373,6 +376,53 @@ impl Generation {
         let finish_reason = delta.finish_reason.map(|r| r.as_str().to_string());
         let stop_reason = finished.then(|| stop_reason_value(&delta.stop_reason));
         match self.meta.kind {
+            Kind::Chat if self.opts.tools.is_some() => {
+                // The call's JSON is not content: keep it until the choice ends, then send it
+                // as tool-call deltas (or as content, if it is not a complete call).
+                self.choices[choice].text.push_str(&delta.text);
+                if !finished {
+                    return None;
+                }
+                let text = std::mem::take(&mut self.choices[choice].text);
+                let calls = self.opts.tools.as_ref().and_then(|t| t.parse_calls(&text));
+                let mut out = Vec::new();
+                let finish = match calls {
+                    Some(calls) => {
+                        for (i, call) in calls.iter().enumerate() {
+                            let head = json!([{"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]);
+                            let args =
+                                json!([{"index": i, "function": {"arguments": call.arguments}}]);
+                            for tool_calls in [head, args] {
+                                out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
+                                    index: choice,
+                                    delta: ChatDelta {
+                                        role: None,
+                                        content: None,
+                                        tool_calls: tool_calls.as_array().cloned(),
+                                    },
+                                    logprobs: None,
+                                    finish_reason: None,
+                                    stop_reason: None,
+                                }]));
+                            }
+                        }
+                        (None, Some("tool_calls".to_string()))
+                    }
+                    None => (Some(text), finish_reason),
+                };
+                out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta {
+                        role: None,
+                        content: finish.0.filter(|t| !t.is_empty()),
+                        tool_calls: None,
+                    },
+                    logprobs: None,
+                    finish_reason: finish.1,
+                    stop_reason,
+                }]));
+                Some(Bytes::from(out))
+            }
             Kind::Chat => {
                 let logprobs = self.opts.logprobs.then(|| ChatLogprobs {
                     content: self.chat_logprobs(&delta.logprobs),
@@ -383,6 +433,7 @@ impl Generation {
                     delta: ChatDelta {
                         role: None,
                         content,
+                        tool_calls: None,
                     },
                     logprobs,
                     finish_reason,
@@ -477,6 +528,7 @@ impl Generation {
         let usage = self.usage();
         let meta = self.meta.clone();
         let logprobs = self.opts.logprobs;
+        let tools = self.opts.tools.clone();
         let body = match meta.kind {
             Kind::Chat => serde_json::to_vec(&ChatCompletionResponse {
                 id: meta.id,
@@ -486,19 +538,30 @@ impl Generation {
                 choices: std::mem::take(&mut self.choices)
                     .into_iter()
                     .enumerate()
-                    .map(|(index, c)| ChatChoice {
-                        index,
-                        message: ChatMessageOut {
-                            role: "assistant".into(),
-                            content: c.text,
-                            refusal: None,
-                            tool_calls: Vec::new(),
-                        },
-                        logprobs: logprobs.then_some(ChatLogprobs {
-                            content: c.chat_logprobs,
-                        }),
-                        finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
-                        stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                    .map(|(index, c)| {
+                        let calls = tools.as_ref().and_then(|t| t.parse_calls(&c.text));
+                        let finish_reason = match &calls {
+                            Some(_) => Some("tool_calls".to_string()),
+                            None => c.finish_reason.map(|r| r.as_str().to_string()),
+                        };
+                        ChatChoice {
+                            index,
+                            message: ChatMessageOut {
+                                role: "assistant".into(),
+                                content: if calls.is_some() { None } else { Some(c.text) },
+                                refusal: None,
+                                tool_calls: calls
+                                    .unwrap_or_default()
+                                    .iter()
+                                    .map(crate::tools::ToolCallOut::to_json)
+                                    .collect(),
+                            },
+                            logprobs: logprobs.then_some(ChatLogprobs {
+                                content: c.chat_logprobs,
+                            }),
+                            finish_reason,
+                            stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                        }
                     })
                     .collect(),
                 usage,

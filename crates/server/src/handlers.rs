@@ -187,7 +187,11 @@ async fn constrain(
     let Some(spec) = validated.constraint.clone() else {
         return Ok(requests);
     };
-    let param = crate::structured::spec_param(common);
+    let param = if validated.tools.is_some() {
+        "tools"
+    } else {
+        crate::structured::spec_param(common)
+    };
     let constraint = crate::structured::compile(state.compiler.as_ref(), spec, param).await?;
     Ok(requests
         .into_iter()
@@ -224,6 +228,7 @@ async fn start(
             logprobs: validated.params.logprobs.is_some(),
             include_usage: validated.include_usage,
             continuous_usage: validated.continuous_usage,
+            tools: validated.tools.clone(),
         },
         streams,
         state.engine.tokenizer().clone(),

@@ -14,6 +14,7 @@ pub mod server;
 pub mod sse;
 pub mod structured;
 pub mod template;
+pub mod tools;
 pub mod validation;
 
 pub use error::{ApiError, ServerError};

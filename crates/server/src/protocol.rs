@@ -80,6 +80,8 @@ pub struct ChatCompletionRequest {
     /// Passed to the chat template as `tools`.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// At most one call when false (default true).
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `POST /v1/completions`.
@@ -203,7 +205,8 @@ pub struct CompletionLogprobs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessageOut {
     pub role: String,
-    pub content: String,
+    /// The text; null when the answer is tool calls only.
+    pub content: Option<String>,
     pub refusal: Option<String>,
     pub tool_calls: Vec<Value>,
 }
@@ -240,6 +243,10 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool-call fragments: `{index, id, type, function: {name, arguments}}` first, then
+    /// `{index, function: {arguments}}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One choice of a streamed chat chunk.
@@ -389,6 +396,7 @@ mod tests {
         let d = ChatDelta {
             role: None,
             content: Some("a".into()),
+            tool_calls: None,
         };
         assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"content":"a"}"#);
     }

@@ -17,12 +17,40 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders `tool_calls` itself; otherwise an assistant message's calls are
+    /// shown to it as the message's text.
+    knows_tool_calls: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate").finish_non_exhaustive()
     }
+}
+
+/// For a template that ignores `tool_calls` (e.g. SmolLM2's): an assistant message that only
+/// carries calls gets them as its text, `[{"name": ..., "arguments": {...}}]`, so the
+/// conversation renders and the model sees what was called.
+fn calls_as_text(message: &Value) -> Value {
+    let Some(calls) = message.get("tool_calls").and_then(Value::as_array) else {
+        return message.clone();
+    };
+    let has_text = message
+        .get("content")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty());
+    if has_text || calls.is_empty() {
+        return message.clone();
+    }
+    let shown: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            serde_json::json!({"name": c.pointer("/function/name"), "arguments": c.pointer("/function/arguments")})
+        })
+        .collect();
+    let mut m = message.clone();
+    m["content"] = Value::String(Value::Array(shown).to_string());
+    m
 }
 
 /// Per-request rendering switches (OpenAI/vLLM request fields).
@@ -62,6 +90,7 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
+            knows_tool_calls: source.contains("tool_calls"),
         })
     }
 
@@ -84,7 +113,12 @@ impl ChatTemplate {
                 ctx.insert(k.clone(), v.clone());
             }
         }
-        ctx.insert("messages".into(), Value::Array(messages.to_vec()));
+        let messages: Vec<Value> = if self.knows_tool_calls {
+            messages.to_vec()
+        } else {
+            messages.iter().map(calls_as_text).collect()
+        };
+        ctx.insert("messages".into(), Value::Array(messages.clone()));
         ctx.insert(
             "add_generation_prompt".into(),
             Value::Bool(opts.add_generation_prompt),
@@ -97,7 +131,7 @@ impl ChatTemplate {
             .map_err(|e| ApiError::bad_request(format!("Chat template error: {}", describe(&e))))?;
 
         if opts.continue_final_message {
-            return cut_after_final_message(rendered, messages);
+            return cut_after_final_message(rendered, &messages);
         }
         Ok(rendered)
     }
@@ -169,6 +203,7 @@ pub fn normalize_messages(raw: Option<&Value>) -> Result<Vec<Value>, ApiError> {
             }
         }
         let mut obj = obj.clone();
+        crate::tools::decode_tool_call_arguments(&mut obj);
         let content = match obj.remove("content") {
             None | Some(Value::Null) => Value::Null,
             Some(Value::String(s)) => Value::String(s),

@@ -46,6 +46,8 @@ pub struct Validated {
     pub continuous_usage: bool,
     /// `response_format` / `structured_outputs`, parsed (compiled later, off the runtime).
     pub constraint: Option<ConstraintSpec>,
+    /// Forced tool calls (`tool_choice` `required` or named); the constraint makes them valid.
+    pub tools: Option<crate::tools::ToolMode>,
 }
 
 /// Parse a JSON body into `T`. On a type error the offending top-level field is found by
@@ -110,23 +112,19 @@ pub fn chat_params(
         }
         _ => None,
     };
-    match &req.tool_choice {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "none" || s == "auto" => {}
-        Some(_) => {
-            return Err(ApiError::invalid_param(
-                "tool_choice",
-                "Only `tool_choice` \"none\" and \"auto\" are supported by this server.",
-            ))
-        }
-    }
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let param = if req.max_completion_tokens.is_some() {
         "max_completion_tokens"
     } else {
         "max_tokens"
     };
-    common_params(&req.common, limits, top, max_tokens, param)
+    let tools = crate::tools::tool_mode(req)?;
+    let mut v = common_params(&req.common, limits, top, max_tokens, param)?;
+    if let Some(mode) = &tools {
+        v.constraint = Some(mode.constraint());
+    }
+    v.tools = tools;
+    Ok(v)
 }
 
 /// Validate a text-completion request's sampling fields (`echo`/`suffix` are rejected).
@@ -380,6 +378,7 @@ fn common_params(
         include_usage,
         continuous_usage,
         constraint,
+        tools: None,
     })
 }
 
@@ -740,6 +739,7 @@ mod tests {
                 "response_format",
             ),
             (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tools": []}), "tools"),
             (json!({"stream": "yes"}), "stream"),
         ];
         for (body, param) in cases {
