@@ -9,6 +9,7 @@ cd "$ROOT"
 
 scripts/fetch-model.sh
 scripts/fetch-minilm.sh
+scripts/fetch-qwen.sh
 cargo test --release --workspace
 scripts/test-clients.sh
 scripts/check-cuda.sh

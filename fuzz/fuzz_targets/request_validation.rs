@@ -77,7 +77,7 @@ fn check_max_tokens(prompt_len: usize, v: &Validated) {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = parse_json::<ChatCompletionRequest>(data) {
-        if let Ok(v) = chat_params(&req, LIMITS) {
+        if let Ok(v) = chat_params(&req, LIMITS, None) {
             check(&v);
             check_max_tokens(data.len() % 4096, &v);
         }

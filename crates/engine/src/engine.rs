@@ -52,7 +52,7 @@ impl Engine {
                     .and_then(|loaded| match loaded {
                         Loaded::Decoder(model) => {
                             GenerationCore::new(model, thread_config, thread_stats, liveness)
-                                .map(|core| (core.ready(), CoreKind::Generation(core)))
+                                .map(|core| (core.ready(), CoreKind::Generation(Box::new(core))))
                         }
                         Loaded::Encoder(model) => {
                             let core = EmbeddingCore::new(model, &thread_config, thread_stats);
@@ -72,7 +72,8 @@ impl Engine {
                 let _ = ready_tx.send(Ok(ready));
                 match core {
                     CoreKind::Generation(core) => {
-                        EngineLoop::new(core, receiver, thread_liveness, heartbeat).run_until_exit()
+                        EngineLoop::new(*core, receiver, thread_liveness, heartbeat)
+                            .run_until_exit()
                     }
                     CoreKind::Embedding(core) => {
                         EngineLoop::new(core, receiver, thread_liveness, heartbeat).run_until_exit()
@@ -137,7 +138,7 @@ fn watchdog(liveness: &Liveness, timeout: Duration) {
 
 /// The two cores the engine thread can run, chosen by what the model is.
 enum CoreKind {
-    Generation(GenerationCore),
+    Generation(Box<GenerationCore>),
     Embedding(EmbeddingCore),
 }
 

@@ -69,7 +69,7 @@ impl GenerationCore {
             shape.num_blocks,
             block_size,
             shape.capacity_tokens(),
-            shape.num_blocks * bytes_per_block >> 20,
+            (shape.num_blocks * bytes_per_block) >> 20,
             if config.enable_prefix_caching {
                 "on"
             } else {

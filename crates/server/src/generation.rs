@@ -83,6 +83,8 @@ struct ChoiceState {
     /// Characters of token text so far (completions' `text_offset`).
     text_offset: usize,
     last_delta: Option<Instant>,
+    /// Bytes of `text` already streamed as content (tool modes hold the rest back).
+    streamed: usize,
 }
 
 /// What one engine event means for the response.
@@ -377,18 +379,56 @@ impl Generation {
         let stop_reason = finished.then(|| stop_reason_value(&delta.stop_reason));
         match self.meta.kind {
             Kind::Chat if self.opts.tools.is_some() => {
-                // The call's JSON is not content: keep it until the choice ends, then send it
-                // as tool-call deltas (or as content, if it is not a complete call).
+                // Text that may be (part of) a tool call is not content: it is held back until
+                // the choice ends, then sent as tool-call deltas, or as content if it is none.
                 self.choices[choice].text.push_str(&delta.text);
+                let mode = self.opts.tools.as_ref()?;
                 if !finished {
-                    return None;
+                    let state = &mut self.choices[choice];
+                    let safe = mode.content_prefix_len(&state.text);
+                    if safe <= state.streamed {
+                        return None;
+                    }
+                    let content = state.text[state.streamed..safe].to_string();
+                    state.streamed = safe;
+                    return Some(self.chat_chunk(vec![ChatChunkChoice {
+                        index: choice,
+                        delta: ChatDelta {
+                            role: None,
+                            content: Some(content),
+                            tool_calls: None,
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                        stop_reason: None,
+                    }]));
                 }
                 let text = std::mem::take(&mut self.choices[choice].text);
-                let calls = self.opts.tools.as_ref().and_then(|t| t.parse_calls(&text));
+                let streamed = std::mem::take(&mut self.choices[choice].streamed);
+                let parsed = mode.parse_answer(&text);
                 let mut out = Vec::new();
-                let finish = match calls {
-                    Some(calls) => {
-                        for (i, call) in calls.iter().enumerate() {
+                let (rest, finish) = match parsed {
+                    Some(p) if !p.calls.is_empty() => {
+                        // Content before the calls that was still held back.
+                        let before = p.content.unwrap_or_default();
+                        let rest = before
+                            .get(streamed.min(before.len())..)
+                            .unwrap_or("")
+                            .to_string();
+                        if !rest.is_empty() {
+                            out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
+                                index: choice,
+                                delta: ChatDelta {
+                                    role: None,
+                                    content: Some(rest),
+                                    tool_calls: None,
+                                },
+                                logprobs: None,
+                                finish_reason: None,
+                                stop_reason: None,
+                            }]));
+                        }
+                        for (i, call) in p.calls.iter().enumerate() {
                             let head = json!([{"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]);
                             let args =
                                 json!([{"index": i, "function": {"arguments": call.arguments}}]);
@@ -408,17 +448,20 @@ impl Generation {
                         }
                         (None, Some("tool_calls".to_string()))
                     }
-                    None => (Some(text), finish_reason),
+                    _ => (
+                        text.get(streamed.min(text.len())..).map(str::to_string),
+                        finish_reason,
+                    ),
                 };
                 out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
                     index: choice,
                     delta: ChatDelta {
                         role: None,
-                        content: finish.0.filter(|t| !t.is_empty()),
+                        content: rest.filter(|t| !t.is_empty()),
                         tool_calls: None,
                     },
                     logprobs: None,
-                    finish_reason: finish.1,
+                    finish_reason: finish,
                     stop_reason,
                 }]));
                 Some(Bytes::from(out))
@@ -539,19 +582,25 @@ impl Generation {
                     .into_iter()
                     .enumerate()
                     .map(|(index, c)| {
-                        let calls = tools.as_ref().and_then(|t| t.parse_calls(&c.text));
-                        let finish_reason = match &calls {
+                        let parsed = tools
+                            .as_ref()
+                            .and_then(|t| t.parse_answer(&c.text))
+                            .filter(|p| !p.calls.is_empty());
+                        let finish_reason = match &parsed {
                             Some(_) => Some("tool_calls".to_string()),
                             None => c.finish_reason.map(|r| r.as_str().to_string()),
+                        };
+                        let (content, calls) = match parsed {
+                            Some(p) => (p.content, p.calls),
+                            None => (Some(c.text), Vec::new()),
                         };
                         ChatChoice {
                             index,
                             message: ChatMessageOut {
                                 role: "assistant".into(),
-                                content: if calls.is_some() { None } else { Some(c.text) },
+                                content,
                                 refusal: None,
                                 tool_calls: calls
-                                    .unwrap_or_default()
                                     .iter()
                                     .map(crate::tools::ToolCallOut::to_json)
                                     .collect(),

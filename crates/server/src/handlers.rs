@@ -114,7 +114,7 @@ pub(crate) async fn chat_completions(
     let req: ChatCompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/chat/completions")?;
-    let validated = chat_params(&req, state.limits)?;
+    let validated = chat_params(&req, state.limits, state.cfg.tool_call_parser)?;
     let opts = render_options(
         req.add_generation_prompt,
         req.continue_final_message,

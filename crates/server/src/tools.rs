@@ -3,8 +3,11 @@
 //! that tool's arguments object (its `parameters` schema); for `required` it is a JSON array of
 //! `{"name", "parameters"}` objects, one of the declared tools each, at least one call, at most
 //! one when `parallel_tool_calls` is false. The generated JSON is then turned into OpenAI
-//! `tool_calls`. `tool_choice: "auto"` (model-initiated calls parsed from text) is not handled
-//! here: tools are passed to the chat template and the answer stays text.
+//! `tool_calls`.
+//!
+//! `tool_choice: "auto"` (the default when `tools` are given, as in vLLM) needs the server's
+//! `--enable-auto-tool-choice --tool-call-parser NAME`: the model decides, and its text is
+//! parsed ([`ToolParser`]); without the flags it is a 400 naming them.
 
 use rand::Rng;
 use serde_json::{json, Value};
@@ -21,6 +24,30 @@ pub struct Tool {
     pub parameters: Value,
 }
 
+/// How model-written tool calls are recognized (`--tool-call-parser`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolParser {
+    /// Hermes / Qwen2.5 / Qwen3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    /// blocks after optional text. Also accepted, because small Qwen models write it that way:
+    /// the whole answer being one such JSON object, bare or in a ```json fence, provided
+    /// `name` is a declared tool and `arguments` an object (other JSON stays content).
+    Hermes,
+    /// Llama 3.x JSON: the answer (after an optional `<|python_tag|>`) is one or more
+    /// `{"name": ..., "parameters": {...}}` objects separated by `;`.
+    Llama3Json,
+}
+
+impl ToolParser {
+    /// The parser named on the command line.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "hermes" => Some(Self::Hermes),
+            "llama3_json" => Some(Self::Llama3Json),
+            _ => None,
+        }
+    }
+}
+
 /// How the answer must call tools.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToolMode {
@@ -28,6 +55,19 @@ pub enum ToolMode {
     Required { tools: Vec<Tool>, parallel: bool },
     /// Exactly one call of this tool.
     Named(Tool),
+    /// The model decides; its text is parsed for calls of declared tools.
+    Auto {
+        tools: Vec<Tool>,
+        parser: ToolParser,
+    },
+}
+
+/// What a finished answer is, under a tool mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedAnswer {
+    /// Text before the first call (`None` when there is none).
+    pub content: Option<String>,
+    pub calls: Vec<ToolCallOut>,
 }
 
 /// One call as the API returns it.
@@ -115,17 +155,32 @@ fn parse_tools(v: &Value) -> Result<Vec<Tool>, ApiError> {
     Ok(tools)
 }
 
-/// The tool mode a chat request asks for, if calls are forced (`required` or a named tool).
-pub fn tool_mode(req: &ChatCompletionRequest) -> Result<Option<ToolMode>, ApiError> {
+/// The tool mode a chat request asks for: forced calls (`required`, a named tool) or parsed
+/// ones (`auto`, with `parser` from the server's flags).
+pub fn tool_mode(
+    req: &ChatCompletionRequest,
+    parser: Option<ToolParser>,
+) -> Result<Option<ToolMode>, ApiError> {
     let tools = match &req.tools {
         None | Some(Value::Null) => None,
         Some(v) => Some(parse_tools(v)?),
     };
     let choice = req.tool_choice.as_ref().filter(|v| !v.is_null());
+    let auto = |tools: Vec<Tool>| {
+        match parser {
+        Some(parser) => Ok(Some(ToolMode::Auto { tools, parser })),
+        None => Err(bad(
+            "tool_choice",
+            "\"auto\" tool choice requires the server to run with --enable-auto-tool-choice and --tool-call-parser (or send tool_choice \"none\", \"required\" or a named tool).",
+        )),
+    }
+    };
     let mode = match (choice, tools) {
-        (None, _) => None,
+        (None, None) => None,
+        (None, Some(tools)) => auto(tools)?,
         (Some(Value::String(s)), _) if s == "none" => None,
-        (Some(Value::String(s)), _) if s == "auto" => None,
+        (Some(Value::String(s)), None) if s == "auto" => None,
+        (Some(Value::String(s)), Some(tools)) if s == "auto" => auto(tools)?,
         (Some(_), None) => {
             return Err(bad("tool_choice", "`tool_choice` needs `tools`."));
         }
@@ -152,7 +207,7 @@ pub fn tool_mode(req: &ChatCompletionRequest) -> Result<Option<ToolMode>, ApiErr
             ))
         }
     };
-    if mode.is_some() {
+    if matches!(mode, Some(ToolMode::Required { .. } | ToolMode::Named(_))) {
         let constrained = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
         let text_format = req
             .common
@@ -172,9 +227,10 @@ pub fn tool_mode(req: &ChatCompletionRequest) -> Result<Option<ToolMode>, ApiErr
 }
 
 impl ToolMode {
-    /// The constraint that makes the output a valid call (or calls).
-    pub fn constraint(&self) -> ConstraintSpec {
+    /// The constraint that makes the output a valid call (or calls); none for `auto`.
+    pub fn constraint(&self) -> Option<ConstraintSpec> {
         let schema = match self {
+            ToolMode::Auto { .. } => return None,
             ToolMode::Named(t) => t.parameters.clone(),
             ToolMode::Required { tools, parallel } => {
                 let calls: Vec<Value> = tools
@@ -192,9 +248,59 @@ impl ToolMode {
                 array
             }
         };
-        ConstraintSpec::JsonSchema {
+        Some(ConstraintSpec::JsonSchema {
             schema,
             whitespace: Whitespace::Compact,
+        })
+    }
+
+    /// Streaming: how much of `text` (from its start) is surely content, so it can be sent
+    /// before the answer ends. Forced calls are never content; under `auto`, text from where a
+    /// call could begin (`<tool_call>`, a fence, or an answer that starts as a JSON object) is
+    /// held back, including a partial marker at the very end.
+    pub fn content_prefix_len(&self, text: &str) -> usize {
+        let ToolMode::Auto { parser, .. } = self else {
+            return 0;
+        };
+        let trimmed = text.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('{') || trimmed.starts_with('[') {
+            return 0;
+        }
+        if *parser == ToolParser::Llama3Json && trimmed.starts_with('<') {
+            return 0;
+        }
+        let markers: &[&str] = match parser {
+            ToolParser::Hermes => &["<tool_call>", "```"],
+            ToolParser::Llama3Json => &["<|python_tag|>", "```"],
+        };
+        let mut cut = text.len();
+        for m in markers {
+            if let Some(p) = text.find(m) {
+                cut = cut.min(p);
+            }
+            // A marker that may be starting at the end.
+            for k in (1..m.len()).rev() {
+                if text.ends_with(&m[..k]) {
+                    cut = cut.min(text.len() - k);
+                    break;
+                }
+            }
+        }
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        cut
+    }
+
+    /// What a finished answer is: its calls and the text before them. `None` when forced calls
+    /// are incomplete (e.g. cut by `max_tokens`); an `auto` answer without a call is content.
+    pub fn parse_answer(&self, text: &str) -> Option<ParsedAnswer> {
+        match self {
+            ToolMode::Auto { tools, parser } => Some(parse_auto(text, tools, *parser)),
+            _ => self.parse_calls(text).map(|calls| ParsedAnswer {
+                content: None,
+                calls,
+            }),
         }
     }
 
@@ -202,13 +308,14 @@ impl ToolMode {
     /// `max_tokens`).
     pub fn parse_calls(&self, text: &str) -> Option<Vec<ToolCallOut>> {
         let value: Value = serde_json::from_str(text).ok()?;
-        let id = || format!("chatcmpl-tool-{:032x}", rand::rng().random::<u128>());
+        let id = new_call_id;
         match self {
             ToolMode::Named(t) => Some(vec![ToolCallOut {
                 id: id(),
                 name: t.name.clone(),
                 arguments: serde_json::to_string(&value).ok()?,
             }]),
+            ToolMode::Auto { .. } => None,
             ToolMode::Required { .. } => value
                 .as_array()?
                 .iter()
@@ -220,6 +327,103 @@ impl ToolMode {
                     })
                 })
                 .collect(),
+        }
+    }
+}
+
+fn new_call_id() -> String {
+    format!("chatcmpl-tool-{:032x}", rand::rng().random::<u128>())
+}
+
+/// A call of a declared tool from a parsed `{"name", <args_key>: {...}}` object.
+fn call_of(v: &Value, tools: &[Tool], args_keys: &[&str]) -> Option<ToolCallOut> {
+    let name = v.get("name")?.as_str()?;
+    if !tools.iter().any(|t| t.name == name) {
+        return None;
+    }
+    let args = args_keys
+        .iter()
+        .find_map(|k| v.get(*k))
+        .cloned()
+        .unwrap_or(json!({}));
+    if !args.is_object() {
+        return None;
+    }
+    Some(ToolCallOut {
+        id: new_call_id(),
+        name: name.to_string(),
+        arguments: serde_json::to_string(&args).ok()?,
+    })
+}
+
+/// The text inside a ``` fence (with or without a language tag), if the whole text is one.
+fn unfence(text: &str) -> &str {
+    let t = text.trim();
+    let Some(rest) = t.strip_prefix("```") else {
+        return t;
+    };
+    let Some(body) = rest.strip_suffix("```") else {
+        return t;
+    };
+    let body = body.trim_start_matches(|c: char| c.is_ascii_alphanumeric());
+    body.trim()
+}
+
+fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
+    let as_content = || ParsedAnswer {
+        content: Some(text.to_string()),
+        calls: Vec::new(),
+    };
+    match parser {
+        ToolParser::Hermes => {
+            if let Some(first) = text.find("<tool_call>") {
+                let mut calls = Vec::new();
+                for block in text[first..].split("<tool_call>").skip(1) {
+                    let body = block.split("</tool_call>").next().unwrap_or(block).trim();
+                    match serde_json::from_str::<Value>(unfence(body))
+                        .ok()
+                        .and_then(|v| call_of(&v, tools, &["arguments", "parameters"]))
+                    {
+                        Some(c) => calls.push(c),
+                        None => return as_content(),
+                    }
+                }
+                let before = text[..first].trim();
+                return ParsedAnswer {
+                    content: (!before.is_empty()).then(|| before.to_string()),
+                    calls,
+                };
+            }
+            match serde_json::from_str::<Value>(unfence(text))
+                .ok()
+                .and_then(|v| call_of(&v, tools, &["arguments", "parameters"]))
+            {
+                Some(c) => ParsedAnswer {
+                    content: None,
+                    calls: vec![c],
+                },
+                None => as_content(),
+            }
+        }
+        ToolParser::Llama3Json => {
+            let body = text.trim().trim_start_matches("<|python_tag|>");
+            let mut calls = Vec::new();
+            for part in unfence(body).split(';').filter(|p| !p.trim().is_empty()) {
+                match serde_json::from_str::<Value>(part.trim())
+                    .ok()
+                    .and_then(|v| call_of(&v, tools, &["parameters", "arguments"]))
+                {
+                    Some(c) => calls.push(c),
+                    None => return as_content(),
+                }
+            }
+            if calls.is_empty() {
+                return as_content();
+            }
+            ParsedAnswer {
+                content: None,
+                calls,
+            }
         }
     }
 }
@@ -249,6 +453,10 @@ mod tests {
         serde_json::from_value(body).expect("request")
     }
 
+    fn tool_mode(r: &ChatCompletionRequest) -> Result<Option<ToolMode>, ApiError> {
+        super::tool_mode(r, None)
+    }
+
     fn weather() -> Value {
         json!([
             {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
@@ -258,11 +466,6 @@ mod tests {
 
     #[test]
     fn modes() {
-        assert_eq!(tool_mode(&req(json!({"tools": weather()}))).unwrap(), None);
-        assert_eq!(
-            tool_mode(&req(json!({"tools": weather(), "tool_choice": "auto"}))).unwrap(),
-            None
-        );
         assert!(matches!(
             tool_mode(&req(
                 json!({"tools": weather(), "tool_choice": "required", "parallel_tool_calls": false})
@@ -355,5 +558,98 @@ mod tests {
             msg["tool_calls"][0]["function"]["arguments"],
             json!({"a": 1})
         );
+    }
+
+    #[test]
+    fn auto_needs_the_flags() {
+        for body in [
+            json!({"tools": weather()}),
+            json!({"tools": weather(), "tool_choice": "auto"}),
+        ] {
+            let e = tool_mode(&req(body.clone())).unwrap_err();
+            assert!(
+                e.message.contains("--enable-auto-tool-choice"),
+                "{}",
+                e.message
+            );
+            let with = super::tool_mode(&req(body), Some(ToolParser::Hermes)).unwrap();
+            assert!(matches!(with, Some(ToolMode::Auto { .. })));
+        }
+        assert_eq!(
+            tool_mode(&req(json!({"tools": weather(), "tool_choice": "none"}))).unwrap(),
+            None
+        );
+    }
+
+    fn auto(parser: ToolParser) -> ToolMode {
+        match tool_mode(&req(json!({"tools": weather(), "tool_choice": "required"}))).unwrap() {
+            Some(ToolMode::Required { tools, .. }) => ToolMode::Auto { tools, parser },
+            _ => panic!("tools"),
+        }
+    }
+
+    #[test]
+    fn hermes_answers() {
+        let m = auto(ToolParser::Hermes);
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+        let p = m.parse_answer(text).unwrap();
+        assert_eq!(p.content.as_deref(), Some("Let me check."));
+        let calls: Vec<(&str, &str)> = p
+            .calls
+            .iter()
+            .map(|c| (c.name.as_str(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [("get_weather", r#"{"city":"Paris"}"#), ("get_time", "{}")]
+        );
+        // Bare and fenced JSON naming a declared tool (small Qwen models).
+        for text in [
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}",
+            "```json\n{\n  \"name\": \"get_weather\",\n  \"arguments\": {\"city\": \"Oslo\"}\n}\n```",
+        ] {
+            let p = m.parse_answer(text).unwrap();
+            assert_eq!((p.content, p.calls.len()), (None, 1), "{text}");
+        }
+        // JSON that does not name a declared tool, plain text, or a broken call stays content.
+        for text in [
+            "```json\n{\"name\": \"add_numbers\", \"arguments\": {\"a\": 1}}\n```",
+            "{\"answer\": 4}",
+            "Four.",
+            "<tool_call>not json</tool_call>",
+        ] {
+            let p = m.parse_answer(text).unwrap();
+            assert_eq!(
+                (p.content.as_deref(), p.calls.len()),
+                (Some(text), 0),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn llama3_json_answers() {
+        let m = auto(ToolParser::Llama3Json);
+        let text = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Rome\"}}; {\"name\": \"get_time\", \"parameters\": {}}";
+        let p = m.parse_answer(text).unwrap();
+        assert_eq!(p.calls.len(), 2);
+        assert_eq!(p.calls[0].arguments, r#"{"city":"Rome"}"#);
+        assert_eq!(m.parse_answer("Hello there").unwrap().calls.len(), 0);
+    }
+
+    #[test]
+    fn streaming_holds_back_what_may_be_a_call() {
+        let m = auto(ToolParser::Hermes);
+        assert_eq!(m.content_prefix_len("Hello, world"), 12);
+        assert_eq!(m.content_prefix_len("Sure. <tool_call>{"), 6);
+        assert_eq!(m.content_prefix_len("Sure. <tool_"), 6);
+        assert_eq!(m.content_prefix_len("Code: ``"), 6);
+        assert_eq!(m.content_prefix_len("  {\"name\""), 0);
+        assert_eq!(m.content_prefix_len(""), 0);
+        let forced = ToolMode::Named(Tool {
+            name: "f".into(),
+            parameters: json!({}),
+        });
+        assert_eq!(forced.content_prefix_len("anything"), 0);
     }
 }

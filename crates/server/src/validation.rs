@@ -95,6 +95,7 @@ pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<Strin
 pub fn chat_params(
     req: &ChatCompletionRequest,
     limits: ModelLimits,
+    tool_parser: Option<crate::tools::ToolParser>,
 ) -> Result<Validated, ApiError> {
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if k < 0 || k as usize > MAX_LOGPROBS => {
@@ -118,10 +119,10 @@ pub fn chat_params(
     } else {
         "max_tokens"
     };
-    let tools = crate::tools::tool_mode(req)?;
+    let tools = crate::tools::tool_mode(req, tool_parser)?;
     let mut v = common_params(&req.common, limits, top, max_tokens, param)?;
-    if let Some(mode) = &tools {
-        v.constraint = Some(mode.constraint());
+    if let Some(spec) = tools.as_ref().and_then(|m| m.constraint()) {
+        v.constraint = Some(spec);
     }
     v.tools = tools;
     Ok(v)
@@ -639,7 +640,7 @@ mod tests {
 
     fn chat(body: Value) -> Result<Validated, ApiError> {
         let req: ChatCompletionRequest = parse_json(body.to_string().as_bytes())?;
-        chat_params(&req, LIMITS)
+        chat_params(&req, LIMITS, None)
     }
 
     fn completion(body: Value) -> Result<Validated, ApiError> {

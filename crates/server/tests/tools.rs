@@ -188,7 +188,7 @@ async fn forced_tool_calls() {
               "function": {"name": name, "arguments": args.to_string()}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 3, \"unit\": \"celsius\"}"}
         ],
-        "tools": tools(), "max_tokens": 16
+        "tools": tools(), "tool_choice": "none", "max_tokens": 16
     })).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert!(r.json()["choices"][0]["message"]["content"].is_string());
@@ -203,6 +203,15 @@ async fn bad_tool_fields_are_400s() {
     let addr = server.addr;
     let cases = [
         (json!({"messages": user("x"), "tools": []}), "tools"),
+        // Tools without tool_choice mean "auto", which needs --enable-auto-tool-choice.
+        (
+            json!({"messages": user("x"), "tools": tools()}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": user("x"), "tools": tools(), "tool_choice": "auto"}),
+            "tool_choice",
+        ),
         (
             json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "has space"}}]}),
             "tools",

@@ -74,6 +74,13 @@ pub struct ServeArgs {
     /// Global seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Parse model-initiated tool calls for `tool_choice: "auto"` (needs --tool-call-parser).
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are written by the model: `hermes` (Qwen2.5/Qwen3, Hermes: `<tool_call>`
+    /// tags, also bare or fenced JSON naming a declared tool) or `llama3_json`.
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
     /// Require `Authorization: Bearer <key>` on /v1/* (also read from SPINDLE_API_KEY, then VLLM_API_KEY).
     #[arg(long, env = "SPINDLE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -139,10 +146,6 @@ pub struct ServeArgs {
     pub lora_modules: Vec<String>,
     #[arg(long, hide = true)]
     pub speculative_config: Option<String>,
-    #[arg(long, hide = true)]
-    pub enable_auto_tool_choice: bool,
-    #[arg(long, hide = true)]
-    pub tool_call_parser: Option<String>,
     #[arg(long, hide = true)]
     pub reasoning_parser: Option<String>,
     #[arg(long, hide = true)]
@@ -232,9 +235,6 @@ impl ServeArgs {
                 "speculative-config",
                 "speculative decoding is not implemented",
             );
-        }
-        if self.enable_auto_tool_choice || self.tool_call_parser.is_some() {
-            return unsupported("enable-auto-tool-choice/--tool-call-parser", "tool calls are not parsed out of the output (tools are passed to the chat template only)");
         }
         if self.reasoning_parser.is_some() {
             return unsupported(
@@ -506,6 +506,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         fault_injection,
         ..EngineConfig::default()
     };
+    let tool_call_parser = match (
+        args.enable_auto_tool_choice,
+        args.tool_call_parser.as_deref(),
+    ) {
+        (false, _) => None,
+        (true, None) => {
+            bail!("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        }
+        (true, Some(name)) => Some(spindle_server::tools::ToolParser::parse(name).ok_or_else(
+            || anyhow!("--tool-call-parser {name}: supported parsers are hermes and llama3_json"),
+        )?),
+    };
     tracing::info!(%model, %device, "loading model");
     let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
 
@@ -530,6 +542,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .chat_template
             .as_ref()
             .and_then(|_| engine.tokenizer().chat_template.clone()),
+        tool_call_parser,
         max_body_bytes,
         header_read_timeout,
         body_read_timeout,
