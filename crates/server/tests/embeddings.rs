@@ -371,12 +371,7 @@ async fn bad_embedding_requests_are_400s_and_the_server_stays_healthy() {
         ("/v1/completions", json!({"prompt": "hi"}), 400, None),
     ];
     for (path, body, status, param) in cases {
-        let r = post(addr, path, &body).await;
-        assert_eq!(r.status.as_u16(), status, "{path} {body}: {}", r.text());
-        let e = assert_openai_error(r.status, &r.body);
-        if let Some(p) = param {
-            assert_eq!(e["param"], p, "{path} {body}");
-        }
+        expect_api_error(addr, path, &body, status, param).await;
     }
     assert_eq!(get(addr, "/health").await.status, StatusCode::OK);
     let models = get(addr, "/v1/models").await.json();

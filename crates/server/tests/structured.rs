@@ -52,8 +52,7 @@ fn valid(schema: &Value, text: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn response_format_and_structured_outputs_on_both_endpoints() {
-    let (engine, metrics) = start_engine(|_| {});
-    let server = TestServer::start(engine, metrics, |_| {}).await;
+    let server = TestServer::start_default().await;
     let addr = server.addr;
     let schema = person_schema();
     let user = json!([{"role": "user", "content": "Describe a person as JSON."}]);
@@ -159,8 +158,7 @@ async fn response_format_and_structured_outputs_on_both_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn constrained_and_unconstrained_requests_share_batches() {
-    let (engine, metrics) = start_engine(|_| {});
-    let server = TestServer::start(engine, metrics, |_| {}).await;
+    let server = TestServer::start_default().await;
     let addr = server.addr;
     let schema = person_schema();
     let plain = json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0});
@@ -196,8 +194,7 @@ async fn constrained_and_unconstrained_requests_share_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_constraints_are_400s_naming_the_field() {
-    let (engine, metrics) = start_engine(|_| {});
-    let server = TestServer::start(engine, metrics, |_| {}).await;
+    let server = TestServer::start_default().await;
     let addr = server.addr;
     let user = json!([{"role": "user", "content": "hi"}]);
     let cases: Vec<(&str, Value, &str)> = vec![
@@ -263,10 +260,7 @@ async fn bad_constraints_are_400s_naming_the_field() {
         ),
     ];
     for (path, body, param) in cases {
-        let r = post(addr, path, &body).await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text());
-        let e = assert_openai_error(r.status, &r.body);
-        assert_eq!(e["param"], param, "{body}: {e}");
+        expect_api_error(addr, path, &body, 400, Some(param)).await;
     }
     assert_eq!(get(addr, "/health").await.status, StatusCode::OK);
     server.shutdown().await;

@@ -65,8 +65,7 @@ fn check_weather_args(args: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forced_tool_calls() {
-    let (engine, metrics) = start_engine(|_| {});
-    let server = TestServer::start(engine, metrics, |_| {}).await;
+    let server = TestServer::start_default().await;
     let addr = server.addr;
 
     // required: one or more calls of declared tools.
@@ -198,8 +197,7 @@ async fn forced_tool_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tool_fields_are_400s() {
-    let (engine, metrics) = start_engine(|_| {});
-    let server = TestServer::start(engine, metrics, |_| {}).await;
+    let server = TestServer::start_default().await;
     let addr = server.addr;
     let cases = [
         (json!({"messages": user("x"), "tools": []}), "tools"),
@@ -234,10 +232,7 @@ async fn bad_tool_fields_are_400s() {
         ),
     ];
     for (body, param) in cases {
-        let r = post(addr, "/v1/chat/completions", &body).await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text());
-        let e = assert_openai_error(r.status, &r.body);
-        assert_eq!(e["param"], param, "{body}: {e}");
+        expect_api_error(addr, "/v1/chat/completions", &body, 400, Some(param)).await;
     }
     server.shutdown().await;
 }

@@ -110,6 +110,30 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// The default model with default engine and server settings (most HTTP tests).
+    pub async fn start_default() -> Self {
+        let (engine, metrics) = start_engine(|_| {});
+        Self::start(engine, metrics, |_| {}).await
+    }
+}
+
+/// POST `body` and require an OpenAI error with `status` and, if given, `param`.
+pub async fn expect_api_error(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+    status: u16,
+    param: Option<&str>,
+) {
+    let r = post(addr, path, body).await;
+    assert_eq!(r.status.as_u16(), status, "{path} {body}: {}", r.text());
+    let e = assert_openai_error(r.status, &r.body);
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{path} {body}: {e}");
+    }
+}
+
 /// A response read to the end.
 #[derive(Debug)]
 pub struct Reply {
