@@ -74,6 +74,14 @@ pub struct ServeArgs {
     /// Global seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// vLLM's `--runner`: `auto` (detect from the model), `generate` (a decoder) or `pooling`
+    /// (an embedding model); a mismatch with the loaded model stops start-up.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "generate", "pooling"])]
+    pub runner: String,
+    /// vLLM's `--convert`: `auto`/`none`; `embed` (a decoder served as an embedding model) is not
+    /// supported yet and is accepted only for models that are embedding models already.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "embed"])]
+    pub convert: String,
     /// Parse model-initiated tool calls for `tool_choice: "auto"` (needs --tool-call-parser).
     #[arg(long)]
     pub enable_auto_tool_choice: bool,
@@ -521,6 +529,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%model, %device, "loading model");
     let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
 
+    if let Err(e) = check_runner(&args.runner, &args.convert, engine.model_kind()) {
+        engine.shutdown();
+        return Err(e);
+    }
     let info = engine.model_info().clone();
     let capacity = match engine.model_kind() {
         ModelKind::Generate => format!(
@@ -590,6 +602,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--runner` / `--convert` against what the model turned out to be.
+fn check_runner(runner: &str, convert: &str, kind: ModelKind) -> anyhow::Result<()> {
+    let is_embedding = matches!(kind, ModelKind::Embed { .. });
+    if convert == "embed" && !is_embedding {
+        bail!("--convert embed: serving a text-generation model as an embedding model is not supported yet; serve an embedding model (a sentence-transformers directory) instead");
+    }
+    match (runner, is_embedding) {
+        ("pooling", false) => {
+            bail!("--runner pooling: this model generates text; it is not an embedding model")
+        }
+        ("generate", true) => {
+            bail!("--runner generate: this is an embedding model; it does not generate text")
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,6 +671,32 @@ mod tests {
         assert_eq!(d.model_path().unwrap(), DEFAULT_MODEL);
         assert!(parse(&["a", "--model", "b"]).unwrap().model_path().is_err());
         assert!(parse(&["--bogus-flag"]).is_err());
+    }
+
+    #[test]
+    fn runner_and_convert_must_match_the_model() {
+        let gen = ModelKind::Generate;
+        let emb = ModelKind::Embed { dimensions: 384 };
+        assert!(check_runner("auto", "auto", gen).is_ok());
+        assert!(check_runner("pooling", "auto", emb).is_ok());
+        assert!(check_runner("pooling", "embed", emb).is_ok());
+        assert!(check_runner("generate", "none", gen).is_ok());
+        for (runner, convert, kind) in [
+            ("pooling", "auto", gen),
+            ("generate", "auto", emb),
+            ("auto", "embed", gen),
+        ] {
+            assert!(
+                check_runner(runner, convert, kind).is_err(),
+                "{runner} {convert}"
+            );
+        }
+        let a = parse(&["--runner", "pooling", "--convert", "embed"]).unwrap();
+        assert_eq!(
+            (a.runner.as_str(), a.convert.as_str()),
+            ("pooling", "embed")
+        );
+        assert!(parse(&["--runner", "bogus"]).is_err());
     }
 
     #[test]
