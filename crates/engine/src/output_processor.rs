@@ -386,8 +386,10 @@ impl OutputProcessor {
                 finish = Some((FinishReason::Length, None));
             }
         }
-        // At the end, release text held back for split characters or possible stop strings.
-        if let Some((_, None)) | Some((FinishReason::Length, _)) = finish {
+        // At the end, release text held back for split characters or possible stop strings:
+        // at EOS, a stop token id, the length limit or a complete constraint, not after a stop
+        // string (the checker already cut the text there).
+        if finish.is_some() && !matches!(finish, Some((_, Some(StopReason::Text(_))))) {
             if let Ok(tail) = out.detokenizer.finish(tokenizer) {
                 let hit = if may_stop {
                     let (emit, hit) = out.stop.push(&tail);

@@ -540,3 +540,26 @@ fn min_tokens_holds_off_stop_strings() {
         other => panic!("unexpected stop reason {other:?}"),
     }
 }
+
+/// Text held back as a possible stop-string prefix is released when a stop token id ends the
+/// sequence (as at EOS and at the length limit), not dropped.
+#[test]
+fn a_stop_token_id_releases_held_back_text() {
+    let engine = spawn(config(128 << 20));
+    let prompt = "The capital of France is";
+    let full = collect(request(&engine, "full", prompt, SamplingParams::greedy(8)));
+    let (t1, t2) = (full.tokens[0][0], full.tokens[0][1]);
+    let first = engine.tokenizer().decode(&[t1], true).unwrap();
+    assert!(!first.is_empty());
+    let params = SamplingParams {
+        // The first token's text starts this stop string, so it is held back...
+        stop: vec![format!("{first} zzz never produced")],
+        // ...and the second token ends the sequence.
+        stop_token_ids: vec![t2],
+        ..SamplingParams::greedy(8)
+    };
+    let out = collect(request(&engine, "held", prompt, params));
+    assert_eq!(out.tokens[0], vec![t1, t2]);
+    assert_eq!(out.stop_reasons[0], Some(StopReason::TokenId(t2)));
+    assert_eq!(out.texts[0], first);
+}
