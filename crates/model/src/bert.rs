@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
-use crate::hf::SafetensorsWeights;
+use crate::hf::{read_json, SafetensorsWeights};
 use crate::weights::WeightSource;
 
 /// The fields of a BERT `config.json` the encoder needs.
@@ -100,17 +100,6 @@ struct SbertFile {
     max_seq_length: Option<usize>,
 }
 
-fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::InvalidFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
 impl SentenceTransformersConfig {
     /// Read the sentence-transformers files of `dir`. Without `modules.json` the model is taken
     /// as sentence-transformers' default wrapping of a plain encoder: mean pooling, no
@@ -123,7 +112,7 @@ impl SentenceTransformersConfig {
         };
         let sbert = dir.join("sentence_bert_config.json");
         if sbert.exists() {
-            if let Some(m) = read::<SbertFile>(&sbert)?.max_seq_length {
+            if let Some(m) = read_json::<SbertFile>(&sbert)?.max_seq_length {
                 config.max_seq_length = m.min(max_position_embeddings);
             }
         }
@@ -131,14 +120,14 @@ impl SentenceTransformersConfig {
         if !modules_path.exists() {
             return Ok(config);
         }
-        let modules: Vec<Module> = read(&modules_path)?;
+        let modules: Vec<Module> = read_json(&modules_path)?;
         for m in &modules {
             let kind = m.kind.rsplit('.').next().unwrap_or(&m.kind);
             match kind {
                 "Transformer" => {}
                 "Pooling" => {
                     let file = dir.join(&m.path).join("config.json");
-                    let p: PoolingFile = read(&file)?;
+                    let p: PoolingFile = read_json(&file)?;
                     config.pooling = match (
                         p.pooling_mode_mean_tokens,
                         p.pooling_mode_cls_token,
@@ -293,7 +282,7 @@ impl BertModel {
     /// Load `config.json`, the safetensors weights and the sentence-transformers files of a
     /// model directory (f32 on the CPU).
     pub fn load(dir: &Path) -> Result<Self> {
-        let config: BertConfig = read(&dir.join("config.json"))?;
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
         let c = &config;
         if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
             return Err(ModelError::Config(format!(

@@ -22,7 +22,8 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-fn read_json(path: &Path) -> Result<Json> {
+/// A JSON file of a model directory, parsed into `T` (a missing file is `NotFound`).
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&read_text(path)?).map_err(|e| ModelError::InvalidFile {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -92,7 +93,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
         .collect();
     let generation = dir.join("generation_config.json");
     if generation.exists() {
-        let gen = read_json(&generation)?;
+        let gen: Json = read_json(&generation)?;
         let ids: Vec<u64> = match gen.get("eos_token_id") {
             Some(Json::Number(n)) => n.as_u64().into_iter().collect(),
             Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).collect(),
@@ -158,7 +159,7 @@ pub fn load_encoder_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let json = read_json(&index)?;
+        let json: Json = read_json(&index)?;
         let map = json
             .get("weight_map")
             .and_then(Json::as_object)
@@ -314,7 +315,7 @@ pub fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> 
     }
     match api_repo.get("model.safetensors.index.json") {
         Ok(index) => {
-            let json = read_json(&index)?;
+            let json: Json = read_json(&index)?;
             let mut shards: Vec<String> = json
                 .get("weight_map")
                 .and_then(Json::as_object)

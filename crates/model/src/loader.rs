@@ -162,21 +162,7 @@ pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> 
     }
     let model = BertModel::load(dir)?;
     let tokenizer = load_encoder_tokenizer(dir)?;
-    let limit = model.max_input_len();
-    let max_model_len = match options.max_model_len {
-        None => limit,
-        Some(0) => {
-            return Err(ModelError::Config(
-                "--max-model-len must be positive".into(),
-            ))
-        }
-        Some(n) if n > limit => {
-            return Err(ModelError::Config(format!(
-                "--max-model-len {n} exceeds the embedding model's input limit {limit}"
-            )))
-        }
-        Some(n) => n,
-    };
+    let max_model_len = served_len(model.max_input_len(), options, "input limit")?;
     let info = ModelInfo {
         architecture: "bert".into(),
         max_model_len,
@@ -341,14 +327,18 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
 
 /// The context length we serve: the model's, or a smaller `--max-model-len`.
 fn max_positions(config: &ModelConfig, options: &LoadOptions) -> Result<usize> {
+    served_len(config.max_position_embeddings, options, "context length")
+}
+
+/// The model's `limit` (its `what`), or a smaller `--max-model-len`.
+fn served_len(limit: usize, options: &LoadOptions, what: &str) -> Result<usize> {
     match options.max_model_len {
-        None => Ok(config.max_position_embeddings),
+        None => Ok(limit),
         Some(0) => Err(ModelError::Config(
             "--max-model-len must be positive".into(),
         )),
-        Some(n) if n > config.max_position_embeddings => Err(ModelError::Config(format!(
-            "--max-model-len {n} exceeds the model's context length {}",
-            config.max_position_embeddings
+        Some(n) if n > limit => Err(ModelError::Config(format!(
+            "--max-model-len {n} exceeds the model's {what} {limit}"
         ))),
         Some(n) => Ok(n),
     }
