@@ -121,25 +121,18 @@ impl EmbeddingCore {
         let mut batch = EncoderBatch::default();
         let mut taken = Vec::new();
         while let Some(&(id, index)) = self.queue.front() {
-            let Some(len) = self
-                .requests
-                .get(&id)
-                .and_then(|r| r.inputs.get(index))
-                .map(Vec::len)
-            else {
+            let Some(ids) = self.requests.get(&id).and_then(|r| r.inputs.get(index)) else {
                 self.queue.pop_front(); // aborted
                 continue;
             };
-            let full = batch.token_ids.len() + len > self.max_batch_tokens
+            let full = batch.token_ids.len() + ids.len() > self.max_batch_tokens
                 || taken.len() >= self.max_batch_inputs;
             if !taken.is_empty() && full {
                 break;
             }
             self.queue.pop_front();
-            if let Some(ids) = self.requests.get(&id).and_then(|r| r.inputs.get(index)) {
-                batch.push(ids);
-                taken.push((id, index));
-            }
+            batch.push(ids);
+            taken.push((id, index));
         }
         (batch, taken)
     }
@@ -186,11 +179,9 @@ impl Core for EmbeddingCore {
                 request,
                 events,
             } => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
                 self.add(id, request, events);
             }
             EngineMessage::Generate { events, .. } => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
                 let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(
                     "this is an embedding model; it does not generate text",
                 )));

@@ -4,7 +4,7 @@
 //! gets an error and the handle reports the engine dead.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let liveness = Arc::new(Liveness::new());
         let thread_stats = stats.clone();
+        let loop_stats = stats.clone();
         let thread_liveness = liveness.clone();
         let thread_config = config.clone();
         let spawned = std::thread::Builder::new()
@@ -72,11 +73,12 @@ impl Engine {
                 let _ = ready_tx.send(Ok(ready));
                 match core {
                     CoreKind::Generation(core) => {
-                        EngineLoop::new(*core, receiver, thread_liveness, heartbeat)
+                        EngineLoop::new(*core, receiver, loop_stats, thread_liveness, heartbeat)
                             .run_until_exit()
                     }
                     CoreKind::Embedding(core) => {
-                        EngineLoop::new(core, receiver, thread_liveness, heartbeat).run_until_exit()
+                        EngineLoop::new(core, receiver, loop_stats, thread_liveness, heartbeat)
+                            .run_until_exit()
                     }
                 }
             });
@@ -169,6 +171,7 @@ enum Flow {
 struct EngineLoop<C: Core> {
     core: C,
     receiver: Receiver<EngineMessage>,
+    stats: Arc<EngineStats>,
     liveness: Arc<Liveness>,
     heartbeat_interval: Duration,
 }
@@ -177,12 +180,14 @@ impl<C: Core> EngineLoop<C> {
     fn new(
         core: C,
         receiver: Receiver<EngineMessage>,
+        stats: Arc<EngineStats>,
         liveness: Arc<Liveness>,
         heartbeat_interval: Duration,
     ) -> Self {
         Self {
             core,
             receiver,
+            stats,
             liveness,
             heartbeat_interval,
         }
@@ -272,8 +277,13 @@ impl<C: Core> EngineLoop<C> {
     }
 
     fn handle(&mut self, msg: EngineMessage) -> Flow {
-        if matches!(msg, EngineMessage::Shutdown) {
-            return Flow::Shutdown;
+        match msg {
+            EngineMessage::Shutdown => return Flow::Shutdown,
+            EngineMessage::Generate { .. } | EngineMessage::Embed { .. } => {
+                // Seen by the engine: no longer counted as waiting in the channel.
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+            }
+            EngineMessage::Abort { .. } => {}
         }
         self.core.handle(msg);
         Flow::Continue

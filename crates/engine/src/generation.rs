@@ -154,7 +154,6 @@ impl Core for GenerationCore {
                 request,
                 events,
             } => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
                 self.faults
                     .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
                 let priority = 0;
@@ -162,7 +161,6 @@ impl Core for GenerationCore {
                 self.scheduler.add(seq, prompt, priority);
             }
             EngineMessage::Embed { events, .. } => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
                 let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(
                     "this model generates text; it is not an embedding model",
                 )));

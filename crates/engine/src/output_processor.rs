@@ -364,13 +364,9 @@ impl OutputProcessor {
                     return;
                 }
             };
-            if may_stop {
-                let (emit, hit) = out.stop.push(&piece);
-                text.push_str(&emit);
-                finish = hit.map(|s| (FinishReason::Stop, Some(StopReason::Text(s))));
-            } else {
-                text.push_str(&out.stop.push_unmatched(&piece));
-            }
+            let (emit, hit) = out.stop.feed(&piece, may_stop);
+            text.push_str(&emit);
+            finish = hit.map(|s| (FinishReason::Stop, Some(StopReason::Text(s))));
             if finish.is_none() && constraint_done {
                 // The structured output is complete: nothing may follow it.
                 finish = Some((FinishReason::Stop, None));
@@ -391,14 +387,8 @@ impl OutputProcessor {
         // string (the checker already cut the text there).
         if finish.is_some() && !matches!(finish, Some((_, Some(StopReason::Text(_))))) {
             if let Ok(tail) = out.detokenizer.finish(tokenizer) {
-                let hit = if may_stop {
-                    let (emit, hit) = out.stop.push(&tail);
-                    text.push_str(&emit);
-                    hit
-                } else {
-                    text.push_str(&out.stop.push_unmatched(&tail));
-                    None
-                };
+                let (emit, hit) = out.stop.feed(&tail, may_stop);
+                text.push_str(&emit);
                 match hit {
                     Some(stop) => finish = Some((FinishReason::Stop, Some(StopReason::Text(stop)))),
                     None => text.push_str(&out.stop.finish()),

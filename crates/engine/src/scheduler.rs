@@ -89,6 +89,18 @@ pub struct ScheduledSeq {
     pub samples: bool,
 }
 
+impl ScheduledSeq {
+    /// `n` new tokens of `seq` (`id`) from where its computed tokens end.
+    fn new(id: SeqId, n: usize, seq: &SeqState) -> Self {
+        Self {
+            id,
+            num_new_tokens: n,
+            num_computed: seq.num_computed,
+            samples: seq.num_computed + n == seq.tokens.len(),
+        }
+    }
+}
+
 /// What one step runs, and what scheduling decided besides.
 #[derive(Debug, Default)]
 pub struct SchedulerOutput {
@@ -238,19 +250,6 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
-    fn entry(&self, id: SeqId, n: usize) -> ScheduledSeq {
-        let (num_computed, len) = self
-            .seqs
-            .get(&id)
-            .map_or((0, 0), |s| (s.num_computed, s.tokens.len()));
-        ScheduledSeq {
-            id,
-            num_new_tokens: n,
-            num_computed,
-            samples: num_computed + n == len,
-        }
-    }
-
     /// Pick this step's batch.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
@@ -314,10 +313,10 @@ impl Scheduler {
             if !scheduled_self {
                 continue; // `running[i]` is now the next sequence
             }
-            let entry = self.entry(id, n);
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
+            let entry = ScheduledSeq::new(id, n, seq);
             let Some(table) = seq.table.as_mut() else {
                 continue;
             };
@@ -360,12 +359,7 @@ impl Scheduler {
                 seq.num_computed = cached;
             }
             let n = seq.num_uncomputed().min(*budget);
-            let entry = ScheduledSeq {
-                id,
-                num_new_tokens: n,
-                num_computed: seq.num_computed,
-                samples: seq.num_computed + n == seq.tokens.len(),
-            };
+            let entry = ScheduledSeq::new(id, n, seq);
             let Some(table) = seq.table.as_mut() else {
                 break;
             };

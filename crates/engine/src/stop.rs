@@ -121,6 +121,15 @@ impl StopChecker {
         std::mem::replace(&mut self.held, rest)
     }
 
+    /// [`Self::push`] once `min_tokens` is passed (`may_match`), else [`Self::push_unmatched`].
+    pub fn feed(&mut self, new_text: &str, may_match: bool) -> (String, Option<String>) {
+        if may_match {
+            self.push(new_text)
+        } else {
+            (self.push_unmatched(new_text), None)
+        }
+    }
+
     /// Release the held-back text at the end of the sequence (EOS or length).
     pub fn finish(&mut self) -> String {
         if self.stopped {
