@@ -369,6 +369,29 @@ impl Generation {
         })
     }
 
+    /// One chat chunk of a tool-mode choice: content, tool-call fragments or the finish (no
+    /// logprobs: the text is not streamed token by token).
+    fn tool_mode_chunk(
+        &self,
+        index: usize,
+        content: Option<String>,
+        tool_calls: Option<Vec<Value>>,
+        finish_reason: Option<String>,
+        stop_reason: Option<Value>,
+    ) -> Bytes {
+        self.chat_chunk(vec![ChatChunkChoice {
+            index,
+            delta: ChatDelta {
+                role: None,
+                content,
+                tool_calls,
+            },
+            logprobs: None,
+            finish_reason,
+            stop_reason,
+        }])
+    }
+
     /// The SSE event for one delta, or `None` when it carries nothing to show.
     fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
         let finished = delta.finish_reason.is_some();
@@ -391,17 +414,7 @@ impl Generation {
                     }
                     let content = state.text[state.streamed..safe].to_string();
                     state.streamed = safe;
-                    return Some(self.chat_chunk(vec![ChatChunkChoice {
-                        index: choice,
-                        delta: ChatDelta {
-                            role: None,
-                            content: Some(content),
-                            tool_calls: None,
-                        },
-                        logprobs: None,
-                        finish_reason: None,
-                        stop_reason: None,
-                    }]));
+                    return Some(self.tool_mode_chunk(choice, Some(content), None, None, None));
                 }
                 let text = std::mem::take(&mut self.choices[choice].text);
                 let streamed = std::mem::take(&mut self.choices[choice].streamed);
@@ -416,34 +429,26 @@ impl Generation {
                             .unwrap_or("")
                             .to_string();
                         if !rest.is_empty() {
-                            out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
-                                index: choice,
-                                delta: ChatDelta {
-                                    role: None,
-                                    content: Some(rest),
-                                    tool_calls: None,
-                                },
-                                logprobs: None,
-                                finish_reason: None,
-                                stop_reason: None,
-                            }]));
+                            out.extend_from_slice(&self.tool_mode_chunk(
+                                choice,
+                                Some(rest),
+                                None,
+                                None,
+                                None,
+                            ));
                         }
                         for (i, call) in p.calls.iter().enumerate() {
-                            let head = json!([{"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]);
+                            let head = json!({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
                             let args =
-                                json!([{"index": i, "function": {"arguments": call.arguments}}]);
-                            for tool_calls in [head, args] {
-                                out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
-                                    index: choice,
-                                    delta: ChatDelta {
-                                        role: None,
-                                        content: None,
-                                        tool_calls: tool_calls.as_array().cloned(),
-                                    },
-                                    logprobs: None,
-                                    finish_reason: None,
-                                    stop_reason: None,
-                                }]));
+                                json!({"index": i, "function": {"arguments": call.arguments}});
+                            for part in [head, args] {
+                                out.extend_from_slice(&self.tool_mode_chunk(
+                                    choice,
+                                    None,
+                                    Some(vec![part]),
+                                    None,
+                                    None,
+                                ));
                             }
                         }
                         (None, Some("tool_calls".to_string()))
@@ -453,17 +458,13 @@ impl Generation {
                         finish_reason,
                     ),
                 };
-                out.extend_from_slice(&self.chat_chunk(vec![ChatChunkChoice {
-                    index: choice,
-                    delta: ChatDelta {
-                        role: None,
-                        content: rest.filter(|t| !t.is_empty()),
-                        tool_calls: None,
-                    },
-                    logprobs: None,
-                    finish_reason: finish,
+                out.extend_from_slice(&self.tool_mode_chunk(
+                    choice,
+                    rest.filter(|t| !t.is_empty()),
+                    None,
+                    finish,
                     stop_reason,
-                }]));
+                ));
                 Some(Bytes::from(out))
             }
             Kind::Chat => {
