@@ -423,11 +423,7 @@ impl Generation {
                 let (rest, finish) = match parsed {
                     Some(p) if !p.calls.is_empty() => {
                         // Content before the calls that was still held back.
-                        let before = p.content.unwrap_or_default();
-                        let rest = before
-                            .get(streamed.min(before.len())..)
-                            .unwrap_or("")
-                            .to_string();
+                        let rest = p.unsent_content(&text, streamed).to_string();
                         if !rest.is_empty() {
                             out.extend_from_slice(&self.tool_mode_chunk(
                                 choice,

@@ -65,9 +65,21 @@ pub enum ToolMode {
 /// What a finished answer is, under a tool mode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedAnswer {
-    /// Text before the first call (`None` when there is none).
+    /// Text before the first call, trimmed (`None` when there is none).
     pub content: Option<String>,
     pub calls: Vec<ToolCallOut>,
+    /// Bytes of the raw answer before its first call (all of it when there is no call).
+    pub content_end: usize,
+}
+
+impl ParsedAnswer {
+    /// The part of the content before the calls that a stream has not sent yet, when `sent`
+    /// bytes of the raw `answer` went out as content.
+    pub fn unsent_content<'a>(&self, answer: &'a str, sent: usize) -> &'a str {
+        answer
+            .get(sent.min(self.content_end)..self.content_end)
+            .unwrap_or("")
+    }
 }
 
 /// One call as the API returns it.
@@ -300,6 +312,7 @@ impl ToolMode {
             _ => self.parse_calls(text).map(|calls| ParsedAnswer {
                 content: None,
                 calls,
+                content_end: 0,
             }),
         }
     }
@@ -373,6 +386,7 @@ fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
     let as_content = || ParsedAnswer {
         content: Some(text.to_string()),
         calls: Vec::new(),
+        content_end: text.len(),
     };
     match parser {
         ToolParser::Hermes => {
@@ -392,6 +406,7 @@ fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
                 return ParsedAnswer {
                     content: (!before.is_empty()).then(|| before.to_string()),
                     calls,
+                    content_end: first,
                 };
             }
             match serde_json::from_str::<Value>(unfence(text))
@@ -401,6 +416,7 @@ fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
                 Some(c) => ParsedAnswer {
                     content: None,
                     calls: vec![c],
+                    content_end: 0,
                 },
                 None => as_content(),
             }
@@ -423,6 +439,7 @@ fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
             ParsedAnswer {
                 content: None,
                 calls,
+                content_end: 0,
             }
         }
     }
@@ -651,5 +668,19 @@ mod tests {
             parameters: json!({}),
         });
         assert_eq!(forced.content_prefix_len("anything"), 0);
+    }
+
+    #[test]
+    fn a_stream_sends_the_rest_of_the_content_before_the_calls() {
+        let m = auto(ToolParser::Hermes);
+        let answer = "  Hello <tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+        let p = m.parse_answer(answer).unwrap();
+        assert_eq!(p.content.as_deref(), Some("Hello"));
+        // "  Hel" went out before the last delta brought "lo " and the call.
+        assert_eq!(p.unsent_content(answer, 5), "lo ");
+        assert_eq!(p.unsent_content(answer, 8), "");
+        assert_eq!(p.unsent_content(answer, 0), "  Hello ");
+        let bare = "{\"name\": \"get_time\", \"arguments\": {}}";
+        assert_eq!(m.parse_answer(bare).unwrap().unsent_content(bare, 0), "");
     }
 }
