@@ -15,8 +15,8 @@ use spindle_model::TokenizerBundle;
 use crate::error::ApiError;
 use crate::generation::{Generation, Kind, OutputOptions, ResponseMeta, SseBody};
 use crate::protocol::{
-    ChatCompletionRequest, CommonFields, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
-    ModelCard, ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+    ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
 };
 use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
 use crate::template::{normalize_messages, RenderOptions};
@@ -130,7 +130,7 @@ pub(crate) async fn chat_completions(
     .await?;
     let id = random_id("chatcmpl");
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
-    let requests = constrain(state, &req.common, &validated, vec![request]).await?;
+    let requests = constrain(state, &validated, vec![request]).await?;
     start(state, Kind::Chat, id, model, validated, requests).await
 }
 
@@ -173,26 +173,22 @@ pub(crate) async fn completions(
             "prompt",
         )?);
     }
-    let requests = constrain(state, &req.common, &validated, requests).await?;
+    let requests = constrain(state, &validated, requests).await?;
     start(state, Kind::Completion, id, model, validated, requests).await
 }
 
 /// Compile the request's constraint (if any) off the runtime and attach a copy to every prompt.
 async fn constrain(
     state: &AppState,
-    common: &CommonFields,
     validated: &Validated,
     requests: Vec<GenerateRequest>,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
-    let Some(spec) = validated.constraint.clone() else {
+    let Some(requested) = validated.constraint.clone() else {
         return Ok(requests);
     };
-    let param = if validated.tools.is_some() {
-        "tools"
-    } else {
-        crate::structured::spec_param(common)
-    };
-    let constraint = crate::structured::compile(state.compiler.as_ref(), spec, param).await?;
+    let constraint =
+        crate::structured::compile(state.compiler.as_ref(), requested.spec, requested.param)
+            .await?;
     Ok(requests
         .into_iter()
         .map(|r| r.with_constraint(constraint.clone()))

@@ -17,16 +17,26 @@ use crate::protocol::CommonFields;
 /// Longest a grammar may take to compile before the request is refused.
 pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A constraint and the request field it came from (named by a compile error's 400).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedConstraint {
+    pub spec: ConstraintSpec,
+    pub param: &'static str,
+}
+
 /// The constraint a request asks for, if any.
-pub fn constraint_spec(c: &CommonFields) -> Result<Option<ConstraintSpec>, ApiError> {
+pub fn constraint_spec(c: &CommonFields) -> Result<Option<RequestedConstraint>, ApiError> {
     let from_format = response_format(c.response_format.as_ref())?;
     let from_outputs = structured_outputs(c.structured_outputs.as_ref())?;
+    let requested = |spec, param| Some(RequestedConstraint { spec, param });
     match (from_format, from_outputs) {
         (Some(_), Some(_)) => Err(ApiError::invalid_param(
             "structured_outputs",
             "Give either `response_format` or `structured_outputs`, not both.",
         )),
-        (a, b) => Ok(a.or(b)),
+        (Some(spec), None) => Ok(requested(spec, "response_format")),
+        (None, Some(spec)) => Ok(requested(spec, "structured_outputs")),
+        (None, None) => Ok(None),
     }
 }
 
@@ -214,15 +224,6 @@ pub async fn compile(
     }
 }
 
-/// Which request field a spec came from, for error messages.
-pub fn spec_param(c: &CommonFields) -> &'static str {
-    if c.structured_outputs.as_ref().is_some_and(|v| !v.is_null()) {
-        "structured_outputs"
-    } else {
-        "response_format"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +231,7 @@ mod tests {
 
     fn spec(body: Value) -> Result<Option<ConstraintSpec>, ApiError> {
         let c: CommonFields = serde_json::from_value(body).expect("fields");
-        constraint_spec(&c)
+        constraint_spec(&c).map(|r| r.map(|r| r.spec))
     }
 
     #[test]

@@ -8,7 +8,6 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 pub use spindle_engine::ModelLimits;
 use spindle_engine::{GenerateRequest, RequestError, SamplingParams};
-use spindle_structured::ConstraintSpec;
 
 use crate::error::ApiError;
 use crate::protocol::{ChatCompletionRequest, CommonFields, CompletionRequest};
@@ -45,7 +44,7 @@ pub struct Validated {
     /// `stream_options.continuous_usage_stats`.
     pub continuous_usage: bool,
     /// `response_format` / `structured_outputs`, parsed (compiled later, off the runtime).
-    pub constraint: Option<ConstraintSpec>,
+    pub constraint: Option<crate::structured::RequestedConstraint>,
     /// Forced tool calls (`tool_choice` `required` or named); the constraint makes them valid.
     pub tools: Option<crate::tools::ToolMode>,
 }
@@ -122,7 +121,10 @@ pub fn chat_params(
     let tools = crate::tools::tool_mode(req, tool_parser)?;
     let mut v = common_params(&req.common, limits, top, max_tokens, param)?;
     if let Some(spec) = tools.as_ref().and_then(|m| m.constraint()) {
-        v.constraint = Some(spec);
+        v.constraint = Some(crate::structured::RequestedConstraint {
+            spec,
+            param: "tools",
+        });
     }
     v.tools = tools;
     Ok(v)
