@@ -14,7 +14,7 @@ use spindle_engine::{EmbedRequest, EngineEvent, ModelKind, ModelLimits, RequestE
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
-use crate::handlers::{blocking, random_id, unix_now};
+use crate::handlers::{blocking, random_id, tokenization_failed, unix_now};
 use crate::protocol::{EmbeddingRequest, RerankRequest, ScoreRequest};
 use crate::server::{json_response, ApiBody, AppState};
 use crate::validation::{parse_json, parse_text_or_tokens, resolve_model, PromptInput};
@@ -66,13 +66,12 @@ async fn tokenize(
                         ids
                     }
                     (PromptInput::Tokens(ids), Truncation::Refuse) => ids,
-                    (PromptInput::Text(t), Truncation::To(n)) => {
-                        tok.encode_truncated(&t, add_special_tokens, n)
-                    }
-                    .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))?,
+                    (PromptInput::Text(t), Truncation::To(n)) => tok
+                        .encode_truncated(&t, add_special_tokens, n)
+                        .map_err(tokenization_failed)?,
                     (PromptInput::Text(t), Truncation::Refuse) => tok
                         .encode(&t, add_special_tokens)
-                        .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))?,
+                        .map_err(tokenization_failed)?,
                 };
                 Ok(ids)
             })

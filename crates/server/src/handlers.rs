@@ -60,7 +60,12 @@ fn encode(
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
     tok.encode(text, add_special_tokens)
-        .map_err(|e| ApiError::bad_request(format!("Tokenization failed: {e}")))
+        .map_err(tokenization_failed)
+}
+
+/// The 400 for text the tokenizer cannot encode.
+pub(crate) fn tokenization_failed(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("Tokenization failed: {e}"))
 }
 
 /// Render the chat template and tokenize, on the blocking pool.
