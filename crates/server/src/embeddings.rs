@@ -217,29 +217,33 @@ pub(crate) async fn embeddings(
     .await?;
     let id = random_id("embd");
     let (vectors, usage) = embed(state, &id, ids, "input").await?;
-    let data: Vec<EmbeddingData> = vectors
-        .iter()
-        .enumerate()
-        .map(|(index, v)| EmbeddingData {
-            object: "embedding",
-            index,
-            embedding: if base64 {
-                EmbeddingValue::Base64(to_base64(v))
-            } else {
-                EmbeddingValue::Float(v)
-            },
-        })
-        .collect();
-    let body = EmbeddingResponse {
-        id: &id,
-        object: "list",
-        created: unix_now(),
-        model: &model,
-        data,
-        usage: json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}),
-    };
-    let body = serde_json::to_vec(&body)
-        .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
+    // Formatting up to 2048 vectors (or base64-encoding them) is CPU work: off the runtime.
+    let body = blocking(move || {
+        let data: Vec<EmbeddingData> = vectors
+            .iter()
+            .enumerate()
+            .map(|(index, v)| EmbeddingData {
+                object: "embedding",
+                index,
+                embedding: if base64 {
+                    EmbeddingValue::Base64(to_base64(v))
+                } else {
+                    EmbeddingValue::Float(v)
+                },
+            })
+            .collect();
+        let body = EmbeddingResponse {
+            id: &id,
+            object: "list",
+            created: unix_now(),
+            model: &model,
+            data,
+            usage: json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}),
+        };
+        serde_json::to_vec(&body)
+            .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))
+    })
+    .await?;
     Ok(json_response(StatusCode::OK, body))
 }
 

@@ -43,7 +43,8 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Run CPU-bound work (template rendering, tokenization) on the blocking pool.
+/// Run CPU-bound work (template rendering, tokenization, large response bodies) on the
+/// blocking pool.
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -51,7 +52,7 @@ where
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("a blocking task failed: {e}")))?
 }
 
 fn encode(
