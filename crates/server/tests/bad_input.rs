@@ -289,6 +289,10 @@ fn catalogue() -> Vec<Case> {
         c("json_schema without schema", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}).to_string().as_bytes())), param(400, "response_format")),
         c("invalid regex constraint", Send::Raw(post_bytes("/v1/completions", json!({"prompt": "x", "structured_outputs": {"regex": "[z-a]"}}).to_string().as_bytes())), param(400, "structured_outputs")),
         c("two constraints at once", Send::Raw(post_bytes("/v1/completions", json!({"prompt": "x", "structured_outputs": {"regex": "a", "grammar": "start: \"a\""}}).to_string().as_bytes())), param(400, "structured_outputs")),
+        // --- Tool calling ---
+        c("empty tools list", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "tools": []}).to_string().as_bytes())), param(400, "tools")),
+        c("tool_choice required without tools", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "tool_choice": "required"}).to_string().as_bytes())), param(400, "tool_choice")),
+        c("tools with auto but no tool-call parser", Send::Raw(post_bytes(chat_path, json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string().as_bytes())), param(400, "tool_choice")),
         // --- Embedding endpoints on a text-generation model (the embedding model's own cases are
         // in tests/embeddings.rs) ---
         c("embeddings on a generative model", Send::Raw(post_bytes("/v1/embeddings", json!({"input": "hi"}).to_string().as_bytes())), bad(400)),
