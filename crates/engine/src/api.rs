@@ -10,6 +10,7 @@ use spindle_structured::{Constraint, StructuredError};
 
 use crate::detokenizer::DetokenizeError;
 use crate::sampler::SamplerError;
+pub use crate::scheduler::{SchedulingPolicy, Urgency};
 
 /// Per-request generation settings with vLLM semantics. The server validates ranges before a
 /// request gets here; the engine still clamps defensively and never panics on odd values.
@@ -171,6 +172,7 @@ pub struct GenerateRequest {
     params: SamplingParams,
     max_tokens: usize,
     constraint: Option<Constraint>,
+    urgency: Urgency,
 }
 
 impl GenerateRequest {
@@ -225,6 +227,7 @@ impl GenerateRequest {
             params,
             max_tokens,
             constraint: None,
+            urgency: Urgency::default(),
         })
     }
 
@@ -234,6 +237,25 @@ impl GenerateRequest {
     pub fn with_constraint(mut self, constraint: Constraint) -> Self {
         self.constraint = Some(constraint);
         self
+    }
+
+    /// Serve this request at `priority` (lower first, vLLM's convention; used under the
+    /// priority scheduling policy).
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.urgency.priority = priority;
+        self
+    }
+
+    /// Mark this request as background work (a batch-job line): it runs only on capacity no
+    /// interactive request wants, and interactive requests may preempt it.
+    pub fn in_background(mut self) -> Self {
+        self.urgency.background = true;
+        self
+    }
+
+    /// How urgent the request is (its priority and whether it is background work).
+    pub fn urgency(&self) -> Urgency {
+        self.urgency
     }
 
     pub fn request_id(&self) -> &str {

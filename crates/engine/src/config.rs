@@ -15,6 +15,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Token budget of one iteration, prefill and decode together (`--max-num-batched-tokens`).
     pub max_num_batched_tokens: usize,
+    /// Order of service (`--scheduling-policy fcfs|priority`); background work always goes last.
+    pub scheduling_policy: crate::scheduler::SchedulingPolicy,
     /// Tokens per KV block (`--block-size`).
     pub block_size: usize,
     /// KV-cache size in bytes on CPU (`--kv-cache-memory`); `None` picks a default.
@@ -111,6 +113,7 @@ impl Default for EngineConfig {
             model: LoadOptions::default(),
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
+            scheduling_policy: Default::default(),
             block_size: 16,
             kv_cache_memory_bytes: None,
             gpu_memory_utilization: 0.9,

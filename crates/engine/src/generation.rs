@@ -83,7 +83,12 @@ impl GenerationCore {
             .kv_capacity_tokens
             .store(shape.capacity_tokens() as u64, Ordering::Relaxed);
         let blocks = BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
-        let scheduler = Scheduler::new(blocks, config.max_num_seqs, config.max_num_batched_tokens);
+        let scheduler = Scheduler::new(
+            blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.scheduling_policy,
+        );
         let tokenizer = Arc::new(loaded.tokenizer);
         let outputs =
             OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());
@@ -156,9 +161,9 @@ impl Core for GenerationCore {
             } => {
                 self.faults
                     .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
-                let priority = 0;
+                let urgency = request.urgency();
                 let (seq, prompt) = self.outputs.add_request(id, request, events);
-                self.scheduler.add(seq, prompt, priority);
+                self.scheduler.add(seq, prompt, urgency);
             }
             EngineMessage::Embed { events, .. } => {
                 let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(

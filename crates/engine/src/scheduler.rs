@@ -6,6 +6,13 @@
 //! most recently admitted running sequence is preempted (its blocks freed, recomputed later).
 //! A waiting sequence that cannot fit even when nothing else runs is refused.
 //!
+//! Urgency (vLLM's `--scheduling-policy`): sequences are served level by level, most urgent
+//! first, with running before waiting inside a level. Background work (batch jobs) is always
+//! the last level; under [`SchedulingPolicy::Priority`] the request's `priority` (lower first)
+//! orders the rest. A waiting sequence may preempt running ones of a less urgent level to get a
+//! slot or blocks, so urgent work starts in the next step. Under FCFS with no background work
+//! there is one level and the order is plain first come, first served.
+//!
 //! The scheduler owns the block manager and a lean per-sequence state (tokens, progress, block
 //! table, arrival and admission order, priority): nothing about sampling or text, so it can be
 //! tested with fake requests.
@@ -29,8 +36,8 @@ pub struct SeqState {
     table: Option<BlockTable>,
     /// Order of admission to the running set; the most recent is preempted first.
     admitted_at: u64,
-    /// Lower runs first (vLLM's convention); kept for priority scheduling, unused by FCFS.
-    priority: i32,
+    /// How urgent it is; with the policy, its scheduling level.
+    urgency: Urgency,
 }
 
 impl SeqState {
@@ -67,8 +74,8 @@ impl SeqState {
         self.table.as_ref()
     }
 
-    pub fn priority(&self) -> i32 {
-        self.priority
+    pub fn urgency(&self) -> Urgency {
+        self.urgency
     }
 
     /// Tokens still to run through the model before the next token can be sampled.
@@ -76,6 +83,28 @@ impl SeqState {
         self.tokens.len() - self.num_computed
     }
 }
+
+/// The order in which waiting and running sequences are served (`--scheduling-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// First come, first served (vLLM's default); `priority` is not used.
+    #[default]
+    Fcfs,
+    /// Lower `priority` first, then arrival; a waiting request preempts less urgent running ones.
+    Priority,
+}
+
+/// How urgent a sequence is. Background work (batch-job lines) yields to every interactive
+/// request under either policy; `priority` (lower first, vLLM's convention) matters only under
+/// [`SchedulingPolicy::Priority`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Urgency {
+    pub background: bool,
+    pub priority: i32,
+}
+
+/// A scheduling level: lower is served first.
+type Level = (bool, i32);
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +159,16 @@ pub struct Scheduler {
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     next_admission: u64,
+    policy: SchedulingPolicy,
 }
 
 impl Scheduler {
-    pub fn new(blocks: BlockManager, max_num_seqs: usize, max_num_batched_tokens: usize) -> Self {
+    pub fn new(
+        blocks: BlockManager,
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+        policy: SchedulingPolicy,
+    ) -> Self {
         Self {
             blocks,
             seqs: HashMap::new(),
@@ -142,6 +177,19 @@ impl Scheduler {
             max_num_seqs: max_num_seqs.max(1),
             max_num_batched_tokens: max_num_batched_tokens.max(1),
             next_admission: 0,
+            policy,
+        }
+    }
+
+    /// The level a sequence is served at under this scheduler's policy.
+    fn level_of(&self, id: SeqId) -> Level {
+        let Some(seq) = self.seqs.get(&id) else {
+            return (true, i32::MAX);
+        };
+        let u = seq.urgency;
+        match self.policy {
+            SchedulingPolicy::Fcfs => (u.background, 0),
+            SchedulingPolicy::Priority => (u.background, u.priority),
         }
     }
 
@@ -167,7 +215,7 @@ impl Scheduler {
     }
 
     /// Queue a new sequence behind every waiting one.
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, priority: i32) {
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, urgency: Urgency) {
         debug_assert!(!prompt.is_empty(), "validated requests have a prompt");
         let prompt_len = prompt.len();
         self.seqs.insert(
@@ -178,7 +226,7 @@ impl Scheduler {
                 num_computed: 0,
                 table: None,
                 admitted_at: 0,
-                priority,
+                urgency,
             },
         );
         self.waiting.push_back(id);
@@ -197,7 +245,7 @@ impl Scheduler {
             num_computed: p.prompt_len,
             table,
             admitted_at: self.next_admission,
-            priority: p.priority,
+            urgency: p.urgency,
         };
         self.next_admission += 1;
         self.seqs.insert(child, state);
@@ -250,15 +298,34 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
-    /// Pick this step's batch.
+    /// Pick this step's batch: level by level, running sequences then waiting ones. Once a
+    /// waiting sequence cannot be admitted, no waiting sequence of a later level jumps ahead.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.max_num_batched_tokens;
-        self.schedule_running(&mut out, &mut budget);
-        self.schedule_waiting(&mut out, &mut budget);
+        let mut levels: Vec<Level> = self
+            .running
+            .iter()
+            .chain(self.waiting.iter())
+            .map(|&id| self.level_of(id))
+            .collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let mut admitting = true;
+        for level in levels {
+            self.schedule_running(&mut out, &mut budget, level);
+            if admitting {
+                admitting = self.schedule_waiting(&mut out, &mut budget, level);
+            }
+        }
         if out.scheduled.is_empty() && self.running.is_empty() {
             // Nothing fits although nothing runs: the head of the queue can never be admitted.
-            if let Some(id) = self.waiting.pop_front() {
+            let head = self
+                .waiting
+                .iter()
+                .copied()
+                .min_by_key(|&id| self.level_of(id));
+            if let Some(id) = head {
                 tracing::warn!(
                     seq = id,
                     "sequence does not fit in the KV cache; refusing it"
@@ -270,11 +337,39 @@ impl Scheduler {
         out
     }
 
-    /// 1. Running sequences, oldest first, preempting the newest when blocks run out.
-    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
+    /// The running sequence to preempt: not scheduled this step, at a level no more urgent than
+    /// `level` (strictly less urgent if `strict`), the least urgent and then the latest admitted.
+    fn victim(&self, out: &SchedulerOutput, level: Level, strict: bool) -> Option<SeqId> {
+        self.running
+            .iter()
+            .copied()
+            .filter(|s| !out.scheduled.iter().any(|e| e.id == *s))
+            .filter(|&s| {
+                let l = self.level_of(s);
+                if strict {
+                    l > level
+                } else {
+                    l >= level
+                }
+            })
+            .max_by_key(|&s| {
+                (
+                    self.level_of(s),
+                    self.seqs.get(&s).map_or(0, |q| q.admitted_at),
+                )
+            })
+    }
+
+    /// 1. Running sequences of `level`, oldest first, preempting the least urgent and newest when
+    /// blocks run out.
+    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize, level: Level) {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
+            if self.level_of(id) != level {
+                i += 1;
+                continue;
+            }
             let Some(seq) = self.seqs.get(&id) else {
                 self.running.remove(i);
                 continue;
@@ -284,7 +379,7 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            // Make room, preempting the newest running sequences (possibly this one).
+            // Make room, preempting the least urgent, newest running sequences (possibly this one).
             let mut scheduled_self = true;
             loop {
                 let Some(seq) = self.seqs.get(&id) else { break };
@@ -297,12 +392,7 @@ impl Scheduler {
                 if need <= self.blocks.num_free_blocks() {
                     break;
                 }
-                let victim = *self
-                    .running
-                    .iter()
-                    .filter(|s| !out.scheduled.iter().any(|e| e.id == **s))
-                    .max_by_key(|s| self.seqs.get(s).map(|q| q.admitted_at).unwrap_or(0))
-                    .unwrap_or(&id);
+                let victim = self.victim(out, level, false).unwrap_or(id);
                 self.preempt(victim);
                 out.preempted.push(victim);
                 if victim == id {
@@ -343,14 +433,31 @@ impl Scheduler {
         }
     }
 
-    /// 2. Waiting sequences, FCFS, while there is room. Nothing is preempted for them.
-    fn schedule_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
-        while *budget > 0 && self.running.len() < self.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
-                break;
+    /// 2. Waiting sequences of `level` in queue order while there is room, preempting running
+    /// sequences of less urgent levels for a slot or blocks (never of this level or a more
+    /// urgent one). False once one cannot be admitted.
+    fn schedule_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize, level: Level) -> bool {
+        while *budget > 0 {
+            let Some(id) = self
+                .waiting
+                .iter()
+                .copied()
+                .find(|&id| self.level_of(id) == level)
+            else {
+                return true;
             };
+            if self.running.len() >= self.max_num_seqs {
+                match self.victim(out, level, true) {
+                    Some(victim) => {
+                        self.preempt(victim);
+                        out.preempted.push(victim);
+                        continue;
+                    }
+                    None => return false,
+                }
+            }
             let Some(seq) = self.seqs.get_mut(&id) else {
-                self.waiting.pop_front();
+                self.waiting.retain(|&s| s != id);
                 continue;
             };
             if seq.table.is_none() {
@@ -361,7 +468,7 @@ impl Scheduler {
             let n = seq.num_uncomputed().min(*budget);
             let entry = ScheduledSeq::new(id, n, seq);
             let Some(table) = seq.table.as_mut() else {
-                break;
+                return false;
             };
             match self
                 .blocks
@@ -369,23 +476,32 @@ impl Scheduler {
             {
                 Ok(copies) => {
                     out.copies.extend(copies);
-                    self.waiting.pop_front();
                     seq.admitted_at = self.next_admission;
                     self.next_admission += 1;
+                    self.waiting.retain(|&s| s != id);
                     self.running.push(id);
                     out.scheduled.push(entry);
                     *budget -= n;
                 }
                 Err(_) => {
-                    // Not enough free blocks: give the prefix-cache references back and wait.
-                    if let Some(table) = seq.table.take() {
-                        self.blocks.free(table);
+                    // Not enough free blocks: preempt less urgent work, or give the prefix-cache
+                    // references back and wait.
+                    if let Some(victim) = self.victim(out, level, true) {
+                        self.preempt(victim);
+                        out.preempted.push(victim);
+                        continue;
                     }
-                    seq.num_computed = 0;
-                    break;
+                    if let Some(seq) = self.seqs.get_mut(&id) {
+                        if let Some(table) = seq.table.take() {
+                            self.blocks.free(table);
+                        }
+                        seq.num_computed = 0;
+                    }
+                    return false;
                 }
             }
         }
+        true
     }
 }
 

@@ -10,6 +10,7 @@ fn scheduler(num_blocks: usize, max_seqs: usize, budget: usize, prefix: bool) ->
         BlockManager::new(num_blocks, BLOCK, prefix),
         max_seqs,
         budget,
+        SchedulingPolicy::Fcfs,
     )
 }
 
@@ -44,11 +45,11 @@ fn sizes(out: &SchedulerOutput) -> Vec<(SeqId, usize)> {
 #[test]
 fn decodes_take_the_budget_first_and_prefills_get_the_rest() {
     let mut s = scheduler(64, 16, 10, false);
-    s.add(1, prompt(0, 3), 0);
-    s.add(2, prompt(100, 3), 0);
+    s.add(1, prompt(0, 3), Urgency::default());
+    s.add(2, prompt(100, 3), Urgency::default());
     assert_eq!(sizes(&run_step(&mut s)), vec![(1, 3), (2, 3)]);
     // Both decode now; a new 20-token prompt gets what is left of the budget (10 - 2).
-    s.add(3, prompt(200, 20), 0);
+    s.add(3, prompt(200, 20), Urgency::default());
     let out = run_step(&mut s);
     assert_eq!(sizes(&out), vec![(1, 1), (2, 1), (3, 8)]);
     assert_eq!(out.num_tokens(), 10);
@@ -61,7 +62,7 @@ fn decodes_take_the_budget_first_and_prefills_get_the_rest() {
 #[test]
 fn a_long_prompt_is_chunked_over_steps() {
     let mut s = scheduler(64, 16, 8, false);
-    s.add(1, prompt(0, 20), 0);
+    s.add(1, prompt(0, 20), Urgency::default());
     let chunks: Vec<ScheduledSeq> = (0..3).map(|_| run_step(&mut s).scheduled[0]).collect();
     assert_eq!(
         chunks
@@ -78,9 +79,9 @@ fn a_long_prompt_is_chunked_over_steps() {
 #[test]
 fn a_chunked_prefill_never_stalls_running_decodes() {
     let mut s = scheduler(64, 16, 6, false);
-    s.add(1, prompt(0, 2), 0);
+    s.add(1, prompt(0, 2), Urgency::default());
     run_step(&mut s);
-    s.add(2, prompt(50, 30), 0);
+    s.add(2, prompt(50, 30), Urgency::default());
     for _ in 0..5 {
         let out = run_step(&mut s);
         assert_eq!(out.scheduled[0].id, 1, "the decode comes first");
@@ -94,7 +95,7 @@ fn running_out_of_blocks_preempts_the_latest_admitted() {
     // 6 blocks of 4 = 24 slots; three 8-token prompts take 2 blocks each.
     let mut s = scheduler(6, 16, 64, false);
     for id in 1..=3 {
-        s.add(id, prompt(10 * id as u32, 8), 0);
+        s.add(id, prompt(10 * id as u32, 8), Urgency::default());
     }
     assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
     assert_eq!(s.blocks().num_free_blocks(), 0);
@@ -111,7 +112,7 @@ fn running_out_of_blocks_preempts_the_latest_admitted() {
 fn a_preempted_sequence_resumes_with_its_output_recomputed() {
     let mut s = scheduler(6, 16, 64, false);
     for id in 1..=3 {
-        s.add(id, prompt(10 * id as u32, 8), 0);
+        s.add(id, prompt(10 * id as u32, 8), Urgency::default());
     }
     run_step(&mut s);
     let out = run_step(&mut s);
@@ -145,12 +146,12 @@ fn a_preempted_sequence_resumes_with_its_output_recomputed() {
 fn prefix_cache_hits_reduce_the_tokens_to_compute() {
     let mut s = scheduler(32, 16, 64, true);
     let shared = prompt(0, 12);
-    s.add(1, shared.clone(), 0);
+    s.add(1, shared.clone(), Urgency::default());
     run_step(&mut s);
     s.finish(1);
     let mut longer = shared.clone();
     longer.extend([500, 501]);
-    s.add(2, longer, 0);
+    s.add(2, longer, Urgency::default());
     let out = run_step(&mut s);
     // 12 tokens = 3 full cached blocks: only the 2 new tokens run.
     assert_eq!(
@@ -169,9 +170,9 @@ fn prefix_cache_hits_reduce_the_tokens_to_compute() {
 #[test]
 fn a_fully_cached_prompt_still_computes_its_last_block() {
     let mut s = scheduler(32, 16, 64, true);
-    s.add(1, prompt(0, 8), 0);
+    s.add(1, prompt(0, 8), Urgency::default());
     run_step(&mut s);
-    s.add(2, prompt(0, 8), 0);
+    s.add(2, prompt(0, 8), Urgency::default());
     let out = run_step(&mut s);
     let e = out.scheduled.iter().find(|e| e.id == 2).copied();
     assert_eq!(
@@ -183,8 +184,8 @@ fn a_fully_cached_prompt_still_computes_its_last_block() {
 #[test]
 fn a_request_that_can_never_fit_is_refused() {
     let mut s = scheduler(4, 16, 64, false); // 16 slots
-    s.add(1, prompt(0, 17), 0);
-    s.add(2, prompt(100, 4), 0);
+    s.add(1, prompt(0, 17), Urgency::default());
+    s.add(2, prompt(100, 4), Urgency::default());
     let out = run_step(&mut s);
     assert_eq!(out.refused, vec![1]);
     assert!(out.scheduled.is_empty());
@@ -197,9 +198,9 @@ fn a_request_that_can_never_fit_is_refused() {
 #[test]
 fn a_waiting_request_waits_for_blocks_instead_of_preempting() {
     let mut s = scheduler(4, 16, 64, false);
-    s.add(1, prompt(0, 12), 0);
+    s.add(1, prompt(0, 12), Urgency::default());
     run_step(&mut s);
-    s.add(2, prompt(100, 8), 0);
+    s.add(2, prompt(100, 8), Urgency::default());
     let out = run_step(&mut s);
     assert_eq!(ids(&out), vec![1]);
     assert!(out.refused.is_empty() && out.preempted.is_empty());
@@ -212,7 +213,7 @@ fn a_waiting_request_waits_for_blocks_instead_of_preempting() {
 fn max_num_seqs_is_respected() {
     let mut s = scheduler(64, 3, 64, false);
     for id in 1..=5 {
-        s.add(id, prompt(10 * id as u32, 2), 0);
+        s.add(id, prompt(10 * id as u32, 2), Urgency::default());
     }
     assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
     assert_eq!(ids(&run_step(&mut s)), vec![1, 2, 3]);
@@ -225,7 +226,7 @@ fn max_num_seqs_is_respected() {
 fn admission_is_first_come_first_served_under_load() {
     let mut s = scheduler(64, 64, 10, false);
     for id in 1..=6 {
-        s.add(id, prompt(10 * id as u32, 4), 0);
+        s.add(id, prompt(10 * id as u32, 4), Urgency::default());
     }
     let mut admitted = Vec::new();
     for _ in 0..4 {
@@ -241,7 +242,7 @@ fn admission_is_first_come_first_served_under_load() {
 #[test]
 fn a_fork_shares_the_prompt_and_runs_at_once() {
     let mut s = scheduler(16, 16, 64, false);
-    s.add(1, prompt(0, 6), 0);
+    s.add(1, prompt(0, 6), Urgency::default());
     let out = s.schedule();
     s.on_step_done(&out.scheduled);
     let used = s.blocks().num_used_blocks();
@@ -264,12 +265,163 @@ fn a_fork_shares_the_prompt_and_runs_at_once() {
 #[test]
 fn finishing_frees_every_block() {
     let mut s = scheduler(16, 16, 64, false);
-    s.add(1, prompt(0, 9), 0);
-    s.add(2, prompt(50, 3), 0);
+    s.add(1, prompt(0, 9), Urgency::default());
+    s.add(2, prompt(50, 3), Urgency::default());
     run_step(&mut s);
     assert!(s.blocks().num_used_blocks() > 0);
     s.finish(1);
     s.finish(2);
     assert_eq!(s.blocks().num_used_blocks(), 0);
     assert!(!s.has_work());
+}
+
+fn with_policy(
+    num_blocks: usize,
+    max_seqs: usize,
+    budget: usize,
+    policy: SchedulingPolicy,
+) -> Scheduler {
+    Scheduler::new(
+        BlockManager::new(num_blocks, BLOCK, false),
+        max_seqs,
+        budget,
+        policy,
+    )
+}
+
+const BACKGROUND: Urgency = Urgency {
+    background: true,
+    priority: 0,
+};
+
+fn priority(p: i32) -> Urgency {
+    Urgency {
+        background: false,
+        priority: p,
+    }
+}
+
+#[test]
+fn an_interactive_request_takes_a_slot_from_background_work_in_the_next_step() {
+    let mut s = scheduler(64, 2, 64, false);
+    s.add(1, prompt(0, 3), BACKGROUND);
+    s.add(2, prompt(100, 3), BACKGROUND);
+    s.add(3, prompt(200, 3), BACKGROUND);
+    run_step(&mut s);
+    assert_eq!(s.num_running(), 2);
+    s.add(4, prompt(300, 3), Urgency::default());
+    let out = run_step(&mut s);
+    assert_eq!(
+        sizes(&out),
+        vec![(4, 3), (1, 1)],
+        "the interactive prompt runs first"
+    );
+    assert_eq!(out.preempted, vec![2], "the newest background sequence yields");
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
+}
+
+#[test]
+fn an_interactive_request_gets_the_budget_before_a_background_prefill() {
+    let mut s = scheduler(64, 8, 8, false);
+    s.add(1, prompt(0, 40), BACKGROUND);
+    assert_eq!(sizes(&run_step(&mut s)), vec![(1, 8)]);
+    s.add(2, prompt(100, 5), Urgency::default());
+    assert_eq!(sizes(&run_step(&mut s)), vec![(2, 5), (1, 3)]);
+    // Decoding interactive work keeps coming first; the background prefill gets the rest.
+    assert_eq!(sizes(&run_step(&mut s)), vec![(2, 1), (1, 7)]);
+}
+
+#[test]
+fn an_interactive_request_preempts_background_work_for_blocks() {
+    // 4 blocks of 4 tokens: the background sequence holds 3 of them.
+    let mut s = scheduler(4, 8, 64, false);
+    s.add(1, prompt(0, 12), BACKGROUND);
+    run_step(&mut s);
+    s.add(2, prompt(100, 8), Urgency::default());
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![2]);
+    assert_eq!(out.preempted, vec![1]);
+    // Once the interactive request is done the background one is recomputed.
+    s.finish(2);
+    assert_eq!(sizes(&run_step(&mut s)), vec![(1, 13)]);
+}
+
+#[test]
+fn background_work_never_preempts_interactive_work() {
+    let mut s = scheduler(4, 8, 64, false);
+    s.add(1, prompt(0, 12), Urgency::default());
+    run_step(&mut s);
+    s.add(2, prompt(100, 8), BACKGROUND);
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![1]);
+    assert!(out.preempted.is_empty() && out.refused.is_empty());
+    assert_eq!(s.num_waiting(), 1);
+}
+
+#[test]
+fn fcfs_ignores_priority_values() {
+    let mut s = with_policy(64, 1, 64, SchedulingPolicy::Fcfs);
+    s.add(1, prompt(0, 3), priority(5));
+    s.add(2, prompt(100, 3), priority(-5));
+    assert_eq!(ids(&run_step(&mut s)), vec![1]);
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![1]);
+    assert!(out.preempted.is_empty());
+}
+
+#[test]
+fn the_priority_policy_admits_lower_values_first() {
+    let mut s = with_policy(64, 1, 64, SchedulingPolicy::Priority);
+    s.add(1, prompt(0, 3), priority(5));
+    s.add(2, prompt(100, 3), priority(1));
+    s.add(3, prompt(200, 3), priority(3));
+    s.add(4, prompt(300, 3), priority(1));
+    let mut order = Vec::new();
+    while s.has_work() {
+        let out = run_step(&mut s);
+        for e in &out.scheduled {
+            if e.num_computed == 0 {
+                order.push(e.id);
+            }
+            s.finish(e.id);
+        }
+    }
+    assert_eq!(order, vec![2, 4, 3, 1], "priority, then arrival");
+}
+
+#[test]
+fn the_priority_policy_preempts_less_urgent_running_sequences() {
+    let mut s = with_policy(4, 8, 64, SchedulingPolicy::Priority);
+    s.add(1, prompt(0, 12), priority(10));
+    run_step(&mut s);
+    // Equal priority waits, as under FCFS.
+    s.add(2, prompt(100, 8), priority(10));
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![1]);
+    assert!(out.preempted.is_empty());
+    // A more urgent one preempts the running sequence and starts at once.
+    s.add(3, prompt(200, 8), priority(-1));
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![3]);
+    assert_eq!(out.preempted, vec![1]);
+    // Back to priority 10: the preempted sequence (earlier arrival) resumes before #2.
+    s.finish(3);
+    let out = run_step(&mut s);
+    assert_eq!(ids(&out), vec![1]);
+}
+
+#[test]
+fn under_the_priority_policy_a_running_sequence_preempts_the_least_urgent_first() {
+    // 6 blocks; three sequences of one block each grow until blocks run out.
+    let mut s = with_policy(6, 8, 64, SchedulingPolicy::Priority);
+    s.add(1, prompt(0, 4), priority(9));
+    s.add(2, prompt(100, 4), priority(0));
+    s.add(3, prompt(200, 4), priority(5));
+    run_step(&mut s);
+    let mut preempted = Vec::new();
+    for _ in 0..8 {
+        preempted.extend(run_step(&mut s).preempted);
+    }
+    assert_eq!(preempted.first(), Some(&1), "priority 9 yields first");
+    assert!(!preempted.contains(&2), "the most urgent sequence is never preempted");
 }
