@@ -111,6 +111,7 @@ impl Engine {
             limits: ready.limits,
             cache: ready.cache,
             max_waiting_requests: config.max_waiting_requests,
+            scheduling_policy: config.scheduling_policy,
             heartbeat_interval: config.heartbeat_interval,
         })
     }

@@ -15,6 +15,7 @@ use crate::api::{
     CacheConfig, EmbedRequest, EngineError, EngineEvent, GenerateRequest, ModelKind, ModelLimits,
 };
 use crate::stats::EngineStats;
+use crate::scheduler::SchedulingPolicy;
 
 /// Messages the engine thread receives. A request ends early only through `Abort`, which its
 /// [`RequestStream`] sends when dropped or aborted.
@@ -118,6 +119,7 @@ pub struct EngineHandle {
     pub(crate) limits: ModelLimits,
     pub(crate) cache: CacheConfig,
     pub(crate) max_waiting_requests: usize,
+    pub(crate) scheduling_policy: SchedulingPolicy,
     /// The engine is idle-blocked at most this long between heartbeats.
     pub(crate) heartbeat_interval: Duration,
 }
@@ -215,6 +217,11 @@ impl EngineHandle {
     /// What every request must fit: build [`GenerateRequest`]s against these.
     pub fn limits(&self) -> ModelLimits {
         self.limits
+    }
+
+    /// The scheduling policy in use (whether `priority` means anything).
+    pub fn scheduling_policy(&self) -> SchedulingPolicy {
+        self.scheduling_policy
     }
 
     /// The KV-cache settings in use (block size, block count after sizing, prefix caching).

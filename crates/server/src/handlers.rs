@@ -112,15 +112,42 @@ fn require_generative_model(state: &AppState, endpoint: &str) -> Result<(), ApiE
     }
 }
 
+/// Who sent a request: a live HTTP client, or a batch job running it in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Http,
+    /// A line of a batch job: never streamed, served only on capacity interactive requests
+    /// leave idle.
+    Batch,
+}
+
+/// Refuse `stream: true` in a batch line (a batch answers with whole response bodies).
+fn check_origin(origin: Origin, validated: &Validated) -> Result<(), ApiError> {
+    if origin == Origin::Batch && validated.stream {
+        return Err(ApiError::invalid_param(
+            "stream",
+            "Streaming is not supported in batch jobs.",
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     state: &Arc<AppState>,
     body: &[u8],
+    origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
     let req: ChatCompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/chat/completions")?;
-    let validated = chat_params(&req, state.limits, state.cfg.tool_call_parser)?;
+    let validated = chat_params(
+        &req,
+        state.limits,
+        state.engine.scheduling_policy(),
+        state.cfg.tool_call_parser,
+    )?;
+    check_origin(origin, &validated)?;
     let opts = render_options(
         req.add_generation_prompt,
         req.continue_final_message,
@@ -137,18 +164,20 @@ pub(crate) async fn chat_completions(
     let id = random_id("chatcmpl");
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
     let requests = constrain(state, &validated, vec![request]).await?;
-    start(state, Kind::Chat, id, model, validated, requests).await
+    start(state, Kind::Chat, id, model, validated, requests, origin).await
 }
 
 /// `POST /v1/completions`.
 pub(crate) async fn completions(
     state: &Arc<AppState>,
     body: &[u8],
+    origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/completions")?;
-    let validated = completion_params(&req, state.limits)?;
+    let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    check_origin(origin, &validated)?;
     let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
     let add_special = req.add_special_tokens.unwrap_or(true);
     let tok = state.engine.tokenizer().clone();
@@ -180,7 +209,7 @@ pub(crate) async fn completions(
         )?);
     }
     let requests = constrain(state, &validated, requests).await?;
-    start(state, Kind::Completion, id, model, validated, requests).await
+    start(state, Kind::Completion, id, model, validated, requests, origin).await
 }
 
 /// Compile the request's constraint (if any) off the runtime and attach a copy to every prompt.
@@ -210,9 +239,14 @@ async fn start(
     model: String,
     validated: Validated,
     requests: Vec<GenerateRequest>,
+    origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
     let mut streams = Vec::with_capacity(requests.len());
     for request in requests {
+        let request = match origin {
+            Origin::Http => request.with_priority(validated.priority),
+            Origin::Batch => request.with_priority(validated.priority).in_background(),
+        };
         let prompt_len = request.prompt_token_ids().len();
         streams.push((state.engine.generate(request)?, prompt_len));
     }

@@ -55,6 +55,8 @@ pub struct CommonFields {
     pub include_stop_str_in_output: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// vLLM extension: lower is served first under `--scheduling-policy priority`.
+    pub priority: Option<i64>,
 }
 
 /// `POST /v1/chat/completions`.

@@ -641,11 +641,11 @@ async fn dispatch(
     match route {
         Route::ChatCompletions => {
             let body = read_json_body(req, &state.cfg).await?;
-            handlers::chat_completions(state, &body).await
+            handlers::chat_completions(state, &body, handlers::Origin::Http).await
         }
         Route::Completions => {
             let body = read_json_body(req, &state.cfg).await?;
-            handlers::completions(state, &body).await
+            handlers::completions(state, &body, handlers::Origin::Http).await
         }
         Route::Tokenize => {
             let body = read_json_body(req, &state.cfg).await?;

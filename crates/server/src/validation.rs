@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 pub use spindle_engine::ModelLimits;
-use spindle_engine::{GenerateRequest, RequestError, SamplingParams};
+use spindle_engine::{GenerateRequest, RequestError, SamplingParams, SchedulingPolicy};
 
 use crate::error::ApiError;
 use crate::protocol::{ChatCompletionRequest, CommonFields, CompletionRequest};
@@ -47,6 +47,8 @@ pub struct Validated {
     pub constraint: Option<crate::structured::RequestedConstraint>,
     /// Forced tool calls (`tool_choice` `required` or named); the constraint makes them valid.
     pub tools: Option<crate::tools::ToolMode>,
+    /// `priority` (0 unless the priority policy is on).
+    pub priority: i32,
 }
 
 /// Parse a JSON body into `T`. On a type error the offending top-level field is found by
@@ -94,6 +96,7 @@ pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<Strin
 pub fn chat_params(
     req: &ChatCompletionRequest,
     limits: ModelLimits,
+    policy: SchedulingPolicy,
     tool_parser: Option<crate::tools::ToolParser>,
 ) -> Result<Validated, ApiError> {
     let top = match (req.logprobs, req.top_logprobs) {
@@ -119,7 +122,7 @@ pub fn chat_params(
         "max_tokens"
     };
     let tools = crate::tools::tool_mode(req, tool_parser)?;
-    let mut v = common_params(&req.common, limits, top, max_tokens, param)?;
+    let mut v = common_params(&req.common, limits, policy, top, max_tokens, param)?;
     if let Some(spec) = tools.as_ref().and_then(|m| m.constraint()) {
         v.constraint = Some(crate::structured::RequestedConstraint {
             spec,
@@ -134,6 +137,7 @@ pub fn chat_params(
 pub fn completion_params(
     req: &CompletionRequest,
     limits: ModelLimits,
+    policy: SchedulingPolicy,
 ) -> Result<Validated, ApiError> {
     if req.echo == Some(true) {
         return Err(ApiError::invalid_param(
@@ -160,6 +164,7 @@ pub fn completion_params(
     let mut v = common_params(
         &req.common,
         limits,
+        policy,
         top,
         req.common.max_tokens,
         "max_tokens",
@@ -197,6 +202,7 @@ fn finite(param: &str, v: f64) -> Result<f64, ApiError> {
 fn common_params(
     c: &CommonFields,
     limits: ModelLimits,
+    policy: SchedulingPolicy,
     logprobs: Option<usize>,
     max_tokens: Option<i64>,
     max_tokens_param: &str,
@@ -382,7 +388,27 @@ fn common_params(
         continuous_usage,
         constraint,
         tools: None,
+        priority: priority(c.priority, policy)?,
     })
+}
+
+/// `priority`: any 32-bit integer under the priority policy; under FCFS only 0, as in vLLM
+/// (a silently ignored priority would hide a misconfigured server).
+fn priority(value: Option<i64>, policy: SchedulingPolicy) -> Result<i32, ApiError> {
+    let Some(v) = value else { return Ok(0) };
+    let v = i32::try_from(v).map_err(|_| {
+        ApiError::invalid_param(
+            "priority",
+            format!("`priority` must be a 32-bit integer, got {v}."),
+        )
+    })?;
+    if v != 0 && policy != SchedulingPolicy::Priority {
+        return Err(ApiError::invalid_param(
+            "priority",
+            format!("Got priority {v} but priority scheduling is not enabled; start the server with --scheduling-policy priority."),
+        ));
+    }
+    Ok(v)
 }
 
 fn token_id(param: &str, id: i64, vocab: usize) -> Result<u32, ApiError> {
@@ -642,12 +668,29 @@ mod tests {
 
     fn chat(body: Value) -> Result<Validated, ApiError> {
         let req: ChatCompletionRequest = parse_json(body.to_string().as_bytes())?;
-        chat_params(&req, LIMITS, None)
+        chat_params(&req, LIMITS, SchedulingPolicy::Fcfs, None)
     }
 
     fn completion(body: Value) -> Result<Validated, ApiError> {
         let req: CompletionRequest = parse_json(body.to_string().as_bytes())?;
-        completion_params(&req, LIMITS)
+        completion_params(&req, LIMITS, SchedulingPolicy::Fcfs)
+    }
+
+    #[test]
+    fn priority_needs_the_priority_policy() {
+        assert_eq!(chat(json!({"messages": [], "priority": 0})).unwrap().priority, 0);
+        let e = chat(json!({"messages": [], "priority": 3})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("priority"));
+        assert!(e.message.contains("--scheduling-policy priority"), "{}", e.message);
+        let req: CompletionRequest =
+            parse_json(json!({"prompt": "x", "priority": -7}).to_string().as_bytes()).unwrap();
+        let v = completion_params(&req, LIMITS, SchedulingPolicy::Priority).unwrap();
+        assert_eq!(v.priority, -7);
+        let req: CompletionRequest =
+            parse_json(json!({"prompt": "x", "priority": 1u64 << 40}).to_string().as_bytes())
+                .unwrap();
+        let e = completion_params(&req, LIMITS, SchedulingPolicy::Priority).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("priority"));
     }
 
     #[test]
