@@ -4,6 +4,7 @@
 //! depends on the engine and model crates, never the reverse.
 
 pub mod auth;
+pub mod batch;
 pub mod embeddings;
 pub mod error;
 pub mod generation;
