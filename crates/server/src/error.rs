@@ -88,6 +88,7 @@ impl ApiError {
             StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowedError",
+            StatusCode::CONFLICT => "ConflictError",
             StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
             StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLargeError",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaTypeError",
@@ -166,4 +167,7 @@ pub enum ServerError {
     /// The configuration is unusable (e.g. no served model name).
     #[error("invalid server configuration: {0}")]
     Config(String),
+    /// The batch store cannot be opened (its data directory is unusable or locked).
+    #[error("batch store: {0}")]
+    Batch(#[from] crate::batch::store::StoreError),
 }

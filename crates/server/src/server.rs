@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Reported in `vllm:cache_config_info`.
     pub gpu_memory_utilization: f32,
+    /// The Batch API (`/v1/files`, `/v1/batches`) and its store; `None` turns it off.
+    pub batch: Option<crate::batch::BatchConfig>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +100,7 @@ impl Default for ServerConfig {
             stall_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             gpu_memory_utilization: 0.9,
+            batch: None,
         }
     }
 }
@@ -117,6 +120,8 @@ pub(crate) struct AppState {
     /// Compiles structured-output constraints for this model's vocabulary (`None` for
     /// embedding models, or when the tokenizer cannot be turned into a token trie).
     pub(crate) compiler: Option<Arc<GrammarCompiler>>,
+    /// The Batch API's store and runner wake-up (`None` when it is off).
+    pub(crate) batches: Option<Arc<crate::batch::Batches>>,
 }
 
 /// Every response body: a buffered one, or an SSE stream tied to engine requests.
@@ -184,6 +189,36 @@ impl Server {
         engine: EngineHandle,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServerError> {
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local_addr = listener.local_addr()?;
+        let state = Arc::new(AppState::build(config, engine, metrics).await?);
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl AppState {
+    /// Everything requests share: the compiled chat template, cache metrics, the grammar
+    /// compiler and the batch store. `spindle run-batch` builds one without a listener.
+    pub(crate) async fn build(
+        config: ServerConfig,
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<AppState, ServerError> {
         if config.served_model_names.is_empty() {
             return Err(ServerError::Config(
                 "at least one served model name is required".into(),
@@ -219,14 +254,16 @@ impl Server {
             gpu_memory_utilization: config.gpu_memory_utilization,
         });
         let fingerprint = fingerprint(&config.model_root, &info.dtype, &info.device);
-        let addr = format!("{}:{}", config.host, config.port);
-        let listener = TcpListener::bind((config.host.as_str(), config.port))
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local_addr = listener.local_addr()?;
+        let batches = match &config.batch {
+            Some(cfg) => {
+                let cfg = cfg.clone();
+                let opened = tokio::task::spawn_blocking(move || crate::batch::Batches::open(cfg))
+                    .await
+                    .map_err(|e| ServerError::Config(format!("opening the batch store: {e}")))?;
+                Some(Arc::new(opened?))
+            }
+            None => None,
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -248,7 +285,7 @@ impl Server {
                 }
             }
         };
-        let state = Arc::new(AppState {
+        Ok(AppState {
             cfg: config,
             engine,
             metrics,
@@ -258,19 +295,12 @@ impl Server {
             fingerprint,
             shutting_down: AtomicBool::new(false),
             compiler,
-        });
-        Ok(Self {
-            listener,
-            local_addr,
-            state,
+            batches,
         })
     }
+}
 
-    /// The address actually bound.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
+impl Server {
     /// Serve until `shutdown` resolves; then stop accepting, let in-flight requests finish for
     /// up to `shutdown_timeout`, and cut the rest (which aborts their engine requests).
     pub async fn serve<F>(self, shutdown: F) -> Result<(), ServerError>
@@ -291,6 +321,12 @@ impl Server {
         builder.http2().timer(TokioTimer::new());
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
+        // Batch jobs run in the background for the server's life; a line in flight at shutdown
+        // stays pending in the store and runs again after the restart.
+        let batch_runner = state
+            .batches
+            .clone()
+            .map(|b| tokio::spawn(crate::batch::runner::run(state.clone(), b)));
         tracing::info!(%local_addr, "listening");
 
         let mut shutdown = std::pin::pin!(shutdown);
@@ -341,6 +377,9 @@ impl Server {
 
         state.shutting_down.store(true, Ordering::SeqCst);
         drop(listener);
+        if let Some(runner) = batch_runner {
+            runner.abort();
+        }
         let timeout = state.cfg.shutdown_timeout;
         tracing::info!(
             open_connections = connections.len(),
@@ -402,6 +441,22 @@ pub(crate) enum Route {
     Embeddings,
     Rerank,
     Score,
+    Files,
+    File,
+    FileContent,
+    Batches,
+    Batch,
+    BatchCancel,
+}
+
+/// The id in `/v1/{collection}/{id}` or `/v1/{collection}/{id}/{action}`.
+fn path_id<'a>(path: &'a str, collection: &str) -> Option<(&'a str, Option<&'a str>)> {
+    let rest = path.strip_prefix(collection)?.strip_prefix('/')?;
+    let (id, action) = match rest.split_once('/') {
+        Some((id, action)) => (id, Some(action)),
+        None => (rest, None),
+    };
+    (!id.is_empty()).then_some((id, action))
 }
 
 impl Route {
@@ -418,8 +473,16 @@ impl Route {
             "/v1/embeddings" => Route::Embeddings,
             "/v1/rerank" | "/rerank" | "/v2/rerank" => Route::Rerank,
             "/v1/score" | "/score" => Route::Score,
+            "/v1/files" => Route::Files,
+            "/v1/batches" => Route::Batches,
             p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => Route::Model,
-            _ => return None,
+            p => match (path_id(p, "/v1/files"), path_id(p, "/v1/batches")) {
+                (Some((_, None)), _) => Route::File,
+                (Some((_, Some("content"))), _) => Route::FileContent,
+                (_, Some((_, None))) => Route::Batch,
+                (_, Some((_, Some("cancel")))) => Route::BatchCancel,
+                _ => return None,
+            },
         })
     }
 
@@ -437,36 +500,41 @@ impl Route {
             Route::Embeddings => "/v1/embeddings",
             Route::Rerank => "/v1/rerank",
             Route::Score => "/v1/score",
+            Route::Files => "/v1/files",
+            Route::File => "/v1/files/{file_id}",
+            Route::FileContent => "/v1/files/{file_id}/content",
+            Route::Batches => "/v1/batches",
+            Route::Batch => "/v1/batches/{batch_id}",
+            Route::BatchCancel => "/v1/batches/{batch_id}/cancel",
         }
     }
 
-    fn is_post(self) -> bool {
-        matches!(
-            self,
-            Route::ChatCompletions
-                | Route::Completions
-                | Route::Tokenize
-                | Route::Detokenize
-                | Route::Embeddings
-                | Route::Rerank
-                | Route::Score
-        )
-    }
-
     fn allow(self) -> &'static str {
-        if self.is_post() {
-            "POST, OPTIONS"
-        } else {
-            "GET, HEAD, OPTIONS"
+        match self {
+            Route::ChatCompletions
+            | Route::Completions
+            | Route::Tokenize
+            | Route::Detokenize
+            | Route::Embeddings
+            | Route::Rerank
+            | Route::Score
+            | Route::BatchCancel => "POST, OPTIONS",
+            Route::Files | Route::Batches => "GET, HEAD, POST, OPTIONS",
+            Route::File => "GET, HEAD, DELETE, OPTIONS",
+            Route::Models
+            | Route::Model
+            | Route::Health
+            | Route::Version
+            | Route::Metrics
+            | Route::FileContent
+            | Route::Batch => "GET, HEAD, OPTIONS",
         }
     }
 
     fn method_ok(self, m: &Method) -> bool {
-        if self.is_post() {
-            m == Method::POST
-        } else {
-            m == Method::GET || m == Method::HEAD
-        }
+        self.allow()
+            .split(", ")
+            .any(|allowed| allowed != "OPTIONS" && allowed == m.as_str())
     }
 }
 
@@ -635,10 +703,31 @@ async fn dispatch(
             .insert(header::ALLOW, HeaderValue::from_static(route.allow()));
         return Ok(r);
     }
-    if state.shutting_down.load(Ordering::SeqCst) && route.is_post() {
+    let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
+    if state.shutting_down.load(Ordering::SeqCst) && !read_only {
         return Err(ApiError::shutting_down());
     }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let file_id = || path_id(&path, "/v1/files").map_or("", |(id, _)| id);
+    let batch_id = || path_id(&path, "/v1/batches").map_or("", |(id, _)| id);
     match route {
+        Route::Files if req.method() == Method::POST => {
+            crate::batch::http::create_file(state, req).await
+        }
+        Route::Files => crate::batch::http::list_files(state, query.as_deref()).await,
+        Route::File if req.method() == Method::DELETE => {
+            crate::batch::http::delete_file(state, file_id()).await
+        }
+        Route::File => crate::batch::http::get_file(state, file_id()).await,
+        Route::FileContent => crate::batch::http::file_content(state, file_id()).await,
+        Route::Batches if req.method() == Method::POST => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::batch::http::create_batch(state, &body).await
+        }
+        Route::Batches => crate::batch::http::list_batches(state, query.as_deref()).await,
+        Route::Batch => crate::batch::http::get_batch(state, batch_id()).await,
+        Route::BatchCancel => crate::batch::http::cancel_batch(state, batch_id()).await,
         Route::ChatCompletions => {
             let body = read_json_body(req, &state.cfg).await?;
             handlers::chat_completions(state, &body, handlers::Origin::Http).await
@@ -682,7 +771,6 @@ async fn dispatch(
 /// over the limit is refused before reading, and the limit also applies while streaming
 /// (chunked). A body that does not arrive within `body_read_timeout` is a 408 (slowloris).
 async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
-    let max = cfg.max_body_bytes;
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or("").trim();
@@ -693,6 +781,16 @@ async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<By
             ));
         }
     }
+    read_body(req, cfg.max_body_bytes, cfg.body_read_timeout).await
+}
+
+/// Read a whole request body of at most `max` bytes (413 above, checked against
+/// `Content-Length` first and while reading), within `timeout` (408 after).
+pub(crate) async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -710,7 +808,7 @@ async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<By
         }
     }
     let collected = tokio::time::timeout(
-        cfg.body_read_timeout,
+        timeout,
         Limited::new(req.into_body(), max).collect(),
     )
     .await
@@ -719,7 +817,7 @@ async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<By
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "The request body was not received within {} s.",
-                cfg.body_read_timeout.as_secs_f64()
+                timeout.as_secs_f64()
             ),
         )
     })?;

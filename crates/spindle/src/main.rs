@@ -1,9 +1,11 @@
 //! `spindle`: the command line. `serve` runs the OpenAI-compatible server, `generate` runs one
-//! prompt without HTTP, `bench` drives a running server.
+//! prompt without HTTP, `bench` drives a running server, `run-batch` runs a
+//! file of batch requests offline.
 
 mod bench;
 mod generate;
 mod logging;
+mod run_batch;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Benchmark any OpenAI-compatible server (like `vllm bench serve`).
     Bench(bench::BenchArgs),
+    /// Run a JSONL file of OpenAI batch requests offline, without a server (like `vllm run-batch`).
+    RunBatch(Box<run_batch::RunBatchArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::RunBatch(args) => run_batch::run(*args),
     }
 }

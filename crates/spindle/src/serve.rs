@@ -118,6 +118,18 @@ pub struct ServeArgs {
     /// Refuse new requests with 429 while this many wait (0 = unbounded).
     #[arg(long, default_value_t = 0)]
     pub max_waiting_requests: usize,
+    /// Where batch jobs (uploaded files, batches, results) are stored; one server per
+    /// directory. Default: $SPINDLE_DATA_DIR, else $XDG_DATA_HOME/spindle, else
+    /// ~/.local/share/spindle.
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Largest file accepted by /v1/files (413 above); suffixes as for --kv-cache-memory.
+    /// Default 200MiB.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_batch_file_size: Option<u64>,
+    /// Lines of a batch job handed to the engine at once (they run after interactive requests).
+    #[arg(long, default_value_t = spindle_server::batch::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_batch_in_flight: usize,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -428,6 +440,70 @@ async fn shutdown_signal() {
 /// drain in-flight requests (up to --shutdown-timeout), stop the engine, exit 0.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::logging::init(args.log_format == "json");
+    let Started {
+        engine,
+        metrics,
+        server_config,
+        model,
+    } = start(&args, true)?;
+    let info = engine.model_info().clone();
+    let capacity = match engine.model_kind() {
+        ModelKind::Generate => format!(
+            "KV capacity {} tokens",
+            engine.stats().kv_capacity_tokens.load(Ordering::Relaxed)
+        ),
+        ModelKind::Embed { dimensions } => format!("embedding model, {dimensions} dimensions"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spindle-http")
+        .build()
+        .context("starting the async runtime")?;
+    let served = runtime.block_on(async {
+        let server = Server::bind(server_config, engine.clone(), metrics).await?;
+        tracing::info!(
+            "serving {model} ({}, {}, {}, {capacity}, max model len {}) on {}",
+            info.architecture,
+            info.dtype,
+            info.device,
+            info.max_model_len,
+            server.local_addr()
+        );
+        // Stop on a signal, or when the engine dies (panic, error, hang): then drain (in-flight
+        // requests have already failed) and exit non-zero so an orchestrator restarts us.
+        let watched = engine.clone();
+        server
+            .serve(async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = watched.wait_dead() => tracing::error!("the engine died; shutting down"),
+                }
+            })
+            .await
+    });
+    // Checked before our own shutdown below marks the engine dead too.
+    let death = engine.death_reason();
+    engine.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    served.map_err(|e| anyhow!("{e}"))?;
+    if let Some(reason) = death {
+        bail!("the engine died: {reason}");
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// A loaded engine and the server settings from the flags.
+pub(crate) struct Started {
+    pub engine: spindle_engine::EngineHandle,
+    pub metrics: Arc<Metrics>,
+    pub server_config: ServerConfig,
+    pub model: String,
+}
+
+/// Check the flags, load the model on the engine thread and build the server settings (with
+/// the Batch API's store settings when `with_batch_api`).
+pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<Started> {
     args.check_vllm_flags()?;
 
     let model = args.model_path()?;
@@ -542,13 +618,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine.shutdown();
         return Err(e);
     }
-    let info = engine.model_info().clone();
-    let capacity = match engine.model_kind() {
-        ModelKind::Generate => format!(
-            "KV capacity {} tokens",
-            engine.stats().kv_capacity_tokens.load(Ordering::Relaxed)
-        ),
-        ModelKind::Embed { dimensions } => format!("embedding model, {dimensions} dimensions"),
+    let batch = if with_batch_api {
+        let data_dir = match &args.data_dir {
+            Some(d) => std::path::PathBuf::from(d),
+            None => default_data_dir()?,
+        };
+        let max_file = match args.max_batch_file_size {
+            Some(v) => to_usize("max-batch-file-size", v)?,
+            None => spindle_server::batch::DEFAULT_MAX_FILE_BYTES,
+        };
+        if args.max_batch_in_flight == 0 {
+            bail!("--max-batch-in-flight must be positive");
+        }
+        Some(spindle_server::batch::BatchConfig {
+            data_dir,
+            max_file_bytes: max_file,
+            max_in_flight: args.max_batch_in_flight,
+        })
+    } else {
+        None
     };
     let server_config = ServerConfig {
         host: args.host.clone(),
@@ -570,45 +658,31 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         stall_timeout,
         shutdown_timeout,
         gpu_memory_utilization: args.gpu_memory_utilization,
+        batch,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("spindle-http")
-        .build()
-        .context("starting the async runtime")?;
-    let served = runtime.block_on(async {
-        let server = Server::bind(server_config, engine.clone(), metrics).await?;
-        tracing::info!(
-            "serving {model} ({}, {}, {}, {capacity}, max model len {}) on {}",
-            info.architecture,
-            info.dtype,
-            info.device,
-            info.max_model_len,
-            server.local_addr()
-        );
-        // Stop on a signal, or when the engine dies (panic, error, hang): then drain (in-flight
-        // requests have already failed) and exit non-zero so an orchestrator restarts us.
-        let watched = engine.clone();
-        server
-            .serve(async move {
-                tokio::select! {
-                    _ = shutdown_signal() => {}
-                    _ = watched.wait_dead() => tracing::error!("the engine died; shutting down"),
-                }
-            })
-            .await
-    });
-    // Checked before our own shutdown below marks the engine dead too.
-    let death = engine.death_reason();
-    engine.shutdown();
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    served.map_err(|e| anyhow!("{e}"))?;
-    if let Some(reason) = death {
-        bail!("the engine died: {reason}");
+    Ok(Started {
+        engine,
+        metrics,
+        server_config,
+        model,
+    })
+}
+
+/// Where batch jobs are stored when `--data-dir` is not given: `$SPINDLE_DATA_DIR`, else
+/// `$XDG_DATA_HOME/spindle`, else `~/.local/share/spindle`.
+fn default_data_dir() -> anyhow::Result<std::path::PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = var("SPINDLE_DATA_DIR") {
+        return Ok(d.into());
     }
-    tracing::info!("shut down cleanly");
-    Ok(())
+    if let Some(d) = var("XDG_DATA_HOME") {
+        return Ok(std::path::PathBuf::from(d).join("spindle"));
+    }
+    match var("HOME") {
+        Some(h) => Ok(std::path::PathBuf::from(h).join(".local/share/spindle")),
+        None => bail!("no --data-dir given and neither SPINDLE_DATA_DIR, XDG_DATA_HOME nor HOME is set"),
+    }
 }
 
 /// `--runner` / `--convert` against what the model turned out to be.
