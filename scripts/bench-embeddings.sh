@@ -25,7 +25,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 NO_COLOR=1 target/release/spindle serve --model "$MODEL" --served-model-name minilm \
-    --host 127.0.0.1 --port "$PORT" >"$OUT/server.log" 2>&1 &
+    --host 127.0.0.1 --port "$PORT" --data-dir "$OUT/data" >"$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

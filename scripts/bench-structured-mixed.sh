@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PORT=8441
-NO_COLOR=1 target/release/spindle serve --host 127.0.0.1 --port $PORT --kv-cache-memory 1GiB > ${TMPDIR:-/tmp}/mixed-serve.log 2>&1 &
+NO_COLOR=1 target/release/spindle serve --host 127.0.0.1 --port $PORT --kv-cache-memory 1GiB --data-dir "$(mktemp -d)" > ${TMPDIR:-/tmp}/mixed-serve.log 2>&1 &
 S=$!
 trap 'kill $S; wait $S 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 0.5; done

@@ -213,7 +213,7 @@ stop_server
 wait_idle
 log "spindle serve on port $SPINDLE_PORT"
 # shellcheck disable=SC2086
-"${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
+"${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" \
     ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/spindle.log" 2>&1 &
 SERVER_PID=$!
 wait_ready "$SPINDLE_PORT" /health

@@ -151,7 +151,7 @@ bench() {
     say "starting spindle serve (Llama-3.1-8B shape, dummy weights) on port $port ..."
     "$SPINDLE" serve --model "$BUNDLE/models/configs/llama-3.1-8b.json" --load-format dummy --device cuda \
         --served-model-name llama-8b-dummy --port "$port" --host 127.0.0.1 --max-model-len 4096 \
-        --max-num-seqs 256 >"$log" 2>&1 &
+        --max-num-seqs 256 --data-dir "$OUT_DIR/data" >"$log" 2>&1 &
     local server=$!
     local deadline=$((SECONDS + ${SPINDLE_SERVER_START_TIMEOUT:-900}))
     until python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do

@@ -134,7 +134,7 @@ start_server() {
     # The open servers must not pick up a key from the caller's environment.
     env -u SPINDLE_API_KEY -u VLLM_API_KEY NO_COLOR=1 "$BIN" serve \
         --host 127.0.0.1 --port "$port" \
-        --shutdown-timeout 5 \
+        --shutdown-timeout 5 --data-dir "$WORK/$name-data" \
         "$@" >"$WORK/$name.log" 2>&1 &
     PIDS+=("$!")
     NAMES+=("$name")

@@ -110,6 +110,8 @@ fn bench_serve_matches_server_metrics() {
             "--max-model-len",
             "2048",
         ])
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join(format!("spindle-bench-test-{port}")))
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("clone log handle"))
         .stderr(log_file)

@@ -563,3 +563,65 @@ fn a_stop_token_id_releases_held_back_text() {
     assert_eq!(out.stop_reasons[0], Some(StopReason::TokenId(t2)));
     assert_eq!(out.texts[0], first);
 }
+
+#[test]
+fn an_interactive_request_starts_in_the_next_step_while_background_work_fills_the_engine() {
+    let recorder = Arc::new(Recorder::default());
+    let mut cfg = config(256 << 20);
+    cfg.max_num_seqs = 8;
+    cfg.observer = Some(recorder.clone());
+    let engine = spawn(cfg);
+    let long = SamplingParams {
+        max_tokens: Some(160),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    // Twice as many background requests as there are slots: the engine is full and more wait.
+    let background: Vec<(String, RequestStream)> = prompts(16)
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let id = format!("bg-{i}");
+            let ids = engine.tokenizer().encode(text, true).expect("encode");
+            let request = GenerateRequest::new(&id, ids, long.clone(), engine.limits())
+                .expect("valid")
+                .in_background();
+            (id, engine.generate(request).expect("submit"))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.stats().num_running.load(std::sync::atomic::Ordering::Relaxed) < 8 {
+        assert!(Instant::now() < deadline, "background work never filled the engine");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let steps_before = recorder.0.lock().unwrap().last().map_or(0, |t| t.step);
+    let short = SamplingParams {
+        max_tokens: Some(8),
+        ..SamplingParams::default()
+    };
+    let interactive = collect(request(&engine, "interactive", "The capital of France is", short));
+    assert_eq!(interactive.usage.completion_tokens, 8);
+    let first = recorder
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|t| t.request_ids.iter().any(|r| r == "interactive"))
+        .cloned()
+        .expect("the interactive request ran");
+    // Submitted while step `steps_before + 1` may have been running: it is scheduled by the
+    // next one, taking a slot from background work.
+    assert!(
+        first.step <= steps_before + 2,
+        "interactive request first ran in step {}, submitted after step {steps_before}",
+        first.step
+    );
+    assert!(first.num_preempted >= 1, "a background sequence yields its slot");
+    // Every background request still completes in full (preempted ones are recomputed).
+    for (id, stream) in background {
+        let out = collect(stream);
+        assert_eq!(out.usage.completion_tokens, 160, "{id}");
+    }
+    wait_idle(&engine);
+}

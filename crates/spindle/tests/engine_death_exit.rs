@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 const MARKER: &str = "ZQX-EXIT-MARKER";
 
+/// Each server gets its own batch data directory (one server per directory).
+static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn model_path() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -48,6 +51,12 @@ fn serve(fault: &str, extra: &[&str]) -> (Served, String, mpsc::Receiver<String>
             "512",
         ])
         .args(["--kv-cache-memory", "64MiB", "--served-model-name", "m"])
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join(format!(
+            "spindle-death-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )))
         .args(extra)
         .env("SPINDLE_FAULT_INJECT", fault)
         .env("RUST_LOG", "info")
