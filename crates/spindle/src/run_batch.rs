@@ -32,6 +32,9 @@ pub fn run(args: RunBatchArgs) -> anyhow::Result<()> {
     crate::logging::init(args.serve.log_format == "json");
     let input = std::fs::read_to_string(&args.input_file)
         .with_context(|| format!("reading {}", args.input_file))?;
+    let requests = spindle_server::batch::offline::check_input(&input)
+        .map_err(|e| anyhow!("{}: {e}", args.input_file))?;
+    tracing::info!(requests, input = %args.input_file, "batch input checked");
     let Started {
         engine,
         metrics,

@@ -81,6 +81,12 @@ fn parse_lines(text: &str) -> Result<Vec<OfflineLine>, OfflineBatchError> {
     Ok(lines)
 }
 
+/// Check `input` without running it (so a bad file is refused before a model loads); returns
+/// the number of requests.
+pub fn check_input(input: &str) -> Result<usize, OfflineBatchError> {
+    parse_lines(input).map(|l| l.len())
+}
+
 /// Run every line of `input` with up to `concurrency` in the engine at once; `progress` is
 /// called with (done, total) as lines finish. Returns the output lines in input order.
 pub async fn run_batch_file(
