@@ -303,7 +303,68 @@ fn catalogue() -> Vec<Case> {
         c("rerank alias, body is an array", Send::Raw(post_bytes("/rerank", b"[1]")), bad(400)),
         c("score on a generative model", Send::Raw(post_bytes("/v1/score", json!({"text_1": "a", "text_2": "b"}).to_string().as_bytes())), bad(400)),
         c("score alias, text_1 of wrong type", Send::Raw(post_bytes("/score", json!({"text_1": 5, "text_2": "b"}).to_string().as_bytes())), bad(400)),
+        // --- Scheduling ---
+        c("priority under the fcfs policy", completion(json!({"prompt": "x", "priority": 5})), param(400, "priority")),
+        c("priority out of 32-bit range", completion(json!({"prompt": "x", "priority": 1u64 << 40})), param(400, "priority")),
+        // --- Batch API: files ---
+        c("upload as JSON", Send::Raw(post_bytes("/v1/files", b"{}")), bad(415)),
+        c("upload multipart without boundary", Send::Raw(upload_bytes("multipart/form-data", b"x")), bad(415)),
+        c("upload truncated multipart", Send::Raw(upload_bytes(MULTIPART, b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbat")), bad(400)),
+        c("upload without purpose", Send::Raw(upload_bytes(MULTIPART, &form(&[("file", Some("a.jsonl"), b"{}")]))), param(400, "purpose")),
+        c("upload with purpose fine-tune", Send::Raw(upload_bytes(MULTIPART, &form(&[("purpose", None, b"fine-tune"), ("file", Some("a"), b"{}")]))), param(400, "purpose")),
+        c("upload without file", Send::Raw(upload_bytes(MULTIPART, &form(&[("purpose", None, b"batch")]))), param(400, "file")),
+        c("upload over --max-batch-file-size", Send::Raw(upload_bytes(MULTIPART, &form(&[("purpose", None, b"batch"), ("file", Some("big"), &vec![b'x'; MAX_BATCH_FILE + 1])]))), bad(413)),
+        c("unknown file", Send::Raw(head("GET", "/v1/files/file-nope", "", None)), param(404, "id")),
+        c("unknown file content", Send::Raw(head("GET", "/v1/files/file-nope/content", "", None)), param(404, "id")),
+        c("delete unknown file", Send::Raw(head("DELETE", "/v1/files/file-nope", "", None)), param(404, "id")),
+        c("files limit 0", Send::Raw(head("GET", "/v1/files?limit=0", "", None)), param(400, "limit")),
+        c("files order sideways", Send::Raw(head("GET", "/v1/files?order=sideways", "", None)), param(400, "order")),
+        c("unknown file action", Send::Raw(head("GET", "/v1/files/file-x/unknown", "", None)), bad(404)),
+        // --- Batch API: batches ---
+        c("batch invalid JSON", Send::Raw(post_bytes("/v1/batches", b"{nope")), bad(400)),
+        c("batch without input_file_id", Send::Raw(post_bytes("/v1/batches", json!({"endpoint": "/v1/completions", "completion_window": "24h"}).to_string().as_bytes())), param(400, "input_file_id")),
+        c("batch on an unknown file", Send::Raw(post_bytes("/v1/batches", json!({"input_file_id": "file-nope", "endpoint": "/v1/completions", "completion_window": "24h"}).to_string().as_bytes())), param(404, "input_file_id")),
+        c("batch endpoint /v1/responses", Send::Raw(post_bytes("/v1/batches", json!({"input_file_id": "f", "endpoint": "/v1/responses", "completion_window": "24h"}).to_string().as_bytes())), param(400, "endpoint")),
+        c("batch embeddings on a generative model", Send::Raw(post_bytes("/v1/batches", json!({"input_file_id": "f", "endpoint": "/v1/embeddings", "completion_window": "24h"}).to_string().as_bytes())), param(400, "endpoint")),
+        c("batch completion_window 1h", Send::Raw(post_bytes("/v1/batches", json!({"input_file_id": "f", "endpoint": "/v1/completions", "completion_window": "1h"}).to_string().as_bytes())), param(400, "completion_window")),
+        c("batch metadata with 17 keys", Send::Raw(post_bytes("/v1/batches", json!({"input_file_id": "f", "endpoint": "/v1/completions", "completion_window": "24h", "metadata": (0..17).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}).to_string().as_bytes())), param(400, "metadata")),
+        c("batches limit 1000", Send::Raw(head("GET", "/v1/batches?limit=1000", "", None)), param(400, "limit")),
+        c("unknown batch", Send::Raw(head("GET", "/v1/batches/batch_nope", "", None)), param(404, "id")),
+        c("cancel unknown batch", Send::Raw(post_bytes("/v1/batches/batch_nope/cancel", b"{}")), param(404, "id")),
+        c("PATCH a batch", Send::Raw(head("PATCH", "/v1/batches/batch_x", "", Some(0))), bad(405)),
     ]
+}
+
+/// Batch uploads' size limit in the catalogue's server.
+const MAX_BATCH_FILE: usize = 64 * 1024;
+const MULTIPART: &str = "multipart/form-data; boundary=B";
+
+/// A POST to /v1/files with this content type and body.
+fn upload_bytes(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = head(
+        "POST",
+        "/v1/files",
+        &format!("content-type: {content_type}\r\n"),
+        Some(body.len()),
+    );
+    r.extend_from_slice(body);
+    r
+}
+
+/// A multipart/form-data body with boundary `B`.
+fn form(fields: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in fields {
+        let disposition = match filename {
+            Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
+            None => format!("form-data; name=\"{name}\""),
+        };
+        body.extend_from_slice(format!("--B\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--B--\r\n");
+    body
 }
 
 /// Send one case and return the raw bytes the server answered with.
@@ -393,10 +454,15 @@ fn check(r: Option<&RawResponse>, expect: Expect) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_documented_errors_and_the_server_survives() {
     let (engine, metrics) = start_engine(|_| {});
+    let data_dir = std::env::temp_dir().join(format!("spindle-bad-input-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
     let s = TestServer::start(engine.clone(), metrics, |c| {
         c.max_body_bytes = MAX_BODY;
         c.header_read_timeout = HEADER_TIMEOUT;
         c.body_read_timeout = BODY_TIMEOUT;
+        let mut batch = spindle_server::batch::BatchConfig::new(&data_dir);
+        batch.max_file_bytes = MAX_BATCH_FILE;
+        c.batch = Some(batch);
     })
     .await;
     let cases = catalogue();
