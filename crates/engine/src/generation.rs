@@ -242,6 +242,10 @@ impl Core for GenerationCore {
             .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
         s.num_waiting
             .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+        s.num_waiting_background.store(
+            self.scheduler.num_waiting_background() as u64,
+            Ordering::Relaxed,
+        );
         s.kv_blocks_used
             .store(blocks.num_used_blocks() as u64, Ordering::Relaxed);
         let (queries, hits) = blocks.prefix_cache_stats();

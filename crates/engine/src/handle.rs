@@ -129,7 +129,8 @@ impl EngineHandle {
     /// returned stream yields deltas, then `Finished` or `Error`. Dropping the stream aborts the
     /// request and frees its KV blocks on the engine's next iteration.
     pub fn generate(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
-        self.submit(|id, events| EngineMessage::Generate {
+        let background = request.urgency().background;
+        self.submit(background, |id, events| EngineMessage::Generate {
             id,
             request,
             events,
@@ -139,23 +140,31 @@ impl EngineHandle {
     /// Submit an embedding request (embedding models only). The stream yields one
     /// `Embeddings` event, then `Finished` (or `Error`); dropping it aborts the request.
     pub fn embed(&self, request: EmbedRequest) -> Result<RequestStream, EngineError> {
-        self.submit(|id, events| EngineMessage::Embed {
+        self.submit(false, |id, events| EngineMessage::Embed {
             id,
             request,
             events,
         })
     }
 
+    /// Hand a request to the engine thread. `--max-waiting-requests` applies to interactive
+    /// requests and counts only interactive waiting ones: background work is bounded by its
+    /// feeder and must never cause a 429.
     fn submit(
         &self,
+        background: bool,
         message: impl FnOnce(u64, mpsc::UnboundedSender<EngineEvent>) -> EngineMessage,
     ) -> Result<RequestStream, EngineError> {
         if self.liveness.dead.load(Ordering::SeqCst) {
             return Err(EngineError::EngineDead(self.liveness.death_reason()));
         }
-        let waiting = self.stats.num_waiting_total();
-        if self.max_waiting_requests > 0 && waiting >= self.max_waiting_requests {
-            return Err(EngineError::QueueFull(waiting));
+        if self.max_waiting_requests > 0 && !background {
+            let waiting = self.stats.num_waiting_total().saturating_sub(
+                self.stats.num_waiting_background.load(Ordering::Relaxed) as usize,
+            );
+            if waiting >= self.max_waiting_requests {
+                return Err(EngineError::QueueFull(waiting));
+            }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();

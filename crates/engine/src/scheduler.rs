@@ -201,6 +201,14 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// Waiting sequences that are background work.
+    pub fn num_waiting_background(&self) -> usize {
+        self.waiting
+            .iter()
+            .filter(|id| self.seqs.get(id).is_some_and(|s| s.urgency.background))
+            .count()
+    }
+
     pub fn num_running(&self) -> usize {
         self.running.len()
     }

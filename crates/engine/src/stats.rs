@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct EngineStats {
     pub num_running: AtomicU64,
     pub num_waiting: AtomicU64,
+    /// Of `num_waiting`, background work (batch-job lines): it does not count against
+    /// `--max-waiting-requests`, which protects interactive clients.
+    pub num_waiting_background: AtomicU64,
     /// KV-cache blocks in use (cached-but-free blocks do not count), and the total.
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spindle_engine::{
-    Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestError,
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestError,
     RequestStream, SamplingParams, StepObserver, StepTrace, StopReason, Usage,
 };
 use spindle_model::LoadOptions;
@@ -623,5 +623,43 @@ fn an_interactive_request_starts_in_the_next_step_while_background_work_fills_th
         let out = collect(stream);
         assert_eq!(out.usage.completion_tokens, 160, "{id}");
     }
+    wait_idle(&engine);
+}
+
+#[test]
+fn background_work_does_not_count_against_max_waiting_requests() {
+    let mut cfg = config(128 << 20);
+    cfg.max_num_seqs = 1;
+    cfg.max_waiting_requests = 2;
+    let engine = spawn(cfg);
+    let params = SamplingParams {
+        max_tokens: Some(32),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let ids = engine.tokenizer().encode("Background", true).expect("encode");
+    let background: Vec<RequestStream> = (0..8)
+        .map(|i| {
+            let r = GenerateRequest::new(format!("bg-{i}"), ids.clone(), params.clone(), engine.limits())
+                .expect("valid")
+                .in_background();
+            engine.generate(r).expect("background work is never refused for the queue")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // Eight background requests wait, yet interactive ones are admitted (one runs, two wait)...
+    let mut interactive = Vec::new();
+    for i in 0..3 {
+        interactive.push(request(&engine, &format!("interactive-{i}"), "Hello", params.clone()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...until interactive requests themselves fill the queue.
+    let ids = engine.tokenizer().encode("Hello", true).expect("encode");
+    let fourth = GenerateRequest::new("interactive-3", ids, params, engine.limits()).expect("valid");
+    assert!(matches!(engine.generate(fourth), Err(EngineError::QueueFull(2))));
+    for s in interactive {
+        assert_eq!(collect(s).usage.completion_tokens, 32);
+    }
+    drop(background);
     wait_idle(&engine);
 }
