@@ -7,6 +7,9 @@ use spindle_model::LoadOptions;
 
 use crate::trace::StepObserver;
 
+/// Default of [`EngineConfig::background_share`] (measured in benches/RESULTS.md, issue 16).
+pub const DEFAULT_BACKGROUND_SHARE: f64 = 0.25;
+
 /// How the engine thread is set up. Defaults follow `vllm serve`.
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -17,6 +20,12 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Order of service (`--scheduling-policy fcfs|priority`); background work always goes last.
     pub scheduling_policy: crate::scheduler::SchedulingPolicy,
+    /// Background (batch-job) tokens allowed per interactive token in a step that runs both
+    /// (`--background-share`; at least one token): every background token makes that step, and
+    /// so every interactive token in it, slower, so with a step cost roughly linear in its tokens
+    /// interactive latency grows by at most about this fraction. With no interactive work,
+    /// background work gets the whole budget.
+    pub background_share: f64,
     /// Tokens per KV block (`--block-size`).
     pub block_size: usize,
     /// KV-cache size in bytes on CPU (`--kv-cache-memory`); `None` picks a default.
@@ -114,6 +123,7 @@ impl Default for EngineConfig {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             scheduling_policy: Default::default(),
+            background_share: DEFAULT_BACKGROUND_SHARE,
             block_size: 16,
             kv_cache_memory_bytes: None,
             gpu_memory_utilization: 0.9,

@@ -88,7 +88,8 @@ impl GenerationCore {
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.scheduling_policy,
-        );
+        )
+        .with_background_share(config.background_share);
         let tokenizer = Arc::new(loaded.tokenizer);
         let outputs =
             OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());

@@ -103,6 +103,9 @@ pub struct Urgency {
     pub priority: i32,
 }
 
+/// After interactive work pauses, background work stays at its share for this many steps.
+pub const BACKGROUND_GRACE_STEPS: usize = 8;
+
 /// A scheduling level: lower is served first.
 type Level = (bool, i32);
 
@@ -160,6 +163,11 @@ pub struct Scheduler {
     max_num_batched_tokens: usize,
     next_admission: u64,
     policy: SchedulingPolicy,
+    /// Background tokens allowed per interactive token in a step that runs both.
+    background_share: f64,
+    /// Steps since the last one with interactive work, and its interactive tokens.
+    steps_since_interactive: usize,
+    last_interactive_tokens: usize,
 }
 
 impl Scheduler {
@@ -178,7 +186,18 @@ impl Scheduler {
             max_num_batched_tokens: max_num_batched_tokens.max(1),
             next_admission: 0,
             policy,
+            background_share: f64::INFINITY,
+            steps_since_interactive: usize::MAX,
+            last_interactive_tokens: 0,
         }
+    }
+
+    /// In steps that also run interactive work, limit background work to `share` of the
+    /// interactive tokens (at least one token); the rest of the budget stays unused, keeping
+    /// those steps short. Unlimited by default.
+    pub fn with_background_share(mut self, share: f64) -> Self {
+        self.background_share = share.max(0.0);
+        self
     }
 
     /// The level a sequence is served at under this scheduler's policy.
@@ -320,12 +339,22 @@ impl Scheduler {
         levels.sort_unstable();
         levels.dedup();
         let mut admitting = true;
+        let mut interactive_tokens = None;
         for level in levels {
+            if level.0 && interactive_tokens.is_none() {
+                // Background levels come last: what is scheduled so far is interactive work.
+                let n = out.num_tokens();
+                interactive_tokens = Some(n);
+                if let Some(cap) = self.background_cap(n) {
+                    budget = budget.min(cap);
+                }
+            }
             self.schedule_running(&mut out, &mut budget, level);
             if admitting {
                 admitting = self.schedule_waiting(&mut out, &mut budget, level);
             }
         }
+        self.note_interactive(interactive_tokens.unwrap_or_else(|| out.num_tokens()));
         if out.scheduled.is_empty() && self.running.is_empty() {
             // Nothing fits although nothing runs: the head of the queue can never be admitted.
             let head = self
@@ -343,6 +372,30 @@ impl Scheduler {
             }
         }
         out
+    }
+
+    /// How many tokens background work may take in a step with `interactive` interactive
+    /// tokens: a share of them (at least one) while interactive work runs, and for a few steps
+    /// after it paused (a client's next request is usually on its way, and must not wait
+    /// behind a full-budget background step); `None` (the whole budget) otherwise.
+    fn background_cap(&self, interactive: usize) -> Option<usize> {
+        let share = |n: usize| ((n as f64 * self.background_share).ceil() as usize).max(1);
+        if interactive > 0 {
+            Some(share(interactive))
+        } else if self.steps_since_interactive < BACKGROUND_GRACE_STEPS {
+            Some(share(self.last_interactive_tokens))
+        } else {
+            None
+        }
+    }
+
+    fn note_interactive(&mut self, interactive: usize) {
+        if interactive > 0 {
+            self.steps_since_interactive = 0;
+            self.last_interactive_tokens = interactive;
+        } else {
+            self.steps_since_interactive = self.steps_since_interactive.saturating_add(1);
+        }
     }
 
     /// The running sequence to preempt: not scheduled this step, at a level no more urgent than

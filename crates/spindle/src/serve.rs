@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// run after interactive requests, under either policy.
     #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
     pub scheduling_policy: String,
+    /// Batch-job tokens allowed per interactive token in an engine step that runs both (at
+    /// least one): interactive latency grows by at most about this fraction while batch jobs
+    /// run. With no interactive request running, batch jobs get the whole step.
+    #[arg(long, default_value_t = spindle_engine::config::DEFAULT_BACKGROUND_SHARE)]
+    pub background_share: f64,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -587,6 +592,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
             "priority" => SchedulingPolicy::Priority,
             _ => SchedulingPolicy::Fcfs,
         },
+        background_share: args.background_share,
         block_size: args.block_size,
         kv_cache_memory_bytes: args.kv_cache_memory,
         gpu_memory_utilization: args.gpu_memory_utilization,

@@ -425,3 +425,24 @@ fn under_the_priority_policy_a_running_sequence_preempts_the_least_urgent_first(
     assert_eq!(preempted.first(), Some(&1), "priority 9 yields first");
     assert!(!preempted.contains(&2), "the most urgent sequence is never preempted");
 }
+
+#[test]
+fn background_work_gets_only_its_share_of_steps_that_run_interactive_work() {
+    let mut s = scheduler(64, 16, 64, false).with_background_share(0.5);
+    for id in 1..=4 {
+        s.add(id, prompt(10 * id as u32, 3), BACKGROUND);
+    }
+    // Alone, background work uses the whole budget.
+    assert_eq!(run_step(&mut s).num_tokens(), 12);
+    // Half the interactive tokens: 3 beside a 5-token prompt, then at least 1 beside a decode.
+    s.add(9, prompt(200, 5), Urgency::default());
+    assert_eq!(sizes(&run_step(&mut s)), vec![(9, 5), (1, 1), (2, 1), (3, 1)]);
+    assert_eq!(sizes(&run_step(&mut s)), vec![(9, 1), (1, 1)]);
+    s.finish(9);
+    // For a few steps the next interactive request is expected; then background work takes
+    // everything again.
+    for _ in 0..BACKGROUND_GRACE_STEPS {
+        assert_eq!(run_step(&mut s).num_tokens(), 1);
+    }
+    assert_eq!(run_step(&mut s).num_tokens(), 4, "all background work runs again");
+}
