@@ -13,3 +13,4 @@ scripts/fetch-qwen.sh
 cargo test --release --workspace
 scripts/test-clients.sh
 scripts/check-cuda.sh
+scripts/check-deploy.sh
