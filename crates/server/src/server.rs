@@ -189,13 +189,36 @@ impl Server {
         engine: EngineHandle,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServerError> {
-        let addr = format!("{}:{}", config.host, config.port);
-        let listener = TcpListener::bind((config.host.as_str(), config.port))
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
+        let listener = bind_listener(&config.host, config.port).await?;
+        Self::on_listener(listener, config, engine, metrics).await
+    }
+
+    /// Take over the listener of a [`LoadingServer`] (which answered 503 while the model
+    /// loaded): clients never see a refused connection between start-up and serving.
+    pub async fn from_loading(
+        loading: LoadingServer,
+        config: ServerConfig,
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
+        // Build (and warm up) while the loading responder still answers 503.
+        let state = AppState::build(config, engine, metrics).await;
+        let listener = loading.stop().await?;
+        let state = Arc::new(state?);
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    async fn on_listener(
+        listener: TcpListener,
+        config: ServerConfig,
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
         let local_addr = listener.local_addr()?;
         let state = Arc::new(AppState::build(config, engine, metrics).await?);
         Ok(Self {
@@ -285,6 +308,7 @@ impl AppState {
                 }
             }
         };
+        warm_up(&engine).await?;
         Ok(AppState {
             cfg: config,
             engine,
@@ -401,6 +425,86 @@ impl Server {
     }
 }
 
+async fn bind_listener(host: &str, port: u16) -> Result<TcpListener, ServerError> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: format!("{host}:{port}"),
+            source,
+        })
+}
+
+/// The listener while the model loads: every request (`/health` included) gets 503 with
+/// `Retry-After`, so orchestrators and routers see "not ready" rather than a refused
+/// connection. [`Server::from_loading`] takes the listener over.
+pub struct LoadingServer {
+    local_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<TcpListener>,
+}
+
+impl LoadingServer {
+    /// Bind `host:port` and start answering 503.
+    pub async fn bind(host: &str, port: u16) -> Result<Self, ServerError> {
+        let listener = bind_listener(host, port).await?;
+        let local_addr = listener.local_addr()?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                            let mut e = ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "The model is loading; retry shortly.",
+                            );
+                            e.retry_after = Some(5);
+                            let mut r = error_response(&e);
+                            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                            Ok::<_, Infallible>(r)
+                        });
+                        connections.spawn(async move {
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .keep_alive(false)
+                                .serve_connection(TokioIo::new(stream), service);
+                            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+            connections.abort_all();
+            listener
+        });
+        tracing::info!(%local_addr, "listening; answering 503 until the model is loaded");
+        Ok(Self {
+            local_addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    async fn stop(mut self) -> Result<TcpListener, ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| ServerError::Config(format!("the loading responder failed: {e}")))
+    }
+}
+
 /// Bind and serve in one call (the common case).
 pub async fn run_server<F>(
     config: ServerConfig,
@@ -415,6 +519,40 @@ where
         .await?
         .serve(shutdown)
         .await
+}
+
+/// Run one tiny request through the engine before serving, so that `/health` is 200 only once
+/// the engine has completed a step (first-step costs such as lazy allocations are paid here,
+/// not by the first client).
+async fn warm_up(engine: &EngineHandle) -> Result<(), ServerError> {
+    let limits = engine.limits();
+    let token = engine.tokenizer().bos_token_id.unwrap_or(0);
+    let failed = |e: String| ServerError::Config(format!("the engine failed its warm-up step: {e}"));
+    let mut stream = match engine.model_kind() {
+        ModelKind::Generate => {
+            let params = spindle_engine::SamplingParams {
+                max_tokens: Some(1),
+                temperature: 0.0,
+                ..Default::default()
+            };
+            let request = spindle_engine::GenerateRequest::new("warm-up", vec![token], params, limits)
+                .map_err(|e| failed(e.to_string()))?;
+            engine.generate(request).map_err(|e| failed(e.to_string()))?
+        }
+        ModelKind::Embed { .. } => {
+            let request = spindle_engine::EmbedRequest::new("warm-up", vec![vec![token]], limits)
+                .map_err(|e| failed(e.to_string()))?;
+            engine.embed(request).map_err(|e| failed(e.to_string()))?
+        }
+    };
+    loop {
+        match stream.recv().await {
+            Some(spindle_engine::EngineEvent::Finished { .. }) => return Ok(()),
+            Some(spindle_engine::EngineEvent::Error(e)) => return Err(failed(e.to_string())),
+            Some(_) => {}
+            None => return Err(failed("the engine stopped".into())),
+        }
+    }
 }
 
 /// A stable-per-deployment fingerprint (OpenAI's `system_fingerprint` changes when the serving

@@ -11,7 +11,7 @@ use clap::Args;
 use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind, SchedulingPolicy};
 use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use spindle_server::{
-    Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    LoadingServer, Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
 };
 
@@ -445,6 +445,16 @@ async fn shutdown_signal() {
 /// drain in-flight requests (up to --shutdown-timeout), stop the engine, exit 0.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::logging::init(args.log_format == "json");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spindle-http")
+        .build()
+        .context("starting the async runtime")?;
+    // Listen before loading: while the model loads (and the engine runs its warm-up step)
+    // every request, /health included, is a 503, not a refused connection.
+    let loading = runtime
+        .block_on(LoadingServer::bind(&args.host, args.port))
+        .map_err(|e| anyhow!("{e}"))?;
     let Started {
         engine,
         metrics,
@@ -459,13 +469,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         ModelKind::Embed { dimensions } => format!("embedding model, {dimensions} dimensions"),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("spindle-http")
-        .build()
-        .context("starting the async runtime")?;
     let served = runtime.block_on(async {
-        let server = Server::bind(server_config, engine.clone(), metrics).await?;
+        let server = Server::from_loading(loading, server_config, engine.clone(), metrics).await?;
         tracing::info!(
             "serving {model} ({}, {}, {}, {capacity}, max model len {}) on {}",
             info.architecture,
