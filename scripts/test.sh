@@ -13,4 +13,5 @@ scripts/fetch-qwen.sh
 cargo test --release --workspace
 scripts/test-clients.sh
 scripts/check-cuda.sh
+scripts/test-kv-events.sh
 scripts/check-deploy.sh

@@ -33,6 +33,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
+use crate::kv_events::{BlockHash, BlockHasher, KvCacheEvent};
+
 /// Index of one physical KV-cache block.
 pub type BlockId = u32;
 
@@ -59,6 +61,8 @@ pub struct BlockTable {
     /// (`committed[i]` describes `blocks[i]`; it may name a different physical block holding the
     /// same tokens when two sequences computed the same block independently).
     committed: Vec<u64>,
+    /// vLLM block hash of each committed block (only while KV events are published).
+    hashes: Vec<BlockHash>,
 }
 
 impl BlockTable {
@@ -112,6 +116,8 @@ struct CachedBlock {
     tokens: Box<[u32]>,
     /// Bucket hash of (`parent`, `tokens`), kept to find the bucket again on eviction.
     hash: u64,
+    /// vLLM block hash (only while KV events are published), for the removal event.
+    external: Option<BlockHash>,
 }
 
 /// Allocator of the paged KV cache: hands out blocks, counts references, shares computed prefix
@@ -135,6 +141,28 @@ pub struct BlockManager {
     num_used: usize,
     queries: u64,
     hits: u64,
+    /// Set while KV events are published: the hasher and the events not yet taken.
+    events: Option<EventLog>,
+}
+
+/// KV events recorded since the engine last took them.
+#[derive(Debug)]
+struct EventLog {
+    hasher: BlockHasher,
+    pending: Vec<KvCacheEvent>,
+}
+
+impl EventLog {
+    /// Record that a block left the cache, merging with a removal just before it.
+    fn removed(&mut self, hash: BlockHash) {
+        if let Some(KvCacheEvent::BlockRemoved { block_hashes }) = self.pending.last_mut() {
+            block_hashes.push(hash);
+        } else {
+            self.pending.push(KvCacheEvent::BlockRemoved {
+                block_hashes: vec![hash],
+            });
+        }
+    }
 }
 
 fn key_hash(parent: u64, tokens: &[u32]) -> u64 {
@@ -164,7 +192,26 @@ impl BlockManager {
             num_used: 0,
             queries: 0,
             hits: 0,
+            events: None,
         }
+    }
+
+    /// Record KV events (blocks stored, removed, cache cleared) with vLLM's block hashes, for
+    /// [`Self::take_events`]. Only meaningful with prefix caching on.
+    pub fn with_events(mut self, hasher: BlockHasher) -> Self {
+        self.events = Some(EventLog {
+            hasher,
+            pending: Vec::new(),
+        });
+        self
+    }
+
+    /// The events recorded since the last call, in order.
+    pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        self.events
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.pending))
+            .unwrap_or_default()
     }
 
     /// Slots per block, so callers can compute slot mappings and block counts.
@@ -265,6 +312,9 @@ impl BlockManager {
         let Some(c) = self.cached[block as usize].take() else {
             return;
         };
+        if let (Some(log), Some(hash)) = (self.events.as_mut(), c.external) {
+            log.removed(hash);
+        }
         if let Some(bucket) = self.index.get_mut(&c.hash) {
             bucket.retain(|&x| x != block);
             if bucket.is_empty() {
@@ -306,12 +356,18 @@ impl BlockManager {
             let Some(block) = self.lookup(parent, chunk) else {
                 break;
             };
-            let Some(id) = self.cached[block as usize].as_ref().map(|c| c.id) else {
+            let Some((id, external)) = self.cached[block as usize]
+                .as_ref()
+                .map(|c| (c.id, c.external))
+            else {
                 break;
             };
             self.take_ref(block);
             table.blocks.push(block);
             table.committed.push(id);
+            if let Some(h) = external {
+                table.hashes.push(h);
+            }
             parent = id;
         }
         let cached_tokens = table.blocks.len() * bs;
@@ -379,6 +435,7 @@ impl BlockManager {
             table.blocks[i] = dst;
             // The copy is not registered; whatever gets written there is committed afresh.
             table.committed.truncate(i);
+            table.hashes.truncate(i);
             copies.push((src, dst));
         }
         let want = num_tokens.div_ceil(self.block_size);
@@ -401,11 +458,22 @@ impl BlockManager {
         }
         let bs = self.block_size;
         let full = (tokens.len() / bs).min(table.blocks.len());
+        // Consecutive new registrations of this call, reported as one BlockStored event.
+        let mut stored: Option<KvCacheEvent> = None;
+        let mut last_stored = usize::MAX - 1;
         for i in table.committed.len()..full {
             let block = table.blocks[i];
             let b = block as usize;
             if b >= self.cached.len() {
-                return;
+                break;
+            }
+            let chunk = &tokens[i * bs..(i + 1) * bs];
+            // vLLM's hash of this block (a function of the token prefix alone).
+            let external = self.events.as_ref().map(|log| {
+                log.hasher.hash(if i == 0 { None } else { table.hashes.get(i - 1) }, chunk)
+            });
+            if let Some(h) = external {
+                table.hashes.push(h);
             }
             if let Some(c) = &self.cached[b] {
                 // A prefix-cache hit or a block shared through fork: already registered.
@@ -413,7 +481,6 @@ impl BlockManager {
                 continue;
             }
             let parent = if i == 0 { 0 } else { table.committed[i - 1] };
-            let chunk = &tokens[i * bs..(i + 1) * bs];
             if let Some(existing) = self.lookup(parent, chunk) {
                 if let Some(c) = &self.cached[existing as usize] {
                     table.committed.push(c.id);
@@ -428,9 +495,41 @@ impl BlockManager {
                 parent,
                 tokens: chunk.into(),
                 hash,
+                external,
             });
             self.index.entry(hash).or_default().push(block);
             table.committed.push(id);
+            if let Some(h) = external {
+                match &mut stored {
+                    Some(KvCacheEvent::BlockStored {
+                        block_hashes,
+                        token_ids,
+                        ..
+                    }) if last_stored + 1 == i => {
+                        block_hashes.push(h);
+                        token_ids.extend_from_slice(chunk);
+                    }
+                    _ => {
+                        if let (Some(ev), Some(log)) = (stored.take(), self.events.as_mut()) {
+                            log.pending.push(ev);
+                        }
+                        stored = Some(KvCacheEvent::BlockStored {
+                            block_hashes: vec![h],
+                            parent_block_hash: if i == 0 {
+                                None
+                            } else {
+                                table.hashes.get(i - 1).copied()
+                            },
+                            token_ids: chunk.to_vec(),
+                            block_size: bs,
+                        });
+                    }
+                }
+                last_stored = i;
+            }
+        }
+        if let (Some(ev), Some(log)) = (stored, self.events.as_mut()) {
+            log.pending.push(ev);
         }
     }
 
@@ -440,6 +539,7 @@ impl BlockManager {
         let mut child = BlockTable {
             blocks: Vec::with_capacity(table.blocks.len()),
             committed: table.committed.clone(),
+            hashes: table.hashes.clone(),
         };
         for &block in &table.blocks {
             if (block as usize) < self.refcount.len() {
@@ -448,6 +548,7 @@ impl BlockManager {
             }
         }
         child.committed.truncate(child.blocks.len());
+        child.hashes.truncate(child.blocks.len());
         child
     }
 
@@ -467,11 +568,17 @@ impl BlockManager {
         if self.num_used > 0 {
             return false;
         }
+        // One AllBlocksCleared instead of a removal per block.
+        let events = self.events.take();
         while let Some((_, block)) = self.evictable.pop_first() {
             self.uncache(block);
             self.free.push(block);
         }
         self.index.clear();
+        self.events = events;
+        if let Some(log) = self.events.as_mut() {
+            log.pending.push(KvCacheEvent::AllBlocksCleared);
+        }
         true
     }
 
@@ -833,6 +940,73 @@ mod tests {
         let (t, cached) = bm.start_sequence(&p);
         assert_eq!(cached, 0);
         bm.free(t);
+    }
+
+    #[test]
+    fn kv_events_follow_the_prefix_cache() {
+        let hasher = BlockHasher::new(Some("42"));
+        let mut bm = BlockManager::new(4, 2, true).with_events(hasher.clone());
+        let p = [1, 2, 3, 4, 5];
+        // Two full blocks computed in one step: one event with both, chained hashes.
+        let (mut t, _) = bm.start_sequence(&p);
+        bm.grow(&mut t, 5, 0).unwrap();
+        bm.commit(&mut t, &p);
+        let h0 = hasher.hash(None, &[1, 2]);
+        let h1 = hasher.hash(Some(&h0), &[3, 4]);
+        assert_eq!(
+            bm.take_events(),
+            vec![KvCacheEvent::BlockStored {
+                block_hashes: vec![h0, h1],
+                parent_block_hash: None,
+                token_ids: vec![1, 2, 3, 4],
+                block_size: 2,
+            }]
+        );
+        assert!(bm.take_events().is_empty(), "taken once");
+        // Decoding fills the third block later: its parent is the second.
+        let q = [1, 2, 3, 4, 5, 6];
+        bm.commit(&mut t, &q);
+        let h2 = hasher.hash(Some(&h1), &[5, 6]);
+        assert_eq!(
+            bm.take_events(),
+            vec![KvCacheEvent::BlockStored {
+                block_hashes: vec![h2],
+                parent_block_hash: Some(h1),
+                token_ids: vec![5, 6],
+                block_size: 2,
+            }]
+        );
+        bm.free(t);
+        // A prefix hit stores nothing new.
+        let (mut t, cached) = bm.start_sequence(&[1, 2, 3, 4, 9]);
+        assert_eq!(cached, 4);
+        bm.grow(&mut t, 5, 4).unwrap();
+        bm.commit(&mut t, &[1, 2, 3, 4, 9]);
+        assert!(bm.take_events().is_empty());
+        bm.free(t);
+        // Fresh blocks for another sequence evict the least recently freed cached blocks.
+        let mut other = BlockTable::new();
+        bm.grow(&mut other, 8, 0).unwrap();
+        let removed: Vec<BlockHash> = bm
+            .take_events()
+            .into_iter()
+            .flat_map(|e| match e {
+                KvCacheEvent::BlockRemoved { block_hashes } => block_hashes,
+                e => panic!("unexpected {e:?}"),
+            })
+            .collect();
+        assert_eq!(removed.len(), 3);
+        assert!([h0, h1, h2].iter().all(|h| removed.contains(h)));
+        bm.free(other);
+        // A reset is one AllBlocksCleared, not a removal per block.
+        let (mut t, _) = bm.start_sequence(&p);
+        bm.grow(&mut t, 5, 0).unwrap();
+        bm.commit(&mut t, &p);
+        bm.free(t);
+        bm.take_events();
+        assert!(bm.reset_prefix_cache());
+        assert_eq!(bm.take_events(), vec![KvCacheEvent::AllBlocksCleared]);
+        bm.check_invariants().unwrap();
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub struct EngineConfig {
     pub seed: u64,
     /// New requests are refused (`QueueFull`) while this many wait; 0 means unbounded.
     pub max_waiting_requests: usize,
+    /// Where each step's KV-cache events go (`--kv-events-config`); `None`: not recorded.
+    pub kv_event_sink: Option<Arc<dyn crate::kv_events::KvEventSink>>,
+    /// Seed of the block hashes in KV events (vLLM's `PYTHONHASHSEED`); `None`: random, so
+    /// only the events themselves reveal them.
+    pub kv_hash_seed: Option<String>,
     /// Optional per-step callback (metrics, tests' traces).
     pub observer: Option<Arc<dyn StepObserver>>,
     /// The engine wakes at least this often while idle, to refresh its heartbeat.
@@ -131,6 +136,8 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             seed: 0,
             max_waiting_requests: 0,
+            kv_event_sink: None,
+            kv_hash_seed: None,
             observer: None,
             heartbeat_interval: Duration::from_millis(250),
             stall_timeout: None,

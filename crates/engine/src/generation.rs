@@ -82,7 +82,13 @@ impl GenerationCore {
         stats
             .kv_capacity_tokens
             .store(shape.capacity_tokens() as u64, Ordering::Relaxed);
-        let blocks = BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
+        let mut blocks =
+            BlockManager::new(shape.num_blocks, block_size, config.enable_prefix_caching);
+        if config.kv_event_sink.is_some() && config.enable_prefix_caching {
+            blocks = blocks.with_events(crate::kv_events::BlockHasher::new(
+                config.kv_hash_seed.as_deref(),
+            ));
+        }
         let scheduler = Scheduler::new(
             blocks,
             config.max_num_seqs,
@@ -183,8 +189,36 @@ impl Core for GenerationCore {
         }
     }
 
-    /// One iteration: schedule -> run the model -> process the outputs.
+    /// One iteration: schedule -> run the model -> process the outputs; then hand the step's
+    /// KV-cache events to the sink.
     fn step(&mut self) -> Result<(), EngineError> {
+        let result = self.run_step();
+        self.publish_kv_events();
+        result
+    }
+
+    fn publish_gauges(&self) {
+        GenerationCore::publish_gauges(self)
+    }
+}
+
+impl GenerationCore {
+    fn publish_kv_events(&mut self) {
+        let Some(sink) = &self.config.kv_event_sink else {
+            return;
+        };
+        let events = self.scheduler.take_kv_events();
+        if events.is_empty() {
+            return;
+        }
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        sink.publish(crate::kv_events::KvEventBatch { ts, events });
+    }
+
+    fn run_step(&mut self) -> Result<(), EngineError> {
         self.faults.inject_if_armed(&self.liveness)?;
         let batch = self.scheduler.schedule();
         self.stats

@@ -14,6 +14,7 @@ mod fault;
 mod generation;
 pub mod handle;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod model_runner;
 pub mod output_processor;
 pub mod sampler;

@@ -232,6 +232,11 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// KV-cache events recorded since the last call (see [`BlockManager::with_events`]).
+    pub fn take_kv_events(&mut self) -> Vec<crate::kv_events::KvCacheEvent> {
+        self.blocks.take_events()
+    }
+
     /// The KV blocks, for gauges (usage, prefix-cache counters).
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks

@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// Lines of a batch job handed to the engine at once (they run after interactive requests).
     #[arg(long, default_value_t = spindle_server::batch::DEFAULT_MAX_IN_FLIGHT)]
     pub max_batch_in_flight: usize,
+    /// vLLM's KV-cache events, as its JSON: `{"enable_kv_cache_events": true, "publisher": "zmq",
+    /// "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv-events"}`.
+    /// Block hashes are vLLM's sha256_cbor, seeded by the PYTHONHASHSEED environment variable
+    /// (set the same value wherever hashes are recomputed).
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
     /// Log format on stderr: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -580,7 +586,26 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         Metrics::new(&served_model_names[0], max_model_len.unwrap_or(1 << 20))
             .map_err(|e| anyhow!("setting up metrics: {e}"))?,
     );
+    let kv_events = match &args.kv_events_config {
+        Some(json) => spindle_kv_events::KvEventsConfig::parse(json)?,
+        None => None,
+    };
+    let kv_event_sink: Option<Arc<dyn spindle_engine::kv_events::KvEventSink>> = match kv_events {
+        Some(cfg) => {
+            if !enable_prefix_caching {
+                bail!("--kv-events-config needs prefix caching (drop --no-enable-prefix-caching): events describe the prefix cache");
+            }
+            Some(spindle_kv_events::ZmqPublisher::start(cfg)?)
+        }
+        None => None,
+    };
+    let kv_hash_seed = std::env::var("PYTHONHASHSEED").ok().filter(|s| !s.is_empty());
+    if kv_event_sink.is_some() && kv_hash_seed.is_none() {
+        tracing::warn!("PYTHONHASHSEED is not set: KV-event block hashes are rooted at a random value, so routers cannot recompute them from tokens (set PYTHONHASHSEED as for vLLM)");
+    }
     let engine_config = EngineConfig {
+        kv_event_sink,
+        kv_hash_seed,
         model: LoadOptions {
             model: model.clone(),
             revision: args.revision.clone(),

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# KV-cache events against real consumers: start `spindle serve` (default model, 24 KV blocks so
+# that evictions happen) with vLLM's --kv-events-config and PYTHONHASHSEED, then run
+# tests/kv_events with pyzmq / msgpack / msgspec / cbor2 from a venv outside the repo.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+VENV="${SPINDLE_KV_VENV:-$HOME/.cache/spindle/kv-events-venv}"
+REQS="$ROOT/tests/kv_events/requirements.txt"
+log() { echo "test-kv-events: $*" >&2; }
+
+scripts/fetch-model.sh >/dev/null
+if [ -n "${SPINDLE_BIN:-}" ]; then BIN="$SPINDLE_BIN"; else
+    cargo build --release -p spindle >/dev/null
+    BIN="$ROOT/target/release/spindle"
+fi
+if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQS" "$VENV/.requirements"; then
+    log "creating $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
+    cp "$REQS" "$VENV/.requirements"
+fi
+read -r PORT PUB REPLAY < <("$VENV/bin/python" - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+for s in socks:
+    s.close()
+PY
+)
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/spindle-kv-events.XXXXXX")"
+CONFIG="{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$PUB\", \"replay_endpoint\": \"tcp://*:$REPLAY\", \"topic\": \"kv-events\"}"
+PYTHONHASHSEED=42 NO_COLOR=1 "$BIN" serve --host 127.0.0.1 --port "$PORT" --served-model-name smol \
+    --max-model-len 256 --num-gpu-blocks-override 24 --data-dir "$WORK/data" \
+    --kv-events-config "$CONFIG" >"$WORK/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+healthy=no
+for _ in $(seq 1 240); do
+    if [ "$("$VENV/bin/python" -c "import urllib.request,sys
+try: print(urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status)
+except Exception: print(0)")" = 200 ]; then healthy=yes; break; fi
+    kill -0 "$SERVER" 2>/dev/null || { log "server exited"; tail -30 "$WORK/server.log"; exit 1; }
+    sleep 0.5
+done
+[ "$healthy" = yes ] || { log "the server was not healthy within 120 s"; tail -30 "$WORK/server.log"; exit 1; }
+status=0
+SPINDLE_BASE_URL="http://127.0.0.1:$PORT" SPINDLE_KV_PUB="tcp://127.0.0.1:$PUB" \
+    SPINDLE_KV_REPLAY="tcp://127.0.0.1:$REPLAY" SPINDLE_KV_TOPIC=kv-events SPINDLE_KV_SEED=42 \
+    PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/kv_events "$@" || status=$?
+[ "$status" = 0 ] || tail -30 "$WORK/server.log"
+exit "$status"
