@@ -32,8 +32,9 @@ SEED = os.environ["SPINDLE_KV_SEED"]
 BLOCK = 16
 
 
-# vLLM's event structs (msgspec), as declared upstream.
-class EventBatch(msgspec.Struct, omit_defaults=True, gc=False):
+# vLLM's event structs (msgspec, vllm/distributed/kv_events.py) in the form vllm-router decodes:
+# the batch array_like, the events tagged structs (maps with "type").
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ts: float
     events: list[Any]
     data_parallel_rank: Optional[int] = None
@@ -50,17 +51,12 @@ class BlockStored(KVCacheEvent):
     block_size: int
     lora_id: Optional[int]
     medium: Optional[str]
-    lora_name: Optional[str]
-    extra_keys: Optional[list[Optional[tuple[Any, ...]]]] = None
-    group_idx: Optional[int] = None
-    kv_cache_spec_kind: Optional[str] = None
-    kv_cache_spec_sliding_window: Optional[int] = None
+    lora_name: Optional[str] = None
 
 
 class BlockRemoved(KVCacheEvent):
     block_hashes: list[Union[bytes, int]]
     medium: Optional[str]
-    group_idx: Optional[int] = None
 
 
 class AllBlocksCleared(KVCacheEvent):
@@ -150,10 +146,10 @@ def test_stored_blocks_carry_vllm_hashes_and_tokens(sub):
     complete(PROMPT_A)
     batch = next_batch(sub)
     raw = msgpack.unpackb(received[-1][1], raw=False)
-    # msgspec's encoding of vLLM's structs: maps, the tag first, declared field order.
-    assert list(raw) == ["ts", "events", "data_parallel_rank"]
-    assert list(raw["events"][0]) == ["type", "block_hashes", "parent_block_hash", "token_ids",
-                                      "block_size", "lora_id", "medium", "lora_name"]
+    # [ts, events, dp rank]; each event a map, the tag first, fields in declared order.
+    assert len(raw) == 3 and raw[2] == 0
+    assert list(raw[1][0]) == ["type", "block_hashes", "parent_block_hash", "token_ids",
+                               "block_size", "lora_id", "medium", "lora_name"]
     assert abs(batch.ts - time.time()) < 60
     stored = [e for e in batch.events if isinstance(e, BlockStored)]
     assert len(stored) == 1, batch

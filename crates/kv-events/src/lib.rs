@@ -105,15 +105,15 @@ fn socket_address(endpoint: &str) -> (String, bool) {
     (endpoint.replace("tcp://*:", "tcp://0.0.0.0:"), bind)
 }
 
-/// msgpack of one event batch, field for field as msgspec encodes vLLM's structs.
+/// msgpack of one event batch as vLLM's consumers decode it: the batch an array
+/// `[ts, [events...], data_parallel_rank]` (msgspec `array_like`), each event a map tagged with
+/// its class name under `"type"` and then its fields in declared order (msgspec `tag=True`).
 pub fn encode_batch(batch: &KvEventBatch, data_parallel_rank: u32) -> Vec<u8> {
     use rmp::encode::*;
-    let mut b = Vec::with_capacity(64 + batch.events.len() * 96);
+    let mut b = Vec::with_capacity(64 + batch.events.len() * 128);
     // Writes into a Vec cannot fail.
-    let _ = write_map_len(&mut b, 3);
-    let _ = write_str(&mut b, "ts");
+    let _ = write_array_len(&mut b, 3);
     let _ = write_f64(&mut b, batch.ts);
-    let _ = write_str(&mut b, "events");
     let _ = write_array_len(&mut b, batch.events.len() as u32);
     for event in &batch.events {
         match event {
@@ -173,7 +173,6 @@ pub fn encode_batch(batch: &KvEventBatch, data_parallel_rank: u32) -> Vec<u8> {
             }
         }
     }
-    let _ = write_str(&mut b, "data_parallel_rank");
     let _ = write_uint(&mut b, u64::from(data_parallel_rank));
     b
 }
@@ -391,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_encode_as_msgspec_maps() {
+    fn batches_encode_as_msgspec_arrays() {
         let batch = KvEventBatch {
             ts: 1.5,
             events: vec![
@@ -405,13 +404,13 @@ mod tests {
             ],
         };
         let b = encode_batch(&batch, 0);
-        // {"ts": 1.5, ...}: fixmap of 3, fixstr "ts", float64 1.5.
-        assert_eq!(&b[..4], &[0x83, 0xa2, b't', b's']);
-        assert_eq!(&b[4..13], &[0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]);
-        let text = String::from_utf8_lossy(&b);
-        for key in ["events", "BlockStored", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "GPU", "lora_name", "AllBlocksCleared", "data_parallel_rank"] {
-            assert!(text.contains(key), "{key}");
-        }
+        // [1.5, [...], 0]: fixarray of 3, float64 1.5, fixarray of 2 events.
+        assert_eq!(&b[..10], &[0x93, 0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[10], 0x92);
+        // {"type": "BlockStored", ...}: fixmap of 8, "type", fixstr of 11.
+        assert_eq!(&b[11..17], &[0x88, 0xa4, b't', b'y', b'p', b'e']);
+        assert_eq!(&b[17..29], b"\xabBlockStored");
+        assert_eq!(b.last(), Some(&0x00), "data_parallel_rank 0");
         // Token 300 as uint16, the hash as bin8 of 32 bytes.
         assert!(b.windows(3).any(|w| w == [0xcd, 0x01, 0x2c]));
         assert!(b.windows(2).any(|w| w == [0xc4, 32]));

@@ -85,6 +85,41 @@ impl TokenizerBundle {
         Ok(ids)
     }
 
+    /// Write the tokenizer as a Hugging Face tokenizer directory (`tokenizer.json` and
+    /// `tokenizer_config.json` with the chat template and special tokens), so tools that
+    /// tokenize on their own (vllm-router's `VLLM_ROUTER_TOKENIZER`, llm-d's precise prefix
+    /// scorer) get exactly spindle's token ids, also for GGUF models. A BOS the bundle prepends
+    /// itself becomes the tokenizer's post-processor.
+    pub fn save_hf(&self, dir: &std::path::Path) -> Result<(), TokenizerError> {
+        let err = |e: String| TokenizerError::Tokenizer(e);
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        let mut tokenizer = self.tokenizer.clone();
+        if self.add_bos_token && !self.post_process_special_tokens {
+            if let (Some(bos), Some(id)) = (&self.bos_token, self.bos_token_id) {
+                let template = tokenizers::processors::template::TemplateProcessing::builder()
+                    .try_single(format!("{bos} $A"))
+                    .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+                    .map_err(|e| err(e.to_string()))?
+                    .special_tokens(vec![(bos.clone(), id)])
+                    .build()
+                    .map_err(|e| err(e.to_string()))?;
+                tokenizer.with_post_processor(Some(template));
+            }
+        }
+        tokenizer
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| err(e.to_string()))?;
+        let config = serde_json::json!({
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos_token,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string())
+            .map_err(|e| err(e.to_string()))
+    }
+
     /// Decode ids to text. Ids outside the vocabulary are an error, not a panic.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         let vocab = self.vocab_size() as u32;

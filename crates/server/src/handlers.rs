@@ -212,6 +212,88 @@ pub(crate) async fn completions(
     start(state, Kind::Completion, id, model, validated, requests, origin).await
 }
 
+/// vLLM's render result for one prompt: the token ids a token-in engine would take.
+fn rendered(id: String, model: &str, ids: Vec<u32>, validated: &Validated) -> serde_json::Value {
+    let p = &validated.params;
+    serde_json::json!({
+        "request_id": id,
+        "model": model,
+        "token_ids": ids,
+        "sampling_params": {
+            "n": p.n,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": if p.top_k == 0 { -1 } else { p.top_k as i64 },
+            "max_tokens": p.max_tokens,
+            "seed": p.seed,
+        },
+    })
+}
+
+/// `POST /v1/completions/render` (vLLM's renderer API): the prompts as token ids, one
+/// entry per prompt, without running the model. Cache-aware routers call it to compute the
+/// KV block hashes of a request before picking a replica.
+pub(crate) async fn render_completions(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
+    let req: CompletionRequest = parse_json(body)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, "/v1/completions/render")?;
+    let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let tok = state.engine.tokenizer().clone();
+    let all_ids = blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                PromptInput::Text(t) => encode(&tok, &t, add_special),
+                PromptInput::Tokens(ids) => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let id = random_id("cmpl");
+    let out: Vec<serde_json::Value> = all_ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| rendered(format!("{id}-{i}"), &model, ids, &validated))
+        .collect();
+    ok_json(&out)
+}
+
+/// `POST /v1/chat/completions/render` (vLLM's renderer API): the rendered chat prompt as
+/// token ids, without running the model.
+pub(crate) async fn render_chat(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
+    let req: ChatCompletionRequest = parse_json(body)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, "/v1/chat/completions/render")?;
+    let validated = chat_params(
+        &req,
+        state.limits,
+        state.engine.scheduling_policy(),
+        state.cfg.tool_call_parser,
+    )?;
+    let opts = render_options(
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.tools.clone(),
+        req.chat_template_kwargs.clone(),
+    );
+    let ids = chat_prompt_ids(
+        state,
+        req.messages.as_ref(),
+        opts,
+        req.add_special_tokens.unwrap_or(false),
+    )
+    .await?;
+    ok_json(&rendered(random_id("chatcmpl"), &model, ids, &validated))
+}
+
 /// Compile the request's constraint (if any) off the runtime and attach a copy to every prompt.
 async fn constrain(
     state: &AppState,

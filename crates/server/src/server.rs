@@ -569,6 +569,8 @@ fn fingerprint(model: &str, dtype: &str, device: &str) -> String {
 pub(crate) enum Route {
     ChatCompletions,
     Completions,
+    ChatRender,
+    CompletionsRender,
     Models,
     Model,
     Health,
@@ -602,6 +604,8 @@ impl Route {
         Some(match path {
             "/v1/chat/completions" => Route::ChatCompletions,
             "/v1/completions" => Route::Completions,
+            "/v1/chat/completions/render" => Route::ChatRender,
+            "/v1/completions/render" => Route::CompletionsRender,
             "/v1/models" => Route::Models,
             "/health" => Route::Health,
             "/version" => Route::Version,
@@ -628,6 +632,8 @@ impl Route {
         match self {
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Completions => "/v1/completions",
+            Route::ChatRender => "/v1/chat/completions/render",
+            Route::CompletionsRender => "/v1/completions/render",
             Route::Models => "/v1/models",
             Route::Model => "/v1/models/{model}",
             Route::Health => "/health",
@@ -651,6 +657,8 @@ impl Route {
         match self {
             Route::ChatCompletions
             | Route::Completions
+            | Route::ChatRender
+            | Route::CompletionsRender
             | Route::Tokenize
             | Route::Detokenize
             | Route::Embeddings
@@ -877,6 +885,14 @@ async fn dispatch(
         Route::Tokenize => {
             let body = read_json_body(req, &state.cfg).await?;
             handlers::tokenize(state, &body).await
+        }
+        Route::ChatRender => {
+            let body = read_json_body(req, &state.cfg).await?;
+            handlers::render_chat(state, &body).await
+        }
+        Route::CompletionsRender => {
+            let body = read_json_body(req, &state.cfg).await?;
+            handlers::render_completions(state, &body).await
         }
         Route::Detokenize => {
             let body = read_json_body(req, &state.cfg).await?;

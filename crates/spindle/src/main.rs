@@ -3,6 +3,7 @@
 //! file of batch requests offline.
 
 mod bench;
+mod export_tokenizer;
 mod generate;
 mod logging;
 mod run_batch;
@@ -28,6 +29,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a JSONL file of OpenAI batch requests offline, without a server (like `vllm run-batch`).
     RunBatch(Box<run_batch::RunBatchArgs>),
+    /// Write the model's tokenizer as a Hugging Face tokenizer directory (for routers that
+    /// tokenize on their own).
+    ExportTokenizer(export_tokenizer::ExportTokenizerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::RunBatch(args) => run_batch::run(*args),
+        Command::ExportTokenizer(args) => export_tokenizer::run(args),
     }
 }
