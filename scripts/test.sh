@@ -14,4 +14,5 @@ cargo test --release --workspace
 scripts/test-clients.sh
 scripts/check-cuda.sh
 scripts/test-kv-events.sh
+scripts/test-router.sh
 scripts/check-deploy.sh

@@ -303,6 +303,12 @@ fn catalogue() -> Vec<Case> {
         c("rerank alias, body is an array", Send::Raw(post_bytes("/rerank", b"[1]")), bad(400)),
         c("score on a generative model", Send::Raw(post_bytes("/v1/score", json!({"text_1": "a", "text_2": "b"}).to_string().as_bytes())), bad(400)),
         c("score alias, text_1 of wrong type", Send::Raw(post_bytes("/score", json!({"text_1": 5, "text_2": "b"}).to_string().as_bytes())), bad(400)),
+        // --- Renderer API (token ids without running the model) ---
+        c("completions render, invalid JSON", Send::Raw(post_bytes("/v1/completions/render", b"{nope")), bad(400)),
+        c("completions render, prompt token id >= vocab", Send::Raw(post_bytes("/v1/completions/render", json!({"prompt": [1, VOCAB]}).to_string().as_bytes())), param(400, "prompt")),
+        c("completions render, unknown model", Send::Raw(post_bytes("/v1/completions/render", json!({"model": "nope", "prompt": "x"}).to_string().as_bytes())), param(404, "model")),
+        c("chat render, messages not a list", Send::Raw(post_bytes("/v1/chat/completions/render", json!({"messages": "hi"}).to_string().as_bytes())), param(400, "messages")),
+        c("chat render, GET", Send::Raw(head("GET", "/v1/chat/completions/render", "", None)), bad(405)),
         // --- Scheduling ---
         c("priority under the fcfs policy", completion(json!({"prompt": "x", "priority": 5})), param(400, "priority")),
         c("priority out of 32-bit range", completion(json!({"prompt": "x", "priority": 1u64 << 40})), param(400, "priority")),
