@@ -10,13 +10,8 @@ REQS="$ROOT/deploy/check-requirements.txt"
 log() { echo "check-deploy: $*" >&2; }
 
 command -v kubectl >/dev/null || { log "kubectl is required (it renders the kustomize overlays)"; exit 1; }
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQS" "$VENV/.requirements"; then
-    log "creating $VENV"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
-    cp "$REQS" "$VENV/.requirements"
-fi
+. "$ROOT/scripts/lib/test-env.sh"
+ensure_venv "$VENV" "$REQS"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 for overlay in cpu cuda llm-d; do

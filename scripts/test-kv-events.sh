@@ -9,18 +9,9 @@ VENV="${SPINDLE_KV_VENV:-$HOME/.cache/spindle/kv-events-venv}"
 REQS="$ROOT/tests/kv_events/requirements.txt"
 log() { echo "test-kv-events: $*" >&2; }
 
-scripts/fetch-model.sh >/dev/null
-if [ -n "${SPINDLE_BIN:-}" ]; then BIN="$SPINDLE_BIN"; else
-    cargo build --release -p spindle >/dev/null
-    BIN="$ROOT/target/release/spindle"
-fi
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQS" "$VENV/.requirements"; then
-    log "creating $VENV"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
-    cp "$REQS" "$VENV/.requirements"
-fi
+. "$ROOT/scripts/lib/test-env.sh"
+BIN="$(spindle_binary)"
+ensure_venv "$VENV" "$REQS"
 read -r PORT PUB REPLAY < <("$VENV/bin/python" - <<'PY'
 import socket
 socks = [socket.socket() for _ in range(3)]

@@ -10,18 +10,9 @@ VENV="${SPINDLE_ROUTER_VENV:-$HOME/.cache/spindle/router-venv}"
 REQS="$ROOT/tests/router/requirements.txt"
 log() { echo "test-router: $*" >&2; }
 
-scripts/fetch-model.sh >/dev/null
-if [ -n "${SPINDLE_BIN:-}" ]; then BIN="$SPINDLE_BIN"; else
-    cargo build --release -p spindle >/dev/null
-    BIN="$ROOT/target/release/spindle"
-fi
-if [ ! -x "$VENV/bin/vllm-router" ] || ! cmp -s "$REQS" "$VENV/.requirements"; then
-    log "creating $VENV"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
-    cp "$REQS" "$VENV/.requirements"
-fi
+. "$ROOT/scripts/lib/test-env.sh"
+BIN="$(spindle_binary)"
+ensure_venv "$VENV" "$REQS"
 OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/spindle-router.XXXXXX")}"
 log "results and logs in $OUT"
 "$VENV/bin/python" tests/router/router_e2e.py --spindle "$BIN" --router "$VENV/bin/vllm-router" --out "$OUT" --check "$@"

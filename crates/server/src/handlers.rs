@@ -138,29 +138,8 @@ pub(crate) async fn chat_completions(
     body: &[u8],
     origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: ChatCompletionRequest = parse_json(body)?;
-    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
-    require_generative_model(state, "/v1/chat/completions")?;
-    let validated = chat_params(
-        &req,
-        state.limits,
-        state.engine.scheduling_policy(),
-        state.cfg.tool_call_parser,
-    )?;
+    let (model, validated, ids) = chat_input(state, body, "/v1/chat/completions").await?;
     check_origin(origin, &validated)?;
-    let opts = render_options(
-        req.add_generation_prompt,
-        req.continue_final_message,
-        req.tools.clone(),
-        req.chat_template_kwargs.clone(),
-    );
-    let ids = chat_prompt_ids(
-        state,
-        req.messages.as_ref(),
-        opts,
-        req.add_special_tokens.unwrap_or(false),
-    )
-    .await?;
     let id = random_id("chatcmpl");
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
     let requests = constrain(state, &validated, vec![request]).await?;
@@ -178,19 +157,7 @@ pub(crate) async fn completions(
     require_generative_model(state, "/v1/completions")?;
     let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
     check_origin(origin, &validated)?;
-    let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
-    let add_special = req.add_special_tokens.unwrap_or(true);
-    let tok = state.engine.tokenizer().clone();
-    let all_ids = blocking(move || {
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                PromptInput::Text(t) => encode(&tok, &t, add_special),
-                PromptInput::Tokens(ids) => Ok(ids),
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await?;
+    let all_ids = completion_prompt_ids(state, &req).await?;
     let id = random_id("cmpl");
     let multi = all_ids.len() > 1;
     let mut requests = Vec::with_capacity(all_ids.len());
@@ -210,6 +177,58 @@ pub(crate) async fn completions(
     }
     let requests = constrain(state, &validated, requests).await?;
     start(state, Kind::Completion, id, model, validated, requests, origin).await
+}
+
+/// A chat request parsed, validated and rendered to token ids: the served model name, the
+/// validated parameters and the prompt.
+async fn chat_input(
+    state: &AppState,
+    body: &[u8],
+    endpoint: &str,
+) -> Result<(String, Validated, Vec<u32>), ApiError> {
+    let req: ChatCompletionRequest = parse_json(body)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, endpoint)?;
+    let validated = chat_params(
+        &req,
+        state.limits,
+        state.engine.scheduling_policy(),
+        state.cfg.tool_call_parser,
+    )?;
+    let opts = render_options(
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.tools.clone(),
+        req.chat_template_kwargs.clone(),
+    );
+    let ids = chat_prompt_ids(
+        state,
+        req.messages.as_ref(),
+        opts,
+        req.add_special_tokens.unwrap_or(false),
+    )
+    .await?;
+    Ok((model, validated, ids))
+}
+
+/// The token ids of every prompt of a completion request (text tokenized on the blocking pool).
+async fn completion_prompt_ids(
+    state: &AppState,
+    req: &CompletionRequest,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let tok = state.engine.tokenizer().clone();
+    blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                PromptInput::Text(t) => encode(&tok, &t, add_special),
+                PromptInput::Tokens(ids) => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
 }
 
 /// vLLM's render result for one prompt: the token ids a token-in engine would take.
@@ -241,19 +260,7 @@ pub(crate) async fn render_completions(
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/completions/render")?;
     let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
-    let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
-    let add_special = req.add_special_tokens.unwrap_or(true);
-    let tok = state.engine.tokenizer().clone();
-    let all_ids = blocking(move || {
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                PromptInput::Text(t) => encode(&tok, &t, add_special),
-                PromptInput::Tokens(ids) => Ok(ids),
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await?;
+    let all_ids = completion_prompt_ids(state, &req).await?;
     let id = random_id("cmpl");
     let out: Vec<serde_json::Value> = all_ids
         .into_iter()
@@ -269,28 +276,7 @@ pub(crate) async fn render_chat(
     state: &Arc<AppState>,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: ChatCompletionRequest = parse_json(body)?;
-    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
-    require_generative_model(state, "/v1/chat/completions/render")?;
-    let validated = chat_params(
-        &req,
-        state.limits,
-        state.engine.scheduling_policy(),
-        state.cfg.tool_call_parser,
-    )?;
-    let opts = render_options(
-        req.add_generation_prompt,
-        req.continue_final_message,
-        req.tools.clone(),
-        req.chat_template_kwargs.clone(),
-    );
-    let ids = chat_prompt_ids(
-        state,
-        req.messages.as_ref(),
-        opts,
-        req.add_special_tokens.unwrap_or(false),
-    )
-    .await?;
+    let (model, validated, ids) = chat_input(state, body, "/v1/chat/completions/render").await?;
     ok_json(&rendered(random_id("chatcmpl"), &model, ids, &validated))
 }
 

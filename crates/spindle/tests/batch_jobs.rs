@@ -3,6 +3,9 @@
 //! every `custom_id` answered exactly once and nothing finished before the crash run again; and
 //! `spindle run-batch` on a small file.
 
+mod common;
+use common::model_path;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -11,16 +14,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn model_path() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path.display().to_string()
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("spindle-{name}-{}", std::process::id()));

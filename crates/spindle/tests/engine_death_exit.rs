@@ -2,9 +2,11 @@
 //! request in flight, so an orchestrator restarts it. Runs the real binary with the test-only
 //! `SPINDLE_FAULT_INJECT` hook on the default model, on 127.0.0.1 with a free port.
 
+mod common;
+use common::model_path;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,16 +16,6 @@ const MARKER: &str = "ZQX-EXIT-MARKER";
 /// Each server gets its own batch data directory (one server per directory).
 static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn model_path() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path.display().to_string()
-}
 
 /// The server process; killed and reaped if a test fails before it exits on its own.
 struct Served(Child);

@@ -2,18 +2,14 @@
 //! `Retry-After`) from the moment the process listens until the model is loaded and the engine
 //! has completed its warm-up step, then 200; never 200 before 503.
 
+mod common;
+use common::model_path;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn model_path() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
-    path.display().to_string()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
