@@ -647,13 +647,6 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
             || anyhow!("--tool-call-parser {name}: supported parsers are hermes and llama3_json"),
         )?),
     };
-    tracing::info!(%model, %device, "loading model");
-    let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
-
-    if let Err(e) = check_runner(&args.runner, &args.convert, engine.model_kind()) {
-        engine.shutdown();
-        return Err(e);
-    }
     let batch = if with_batch_api {
         let data_dir = match &args.data_dir {
             Some(d) => std::path::PathBuf::from(d),
@@ -666,6 +659,12 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         if args.max_batch_in_flight == 0 {
             bail!("--max-batch-in-flight must be positive");
         }
+        // Fail fast, before the model loads, when another server holds this data directory
+        // (the server takes the lock for good once it starts).
+        drop(
+            spindle_server::batch::store::BatchStore::open(&data_dir)
+                .map_err(|e| anyhow!("{e}"))?,
+        );
         Some(spindle_server::batch::BatchConfig {
             data_dir,
             max_file_bytes: max_file,
@@ -674,6 +673,13 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
     } else {
         None
     };
+    tracing::info!(%model, %device, "loading model");
+    let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
+
+    if let Err(e) = check_runner(&args.runner, &args.convert, engine.model_kind()) {
+        engine.shutdown();
+        return Err(e);
+    }
     let server_config = ServerConfig {
         host: args.host.clone(),
         port: args.port,
