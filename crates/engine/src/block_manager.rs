@@ -470,7 +470,14 @@ impl BlockManager {
             let chunk = &tokens[i * bs..(i + 1) * bs];
             // vLLM's hash of this block (a function of the token prefix alone).
             let external = self.events.as_ref().map(|log| {
-                log.hasher.hash(if i == 0 { None } else { table.hashes.get(i - 1) }, chunk)
+                log.hasher.hash(
+                    if i == 0 {
+                        None
+                    } else {
+                        table.hashes.get(i - 1)
+                    },
+                    chunk,
+                )
             });
             if let Some(h) = external {
                 table.hashes.push(h);

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use crate::api::{
     CacheConfig, EmbedRequest, EngineError, EngineEvent, GenerateRequest, ModelKind, ModelLimits,
 };
-use crate::stats::EngineStats;
 use crate::scheduler::SchedulingPolicy;
+use crate::stats::EngineStats;
 
 /// Messages the engine thread receives. A request ends early only through `Abort`, which its
 /// [`RequestStream`] sends when dropped or aborted.
@@ -159,9 +159,10 @@ impl EngineHandle {
             return Err(EngineError::EngineDead(self.liveness.death_reason()));
         }
         if self.max_waiting_requests > 0 && !background {
-            let waiting = self.stats.num_waiting_total().saturating_sub(
-                self.stats.num_waiting_background.load(Ordering::Relaxed) as usize,
-            );
+            let waiting = self
+                .stats
+                .num_waiting_total()
+                .saturating_sub(self.stats.num_waiting_background.load(Ordering::Relaxed) as usize);
             if waiting >= self.max_waiting_requests {
                 return Err(EngineError::QueueFull(waiting));
             }

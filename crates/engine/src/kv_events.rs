@@ -139,10 +139,7 @@ mod tests {
     fn hashes_match_vllm_sha256_cbor() {
         let h = BlockHasher::new(Some("42"));
         // sha256(cbor2.dumps("42")) = sha256(b"\x62\x34\x32")
-        assert_eq!(
-            hex(&h.none_hash),
-            hex(&Sha256::digest([0x62, b'4', b'2']))
-        );
+        assert_eq!(hex(&h.none_hash), hex(&Sha256::digest([0x62, b'4', b'2'])));
         let first = h.hash(None, &[1, 2, 3]);
         let mut manual = vec![0x83, 0x58, 0x20];
         manual.extend_from_slice(&h.none_hash);

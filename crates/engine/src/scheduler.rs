@@ -502,7 +502,12 @@ impl Scheduler {
     /// 2. Waiting sequences of `level` in queue order while there is room, preempting running
     /// sequences of less urgent levels for a slot or blocks (never of this level or a more
     /// urgent one). False once one cannot be admitted.
-    fn schedule_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize, level: Level) -> bool {
+    fn schedule_waiting(
+        &mut self,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+        level: Level,
+    ) -> bool {
         while *budget > 0 {
             let Some(id) = self
                 .waiting

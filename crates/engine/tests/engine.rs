@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spindle_engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateRequest, RequestError,
-    RequestStream, SamplingParams, StepObserver, StepTrace, StopReason, Usage,
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateRequest,
+    RequestError, RequestStream, SamplingParams, StepObserver, StepTrace, StopReason, Usage,
 };
 use spindle_model::LoadOptions;
 
@@ -590,8 +590,16 @@ fn an_interactive_request_starts_in_the_next_step_while_background_work_fills_th
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while engine.stats().num_running.load(std::sync::atomic::Ordering::Relaxed) < 8 {
-        assert!(Instant::now() < deadline, "background work never filled the engine");
+    while engine
+        .stats()
+        .num_running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 8
+    {
+        assert!(
+            Instant::now() < deadline,
+            "background work never filled the engine"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
@@ -600,7 +608,12 @@ fn an_interactive_request_starts_in_the_next_step_while_background_work_fills_th
         max_tokens: Some(8),
         ..SamplingParams::default()
     };
-    let interactive = collect(request(&engine, "interactive", "The capital of France is", short));
+    let interactive = collect(request(
+        &engine,
+        "interactive",
+        "The capital of France is",
+        short,
+    ));
     assert_eq!(interactive.usage.completion_tokens, 8);
     let first = recorder
         .0
@@ -617,7 +630,10 @@ fn an_interactive_request_starts_in_the_next_step_while_background_work_fills_th
         "interactive request first ran in step {}, submitted after step {steps_before}",
         first.step
     );
-    assert!(first.num_preempted >= 1, "a background sequence yields its slot");
+    assert!(
+        first.num_preempted >= 1,
+        "a background sequence yields its slot"
+    );
     // Every background request still completes in full (preempted ones are recomputed).
     for (id, stream) in background {
         let out = collect(stream);
@@ -637,26 +653,45 @@ fn background_work_does_not_count_against_max_waiting_requests() {
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    let ids = engine.tokenizer().encode("Background", true).expect("encode");
+    let ids = engine
+        .tokenizer()
+        .encode("Background", true)
+        .expect("encode");
     let background: Vec<RequestStream> = (0..8)
         .map(|i| {
-            let r = GenerateRequest::new(format!("bg-{i}"), ids.clone(), params.clone(), engine.limits())
-                .expect("valid")
-                .in_background();
-            engine.generate(r).expect("background work is never refused for the queue")
+            let r = GenerateRequest::new(
+                format!("bg-{i}"),
+                ids.clone(),
+                params.clone(),
+                engine.limits(),
+            )
+            .expect("valid")
+            .in_background();
+            engine
+                .generate(r)
+                .expect("background work is never refused for the queue")
         })
         .collect();
     std::thread::sleep(Duration::from_millis(100));
     // Eight background requests wait, yet interactive ones are admitted (one runs, two wait)...
     let mut interactive = Vec::new();
     for i in 0..3 {
-        interactive.push(request(&engine, &format!("interactive-{i}"), "Hello", params.clone()));
+        interactive.push(request(
+            &engine,
+            &format!("interactive-{i}"),
+            "Hello",
+            params.clone(),
+        ));
         std::thread::sleep(Duration::from_millis(100));
     }
     // ...until interactive requests themselves fill the queue.
     let ids = engine.tokenizer().encode("Hello", true).expect("encode");
-    let fourth = GenerateRequest::new("interactive-3", ids, params, engine.limits()).expect("valid");
-    assert!(matches!(engine.generate(fourth), Err(EngineError::QueueFull(2))));
+    let fourth =
+        GenerateRequest::new("interactive-3", ids, params, engine.limits()).expect("valid");
+    assert!(matches!(
+        engine.generate(fourth),
+        Err(EngineError::QueueFull(2))
+    ));
     for s in interactive {
         assert_eq!(collect(s).usage.completion_tokens, 32);
     }

@@ -251,7 +251,10 @@ async fn open_pub(cfg: &KvEventsConfig) -> Result<zeromq::PubSocket, KvEventsErr
         reason,
     };
     if bind {
-        socket.bind(&addr).await.map_err(|e| failed(e.to_string()))?;
+        socket
+            .bind(&addr)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
     } else {
         // A subscriber that is not up yet must not hold the server's start-up forever.
         tokio::time::timeout(std::time::Duration::from_secs(30), socket.connect(&addr))
@@ -365,7 +368,10 @@ async fn serve_replay(
         }
     }
     let _ = socket
-        .send(reply(Bytes::copy_from_slice(&(-1i64).to_be_bytes()), Bytes::new()))
+        .send(reply(
+            Bytes::copy_from_slice(&(-1i64).to_be_bytes()),
+            Bytes::new(),
+        ))
         .await;
 }
 
@@ -375,18 +381,38 @@ mod tests {
 
     #[test]
     fn config_follows_vllm() {
-        assert_eq!(KvEventsConfig::parse(r#"{"enable_kv_cache_events": false, "publisher": "zmq"}"#).unwrap(), None);
-        assert_eq!(KvEventsConfig::parse(r#"{"enable_kv_cache_events": true}"#).unwrap(), None, "publisher null by default");
+        assert_eq!(
+            KvEventsConfig::parse(r#"{"enable_kv_cache_events": false, "publisher": "zmq"}"#)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            KvEventsConfig::parse(r#"{"enable_kv_cache_events": true}"#).unwrap(),
+            None,
+            "publisher null by default"
+        );
         let cfg = KvEventsConfig::parse(
             r#"{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:6000", "topic": "kv", "unknown_field": 1}"#,
         )
         .unwrap()
         .unwrap();
-        assert_eq!((cfg.endpoint.as_str(), cfg.topic.as_str(), cfg.buffer_steps), ("tcp://*:6000", "kv", 10_000));
-        assert!(KvEventsConfig::parse(r#"{"enable_kv_cache_events": true, "publisher": "kafka"}"#).is_err());
+        assert_eq!(
+            (cfg.endpoint.as_str(), cfg.topic.as_str(), cfg.buffer_steps),
+            ("tcp://*:6000", "kv", 10_000)
+        );
+        assert!(
+            KvEventsConfig::parse(r#"{"enable_kv_cache_events": true, "publisher": "kafka"}"#)
+                .is_err()
+        );
         assert!(KvEventsConfig::parse("not json").is_err());
-        assert_eq!(socket_address("tcp://*:5557"), ("tcp://0.0.0.0:5557".into(), true));
-        assert_eq!(socket_address("tcp://10.0.0.1:5557"), ("tcp://10.0.0.1:5557".into(), false));
+        assert_eq!(
+            socket_address("tcp://*:5557"),
+            ("tcp://0.0.0.0:5557".into(), true)
+        );
+        assert_eq!(
+            socket_address("tcp://10.0.0.1:5557"),
+            ("tcp://10.0.0.1:5557".into(), false)
+        );
     }
 
     #[test]

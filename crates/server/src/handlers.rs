@@ -176,7 +176,16 @@ pub(crate) async fn completions(
         )?);
     }
     let requests = constrain(state, &validated, requests).await?;
-    start(state, Kind::Completion, id, model, validated, requests, origin).await
+    start(
+        state,
+        Kind::Completion,
+        id,
+        model,
+        validated,
+        requests,
+        origin,
+    )
+    .await
 }
 
 /// A chat request parsed, validated and rendered to token ids: the served model name, the

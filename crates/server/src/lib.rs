@@ -21,6 +21,6 @@ pub mod validation;
 pub use error::{ApiError, ServerError};
 pub use metrics::{CacheInfo, Metrics};
 pub use server::{
-    run_server, LoadingServer, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
+    run_server, LoadingServer, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
 };

@@ -527,7 +527,8 @@ where
 async fn warm_up(engine: &EngineHandle) -> Result<(), ServerError> {
     let limits = engine.limits();
     let token = engine.tokenizer().bos_token_id.unwrap_or(0);
-    let failed = |e: String| ServerError::Config(format!("the engine failed its warm-up step: {e}"));
+    let failed =
+        |e: String| ServerError::Config(format!("the engine failed its warm-up step: {e}"));
     let mut stream = match engine.model_kind() {
         ModelKind::Generate => {
             let params = spindle_engine::SamplingParams {
@@ -535,9 +536,12 @@ async fn warm_up(engine: &EngineHandle) -> Result<(), ServerError> {
                 temperature: 0.0,
                 ..Default::default()
             };
-            let request = spindle_engine::GenerateRequest::new("warm-up", vec![token], params, limits)
-                .map_err(|e| failed(e.to_string()))?;
-            engine.generate(request).map_err(|e| failed(e.to_string()))?
+            let request =
+                spindle_engine::GenerateRequest::new("warm-up", vec![token], params, limits)
+                    .map_err(|e| failed(e.to_string()))?;
+            engine
+                .generate(request)
+                .map_err(|e| failed(e.to_string()))?
         }
         ModelKind::Embed { .. } => {
             let request = spindle_engine::EmbedRequest::new("warm-up", vec![vec![token]], limits)
@@ -961,20 +965,17 @@ pub(crate) async fn read_body(
             return Err(too_large());
         }
     }
-    let collected = tokio::time::timeout(
-        timeout,
-        Limited::new(req.into_body(), max).collect(),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "The request body was not received within {} s.",
-                timeout.as_secs_f64()
-            ),
-        )
-    })?;
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body was not received within {} s.",
+                    timeout.as_secs_f64()
+                ),
+            )
+        })?;
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)

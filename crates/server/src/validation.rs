@@ -678,17 +678,33 @@ mod tests {
 
     #[test]
     fn priority_needs_the_priority_policy() {
-        assert_eq!(chat(json!({"messages": [], "priority": 0})).unwrap().priority, 0);
+        assert_eq!(
+            chat(json!({"messages": [], "priority": 0}))
+                .unwrap()
+                .priority,
+            0
+        );
         let e = chat(json!({"messages": [], "priority": 3})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("priority"));
-        assert!(e.message.contains("--scheduling-policy priority"), "{}", e.message);
-        let req: CompletionRequest =
-            parse_json(json!({"prompt": "x", "priority": -7}).to_string().as_bytes()).unwrap();
+        assert!(
+            e.message.contains("--scheduling-policy priority"),
+            "{}",
+            e.message
+        );
+        let req: CompletionRequest = parse_json(
+            json!({"prompt": "x", "priority": -7})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
         let v = completion_params(&req, LIMITS, SchedulingPolicy::Priority).unwrap();
         assert_eq!(v.priority, -7);
-        let req: CompletionRequest =
-            parse_json(json!({"prompt": "x", "priority": 1u64 << 40}).to_string().as_bytes())
-                .unwrap();
+        let req: CompletionRequest = parse_json(
+            json!({"prompt": "x", "priority": 1u64 << 40})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
         let e = completion_params(&req, LIMITS, SchedulingPolicy::Priority).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("priority"));
     }

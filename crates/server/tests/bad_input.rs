@@ -365,7 +365,9 @@ fn form(fields: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
             Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
             None => format!("form-data; name=\"{name}\""),
         };
-        body.extend_from_slice(format!("--B\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("--B\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes(),
+        );
         body.extend_from_slice(data);
         body.extend_from_slice(b"\r\n");
     }

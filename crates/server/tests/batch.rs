@@ -15,10 +15,8 @@ use serde_json::{json, Value};
 use spindle_server::batch::BatchConfig;
 
 fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "spindle-batch-test-{name}-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("spindle-batch-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -53,13 +51,23 @@ fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
 
 async fn upload_raw(addr: SocketAddr, fields: &[(&str, Option<&str>, &[u8])]) -> Reply {
     let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    call(addr, "POST", "/v1/files", &[("content-type", &ct)], multipart(fields)).await
+    call(
+        addr,
+        "POST",
+        "/v1/files",
+        &[("content-type", &ct)],
+        multipart(fields),
+    )
+    .await
 }
 
 async fn upload(addr: SocketAddr, content: &str) -> String {
     let r = upload_raw(
         addr,
-        &[("purpose", None, b"batch"), ("file", Some("in.jsonl"), content.as_bytes())],
+        &[
+            ("purpose", None, b"batch"),
+            ("file", Some("in.jsonl"), content.as_bytes()),
+        ],
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -150,13 +158,31 @@ async fn a_batch_completes_with_the_same_results_as_direct_requests() {
     ));
     let file_id = upload(addr, &(lines.join("\n") + "\n")).await;
     let listed = get(addr, "/v1/files?purpose=batch").await.json();
-    assert!(listed["data"].as_array().unwrap().iter().any(|f| f["id"] == file_id.as_str()));
+    assert!(listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == file_id.as_str()));
 
     let id = create(addr, &file_id, "/v1/completions").await;
-    let done = wait_status(addr, &id, &["completed", "failed"], Duration::from_secs(120)).await;
+    let done = wait_status(
+        addr,
+        &id,
+        &["completed", "failed"],
+        Duration::from_secs(120),
+    )
+    .await;
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(done["request_counts"], json!({"total": 12, "completed": 10, "failed": 2}));
-    for ts in ["in_progress_at", "finalizing_at", "completed_at", "expires_at"] {
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 12, "completed": 10, "failed": 2})
+    );
+    for ts in [
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "expires_at",
+    ] {
         assert!(done[ts].is_u64(), "{ts}: {done}");
     }
     let output = file_lines(addr, &done["output_file_id"]).await;
@@ -166,7 +192,9 @@ async fn a_batch_completes_with_the_same_results_as_direct_requests() {
     // Every custom_id exactly once across both files.
     let mut seen: HashMap<String, usize> = HashMap::new();
     for l in output.iter().chain(&errors) {
-        *seen.entry(l["custom_id"].as_str().unwrap().to_string()).or_default() += 1;
+        *seen
+            .entry(l["custom_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
         assert!(l["id"].as_str().unwrap().starts_with("batch_req_"));
     }
     assert_eq!(seen.len(), 12);
@@ -185,7 +213,9 @@ async fn a_batch_completes_with_the_same_results_as_direct_requests() {
     for l in &output {
         assert_eq!(l["response"]["status_code"], 200);
         assert!(l["error"].is_null());
-        let i: usize = l["custom_id"].as_str().unwrap()["req-".len()..].parse().unwrap();
+        let i: usize = l["custom_id"].as_str().unwrap()["req-".len()..]
+            .parse()
+            .unwrap();
         let direct = post(
             addr,
             "/v1/completions",
@@ -274,12 +304,20 @@ async fn unusable_input_files_fail_the_batch_in_validation() {
     let dir = data_dir("validation");
     let server = start(&dir, |_| {}).await;
     let addr = server.addr;
-    let ok = line("a", "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
+    let ok = line(
+        "a",
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    );
     let cases = [
         ("not jsonl at all\n".to_string(), "invalid_json_line"),
         (format!("{ok}\n{ok}\n"), "duplicate_custom_id"),
         (
-            line("a", "/v1/completions", json!({"prompt": "x", "model": "other-model"})),
+            line(
+                "a",
+                "/v1/completions",
+                json!({"prompt": "x", "model": "other-model"}),
+            ),
             "model_not_found",
         ),
         (
@@ -349,9 +387,15 @@ async fn a_restarted_server_finishes_the_batch_from_the_store() {
     let addr = server.addr;
     let done = wait_status(addr, &id, &["completed"], Duration::from_secs(120)).await;
     assert!(before < 12, "the batch was still running at the restart");
-    assert_eq!(done["request_counts"], json!({"total": 12, "completed": 12, "failed": 0}));
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 12, "completed": 12, "failed": 0})
+    );
     let output = file_lines(addr, &done["output_file_id"]).await;
-    let mut ids: Vec<&str> = output.iter().map(|l| l["custom_id"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 12, "every line answered exactly once");
@@ -366,7 +410,11 @@ async fn bad_requests_to_files_and_batches() {
     let file_id = upload(addr, &line("a", "/v1/completions", json!({"prompt": "x"}))).await;
 
     // Uploads.
-    let r = upload_raw(addr, &[("purpose", None, b"fine-tune"), ("file", Some("a"), b"{}")]).await;
+    let r = upload_raw(
+        addr,
+        &[("purpose", None, b"fine-tune"), ("file", Some("a"), b"{}")],
+    )
+    .await;
     assert_openai_error(r.status, &r.body);
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = upload_raw(addr, &[("file", Some("a"), b"{}")]).await;
@@ -375,17 +423,31 @@ async fn bad_requests_to_files_and_batches() {
     let r = upload_raw(addr, &[("purpose", None, b"batch")]).await;
     assert_eq!(assert_openai_error(r.status, &r.body)["param"], "file");
     let big = vec![b'x'; 4096];
-    let r = upload_raw(addr, &[("purpose", None, b"batch"), ("file", Some("big"), &big)]).await;
+    let r = upload_raw(
+        addr,
+        &[("purpose", None, b"batch"), ("file", Some("big"), &big)],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
     assert_openai_error(r.status, &r.body);
-    let r = call(addr, "POST", "/v1/files", &[("content-type", "application/json")], b"{}".to_vec()).await;
+    let r = call(
+        addr,
+        "POST",
+        "/v1/files",
+        &[("content-type", "application/json")],
+        b"{}".to_vec(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_openai_error(r.status, &r.body);
     let r = call(
         addr,
         "POST",
         "/v1/files",
-        &[("content-type", &format!("multipart/form-data; boundary={BOUNDARY}"))],
+        &[(
+            "content-type",
+            &format!("multipart/form-data; boundary={BOUNDARY}"),
+        )],
         b"garbage without parts".to_vec(),
     )
     .await;
@@ -421,12 +483,20 @@ async fn bad_requests_to_files_and_batches() {
         b
     };
     let cases: Vec<(Value, u16, &str)> = vec![
-        (with("input_file_id", json!("file-nope")), 404, "input_file_id"),
+        (
+            with("input_file_id", json!("file-nope")),
+            404,
+            "input_file_id",
+        ),
         (without("input_file_id"), 400, "input_file_id"),
         (with("endpoint", json!("/v1/responses")), 400, "endpoint"),
         (with("endpoint", json!("/v1/embeddings")), 400, "endpoint"),
         (without("endpoint"), 400, "endpoint"),
-        (with("completion_window", json!("1h")), 400, "completion_window"),
+        (
+            with("completion_window", json!("1h")),
+            400,
+            "completion_window",
+        ),
         (without("completion_window"), 400, "completion_window"),
         (with("metadata", json!({"k": 5})), 400, "metadata"),
         (with("metadata", json!("text")), 400, "metadata"),
@@ -446,15 +516,35 @@ async fn bad_requests_to_files_and_batches() {
     let id = create(addr, &file_id, "/v1/completions").await;
     let done = wait_status(addr, &id, &["completed"], Duration::from_secs(60)).await;
     let out = done["output_file_id"].as_str().unwrap();
-    expect_api_error(addr, "/v1/batches", &with("input_file_id", json!(out)), 400, Some("input_file_id")).await;
+    expect_api_error(
+        addr,
+        "/v1/batches",
+        &with("input_file_id", json!(out)),
+        400,
+        Some("input_file_id"),
+    )
+    .await;
     let r = post(addr, &format!("/v1/batches/{id}/cancel"), &json!({})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_openai_error(r.status, &r.body);
 
     // Deleting a file.
-    let r = call(addr, "DELETE", &format!("/v1/files/{file_id}"), &[], Vec::new()).await;
-    assert_eq!(r.json(), json!({"id": file_id, "object": "file", "deleted": true}));
-    assert_eq!(get(addr, &format!("/v1/files/{file_id}")).await.status, StatusCode::NOT_FOUND);
+    let r = call(
+        addr,
+        "DELETE",
+        &format!("/v1/files/{file_id}"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        json!({"id": file_id, "object": "file", "deleted": true})
+    );
+    assert_eq!(
+        get(addr, &format!("/v1/files/{file_id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
     server.shutdown().await;
 }
 

@@ -27,7 +27,8 @@ pub fn run(args: ExportTokenizerArgs) -> anyhow::Result<()> {
         load_format: args.load_format,
         ..LoadOptions::default()
     };
-    let loaded = spindle_model::load_any(&options).map_err(|e| anyhow!("loading {}: {e}", args.model))?;
+    let loaded =
+        spindle_model::load_any(&options).map_err(|e| anyhow!("loading {}: {e}", args.model))?;
     let tokenizer = match &loaded {
         Loaded::Decoder(m) => &m.tokenizer,
         Loaded::Encoder(m) => &m.tokenizer,
@@ -36,6 +37,9 @@ pub fn run(args: ExportTokenizerArgs) -> anyhow::Result<()> {
     tokenizer
         .save_hf(dir)
         .with_context(|| format!("writing {}", dir.display()))?;
-    println!("wrote {}/tokenizer.json and tokenizer_config.json", dir.display());
+    println!(
+        "wrote {}/tokenizer.json and tokenizer_config.json",
+        dir.display()
+    );
     Ok(())
 }

@@ -48,8 +48,10 @@ pub fn run(args: RunBatchArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} requests [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
     let result = runtime.block_on(spindle_server::batch::offline::run_batch_file(

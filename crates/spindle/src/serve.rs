@@ -11,8 +11,8 @@ use clap::Args;
 use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind, SchedulingPolicy};
 use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use spindle_server::{
-    LoadingServer, Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
+    LoadingServer, Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
 };
 
 /// The model `scripts/fetch-model.sh` downloads; served when no model is named.
@@ -599,7 +599,9 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         }
         None => None,
     };
-    let kv_hash_seed = std::env::var("PYTHONHASHSEED").ok().filter(|s| !s.is_empty());
+    let kv_hash_seed = std::env::var("PYTHONHASHSEED")
+        .ok()
+        .filter(|s| !s.is_empty());
     if kv_event_sink.is_some() && kv_hash_seed.is_none() {
         tracing::warn!("PYTHONHASHSEED is not set: KV-event block hashes are rooted at a random value, so routers cannot recompute them from tokens (set PYTHONHASHSEED as for vLLM)");
     }
@@ -723,7 +725,9 @@ fn default_data_dir() -> anyhow::Result<std::path::PathBuf> {
     }
     match var("HOME") {
         Some(h) => Ok(std::path::PathBuf::from(h).join(".local/share/spindle")),
-        None => bail!("no --data-dir given and neither SPINDLE_DATA_DIR, XDG_DATA_HOME nor HOME is set"),
+        None => {
+            bail!("no --data-dir given and neither SPINDLE_DATA_DIR, XDG_DATA_HOME nor HOME is set")
+        }
     }
 }
 

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("spindle-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -72,7 +71,8 @@ fn serve(data_dir: &Path) -> (Served, String) {
 /// One HTTP/1.1 request (`Connection: close`): status and body.
 fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
@@ -85,7 +85,10 @@ fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("a response head");
-    let status = std::str::from_utf8(&out[9..12]).expect("status").parse().expect("status");
+    let status = std::str::from_utf8(&out[9..12])
+        .expect("status")
+        .parse()
+        .expect("status");
     (status, out[split + 4..].to_vec())
 }
 
@@ -160,12 +163,18 @@ fn a_batch_survives_sigkill_and_every_line_is_answered_once() {
         if done >= 4 {
             break done;
         }
-        assert!(Instant::now() < deadline, "no progress before the kill: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "no progress before the kill: {v}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     first.0.kill().expect("SIGKILL");
     first.0.wait().expect("reap");
-    assert!((done_before as usize) < TOTAL, "the batch finished before the kill");
+    assert!(
+        (done_before as usize) < TOTAL,
+        "the batch finished before the kill"
+    );
 
     // Same data dir: the lock died with the process; the batch resumes on its own.
     let (_second, addr) = serve(&dir);
@@ -179,7 +188,10 @@ fn a_batch_survives_sigkill_and_every_line_is_answered_once() {
             v["status"] == "in_progress" || v["status"] == "finalizing",
             "unexpected status after restart: {v}"
         );
-        assert!(Instant::now() < deadline, "batch not finished after the restart: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "batch not finished after the restart: {v}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(
@@ -187,7 +199,13 @@ fn a_batch_survives_sigkill_and_every_line_is_answered_once() {
         json!({"total": TOTAL, "completed": TOTAL, "failed": 0})
     );
     let out_id = done["output_file_id"].as_str().expect("output file");
-    let (status, content) = http(&addr, "GET", &format!("/v1/files/{out_id}/content"), "text/plain", b"");
+    let (status, content) = http(
+        &addr,
+        "GET",
+        &format!("/v1/files/{out_id}/content"),
+        "text/plain",
+        b"",
+    );
     assert_eq!(status, 200);
     let mut ids: Vec<String> = String::from_utf8_lossy(&content)
         .lines()
@@ -235,19 +253,36 @@ fn run_batch_writes_one_line_per_request_in_order() {
         .arg(&input)
         .arg("-o")
         .arg(&output)
-        .args(["--model", &model_path(), "--max-model-len", "512", "--kv-cache-memory", "64MiB"])
+        .args([
+            "--model",
+            &model_path(),
+            "--max-model-len",
+            "512",
+            "--kv-cache-memory",
+            "64MiB",
+        ])
         .args(["--served-model-name", "m"])
         .env("NO_COLOR", "1")
         .output()
         .expect("run spindle run-batch");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let results: Vec<Value> = std::fs::read_to_string(&output)
         .expect("output")
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let ids: Vec<&str> = results.iter().map(|v| v["custom_id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["line-0", "line-1", "line-2", "line-3", "line-4", "chat", "bad"]);
+    let ids: Vec<&str> = results
+        .iter()
+        .map(|v| v["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["line-0", "line-1", "line-2", "line-3", "line-4", "chat", "bad"]
+    );
     for v in &results[..5] {
         assert_eq!(v["response"]["status_code"], 200);
         assert_eq!(v["response"]["body"]["object"], "text_completion");
@@ -255,7 +290,10 @@ fn run_batch_writes_one_line_per_request_in_order() {
     }
     assert_eq!(results[5]["response"]["body"]["object"], "chat.completion");
     assert_eq!(results[6]["response"]["status_code"], 400);
-    assert_eq!(results[6]["response"]["body"]["error"]["param"], "temperature");
+    assert_eq!(
+        results[6]["response"]["body"]["error"]["param"],
+        "temperature"
+    );
 
     // An input that is not batch input is refused before the model loads.
     std::fs::write(&input, "not json\n").expect("write input");

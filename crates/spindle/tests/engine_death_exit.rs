@@ -16,7 +16,6 @@ const MARKER: &str = "ZQX-EXIT-MARKER";
 /// Each server gets its own batch data directory (one server per directory).
 static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-
 /// The server process; killed and reaped if a test fails before it exits on its own.
 struct Served(Child);
 

@@ -10,7 +10,6 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -22,7 +21,8 @@ fn free_port() -> u16 {
 fn health(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -33,7 +33,14 @@ fn health_is_503_while_loading_then_200() {
     let port = free_port();
     let data = std::env::temp_dir().join(format!("spindle-health-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args(["serve", &model_path(), "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "serve",
+            &model_path(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
         // A large KV cache makes loading take a few seconds (it is allocated and touched).
         .args(["--max-model-len", "512", "--kv-cache-memory", "1GiB"])
         .arg("--data-dir")

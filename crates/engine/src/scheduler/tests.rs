@@ -316,7 +316,11 @@ fn an_interactive_request_takes_a_slot_from_background_work_in_the_next_step() {
         vec![(4, 3), (1, 1)],
         "the interactive prompt runs first"
     );
-    assert_eq!(out.preempted, vec![2], "the newest background sequence yields");
+    assert_eq!(
+        out.preempted,
+        vec![2],
+        "the newest background sequence yields"
+    );
     assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
 }
 
@@ -423,7 +427,10 @@ fn under_the_priority_policy_a_running_sequence_preempts_the_least_urgent_first(
         preempted.extend(run_step(&mut s).preempted);
     }
     assert_eq!(preempted.first(), Some(&1), "priority 9 yields first");
-    assert!(!preempted.contains(&2), "the most urgent sequence is never preempted");
+    assert!(
+        !preempted.contains(&2),
+        "the most urgent sequence is never preempted"
+    );
 }
 
 #[test]
@@ -436,7 +443,10 @@ fn background_work_gets_only_its_share_of_steps_that_run_interactive_work() {
     assert_eq!(run_step(&mut s).num_tokens(), 12);
     // Half the interactive tokens: 3 beside a 5-token prompt, then at least 1 beside a decode.
     s.add(9, prompt(200, 5), Urgency::default());
-    assert_eq!(sizes(&run_step(&mut s)), vec![(9, 5), (1, 1), (2, 1), (3, 1)]);
+    assert_eq!(
+        sizes(&run_step(&mut s)),
+        vec![(9, 5), (1, 1), (2, 1), (3, 1)]
+    );
     assert_eq!(sizes(&run_step(&mut s)), vec![(9, 1), (1, 1)]);
     s.finish(9);
     // For a few steps the next interactive request is expected; then background work takes
@@ -444,5 +454,9 @@ fn background_work_gets_only_its_share_of_steps_that_run_interactive_work() {
     for _ in 0..BACKGROUND_GRACE_STEPS {
         assert_eq!(run_step(&mut s).num_tokens(), 1);
     }
-    assert_eq!(run_step(&mut s).num_tokens(), 4, "all background work runs again");
+    assert_eq!(
+        run_step(&mut s).num_tokens(),
+        4,
+        "all background work runs again"
+    );
 }

@@ -160,7 +160,8 @@ pub(crate) async fn create_file(
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut purpose = None;
     let mut file = None;
-    let bad_form = |e: multer::Error| ApiError::bad_request(format!("Malformed multipart body: {e}"));
+    let bad_form =
+        |e: multer::Error| ApiError::bad_request(format!("Malformed multipart body: {e}"));
     while let Some(field) = multipart.next_field().await.map_err(bad_form)? {
         match field.name() {
             Some("purpose") => purpose = Some(field.text().await.map_err(bad_form)?),
@@ -173,7 +174,10 @@ pub(crate) async fn create_file(
         }
     }
     let Some(purpose) = purpose else {
-        return Err(ApiError::invalid_param("purpose", "The `purpose` field is required."));
+        return Err(ApiError::invalid_param(
+            "purpose",
+            "The `purpose` field is required.",
+        ));
     };
     if purpose != "batch" {
         return Err(ApiError::invalid_param(
@@ -182,7 +186,10 @@ pub(crate) async fn create_file(
         ));
     }
     let Some((filename, data)) = file else {
-        return Err(ApiError::invalid_param("file", "The `file` field is required."));
+        return Err(ApiError::invalid_param(
+            "file",
+            "The `file` field is required.",
+        ));
     };
     if data.len() > max {
         return Err(too_large());
@@ -313,7 +320,10 @@ pub(crate) async fn create_batch(
         ));
     };
     let Some(endpoint_str) = req.endpoint else {
-        return Err(ApiError::invalid_param("endpoint", "`endpoint` is required."));
+        return Err(ApiError::invalid_param(
+            "endpoint",
+            "`endpoint` is required.",
+        ));
     };
     let Some(endpoint) = BatchEndpoint::parse(&endpoint_str) else {
         return Err(ApiError::invalid_param(
@@ -398,7 +408,9 @@ pub(crate) async fn list_batches(
     let q = parse_query(query);
     let limit = parse_limit(q.limit.as_deref(), 20, 100)?;
     let page = db(&batches, move |s| s.list_batches(q.after.as_deref(), limit)).await?;
-    ok_json(&list_page(page, |b: &super::store::BatchObject| b.id.as_str()))
+    ok_json(&list_page(page, |b: &super::store::BatchObject| {
+        b.id.as_str()
+    }))
 }
 
 /// `GET /v1/batches/{id}`.
@@ -436,7 +448,10 @@ pub(crate) async fn cancel_batch(
     if moved {
         tracing::info!(batch = %id, "batch cancellation requested");
         batches.wake.notify_one();
-    } else if !matches!(batch.status, BatchStatus::Cancelling | BatchStatus::Cancelled) {
+    } else if !matches!(
+        batch.status,
+        BatchStatus::Cancelling | BatchStatus::Cancelled
+    ) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(

@@ -292,7 +292,11 @@ mod tests {
             vec![("empty_file".to_string(), None)]
         );
         assert_eq!(
-            codes(parse_input(&[0xff, 0xfe], BatchEndpoint::Completions, &names())),
+            codes(parse_input(
+                &[0xff, 0xfe],
+                BatchEndpoint::Completions,
+                &names()
+            )),
             vec![("invalid_file".to_string(), None)]
         );
     }

@@ -143,10 +143,16 @@ mod tests {
     #[test]
     fn input_problems_are_reported_by_line() {
         let text = "{\"custom_id\": \"a\", \"url\": \"/v1/completions\", \"body\": {}}\n\nnope\n{\"custom_id\": \"b\", \"url\": \"/v2/x\", \"body\": {}}\n";
-        let err = parse_lines(text).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = parse_lines(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("line 3: not JSON"), "{err}");
         assert!(err.contains("line 4: `url` /v2/x"), "{err}");
-        let ok = parse_lines("{\"custom_id\": \"a\", \"url\": \"/v1/embeddings\", \"body\": {\"input\": \"x\"}}").unwrap();
+        let ok = parse_lines(
+            "{\"custom_id\": \"a\", \"url\": \"/v1/embeddings\", \"body\": {\"input\": \"x\"}}",
+        )
+        .unwrap();
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].endpoint, BatchEndpoint::Embeddings);
     }

@@ -126,11 +126,11 @@ impl Runner {
                 param: Some("endpoint".into()),
                 line: None,
             }]),
-            (Some(content), Some(endpoint)) => tokio::task::spawn_blocking(move || {
-                parse_input(&content, endpoint, &served)
-            })
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("validation task failed: {e}")))?,
+            (Some(content), Some(endpoint)) => {
+                tokio::task::spawn_blocking(move || parse_input(&content, endpoint, &served))
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("validation task failed: {e}")))?
+            }
         };
         let id = id.to_string();
         let now = unix_now();
@@ -233,7 +233,8 @@ impl Runner {
                 let Some(line) = queue.pop_front() else { break };
                 let state = self.state.clone();
                 in_flight.spawn(async move {
-                    let result = run_line(&state, endpoint, &line.custom_id, line.body.as_bytes()).await;
+                    let result =
+                        run_line(&state, endpoint, &line.custom_id, line.body.as_bytes()).await;
                     (line, result)
                 });
             }
@@ -270,7 +271,12 @@ impl Runner {
         }
         let id = id.to_string();
         db(self.store(), move |s| {
-            s.transition(&id, &[BatchStatus::InProgress], BatchStatus::Finalizing, unix_now())
+            s.transition(
+                &id,
+                &[BatchStatus::InProgress],
+                BatchStatus::Finalizing,
+                unix_now(),
+            )
         })
         .await?;
         Ok(())

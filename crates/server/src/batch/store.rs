@@ -252,7 +252,9 @@ pub struct BatchStore {
 
 impl std::fmt::Debug for BatchStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchStore").field("dir", &self.dir).finish()
+        f.debug_struct("BatchStore")
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
@@ -357,14 +359,16 @@ impl BatchStore {
     ) -> Result<Page<FileObject>, StoreError> {
         let conn = self.conn();
         let after_seq = match after {
-            Some(id) => Some(seq_of(&conn, "files", id)?.unwrap_or(if ascending {
-                i64::MAX
-            } else {
-                0
-            })),
+            Some(id) => {
+                Some(seq_of(&conn, "files", id)?.unwrap_or(if ascending { i64::MAX } else { 0 }))
+            }
             None => None,
         };
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let sql = format!(
             "SELECT id, bytes, created_at, filename, purpose FROM files
              WHERE (?1 IS NULL OR purpose = ?1) AND (?2 IS NULL OR seq {cmp} ?2)
@@ -381,7 +385,10 @@ impl BatchStore {
 
     /// Delete a file; false if there was none.
     pub fn delete_file(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("DELETE FROM files WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM files WHERE id = ?1", [id])?
+            > 0)
     }
 
     // ----- batches -----
@@ -484,7 +491,13 @@ impl BatchStore {
     pub fn start_batch(&self, id: &str, lines: &[NewLine], now: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        if !transition(&tx, id, &[BatchStatus::Validating], BatchStatus::InProgress, now)? {
+        if !transition(
+            &tx,
+            id,
+            &[BatchStatus::Validating],
+            BatchStatus::InProgress,
+            now,
+        )? {
             return Ok(false);
         }
         {
@@ -662,9 +675,11 @@ fn file_row(r: &Row<'_>) -> rusqlite::Result<FileObject> {
 
 fn seq_of(conn: &Connection, table: &str, id: &str) -> Result<Option<i64>, StoreError> {
     Ok(conn
-        .query_row(&format!("SELECT seq FROM {table} WHERE id = ?1"), [id], |r| {
-            r.get(0)
-        })
+        .query_row(
+            &format!("SELECT seq FROM {table} WHERE id = ?1"),
+            [id],
+            |r| r.get(0),
+        )
         .optional()?)
 }
 
@@ -734,7 +749,16 @@ fn batch_by_id(conn: &Connection, id: &str) -> Result<Option<BatchObject>, Store
         )
         .optional()?;
     let Some((
-        (id, endpoint, errors, input_file_id, completion_window, status, output_file_id, error_file_id),
+        (
+            id,
+            endpoint,
+            errors,
+            input_file_id,
+            completion_window,
+            status,
+            output_file_id,
+            error_file_id,
+        ),
         ts,
         total,
         metadata,
