@@ -153,6 +153,29 @@ struct EventLog {
 }
 
 impl EventLog {
+    /// Record that a block entered the cache, extending the store just before it when this block
+    /// continues its chain (consecutive blocks of a sequence are one event, as in vLLM).
+    fn stored(&mut self, hash: BlockHash, parent: Option<BlockHash>, tokens: &[u32], size: usize) {
+        if let Some(KvCacheEvent::BlockStored {
+            block_hashes,
+            token_ids,
+            ..
+        }) = self.pending.last_mut()
+        {
+            if parent.is_some() && block_hashes.last() == parent.as_ref() {
+                block_hashes.push(hash);
+                token_ids.extend_from_slice(tokens);
+                return;
+            }
+        }
+        self.pending.push(KvCacheEvent::BlockStored {
+            block_hashes: vec![hash],
+            parent_block_hash: parent,
+            token_ids: tokens.to_vec(),
+            block_size: size,
+        });
+    }
+
     /// Record that a block left the cache, merging with a removal just before it.
     fn removed(&mut self, hash: BlockHash) {
         if let Some(KvCacheEvent::BlockRemoved { block_hashes }) = self.pending.last_mut() {
@@ -458,27 +481,19 @@ impl BlockManager {
         }
         let bs = self.block_size;
         let full = (tokens.len() / bs).min(table.blocks.len());
-        // Consecutive new registrations of this call, reported as one BlockStored event.
-        let mut stored: Option<KvCacheEvent> = None;
-        let mut last_stored = usize::MAX - 1;
         for i in table.committed.len()..full {
             let block = table.blocks[i];
             let b = block as usize;
             if b >= self.cached.len() {
-                break;
+                return;
             }
             let chunk = &tokens[i * bs..(i + 1) * bs];
             // vLLM's hash of this block (a function of the token prefix alone).
-            let external = self.events.as_ref().map(|log| {
-                log.hasher.hash(
-                    if i == 0 {
-                        None
-                    } else {
-                        table.hashes.get(i - 1)
-                    },
-                    chunk,
-                )
-            });
+            let parent_hash = i.checked_sub(1).and_then(|p| table.hashes.get(p)).copied();
+            let external = self
+                .events
+                .as_ref()
+                .map(|log| log.hasher.hash(parent_hash.as_ref(), chunk));
             if let Some(h) = external {
                 table.hashes.push(h);
             }
@@ -506,37 +521,9 @@ impl BlockManager {
             });
             self.index.entry(hash).or_default().push(block);
             table.committed.push(id);
-            if let Some(h) = external {
-                match &mut stored {
-                    Some(KvCacheEvent::BlockStored {
-                        block_hashes,
-                        token_ids,
-                        ..
-                    }) if last_stored + 1 == i => {
-                        block_hashes.push(h);
-                        token_ids.extend_from_slice(chunk);
-                    }
-                    _ => {
-                        if let (Some(ev), Some(log)) = (stored.take(), self.events.as_mut()) {
-                            log.pending.push(ev);
-                        }
-                        stored = Some(KvCacheEvent::BlockStored {
-                            block_hashes: vec![h],
-                            parent_block_hash: if i == 0 {
-                                None
-                            } else {
-                                table.hashes.get(i - 1).copied()
-                            },
-                            token_ids: chunk.to_vec(),
-                            block_size: bs,
-                        });
-                    }
-                }
-                last_stored = i;
+            if let (Some(log), Some(h)) = (self.events.as_mut(), external) {
+                log.stored(h, parent_hash, chunk, bs);
             }
-        }
-        if let (Some(ev), Some(log)) = (stored, self.events.as_mut()) {
-            log.pending.push(ev);
         }
     }
 

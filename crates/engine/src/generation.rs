@@ -198,7 +198,22 @@ impl Core for GenerationCore {
     }
 
     fn publish_gauges(&self) {
-        GenerationCore::publish_gauges(self)
+        let s = &self.stats;
+        let blocks = self.scheduler.blocks();
+        s.num_running
+            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
+        s.num_waiting
+            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+        s.num_waiting_background.store(
+            self.scheduler.num_waiting_background() as u64,
+            Ordering::Relaxed,
+        );
+        s.kv_blocks_used
+            .store(blocks.num_used_blocks() as u64, Ordering::Relaxed);
+        let (queries, hits) = blocks.prefix_cache_stats();
+        s.prefix_cache_queries_total
+            .store(queries, Ordering::Relaxed);
+        s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
     }
 }
 
@@ -268,24 +283,5 @@ impl GenerationCore {
             observer.on_step(trace);
         }
         Ok(())
-    }
-
-    fn publish_gauges(&self) {
-        let s = &self.stats;
-        let blocks = self.scheduler.blocks();
-        s.num_running
-            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
-        s.num_waiting
-            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
-        s.num_waiting_background.store(
-            self.scheduler.num_waiting_background() as u64,
-            Ordering::Relaxed,
-        );
-        s.kv_blocks_used
-            .store(blocks.num_used_blocks() as u64, Ordering::Relaxed);
-        let (queries, hits) = blocks.prefix_cache_stats();
-        s.prefix_cache_queries_total
-            .store(queries, Ordering::Relaxed);
-        s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
     }
 }
