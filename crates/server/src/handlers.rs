@@ -25,7 +25,7 @@ use crate::validation::{
     resolve_model, PromptInput, Validated,
 };
 
-fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
+pub(crate) fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
     let body = serde_json::to_vec(value)
         .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
     Ok(json_response(StatusCode::OK, body))

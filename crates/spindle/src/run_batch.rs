@@ -30,11 +30,12 @@ pub struct RunBatchArgs {
 
 pub fn run(args: RunBatchArgs) -> anyhow::Result<()> {
     crate::logging::init(args.serve.log_format == "json");
-    let input = std::fs::read_to_string(&args.input_file)
+    let text = std::fs::read_to_string(&args.input_file)
         .with_context(|| format!("reading {}", args.input_file))?;
-    let requests = spindle_server::batch::offline::check_input(&input)
+    let input = spindle_server::batch::offline::OfflineInput::parse(&text)
         .map_err(|e| anyhow!("{}: {e}", args.input_file))?;
-    tracing::info!(requests, input = %args.input_file, "batch input checked");
+    drop(text);
+    tracing::info!(requests = input.len(), input = %args.input_file, "batch input checked");
     let Started {
         engine,
         metrics,
@@ -58,7 +59,7 @@ pub fn run(args: RunBatchArgs) -> anyhow::Result<()> {
         server_config,
         engine.clone(),
         metrics,
-        &input,
+        input,
         args.max_concurrency,
         |done, total| {
             bar.set_length(total as u64);

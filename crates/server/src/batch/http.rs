@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use spindle_engine::ModelKind;
 
 use super::input::BatchEndpoint;
-use super::store::{BatchStatus, BatchStore, FileObject, Page, StoreError};
+use super::store::{BatchStatus, FileObject, Page, StoreError};
 use super::{new_id, Batches};
 use crate::error::ApiError;
-use crate::handlers::unix_now;
-use crate::server::{json_response, read_body, ApiBody, AppState};
+use crate::handlers::{ok_json, unix_now};
+use crate::server::{read_body, ApiBody, AppState};
 use crate::validation::parse_json;
 
 /// Room for the multipart framing and the `purpose` field around an upload.
@@ -40,24 +40,6 @@ pub(crate) fn enabled(state: &AppState) -> Result<Arc<Batches>, ApiError> {
             "The Batch API is not enabled on this server (it needs a --data-dir).",
         )
     })
-}
-
-async fn db<T, F>(batches: &Batches, f: F) -> Result<T, ApiError>
-where
-    F: FnOnce(&BatchStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    let store = batches.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| ApiError::internal(format!("a store task failed: {e}")))?
-        .map_err(ApiError::from)
-}
-
-fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
-    let body = serde_json::to_vec(value)
-        .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
-    Ok(json_response(StatusCode::OK, body))
 }
 
 fn not_found(kind: &str, id: &str) -> ApiError {
@@ -196,10 +178,9 @@ pub(crate) async fn create_file(
     }
     let id = new_id("file-");
     let created = unix_now();
-    let file = db(&batches, move |s| {
-        s.insert_file(&id, &filename, &purpose, &data, created)
-    })
-    .await?;
+    let file = batches
+        .db(move |s| s.insert_file(&id, &filename, &purpose, &data, created))
+        .await?;
     tracing::info!(file = %file.id, bytes = file.bytes, "file uploaded");
     ok_json(&file)
 }
@@ -222,10 +203,9 @@ pub(crate) async fn list_files(
             ))
         }
     };
-    let page = db(&batches, move |s| {
-        s.list_files(q.purpose.as_deref(), q.after.as_deref(), limit, ascending)
-    })
-    .await?;
+    let page = batches
+        .db(move |s| s.list_files(q.purpose.as_deref(), q.after.as_deref(), limit, ascending))
+        .await?;
     ok_json(&list_page(page, |f: &FileObject| f.id.as_str()))
 }
 
@@ -233,7 +213,7 @@ pub(crate) async fn list_files(
 pub(crate) async fn get_file(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
     let batches = enabled(state)?;
     let key = id.to_string();
-    match db(&batches, move |s| s.file(&key)).await? {
+    match batches.db(move |s| s.file(&key)).await? {
         Some(f) => ok_json(&f),
         None => Err(not_found("file", id)),
     }
@@ -243,7 +223,7 @@ pub(crate) async fn get_file(state: &AppState, id: &str) -> Result<Response<ApiB
 pub(crate) async fn delete_file(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
     let batches = enabled(state)?;
     let key = id.to_string();
-    if db(&batches, move |s| s.delete_file(&key)).await? {
+    if batches.db(move |s| s.delete_file(&key)).await? {
         ok_json(&json!({"id": id, "object": "file", "deleted": true}))
     } else {
         Err(not_found("file", id))
@@ -257,7 +237,7 @@ pub(crate) async fn file_content(
 ) -> Result<Response<ApiBody>, ApiError> {
     let batches = enabled(state)?;
     let key = id.to_string();
-    let Some(content) = db(&batches, move |s| s.file_content(&key)).await? else {
+    let Some(content) = batches.db(move |s| s.file_content(&key)).await? else {
         return Err(not_found("file", id));
     };
     let mut r = Response::new(ApiBody::full(content));
@@ -361,7 +341,7 @@ pub(crate) async fn create_batch(
     }
     check_metadata(&req.metadata)?;
     let file_key = input_file_id.clone();
-    let Some(file) = db(&batches, move |s| s.file(&file_key)).await? else {
+    let Some(file) = batches.db(move |s| s.file(&file_key)).await? else {
         return Err(ApiError {
             param: Some("input_file_id".into()),
             ..ApiError::new(
@@ -382,18 +362,19 @@ pub(crate) async fn create_batch(
     let id = new_id("batch_");
     let now = unix_now();
     let metadata = req.metadata.filter(|m| !m.is_null());
-    let batch = db(&batches, move |s| {
-        s.create_batch(
-            &id,
-            endpoint.as_str(),
-            &input_file_id,
-            "24h",
-            metadata.as_ref(),
-            now,
-            now + WINDOW_24H,
-        )
-    })
-    .await?;
+    let batch = batches
+        .db(move |s| {
+            s.create_batch(
+                &id,
+                endpoint.as_str(),
+                &input_file_id,
+                "24h",
+                metadata.as_ref(),
+                now,
+                now + WINDOW_24H,
+            )
+        })
+        .await?;
     tracing::info!(batch = %batch.id, file = %batch.input_file_id, endpoint = %batch.endpoint, "batch created");
     batches.wake.notify_one();
     ok_json(&batch)
@@ -407,7 +388,9 @@ pub(crate) async fn list_batches(
     let batches = enabled(state)?;
     let q = parse_query(query);
     let limit = parse_limit(q.limit.as_deref(), 20, 100)?;
-    let page = db(&batches, move |s| s.list_batches(q.after.as_deref(), limit)).await?;
+    let page = batches
+        .db(move |s| s.list_batches(q.after.as_deref(), limit))
+        .await?;
     ok_json(&list_page(page, |b: &super::store::BatchObject| {
         b.id.as_str()
     }))
@@ -417,7 +400,7 @@ pub(crate) async fn list_batches(
 pub(crate) async fn get_batch(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
     let batches = enabled(state)?;
     let key = id.to_string();
-    match db(&batches, move |s| s.batch(&key)).await? {
+    match batches.db(move |s| s.batch(&key)).await? {
         Some(b) => ok_json(&b),
         None => Err(not_found("batch", id)),
     }
@@ -433,15 +416,16 @@ pub(crate) async fn cancel_batch(
     let batches = enabled(state)?;
     let key = id.to_string();
     let now = unix_now();
-    let Some((batch, moved)) = db(&batches, move |s| {
-        s.transition(
-            &key,
-            &[BatchStatus::Validating, BatchStatus::InProgress],
-            BatchStatus::Cancelling,
-            now,
-        )
-    })
-    .await?
+    let Some((batch, moved)) = batches
+        .db(move |s| {
+            s.transition(
+                &key,
+                &[BatchStatus::Validating, BatchStatus::InProgress],
+                BatchStatus::Cancelling,
+                now,
+            )
+        })
+        .await?
     else {
         return Err(not_found("batch", id));
     };

@@ -62,6 +62,18 @@ pub(crate) struct Batches {
 }
 
 impl Batches {
+    /// Run a store call on the blocking pool (SQLite is blocking I/O).
+    pub(crate) async fn db<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&BatchStore) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     /// Open the store (taking its lock).
     pub(crate) fn open(cfg: BatchConfig) -> Result<Self, StoreError> {
         let store = BatchStore::open(&cfg.data_dir)?;

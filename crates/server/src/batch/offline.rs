@@ -81,10 +81,24 @@ fn parse_lines(text: &str) -> Result<Vec<OfflineLine>, OfflineBatchError> {
     Ok(lines)
 }
 
-/// Check `input` without running it (so a bad file is refused before a model loads); returns
-/// the number of requests.
-pub fn check_input(input: &str) -> Result<usize, OfflineBatchError> {
-    parse_lines(input).map(|l| l.len())
+/// A checked input file, ready to run.
+pub struct OfflineInput(Vec<OfflineLine>);
+
+impl OfflineInput {
+    /// Parse and check `text` without running it (so a bad file is refused before a model
+    /// loads).
+    pub fn parse(text: &str) -> Result<Self, OfflineBatchError> {
+        parse_lines(text).map(Self)
+    }
+
+    /// Number of requests.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Run every line of `input` with up to `concurrency` in the engine at once; `progress` is
@@ -93,11 +107,11 @@ pub async fn run_batch_file(
     config: ServerConfig,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
-    input: &str,
+    input: OfflineInput,
     concurrency: usize,
     progress: impl Fn(usize, usize),
 ) -> Result<Vec<String>, OfflineBatchError> {
-    let lines = parse_lines(input)?;
+    let lines = input.0;
     let total = lines.len();
     let config = ServerConfig {
         batch: None,

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use super::input::{parse_input, BatchEndpoint};
 use super::line::{no_response_line, run_line, LineResult};
-use super::store::{BatchError, BatchStatus, BatchStore, LineOutcome, PendingLine, StoreError};
+use super::store::{BatchError, BatchObject, BatchStatus, LineOutcome, PendingLine, StoreError};
 use super::{new_id, Batches};
 use crate::handlers::unix_now;
 use crate::server::AppState;
@@ -24,18 +24,6 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Pending lines read from the store at a time.
 const PAGE: usize = 512;
-
-/// Run store calls on the blocking pool.
-async fn db<T, F>(store: &Arc<BatchStore>, f: F) -> Result<T, StoreError>
-where
-    F: FnOnce(&BatchStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("a store task failed: {e}")))?
-}
 
 /// The runner loop; it never returns (the server aborts it on shutdown).
 pub(crate) async fn run(state: Arc<AppState>, batches: Arc<Batches>) {
@@ -54,20 +42,21 @@ pub(crate) async fn run(state: Arc<AppState>, batches: Arc<Batches>) {
     }
 }
 
+/// Whether a batch's completion window has passed.
+fn past_window(batch: &BatchObject) -> bool {
+    batch.expires_at.is_some_and(|t| unix_now() >= t)
+}
+
 struct Runner {
     state: Arc<AppState>,
     batches: Arc<Batches>,
 }
 
 impl Runner {
-    fn store(&self) -> &Arc<BatchStore> {
-        &self.batches.store
-    }
-
     /// Do the next piece of work; false when there was none.
     async fn step(&self) -> Result<bool, StoreError> {
         self.housekeeping(None).await?;
-        let unfinished = db(self.store(), |s| s.unfinished_batches()).await?;
+        let unfinished = self.batches.db(|s| s.unfinished_batches()).await?;
         let Some((id, status)) = unfinished
             .into_iter()
             .find(|(_, s)| matches!(s, BatchStatus::InProgress | BatchStatus::Finalizing))
@@ -86,7 +75,7 @@ impl Runner {
     /// cancellations and expire what is past its window (except `current`, which the caller
     /// handles itself).
     async fn housekeeping(&self, current: Option<&str>) -> Result<(), StoreError> {
-        let unfinished = db(self.store(), |s| s.unfinished_batches()).await?;
+        let unfinished = self.batches.db(|s| s.unfinished_batches()).await?;
         for (id, status) in unfinished {
             if Some(id.as_str()) == current {
                 continue;
@@ -107,11 +96,11 @@ impl Runner {
     /// `validating` → `in_progress` with the lines stored, or → `failed` with `errors`.
     async fn validate(&self, id: &str) -> Result<(), StoreError> {
         let id_owned = id.to_string();
-        let Some(batch) = db(self.store(), move |s| s.batch(&id_owned)).await? else {
+        let Some(batch) = self.batches.db(move |s| s.batch(&id_owned)).await? else {
             return Ok(());
         };
         let file_id = batch.input_file_id.clone();
-        let content = db(self.store(), move |s| s.file_content(&file_id)).await?;
+        let content = self.batches.db(move |s| s.file_content(&file_id)).await?;
         let served = self.state.cfg.served_model_names.clone();
         let checked = match (content, BatchEndpoint::parse(&batch.endpoint)) {
             (None, _) => Err(vec![BatchError {
@@ -137,12 +126,16 @@ impl Runner {
         match checked {
             Ok(lines) => {
                 let total = lines.len();
-                db(self.store(), move |s| s.start_batch(&id, &lines, now)).await?;
+                self.batches
+                    .db(move |s| s.start_batch(&id, &lines, now))
+                    .await?;
                 tracing::info!(batch = %batch.id, lines = total, "batch validated; in progress");
             }
             Err(errors) => {
                 tracing::info!(batch = %batch.id, errors = errors.len(), "batch failed validation");
-                db(self.store(), move |s| s.fail_batch(&id, &errors, now)).await?;
+                self.batches
+                    .db(move |s| s.fail_batch(&id, &errors, now))
+                    .await?;
             }
         }
         Ok(())
@@ -150,46 +143,47 @@ impl Runner {
 
     async fn expired(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
-        let batch = db(self.store(), move |s| s.batch(&id)).await?;
-        Ok(batch
-            .and_then(|b| b.expires_at)
-            .is_some_and(|t| unix_now() >= t))
+        let batch = self.batches.db(move |s| s.batch(&id)).await?;
+        Ok(batch.as_ref().is_some_and(past_window))
     }
 
     /// `in_progress` → `expired`: lines not answered yet go to the error file.
     async fn expire(&self, id: &str) -> Result<(), StoreError> {
         tracing::warn!(batch = %id, "batch expired before all its lines ran");
         let id = id.to_string();
-        db(self.store(), move |s| {
-            let line = |custom_id: &str| {
-                no_response_line(
-                    custom_id,
-                    "batch_expired",
-                    "This request could not be executed before the completion window expired.",
+        self.batches
+            .db(move |s| {
+                let line = |custom_id: &str| {
+                    no_response_line(
+                        custom_id,
+                        "batch_expired",
+                        "This request could not be executed before the completion window expired.",
+                    )
+                };
+                s.complete(
+                    &id,
+                    &[BatchStatus::InProgress],
+                    BatchStatus::Expired,
+                    Some(&line),
+                    unix_now(),
+                    &mut || new_id("file-"),
                 )
-            };
-            s.complete(
-                &id,
-                &[BatchStatus::InProgress],
-                BatchStatus::Expired,
-                Some(&line),
-                unix_now(),
-                &mut || new_id("file-"),
-            )
-        })
-        .await?;
+            })
+            .await?;
         Ok(())
     }
 
     /// Move a batch from `from` to its end state `to`, writing its output and error files.
     async fn finish(&self, id: &str, from: BatchStatus, to: BatchStatus) -> Result<(), StoreError> {
         let id_owned = id.to_string();
-        let done = db(self.store(), move |s| {
-            s.complete(&id_owned, &[from], to, None, unix_now(), &mut || {
-                new_id("file-")
+        let done = self
+            .batches
+            .db(move |s| {
+                s.complete(&id_owned, &[from], to, None, unix_now(), &mut || {
+                    new_id("file-")
+                })
             })
-        })
-        .await?;
+            .await?;
         if done {
             tracing::info!(batch = %id, status = to.as_str(), "batch finished");
         }
@@ -200,7 +194,7 @@ impl Runner {
     /// early (aborting the lines in flight) when the batch is cancelled or expires.
     async fn run_lines(&self, id: &str) -> Result<(), StoreError> {
         let id_owned = id.to_string();
-        let Some(batch) = db(self.store(), move |s| s.batch(&id_owned)).await? else {
+        let Some(batch) = self.batches.db(move |s| s.batch(&id_owned)).await? else {
             return Ok(());
         };
         let Some(endpoint) = BatchEndpoint::parse(&batch.endpoint) else {
@@ -222,7 +216,10 @@ impl Runner {
             if queue.len() < max_in_flight && !exhausted {
                 let id = id.to_string();
                 let from = next_index;
-                let page = db(self.store(), move |s| s.pending_lines(&id, from, PAGE)).await?;
+                let page = self
+                    .batches
+                    .db(move |s| s.pending_lines(&id, from, PAGE))
+                    .await?;
                 exhausted = page.len() < PAGE;
                 if let Some(last) = page.last() {
                     next_index = last.index + 1;
@@ -270,15 +267,16 @@ impl Runner {
             }
         }
         let id = id.to_string();
-        db(self.store(), move |s| {
-            s.transition(
-                &id,
-                &[BatchStatus::InProgress],
-                BatchStatus::Finalizing,
-                unix_now(),
-            )
-        })
-        .await?;
+        self.batches
+            .db(move |s| {
+                s.transition(
+                    &id,
+                    &[BatchStatus::InProgress],
+                    BatchStatus::Finalizing,
+                    unix_now(),
+                )
+            })
+            .await?;
         Ok(())
     }
 
@@ -290,10 +288,10 @@ impl Runner {
         text: String,
     ) -> Result<(), StoreError> {
         let id_owned = id.to_string();
-        let fresh = db(self.store(), move |s| {
-            s.record_result(&id_owned, index, outcome, &text)
-        })
-        .await?;
+        let fresh = self
+            .batches
+            .db(move |s| s.record_result(&id_owned, index, outcome, &text))
+            .await?;
         if !fresh {
             tracing::warn!(batch = %id, line = index, "line already had a result; kept the first");
         }
@@ -308,17 +306,15 @@ impl Runner {
         in_flight: &mut JoinSet<(PendingLine, LineResult)>,
     ) -> Result<bool, StoreError> {
         let id_owned = id.to_string();
-        let status = db(self.store(), move |s| s.batch(&id_owned))
-            .await?
-            .map(|b| b.status);
-        match status {
+        let batch = self.batches.db(move |s| s.batch(&id_owned)).await?;
+        match batch.as_ref().map(|b| b.status) {
             Some(BatchStatus::Cancelling) => {
                 in_flight.abort_all();
                 self.finish(id, BatchStatus::Cancelling, BatchStatus::Cancelled)
                     .await?;
                 Ok(true)
             }
-            Some(BatchStatus::InProgress) if self.expired(id).await? => {
+            Some(BatchStatus::InProgress) if batch.as_ref().is_some_and(past_window) => {
                 in_flight.abort_all();
                 self.expire(id).await?;
                 Ok(true)

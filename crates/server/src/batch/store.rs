@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Why the store failed.
@@ -32,6 +32,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("a stored record is unreadable: {0}")]
     Corrupt(String),
+    #[error("a store task failed: {0}")]
+    Task(String),
 }
 
 /// Where a batch is in OpenAI's lifecycle.
@@ -115,7 +117,7 @@ pub struct FileObject {
 }
 
 /// One entry of a failed batch's `errors`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BatchError {
     pub code: String,
     pub message: String,
@@ -709,124 +711,82 @@ fn transition(
 }
 
 fn batch_by_id(conn: &Connection, id: &str) -> Result<Option<BatchObject>, StoreError> {
+    // The row as stored; the text columns (status, errors, metadata) are parsed below.
     let row = conn
         .query_row(
-            "SELECT id, endpoint, errors, input_file_id, completion_window, status, output_file_id,
-                    error_file_id, created_at, in_progress_at, expires_at, finalizing_at,
-                    completed_at, failed_at, expired_at, cancelling_at, cancelled_at, total, metadata
+            "SELECT id, endpoint, input_file_id, completion_window, output_file_id, error_file_id,
+                    created_at, in_progress_at, expires_at, finalizing_at, completed_at, failed_at,
+                    expired_at, cancelling_at, cancelled_at, total, status, errors, metadata
              FROM batches WHERE id = ?1",
             [id],
             |r| {
                 let ts = |i: usize| -> rusqlite::Result<Option<u64>> {
                     Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64))
                 };
-                Ok((
-                    (
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                        r.get::<_, Option<String>>(7)?,
-                    ),
-                    [
-                        ts(8)?,
-                        ts(9)?,
-                        ts(10)?,
-                        ts(11)?,
-                        ts(12)?,
-                        ts(13)?,
-                        ts(14)?,
-                        ts(15)?,
-                        ts(16)?,
-                    ],
-                    r.get::<_, i64>(17)? as u64,
+                let batch = BatchObject {
+                    id: r.get(0)?,
+                    object: "batch",
+                    endpoint: r.get(1)?,
+                    errors: None,
+                    input_file_id: r.get(2)?,
+                    completion_window: r.get(3)?,
+                    status: BatchStatus::Validating,
+                    output_file_id: r.get(4)?,
+                    error_file_id: r.get(5)?,
+                    created_at: ts(6)?.unwrap_or(0),
+                    in_progress_at: ts(7)?,
+                    expires_at: ts(8)?,
+                    finalizing_at: ts(9)?,
+                    completed_at: ts(10)?,
+                    failed_at: ts(11)?,
+                    expired_at: ts(12)?,
+                    cancelling_at: ts(13)?,
+                    cancelled_at: ts(14)?,
+                    request_counts: RequestCounts {
+                        total: r.get::<_, i64>(15)? as u64,
+                        completed: 0,
+                        failed: 0,
+                    },
+                    metadata: None,
+                };
+                let texts = (
+                    r.get::<_, String>(16)?,
+                    r.get::<_, Option<String>>(17)?,
                     r.get::<_, Option<String>>(18)?,
-                ))
+                );
+                Ok((batch, texts))
             },
         )
         .optional()?;
-    let Some((
-        (
-            id,
-            endpoint,
-            errors,
-            input_file_id,
-            completion_window,
-            status,
-            output_file_id,
-            error_file_id,
-        ),
-        ts,
-        total,
-        metadata,
-    )) = row
-    else {
+    let Some((mut batch, (status, errors, metadata))) = row else {
         return Ok(None);
     };
-    let status = BatchStatus::parse(&status)
+    batch.status = BatchStatus::parse(&status)
         .ok_or_else(|| StoreError::Corrupt(format!("batch {id} has status {status}")))?;
-    let errors = match errors {
-        Some(text) => Some(BatchErrors {
+    if let Some(text) = errors {
+        batch.errors = Some(BatchErrors {
             object: "list",
             data: parse_errors(&text)?,
-        }),
-        None => None,
-    };
-    let metadata = match metadata {
-        Some(text) => Some(
+        });
+    }
+    if let Some(text) = metadata {
+        batch.metadata = Some(
             serde_json::from_str(&text)
                 .map_err(|e| StoreError::Corrupt(format!("metadata of {id}: {e}")))?,
-        ),
-        None => None,
-    };
+        );
+    }
     let (completed, failed) = conn.query_row(
         "SELECT COALESCE(SUM(state = 'succeeded'), 0), COALESCE(SUM(state = 'failed'), 0) FROM batch_lines WHERE batch_id = ?1",
-        [&id],
+        [id],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?;
-    Ok(Some(BatchObject {
-        object: "batch",
-        endpoint,
-        errors,
-        input_file_id,
-        completion_window,
-        status,
-        output_file_id,
-        error_file_id,
-        created_at: ts[0].unwrap_or(0),
-        in_progress_at: ts[1],
-        expires_at: ts[2],
-        finalizing_at: ts[3],
-        completed_at: ts[4],
-        failed_at: ts[5],
-        expired_at: ts[6],
-        cancelling_at: ts[7],
-        cancelled_at: ts[8],
-        request_counts: RequestCounts {
-            total,
-            completed,
-            failed,
-        },
-        metadata,
-        id,
-    }))
+    batch.request_counts.completed = completed;
+    batch.request_counts.failed = failed;
+    Ok(Some(batch))
 }
 
 fn parse_errors(text: &str) -> Result<Vec<BatchError>, StoreError> {
-    let values: Vec<Value> = serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("batch errors: {e}")))?;
-    Ok(values
-        .into_iter()
-        .map(|v| BatchError {
-            code: v["code"].as_str().unwrap_or_default().to_string(),
-            message: v["message"].as_str().unwrap_or_default().to_string(),
-            param: v["param"].as_str().map(str::to_string),
-            line: v["line"].as_u64(),
-        })
-        .collect())
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("batch errors: {e}")))
 }
 
 #[cfg(test)]
