@@ -114,17 +114,8 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-# Three distinct free ports (held open together while picking them).
-read -r PORT AUTH_PORT EMBED_PORT < <("$VPY" - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-for s in socks:
-    s.close()
-PY
-)
+. "$ROOT/scripts/lib/test-env.sh"
+read -r PORT AUTH_PORT EMBED_PORT < <(free_ports 3)
 API_KEY="clients-key-$RANDOM$RANDOM"
 
 # name port [serve flags...]

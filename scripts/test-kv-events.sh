@@ -12,16 +12,7 @@ log() { echo "test-kv-events: $*" >&2; }
 . "$ROOT/scripts/lib/test-env.sh"
 BIN="$(spindle_binary)"
 ensure_venv "$VENV" "$REQS"
-read -r PORT PUB REPLAY < <("$VENV/bin/python" - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-for s in socks:
-    s.close()
-PY
-)
+read -r PORT PUB REPLAY < <(free_ports 3)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/spindle-kv-events.XXXXXX")"
 CONFIG="{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$PUB\", \"replay_endpoint\": \"tcp://*:$REPLAY\", \"topic\": \"kv-events\"}"
 PYTHONHASHSEED=42 NO_COLOR=1 "$BIN" serve --host 127.0.0.1 --port "$PORT" --served-model-name smol \

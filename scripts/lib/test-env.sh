@@ -24,3 +24,16 @@ spindle_binary() {
         echo "$ROOT/target/release/spindle"
     fi
 }
+
+# free_ports N: N distinct free TCP ports on 127.0.0.1 (held open together while picking them).
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+for s in socks:
+    s.close()
+PY
+}

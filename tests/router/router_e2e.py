@@ -219,7 +219,6 @@ def main() -> None:
                 futures = [pool.submit(one, p) for p in prompts]
                 while len(statuses) < len(prompts) // 3:
                     time.sleep(0.05)
-                _, running_before = 0, None
                 metrics = http(replicas.urls[2] + "/metrics")[1].decode()
                 for line in metrics.splitlines():
                     if line.startswith("vllm:num_requests_running"):
