@@ -124,13 +124,14 @@ impl QuantMatrix {
     pub fn dequantize_rows(&self, r0: usize, count: usize, out: &mut [f32]) {
         let bytes = &self.data[r0 * self.row_bytes..(r0 + count) * self.row_bytes];
         let out = &mut out[..count * self.cols];
-        match self.dtype {
+        if fused::supported(self.dtype) {
             // The in-register expansion of the fused kernels where the CPU has it; it computes
             // exactly what candle's `to_float` below computes.
-            dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0) if fused::supported(dtype) => {
-                // SAFETY: support was checked; `bytes` and `out` cover `count` whole rows.
-                unsafe { fused::dequantize(dtype, bytes, out) }
-            }
+            // SAFETY: support was checked; `bytes` and `out` cover `count` whole rows.
+            unsafe { fused::dequantize(self.dtype, bytes, out) };
+            return;
+        }
+        match self.dtype {
             GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(bytes, out),
             GgmlDType::Q4_1 => dequant_as::<BlockQ4_1>(bytes, out),
             GgmlDType::Q5_0 => dequant_as::<BlockQ5_0>(bytes, out),
@@ -256,17 +257,16 @@ mod tests {
     /// The quantized matmul must give exactly what dequantize-then-multiply gives.
     #[test]
     fn quantized_matmul_is_bit_identical_to_dequantized() {
-        let (rows, cols) = (70, 256);
+        let (rows, cols) = (70, 512);
+        // Rows of different ranges and signs, so scales, minimums and high bits all vary.
         let data: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|i| {
+                let v = ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+                v * (1 + (i / cols) % 7) as f32 + ((i / cols) % 3) as f32 - 1.0
+            })
             .collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in ALL_BLOCK_TYPES {
             let q = QTensor::quantize(&t, dtype).unwrap();
             let matrix =
                 QuantMatrix::new(dtype, rows, cols, q.data().unwrap().into_owned()).unwrap();
@@ -298,6 +298,77 @@ mod tests {
                     "{dtype:?} m={m}"
                 );
             }
+        }
+    }
+
+    const ALL_BLOCK_TYPES: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    /// Byte offsets of each block type's f16 fields (scales and minimums).
+    fn f16_fields(dtype: GgmlDType) -> &'static [usize] {
+        match dtype {
+            GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
+            GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+            GgmlDType::Q2K => &[80, 82],
+            GgmlDType::Q3K => &[108],
+            GgmlDType::Q6K => &[208],
+            _ => unreachable!(),
+        }
+    }
+
+    /// Every bit pattern of the packed fields, not only what the quantizer writes: random
+    /// blocks (with finite f16 scales) expand exactly as candle's `to_float` expands them.
+    #[test]
+    fn expansion_of_random_blocks_is_bit_identical_to_candle() {
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for dtype in ALL_BLOCK_TYPES {
+            let (rows, cols) = (8, 1024);
+            let row_bytes = cols / dtype.block_size() * dtype.type_size();
+            let mut data: Vec<u8> = (0..rows * row_bytes).map(|_| next() as u8).collect();
+            for block in data.chunks_mut(dtype.type_size()) {
+                for &off in f16_fields(dtype) {
+                    // A finite f16 in ±[2^-14, 2^1): random sign, exponent and mantissa.
+                    let h = (next() as u16 & 0x83ff) | ((1 + (next() % 15) as u16) << 10);
+                    block[off..off + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let matrix = QuantMatrix::new(dtype, rows, cols, data.clone()).unwrap();
+            let mut reference = vec![0f32; rows * cols];
+            match dtype {
+                GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(&data, &mut reference),
+                GgmlDType::Q4_1 => dequant_as::<BlockQ4_1>(&data, &mut reference),
+                GgmlDType::Q5_0 => dequant_as::<BlockQ5_0>(&data, &mut reference),
+                GgmlDType::Q5_1 => dequant_as::<BlockQ5_1>(&data, &mut reference),
+                GgmlDType::Q8_0 => dequant_as::<BlockQ8_0>(&data, &mut reference),
+                GgmlDType::Q2K => dequant_as::<BlockQ2K>(&data, &mut reference),
+                GgmlDType::Q3K => dequant_as::<BlockQ3K>(&data, &mut reference),
+                GgmlDType::Q4K => dequant_as::<BlockQ4K>(&data, &mut reference),
+                GgmlDType::Q5K => dequant_as::<BlockQ5K>(&data, &mut reference),
+                GgmlDType::Q6K => dequant_as::<BlockQ6K>(&data, &mut reference),
+                _ => unreachable!(),
+            }
+            let ours = matrix.dequantize();
+            let same = ours
+                .iter()
+                .zip(&reference)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: expansion differs from candle's to_float");
         }
     }
 
