@@ -2,7 +2,8 @@
 //! once, through the engine API (no HTTP). Prints output tokens/s for both and the ratio.
 //!
 //! `cargo run --release -p spindle-engine --example batch_throughput -- [N] [MAX_TOKENS] [batched]`
-//! (`batched`: skip the one-at-a-time run, e.g. to profile the batched one alone)
+//! (`batched`: skip the one-at-a-time run, e.g. to profile the batched one alone; environment:
+//! `SPINDLE_MODEL` a GGUF, `SPINDLE_DTYPE` float32 or bfloat16)
 
 use std::time::Instant;
 
@@ -32,6 +33,11 @@ fn main() {
         model: LoadOptions {
             model,
             max_model_len: Some(2048),
+            // SPINDLE_DTYPE=bfloat16 measures the bf16-product kernels.
+            dtype: std::env::var("SPINDLE_DTYPE")
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_default(),
             ..LoadOptions::default()
         },
         kv_cache_memory_bytes: Some(1 << 30),

@@ -12,6 +12,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
+use crate::cpu_bf16::CpuArithmetic;
 use crate::error::{ModelError, Result};
 use crate::quant::{is_block_quantized, QuantMatrix};
 use crate::tokenizer::GgufVocab;
@@ -300,6 +301,8 @@ pub struct GgufWeights<'a> {
     /// Keep block-quantized linear weights quantized (CPU, f32 serving): the CPU matmul
     /// dequantizes them on the fly with identical results.
     keep_quantized: bool,
+    /// How the kept-quantized matrices multiply.
+    arithmetic: CpuArithmetic,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -318,7 +321,14 @@ impl<'a> GgufWeights<'a> {
             device,
             unpermute,
             keep_quantized,
+            arithmetic: CpuArithmetic::F32,
         }
+    }
+
+    /// Multiply the quantized linear weights with `arithmetic` (bf16 products or exact f32).
+    pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
+        self.arithmetic = arithmetic;
+        self
     }
 
     /// The GGUF name of `hf` and its tensor info, or a clear error.
@@ -438,7 +448,8 @@ impl WeightSource for GgufWeights<'_> {
             })?;
         let bytes = q.data()?.into_owned();
         let (rows, cols) = (dims[0], dims[1]);
-        let mut matrix = QuantMatrix::new(dtype, rows, cols, bytes)?;
+        let mut matrix =
+            QuantMatrix::new(dtype, rows, cols, bytes)?.with_arithmetic(self.arithmetic);
         if let Some(heads) = self.unpermute_heads(name) {
             if heads == 0 || rows % (2 * heads) != 0 {
                 return Err(ModelError::Config(format!(

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod bert;
 pub mod config;
+pub mod cpu_bf16;
 pub mod cpu_matmul;
 pub mod cpu_ops;
 pub mod error;
@@ -30,5 +31,6 @@ pub use llama::{ForwardBatch, LlamaModel};
 pub use loader::{
     is_encoder_dir, load, load_any, load_encoder, Loaded, LoadedEncoder, LoadedModel, ModelSource,
 };
+pub use cpu_bf16::CpuArithmetic;
 pub use options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 pub use tokenizer::TokenizerBundle;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 
 use crate::bert::BertModel;
 use crate::config::ModelConfig;
+use crate::cpu_bf16::{self, CpuArithmetic};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
 use crate::hf::{
@@ -210,21 +211,44 @@ fn select_device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
-fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
+/// The activation dtype and, on the CPU, how linear layers multiply. On the CPU the forward
+/// pass stays f32 and `--dtype bfloat16` means bf16 products in the linear layers (AVX-512 BF16
+/// kernels, f32 accumulation), which is where bf16 pays off on a CPU.
+fn select_dtype(choice: DTypeChoice, device: &Device) -> (DType, CpuArithmetic) {
     let dtype = match choice {
         DTypeChoice::Auto if device.is_cuda() => DType::BF16,
         DTypeChoice::Auto | DTypeChoice::Float32 => DType::F32,
         DTypeChoice::Float16 => DType::F16,
         DTypeChoice::BFloat16 => DType::BF16,
     };
-    if device.is_cpu() && dtype != DType::F32 {
-        // vLLM users often pass --dtype bfloat16 on CPU out of habit; here that is a slow path.
-        tracing::warn!(
-            "{} on the CPU runs candle's generic kernels, about 10x slower than float32 here (the tuned CPU kernels, quantized weights included, are f32): use --dtype auto",
-            dtype_name(dtype)
-        );
+    if device.is_cuda() {
+        return (dtype, CpuArithmetic::F32);
     }
-    dtype
+    match dtype {
+        DType::BF16 if cpu_bf16::supported() => (DType::F32, CpuArithmetic::Bf16),
+        DType::BF16 => {
+            tracing::warn!(
+                "this CPU has no AVX-512 BF16 instructions: --dtype bfloat16 runs the float32 kernels"
+            );
+            (DType::F32, CpuArithmetic::F32)
+        }
+        DType::F16 => {
+            // vLLM users sometimes pass --dtype half on CPU out of habit; here that is a slow path.
+            tracing::warn!(
+                "float16 on the CPU runs candle's generic kernels, about 10x slower than float32 or bfloat16 here: use --dtype auto or bfloat16"
+            );
+            (dtype, CpuArithmetic::F32)
+        }
+        _ => (dtype, CpuArithmetic::F32),
+    }
+}
+
+/// The dtype name a model reports: what its linear layers compute in.
+fn serving_dtype_name(dtype: DType, arithmetic: CpuArithmetic) -> &'static str {
+    match arithmetic {
+        CpuArithmetic::Bf16 => "bfloat16",
+        CpuArithmetic::F32 => dtype_name(dtype),
+    }
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -260,8 +284,9 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
     let started = Instant::now();
     let source = ModelSource::resolve(options)?;
     let device = select_device(options.device)?;
-    let dtype = select_dtype(options.dtype, &device);
-    tracing::info!(?source, dtype = dtype_name(dtype), device = %options.device, "loading model");
+    let (dtype, arithmetic) = select_dtype(options.dtype, &device);
+    let dtype_label = serving_dtype_name(dtype, arithmetic);
+    tracing::info!(?source, dtype = dtype_label, device = %options.device, "loading model");
 
     let (config, mut tokenizer, model) = match &source {
         ModelSource::Gguf(path) => {
@@ -269,7 +294,8 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
             let config = file.config()?;
             let tokenizer = file.vocab()?.build()?;
             let max_pos = max_positions(&config, options)?;
-            let mut weights = GgufWeights::new(&mut file, &config, dtype, device.clone());
+            let mut weights = GgufWeights::new(&mut file, &config, dtype, device.clone())
+                .with_arithmetic(arithmetic);
             let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
             (config, tokenizer, model)
         }
@@ -306,7 +332,7 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
         max_model_len: max_positions(&config, options)?,
         vocab_size: config.vocab_size,
         num_parameters: config.num_parameters(),
-        dtype: dtype_name(dtype).to_string(),
+        dtype: dtype_label.to_string(),
         device: options.device.to_string(),
     };
     tracing::info!(

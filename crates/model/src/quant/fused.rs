@@ -103,6 +103,33 @@ pub(super) unsafe fn block(
     }
 }
 
+/// [`block`] with bf16 products: each 32-weight chunk is expanded as above, rounded to bf16 and
+/// dotted with `x` already in bf16 (`[m, k]`), in the order of the bf16 panel kernel
+/// (`cpu_bf16::block`), so both paths give identical results.
+///
+/// # Safety
+/// As [`block`], and `cpu_bf16::supported()` must have returned true.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn block_bf16(
+    dtype: GgmlDType,
+    x: &[u16],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    with_block_type!(dtype, B => avx512::block_bf16::<B>(x, m, k, w, row_bytes, rows, out, ldo));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dtype, x, m, k, w, row_bytes, rows, out, ldo);
+        unreachable!("fused kernel on a CPU without one");
+    }
+}
+
 /// Dequantize whole blocks into `out` with the same in-register expansion (the panel path for
 /// bigger batches).
 ///
@@ -543,6 +570,87 @@ mod avx512 {
                             3 => tile::<B, $mi, 3>(xs, k, ws, row_bytes, o, ldo),
                             2 => tile::<B, $mi, 2>(xs, k, ws, row_bytes, o, ldo),
                             _ => tile::<B, $mi, 1>(xs, k, ws, row_bytes, o, ldo),
+                        }
+                    };
+                }
+                match mi {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
+                }
+                i += mi;
+            }
+            j += nj;
+        }
+    }
+
+    /// [`tile`] with bf16 products (see [`super::block_bf16`]).
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c,avx512bf16")]
+    unsafe fn tile_bf16<B: Block, const MI: usize, const NJ: usize>(
+        xp: *const u16,
+        k: usize,
+        wp: *const u8,
+        row_bytes: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        use crate::cpu_bf16::avx512::{dot, load, pack};
+        let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
+        for blk in 0..k / (32 * B::CHUNKS) {
+            for c in 0..B::CHUNKS {
+                let (lo, hi) = B::expand(wp.add(blk * B::BYTES), c);
+                let mut wv = [pack(lo, hi); NJ];
+                for b in 1..NJ {
+                    let (lo, hi) = B::expand(wp.add(b * row_bytes + blk * B::BYTES), c);
+                    wv[b] = pack(lo, hi);
+                }
+                let col = (blk * B::CHUNKS + c) * 32;
+                for a in 0..MI {
+                    let xv = load(xp.add(a * k + col));
+                    for b in 0..NJ {
+                        acc[a][b] = dot(acc[a][b], xv, wv[b]);
+                    }
+                }
+            }
+        }
+        for a in 0..MI {
+            for b in 0..NJ {
+                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,f16c,avx512bf16")]
+    pub(super) unsafe fn block_bf16<B: Block>(
+        x: &[u16],
+        m: usize,
+        k: usize,
+        w: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut j = 0;
+        while j < rows {
+            let nj = (rows - j).min(NJ);
+            let ws = wp.add(j * row_bytes);
+            let mut i = 0;
+            while i < m {
+                let mi = (m - i).min(4);
+                let (xs, o) = (xp.add(i * k), out.add(i * ldo + j));
+                macro_rules! go {
+                    ($mi:literal) => {
+                        match nj {
+                            NJ => tile_bf16::<B, $mi, NJ>(xs, k, ws, row_bytes, o, ldo),
+                            3 => tile_bf16::<B, $mi, 3>(xs, k, ws, row_bytes, o, ldo),
+                            2 => tile_bf16::<B, $mi, 2>(xs, k, ws, row_bytes, o, ldo),
+                            _ => tile_bf16::<B, $mi, 1>(xs, k, ws, row_bytes, o, ldo),
                         }
                     };
                 }

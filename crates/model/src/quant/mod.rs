@@ -12,6 +12,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
+use crate::cpu_bf16::{self, CpuArithmetic};
 use crate::cpu_matmul::{block_f32, OutPtr};
 use crate::error::{ModelError, Result};
 
@@ -33,6 +34,8 @@ pub struct QuantMatrix {
     cols: usize,
     row_bytes: usize,
     data: Vec<u8>,
+    /// f32 products (exact) or bf16 products; see [`QuantMatrix::with_arithmetic`].
+    arithmetic: CpuArithmetic,
 }
 
 /// Whether rows of this type can be dequantized here (block types only; plain float types are
@@ -100,7 +103,26 @@ impl QuantMatrix {
             cols,
             row_bytes,
             data,
+            arithmetic: CpuArithmetic::F32,
         })
+    }
+
+    /// Multiply with `arithmetic` where this CPU and shape allow it (bf16 needs AVX-512 BF16
+    /// and whole 32-column chunks); f32 otherwise. Decided per matrix, never per batch, so a
+    /// sequence's results do not depend on the batch.
+    pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
+        self.arithmetic = match arithmetic {
+            CpuArithmetic::Bf16 if cpu_bf16::supported() && cpu_bf16::fits(self.cols) => {
+                CpuArithmetic::Bf16
+            }
+            _ => CpuArithmetic::F32,
+        };
+        self
+    }
+
+    /// How this matrix multiplies.
+    pub fn arithmetic(&self) -> CpuArithmetic {
+        self.arithmetic
     }
 
     pub fn rows(&self) -> usize {
@@ -156,21 +178,22 @@ impl QuantMatrix {
         for &r in order {
             data.extend_from_slice(&self.data[r * self.row_bytes..(r + 1) * self.row_bytes]);
         }
-        Self::new(self.dtype, self.rows, self.cols, data)
+        Ok(Self::new(self.dtype, self.rows, self.cols, data)?.with_arithmetic(self.arithmetic))
     }
 
     /// Stack matrices of the same type and width (fused q/k/v or gate/up); `None` otherwise.
     pub fn concat_rows(parts: &[&QuantMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.dtype != first.dtype || p.cols != first.cols)
-        {
+        if parts.iter().any(|p| {
+            p.dtype != first.dtype || p.cols != first.cols || p.arithmetic != first.arithmetic
+        }) {
             return None;
         }
         let data: Vec<u8> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
         let rows = parts.iter().map(|p| p.rows).sum();
-        Self::new(first.dtype, rows, first.cols, data).ok()
+        Self::new(first.dtype, rows, first.cols, data)
+            .ok()
+            .map(|m| m.with_arithmetic(first.arithmetic))
     }
 
     /// The whole matrix as f32 (for fallbacks on devices without the fused path).
@@ -208,6 +231,9 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
     if m == 0 || n == 0 {
         return;
     }
+    if w.arithmetic == CpuArithmetic::Bf16 {
+        return matmul_bf16_into(x, m, k, w, out_ptr);
+    }
     if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
         // Split the rows into a few tasks per thread: enough to balance, few enough that
         // scheduling stays small next to a decode step's arithmetic.
@@ -242,6 +268,64 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
             let ptr = out_ptr;
             // SAFETY: this task writes only columns r0..r0 + rows of `out`.
             unsafe { block_f32(x, m, k, &scratch[..rows * k], rows, ptr.0.add(r0), n) };
+        },
+    );
+}
+
+/// The bf16 arithmetic of [`matmul_xwt_quant_into`]: `x` is rounded to bf16 once; small batches
+/// expand weight blocks in registers, bigger ones dequantize panels to bf16. Both take the same
+/// 32-element chunks in the same order, so results are identical whichever serves a batch.
+///
+/// # Safety
+/// As [`matmul_xwt_quant_into`]; `w.arithmetic` is bf16 (so the CPU supports it and `k` fits).
+unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_ptr: OutPtr) {
+    let n = w.rows;
+    // SAFETY: bf16 arithmetic is only set where the CPU has it and `k` is whole chunks.
+    let xb = unsafe { cpu_bf16::activations(x) };
+    if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
+        let tasks = rayon::current_num_threads().max(1) * 2;
+        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
+        (0..n.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let r0 = t * rows_per_task;
+                let rows = rows_per_task.min(n - r0);
+                let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+                let ptr = out_ptr;
+                // SAFETY: both supports were checked; this task writes columns r0..r0 + rows.
+                unsafe {
+                    fused::block_bf16(
+                        w.dtype,
+                        &xb,
+                        m,
+                        k,
+                        bytes,
+                        w.row_bytes,
+                        rows,
+                        ptr.0.add(r0),
+                        n,
+                    )
+                };
+            });
+        return;
+    }
+    let panel_rows = if m <= 64 {
+        PANEL_ROWS_DECODE
+    } else {
+        PANEL_ROWS_PREFILL
+    };
+    (0..n.div_ceil(panel_rows)).into_par_iter().for_each_init(
+        || (vec![0f32; panel_rows * k], vec![0u16; panel_rows * k]),
+        |(scratch, panel), p| {
+            let r0 = p * panel_rows;
+            let rows = panel_rows.min(n - r0);
+            w.dequantize_rows(r0, rows, scratch);
+            let ptr = out_ptr;
+            // SAFETY: bf16 support was checked; this task writes only columns r0..r0 + rows.
+            unsafe {
+                cpu_bf16::convert(&scratch[..rows * k], &mut panel[..rows * k]);
+                cpu_bf16::block(&xb, m, k, &panel[..rows * k], rows, ptr.0.add(r0), n)
+            };
         },
     );
 }
@@ -297,6 +381,54 @@ mod tests {
                     b,
                     "{dtype:?} m={m}"
                 );
+            }
+        }
+    }
+
+    /// bf16 arithmetic: every batch size (fused and panel paths) gives each row exactly what
+    /// it gets alone, and the result is the f32 result up to bf16 rounding of the inputs.
+    #[test]
+    fn bf16_matmul_is_batch_invariant_and_close_to_f32() {
+        if !cpu_bf16::supported() {
+            return;
+        }
+        let (rows, cols) = (37, 512);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in ALL_BLOCK_TYPES {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let exact = QuantMatrix::new(dtype, rows, cols, bytes.clone()).unwrap();
+            let bf16 = exact.clone().with_arithmetic(CpuArithmetic::Bf16);
+            let dense = exact.dequantize();
+            assert_eq!(bf16.arithmetic(), CpuArithmetic::Bf16);
+            let m = 70;
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
+                .collect();
+            let all = matmul_xwt_quant_new(&x, m, cols, &bf16);
+            let reference = matmul_xwt_quant_new(&x, m, cols, &exact);
+            for i in 0..m {
+                let row = &x[i * cols..(i + 1) * cols];
+                let want = &all[i * rows..(i + 1) * rows];
+                for b in [1usize, 3, 8] {
+                    // Row i alone and as the first of a batch of b (fused and panel paths).
+                    let batch: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+                    let got = matmul_xwt_quant_new(&batch, b, cols, &bf16);
+                    assert_eq!(&got[..rows], want, "{dtype:?} row {i} batch {b}");
+                }
+                for (j, (g, r)) in want.iter().zip(&reference[i * rows..]).enumerate() {
+                    // Both inputs rounded to 8 significant bits: each product is off by at most
+                    // ~2^-8 of its size, so the sum by at most ~2^-8 of the sum of their sizes.
+                    let size: f32 = row
+                        .iter()
+                        .zip(&dense[j * cols..(j + 1) * cols])
+                        .map(|(a, b)| (a * b).abs())
+                        .sum();
+                    assert!((g - r).abs() <= size / 128.0, "{dtype:?}: {g} vs {r}");
+                }
             }
         }
     }

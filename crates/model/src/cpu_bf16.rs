@@ -1,0 +1,310 @@
+//! bf16 dot products for the CPU linear layers (`--dtype bfloat16` on a CPU with AVX-512 BF16).
+//! `vdpbf16ps` multiplies 32 bf16 pairs per instruction into 16 f32 accumulators, twice the
+//! work of an f32 FMA, which is what bounds batched decode and prefill here. Activations and
+//! weights are rounded to bf16 (round to nearest even) at the matmul's input; products and sums
+//! stay f32, and everything outside the linear layers (norms, rope, attention, residuals) stays
+//! f32 — vLLM's CPU backend makes the same split.
+//!
+//! Each output is one dot product whose 32-element chunks are taken in `k` order by the same
+//! instruction, whatever the batch size and whichever path (panel or fused) serves it, so a
+//! sequence's logits do not depend on what else is in the batch.
+
+/// How the CPU linear layers multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuArithmetic {
+    /// f32 products (exact against an f32 reference; `--dtype float32`).
+    #[default]
+    F32,
+    /// bf16 inputs, f32 accumulation (`--dtype bfloat16`).
+    Bf16,
+}
+
+/// Whether this CPU has the bf16 dot-product instructions.
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether a matrix `k` wide can take the bf16 kernels (whole 32-element chunks).
+pub fn fits(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(32)
+}
+
+/// Round to bf16 as `vcvtne2ps2bf16` does (nearest, ties to even; a NaN stays a quiet NaN).
+/// The scalar reference for tests and the portable fallback.
+pub fn round_to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// The f32 a bf16 stands for (exact).
+pub fn bf16_to_f32(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
+/// `src` rounded to bf16 into `dst` (same length, a multiple of 32).
+///
+/// # Safety
+/// [`supported`] must have returned true.
+pub(crate) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
+    debug_assert_eq!(src.len(), dst.len());
+    debug_assert!(src.len().is_multiple_of(32));
+    #[cfg(target_arch = "x86_64")]
+    avx512::convert(src, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = round_to_bf16(*s);
+    }
+}
+
+/// `x` (`[m, k]` f32) rounded to bf16, as the kernels take it.
+///
+/// # Safety
+/// [`supported`] must have returned true; `k` must [`fit`](fits).
+pub(crate) unsafe fn activations(x: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; x.len()];
+    convert(x, &mut out);
+    out
+}
+
+/// All `m` rows of `x` (bf16, `[m, k]`) against `rows` bf16 weight rows `w` (`[rows, k]`),
+/// writing columns `0..rows` of `out` (row stride `ldo`).
+///
+/// # Safety
+/// [`supported`] must have returned true; `k` must [`fit`](fits); `x` holds `m * k` and `w`
+/// `rows * k` values; `out` is valid for `m` rows of stride `ldo` and written by no one else.
+pub(crate) unsafe fn block(
+    x: &[u16],
+    m: usize,
+    k: usize,
+    w: &[u16],
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    debug_assert!(x.len() >= m * k && w.len() >= rows * k);
+    #[cfg(target_arch = "x86_64")]
+    avx512::block(x.as_ptr(), m, k, w.as_ptr(), rows, out, ldo);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, m, k, w, rows, out, ldo);
+        unreachable!("bf16 kernels on a CPU without them");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// 32 f32 (two vectors, in order) rounded to 32 bf16 in order.
+    #[inline(always)]
+    pub(crate) unsafe fn pack(lo: __m512, hi: __m512) -> __m512bh {
+        _mm512_cvtne2ps_pbh(hi, lo)
+    }
+
+    /// 32 bf16 from memory.
+    #[inline(always)]
+    pub(crate) unsafe fn load(p: *const u16) -> __m512bh {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
+    }
+
+    /// `acc` plus the products of 32 bf16 pairs, pairwise into 16 lanes.
+    #[inline(always)]
+    pub(crate) unsafe fn dot(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+        _mm512_dpbf16_ps(acc, a, b)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len()) / 32;
+        for i in 0..n {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
+            _mm512_storeu_si512(
+                dst.as_mut_ptr().add(32 * i) as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(pack(lo, hi)),
+            );
+        }
+    }
+
+    /// One `MI x NJ` tile, accumulators in registers.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const MI: usize, const NJ: usize>(
+        xp: *const u16,
+        k: usize,
+        wp: *const u16,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
+        for kk in (0..k).step_by(32) {
+            let mut wv = [load(wp.add(kk)); NJ];
+            for b in 1..NJ {
+                wv[b] = load(wp.add(b * k + kk));
+            }
+            for a in 0..MI {
+                let xv = load(xp.add(a * k + kk));
+                for b in 0..NJ {
+                    acc[a][b] = dot(acc[a][b], xv, wv[b]);
+                }
+            }
+        }
+        for a in 0..MI {
+            for b in 0..NJ {
+                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
+            }
+        }
+    }
+
+    const NJ: usize = 4;
+    const MI: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block(
+        xp: *const u16,
+        m: usize,
+        k: usize,
+        wp: *const u16,
+        rows: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut j = 0;
+        while j < rows {
+            let nj = (rows - j).min(NJ);
+            let ws = wp.add(j * k);
+            let mut i = 0;
+            while i < m {
+                let mi = (m - i).min(MI);
+                let (xs, o) = (xp.add(i * k), out.add(i * ldo + j));
+                macro_rules! go {
+                    ($mi:literal) => {
+                        match nj {
+                            NJ => tile::<$mi, NJ>(xs, k, ws, o, ldo),
+                            3 => tile::<$mi, 3>(xs, k, ws, o, ldo),
+                            2 => tile::<$mi, 2>(xs, k, ws, o, ldo),
+                            _ => tile::<$mi, 1>(xs, k, ws, o, ldo),
+                        }
+                    };
+                }
+                match mi {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
+                }
+                i += mi;
+            }
+            j += nj;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dot product `vdpbf16ps` computes, in scalar: per lane, the pair's two products added
+    /// to the lane in order; lanes summed at the end as `_mm512_reduce_add_ps` does (a tree).
+    fn reference_dot(x: &[u16], w: &[u16]) -> f32 {
+        let mut lanes = [0f32; 16];
+        for (xc, wc) in x.chunks(32).zip(w.chunks(32)) {
+            for l in 0..16 {
+                let p0 = bf16_to_f32(xc[2 * l]) as f64 * bf16_to_f32(wc[2 * l]) as f64;
+                let p1 = bf16_to_f32(xc[2 * l + 1]) as f64 * bf16_to_f32(wc[2 * l + 1]) as f64;
+                lanes[l] = (lanes[l] as f64 + p0 + p1) as f32;
+            }
+        }
+        lanes.iter().map(|&v| v as f64).sum::<f64>() as f32
+    }
+
+    #[test]
+    fn rounding_matches_the_instruction() {
+        if !supported() {
+            return;
+        }
+        let mut values: Vec<f32> = (0..4064)
+            .map(|i| {
+                let t = i as f32 * 0.618_034;
+                (t.sin() * 1000.0).powi(1 + i % 3) / (1.0 + (i % 17) as f32)
+            })
+            .collect();
+        // Ties (to even, both ways), signed zeros, the largest finite values, infinities.
+        values.extend([
+            1.003_906_3,
+            1.011_718_8,
+            -1.003_906_3,
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            2.5,
+        ]);
+        values.extend([
+            3.0e38,
+            -3.0e38,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            7.0,
+        ]);
+        values.resize(4096, 0.5);
+        let n = values.len() / 32 * 32;
+        let mut ours = vec![0u16; n];
+        // SAFETY: support was checked; lengths are equal multiples of 32.
+        unsafe { convert(&values[..n], &mut ours) };
+        for (v, o) in values.iter().zip(&ours) {
+            assert_eq!(*o, round_to_bf16(*v), "{v}");
+        }
+    }
+
+    /// Against the scalar model of the instruction: products of bf16 values are exact in f64,
+    /// so the kernel may differ only by the f32 roundings of its accumulation.
+    #[test]
+    fn kernel_matches_a_scalar_reference() {
+        if !supported() {
+            return;
+        }
+        let (m, k, n) = (7, 96, 11);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53) % 89) as f32 / 40.0 - 1.1)
+            .collect();
+        // SAFETY: support was checked; 96 is whole chunks.
+        let (xb, wb) = unsafe { (activations(&x), activations(&w)) };
+        let mut out = vec![f32::NAN; m * n];
+        // SAFETY: shapes as documented; `out` is m x n.
+        unsafe { block(&xb, m, k, &wb, n, out.as_mut_ptr(), n) };
+        for i in 0..m {
+            for j in 0..n {
+                let want = reference_dot(&xb[i * k..(i + 1) * k], &wb[j * k..(j + 1) * k]);
+                let got = out[i * n + j];
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "({i}, {j}): {got} vs {want}"
+                );
+            }
+        }
+        // And a batch of one gives each row exactly what the batch gave it.
+        for i in 0..m {
+            let mut one = vec![f32::NAN; n];
+            // SAFETY: as above, one row.
+            unsafe { block(&xb[i * k..(i + 1) * k], 1, k, &wb, n, one.as_mut_ptr(), n) };
+            assert_eq!(&one[..], &out[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+}
