@@ -25,12 +25,12 @@ pub mod weights;
 pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
 pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
 pub use config::{Architecture, ModelConfig};
+pub use cpu_bf16::CpuArithmetic;
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;
 pub use llama::{ForwardBatch, LlamaModel};
 pub use loader::{
     is_encoder_dir, load, load_any, load_encoder, Loaded, LoadedEncoder, LoadedModel, ModelSource,
 };
-pub use cpu_bf16::CpuArithmetic;
 pub use options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 pub use tokenizer::TokenizerBundle;
