@@ -102,6 +102,80 @@ pub(crate) unsafe fn block(
     }
 }
 
+/// A dense `[rows, cols]` weight matrix held in bf16 (an HF checkpoint's own bf16 weights, or
+/// f32/f16 ones rounded once at load), for `--dtype bfloat16` on the CPU.
+pub struct Bf16Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<u16>,
+}
+
+impl Bf16Matrix {
+    /// Round `values` (`[rows, cols]`, row-major) to bf16; `None` where the kernels cannot
+    /// serve this matrix (no AVX-512 BF16, or `cols` not whole 32-element chunks).
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Option<Self> {
+        if !supported() || !fits(cols) || values.len() != rows * cols {
+            return None;
+        }
+        let mut data = vec![0u16; values.len()];
+        // SAFETY: support was checked; `cols` (so the length) is a multiple of 32.
+        unsafe { convert(values, &mut data) };
+        Some(Self { rows, cols, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The weights as f32 (exact).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| bf16_to_f32(v)).collect()
+    }
+
+    /// Stack matrices of one width along the rows.
+    pub fn concat_rows(parts: &[&Bf16Matrix]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        Some(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
+    /// `x · selfᵀ` for `x` `[m, cols]` in f32, as a new `[m, rows]` buffer.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (n, k) = (self.rows, self.cols);
+        assert_eq!(x.len(), m * k);
+        // SAFETY: construction checked support and width.
+        let xb = unsafe { activations(x) };
+        let tasks = rayon::current_num_threads().max(1) * 4;
+        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16).max(16);
+        // SAFETY: the tasks below write all m * n outputs, each its own columns.
+        unsafe {
+            crate::cpu_matmul::filled_buffer(m * n, |out| {
+                (0..n.div_ceil(rows_per_task))
+                    .into_par_iter()
+                    .for_each(|t| {
+                        let r0 = t * rows_per_task;
+                        let rows = rows_per_task.min(n - r0);
+                        let w = &self.data[r0 * k..(r0 + rows) * k];
+                        let ptr = out;
+                        // Shapes as checked; this task writes columns r0..r0 + rows.
+                        block(&xb, m, k, w, rows, ptr.0.add(r0), n);
+                    });
+            })
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;

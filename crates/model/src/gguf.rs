@@ -427,7 +427,7 @@ impl WeightSource for GgufWeights<'_> {
     fn get_linear(&mut self, name: &str, shape: &[usize]) -> Result<LinearWeight> {
         let (gguf, dtype, dims) = self.info(name)?;
         if !self.keep_quantized || !is_block_quantized(dtype) || dims.len() != 2 {
-            return Ok(LinearWeight::Dense(self.get(name, shape)?));
+            return LinearWeight::Dense(self.get(name, shape)?).with_arithmetic(self.arithmetic);
         }
         let path = self.file.path.clone();
         if dims != shape {
@@ -471,6 +471,10 @@ impl WeightSource for GgufWeights<'_> {
 
     fn keeps_quantized(&self) -> bool {
         self.keep_quantized
+    }
+
+    fn arithmetic(&self) -> CpuArithmetic {
+        self.arithmetic
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
+use crate::cpu_bf16::CpuArithmetic;
 use crate::error::{ModelError, Result};
 use crate::tokenizer::TokenizerBundle;
 use crate::weights::{check_shape, WeightSource};
@@ -192,6 +193,7 @@ pub struct SafetensorsWeights {
     origin: String,
     dtype: DType,
     device: Device,
+    arithmetic: CpuArithmetic,
 }
 
 impl SafetensorsWeights {
@@ -209,11 +211,25 @@ impl SafetensorsWeights {
             origin: dir.display().to_string(),
             dtype,
             device,
+            arithmetic: CpuArithmetic::F32,
         })
     }
 }
 
+impl SafetensorsWeights {
+    /// Multiply the linear layers with `arithmetic` (bf16: a checkpoint's bf16 weights stay
+    /// bf16).
+    pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
+        self.arithmetic = arithmetic;
+        self
+    }
+}
+
 impl WeightSource for SafetensorsWeights {
+    fn arithmetic(&self) -> CpuArithmetic {
+        self.arithmetic
+    }
+
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if self.files.get(name).is_err() {
             return Err(ModelError::MissingTensor {

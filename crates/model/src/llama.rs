@@ -129,7 +129,7 @@ impl LlamaModel {
             // Tied head: lookups use the dense table, the matmul a quantized copy.
             weights.get_linear("model.embed_tokens.weight", &[c.vocab_size, h])?
         } else {
-            LinearWeight::Dense(embed.clone())
+            LinearWeight::Dense(embed.clone()).with_arithmetic(weights.arithmetic())?
         };
         progress(total, total);
         let rope = RotaryEmbedding::new(c, max_positions, dtype, device)?;

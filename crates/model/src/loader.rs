@@ -299,10 +299,10 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
             let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
             (config, tokenizer, model)
         }
-        ModelSource::HfDirectory(dir) => load_hf_dir(dir, options, dtype, &device)?,
+        ModelSource::HfDirectory(dir) => load_hf_dir(dir, options, (dtype, arithmetic), &device)?,
         ModelSource::Hub { repo_id, revision } => {
             let dir = fetch_from_hub(repo_id, revision.as_deref())?;
-            load_hf_dir(&dir, options, dtype, &device)?
+            load_hf_dir(&dir, options, (dtype, arithmetic), &device)?
         }
         ModelSource::Dummy(path) => {
             let config_path = dummy_config_path(path);
@@ -319,7 +319,8 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
             };
             let max_pos = max_positions(&config, options)?;
             let mut weights =
-                DummyWeights::new(options.seed, dtype, device.clone(), config.qkv_bias);
+                DummyWeights::new(options.seed, dtype, device.clone(), config.qkv_bias)
+                    .with_arithmetic(arithmetic);
             let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, &device)?;
             (config, tokenizer, model)
         }
@@ -373,7 +374,7 @@ fn served_len(limit: usize, options: &LoadOptions, what: &str) -> Result<usize> 
 fn load_hf_dir(
     dir: &Path,
     options: &LoadOptions,
-    dtype: DType,
+    (dtype, arithmetic): (DType, CpuArithmetic),
     device: &Device,
 ) -> Result<(ModelConfig, TokenizerBundle, LlamaModel)> {
     let config_path = dir.join("config.json");
@@ -387,7 +388,8 @@ fn load_hf_dir(
     let config = ModelConfig::from_hf_json(&text)?;
     let tokenizer = load_tokenizer(dir)?;
     let max_pos = max_positions(&config, options)?;
-    let mut weights = SafetensorsWeights::open(dir, dtype, device.clone())?;
+    let mut weights =
+        SafetensorsWeights::open(dir, dtype, device.clone())?.with_arithmetic(arithmetic);
     let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, device)?;
     Ok((config, tokenizer, model))
 }

@@ -210,3 +210,62 @@ fn hub_errors_say_what_to_do() {
     );
     std::env::remove_var("HF_ENDPOINT");
 }
+
+/// A checkpoint stored in bf16 runs with bf16 products under `--dtype bfloat16` (its weights
+/// used as stored) and gives logits close to the float32 path on the same weights.
+#[test]
+fn bf16_checkpoint_runs_with_dtype_bfloat16() {
+    if !spindle_model::cpu_bf16::supported() {
+        println!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    let dir = temp_dir("hf-bf16");
+    write_hf_dir(&dir, None);
+    let path = dir.join("model.safetensors");
+    let stored = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let map: std::collections::HashMap<String, Tensor> = stored
+        .into_iter()
+        .map(|(name, t)| {
+            let values: Vec<f32> = (0..t.elem_count())
+                .map(|i| {
+                    let v = ((i * 7919 + name.len() * 31) % 1000) as f32 / 1000.0 - 0.5;
+                    if name.ends_with("norm.weight") {
+                        1.0 + v * 0.1
+                    } else {
+                        v * 0.4
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(values, t.shape(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(candle_core::DType::BF16)
+                .unwrap();
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&map, &path).unwrap();
+
+    let exact = load(&opts(&dir)).expect("float32");
+    let bf16 = load(&LoadOptions {
+        dtype: spindle_model::DTypeChoice::BFloat16,
+        ..opts(&dir)
+    })
+    .expect("bfloat16");
+    assert_eq!(exact.info.dtype, "float32");
+    assert_eq!(bf16.info.dtype, "bfloat16");
+    let logits = |m: &spindle_model::LoadedModel| {
+        let mut runner = PagedRunner::new(&m.model, 1, 32, 16);
+        let l = runner.step(&m.model, &[(0, 0, vec![1, 2, 3, 4, 5])]);
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&exact), logits(&bf16));
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(scale > 0.0);
+    // Activations rounded to 8 significant bits at each of the 2 layers' matmuls.
+    assert!(worst <= 0.05 * scale, "worst {worst} of {scale}");
+    assert_ne!(a, b, "bf16 products should not be the f32 path");
+}
