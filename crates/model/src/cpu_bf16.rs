@@ -17,6 +17,9 @@ pub enum CpuArithmetic {
     F32,
     /// bf16 inputs, f32 accumulation (`--dtype bfloat16`).
     Bf16,
+    /// Activations quantized to int8 per 32 values, integer dot products with GGUF block
+    /// weights (`quant/int8.rs`); other weights keep f32.
+    Int8,
 }
 
 /// Whether this CPU has the bf16 dot-product instructions.

@@ -32,5 +32,5 @@ pub use llama::{ForwardBatch, LlamaModel};
 pub use loader::{
     is_encoder_dir, load, load_any, load_encoder, Loaded, LoadedEncoder, LoadedModel, ModelSource,
 };
-pub use options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+pub use options::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 pub use tokenizer::TokenizerBundle;

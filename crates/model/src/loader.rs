@@ -16,7 +16,7 @@ use crate::hf::{
 };
 use crate::info::ModelInfo;
 use crate::llama::LlamaModel;
-use crate::options::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use crate::options::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use crate::tokenizer::TokenizerBundle;
 use crate::weights::{DummyWeights, WeightSource};
 
@@ -211,10 +211,18 @@ fn select_device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// The CPU arithmetic `--dtype auto` gets.
+const CPU_DEFAULT_ARITHMETIC: CpuArithmetic = CpuArithmetic::F32;
+
 /// The activation dtype and, on the CPU, how linear layers multiply. On the CPU the forward
 /// pass stays f32 and `--dtype bfloat16` means bf16 products in the linear layers (AVX-512 BF16
-/// kernels, f32 accumulation), which is where bf16 pays off on a CPU.
-fn select_dtype(choice: DTypeChoice, device: &Device) -> (DType, CpuArithmetic) {
+/// kernels, f32 accumulation), which is where bf16 pays off on a CPU; `--cpu-arithmetic`
+/// chooses directly (int8 included).
+fn select_dtype(
+    choice: DTypeChoice,
+    arithmetic: CpuArithmeticChoice,
+    device: &Device,
+) -> (DType, CpuArithmetic) {
     let dtype = match choice {
         DTypeChoice::Auto if device.is_cuda() => DType::BF16,
         DTypeChoice::Auto | DTypeChoice::Float32 => DType::F32,
@@ -222,32 +230,54 @@ fn select_dtype(choice: DTypeChoice, device: &Device) -> (DType, CpuArithmetic) 
         DTypeChoice::BFloat16 => DType::BF16,
     };
     if device.is_cuda() {
+        if arithmetic != CpuArithmeticChoice::Auto {
+            tracing::warn!("--cpu-arithmetic applies to the CPU only; ignored on CUDA");
+        }
         return (dtype, CpuArithmetic::F32);
     }
-    match dtype {
-        DType::BF16 if cpu_bf16::supported() => (DType::F32, CpuArithmetic::Bf16),
-        DType::BF16 => {
-            tracing::warn!(
-                "this CPU has no AVX-512 BF16 instructions: --dtype bfloat16 runs the float32 kernels"
-            );
-            (DType::F32, CpuArithmetic::F32)
-        }
-        DType::F16 => {
-            // vLLM users sometimes pass --dtype half on CPU out of habit; here that is a slow path.
-            tracing::warn!(
-                "float16 on the CPU runs candle's generic kernels, about 10x slower than float32 or bfloat16 here: use --dtype auto or bfloat16"
-            );
-            (dtype, CpuArithmetic::F32)
-        }
-        _ => (dtype, CpuArithmetic::F32),
+    if dtype == DType::F16 && arithmetic == CpuArithmeticChoice::Auto {
+        // vLLM users sometimes pass --dtype half on CPU out of habit; here that is a slow path.
+        tracing::warn!(
+            "float16 on the CPU runs candle's generic kernels, about 10x slower than float32 or bfloat16 here: use --dtype auto or bfloat16"
+        );
+        return (dtype, CpuArithmetic::F32);
+    }
+    let wanted = match (arithmetic, choice) {
+        (CpuArithmeticChoice::Float32, _) => CpuArithmetic::F32,
+        (CpuArithmeticChoice::BFloat16, _) => CpuArithmetic::Bf16,
+        (CpuArithmeticChoice::Int8, _) => CpuArithmetic::Int8,
+        (CpuArithmeticChoice::Auto, DTypeChoice::Auto) => CPU_DEFAULT_ARITHMETIC,
+        (CpuArithmeticChoice::Auto, DTypeChoice::BFloat16) => CpuArithmetic::Bf16,
+        (CpuArithmeticChoice::Auto, _) => CpuArithmetic::F32,
+    };
+    let available = match wanted {
+        CpuArithmetic::F32 => true,
+        CpuArithmetic::Bf16 => cpu_bf16::supported(),
+        CpuArithmetic::Int8 => crate::quant::int8::cpu_has_vnni(),
+    };
+    if !available {
+        tracing::warn!(
+            "this CPU lacks the AVX-512 instructions for {} products: using float32",
+            arithmetic_name(wanted)
+        );
+        return (DType::F32, CpuArithmetic::F32);
+    }
+    (DType::F32, wanted)
+}
+
+fn arithmetic_name(a: CpuArithmetic) -> &'static str {
+    match a {
+        CpuArithmetic::F32 => "float32",
+        CpuArithmetic::Bf16 => "bfloat16",
+        CpuArithmetic::Int8 => "int8",
     }
 }
 
 /// The dtype name a model reports: what its linear layers compute in.
 fn serving_dtype_name(dtype: DType, arithmetic: CpuArithmetic) -> &'static str {
     match arithmetic {
-        CpuArithmetic::Bf16 => "bfloat16",
         CpuArithmetic::F32 => dtype_name(dtype),
+        other => arithmetic_name(other),
     }
 }
 
@@ -284,7 +314,7 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
     let started = Instant::now();
     let source = ModelSource::resolve(options)?;
     let device = select_device(options.device)?;
-    let (dtype, arithmetic) = select_dtype(options.dtype, &device);
+    let (dtype, arithmetic) = select_dtype(options.dtype, options.cpu_arithmetic, &device);
     let dtype_label = serving_dtype_name(dtype, arithmetic);
     tracing::info!(?source, dtype = dtype_label, device = %options.device, "loading model");
 

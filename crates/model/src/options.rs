@@ -56,6 +56,36 @@ impl FromStr for DTypeChoice {
     }
 }
 
+/// `--cpu-arithmetic`: how the CPU linear layers multiply (spindle's own flag; `auto` follows
+/// `--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuArithmeticChoice {
+    /// `--dtype float32`: f32; `--dtype bfloat16`: bf16; `--dtype auto`: the CPU default.
+    #[default]
+    Auto,
+    /// f32 products, exact against an f32 reference.
+    Float32,
+    /// bf16 products with f32 accumulation (AVX-512 BF16).
+    BFloat16,
+    /// int8 activations with integer dot products on GGUF block weights (AVX-512 VNNI).
+    Int8,
+}
+
+impl FromStr for CpuArithmeticChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "float32" | "f32" => Ok(Self::Float32),
+            "bfloat16" | "bf16" => Ok(Self::BFloat16),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!(
+                "unsupported CPU arithmetic '{other}' (expected auto, float32, bfloat16 or int8)"
+            )),
+        }
+    }
+}
+
 /// `--device`: where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
@@ -98,6 +128,8 @@ pub struct LoadOptions {
     pub revision: Option<String>,
     pub load_format: LoadFormat,
     pub dtype: DTypeChoice,
+    /// How the CPU linear layers multiply.
+    pub cpu_arithmetic: CpuArithmeticChoice,
     pub device: DeviceChoice,
     /// Overrides the model's context length (must not exceed it).
     pub max_model_len: Option<usize>,

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde::Deserialize;
-use spindle_model::{DTypeChoice, LoadOptions, TokenizerBundle};
+use spindle_model::{CpuArithmeticChoice, DTypeChoice, LoadOptions, TokenizerBundle};
 
 #[derive(Deserialize)]
 struct TopLogprob {
@@ -51,6 +51,13 @@ fn load() -> spindle_model::LoadedModel {
 }
 
 fn load_with(dtype: DTypeChoice) -> spindle_model::LoadedModel {
+    load_with_arithmetic(dtype, CpuArithmeticChoice::Auto)
+}
+
+fn load_with_arithmetic(
+    dtype: DTypeChoice,
+    cpu_arithmetic: CpuArithmeticChoice,
+) -> spindle_model::LoadedModel {
     let path = default_model_path();
     assert!(
         path.exists(),
@@ -60,6 +67,7 @@ fn load_with(dtype: DTypeChoice) -> spindle_model::LoadedModel {
     spindle_model::load(&LoadOptions {
         model: path.display().to_string(),
         dtype,
+        cpu_arithmetic,
         ..Default::default()
     })
     .expect("load default model")
@@ -308,4 +316,34 @@ fn float32_mode_matches_every_reference_token() {
     let g = golden();
     let share = check_logprobs_close(&load(), &g, "float32");
     assert_eq!(share, 1.0);
+}
+
+/// `--cpu-arithmetic int8` (activations quantized per 32 values, integer dot products with the
+/// GGUF blocks) meets the accuracy contract on the golden prompts.
+#[test]
+fn int8_mode_passes_check_logprobs_close() {
+    if !spindle_model::quant::int8::cpu_has_vnni() {
+        println!("skipped: this CPU has no AVX-512 VNNI (the mode falls back to float32)");
+        return;
+    }
+    let g = golden();
+    let loaded = load_with_arithmetic(DTypeChoice::Auto, CpuArithmeticChoice::Int8);
+    assert_eq!(loaded.info.dtype, "int8");
+    let share = check_logprobs_close(&loaded, &g, "int8");
+    assert!(share > 0.5, "only {:.1} % exact", 100.0 * share);
+}
+
+/// The integer kernels are batch-invariant: the same tokens alone as in a mixed batch.
+#[test]
+fn int8_mode_is_batch_invariant() {
+    if !spindle_model::quant::int8::cpu_has_vnni() {
+        println!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let g = golden();
+    let loaded = load_with_arithmetic(DTypeChoice::Auto, CpuArithmeticChoice::Int8);
+    let batched = batched_greedy(&loaded, &g);
+    for (case, tokens) in g.cases.iter().zip(&batched) {
+        assert_eq!(&greedy_alone(&loaded, case), tokens, "case {}", case.name);
+    }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::Args;
 use spindle_engine::{Engine, EngineConfig, EngineEvent, GenerateRequest, SamplingParams};
-use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use spindle_model::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 
 /// The default model fetched by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -33,6 +33,9 @@ pub struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long, default_value = "auto")]
     dtype: DTypeChoice,
+    /// auto, float32, bfloat16 or int8 (see `spindle serve --help`).
+    #[arg(long, default_value = "auto")]
+    cpu_arithmetic: CpuArithmeticChoice,
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
     #[arg(long, default_value = "auto")]
@@ -73,6 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             model: args.model.clone(),
             load_format: args.load_format,
             dtype: args.dtype,
+            cpu_arithmetic: args.cpu_arithmetic,
             device: args.device,
             max_model_len: args.max_model_len,
             ..LoadOptions::default()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind, SchedulingPolicy};
-use spindle_model::{DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use spindle_model::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
 use spindle_server::{
     LoadingServer, Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
@@ -75,9 +75,14 @@ pub struct ServeArgs {
     /// Use exactly this many KV blocks instead of sizing from memory.
     #[arg(long)]
     pub num_gpu_blocks_override: Option<usize>,
-    /// Weight dtype: auto, float32, float16 or bfloat16.
+    /// Weight dtype: auto, float32, float16 or bfloat16. On the CPU the forward pass is f32
+    /// and bfloat16 means bf16 products in the linear layers (see docs/cpu-arithmetic.md).
     #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
+    /// How the CPU linear layers multiply: auto (follows --dtype), float32 (exact), bfloat16,
+    /// or int8 (activations quantized per 32 values against GGUF block weights).
+    #[arg(long, default_value = "auto")]
+    pub cpu_arithmetic: CpuArithmeticChoice,
     /// cpu, cuda or cuda:N (default: cuda when built with CUDA, else cpu).
     #[arg(long)]
     pub device: Option<DeviceChoice>,
@@ -613,6 +618,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
             revision: args.revision.clone(),
             load_format: args.load_format,
             dtype: args.dtype,
+            cpu_arithmetic: args.cpu_arithmetic,
             device,
             max_model_len,
             chat_template: args.chat_template.clone(),

@@ -500,6 +500,28 @@ mod avx512 {
         }
     }
 
+    /// Rows ahead that are prefetched: the same columns of a later tile's rows. The hardware
+    /// prefetchers do not keep several interleaved row streams ahead of the loads (measured:
+    /// about half the memory bandwidth without this).
+    const PREFETCH_ROWS: usize = 8;
+
+    /// Prefetch, for row `b` of a tile, the bytes `PREFETCH_ROWS` rows further down at the
+    /// position of chunk `c` of block `blk` (a few cache lines per block; one per chunk is
+    /// enough).
+    #[inline(always)]
+    unsafe fn prefetch_next_tile<B: Block>(
+        wp: *const u8,
+        b: usize,
+        row_bytes: usize,
+        blk: usize,
+        c: usize,
+    ) {
+        let offset = blk * B::BYTES + c * B::BYTES / B::CHUNKS;
+        _mm_prefetch::<_MM_HINT_T0>(
+            wp.wrapping_add((b + PREFETCH_ROWS) * row_bytes + offset) as *const i8
+        );
+    }
+
     /// One `MI x NJ` tile; accumulators stay in registers. (Indexed loops: several arrays are
     /// walked in step, which reads more plainly than zipped iterators here.)
     #[allow(clippy::needless_range_loop)]
@@ -519,6 +541,7 @@ mod avx512 {
                 let mut lo = [_mm512_setzero_ps(); NJ];
                 let mut hi = [_mm512_setzero_ps(); NJ];
                 for b in 0..NJ {
+                    prefetch_next_tile::<B>(wp, b, row_bytes, blk, c);
                     (lo[b], hi[b]) = B::expand(wp.add(b * row_bytes + blk * B::BYTES), c);
                 }
                 let col = (blk * B::CHUNKS + c) * 32;
@@ -601,9 +624,11 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
         for blk in 0..k / (32 * B::CHUNKS) {
             for c in 0..B::CHUNKS {
+                prefetch_next_tile::<B>(wp, 0, row_bytes, blk, c);
                 let (lo, hi) = B::expand(wp.add(blk * B::BYTES), c);
                 let mut wv = [pack(lo, hi); NJ];
                 for b in 1..NJ {
+                    prefetch_next_tile::<B>(wp, b, row_bytes, blk, c);
                     let (lo, hi) = B::expand(wp.add(b * row_bytes + blk * B::BYTES), c);
                     wv[b] = pack(lo, hi);
                 }

@@ -17,6 +17,10 @@ use crate::cpu_matmul::{block_f32, OutPtr};
 use crate::error::{ModelError, Result};
 
 mod fused;
+pub mod int8;
+mod pages;
+
+use pages::WeightBytes;
 
 /// Weight rows dequantized together for decode-sized batches (up to 64 rows of `x`): 8 rows of
 /// a 576-wide matrix (18 KiB of f32) stay in L1 while the batch passes over them (measured:
@@ -33,7 +37,7 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Vec<u8>,
+    data: WeightBytes,
     /// f32 products (exact) or bf16 products; see [`QuantMatrix::with_arithmetic`].
     arithmetic: CpuArithmetic,
 }
@@ -102,19 +106,21 @@ impl QuantMatrix {
             rows,
             cols,
             row_bytes,
-            data,
+            data: WeightBytes::new(data),
             arithmetic: CpuArithmetic::F32,
         })
     }
 
-    /// Multiply with `arithmetic` where this CPU and shape allow it (bf16 needs AVX-512 BF16
-    /// and whole 32-column chunks); f32 otherwise. Decided per matrix, never per batch, so a
+    /// Multiply with `arithmetic` where this CPU, type and shape allow it (bf16 needs AVX-512
+    /// BF16 and whole 32-column chunks; int8 AVX-512 VNNI, a type with an integer expansion and
+    /// whole 64-column pieces); f32 otherwise. Decided per matrix, never per batch, so a
     /// sequence's results do not depend on the batch.
     pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
         self.arithmetic = match arithmetic {
             CpuArithmetic::Bf16 if cpu_bf16::supported() && cpu_bf16::fits(self.cols) => {
                 CpuArithmetic::Bf16
             }
+            CpuArithmetic::Int8 if int8::supported(self.dtype, self.cols) => CpuArithmetic::Int8,
             _ => CpuArithmetic::F32,
         };
         self
@@ -231,8 +237,10 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
     if m == 0 || n == 0 {
         return;
     }
-    if w.arithmetic == CpuArithmetic::Bf16 {
-        return matmul_bf16_into(x, m, k, w, out_ptr);
+    match w.arithmetic {
+        CpuArithmetic::Bf16 => return matmul_bf16_into(x, m, k, w, out_ptr),
+        CpuArithmetic::Int8 => return matmul_int8_into(x, m, k, w, out_ptr),
+        CpuArithmetic::F32 => {}
     }
     if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
         // Split the rows into a few tasks per thread: enough to balance, few enough that
@@ -328,6 +336,29 @@ unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_p
             };
         },
     );
+}
+
+/// The int8 arithmetic of [`matmul_xwt_quant_into`]: `x` is quantized once (per row, per 32
+/// values), then every batch size takes the same integer kernel.
+///
+/// # Safety
+/// As [`matmul_xwt_quant_into`]; `w.arithmetic` is int8 (so the CPU, type and width allow it).
+unsafe fn matmul_int8_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_ptr: OutPtr) {
+    let n = w.rows;
+    let xq = int8::QuantizedActivations::new(x, k, int8::offset(w.dtype));
+    let tasks = rayon::current_num_threads().max(1) * 2;
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
+    (0..n.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|t| {
+            let r0 = t * rows_per_task;
+            let rows = rows_per_task.min(n - r0);
+            let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+            let ptr = out_ptr;
+            // SAFETY: int8 support was checked for this type and width; `xq` was quantized for
+            // it; this task writes only columns r0..r0 + rows.
+            unsafe { int8::block(w.dtype, &xq, m, bytes, w.row_bytes, rows, ptr.0.add(r0), n) };
+        });
 }
 
 #[cfg(test)]
@@ -431,6 +462,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// int8 arithmetic: batch-invariant, and the f32 result up to the activations' int8
+    /// rounding (per 32 values, a step of max|x|/127) — checked per output against the bound
+    /// that rounding implies.
+    #[test]
+    fn int8_matmul_is_batch_invariant_and_close_to_f32() {
+        if !int8::cpu_has_vnni() {
+            return;
+        }
+        let (rows, cols) = (37, 512);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let v = ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+                v * (1 + (i / cols) % 7) as f32 + ((i / cols) % 3) as f32 - 1.0
+            })
+            .collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        let mut covered = 0;
+        for dtype in ALL_BLOCK_TYPES {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let exact =
+                QuantMatrix::new(dtype, rows, cols, q.data().unwrap().into_owned()).unwrap();
+            let fast = exact.clone().with_arithmetic(CpuArithmetic::Int8);
+            if fast.arithmetic() != CpuArithmetic::Int8 {
+                continue;
+            }
+            covered += 1;
+            let dense = exact.dequantize();
+            let m = 9;
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0 + (i % 7) as f32 * 0.1)
+                .collect();
+            let all = matmul_xwt_quant_new(&x, m, cols, &fast);
+            let reference = matmul_xwt_quant_new(&x, m, cols, &exact);
+            for i in 0..m {
+                let row = &x[i * cols..(i + 1) * cols];
+                let alone = matmul_xwt_quant_new(row, 1, cols, &fast);
+                assert_eq!(
+                    &alone[..],
+                    &all[i * rows..(i + 1) * rows],
+                    "{dtype:?} row {i}"
+                );
+                for j in 0..rows {
+                    let w = &dense[j * cols..(j + 1) * cols];
+                    // |Σ w (x - x̂)| ≤ Σ |w| · step/2 per 32-value chunk, plus f32 rounding.
+                    let bound: f32 = row
+                        .chunks(32)
+                        .zip(w.chunks(32))
+                        .map(|(xc, wc)| {
+                            let step = xc.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                            wc.iter().map(|v| v.abs()).sum::<f32>() * step * 0.5
+                        })
+                        .sum::<f32>()
+                        * 1.01
+                        + 1e-3;
+                    let (g, r) = (all[i * rows + j], reference[i * rows + j]);
+                    assert!(
+                        (g - r).abs() <= bound,
+                        "{dtype:?} ({i}, {j}): {g} vs {r} (bound {bound})"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            covered, 8,
+            "every type but Q2_K and Q3_K has an integer kernel"
+        );
     }
 
     const ALL_BLOCK_TYPES: [GgmlDType; 10] = [
