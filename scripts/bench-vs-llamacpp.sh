@@ -20,6 +20,8 @@
 #   MODE                 serve (default) or sweep
 #   PROMPTS_PER_LEVEL    sweep mode: prompts per level (default max(8, 4 x concurrency))
 #   LLAMA_EXTRA_ARGS SPINDLE_EXTRA_ARGS   extra server flags
+#   SPINDLE_ARITHMETICS  CPU arithmetics to run spindle with, one server each, e.g.
+#                        "float32 bfloat16 int8" (default: auto, spindle's default)
 #   SKIP_BUILD=1         use the existing target/release/spindle
 #   BENCH_NICE           run both servers and the client at this nice level (e.g. -10, as root)
 #                        so that other work on a shared machine disturbs the measurement less
@@ -210,22 +212,38 @@ wait_ready "$LLAMA_PORT" /health
 run_bench llama-server "$LLAMA_PORT"
 stop_server
 
-wait_idle
-log "spindle serve on port $SPINDLE_PORT"
-# shellcheck disable=SC2086
-"${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" \
-    ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/spindle.log" 2>&1 &
-SERVER_PID=$!
-wait_ready "$SPINDLE_PORT" /health
-run_bench spindle "$SPINDLE_PORT"
-stop_server
+SPINDLE_NAMES=()
+read -r -a ARITHMETICS <<<"${SPINDLE_ARITHMETICS:-auto}"
+for arithmetic in "${ARITHMETICS[@]}"; do
+    name=spindle
+    if [ "${#ARITHMETICS[@]}" -gt 1 ] || [ "$arithmetic" != auto ]; then
+        name="spindle-$arithmetic"
+    fi
+    SPINDLE_NAMES+=("$name")
+    wait_idle
+    log "spindle serve (--cpu-arithmetic $arithmetic) on port $SPINDLE_PORT"
+    rm -rf "$OUT_DIR/data"
+    # shellcheck disable=SC2086
+    "${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" \
+        --cpu-arithmetic "$arithmetic" ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/$name.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "$SPINDLE_PORT" /health
+    run_bench "$name" "$SPINDLE_PORT"
+    stop_server
+done
 
 if [ "$MODE" = sweep ]; then
-    "${BENCH[@]}" plot --input "$OUT_DIR/llama-server.json" --input "$OUT_DIR/spindle.json" \
-        --out "$OUT_DIR/sweep-vs.svg"
+    PLOT_INPUTS=(--input "$OUT_DIR/llama-server.json")
+    for name in "${SPINDLE_NAMES[@]}"; do
+        PLOT_INPUTS+=(--input "$OUT_DIR/$name.json")
+    done
+    "${BENCH[@]}" plot "${PLOT_INPUTS[@]}" --out "$OUT_DIR/sweep-vs.svg"
 fi
 
-python3 - "$MODE" "$OUT_DIR/spindle.json" "$OUT_DIR/llama-server.json" <<'EOF'
+for name in "${SPINDLE_NAMES[@]}"; do
+echo
+echo "== $name vs llama-server =="
+python3 - "$MODE" "$OUT_DIR/$name.json" "$OUT_DIR/llama-server.json" <<'EOF'
 import json, sys
 mode, sp, lp = sys.argv[1:4]
 s, l = (json.load(open(p)) for p in (sp, lp))
@@ -269,3 +287,4 @@ if mode == "sweep":
 else:
     table(s, l)
 EOF
+done

@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p spindle-engine --example batch_throughput -- [N] [MAX_TOKENS] [batched]`
 //! (`batched`: skip the one-at-a-time run, e.g. to profile the batched one alone; environment:
-//! `SPINDLE_MODEL` a GGUF, `SPINDLE_DTYPE` float32 or bfloat16)
+//! `SPINDLE_MODEL` a GGUF, `SPINDLE_ARITHMETIC` float32, bfloat16 or int8)
 
 use std::time::Instant;
 
@@ -33,8 +33,8 @@ fn main() {
         model: LoadOptions {
             model,
             max_model_len: Some(2048),
-            // SPINDLE_DTYPE=bfloat16 measures the bf16-product kernels.
-            dtype: std::env::var("SPINDLE_DTYPE")
+            // SPINDLE_ARITHMETIC=bfloat16|int8|float32 picks the CPU kernels.
+            cpu_arithmetic: std::env::var("SPINDLE_ARITHMETIC")
                 .ok()
                 .and_then(|d| d.parse().ok())
                 .unwrap_or_default(),

@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub gpu_memory_utilization: f32,
     /// Explicit number of KV blocks, overriding the memory-based sizing.
     pub num_blocks_override: Option<usize>,
+    /// What the KV cache stores (`--kv-cache-dtype`): the model's dtype, or bf16/f16 on the CPU.
+    pub kv_cache_dtype: spindle_model::KvCacheDtypeChoice,
     pub enable_prefix_caching: bool,
     /// Global seed for requests that bring none.
     pub seed: u64,
@@ -133,6 +135,7 @@ impl Default for EngineConfig {
             kv_cache_memory_bytes: None,
             gpu_memory_utilization: 0.9,
             num_blocks_override: None,
+            kv_cache_dtype: spindle_model::KvCacheDtypeChoice::Auto,
             enable_prefix_caching: true,
             seed: 0,
             max_waiting_requests: 0,

@@ -54,7 +54,7 @@ impl GenerationCore {
         let max_model_len = loaded.info.max_model_len;
         let (attention, shape) =
             crate::kv_cache::build(&loaded.model, &config, shape, max_model_len)?;
-        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &shape);
+        let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &config, &shape);
         if shape.capacity_tokens() < max_model_len {
             return Err(EngineError::KvCacheTooSmall {
                 capacity_tokens: shape.capacity_tokens(),

@@ -3,7 +3,9 @@
 //! profiling forward pass (or an explicit block count for either).
 
 use spindle_model::attention::cpu::CpuAttention;
-use spindle_model::{AttentionBackend, CacheShape, LlamaModel, ModelError};
+use spindle_model::{
+    AttentionBackend, CacheShape, KvCacheDtypeChoice, KvDtype, LlamaModel, ModelError,
+};
 
 use crate::api::EngineError;
 use crate::config::EngineConfig;
@@ -41,8 +43,8 @@ pub fn build(
         return build_cuda(model, config, shape, max_model_len);
     }
     let _ = max_model_len;
-    // The CPU cache is always f32 (see spindle_model::attention::cpu).
-    let bytes_per_block = shape.bytes_per_block(std::mem::size_of::<f32>()) as u64;
+    let dtype = cpu_kv_dtype(config.kv_cache_dtype);
+    let bytes_per_block = shape.bytes_per_block(dtype.size_in_bytes()) as u64;
     shape.num_blocks = match config.num_blocks_override {
         Some(n) => n,
         None => {
@@ -52,7 +54,17 @@ pub fn build(
                 / bytes_per_block) as usize
         }
     };
-    Ok((Box::new(CpuAttention::new(shape).map_err(setup)?), shape))
+    let cache = CpuAttention::with_dtype(shape, dtype).map_err(setup)?;
+    Ok((Box::new(cache), shape))
+}
+
+/// The CPU cache's element type for `--kv-cache-dtype` (`auto`: the CPU model's f32).
+fn cpu_kv_dtype(choice: KvCacheDtypeChoice) -> KvDtype {
+    match choice {
+        KvCacheDtypeChoice::Auto => KvDtype::F32,
+        KvCacheDtypeChoice::BFloat16 => KvDtype::Bf16,
+        KvCacheDtypeChoice::Float16 => KvDtype::F16,
+    }
 }
 
 /// Run one forward pass of the biggest step the scheduler can build (`max_num_batched_tokens`
@@ -110,6 +122,17 @@ fn build_cuda(
 ) -> Result<(Box<dyn AttentionBackend>, CacheShape), EngineError> {
     use spindle_model::attention::cuda::{cuda_memory_info, CudaAttention};
     let dtype = model.dtype();
+    let matches_model = match config.kv_cache_dtype {
+        KvCacheDtypeChoice::Auto => true,
+        KvCacheDtypeChoice::BFloat16 => dtype == candle_core::DType::BF16,
+        KvCacheDtypeChoice::Float16 => dtype == candle_core::DType::F16,
+    };
+    if !matches_model {
+        return Err(setup(ModelError::Unsupported(format!(
+            "--kv-cache-dtype {} on CUDA: the CUDA cache holds the model dtype; pass --dtype {} instead",
+            config.kv_cache_dtype, config.kv_cache_dtype
+        ))));
+    }
     let bytes_per_block = shape.bytes_per_block(dtype.size_in_bytes()) as u64;
     shape.num_blocks = match config.num_blocks_override {
         Some(n) => n,
@@ -160,11 +183,11 @@ fn build_cuda(
 }
 
 /// Bytes one block takes on the backend `model` uses (for logs and errors).
-pub fn bytes_per_block(model: &LlamaModel, shape: &CacheShape) -> usize {
+pub fn bytes_per_block(model: &LlamaModel, config: &EngineConfig, shape: &CacheShape) -> usize {
     let elem = if model.device().is_cuda() {
         model.dtype().size_in_bytes()
     } else {
-        std::mem::size_of::<f32>()
+        cpu_kv_dtype(config.kv_cache_dtype).size_in_bytes()
     };
     shape.bytes_per_block(elem)
 }

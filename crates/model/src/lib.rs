@@ -22,6 +22,7 @@ pub mod rope;
 pub mod tokenizer;
 pub mod weights;
 
+pub use attention::kv_dtype::{KvCacheDtypeChoice, KvDtype};
 pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
 pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
 pub use config::{Architecture, ModelConfig};

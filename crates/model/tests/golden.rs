@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde::Deserialize;
-use spindle_model::{CpuArithmeticChoice, DTypeChoice, LoadOptions, TokenizerBundle};
+use spindle_model::{CpuArithmeticChoice, DTypeChoice, KvDtype, LoadOptions, TokenizerBundle};
 
 #[derive(Deserialize)]
 struct TopLogprob {
@@ -248,13 +248,24 @@ fn top_k(row: &[f32], k: usize) -> Vec<u32> {
 /// side's token is among the other's top 5. Returns the share of reference steps generated
 /// before any divergence.
 fn check_logprobs_close(loaded: &spindle_model::LoadedModel, g: &Golden, mode: &str) -> f64 {
+    check_logprobs_close_kv(loaded, g, mode, KvDtype::F32)
+}
+
+/// [`check_logprobs_close`] with a KV cache holding `kv`.
+fn check_logprobs_close_kv(
+    loaded: &spindle_model::LoadedModel,
+    g: &Golden,
+    mode: &str,
+    kv: KvDtype,
+) -> f64 {
     let (mut matched, mut total) = (0usize, 0usize);
     for case in &g.cases {
-        let mut runner = PagedRunner::new(
+        let mut runner = PagedRunner::with_kv_dtype(
             &loaded.model,
             1,
             case.prompt_ids.len() + case.greedy_ids.len() + 1,
             16,
+            kv,
         );
         let mut logits = runner.step(&loaded.model, &[(0, 0, case.prompt_ids.clone())]);
         let mut len = case.prompt_ids.len();
@@ -345,5 +356,17 @@ fn int8_mode_is_batch_invariant() {
     let batched = batched_greedy(&loaded, &g);
     for (case, tokens) in g.cases.iter().zip(&batched) {
         assert_eq!(&greedy_alone(&loaded, case), tokens, "case {}", case.name);
+    }
+}
+
+/// A 16-bit KV cache (`--kv-cache-dtype bfloat16|float16`) with exact f32 arithmetic meets the
+/// accuracy contract too.
+#[test]
+fn half_precision_kv_caches_pass_check_logprobs_close() {
+    let g = golden();
+    let loaded = load();
+    for (kv, name) in [(KvDtype::Bf16, "kv bfloat16"), (KvDtype::F16, "kv float16")] {
+        let share = check_logprobs_close_kv(&loaded, &g, name, kv);
+        assert!(share > 0.5, "{name}: only {:.1} % exact", 100.0 * share);
     }
 }

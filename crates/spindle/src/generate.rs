@@ -6,7 +6,9 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::Args;
 use spindle_engine::{Engine, EngineConfig, EngineEvent, GenerateRequest, SamplingParams};
-use spindle_model::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use spindle_model::{
+    CpuArithmeticChoice, DTypeChoice, DeviceChoice, KvCacheDtypeChoice, LoadFormat, LoadOptions,
+};
 
 /// The default model fetched by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -36,6 +38,9 @@ pub struct GenerateArgs {
     /// auto, float32, bfloat16 or int8 (see `spindle serve --help`).
     #[arg(long, default_value = "auto")]
     cpu_arithmetic: CpuArithmeticChoice,
+    /// auto, bfloat16 or float16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtypeChoice,
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
     #[arg(long, default_value = "auto")]
@@ -83,6 +88,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         max_num_seqs: 1,
         kv_cache_memory_bytes: Some(1 << 30),
+        kv_cache_dtype: args.kv_cache_dtype,
         ..EngineConfig::default()
     };
     let engine = Engine::spawn(config).with_context(|| format!("loading {}", args.model))?;

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind, SchedulingPolicy};
-use spindle_model::{CpuArithmeticChoice, DTypeChoice, DeviceChoice, LoadFormat, LoadOptions};
+use spindle_model::{
+    CpuArithmeticChoice, DTypeChoice, DeviceChoice, KvCacheDtypeChoice, LoadFormat, LoadOptions,
+};
 use spindle_server::{
     LoadingServer, Metrics, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
@@ -175,8 +177,10 @@ pub struct ServeArgs {
     pub data_parallel_size: Option<usize>,
     #[arg(long, short = 'q', hide = true)]
     pub quantization: Option<String>,
-    #[arg(long, hide = true)]
-    pub kv_cache_dtype: Option<String>,
+    /// What the KV cache stores: auto (the model dtype; f32 on the CPU), bfloat16 or float16
+    /// (CPU: half the memory per token; on CUDA it must match --dtype). fp8 is not supported.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtypeChoice,
     #[arg(long, hide = true)]
     pub tokenizer: Option<String>,
     #[arg(long, hide = true)]
@@ -240,12 +244,6 @@ impl ServeArgs {
         }
         if let Some(q) = &self.quantization {
             return unsupported("quantization", &format!("`{q}` — quantized weights are read from GGUF files as they are; pass a .gguf model"));
-        }
-        if let Some(d) = self.kv_cache_dtype.as_deref().filter(|d| *d != "auto") {
-            return unsupported(
-                "kv-cache-dtype",
-                &format!("`{d}` — the KV cache uses the model dtype"),
-            );
         }
         if self.tokenizer.is_some() {
             return unsupported(
@@ -635,6 +633,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         kv_cache_memory_bytes: args.kv_cache_memory,
         gpu_memory_utilization: args.gpu_memory_utilization,
         num_blocks_override: args.num_gpu_blocks_override,
+        kv_cache_dtype: args.kv_cache_dtype,
         enable_prefix_caching,
         seed: args.seed,
         max_waiting_requests: args.max_waiting_requests,
@@ -860,6 +859,24 @@ mod tests {
             .unwrap()
             .check_vllm_flags()
             .is_err());
+        // vLLM's KV-cache dtypes: 16-bit ones are served, fp8 is refused with a reason.
+        assert_eq!(
+            parse(&["--kv-cache-dtype", "bfloat16"])
+                .unwrap()
+                .kv_cache_dtype,
+            KvCacheDtypeChoice::BFloat16
+        );
+        assert_eq!(
+            parse(&["--kv-cache-dtype", "fp16", "--cpu-arithmetic", "int8"])
+                .unwrap()
+                .cpu_arithmetic,
+            CpuArithmeticChoice::Int8
+        );
+        let fp8 = parse(&["--kv-cache-dtype", "fp8"]).map(|_| ()).unwrap_err();
+        assert!(
+            fp8.to_string().contains("fp8 caches are not implemented"),
+            "{fp8}"
+        );
         assert!(parse(&["--enable-lora"])
             .unwrap()
             .check_vllm_flags()

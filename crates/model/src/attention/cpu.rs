@@ -5,26 +5,66 @@
 //! holds dimension `d` of all 16 keys, and the scores of a whole block come out of `head_dim`
 //! broadcast-FMAs with no horizontal sums. Work is split across (sequence, kv-head) pairs with
 //! rayon; accumulation is in f32.
+//!
+//! The cache holds f32, or bf16/f16 (`--kv-cache-dtype`): half the bytes per token, so twice
+//! the tokens per GiB and half the cache traffic of long-context and batched attention. Keys
+//! and values are rounded once when written and widened exactly when read; scores, softmax and
+//! sums stay f32.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::kv_dtype::{Bf16, KvDtype, KvElem, F16};
 use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape};
 use crate::error::{ModelError, Result};
+
+/// One layer's K and V in the cache's element type.
+enum LayerCache {
+    F32(Vec<f32>, Vec<f32>),
+    Bf16(Vec<Bf16>, Vec<Bf16>),
+    F16(Vec<F16>, Vec<F16>),
+}
+
+/// Run `$body` with `$k`, `$v` bound to a layer's K and V slices (as `&mut` when `$layer` is).
+macro_rules! with_layer {
+    ($layer:expr, |$k:ident, $v:ident| $body:expr) => {
+        match $layer {
+            LayerCache::F32($k, $v) => $body,
+            LayerCache::Bf16($k, $v) => $body,
+            LayerCache::F16($k, $v) => $body,
+        }
+    };
+}
 
 /// The CPU KV cache and the attention kernels that read it.
 pub struct CpuAttention {
     shape: CacheShape,
-    /// Per layer: (K, V), each `num_blocks * num_kv_heads * block_size * head_dim` floats.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    dtype: KvDtype,
+    /// Per layer: K and V, each `num_blocks * num_kv_heads * block_size * head_dim` elements.
+    layers: Vec<LayerCache>,
     scale: f32,
     /// The validated metadata of the step in flight and its query head count.
     step: Option<(AttentionMetadata, usize)>,
 }
 
+/// A zeroed vector of `n` elements, or an error (not an abort) when memory is short.
+fn zeroed<E: KvElem>(n: usize) -> Result<Vec<E>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| oom(n * std::mem::size_of::<E>()))?;
+    v.resize(n, E::from_f32(0.0));
+    Ok(v)
+}
+
 impl CpuAttention {
-    /// Allocate a zeroed cache of `shape`. Errors instead of aborting when memory is short.
+    /// Allocate a zeroed f32 cache of `shape`.
     pub fn new(shape: CacheShape) -> Result<Self> {
+        Self::with_dtype(shape, KvDtype::F32)
+    }
+
+    /// Allocate a zeroed cache of `shape` holding `dtype`. Errors instead of aborting when
+    /// memory is short.
+    pub fn with_dtype(shape: CacheShape, dtype: KvDtype) -> Result<Self> {
         let per_layer = shape
             .num_blocks
             .checked_mul(shape.num_kv_heads)
@@ -33,21 +73,25 @@ impl CpuAttention {
             .ok_or_else(|| ModelError::Config("KV cache size overflows".into()))?;
         let mut layers = Vec::with_capacity(shape.num_layers);
         for _ in 0..shape.num_layers {
-            let mut k = Vec::new();
-            let mut v = Vec::new();
-            k.try_reserve_exact(per_layer).map_err(|_| oom(per_layer))?;
-            v.try_reserve_exact(per_layer).map_err(|_| oom(per_layer))?;
-            k.resize(per_layer, 0.0);
-            v.resize(per_layer, 0.0);
-            layers.push((k, v));
+            layers.push(match dtype {
+                KvDtype::F32 => LayerCache::F32(zeroed(per_layer)?, zeroed(per_layer)?),
+                KvDtype::Bf16 => LayerCache::Bf16(zeroed(per_layer)?, zeroed(per_layer)?),
+                KvDtype::F16 => LayerCache::F16(zeroed(per_layer)?, zeroed(per_layer)?),
+            });
         }
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         Ok(Self {
             shape,
+            dtype,
             layers,
             scale,
             step: None,
         })
+    }
+
+    /// The element type the cache holds.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     fn block_stride(&self) -> usize {
@@ -55,10 +99,10 @@ impl CpuAttention {
     }
 }
 
-fn oom(elements: usize) -> ModelError {
+fn oom(bytes: usize) -> ModelError {
     ModelError::Config(format!(
         "cannot allocate {} MiB for the KV cache",
-        (elements * 4) >> 20
+        bytes >> 20
     ))
 }
 
@@ -80,9 +124,9 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 #[inline(always)]
-fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+fn axpy<E: KvElem>(out: &mut [f32], w: f32, x: &[E]) {
     for (o, v) in out.iter_mut().zip(x) {
-        *o += w * v;
+        *o += w * v.to_f32();
     }
 }
 
@@ -104,9 +148,9 @@ fn softmax(scores: &mut [f32]) {
 /// Attention of one sequence's queries for the query heads of one KV head, over the paged
 /// cache of one layer: a portable version, and an AVX-512 one for 16-token blocks and the
 /// common head sizes (the baseline x86-64 target only allows 4-wide SSE).
-struct HeadKernel<'a> {
-    kc: &'a [f32],
-    vc: &'a [f32],
+struct HeadKernel<'a, E: KvElem> {
+    kc: &'a [E],
+    vc: &'a [E],
     qd: &'a [f32],
     block_stride: usize,
     block_size: usize,
@@ -116,7 +160,7 @@ struct HeadKernel<'a> {
     scale: f32,
 }
 
-impl HeadKernel<'_> {
+impl<E: KvElem> HeadKernel<'_, E> {
     /// `[query_len, group, head_dim]` for sequence `seq` and KV head `g`.
     fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
@@ -161,7 +205,11 @@ impl HeadKernel<'_> {
                 let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
                 for (j, score) in scores[..visible].iter_mut().enumerate() {
                     let k = &self.kc[key(j)..];
-                    let dot: f32 = qv.iter().enumerate().map(|(d, &q)| q * k[d * bs]).sum();
+                    let dot: f32 = qv
+                        .iter()
+                        .enumerate()
+                        .map(|(d, &q)| q * k[d * bs].to_f32())
+                        .sum();
                     *score = dot * self.scale;
                 }
                 softmax(&mut scores[..visible]);
@@ -227,7 +275,7 @@ impl HeadKernel<'_> {
                         let v = value(j + u);
                         let w = _mm512_set1_ps(sc[j + u]);
                         for (c, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(16 * c)), *a);
+                            *a = _mm512_fmadd_ps(w, E::load16(v.add(16 * c)), *a);
                         }
                     }
                     j += pair;
@@ -270,8 +318,8 @@ impl HeadKernel<'_> {
             let mut even = [_mm512_setzero_ps(); NH];
             let mut odd = [_mm512_setzero_ps(); NH];
             for d in (0..hd).step_by(2) {
-                let k0 = _mm512_loadu_ps(kp.add(d * BS));
-                let k1 = _mm512_loadu_ps(kp.add((d + 1) * BS));
+                let k0 = E::load16(kp.add(d * BS));
+                let k1 = E::load16(kp.add((d + 1) * BS));
                 for h in 0..NH {
                     even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d)), k0, even[h]);
                     odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d + 1)), k1, odd[h]);
@@ -412,6 +460,34 @@ pub(crate) mod avx512 {
     }
 }
 
+/// Store one step's new keys and values (`[tokens, num_kv_heads, head_dim]` each) at their
+/// cache slots: values as rows, keys transposed within their block.
+fn write_slots<E: KvElem>(
+    kc: &mut [E],
+    vc: &mut [E],
+    kd: &[f32],
+    vd: &[f32],
+    offsets: &[(usize, usize)],
+    (num_kv_heads, block_size, head_dim, block_stride): (usize, usize, usize, usize),
+) {
+    for (t, &(block, in_block)) in offsets.iter().enumerate() {
+        for h in 0..num_kv_heads {
+            let src = (t * num_kv_heads + h) * head_dim;
+            let k_dst = block * block_stride + h * head_dim * block_size + in_block;
+            for (d, &x) in kd[src..src + head_dim].iter().enumerate() {
+                kc[k_dst + d * block_size] = E::from_f32(x);
+            }
+            let v_dst = block * block_stride + (h * block_size + in_block) * head_dim;
+            for (o, &x) in vc[v_dst..v_dst + head_dim]
+                .iter_mut()
+                .zip(&vd[src..src + head_dim])
+            {
+                *o = E::from_f32(x);
+            }
+        }
+    }
+}
+
 impl AttentionBackend for CpuAttention {
     fn begin_step(&mut self, md: &AttentionMetadata, num_heads: usize) -> Result<()> {
         self.step = None;
@@ -440,48 +516,46 @@ impl AttentionBackend for CpuAttention {
         let group = num_heads / num_kv_heads;
         let (qd, kd, vd) = (f32_data(q)?, f32_data(k)?, f32_data(v)?);
 
-        // 1. Write the new K/V at their slots.
+        // 1. Write the new K/V at their slots (rounded to the cache's type).
         let offsets: Vec<(usize, usize)> = md
             .slot_mapping
             .iter()
             .map(|&s| (s as usize / block_size, s as usize % block_size))
             .collect();
-        {
-            let block_stride = self.block_stride();
-            let (kc, vc) = &mut self.layers[layer];
-            for (t, &(block, in_block)) in offsets.iter().enumerate() {
-                for h in 0..num_kv_heads {
-                    let src = (t * num_kv_heads + h) * head_dim;
-                    let k_dst = block * block_stride + h * head_dim * block_size + in_block;
-                    for (d, &x) in kd[src..src + head_dim].iter().enumerate() {
-                        kc[k_dst + d * block_size] = x;
-                    }
-                    let v_dst = block * block_stride + (h * block_size + in_block) * head_dim;
-                    vc[v_dst..v_dst + head_dim].copy_from_slice(&vd[src..src + head_dim]);
-                }
-            }
-        }
+        let block_stride = self.block_stride();
+        with_layer!(&mut self.layers[layer], |kc, vc| {
+            write_slots(
+                kc,
+                vc,
+                &kd,
+                &vd,
+                &offsets,
+                (num_kv_heads, block_size, head_dim, block_stride),
+            )
+        });
 
         // 2. Attention per (sequence, kv head); each task yields [query_len, group, head_dim].
-        let (kc, vc) = &self.layers[layer];
         let tasks: Vec<(usize, usize)> = (0..md.sequences.len())
             .flat_map(|s| (0..num_kv_heads).map(move |g| (s, g)))
             .collect();
-        let kernel = HeadKernel {
-            kc,
-            vc,
-            qd: &qd,
-            block_stride: self.block_stride(),
-            block_size,
-            head_dim,
-            num_heads,
-            group,
-            scale: self.scale,
-        };
-        let results: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(s, g)| kernel.run(&md.sequences[s], g))
-            .collect();
+        let scale = self.scale;
+        let results: Vec<Vec<f32>> = with_layer!(&self.layers[layer], |kc, vc| {
+            let kernel = HeadKernel {
+                kc,
+                vc,
+                qd: &qd,
+                block_stride,
+                block_size,
+                head_dim,
+                num_heads,
+                group,
+                scale,
+            };
+            tasks
+                .par_iter()
+                .map(|&(s, g)| kernel.run(&md.sequences[s], g))
+                .collect()
+        });
 
         // 3. Scatter into [tokens, num_heads, head_dim]. Tokens no sequence claims stay zero.
         let mut output = vec![0f32; tokens * num_heads * head_dim];
@@ -509,17 +583,113 @@ impl AttentionBackend for CpuAttention {
                 "block copy {s} -> {d} is out of range"
             )));
         }
-        for (k, v) in self.layers.iter_mut() {
-            for &(src, dst) in pairs {
-                let (src, dst) = (src as usize * stride, dst as usize * stride);
-                k.copy_within(src..src + stride, dst);
-                v.copy_within(src..src + stride, dst);
-            }
+        for layer in self.layers.iter_mut() {
+            with_layer!(layer, |k, v| {
+                for &(src, dst) in pairs {
+                    let (src, dst) = (src as usize * stride, dst as usize * stride);
+                    k.copy_within(src..src + stride, dst);
+                    v.copy_within(src..src + stride, dst);
+                }
+            });
         }
         Ok(())
     }
 
     fn shape(&self) -> CacheShape {
         self.shape
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::SequenceSlice;
+
+    /// A 16-bit cache computes exactly what the f32 cache computes on keys and values rounded
+    /// to that type first (rounding happens once, on write; reads widen exactly), for the
+    /// vectorized kernel (16-token blocks, head size 64) and the portable one.
+    #[test]
+    fn half_precision_caches_equal_an_f32_cache_of_rounded_values() {
+        for (block_size, head_dim) in [(16usize, 64usize), (4, 24)] {
+            let (kv_heads, heads, layers) = (2, 4, 1);
+            let shape = CacheShape {
+                num_layers: layers,
+                num_blocks: 20,
+                block_size,
+                num_kv_heads: kv_heads,
+                head_dim,
+            };
+            // Two sequences: a 37-token prefill and a 5-token one.
+            let lens = [37usize, 5];
+            let tokens: usize = lens.iter().sum();
+            let per_seq = 10;
+            let mut sequences = Vec::new();
+            let mut slots = Vec::new();
+            let mut start = 0;
+            for (s, &len) in lens.iter().enumerate() {
+                let table: Vec<u32> = (0..len.div_ceil(block_size))
+                    .map(|b| (s * per_seq + b) as u32)
+                    .collect();
+                for p in 0..len {
+                    slots.push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+                }
+                sequences.push(SequenceSlice {
+                    query_start: start,
+                    query_len: len,
+                    context_len: len,
+                    block_table: table,
+                });
+                start += len;
+            }
+            let md = AttentionMetadata {
+                sequences,
+                slot_mapping: slots,
+            };
+            let values = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0 - 1.0) * 3.3)
+                    .collect()
+            };
+            let q = values(tokens * heads * head_dim, 1);
+            let k = values(tokens * kv_heads * head_dim, 2);
+            let v = values(tokens * kv_heads * head_dim, 3);
+            let tensor = |x: &[f32], h: usize| {
+                Tensor::from_vec(x.to_vec(), (tokens, h, head_dim), &Device::Cpu).unwrap()
+            };
+            let run = |dtype: KvDtype, k: &[f32], v: &[f32]| -> Vec<f32> {
+                let mut cache = CpuAttention::with_dtype(shape, dtype).unwrap();
+                assert_eq!(cache.dtype(), dtype);
+                cache.begin_step(&md, heads).unwrap();
+                let out = cache
+                    .attend(
+                        0,
+                        &tensor(&q, heads),
+                        &tensor(k, kv_heads),
+                        &tensor(v, kv_heads),
+                    )
+                    .unwrap();
+                out.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let exact = run(KvDtype::F32, &k, &v);
+            for dtype in [KvDtype::Bf16, KvDtype::F16] {
+                let round = |x: &[f32]| -> Vec<f32> {
+                    x.iter()
+                        .map(|&x| match dtype {
+                            KvDtype::Bf16 => Bf16::from_f32(x).to_f32(),
+                            _ => F16::from_f32(x).to_f32(),
+                        })
+                        .collect()
+                };
+                let half = run(dtype, &k, &v);
+                assert_eq!(half, run(KvDtype::F32, &round(&k), &round(&v)), "{dtype:?}");
+                let worst = half
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 0.05, "{dtype:?}: {worst}");
+                assert_ne!(half, exact, "{dtype:?} should round");
+            }
+        }
     }
 }

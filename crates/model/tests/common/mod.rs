@@ -20,14 +20,27 @@ pub fn repo_root() -> PathBuf {
 
 /// A CPU cache big enough for a few sequences of `max_tokens`.
 pub fn cpu_cache(model: &LlamaModel, num_blocks: usize, block_size: usize) -> CpuAttention {
+    cpu_cache_of(model, num_blocks, block_size, spindle_model::KvDtype::F32)
+}
+
+/// [`cpu_cache`] holding `dtype`.
+pub fn cpu_cache_of(
+    model: &LlamaModel,
+    num_blocks: usize,
+    block_size: usize,
+    dtype: spindle_model::KvDtype,
+) -> CpuAttention {
     let c = model.config();
-    CpuAttention::new(CacheShape {
-        num_layers: c.num_layers,
-        num_blocks,
-        block_size,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    })
+    CpuAttention::with_dtype(
+        CacheShape {
+            num_layers: c.num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        },
+        dtype,
+    )
     .expect("allocate cache")
 }
 
@@ -41,9 +54,27 @@ pub struct PagedRunner {
 
 impl PagedRunner {
     pub fn new(model: &LlamaModel, num_seqs: usize, max_tokens: usize, block_size: usize) -> Self {
+        Self::with_kv_dtype(
+            model,
+            num_seqs,
+            max_tokens,
+            block_size,
+            spindle_model::KvDtype::F32,
+        )
+    }
+
+    /// A runner whose cache holds `dtype`.
+    #[allow(dead_code)]
+    pub fn with_kv_dtype(
+        model: &LlamaModel,
+        num_seqs: usize,
+        max_tokens: usize,
+        block_size: usize,
+        dtype: spindle_model::KvDtype,
+    ) -> Self {
         let blocks_per_seq = max_tokens.div_ceil(block_size);
         Self {
-            cache: cpu_cache(model, num_seqs * blocks_per_seq, block_size),
+            cache: cpu_cache_of(model, num_seqs * blocks_per_seq, block_size, dtype),
             block_size,
             blocks_per_seq,
         }
