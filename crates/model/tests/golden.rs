@@ -41,9 +41,19 @@ struct Golden {
 }
 
 fn golden() -> Golden {
-    let path = repo_root().join("tests/golden/smollm2-135m-instruct.json");
+    golden_file("smollm2-135m-instruct.json")
+}
+
+fn golden_file(name: &str) -> Golden {
+    let path = repo_root().join("tests/golden").join(name);
     let text = std::fs::read_to_string(&path).expect("golden file");
     serde_json::from_str(&text).expect("golden json")
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (scripts/fetch-qwen.sh): Q5_0, Q8_0, Q4_K and Q6_K
+/// tensors, all kept quantized.
+fn qwen_path() -> std::path::PathBuf {
+    repo_root().join("models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 }
 
 fn load() -> spindle_model::LoadedModel {
@@ -58,10 +68,17 @@ fn load_with_arithmetic(
     dtype: DTypeChoice,
     cpu_arithmetic: CpuArithmeticChoice,
 ) -> spindle_model::LoadedModel {
-    let path = default_model_path();
+    load_model(&default_model_path(), dtype, cpu_arithmetic)
+}
+
+fn load_model(
+    path: &std::path::Path,
+    dtype: DTypeChoice,
+    cpu_arithmetic: CpuArithmeticChoice,
+) -> spindle_model::LoadedModel {
     assert!(
         path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
+        "{} is missing: run scripts/fetch-model.sh (or fetch-qwen.sh)",
         path.display()
     );
     spindle_model::load(&LoadOptions {
@@ -70,7 +87,7 @@ fn load_with_arithmetic(
         cpu_arithmetic,
         ..Default::default()
     })
-    .expect("load default model")
+    .expect("load model")
 }
 
 fn check_tokenizer(tok: &TokenizerBundle, g: &Golden) {
@@ -96,10 +113,16 @@ fn check_tokenizer(tok: &TokenizerBundle, g: &Golden) {
 
 #[test]
 fn greedy_tokens_and_logprobs_match_transformers() {
-    let g = golden();
-    let sha = std::process::Command::new("sha256sum")
-        .arg(default_model_path())
-        .output();
+    check_matches_transformers(&load(), &golden(), &default_model_path());
+}
+
+/// Tokenizer ids, greedy tokens and top-1 logprobs (within 1e-3) equal to the reference's.
+fn check_matches_transformers(
+    loaded: &spindle_model::LoadedModel,
+    g: &Golden,
+    path: &std::path::Path,
+) {
+    let sha = std::process::Command::new("sha256sum").arg(path).output();
     if let Ok(out) = sha {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -107,8 +130,7 @@ fn greedy_tokens_and_logprobs_match_transformers() {
             "golden data was made from another file"
         );
     }
-    let loaded = load();
-    check_tokenizer(&loaded.tokenizer, &g);
+    check_tokenizer(&loaded.tokenizer, g);
 
     let mut worst = 0f64;
     for case in &g.cases {
@@ -144,6 +166,46 @@ fn greedy_tokens_and_logprobs_match_transformers() {
         "{} cases, worst top-1 logprob difference {worst:.2e}",
         g.cases.len()
     );
+}
+
+/// The Qwen GGUF on the quantized path (every linear layer kept in its GGUF blocks): tokenizer
+/// ids, greedy tokens and top-1 logprobs as HF transformers computes them in fp32 from the same
+/// file.
+#[test]
+fn qwen_quantized_path_matches_transformers() {
+    let g = golden_file("qwen2.5-coder-0.5b-instruct.json");
+    let loaded = load_model(
+        &qwen_path(),
+        DTypeChoice::Float32,
+        CpuArithmeticChoice::Auto,
+    );
+    check_matches_transformers(&loaded, &g, &qwen_path());
+}
+
+/// The faster modes on the Qwen GGUF meet the accuracy contract too.
+#[test]
+fn qwen_faster_modes_pass_check_logprobs_close() {
+    let g = golden_file("qwen2.5-coder-0.5b-instruct.json");
+    for (arithmetic, name, available) in [
+        (
+            CpuArithmeticChoice::BFloat16,
+            "qwen bfloat16",
+            spindle_model::cpu_bf16::supported(),
+        ),
+        (
+            CpuArithmeticChoice::Int8,
+            "qwen int8",
+            spindle_model::quant::int8::cpu_has_vnni(),
+        ),
+    ] {
+        if !available {
+            println!("{name}: skipped (this CPU lacks the instructions)");
+            continue;
+        }
+        let loaded = load_model(&qwen_path(), DTypeChoice::Auto, arithmetic);
+        let share = check_logprobs_close(&loaded, &g, name);
+        assert!(share > 0.5, "{name}: only {:.1} % exact", 100.0 * share);
+    }
 }
 
 #[test]
