@@ -33,7 +33,8 @@ impl FromStr for LoadFormat {
 /// `--dtype`: the serving dtype weights are converted to at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeChoice {
-    /// f32 on CPU (candle's CPU matmul has no fast bf16 path), bf16 on CUDA.
+    /// CPU: f32 activations with bf16 products in the linear layers where the CPU has AVX-512
+    /// BF16 (else f32); CUDA: bf16.
     #[default]
     Auto,
     Float32,
@@ -60,7 +61,8 @@ impl FromStr for DTypeChoice {
 /// `--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuArithmeticChoice {
-    /// `--dtype float32`: f32; `--dtype bfloat16`: bf16; `--dtype auto`: the CPU default.
+    /// `--dtype float32`: f32; `--dtype bfloat16`: bf16; `--dtype auto`: bf16 where the CPU
+    /// has AVX-512 BF16, else f32.
     #[default]
     Auto,
     /// f32 products, exact against an f32 reference.
