@@ -21,7 +21,8 @@
 #   PROMPTS_PER_LEVEL    sweep mode: prompts per level (default max(8, 4 x concurrency))
 #   LLAMA_EXTRA_ARGS SPINDLE_EXTRA_ARGS   extra server flags
 #   SPINDLE_ARITHMETICS  CPU arithmetics to run spindle with, one server each, e.g.
-#                        "float32 bfloat16 int8" (default: auto, spindle's default)
+#                        "float32 bfloat16 int8" (default: auto, spindle's default); an entry
+#                        ARITH:KV also sets --kv-cache-dtype KV (e.g. "bfloat16 bfloat16:bfloat16")
 #   SKIP_BUILD=1         use the existing target/release/spindle
 #   BENCH_NICE           run both servers and the client at this nice level (e.g. -10, as root)
 #                        so that other work on a shared machine disturbs the measurement less
@@ -214,18 +215,27 @@ stop_server
 
 SPINDLE_NAMES=()
 read -r -a ARITHMETICS <<<"${SPINDLE_ARITHMETICS:-auto}"
-for arithmetic in "${ARITHMETICS[@]}"; do
+for entry in "${ARITHMETICS[@]}"; do
+    arithmetic="${entry%%:*}"
+    kv_dtype=auto
+    if [ "$entry" != "$arithmetic" ]; then
+        kv_dtype="${entry#*:}"
+    fi
     name=spindle
-    if [ "${#ARITHMETICS[@]}" -gt 1 ] || [ "$arithmetic" != auto ]; then
+    if [ "${#ARITHMETICS[@]}" -gt 1 ] || [ "$entry" != auto ]; then
         name="spindle-$arithmetic"
+        if [ "$kv_dtype" != auto ]; then
+            name="$name-kv-$kv_dtype"
+        fi
     fi
     SPINDLE_NAMES+=("$name")
     wait_idle
-    log "spindle serve (--cpu-arithmetic $arithmetic) on port $SPINDLE_PORT"
+    log "spindle serve (--cpu-arithmetic $arithmetic --kv-cache-dtype $kv_dtype) on port $SPINDLE_PORT"
     rm -rf "$OUT_DIR/data"
     # shellcheck disable=SC2086
     "${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" \
-        --cpu-arithmetic "$arithmetic" ${SPINDLE_EXTRA_ARGS:-} >"$OUT_DIR/$name.log" 2>&1 &
+        --cpu-arithmetic "$arithmetic" --kv-cache-dtype "$kv_dtype" ${SPINDLE_EXTRA_ARGS:-} \
+        >"$OUT_DIR/$name.log" 2>&1 &
     SERVER_PID=$!
     wait_ready "$SPINDLE_PORT" /health
     run_bench "$name" "$SPINDLE_PORT"

@@ -245,7 +245,11 @@ fn bf16_checkpoint_runs_with_dtype_bfloat16() {
         .collect();
     candle_core::safetensors::save(&map, &path).unwrap();
 
-    let exact = load(&opts(&dir)).expect("float32");
+    let exact = load(&LoadOptions {
+        dtype: spindle_model::DTypeChoice::Float32,
+        ..opts(&dir)
+    })
+    .expect("float32");
     let bf16 = load(&LoadOptions {
         dtype: spindle_model::DTypeChoice::BFloat16,
         ..opts(&dir)
