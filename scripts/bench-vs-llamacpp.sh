@@ -15,6 +15,7 @@
 #   MODEL                GGUF to serve (default: the default SmolLM2-135M Q4_1)
 #   NUM_PROMPTS CONCURRENCY INPUT_LEN OUTPUT_LEN   workload (default 200, 32, 256, 128)
 #   NUM_WARMUPS          warm-up requests before each measured run (default 4)
+#   CTX                  llama-server total context (default 2048 per slot)
 #   LLAMA_PORT SPINDLE_PORT   ports (default 8091, 8092)
 #   OUT_DIR              where results go (default benches/out/vs-llamacpp)
 #   MODE                 serve (default) or sweep
@@ -51,7 +52,7 @@ MODE="${MODE:-serve}"
 case "$MODE" in serve | sweep) ;; *) echo "MODE must be serve or sweep" >&2; exit 2 ;; esac
 # One llama-server slot per concurrent request, each with room for prompt + output.
 NP="$CONCURRENCY"
-CTX=$((NP * 2048))
+CTX="${CTX:-$((NP * 2048))}"
 
 log() { echo "[bench-vs-llamacpp] $*" >&2; }
 

@@ -154,26 +154,19 @@ impl Bf16Matrix {
 
     /// `x · selfᵀ` for `x` `[m, cols]` in f32, as a new `[m, rows]` buffer.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        use rayon::prelude::*;
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k);
         // SAFETY: construction checked support and width.
         let xb = unsafe { activations(x) };
-        let tasks = rayon::current_num_threads().max(1) * 4;
-        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16).max(16);
         // SAFETY: the tasks below write all m * n outputs, each its own columns.
         unsafe {
             crate::cpu_matmul::filled_buffer(m * n, |out| {
-                (0..n.div_ceil(rows_per_task))
-                    .into_par_iter()
-                    .for_each(|t| {
-                        let r0 = t * rows_per_task;
-                        let rows = rows_per_task.min(n - r0);
-                        let w = &self.data[r0 * k..(r0 + rows) * k];
-                        let ptr = out;
-                        // Shapes as checked; this task writes columns r0..r0 + rows.
-                        block(&xb, m, k, w, rows, ptr.0.add(r0), n);
-                    });
+                crate::cpu_tiles::par_row_ranges(n, 4, |r0, rows| {
+                    let w = &self.data[r0 * k..(r0 + rows) * k];
+                    let ptr = out;
+                    // Shapes as checked; this task writes columns r0..r0 + rows.
+                    block(&xb, m, k, w, rows, ptr.0.add(r0), n);
+                });
             })
         }
     }
@@ -182,6 +175,8 @@ impl Bf16Matrix {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
+
+    use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
 
     /// 32 f32 (two vectors, in order) rounded to 32 bf16 in order.
     #[inline(always)]
@@ -238,54 +233,38 @@ pub(crate) mod avx512 {
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NJ {
-                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
-            }
+        store_tile(&acc, out, ldo);
+    }
+
+    /// A tile's operands: bf16 rows of `x` and of the weights (`k` apart), outputs (`ldo`
+    /// apart).
+    struct Bf16Tiles {
+        x: *const u16,
+        k: usize,
+        w: *const u16,
+        out: *mut f32,
+        ldo: usize,
+    }
+
+    impl Tiles for Bf16Tiles {
+        #[inline(always)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+            let (x, w) = (self.x.add(i * self.k), self.w.add(j * self.k));
+            tile::<MI, NJ>(x, self.k, w, self.out.add(i * self.ldo + j), self.ldo)
         }
     }
 
-    const NJ: usize = 4;
-    const MI: usize = 4;
-
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn block(
-        xp: *const u16,
+        x: *const u16,
         m: usize,
         k: usize,
-        wp: *const u16,
+        w: *const u16,
         rows: usize,
         out: *mut f32,
         ldo: usize,
     ) {
-        let mut j = 0;
-        while j < rows {
-            let nj = (rows - j).min(NJ);
-            let ws = wp.add(j * k);
-            let mut i = 0;
-            while i < m {
-                let mi = (m - i).min(MI);
-                let (xs, o) = (xp.add(i * k), out.add(i * ldo + j));
-                macro_rules! go {
-                    ($mi:literal) => {
-                        match nj {
-                            NJ => tile::<$mi, NJ>(xs, k, ws, o, ldo),
-                            3 => tile::<$mi, 3>(xs, k, ws, o, ldo),
-                            2 => tile::<$mi, 2>(xs, k, ws, o, ldo),
-                            _ => tile::<$mi, 1>(xs, k, ws, o, ldo),
-                        }
-                    };
-                }
-                match mi {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
-                }
-                i += mi;
-            }
-            j += nj;
-        }
+        run_tiles(&Bf16Tiles { x, k, w, out, ldo }, m, rows);
     }
 }
 

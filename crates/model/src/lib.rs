@@ -10,6 +10,7 @@ pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_matmul;
 pub mod cpu_ops;
+mod cpu_tiles;
 pub mod error;
 pub mod gguf;
 pub mod hf;

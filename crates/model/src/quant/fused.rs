@@ -150,9 +150,28 @@ pub(super) unsafe fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32])
 /// over more rows and take the panel path (measured: see `benches/RESULTS.md`).
 pub(super) const MAX_ROWS: usize = 4;
 
+/// Dequantize whole blocks straight to bf16 (the bf16 panel path): the same expansion, rounded
+/// by the same instruction as [`block_bf16`]'s operands, so panel and fused results agree.
+///
+/// # Safety
+/// [`supported`] must have returned true for `dtype` and `cpu_bf16::supported()` too; `bytes`
+/// holds whole blocks and `out` has room for all their weights.
+pub(super) unsafe fn dequantize_bf16(dtype: GgmlDType, bytes: &[u8], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    with_block_type!(dtype, B => avx512::dequantize_bf16::<B>(bytes, out));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dtype, bytes, out);
+        unreachable!("fused dequantization on a CPU without it");
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::marker::PhantomData;
+
+    use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
 
     /// How a GGUF block expands, 32 weights at a time, into pairs of 16-lane vectors. Each
     /// expansion computes exactly what candle's `to_float` computes for those weights (the same
@@ -522,6 +541,23 @@ mod avx512 {
         );
     }
 
+    #[target_feature(enable = "avx512f,f16c,avx512bf16")]
+    pub(super) unsafe fn dequantize_bf16<B: Block>(bytes: &[u8], out: &mut [u16]) {
+        use crate::cpu_bf16::avx512::pack;
+        let blocks = (bytes.len() / B::BYTES).min(out.len() / (32 * B::CHUNKS));
+        for i in 0..blocks {
+            let p = bytes.as_ptr().add(i * B::BYTES);
+            for c in 0..B::CHUNKS {
+                let (lo, hi) = B::expand(p, c);
+                let o = out.as_mut_ptr().add((i * B::CHUNKS + c) * 32);
+                _mm512_storeu_si512(
+                    o as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(pack(lo, hi)),
+                );
+            }
+        }
+    }
+
     /// One `MI x NJ` tile; accumulators stay in registers. (Indexed loops: several arrays are
     /// walked in step, which reads more plainly than zipped iterators here.)
     #[allow(clippy::needless_range_loop)]
@@ -555,16 +591,66 @@ mod avx512 {
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NJ {
-                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
+        store_tile(&acc, out, ldo);
+    }
+
+    /// A tile's operands: rows of `x` (elements `X`, `k` apart), weight rows of blocks `B`
+    /// (`row_bytes` apart), outputs (`ldo` apart).
+    struct Fused<X, B> {
+        x: *const X,
+        k: usize,
+        w: *const u8,
+        row_bytes: usize,
+        out: *mut f32,
+        ldo: usize,
+        block: PhantomData<B>,
+    }
+
+    impl<X, B> Fused<X, B> {
+        /// Where the tile at (`i`, `j`) starts in `x`, the weights and the output.
+        #[inline(always)]
+        unsafe fn at(&self, i: usize, j: usize) -> (*const X, *const u8, *mut f32) {
+            (
+                self.x.add(i * self.k),
+                self.w.add(j * self.row_bytes),
+                self.out.add(i * self.ldo + j),
+            )
+        }
+    }
+
+    impl<B: Block> Tiles for Fused<f32, B> {
+        #[inline(always)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+            let (x, w, out) = self.at(i, j);
+            tile::<B, MI, NJ>(x, self.k, w, self.row_bytes, out, self.ldo)
+        }
+    }
+
+    impl<B: Block> Tiles for Fused<u16, B> {
+        #[inline(always)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+            let (x, w, out) = self.at(i, j);
+            tile_bf16::<B, MI, NJ>(x, self.k, w, self.row_bytes, out, self.ldo)
+        }
+    }
+
+    impl<X, B> Fused<X, B> {
+        #[allow(clippy::too_many_arguments)]
+        #[inline(always)]
+        fn new(x: &[X], k: usize, w: &[u8], row_bytes: usize, out: *mut f32, ldo: usize) -> Self {
+            Self {
+                x: x.as_ptr(),
+                k,
+                w: w.as_ptr(),
+                row_bytes,
+                out,
+                ldo,
+                block: PhantomData,
             }
         }
     }
 
-    /// Weight rows taken together per tile: enough accumulators to hide FMA latency at `m = 1`.
-    const NJ: usize = 4;
-
+    /// Every tile of `x` (`[m, k]`) against `rows` weight rows, f32 products.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn block<B: Block>(
@@ -577,35 +663,23 @@ mod avx512 {
         out: *mut f32,
         ldo: usize,
     ) {
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut j = 0;
-        while j < rows {
-            let nj = (rows - j).min(NJ);
-            let ws = wp.add(j * row_bytes);
-            let mut i = 0;
-            while i < m {
-                let mi = (m - i).min(4);
-                let (xs, o) = (xp.add(i * k), out.add(i * ldo + j));
-                macro_rules! go {
-                    ($mi:literal) => {
-                        match nj {
-                            NJ => tile::<B, $mi, NJ>(xs, k, ws, row_bytes, o, ldo),
-                            3 => tile::<B, $mi, 3>(xs, k, ws, row_bytes, o, ldo),
-                            2 => tile::<B, $mi, 2>(xs, k, ws, row_bytes, o, ldo),
-                            _ => tile::<B, $mi, 1>(xs, k, ws, row_bytes, o, ldo),
-                        }
-                    };
-                }
-                match mi {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
-                }
-                i += mi;
-            }
-            j += nj;
-        }
+        run_tiles(&Fused::<f32, B>::new(x, k, w, row_bytes, out, ldo), m, rows);
+    }
+
+    /// [`block`] with bf16 products (`x` in bf16).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,f16c,avx512bf16")]
+    pub(super) unsafe fn block_bf16<B: Block>(
+        x: &[u16],
+        m: usize,
+        k: usize,
+        w: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        run_tiles(&Fused::<u16, B>::new(x, k, w, row_bytes, out, ldo), m, rows);
     }
 
     /// [`tile`] with bf16 products (see [`super::block_bf16`]).
@@ -641,53 +715,6 @@ mod avx512 {
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NJ {
-                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,f16c,avx512bf16")]
-    pub(super) unsafe fn block_bf16<B: Block>(
-        x: &[u16],
-        m: usize,
-        k: usize,
-        w: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut j = 0;
-        while j < rows {
-            let nj = (rows - j).min(NJ);
-            let ws = wp.add(j * row_bytes);
-            let mut i = 0;
-            while i < m {
-                let mi = (m - i).min(4);
-                let (xs, o) = (xp.add(i * k), out.add(i * ldo + j));
-                macro_rules! go {
-                    ($mi:literal) => {
-                        match nj {
-                            NJ => tile_bf16::<B, $mi, NJ>(xs, k, ws, row_bytes, o, ldo),
-                            3 => tile_bf16::<B, $mi, 3>(xs, k, ws, row_bytes, o, ldo),
-                            2 => tile_bf16::<B, $mi, 2>(xs, k, ws, row_bytes, o, ldo),
-                            _ => tile_bf16::<B, $mi, 1>(xs, k, ws, row_bytes, o, ldo),
-                        }
-                    };
-                }
-                match mi {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
-                }
-                i += mi;
-            }
-            j += nj;
-        }
+        store_tile(&acc, out, ldo);
     }
 }

@@ -150,8 +150,10 @@ pub(super) fn offset(dtype: GgmlDType) -> i32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::marker::PhantomData;
 
     use super::QuantizedActivations;
+    use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
 
     /// 64 weights (two 32-weight chunks, in order) of a row as unsigned bytes, with the f32
     /// scale (and minimum) of each int32 lane: lanes 0..8 cover the first chunk, 8..16 the
@@ -462,17 +464,34 @@ mod avx512 {
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NJ {
-                *out.add(a * ldo + b) = _mm512_reduce_add_ps(acc[a][b]);
-            }
-        }
+        store_tile(&acc, out, ldo);
     }
 
-    const NJ: usize = 4;
     /// Rows ahead that are prefetched: the same columns of a later tile's rows (past the
     /// matrix's end the address is only a hint: prefetches do not fault).
     const PREFETCH_ROWS: usize = 8;
+
+    /// A tile's operands: the quantized `x`, weight rows (`row_bytes` apart), outputs (`ldo`
+    /// apart).
+    struct Int8Tiles<'a, P> {
+        x: &'a QuantizedActivations,
+        w: *const u8,
+        row_bytes: usize,
+        out: *mut f32,
+        ldo: usize,
+        pair: PhantomData<P>,
+    }
+
+    impl<P: Pair> Tiles for Int8Tiles<'_, P> {
+        #[inline(always)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+            let (w, out) = (
+                self.w.add(j * self.row_bytes),
+                self.out.add(i * self.ldo + j),
+            );
+            tile::<P, MI, NJ>(self.x, i, w, self.row_bytes, out, self.ldo)
+        }
+    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn run<P: Pair>(
@@ -484,34 +503,14 @@ mod avx512 {
         out: *mut f32,
         ldo: usize,
     ) {
-        let wp = w.as_ptr();
-        let mut j = 0;
-        while j < rows {
-            let nj = (rows - j).min(NJ);
-            let ws = wp.add(j * row_bytes);
-            let mut i = 0;
-            while i < m {
-                let mi = (m - i).min(4);
-                let o = out.add(i * ldo + j);
-                macro_rules! go {
-                    ($mi:literal) => {
-                        match nj {
-                            NJ => tile::<P, $mi, NJ>(x, i, ws, row_bytes, o, ldo),
-                            3 => tile::<P, $mi, 3>(x, i, ws, row_bytes, o, ldo),
-                            2 => tile::<P, $mi, 2>(x, i, ws, row_bytes, o, ldo),
-                            _ => tile::<P, $mi, 1>(x, i, ws, row_bytes, o, ldo),
-                        }
-                    };
-                }
-                match mi {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
-                }
-                i += mi;
-            }
-            j += nj;
-        }
+        let operands = Int8Tiles::<P> {
+            x,
+            w: w.as_ptr(),
+            row_bytes,
+            out,
+            ldo,
+            pair: PhantomData,
+        };
+        run_tiles(&operands, m, rows);
     }
 }

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::cpu_bf16::{self, CpuArithmetic};
 use crate::cpu_matmul::{block_f32, OutPtr};
+use crate::cpu_tiles::par_row_ranges;
 use crate::error::{ModelError, Result};
 
 mod fused;
@@ -243,22 +244,12 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
         CpuArithmetic::F32 => {}
     }
     if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
-        // Split the rows into a few tasks per thread: enough to balance, few enough that
-        // scheduling stays small next to a decode step's arithmetic.
-        let tasks = rayon::current_num_threads().max(1) * 2;
-        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
-        (0..n.div_ceil(rows_per_task))
-            .into_par_iter()
-            .for_each(|t| {
-                let r0 = t * rows_per_task;
-                let rows = rows_per_task.min(n - r0);
-                let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
-                let ptr = out_ptr;
-                // SAFETY: `supported` was checked; this task writes only columns r0..r0 + rows.
-                unsafe {
-                    fused::block(w.dtype, x, m, k, bytes, w.row_bytes, rows, ptr.0.add(r0), n)
-                };
-            });
+        par_row_ranges(n, 2, |r0, rows| {
+            let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+            let ptr = out_ptr;
+            // SAFETY: `supported` was checked; this task writes only columns r0..r0 + rows.
+            unsafe { fused::block(w.dtype, x, m, k, bytes, w.row_bytes, rows, ptr.0.add(r0), n) };
+        });
         return;
     }
     let panel_rows = if m <= 64 {
@@ -291,30 +282,24 @@ unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_p
     // SAFETY: bf16 arithmetic is only set where the CPU has it and `k` is whole chunks.
     let xb = unsafe { cpu_bf16::activations(x) };
     if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
-        let tasks = rayon::current_num_threads().max(1) * 2;
-        let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
-        (0..n.div_ceil(rows_per_task))
-            .into_par_iter()
-            .for_each(|t| {
-                let r0 = t * rows_per_task;
-                let rows = rows_per_task.min(n - r0);
-                let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
-                let ptr = out_ptr;
-                // SAFETY: both supports were checked; this task writes columns r0..r0 + rows.
-                unsafe {
-                    fused::block_bf16(
-                        w.dtype,
-                        &xb,
-                        m,
-                        k,
-                        bytes,
-                        w.row_bytes,
-                        rows,
-                        ptr.0.add(r0),
-                        n,
-                    )
-                };
-            });
+        par_row_ranges(n, 2, |r0, rows| {
+            let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+            let ptr = out_ptr;
+            // SAFETY: both supports were checked; this task writes columns r0..r0 + rows.
+            unsafe {
+                fused::block_bf16(
+                    w.dtype,
+                    &xb,
+                    m,
+                    k,
+                    bytes,
+                    w.row_bytes,
+                    rows,
+                    ptr.0.add(r0),
+                    n,
+                )
+            };
+        });
         return;
     }
     let panel_rows = if m <= 64 {
@@ -327,11 +312,17 @@ unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_p
         |(scratch, panel), p| {
             let r0 = p * panel_rows;
             let rows = panel_rows.min(n - r0);
-            w.dequantize_rows(r0, rows, scratch);
+            let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
             let ptr = out_ptr;
-            // SAFETY: bf16 support was checked; this task writes only columns r0..r0 + rows.
+            // SAFETY: bf16 support was checked (and fused support where used); this task
+            // writes only columns r0..r0 + rows.
             unsafe {
-                cpu_bf16::convert(&scratch[..rows * k], &mut panel[..rows * k]);
+                if fused::supported(w.dtype) {
+                    fused::dequantize_bf16(w.dtype, bytes, &mut panel[..rows * k]);
+                } else {
+                    w.dequantize_rows(r0, rows, scratch);
+                    cpu_bf16::convert(&scratch[..rows * k], &mut panel[..rows * k]);
+                }
                 cpu_bf16::block(&xb, m, k, &panel[..rows * k], rows, ptr.0.add(r0), n)
             };
         },
@@ -346,19 +337,13 @@ unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_p
 unsafe fn matmul_int8_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_ptr: OutPtr) {
     let n = w.rows;
     let xq = int8::QuantizedActivations::new(x, k, int8::offset(w.dtype));
-    let tasks = rayon::current_num_threads().max(1) * 2;
-    let rows_per_task = n.div_ceil(tasks).next_multiple_of(16);
-    (0..n.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|t| {
-            let r0 = t * rows_per_task;
-            let rows = rows_per_task.min(n - r0);
-            let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
-            let ptr = out_ptr;
-            // SAFETY: int8 support was checked for this type and width; `xq` was quantized for
-            // it; this task writes only columns r0..r0 + rows.
-            unsafe { int8::block(w.dtype, &xq, m, bytes, w.row_bytes, rows, ptr.0.add(r0), n) };
-        });
+    par_row_ranges(n, 2, |r0, rows| {
+        let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+        let ptr = out_ptr;
+        // SAFETY: int8 support was checked for this type and width; `xq` was quantized for
+        // it; this task writes only columns r0..r0 + rows.
+        unsafe { int8::block(w.dtype, &xq, m, bytes, w.row_bytes, rows, ptr.0.add(r0), n) };
+    });
 }
 
 #[cfg(test)]
