@@ -204,6 +204,12 @@ mod avx512 {
         _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
     }
 
+    /// The two 32-weight blocks pair `p` of a legacy-type row spans.
+    #[inline(always)]
+    unsafe fn legacy_pair<P: Pair>(row: *const u8, p: usize) -> (*const u8, *const u8) {
+        (row.add(2 * p * P::BYTES), row.add((2 * p + 1) * P::BYTES))
+    }
+
     /// The low (`HIGH` false) or high nibbles of 64 bytes.
     #[inline(always)]
     unsafe fn nibbles64<const HIGH: bool>(v: __m512i) -> __m512i {
@@ -232,10 +238,7 @@ mod avx512 {
         const HAS_MIN: bool = false;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
-            let (a, b) = (
-                row.add(2 * p * Self::BYTES),
-                row.add((2 * p + 1) * Self::BYTES),
-            );
+            let (a, b) = legacy_pair::<Self>(row, p);
             let q = legacy_nibbles(a.add(2), b.add(2));
             (q, halves(f16_at(a), f16_at(b)), _mm512_setzero_ps())
         }
@@ -247,10 +250,7 @@ mod avx512 {
         const HAS_MIN: bool = true;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
-            let (a, b) = (
-                row.add(2 * p * Self::BYTES),
-                row.add((2 * p + 1) * Self::BYTES),
-            );
+            let (a, b) = legacy_pair::<Self>(row, p);
             let q = legacy_nibbles(a.add(4), b.add(4));
             (
                 q,
@@ -266,10 +266,7 @@ mod avx512 {
         const HAS_MIN: bool = false;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
-            let (a, b) = (
-                row.add(2 * p * Self::BYTES),
-                row.add((2 * p + 1) * Self::BYTES),
-            );
+            let (a, b) = legacy_pair::<Self>(row, p);
             let qh_a = std::ptr::read_unaligned(a.add(2) as *const u32) as u64;
             let qh_b = std::ptr::read_unaligned(b.add(2) as *const u32) as u64;
             let q = fifth_bit(legacy_nibbles(a.add(6), b.add(6)), qh_a | (qh_b << 32));
@@ -283,10 +280,7 @@ mod avx512 {
         const HAS_MIN: bool = true;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
-            let (a, b) = (
-                row.add(2 * p * Self::BYTES),
-                row.add((2 * p + 1) * Self::BYTES),
-            );
+            let (a, b) = legacy_pair::<Self>(row, p);
             let qh_a = std::ptr::read_unaligned(a.add(4) as *const u32) as u64;
             let qh_b = std::ptr::read_unaligned(b.add(4) as *const u32) as u64;
             let q = fifth_bit(legacy_nibbles(a.add(8), b.add(8)), qh_a | (qh_b << 32));
@@ -305,10 +299,7 @@ mod avx512 {
         /// Signed weights made unsigned by flipping the sign bit (q + 128; offset 128).
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
-            let (a, b) = (
-                row.add(2 * p * Self::BYTES),
-                row.add((2 * p + 1) * Self::BYTES),
-            );
+            let (a, b) = legacy_pair::<Self>(row, p);
             let z = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(_mm256_loadu_si256(a.add(2) as *const __m256i)),
                 _mm256_loadu_si256(b.add(2) as *const __m256i),

@@ -354,18 +354,22 @@ mod tests {
     use super::*;
     use crate::cpu_matmul::matmul_xwt;
 
-    /// The quantized matmul must give exactly what dequantize-then-multiply gives.
-    #[test]
-    fn quantized_matmul_is_bit_identical_to_dequantized() {
-        let (rows, cols) = (70, 512);
-        // Rows of different ranges and signs, so scales, minimums and high bits all vary.
+    /// Rows of different ranges and signs, so scales, minimums and high bits all vary.
+    fn varied_weights(rows: usize, cols: usize) -> Tensor {
         let data: Vec<f32> = (0..rows * cols)
             .map(|i| {
                 let v = ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
                 v * (1 + (i / cols) % 7) as f32 + ((i / cols) % 3) as f32 - 1.0
             })
             .collect();
-        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The quantized matmul must give exactly what dequantize-then-multiply gives.
+    #[test]
+    fn quantized_matmul_is_bit_identical_to_dequantized() {
+        let (rows, cols) = (70, 512);
+        let t = varied_weights(rows, cols);
         for dtype in ALL_BLOCK_TYPES {
             let q = QTensor::quantize(&t, dtype).unwrap();
             let matrix =
@@ -458,13 +462,7 @@ mod tests {
             return;
         }
         let (rows, cols) = (37, 512);
-        let data: Vec<f32> = (0..rows * cols)
-            .map(|i| {
-                let v = ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
-                v * (1 + (i / cols) % 7) as f32 + ((i / cols) % 3) as f32 - 1.0
-            })
-            .collect();
-        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        let t = varied_weights(rows, cols);
         let mut covered = 0;
         for dtype in ALL_BLOCK_TYPES {
             let q = QTensor::quantize(&t, dtype).unwrap();
