@@ -194,10 +194,10 @@ mod tests {
     use super::*;
 
     fn samples() -> Vec<f32> {
-        let mut v: Vec<f32> = (0..20000)
+        let mut v: Vec<f32> = (0..20000i32)
             .map(|i| {
-                let t = i as f32 * 0.7071;
-                t.sin() * 10f32.powi((i % 13) as i32 - 8)
+                let t = i as f32 * 0.7133;
+                t.sin() * 10f32.powi(i % 13 - 8)
             })
             .collect();
         v.extend([
