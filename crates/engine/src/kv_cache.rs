@@ -4,7 +4,8 @@
 
 use spindle_model::attention::cpu::CpuAttention;
 use spindle_model::{
-    AttentionBackend, CacheShape, KvCacheDtypeChoice, KvDtype, LlamaModel, ModelError,
+    AttentionBackend, CacheShape, CpuArithmetic, KvCacheDtypeChoice, KvDtype, LlamaModel,
+    ModelError,
 };
 
 use crate::api::EngineError;
@@ -43,7 +44,7 @@ pub fn build(
         return build_cuda(model, config, shape, max_model_len);
     }
     let _ = max_model_len;
-    let dtype = cpu_kv_dtype(config.kv_cache_dtype);
+    let dtype = cpu_kv_dtype(model, config.kv_cache_dtype);
     let bytes_per_block = shape.bytes_per_block(dtype.size_in_bytes()) as u64;
     shape.num_blocks = match config.num_blocks_override {
         Some(n) => n,
@@ -58,12 +59,15 @@ pub fn build(
     Ok((Box::new(cache), shape))
 }
 
-/// The CPU cache's element type for `--kv-cache-dtype` (`auto`: the CPU model's f32).
-fn cpu_kv_dtype(choice: KvCacheDtypeChoice) -> KvDtype {
+/// The CPU cache's element type for `--kv-cache-dtype`. `auto` is the model's dtype, as in
+/// vLLM: bf16 where the linear layers multiply in bf16 (the CPU default), else f32.
+fn cpu_kv_dtype(model: &LlamaModel, choice: KvCacheDtypeChoice) -> KvDtype {
     match choice {
+        KvCacheDtypeChoice::Auto if model.cpu_arithmetic() == CpuArithmetic::Bf16 => KvDtype::Bf16,
         KvCacheDtypeChoice::Auto => KvDtype::F32,
         KvCacheDtypeChoice::BFloat16 => KvDtype::Bf16,
         KvCacheDtypeChoice::Float16 => KvDtype::F16,
+        KvCacheDtypeChoice::Float32 => KvDtype::F32,
     }
 }
 
@@ -126,6 +130,7 @@ fn build_cuda(
         KvCacheDtypeChoice::Auto => true,
         KvCacheDtypeChoice::BFloat16 => dtype == candle_core::DType::BF16,
         KvCacheDtypeChoice::Float16 => dtype == candle_core::DType::F16,
+        KvCacheDtypeChoice::Float32 => dtype == candle_core::DType::F32,
     };
     if !matches_model {
         return Err(setup(ModelError::Unsupported(format!(
@@ -187,7 +192,7 @@ pub fn bytes_per_block(model: &LlamaModel, config: &EngineConfig, shape: &CacheS
     let elem = if model.device().is_cuda() {
         model.dtype().size_in_bytes()
     } else {
-        cpu_kv_dtype(config.kv_cache_dtype).size_in_bytes()
+        cpu_kv_dtype(model, config.kv_cache_dtype).size_in_bytes()
     };
     shape.bytes_per_block(elem)
 }

@@ -47,8 +47,11 @@ pub struct LlamaModel {
     rope: RotaryEmbedding,
     device: Device,
     dtype: DType,
+    /// How the CPU linear layers multiply (from the weight source).
+    arithmetic: CpuArithmetic,
 }
 
+use crate::cpu_bf16::CpuArithmetic;
 use crate::weights::LinearWeight;
 
 /// `x @ wᵀ` for a 2-D `x`.
@@ -142,6 +145,7 @@ impl LlamaModel {
             rope,
             device: device.clone(),
             dtype,
+            arithmetic: weights.arithmetic(),
         })
     }
 
@@ -155,6 +159,12 @@ impl LlamaModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How the CPU linear layers multiply (the model's effective dtype on the CPU: a KV cache
+    /// of `--kv-cache-dtype auto` follows it).
+    pub fn cpu_arithmetic(&self) -> CpuArithmetic {
+        self.arithmetic
     }
 
     /// Run the batch; returns logits `[logit_rows.len(), vocab]` in f32.

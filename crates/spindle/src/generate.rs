@@ -38,7 +38,7 @@ pub struct GenerateArgs {
     /// auto, float32, bfloat16 or int8 (see `spindle serve --help`).
     #[arg(long, default_value = "auto")]
     cpu_arithmetic: CpuArithmeticChoice,
-    /// auto, bfloat16 or float16.
+    /// auto, bfloat16, float16 or float32.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: KvCacheDtypeChoice,
     #[arg(long, default_value = "cpu")]

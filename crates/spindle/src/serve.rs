@@ -177,8 +177,9 @@ pub struct ServeArgs {
     pub data_parallel_size: Option<usize>,
     #[arg(long, short = 'q', hide = true)]
     pub quantization: Option<String>,
-    /// What the KV cache stores: auto (the model dtype; f32 on the CPU), bfloat16 or float16
-    /// (CPU: half the memory per token; on CUDA it must match --dtype). fp8 is not supported.
+    /// What the KV cache stores: auto (the model dtype: on the CPU bf16 under the default bf16
+    /// arithmetic, else f32), bfloat16, float16 (half the memory per token of f32) or float32;
+    /// on CUDA it must match --dtype. fp8 is not supported.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtypeChoice,
     #[arg(long, hide = true)]

@@ -22,13 +22,15 @@ impl KvDtype {
     }
 }
 
-/// `--kv-cache-dtype` (vLLM's flag): `auto` stores the model's dtype (f32 on the CPU).
+/// `--kv-cache-dtype` (vLLM's flag): `auto` stores the model's dtype (on the CPU: bf16 under
+/// bf16 arithmetic, the default where the CPU has it; f32 otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvCacheDtypeChoice {
     #[default]
     Auto,
     BFloat16,
     Float16,
+    Float32,
 }
 
 impl FromStr for KvCacheDtypeChoice {
@@ -38,11 +40,12 @@ impl FromStr for KvCacheDtypeChoice {
             "auto" => Ok(Self::Auto),
             "bfloat16" | "bf16" => Ok(Self::BFloat16),
             "float16" | "half" | "fp16" | "f16" => Ok(Self::Float16),
+            "float32" | "fp32" | "f32" => Ok(Self::Float32),
             f if f.starts_with("fp8") => Err(format!(
-                "kv-cache dtype '{f}' is not supported (fp8 caches are not implemented; use auto, bfloat16 or float16)"
+                "kv-cache dtype '{f}' is not supported (fp8 caches are not implemented; use auto, bfloat16, float16 or float32)"
             )),
             other => Err(format!(
-                "unsupported kv-cache dtype '{other}' (expected auto, bfloat16 or float16)"
+                "unsupported kv-cache dtype '{other}' (expected auto, bfloat16, float16 or float32)"
             )),
         }
     }
@@ -54,6 +57,7 @@ impl fmt::Display for KvCacheDtypeChoice {
             Self::Auto => "auto",
             Self::BFloat16 => "bfloat16",
             Self::Float16 => "float16",
+            Self::Float32 => "float32",
         })
     }
 }
