@@ -210,6 +210,24 @@ mod avx512 {
         (row.add(2 * p * P::BYTES), row.add((2 * p + 1) * P::BYTES))
     }
 
+    /// The f16 scale and minimum that start Q4_1/Q5_1 blocks `a` and `b`, as lane halves.
+    #[inline(always)]
+    unsafe fn scale_and_min(a: *const u8, b: *const u8) -> (__m512, __m512) {
+        (
+            halves(f16_at(a), f16_at(b)),
+            halves(f16_at(a.add(2)), f16_at(b.add(2))),
+        )
+    }
+
+    /// Q5_0/Q5_1 blocks `a` and `b`: `qh: u32` at `qh_at`, the 16 nibble bytes right after it.
+    #[inline(always)]
+    unsafe fn five_bit_pair(a: *const u8, b: *const u8, qh_at: usize) -> __m512i {
+        let qh_a = std::ptr::read_unaligned(a.add(qh_at) as *const u32) as u64;
+        let qh_b = std::ptr::read_unaligned(b.add(qh_at) as *const u32) as u64;
+        let nibbles = legacy_nibbles(a.add(qh_at + 4), b.add(qh_at + 4));
+        fifth_bit(nibbles, qh_a | (qh_b << 32))
+    }
+
     /// The low (`HIGH` false) or high nibbles of 64 bytes.
     #[inline(always)]
     unsafe fn nibbles64<const HIGH: bool>(v: __m512i) -> __m512i {
@@ -251,12 +269,8 @@ mod avx512 {
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
             let (a, b) = legacy_pair::<Self>(row, p);
-            let q = legacy_nibbles(a.add(4), b.add(4));
-            (
-                q,
-                halves(f16_at(a), f16_at(b)),
-                halves(f16_at(a.add(2)), f16_at(b.add(2))),
-            )
+            let (s, m) = scale_and_min(a, b);
+            (legacy_nibbles(a.add(4), b.add(4)), s, m)
         }
     }
 
@@ -267,9 +281,7 @@ mod avx512 {
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
             let (a, b) = legacy_pair::<Self>(row, p);
-            let qh_a = std::ptr::read_unaligned(a.add(2) as *const u32) as u64;
-            let qh_b = std::ptr::read_unaligned(b.add(2) as *const u32) as u64;
-            let q = fifth_bit(legacy_nibbles(a.add(6), b.add(6)), qh_a | (qh_b << 32));
+            let q = five_bit_pair(a, b, 2);
             (q, halves(f16_at(a), f16_at(b)), _mm512_setzero_ps())
         }
     }
@@ -281,14 +293,8 @@ mod avx512 {
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
             let (a, b) = legacy_pair::<Self>(row, p);
-            let qh_a = std::ptr::read_unaligned(a.add(4) as *const u32) as u64;
-            let qh_b = std::ptr::read_unaligned(b.add(4) as *const u32) as u64;
-            let q = fifth_bit(legacy_nibbles(a.add(8), b.add(8)), qh_a | (qh_b << 32));
-            (
-                q,
-                halves(f16_at(a), f16_at(b)),
-                halves(f16_at(a.add(2)), f16_at(b.add(2))),
-            )
+            let (s, m) = scale_and_min(a, b);
+            (five_bit_pair(a, b, 4), s, m)
         }
     }
 
