@@ -70,7 +70,7 @@ pub(crate) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// `x` (`[m, k]` f32) rounded to bf16, as the kernels take it.
+/// `x` (`[m, k]` f32: activations, or weights at load) rounded to bf16, as the kernels take it.
 ///
 /// # Safety
 /// [`supported`] must have returned true; `k` must [`fit`](fits).
@@ -120,9 +120,8 @@ impl Bf16Matrix {
         if !supported() || !fits(cols) || values.len() != rows * cols {
             return None;
         }
-        let mut data = vec![0u16; values.len()];
         // SAFETY: support was checked; `cols` (so the length) is a multiple of 32.
-        unsafe { convert(values, &mut data) };
+        let data = unsafe { activations(values) };
         Some(Self { rows, cols, data })
     }
 

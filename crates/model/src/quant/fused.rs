@@ -30,49 +30,8 @@ pub(super) fn supported(dtype: GgmlDType) -> bool {
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_block_type {
     ($dtype:expr, $B:ident => $body:expr) => {
-        match $dtype {
-            GgmlDType::Q4_0 => {
-                type $B = avx512::Q4_0;
-                $body
-            }
-            GgmlDType::Q4_1 => {
-                type $B = avx512::Q4_1;
-                $body
-            }
-            GgmlDType::Q5_0 => {
-                type $B = avx512::Q5_0;
-                $body
-            }
-            GgmlDType::Q5_1 => {
-                type $B = avx512::Q5_1;
-                $body
-            }
-            GgmlDType::Q8_0 => {
-                type $B = avx512::Q8_0;
-                $body
-            }
-            GgmlDType::Q2K => {
-                type $B = avx512::Q2K;
-                $body
-            }
-            GgmlDType::Q3K => {
-                type $B = avx512::Q3K;
-                $body
-            }
-            GgmlDType::Q4K => {
-                type $B = avx512::Q4K;
-                $body
-            }
-            GgmlDType::Q5K => {
-                type $B = avx512::Q5K;
-                $body
-            }
-            GgmlDType::Q6K => {
-                type $B = avx512::Q6K;
-                $body
-            }
-            _ => unreachable!("fused kernel for an unsupported type"),
-        }
+        dispatch_block_type!($dtype, avx512, $B => $body;
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K)
     };
 }
 

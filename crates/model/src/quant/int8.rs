@@ -12,6 +12,15 @@
 
 use candle_core::quantized::GgmlDType;
 
+/// Run `$body` with `$P` bound to the expansion type of `$dtype` (a type [`supported`] admits).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_pair_type {
+    ($dtype:expr, $P:ident => $body:expr) => {
+        dispatch_block_type!($dtype, avx512, $P => $body;
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K)
+    };
+}
+
 /// Whether this CPU and type have the integer kernels for a matrix `k` wide.
 pub(super) fn supported(dtype: GgmlDType, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -115,20 +124,7 @@ pub(super) unsafe fn block(
     ldo: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use avx512::*;
-        match dtype {
-            GgmlDType::Q4_0 => run::<Q4_0>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q4_1 => run::<Q4_1>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q5_0 => run::<Q5_0>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q5_1 => run::<Q5_1>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q8_0 => run::<Q8_0>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q4K => run::<Q4K>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q5K => run::<Q5K>(x, m, w, row_bytes, rows, out, ldo),
-            GgmlDType::Q6K => run::<Q6K>(x, m, w, row_bytes, rows, out, ldo),
-            _ => unreachable!("integer kernel for an unsupported type"),
-        }
-    }
+    with_pair_type!(dtype, P => avx512::run::<P>(x, m, w, row_bytes, rows, out, ldo));
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (dtype, x, m, w, row_bytes, rows, out, ldo);
@@ -136,14 +132,18 @@ pub(super) unsafe fn block(
     }
 }
 
-/// The integer offset of `dtype`'s expanded weights (value = scale · (q − offset) [+ min]).
+/// The integer offset of `dtype`'s expanded weights (value = scale · (q − offset) [+ min]), for
+/// a type [`supported`] admits.
 pub(super) fn offset(dtype: GgmlDType) -> i32 {
-    match dtype {
-        GgmlDType::Q4_0 => 8,
-        GgmlDType::Q5_0 => 16,
-        GgmlDType::Q8_0 => 128,
-        GgmlDType::Q6K => 32,
-        _ => 0,
+    #[cfg(target_arch = "x86_64")]
+    {
+        use avx512::Pair;
+        with_pair_type!(dtype, P => P::OFFSET)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dtype;
+        0
     }
 }
 
@@ -164,6 +164,8 @@ mod avx512 {
         const PAIR_BYTES: usize;
         /// Whether weights carry a minimum (value = scale · q + min).
         const HAS_MIN: bool;
+        /// The offset of the expanded integers (value = scale · (q − offset)).
+        const OFFSET: i32 = 0;
         /// # Safety
         /// `row` points at a weight row; pair `p` lies within it; the CPU has the features.
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512);
@@ -254,6 +256,7 @@ mod avx512 {
         const BYTES: usize = 18;
         const PAIR_BYTES: usize = 2 * 18;
         const HAS_MIN: bool = false;
+        const OFFSET: i32 = 8;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
             let (a, b) = legacy_pair::<Self>(row, p);
@@ -278,6 +281,7 @@ mod avx512 {
         const BYTES: usize = 22;
         const PAIR_BYTES: usize = 2 * 22;
         const HAS_MIN: bool = false;
+        const OFFSET: i32 = 16;
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
             let (a, b) = legacy_pair::<Self>(row, p);
@@ -302,6 +306,7 @@ mod avx512 {
         const BYTES: usize = 34;
         const PAIR_BYTES: usize = 2 * 34;
         const HAS_MIN: bool = false;
+        const OFFSET: i32 = 128;
         /// Signed weights made unsigned by flipping the sign bit (q + 128; offset 128).
         #[inline(always)]
         unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
@@ -377,6 +382,7 @@ mod avx512 {
         const BYTES: usize = 210;
         const PAIR_BYTES: usize = 210 / 4;
         const HAS_MIN: bool = false;
+        const OFFSET: i32 = 32;
         /// Pair `p` = chunks `2p`, `2p + 1`: half `p / 2` of the block, parts `2 (p % 2)` and
         /// `2 (p % 2) + 1`; low 4 bits from the low (p even) or high nibbles of
         /// `ql[64 half..][..64]`, 2 high bits from bits `2 part` of `qh[32 half..][..32]`, one

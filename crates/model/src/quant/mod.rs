@@ -17,6 +17,21 @@ use crate::cpu_matmul::{block_f32, OutPtr};
 use crate::cpu_tiles::par_row_ranges;
 use crate::error::{ModelError, Result};
 
+/// Run `$body` with `$T` bound to `$module::<Type>` for the block type `$dtype`, one of
+/// `$types` (the `GgmlDType` variants, which the kernel modules name their types after).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch_block_type {
+    ($dtype:expr, $module:ident, $T:ident => $body:expr; $($t:ident),+) => {
+        match $dtype {
+            $(GgmlDType::$t => {
+                type $T = $module::$t;
+                $body
+            })+
+            _ => unreachable!("no kernel for this block type"),
+        }
+    };
+}
+
 mod fused;
 pub mod int8;
 mod pages;
@@ -113,12 +128,16 @@ impl QuantMatrix {
     }
 
     /// Multiply with `arithmetic` where this CPU, type and shape allow it (bf16 needs AVX-512
-    /// BF16 and whole 32-column chunks; int8 AVX-512 VNNI, a type with an integer expansion and
+    /// BF16, the fused expansion and whole 32-column chunks; int8 AVX-512 VNNI, a type with an integer expansion and
     /// whole 64-column pieces); f32 otherwise. Decided per matrix, never per batch, so a
     /// sequence's results do not depend on the batch.
     pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
         self.arithmetic = match arithmetic {
-            CpuArithmetic::Bf16 if cpu_bf16::supported() && cpu_bf16::fits(self.cols) => {
+            CpuArithmetic::Bf16
+                if cpu_bf16::supported()
+                    && fused::supported(self.dtype)
+                    && cpu_bf16::fits(self.cols) =>
+            {
                 CpuArithmetic::Bf16
             }
             CpuArithmetic::Int8 if int8::supported(self.dtype, self.cols) => CpuArithmetic::Int8,
@@ -252,11 +271,7 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
         });
         return;
     }
-    let panel_rows = if m <= 64 {
-        PANEL_ROWS_DECODE
-    } else {
-        PANEL_ROWS_PREFILL
-    };
+    let panel_rows = panel_rows(m);
     let panels = n.div_ceil(panel_rows);
     (0..panels).into_par_iter().for_each_init(
         || vec![0f32; panel_rows * k],
@@ -272,16 +287,17 @@ unsafe fn matmul_xwt_quant_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, 
 }
 
 /// The bf16 arithmetic of [`matmul_xwt_quant_into`]: `x` is rounded to bf16 once; small batches
-/// expand weight blocks in registers, bigger ones dequantize panels to bf16. Both take the same
+/// expand weight blocks in registers, bigger ones expand panels to bf16. Both take the same
 /// 32-element chunks in the same order, so results are identical whichever serves a batch.
 ///
 /// # Safety
-/// As [`matmul_xwt_quant_into`]; `w.arithmetic` is bf16 (so the CPU supports it and `k` fits).
+/// As [`matmul_xwt_quant_into`]; `w.arithmetic` is bf16 (so the CPU has bf16 and the fused
+/// expansion, and `k` fits).
 unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_ptr: OutPtr) {
     let n = w.rows;
     // SAFETY: bf16 arithmetic is only set where the CPU has it and `k` is whole chunks.
     let xb = unsafe { cpu_bf16::activations(x) };
-    if m <= fused::MAX_ROWS && fused::supported(w.dtype) {
+    if m <= fused::MAX_ROWS {
         par_row_ranges(n, 2, |r0, rows| {
             let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
             let ptr = out_ptr;
@@ -302,31 +318,32 @@ unsafe fn matmul_bf16_into(x: &[f32], m: usize, k: usize, w: &QuantMatrix, out_p
         });
         return;
     }
-    let panel_rows = if m <= 64 {
-        PANEL_ROWS_DECODE
-    } else {
-        PANEL_ROWS_PREFILL
-    };
+    let panel_rows = panel_rows(m);
     (0..n.div_ceil(panel_rows)).into_par_iter().for_each_init(
-        || (vec![0f32; panel_rows * k], vec![0u16; panel_rows * k]),
-        |(scratch, panel), p| {
+        || vec![0u16; panel_rows * k],
+        |panel, p| {
             let r0 = p * panel_rows;
             let rows = panel_rows.min(n - r0);
             let bytes = &w.data[r0 * w.row_bytes..(r0 + rows) * w.row_bytes];
+            let panel = &mut panel[..rows * k];
             let ptr = out_ptr;
-            // SAFETY: bf16 support was checked (and fused support where used); this task
-            // writes only columns r0..r0 + rows.
+            // SAFETY: bf16 and fused support were checked; this task writes only columns
+            // r0..r0 + rows.
             unsafe {
-                if fused::supported(w.dtype) {
-                    fused::dequantize_bf16(w.dtype, bytes, &mut panel[..rows * k]);
-                } else {
-                    w.dequantize_rows(r0, rows, scratch);
-                    cpu_bf16::convert(&scratch[..rows * k], &mut panel[..rows * k]);
-                }
-                cpu_bf16::block(&xb, m, k, &panel[..rows * k], rows, ptr.0.add(r0), n)
+                fused::dequantize_bf16(w.dtype, bytes, panel);
+                cpu_bf16::block(&xb, m, k, panel, rows, ptr.0.add(r0), n)
             };
         },
     );
+}
+
+/// Weight rows per dequantized panel for a batch of `m` rows of `x`.
+fn panel_rows(m: usize) -> usize {
+    if m <= 64 {
+        PANEL_ROWS_DECODE
+    } else {
+        PANEL_ROWS_PREFILL
+    }
 }
 
 /// The int8 arithmetic of [`matmul_xwt_quant_into`]: `x` is quantized once (per row, per 32
