@@ -7,6 +7,9 @@ cd "$ROOT"
 
 scripts/fetch-model.sh
 cargo build --release -p spindle
+# The GGUF carries no generation_config.json: the model card's recommended sampling
+# (temperature 0.2, top_p 0.9) comes from models/generation-config/, as request defaults.
 exec target/release/spindle serve \
     --model models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --generation-config models/generation-config/smollm2-135m-instruct \
     --served-model-name SmolLM2-135M-Instruct "$@"

@@ -54,6 +54,16 @@ pub struct SamplingParams {
     pub skip_special_tokens: bool,
     /// `Some(k)`: return the chosen token's logprob plus the top `k` alternatives.
     pub logprobs: Option<usize>,
+    /// `Some(k)`: the logprob of every prompt token after the first, with its rank and the top
+    /// `k` alternatives, sent once as [`EngineEvent::PromptLogprobs`] before the first delta
+    /// (raw log-softmax of the model's logits, as vLLM reports them). Such a request reads
+    /// nothing from the prefix cache: cached positions have no logits.
+    pub prompt_logprobs: Option<usize>,
+    /// When not empty, only these token ids may be sampled (vLLM's `allowed_token_ids`).
+    pub allowed_token_ids: Vec<u32>,
+    /// Token sequences that may not appear in the output (vLLM's `bad_words`, tokenized): the
+    /// last token of each is masked whenever the output so far ends with the others.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -77,6 +87,9 @@ impl Default for SamplingParams {
             include_stop_str_in_output: false,
             skip_special_tokens: true,
             logprobs: None,
+            prompt_logprobs: None,
+            allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
         }
     }
 }
@@ -173,6 +186,7 @@ pub struct GenerateRequest {
     max_tokens: usize,
     constraint: Option<Constraint>,
     urgency: Urgency,
+    cache_salt: Option<Arc<str>>,
 }
 
 impl GenerateRequest {
@@ -228,7 +242,21 @@ impl GenerateRequest {
             max_tokens,
             constraint: None,
             urgency: Urgency::default(),
+            cache_salt: None,
         })
+    }
+
+    /// Keep this request's prefix-cache entries apart from every request with another salt
+    /// (vLLM's `cache_salt`): it hits only blocks computed under the same salt, so one tenant
+    /// cannot learn from timing what another's prompts were.
+    pub fn with_cache_salt(mut self, salt: impl Into<Arc<str>>) -> Self {
+        self.cache_salt = Some(salt.into());
+        self
+    }
+
+    /// The prefix-cache namespace (`None`: the shared one).
+    pub fn cache_salt(&self) -> Option<&str> {
+        self.cache_salt.as_deref()
     }
 
     /// Constrain the output (structured outputs): every sampled token must be allowed by
@@ -395,6 +423,17 @@ pub struct StepLogprobs {
     pub top: Vec<TokenLogprob>,
 }
 
+/// One prompt token's log-probability (see [`SamplingParams::prompt_logprobs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenLogprob {
+    /// The prompt token and its logprob given the tokens before it.
+    pub token: TokenLogprob,
+    /// 1 + the number of tokens the model found strictly more likely there.
+    pub rank: usize,
+    /// Most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
 /// Incremental output for one choice: the tokens generated since the previous event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChoiceDelta {
@@ -429,10 +468,13 @@ pub struct RequestTimings {
     pub e2e: f64,
 }
 
-/// Events on a request's private channel, in order: any number of `Delta`s (generation) or one
+/// Events on a request's private channel, in order: `PromptLogprobs` if asked for, any number of `Delta`s (generation) or one
 /// `Embeddings` (embedding), then exactly one of `Finished` or `Error`.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
+    /// The prompt's logprobs, one entry per prompt token (the first is `None`: nothing precedes
+    /// it); sent once, before the first `Delta`, when `prompt_logprobs` was asked for.
+    PromptLogprobs(Vec<Option<PromptTokenLogprob>>),
     Delta(ChoiceDelta),
     /// One vector per input, in input order.
     Embeddings(Vec<Vec<f32>>),

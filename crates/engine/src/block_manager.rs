@@ -28,10 +28,18 @@
 //! 3. After the step, `commit(table, tokens_with_kv)` with all tokens whose KV is now in the cache
 //!    (prompt + output, not the freshly sampled token whose KV is not computed yet).
 //! 4. `fork` for `n > 1` children, `free` when a sequence finishes or is preempted.
+//!
+//! # Cache salts
+//!
+//! A sequence started with a [`CacheScope`] salt (vLLM's `cache_salt`) roots its chain at a
+//! registration id reserved for that salt instead of 0, so its blocks match only blocks of
+//! sequences with the same salt: tenants never share (or time) each other's prefixes. Its
+//! first block's vLLM hash carries the salt as an extra key, as vLLM's does.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::kv_events::{BlockHash, BlockHasher, KvCacheEvent};
 
@@ -63,6 +71,20 @@ pub struct BlockTable {
     committed: Vec<u64>,
     /// vLLM block hash of each committed block (only while KV events are published).
     hashes: Vec<BlockHash>,
+    /// Registration id the chain hangs from: 0, or the reserved id of the sequence's salt.
+    root: u64,
+    /// The cache salt (an extra key of the first block's vLLM hash).
+    salt: Option<Arc<str>>,
+}
+
+/// Which part of the prefix cache a sequence uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheScope {
+    /// Share blocks only with sequences of the same salt (`None`: the shared namespace).
+    pub salt: Option<Arc<str>>,
+    /// Compute every prompt position even if cached (a sequence that wants prompt logprobs);
+    /// its blocks are still registered for others.
+    pub skip_reads: bool,
 }
 
 impl BlockTable {
@@ -138,6 +160,8 @@ pub struct BlockManager {
     /// Bucket hash -> registered blocks with that hash.
     index: HashMap<u64, Vec<BlockId>>,
     next_reg_id: u64,
+    /// Reserved root registration id of each cache salt seen.
+    salt_roots: HashMap<Arc<str>, u64>,
     num_used: usize,
     queries: u64,
     hits: u64,
@@ -212,6 +236,7 @@ impl BlockManager {
             next_tick: 0,
             index: HashMap::new(),
             next_reg_id: 1,
+            salt_roots: HashMap::new(),
             num_used: 0,
             queries: 0,
             hits: 0,
@@ -362,19 +387,32 @@ impl BlockManager {
         Some(block)
     }
 
-    /// Start a sequence: reuse the longest chain of cached full blocks matching the start of
-    /// `prompt` (taking a reference on each) and return the table plus the number of cached
-    /// tokens. At least one prompt token is always left to compute (the model needs it to
-    /// produce logits), so a fully cached prompt gives up its last block.
+    /// Start a sequence in the shared namespace (see [`Self::start_sequence_in`]).
     pub fn start_sequence(&mut self, prompt: &[u32]) -> (BlockTable, usize) {
+        self.start_sequence_in(prompt, &CacheScope::default())
+    }
+
+    /// Start a sequence: reuse the longest chain of cached full blocks matching the start of
+    /// `prompt` within `scope`'s namespace (taking a reference on each) and return the table
+    /// plus the number of cached tokens. At least one prompt token is always left to compute
+    /// (the model needs it to produce logits), so a fully cached prompt gives up its last block.
+    /// With `scope.skip_reads` nothing is reused.
+    pub fn start_sequence_in(&mut self, prompt: &[u32], scope: &CacheScope) -> (BlockTable, usize) {
         let mut table = BlockTable::new();
         if !self.enable_prefix_caching || prompt.is_empty() {
+            return (table, 0);
+        }
+        if let Some(salt) = &scope.salt {
+            table.root = self.salt_root(salt);
+            table.salt = Some(salt.clone());
+        }
+        if scope.skip_reads {
             return (table, 0);
         }
         self.queries += prompt.len() as u64;
         let bs = self.block_size;
         let max_blocks = (prompt.len() - 1) / bs;
-        let mut parent = 0u64;
+        let mut parent = table.root;
         for chunk in prompt.chunks_exact(bs).take(max_blocks) {
             let Some(block) = self.lookup(parent, chunk) else {
                 break;
@@ -396,6 +434,18 @@ impl BlockManager {
         let cached_tokens = table.blocks.len() * bs;
         self.hits += cached_tokens as u64;
         (table, cached_tokens)
+    }
+
+    /// The root registration id of `salt`'s namespace, reserved on first use (ids are never
+    /// reused, so no block chain of another namespace can hang from it).
+    fn salt_root(&mut self, salt: &Arc<str>) -> u64 {
+        if let Some(&root) = self.salt_roots.get(salt) {
+            return root;
+        }
+        let root = self.next_reg_id;
+        self.next_reg_id += 1;
+        self.salt_roots.insert(salt.clone(), root);
+        root
     }
 
     /// Range of existing table indices that a write of positions `write_from..num_tokens` touches.
@@ -490,10 +540,11 @@ impl BlockManager {
             let chunk = &tokens[i * bs..(i + 1) * bs];
             // vLLM's hash of this block (a function of the token prefix alone).
             let parent_hash = i.checked_sub(1).and_then(|p| table.hashes.get(p)).copied();
+            let salt = if i == 0 { table.salt.as_deref() } else { None };
             let external = self
                 .events
                 .as_ref()
-                .map(|log| log.hasher.hash(parent_hash.as_ref(), chunk));
+                .map(|log| log.hasher.hash_with_salt(parent_hash.as_ref(), chunk, salt));
             if let Some(h) = external {
                 table.hashes.push(h);
             }
@@ -502,7 +553,11 @@ impl BlockManager {
                 table.committed.push(c.id);
                 continue;
             }
-            let parent = if i == 0 { 0 } else { table.committed[i - 1] };
+            let parent = if i == 0 {
+                table.root
+            } else {
+                table.committed[i - 1]
+            };
             if let Some(existing) = self.lookup(parent, chunk) {
                 if let Some(c) = &self.cached[existing as usize] {
                     table.committed.push(c.id);
@@ -534,6 +589,8 @@ impl BlockManager {
             blocks: Vec::with_capacity(table.blocks.len()),
             committed: table.committed.clone(),
             hashes: table.hashes.clone(),
+            root: table.root,
+            salt: table.salt.clone(),
         };
         for &block in &table.blocks {
             if (block as usize) < self.refcount.len() {
@@ -701,6 +758,34 @@ mod tests {
         bm.free(t3);
         bm.check_invariants().unwrap();
         assert_eq!(bm.num_used_blocks(), 0);
+    }
+
+    #[test]
+    fn cache_salts_isolate_prefixes() {
+        let mut bm = BlockManager::new(32, 4, true);
+        let p = prompt(10, 100);
+        let scope = |salt: Option<&str>, skip_reads| CacheScope {
+            salt: salt.map(Arc::from),
+            skip_reads,
+        };
+        let run = |bm: &mut BlockManager, s: &CacheScope| {
+            let (mut t, cached) = bm.start_sequence_in(&p, s);
+            bm.grow(&mut t, p.len(), cached).unwrap();
+            bm.commit(&mut t, &p);
+            bm.free(t);
+            cached
+        };
+        assert_eq!(run(&mut bm, &scope(Some("a"), false)), 0);
+        // Another salt and the shared namespace miss; the same salt hits.
+        assert_eq!(run(&mut bm, &scope(Some("b"), false)), 0);
+        assert_eq!(run(&mut bm, &scope(None, false)), 0);
+        assert_eq!(run(&mut bm, &scope(Some("a"), false)), 8);
+        assert_eq!(run(&mut bm, &scope(Some("b"), false)), 8);
+        assert_eq!(run(&mut bm, &scope(None, false)), 8);
+        // Skipping reads computes everything, but its blocks still serve others.
+        assert_eq!(run(&mut bm, &scope(Some("c"), true)), 0);
+        assert_eq!(run(&mut bm, &scope(Some("c"), false)), 8);
+        bm.check_invariants().unwrap();
     }
 
     #[test]

@@ -8,14 +8,14 @@ use std::time::Instant;
 use spindle_model::{CacheShape, LoadedModel, ModelInfo, TokenizerBundle};
 
 use crate::api::{CacheConfig, EngineError, EngineEvent, ModelKind, ModelLimits};
-use crate::block_manager::BlockManager;
+use crate::block_manager::{BlockManager, CacheScope};
 use crate::config::EngineConfig;
 use crate::engine::{Core, Ready};
 use crate::fault::FaultInjector;
 use crate::handle::{EngineMessage, Liveness};
 use crate::model_runner::ModelRunner;
 use crate::output_processor::OutputProcessor;
-use crate::scheduler::{Scheduler, SchedulerOutput};
+use crate::scheduler::{Scheduler, SchedulerOutput, SeqOptions};
 use crate::stats::EngineStats;
 use crate::trace::StepTrace;
 
@@ -168,9 +168,16 @@ impl Core for GenerationCore {
             } => {
                 self.faults
                     .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
-                let urgency = request.urgency();
+                let options = SeqOptions {
+                    urgency: request.urgency(),
+                    cache: CacheScope {
+                        salt: request.cache_salt().map(Into::into),
+                        skip_reads: false,
+                    },
+                    prompt_logits: request.params().prompt_logprobs.is_some(),
+                };
                 let (seq, prompt) = self.outputs.add_request(id, request, events);
-                self.scheduler.add(seq, prompt, urgency);
+                self.scheduler.add_with(seq, prompt, options);
             }
             EngineMessage::Embed { events, .. } => {
                 let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(
@@ -251,7 +258,7 @@ impl GenerationCore {
         let started = Instant::now();
         let mut trace = self.config.observer.is_some().then(|| self.trace(&batch));
 
-        let input = self.runner.prepare(&batch, &self.scheduler)?;
+        let (input, plan) = self.runner.prepare(&batch, &self.scheduler)?;
         let rows = match self.runner.run(input) {
             Ok(rows) => rows,
             Err(e) => {
@@ -267,14 +274,10 @@ impl GenerationCore {
         };
         self.scheduler.on_step_done(&batch.scheduled);
         self.outputs.note_scheduled(&batch.scheduled, started);
-        let sampled: Vec<_> = batch
-            .scheduled
-            .iter()
-            .filter(|s| s.samples)
-            .map(|s| s.id)
-            .collect();
         self.outputs
-            .process(&sampled, &rows, &mut self.scheduler, Instant::now());
+            .record_prompt_logprobs(&plan.prompt, &rows, &self.scheduler);
+        self.outputs
+            .process(&plan.sample, &rows, &mut self.scheduler, Instant::now());
 
         self.step_count += 1;
         self.stats.iterations_total.fetch_add(1, Ordering::Relaxed);

@@ -73,6 +73,17 @@ impl BlockHasher {
     /// The hash of a full block with these tokens after the block hashed `parent` (`None`: the
     /// first block of a sequence).
     pub fn hash(&self, parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
+        self.hash_with_salt(parent, tokens, None)
+    }
+
+    /// [`Self::hash`] with vLLM's extra keys: a salted sequence's first block carries
+    /// `(cache_salt,)`, so its hash differs from the same tokens in another namespace.
+    pub fn hash_with_salt(
+        &self,
+        parent: Option<&BlockHash>,
+        tokens: &[u32],
+        salt: Option<&str>,
+    ) -> BlockHash {
         let parent = parent.unwrap_or(&self.none_hash);
         let mut buf = Vec::with_capacity(40 + tokens.len() * 5);
         cbor_head(&mut buf, 4, 3); // (parent, tokens, extra_keys)
@@ -82,7 +93,15 @@ impl BlockHasher {
         for &t in tokens {
             cbor_head(&mut buf, 0, u64::from(t));
         }
-        buf.push(0xf6); // null: no extra keys (no LoRA, multimodal input or cache salt)
+        match salt {
+            Some(salt) => {
+                cbor_head(&mut buf, 4, 1);
+                cbor_head(&mut buf, 3, salt.len() as u64);
+                buf.extend_from_slice(salt.as_bytes());
+            }
+            // null: no extra keys (no LoRA, multimodal input or cache salt)
+            None => buf.push(0xf6),
+        }
         Sha256::digest(&buf).into()
     }
 }
@@ -147,6 +166,13 @@ mod tests {
         assert_eq!(first, <[u8; 32]>::from(Sha256::digest(&manual)));
         // The chain depends on the parent.
         assert_ne!(h.hash(Some(&first), &[1, 2, 3]), first);
+        // A salt is an extra key: ("s",) after the tokens.
+        let mut salted = manual[..manual.len() - 1].to_vec();
+        salted.extend_from_slice(&[0x81, 0x61, b's']);
+        assert_eq!(
+            h.hash_with_salt(None, &[1, 2, 3], Some("s")),
+            <[u8; 32]>::from(Sha256::digest(&salted))
+        );
         // Without a seed the root is random: two hashers disagree.
         assert_ne!(
             BlockHasher::new(None).hash(None, &[1]),

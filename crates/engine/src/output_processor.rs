@@ -20,7 +20,8 @@ use crate::api::{
 use rayon::prelude::*;
 use spindle_structured::{Constraint, StructuredError};
 
-use crate::sampler::{sample_batch, SampleInput, SequenceRng};
+use crate::model_runner::PromptRows;
+use crate::sampler::{prompt_logprob, sample_batch, SampleInput, SequenceRng};
 use crate::scheduler::{ScheduledSeq, Scheduler, SeqId};
 use crate::sequence::{RequestGroup, SeqOutput};
 use crate::stats::EngineStats;
@@ -119,6 +120,8 @@ impl OutputProcessor {
             RequestGroup {
                 request_id,
                 pending_children: params.n > 1,
+                // The first prompt token has no logprob: nothing precedes it.
+                prompt_logprobs: params.prompt_logprobs.map(|_| vec![None]),
                 params,
                 events,
                 usage: Usage {
@@ -135,6 +138,14 @@ impl OutputProcessor {
                 first_token: None,
             },
         );
+        if prompt.len() == 1 {
+            // Nothing to compute: the one prompt token has no logprob.
+            if let Some(g) = self.requests.get_mut(&id) {
+                if let Some(all) = g.prompt_logprobs.take() {
+                    let _ = g.events.send(EngineEvent::PromptLogprobs(all));
+                }
+            }
+        }
         (seq_id, prompt)
     }
 
@@ -171,17 +182,67 @@ impl OutputProcessor {
         }
     }
 
-    /// Sample the next token of every sequence in `ids` (row `i` of `rows` belongs to `ids[i]`),
-    /// fork `n > 1` children after their parent's prefill, and stream the results.
+    /// Logprobs of the prompt tokens whose logits this step computed (`plan` says which rows),
+    /// in parallel; once a request's prompt is complete they go out as one event, before its
+    /// first delta. Positions recomputed after a preemption are not counted twice.
+    pub fn record_prompt_logprobs(
+        &mut self,
+        plan: &[PromptRows],
+        rows: &[Vec<f32>],
+        scheduler: &Scheduler,
+    ) {
+        for part in plan {
+            let (Some(out), Some(seq)) = (self.seqs.get(&part.seq), scheduler.seq(part.seq)) else {
+                continue;
+            };
+            let Some(group) = self.requests.get_mut(&out.group) else {
+                continue;
+            };
+            let (Some(k), Some(done)) =
+                (group.params.prompt_logprobs, group.prompt_logprobs.as_mut())
+            else {
+                continue;
+            };
+            // Row i predicts the token at first_position + i + 1; keep the ones not seen yet.
+            let skip = done.len().saturating_sub(part.first_position + 1);
+            let tokens = seq.tokens();
+            let fresh: Vec<(usize, u32)> = part
+                .rows
+                .clone()
+                .enumerate()
+                .skip(skip)
+                .filter_map(|(i, row)| {
+                    let target = *tokens.get(part.first_position + i + 1)?;
+                    Some((row, target))
+                })
+                .collect();
+            if part.first_position + skip + 1 != done.len() {
+                continue; // a gap: cannot happen, positions run in order
+            }
+            let computed: Vec<_> = fresh
+                .par_iter()
+                .filter_map(|&(row, target)| rows.get(row).map(|r| prompt_logprob(r, target, k)))
+                .collect();
+            done.extend(computed.into_iter().map(Some));
+            if done.len() >= seq.prompt_len() {
+                let all = std::mem::take(done);
+                let _ = group.events.send(EngineEvent::PromptLogprobs(all));
+                group.prompt_logprobs = None;
+            }
+        }
+    }
+
+    /// Sample the next token of every `(sequence, row)` in `sample`, fork `n > 1` children
+    /// after their parent's prefill, and stream the results.
     pub fn process(
         &mut self,
-        ids: &[SeqId],
+        sample: &[(SeqId, usize)],
         rows: &[Vec<f32>],
         scheduler: &mut Scheduler,
         now: Instant,
     ) {
-        let mut work: Vec<(SeqId, usize)> = ids.iter().copied().zip(0..).collect();
-        for (row, &id) in ids.iter().enumerate() {
+        let mut work: Vec<(SeqId, usize)> = sample.to_vec();
+        for &(id, row) in sample {
             self.fork_children(id, row, scheduler, &mut work);
         }
         let results = self.sample(&work, rows, scheduler);

@@ -3,7 +3,9 @@
 //! [`sample_token`] turns one row of raw logits into a token. Processing happens on a working
 //! copy, in this order:
 //!
-//! 1. `logit_bias` (ids outside the vocabulary and NaN biases are skipped);
+//! 1. `logit_bias` (ids outside the vocabulary and NaN biases are skipped), then
+//!    `allowed_token_ids` (every other id to −inf) and `bad_words` (the last token of a banned
+//!    sequence to −inf when the output ends with the rest of it);
 //! 2. `min_tokens`: while fewer than `min_tokens` tokens were generated, every id in `eos_ids`
 //!    and `stop_token_ids` is masked to −inf (also with `ignore_eos`);
 //! 3. `repetition_penalty` over the distinct tokens of prompt ∪ output (positive logits are
@@ -40,7 +42,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use crate::api::{SamplingParams, StepLogprobs, TokenLogprob};
+use crate::api::{PromptTokenLogprob, SamplingParams, StepLogprobs, TokenLogprob};
 
 /// Temperatures below this are greedy (as in vLLM).
 const GREEDY_TEMPERATURE: f32 = 1e-5;
@@ -287,6 +289,8 @@ fn needs_processing(
     eos_ids: &[u32],
 ) -> bool {
     !params.logit_bias.is_empty()
+        || !params.allowed_token_ids.is_empty()
+        || !params.bad_words.is_empty()
         || (output_ids.len() < params.min_tokens
             && (!eos_ids.is_empty() || !params.stop_token_ids.is_empty()))
         || (repetition_active(params.repetition_penalty)
@@ -308,6 +312,29 @@ fn apply_processing(
         if let Some(x) = w.get_mut(id as usize) {
             if !bias.is_nan() {
                 *x = sanitize(*x + bias);
+            }
+        }
+    }
+    if !params.allowed_token_ids.is_empty() {
+        let mut allowed = vec![false; vocab];
+        for &id in &params.allowed_token_ids {
+            if let Some(a) = allowed.get_mut(id as usize) {
+                *a = true;
+            }
+        }
+        for (x, ok) in w.iter_mut().zip(allowed) {
+            if !ok {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for word in &params.bad_words {
+        let Some((&last, prefix)) = word.split_last() else {
+            continue;
+        };
+        if output_ids.ends_with(prefix) {
+            if let Some(x) = w.get_mut(last as usize) {
+                *x = f32::NEG_INFINITY;
             }
         }
     }
@@ -575,6 +602,21 @@ fn top_k_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     all
 }
 
+/// A prompt token's logprob at the position before it: the raw row's log-softmax for `target`,
+/// its rank (1 + the tokens with a strictly larger logit) and the top `k`.
+pub fn prompt_logprob(logits: &[f32], target: u32, k: usize) -> PromptTokenLogprob {
+    let step = raw_logprobs(logits, target, k);
+    let x = logits
+        .get(target as usize)
+        .map_or(f32::NEG_INFINITY, |&x| sanitize(x));
+    let rank = 1 + logits.iter().filter(|&&y| sanitize(y) > x).count();
+    PromptTokenLogprob {
+        token: step.chosen,
+        rank,
+        top: step.top,
+    }
+}
+
 /// Log-softmax of the raw row for the chosen token and the top `k` (NaN counts as −inf).
 fn raw_logprobs(logits: &[f32], chosen: u32, k: usize) -> StepLogprobs {
     let m = max_value(logits);
@@ -689,6 +731,58 @@ mod tests {
             let (t, _) = sample_token(&logits, &params, &[], &[], &[], &mut rng(seed)).unwrap();
             assert_eq!(t, 42);
         }
+    }
+
+    #[test]
+    fn allowed_token_ids_restrict_the_choice() {
+        let logits = random_logits(100, 3);
+        let params = SamplingParams {
+            allowed_token_ids: vec![7, 9, 1_000_000],
+            ..SamplingParams::default()
+        };
+        for seed in 0..20 {
+            let t = sample_token(&logits, &params, &[], &[], &[], &mut rng(seed))
+                .unwrap()
+                .0;
+            assert!(t == 7 || t == 9, "{t}");
+        }
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params
+        };
+        let want = if logits[7] >= logits[9] { 7 } else { 9 };
+        assert_eq!(sample(&logits, &greedy, &[]), want);
+    }
+
+    #[test]
+    fn bad_words_mask_the_last_token_after_their_prefix() {
+        let mut logits = vec![0.0f32; 10];
+        logits[5] = 10.0;
+        logits[6] = 5.0;
+        let params = SamplingParams {
+            temperature: 0.0,
+            bad_words: vec![vec![5], vec![1, 2, 6], vec![]],
+            ..SamplingParams::default()
+        };
+        // A one-token bad word is always masked; a longer one only after its prefix.
+        assert_eq!(sample(&logits, &params, &[]), 6);
+        assert_eq!(sample(&logits, &params, &[1, 2]), 0);
+        assert_eq!(sample(&logits, &params, &[2]), 6);
+    }
+
+    #[test]
+    fn prompt_logprob_reports_rank_and_top() {
+        let logits = vec![1.0f32, 3.0, 2.0, f32::NAN];
+        let p = prompt_logprob(&logits, 2, 2);
+        let lse = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert!((p.token.logprob as f64 - (2.0 - lse)).abs() < 1e-5);
+        assert_eq!(p.rank, 2);
+        assert_eq!(
+            p.top.iter().map(|t| t.token_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(prompt_logprob(&logits, 1, 0).rank, 1);
+        assert_eq!(prompt_logprob(&logits, 3, 0).rank, 4);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::block_manager::{BlockId, BlockManager, BlockTable};
+use crate::block_manager::{BlockId, BlockManager, BlockTable, CacheScope};
 
 /// Engine-internal id of a sequence.
 pub type SeqId = u64;
@@ -38,6 +38,10 @@ pub struct SeqState {
     admitted_at: u64,
     /// How urgent it is; with the policy, its scheduling level.
     urgency: Urgency,
+    /// Its prefix-cache namespace, and whether it may read cached blocks.
+    cache: CacheScope,
+    /// Logits are wanted at every prompt position (prompt logprobs).
+    prompt_logits: bool,
 }
 
 impl SeqState {
@@ -78,6 +82,21 @@ impl SeqState {
         self.urgency
     }
 
+    /// Whether the runner must return logits for every prompt position.
+    pub fn wants_prompt_logits(&self) -> bool {
+        self.prompt_logits
+    }
+
+    /// Most tokens one step may compute: a prefill that returns logits at every position is
+    /// cut into chunks of [`PROMPT_LOGITS_CHUNK`] (their logits rows are vocabulary-wide).
+    fn max_chunk(&self) -> usize {
+        if self.prompt_logits && self.num_computed < self.prompt_len {
+            PROMPT_LOGITS_CHUNK
+        } else {
+            usize::MAX
+        }
+    }
+
     /// Tokens still to run through the model before the next token can be sampled.
     fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
@@ -101,6 +120,20 @@ pub enum SchedulingPolicy {
 pub struct Urgency {
     pub background: bool,
     pub priority: i32,
+}
+
+/// Prompt tokens per step of a sequence that wants logits at every prompt position: bounds
+/// the step's logits to this many vocabulary-wide rows.
+pub const PROMPT_LOGITS_CHUNK: usize = 256;
+
+/// What a sequence brings besides its tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeqOptions {
+    pub urgency: Urgency,
+    /// Prefix-cache namespace (cache salt) and whether cached blocks may be read.
+    pub cache: CacheScope,
+    /// Return logits at every prompt position (prompt logprobs; implies not reading the cache).
+    pub prompt_logits: bool,
 }
 
 /// After interactive work pauses, background work stays at its share for this many steps.
@@ -248,8 +281,22 @@ impl Scheduler {
 
     /// Queue a new sequence behind every waiting one.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, urgency: Urgency) {
+        self.add_with(
+            id,
+            prompt,
+            SeqOptions {
+                urgency,
+                ..SeqOptions::default()
+            },
+        );
+    }
+
+    /// Queue a new sequence with its cache scope and logits needs.
+    pub fn add_with(&mut self, id: SeqId, prompt: Vec<u32>, options: SeqOptions) {
         debug_assert!(!prompt.is_empty(), "validated requests have a prompt");
         let prompt_len = prompt.len();
+        let mut cache = options.cache;
+        cache.skip_reads |= options.prompt_logits;
         self.seqs.insert(
             id,
             SeqState {
@@ -258,7 +305,9 @@ impl Scheduler {
                 num_computed: 0,
                 table: None,
                 admitted_at: 0,
-                urgency,
+                urgency: options.urgency,
+                cache,
+                prompt_logits: options.prompt_logits,
             },
         );
         self.waiting.push_back(id);
@@ -278,6 +327,8 @@ impl Scheduler {
             table,
             admitted_at: self.next_admission,
             urgency: p.urgency,
+            cache: p.cache.clone(),
+            prompt_logits: false,
         };
         self.next_admission += 1;
         self.seqs.insert(child, state);
@@ -440,7 +491,7 @@ impl Scheduler {
                 self.running.remove(i);
                 continue;
             };
-            let n = seq.num_uncomputed().min(*budget);
+            let n = seq.num_uncomputed().min(*budget).min(seq.max_chunk());
             if n == 0 {
                 i += 1;
                 continue;
@@ -532,11 +583,11 @@ impl Scheduler {
                 continue;
             };
             if seq.table.is_none() {
-                let (table, cached) = self.blocks.start_sequence(&seq.tokens);
+                let (table, cached) = self.blocks.start_sequence_in(&seq.tokens, &seq.cache);
                 seq.table = Some(table);
                 seq.num_computed = cached;
             }
-            let n = seq.num_uncomputed().min(*budget);
+            let n = seq.num_uncomputed().min(*budget).min(seq.max_chunk());
             let entry = ScheduledSeq::new(id, n, seq);
             let Some(table) = seq.table.as_mut() else {
                 return false;

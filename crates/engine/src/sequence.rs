@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::api::{EngineEvent, SamplingParams, Usage};
+use crate::api::{EngineEvent, PromptTokenLogprob, SamplingParams, Usage};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::sampler::SequenceRng;
 use crate::scheduler::SeqId;
@@ -63,6 +63,8 @@ pub struct RequestGroup {
     /// Choices not yet created (n > 1 children are forked after the prompt's prefill).
     pub pending_children: bool,
     pub num_live: usize,
+    /// Prompt logprobs gathered so far (while asked for and not yet sent).
+    pub prompt_logprobs: Option<Vec<Option<PromptTokenLogprob>>>,
     pub usage: Usage,
     pub arrived: Instant,
     pub first_scheduled: Option<Instant>,

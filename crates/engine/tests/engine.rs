@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use spindle_engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateRequest,
-    RequestError, RequestStream, SamplingParams, StepObserver, StepTrace, StopReason, Usage,
+    PromptTokenLogprob, RequestError, RequestStream, SamplingParams, StepLogprobs, StepObserver,
+    StepTrace, StopReason, Usage,
 };
 use spindle_model::LoadOptions;
 
@@ -52,6 +53,8 @@ struct Output {
     texts: Vec<String>,
     finish: Vec<Option<FinishReason>>,
     stop_reasons: Vec<Option<StopReason>>,
+    logprobs: Vec<Vec<StepLogprobs>>,
+    prompt_logprobs: Option<Vec<Option<PromptTokenLogprob>>>,
     usage: Usage,
 }
 
@@ -65,7 +68,9 @@ fn collect(mut stream: RequestStream) -> Output {
                     out.texts.push(String::new());
                     out.finish.push(None);
                     out.stop_reasons.push(None);
+                    out.logprobs.push(Vec::new());
                 }
+                out.logprobs[d.index].extend(d.logprobs.iter().cloned());
                 out.tokens[d.index].extend(&d.token_ids);
                 out.texts[d.index].push_str(&d.text);
                 if d.finish_reason.is_some() {
@@ -79,6 +84,14 @@ fn collect(mut stream: RequestStream) -> Output {
             }
             Some(EngineEvent::Error(e)) => panic!("request failed: {e}"),
             Some(EngineEvent::Embeddings(_)) => panic!("embeddings from a generative model"),
+            Some(EngineEvent::PromptLogprobs(p)) => {
+                assert!(
+                    out.tokens.is_empty(),
+                    "prompt logprobs come before any delta"
+                );
+                assert!(out.prompt_logprobs.is_none(), "prompt logprobs come once");
+                out.prompt_logprobs = Some(p);
+            }
             None => panic!("stream ended without Finished"),
         }
     }
@@ -706,4 +719,123 @@ fn background_work_does_not_count_against_max_waiting_requests() {
     drop(interactive);
     drop(background);
     wait_idle(&engine);
+}
+
+/// Prompt logprobs score a prompt the way generation scored the same tokens: a greedy
+/// continuation fed back as prompt gets the logprobs its tokens had when generated (the kernels
+/// are batch-invariant, so a prefill row equals the decode row), whatever the prefix cache holds
+/// and however the prompt is chunked.
+#[test]
+fn prompt_logprobs_match_the_generated_tokens_logprobs() {
+    let engine = spawn(config(64 << 20));
+    let tok = engine.tokenizer().clone();
+    // Over PROMPT_LOGITS_CHUNK tokens, so the scored prompt runs in several chunks.
+    let text =
+        "The old lighthouse on the northern cape had not been lit for forty years. ".repeat(20);
+    let prompt = tok.encode(&text, true).expect("encode");
+    assert!(prompt.len() > spindle_engine::scheduler::PROMPT_LOGITS_CHUNK);
+    let gen = SamplingParams {
+        logprobs: Some(3),
+        ..SamplingParams::greedy(12)
+    };
+    let first = collect(
+        engine
+            .generate(GenerateRequest::new("g", prompt.clone(), gen, engine.limits()).unwrap())
+            .unwrap(),
+    );
+    let mut scored = prompt.clone();
+    scored.extend(&first.tokens[0]);
+    let params = SamplingParams {
+        prompt_logprobs: Some(3),
+        ..SamplingParams::greedy(1)
+    };
+    for run in 0..2 {
+        // The second run finds the whole prompt in the prefix cache and must not use it.
+        let out = collect(
+            engine
+                .generate(
+                    GenerateRequest::new(
+                        format!("s{run}"),
+                        scored.clone(),
+                        params.clone(),
+                        engine.limits(),
+                    )
+                    .unwrap(),
+                )
+                .unwrap(),
+        );
+        let lp = out.prompt_logprobs.expect("prompt logprobs");
+        assert_eq!(lp.len(), scored.len());
+        assert!(lp[0].is_none());
+        for (i, entry) in lp.iter().enumerate().skip(1) {
+            let e = entry.as_ref().expect("every later position has a logprob");
+            assert_eq!(e.token.token_id, scored[i]);
+            assert_eq!(e.top.len(), 3);
+            assert!(e.rank >= 1 && e.token.logprob <= 0.0);
+        }
+        for (k, step) in first.logprobs[0].iter().enumerate() {
+            let e = lp[prompt.len() + k].as_ref().unwrap();
+            assert_eq!(e.token.token_id, step.chosen.token_id);
+            assert!(
+                (e.token.logprob - step.chosen.logprob).abs() < 1e-4,
+                "position {k}: {} vs {}",
+                e.token.logprob,
+                step.chosen.logprob
+            );
+            // Greedy tokens are the most likely ones.
+            assert_eq!(e.rank, 1);
+            assert_eq!(e.top[0].token_id, step.top[0].token_id);
+        }
+        assert_eq!(out.usage.cached_tokens, 0);
+    }
+    // A one-token prompt has only the null entry.
+    let out = collect(
+        engine
+            .generate(
+                GenerateRequest::new("one", vec![prompt[0]], params, engine.limits()).unwrap(),
+            )
+            .unwrap(),
+    );
+    assert_eq!(out.prompt_logprobs, Some(vec![None]));
+}
+
+/// `allowed_token_ids` and `bad_words` hold on the real model.
+#[test]
+fn allowed_token_ids_and_bad_words_constrain_sampling() {
+    let engine = spawn(config(64 << 20));
+    let free = collect(request(
+        &engine,
+        "f",
+        "The capital of France is",
+        SamplingParams::greedy(8),
+    ));
+    let banned = free.tokens[0][0];
+    let out = collect(request(
+        &engine,
+        "b",
+        "The capital of France is",
+        SamplingParams {
+            bad_words: vec![vec![banned]],
+            ..SamplingParams::greedy(8)
+        },
+    ));
+    assert!(!out.tokens[0].contains(&banned), "{:?}", out.tokens);
+    let allowed = vec![28, 29, 30];
+    let out = collect(request(
+        &engine,
+        "a",
+        "The capital of France is",
+        SamplingParams {
+            allowed_token_ids: allowed.clone(),
+            temperature: 1.0,
+            seed: Some(3),
+            max_tokens: Some(8),
+            ..SamplingParams::default()
+        },
+    ));
+    assert!(
+        out.tokens[0].iter().all(|t| allowed.contains(t)),
+        "{:?}",
+        out.tokens
+    );
 }

@@ -134,7 +134,7 @@ async fn embed(
                 return Ok((vectors, usage));
             }
             Some(EngineEvent::Error(e)) => return Err(e.into()),
-            Some(EngineEvent::Delta(_)) => {
+            Some(EngineEvent::Delta(_) | EngineEvent::PromptLogprobs(_)) => {
                 return Err(ApiError::internal(
                     "the engine sent tokens for an embedding request",
                 ))
@@ -180,7 +180,8 @@ pub(crate) async fn embeddings(
     state: &Arc<AppState>,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: EmbeddingRequest = parse_json(body)?;
+    let req: EmbeddingRequest =
+        crate::validation::parse_request(body, crate::fields::Endpoint::Embeddings)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_embedding_model(state, "/v1/embeddings")?;
     let limits = state.engine.limits();

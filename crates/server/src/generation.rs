@@ -15,7 +15,8 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 use spindle_engine::{
-    ChoiceDelta, EngineEvent, FinishReason, RequestStream, StepLogprobs, StopReason,
+    ChoiceDelta, EngineEvent, FinishReason, PromptTokenLogprob, RequestStream, StepLogprobs,
+    StopReason,
 };
 use spindle_model::TokenizerBundle;
 
@@ -27,6 +28,7 @@ use crate::protocol::{
     CompletionChunk, CompletionLogprobs, CompletionResponse, UsageInfo,
 };
 use crate::sse;
+use crate::validation::OutputFlags;
 
 /// Which OpenAI endpoint's shapes to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +67,30 @@ pub struct OutputOptions {
     pub continuous_usage: bool,
     /// Forced tool calls: the (constrained) text is held back and answered as `tool_calls`.
     pub tools: Option<crate::tools::ToolMode>,
+    /// Echo, prompt logprobs, token ids.
+    pub flags: OutputFlags,
+}
+
+/// What the response may repeat of one prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PromptInfo {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// The text `echo` puts before the output.
+    pub echo: Option<String>,
 }
 
 struct Slot {
     stream: Option<RequestStream>,
-    prompt_tokens: usize,
+    prompt: PromptInfo,
+    /// The engine's prompt logprobs, once they arrived.
+    prompt_logprobs: Option<Vec<Option<PromptTokenLogprob>>>,
+}
+
+impl Slot {
+    fn prompt_tokens(&self) -> usize {
+        self.prompt.ids.len()
+    }
 }
 
 #[derive(Default)]
@@ -85,6 +106,10 @@ struct ChoiceState {
     last_delta: Option<Instant>,
     /// Bytes of `text` already streamed as content (tool modes hold the rest back).
     streamed: usize,
+    /// Generated token ids (`return_token_ids`).
+    token_ids: Vec<u32>,
+    /// The stream sent this choice's first chunk (echo, prompt logprobs, prompt ids).
+    opened: bool,
 }
 
 /// What one engine event means for the response.
@@ -112,7 +137,7 @@ impl Generation {
     pub fn new(
         meta: ResponseMeta,
         opts: OutputOptions,
-        streams: Vec<(RequestStream, usize)>,
+        streams: Vec<(RequestStream, PromptInfo)>,
         tokenizer: Arc<TokenizerBundle>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -124,9 +149,10 @@ impl Generation {
             metrics,
             slots: streams
                 .into_iter()
-                .map(|(s, prompt_tokens)| Slot {
+                .map(|(s, prompt)| Slot {
                     stream: Some(s),
-                    prompt_tokens,
+                    prompt,
+                    prompt_logprobs: None,
                 })
                 .collect(),
             next_poll: 0,
@@ -179,7 +205,22 @@ impl Generation {
 
     fn apply(&mut self, slot: usize, event: Option<EngineEvent>) -> Step {
         match event {
+            Some(EngineEvent::PromptLogprobs(lp)) => {
+                self.slots[slot].prompt_logprobs = Some(lp);
+                Step::Continue
+            }
             Some(EngineEvent::Delta(mut delta)) => {
+                if self.opts.flags.echo_only {
+                    // Scoring the prompt: the one token generated for it is not part of the
+                    // answer, which ends at the prompt with `length`.
+                    delta.token_ids.clear();
+                    delta.text.clear();
+                    delta.logprobs.clear();
+                    if delta.finish_reason.is_some() {
+                        delta.finish_reason = Some(FinishReason::Length);
+                        delta.stop_reason = None;
+                    }
+                }
                 if delta.index >= self.opts.n {
                     return Step::Failed(ApiError::internal(format!(
                         "engine returned choice index {} for n = {}",
@@ -198,6 +239,9 @@ impl Generation {
                     state.last_delta = Some(now);
                 }
                 state.tokens += delta.token_ids.len();
+                if self.opts.flags.token_ids {
+                    state.token_ids.extend(&delta.token_ids);
+                }
                 if delta.finish_reason.is_some() {
                     state.finish_reason = delta.finish_reason;
                     state.stop_reason = delta.stop_reason.clone();
@@ -211,7 +255,7 @@ impl Generation {
                     .map(|c| c.tokens)
                     .sum();
                 self.metrics
-                    .observe_request(&timings, self.slots[slot].prompt_tokens, generated);
+                    .observe_request(&timings, self.slots[slot].prompt_tokens(), generated);
                 for c in &self.choices[slot * n..(slot + 1) * n] {
                     if let Some(r @ (FinishReason::Stop | FinishReason::Length)) = c.finish_reason {
                         self.metrics.count_success(r.as_str());
@@ -239,7 +283,7 @@ impl Generation {
 
     /// Token accounting: each prompt counted once, completions summed over all choices.
     pub fn usage(&self) -> UsageInfo {
-        let prompt: usize = self.slots.iter().map(|s| s.prompt_tokens).sum();
+        let prompt: usize = self.slots.iter().map(Slot::prompt_tokens).sum();
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
         UsageInfo::new(prompt, completion, self.cached_tokens)
     }
@@ -247,6 +291,11 @@ impl Generation {
     // ----- token text for logprobs -----
 
     fn token_text(&self, id: u32) -> (String, Option<Vec<u8>>) {
+        if self.opts.flags.tokens_as_ids {
+            let text = format!("token_id:{id}");
+            let bytes = text.as_bytes().to_vec();
+            return (text, Some(bytes));
+        }
         let text = self
             .tokenizer
             .decode(&[id], false)
@@ -301,10 +350,82 @@ impl Generation {
             out.text_offset.push(*offset);
             *offset += token.chars().count();
             out.tokens.push(token);
-            out.token_logprobs.push(clamp_logprob(s.chosen.logprob));
-            out.top_logprobs.push(top);
+            out.token_logprobs
+                .push(Some(clamp_logprob(s.chosen.logprob)));
+            out.top_logprobs.push(Some(top));
         }
         out
+    }
+
+    // ----- the prompt: echo, prompt logprobs, prompt ids -----
+
+    /// An echoed prompt in completions' logprobs format: every prompt token, the first with
+    /// null logprobs, each later one with its logprob and the top `k` (from the engine's
+    /// prompt logprobs).
+    fn echo_logprobs(&self, slot: usize, k: usize, offset: &mut usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        let s = &self.slots[slot];
+        let lps = s.prompt_logprobs.as_deref().unwrap_or_default();
+        for (i, &id) in s.prompt.ids.iter().enumerate() {
+            let (token, _) = self.token_text(id);
+            out.text_offset.push(*offset);
+            *offset += token.chars().count();
+            match lps.get(i).and_then(Option::as_ref) {
+                Some(lp) => {
+                    let mut top = std::collections::BTreeMap::new();
+                    for t in lp.top.iter().take(k) {
+                        let (tok, _) = self.token_text(t.token_id);
+                        top.entry(tok).or_insert(clamp_logprob(t.logprob));
+                    }
+                    top.entry(token.clone())
+                        .or_insert(clamp_logprob(lp.token.logprob));
+                    out.token_logprobs
+                        .push(Some(clamp_logprob(lp.token.logprob)));
+                    out.top_logprobs.push(Some(top));
+                }
+                None => {
+                    out.token_logprobs.push(None);
+                    out.top_logprobs.push(None);
+                }
+            }
+            out.tokens.push(token);
+        }
+        out
+    }
+
+    /// vLLM's `prompt_logprobs`: per position null or `{id: {logprob, rank, decoded_token}}`
+    /// with the prompt token and the top `k`.
+    fn prompt_logprobs_json(&self, slot: usize) -> Option<Value> {
+        let k = self.opts.flags.prompt_logprobs?;
+        let lps = self.slots[slot].prompt_logprobs.as_ref()?;
+        let entry = |id: u32, logprob: f32, rank: usize| json!({"logprob": clamp_logprob(logprob), "rank": rank, "decoded_token": self.token_text(id).0});
+        Some(Value::Array(
+            lps.iter()
+                .map(|p| {
+                    let Some(p) = p else { return Value::Null };
+                    let mut map = serde_json::Map::new();
+                    for (i, t) in p.top.iter().take(k).enumerate() {
+                        map.insert(t.token_id.to_string(), entry(t.token_id, t.logprob, i + 1));
+                    }
+                    map.insert(
+                        p.token.token_id.to_string(),
+                        entry(p.token.token_id, p.token.logprob, p.rank),
+                    );
+                    Value::Object(map)
+                })
+                .collect(),
+        ))
+    }
+
+    fn prompt_ids(&self, slot: usize) -> Option<Vec<u32>> {
+        self.opts
+            .flags
+            .token_ids
+            .then(|| self.slots[slot].prompt.ids.clone())
+    }
+
+    fn echo_text(&self, slot: usize) -> Option<&str> {
+        self.slots[slot].prompt.echo.as_deref()
     }
 
     // ----- streaming -----
@@ -319,29 +440,47 @@ impl Generation {
         }
     }
 
-    /// The opening chunks of a chat stream: one `{"role": "assistant", "content": ""}` delta per choice.
+    /// The opening chunks of a chat stream: one `{"role": "assistant", "content": ""}` delta per
+    /// choice (the content is the echoed last message with `echo`); the first carries the
+    /// prompt's ids with `return_token_ids`.
     fn opening_chunks(&self) -> Vec<Bytes> {
         if self.meta.kind != Kind::Chat {
             return Vec::new();
         }
         (0..self.choices.len())
             .map(|index| {
-                self.chat_chunk(vec![ChatChunkChoice {
-                    index,
-                    delta: ChatDelta {
-                        role: Some("assistant".into()),
-                        content: Some(String::new()),
-                        tool_calls: None,
-                    },
-                    logprobs: None,
-                    finish_reason: None,
-                    stop_reason: None,
-                }])
+                let slot = index / self.opts.n;
+                let content = self.echo_text(slot).unwrap_or_default().to_string();
+                self.chat_chunk_with(
+                    vec![ChatChunkChoice {
+                        index,
+                        delta: ChatDelta {
+                            role: Some("assistant".into()),
+                            content: Some(content),
+                            tool_calls: None,
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                        stop_reason: None,
+                        token_ids: None,
+                    }],
+                    None,
+                    if index == 0 { self.prompt_ids(0) } else { None },
+                )
             })
             .collect()
     }
 
     fn chat_chunk(&self, choices: Vec<ChatChunkChoice>) -> Bytes {
+        self.chat_chunk_with(choices, None, None)
+    }
+
+    fn chat_chunk_with(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        prompt_logprobs: Option<Value>,
+        prompt_token_ids: Option<Vec<u32>>,
+    ) -> Bytes {
         sse::event(&ChatCompletionChunk {
             id: self.meta.id.clone(),
             object: "chat.completion.chunk".into(),
@@ -350,7 +489,43 @@ impl Generation {
             system_fingerprint: self.meta.system_fingerprint.clone(),
             choices,
             usage: self.chunk_usage(),
+            prompt_logprobs,
+            prompt_token_ids,
         })
+    }
+
+    /// A completion stream's first chunk of a choice, when it has something of the prompt to
+    /// send: the echoed prompt (and its logprobs), `prompt_logprobs`, the prompt's ids.
+    fn completion_opening(&mut self, choice: usize) -> Option<Bytes> {
+        let slot = choice / self.opts.n;
+        let flags = self.opts.flags;
+        if !(flags.echo || flags.prompt_logprobs.is_some() || flags.token_ids) {
+            return None;
+        }
+        let text = self.echo_text(slot).unwrap_or_default().to_string();
+        let mut offset = 0;
+        let logprobs = match (flags.echo, flags.echo_logprobs) {
+            (true, Some(k)) => Some(self.echo_logprobs(slot, k, &mut offset)),
+            _ => None,
+        };
+        self.choices[choice].text_offset = if logprobs.is_some() {
+            offset
+        } else {
+            text.chars().count()
+        };
+        Some(self.completion_chunk(
+            vec![CompletionChoice {
+                index: choice,
+                text,
+                logprobs,
+                finish_reason: None,
+                stop_reason: None,
+                prompt_logprobs: self.prompt_logprobs_json(slot),
+                prompt_token_ids: self.prompt_ids(slot),
+                token_ids: None,
+            }],
+            self.chunk_usage(),
+        ))
     }
 
     fn completion_chunk(
@@ -389,13 +564,15 @@ impl Generation {
             logprobs: None,
             finish_reason,
             stop_reason,
+            token_ids: None,
         }])
     }
 
     /// The SSE event for one delta, or `None` when it carries nothing to show.
     fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
         let finished = delta.finish_reason.is_some();
-        if delta.text.is_empty() && delta.logprobs.is_empty() && !finished {
+        let has_ids = self.opts.flags.token_ids && !delta.token_ids.is_empty();
+        if delta.text.is_empty() && delta.logprobs.is_empty() && !finished && !has_ids {
             return None;
         }
         let finish_reason = delta.finish_reason.map(|r| r.as_str().to_string());
@@ -468,19 +645,36 @@ impl Generation {
                     content: self.chat_logprobs(&delta.logprobs),
                 });
                 let content = (!delta.text.is_empty()).then(|| delta.text.clone());
-                Some(self.chat_chunk(vec![ChatChunkChoice {
-                    index: choice,
-                    delta: ChatDelta {
-                        role: None,
-                        content,
-                        tool_calls: None,
-                    },
-                    logprobs,
-                    finish_reason,
-                    stop_reason,
-                }]))
+                let first = !std::mem::replace(&mut self.choices[choice].opened, true);
+                let prompt_logprobs = if first && choice == 0 {
+                    self.prompt_logprobs_json(0)
+                } else {
+                    None
+                };
+                Some(self.chat_chunk_with(
+                    vec![ChatChunkChoice {
+                        index: choice,
+                        delta: ChatDelta {
+                            role: None,
+                            content,
+                            tool_calls: None,
+                        },
+                        logprobs,
+                        finish_reason,
+                        stop_reason,
+                        token_ids: self.opts.flags.token_ids.then(|| delta.token_ids.clone()),
+                    }],
+                    prompt_logprobs,
+                    None,
+                ))
             }
             Kind::Completion => {
+                let mut out = Vec::new();
+                if !std::mem::replace(&mut self.choices[choice].opened, true) {
+                    if let Some(opening) = self.completion_opening(choice) {
+                        out.extend_from_slice(&opening);
+                    }
+                }
                 let logprobs = if self.opts.logprobs {
                     let mut offset = self.choices[choice].text_offset;
                     let lp = self.completion_logprobs(&delta.logprobs, &mut offset);
@@ -489,16 +683,20 @@ impl Generation {
                 } else {
                     None
                 };
-                Some(self.completion_chunk(
+                out.extend_from_slice(&self.completion_chunk(
                     vec![CompletionChoice {
                         index: choice,
                         text: delta.text.clone(),
                         logprobs,
                         finish_reason,
                         stop_reason,
+                        prompt_logprobs: None,
+                        prompt_token_ids: None,
+                        token_ids: self.opts.flags.token_ids.then(|| delta.token_ids.clone()),
                     }],
                     self.chunk_usage(),
-                ))
+                ));
+                Some(Bytes::from(out))
             }
         }
     }
@@ -517,6 +715,8 @@ impl Generation {
                     system_fingerprint: self.meta.system_fingerprint.clone(),
                     choices: Vec::new(),
                     usage,
+                    prompt_logprobs: None,
+                    prompt_token_ids: None,
                 }),
                 Kind::Completion => self.completion_chunk(Vec::new(), usage),
             });
@@ -567,73 +767,123 @@ impl Generation {
         }
         let usage = self.usage();
         let meta = self.meta.clone();
-        let logprobs = self.opts.logprobs;
-        let tools = self.opts.tools.clone();
         let body = match meta.kind {
-            Kind::Chat => serde_json::to_vec(&ChatCompletionResponse {
-                id: meta.id,
-                object: "chat.completion".into(),
-                created: meta.created,
-                model: meta.model,
-                choices: std::mem::take(&mut self.choices)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, c)| {
-                        let parsed = tools
-                            .as_ref()
-                            .and_then(|t| t.parse_answer(&c.text))
-                            .filter(|p| !p.calls.is_empty());
-                        let finish_reason = match &parsed {
-                            Some(_) => Some("tool_calls".to_string()),
-                            None => c.finish_reason.map(|r| r.as_str().to_string()),
-                        };
-                        let (content, calls) = match parsed {
-                            Some(p) => (p.content, p.calls),
-                            None => (Some(c.text), Vec::new()),
-                        };
-                        ChatChoice {
-                            index,
-                            message: ChatMessageOut {
-                                role: "assistant".into(),
-                                content,
-                                refusal: None,
-                                tool_calls: calls
-                                    .iter()
-                                    .map(crate::tools::ToolCallOut::to_json)
-                                    .collect(),
-                            },
-                            logprobs: logprobs.then_some(ChatLogprobs {
-                                content: c.chat_logprobs,
-                            }),
-                            finish_reason,
-                            stop_reason: Some(stop_reason_value(&c.stop_reason)),
-                        }
-                    })
-                    .collect(),
-                usage,
-                system_fingerprint: meta.system_fingerprint,
-            }),
-            Kind::Completion => serde_json::to_vec(&CompletionResponse {
-                id: meta.id,
-                object: "text_completion".into(),
-                created: meta.created,
-                model: meta.model,
-                choices: std::mem::take(&mut self.choices)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, c)| CompletionChoice {
-                        index,
-                        text: c.text,
-                        logprobs: logprobs.then_some(c.completion_logprobs),
-                        finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
-                        stop_reason: Some(stop_reason_value(&c.stop_reason)),
-                    })
-                    .collect(),
-                usage,
-                system_fingerprint: meta.system_fingerprint,
-            }),
+            Kind::Chat => serde_json::to_vec(&self.chat_response(meta, usage)),
+            Kind::Completion => serde_json::to_vec(&self.completion_response(meta, usage)),
         };
         body.map_err(|e| ApiError::internal(format!("serializing the response failed: {e}")))
+    }
+}
+
+impl Generation {
+    fn chat_response(&mut self, meta: ResponseMeta, usage: UsageInfo) -> ChatCompletionResponse {
+        let logprobs = self.opts.logprobs;
+        let tools = self.opts.tools.clone();
+        let token_ids = self.opts.flags.token_ids;
+        let echo = self.echo_text(0).map(str::to_string);
+        let prompt_logprobs = self.prompt_logprobs_json(0);
+        let prompt_token_ids = self.prompt_ids(0);
+        ChatCompletionResponse {
+            id: meta.id,
+            object: "chat.completion".into(),
+            created: meta.created,
+            model: meta.model,
+            choices: std::mem::take(&mut self.choices)
+                .into_iter()
+                .enumerate()
+                .map(|(index, c)| {
+                    let parsed = tools
+                        .as_ref()
+                        .and_then(|t| t.parse_answer(&c.text))
+                        .filter(|p| !p.calls.is_empty());
+                    let finish_reason = match &parsed {
+                        Some(_) => Some("tool_calls".to_string()),
+                        None => c.finish_reason.map(|r| r.as_str().to_string()),
+                    };
+                    let (content, calls) = match parsed {
+                        Some(p) => (p.content, p.calls),
+                        None => (Some(c.text), Vec::new()),
+                    };
+                    let content = match (&echo, content) {
+                        (Some(e), Some(t)) => Some(format!("{e}{t}")),
+                        (Some(e), None) => Some(e.clone()),
+                        (None, c) => c,
+                    };
+                    ChatChoice {
+                        index,
+                        message: ChatMessageOut {
+                            role: "assistant".into(),
+                            content,
+                            refusal: None,
+                            tool_calls: calls
+                                .iter()
+                                .map(crate::tools::ToolCallOut::to_json)
+                                .collect(),
+                        },
+                        logprobs: logprobs.then_some(ChatLogprobs {
+                            content: c.chat_logprobs,
+                        }),
+                        finish_reason,
+                        stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                        token_ids: token_ids.then_some(c.token_ids),
+                    }
+                })
+                .collect(),
+            usage,
+            system_fingerprint: meta.system_fingerprint,
+            prompt_logprobs,
+            prompt_token_ids,
+        }
+    }
+
+    fn completion_response(&mut self, meta: ResponseMeta, usage: UsageInfo) -> CompletionResponse {
+        let logprobs = self.opts.logprobs;
+        let flags = self.opts.flags;
+        let n = self.opts.n;
+        let choices = std::mem::take(&mut self.choices);
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let slot = index / n;
+                let echo = self.echo_text(slot).unwrap_or_default().to_string();
+                let mut lp = c.completion_logprobs;
+                if flags.echo && logprobs {
+                    // The prompt's tokens come first; the generated offsets follow the echo.
+                    let mut offset = 0;
+                    let mut all = match flags.echo_logprobs {
+                        Some(k) => self.echo_logprobs(slot, k, &mut offset),
+                        None => CompletionLogprobs::default(),
+                    };
+                    let shift = echo.chars().count();
+                    all.tokens.extend(lp.tokens);
+                    all.token_logprobs.extend(lp.token_logprobs);
+                    all.top_logprobs.extend(lp.top_logprobs);
+                    all.text_offset
+                        .extend(lp.text_offset.into_iter().map(|o| o + shift));
+                    lp = all;
+                }
+                CompletionChoice {
+                    index,
+                    text: if flags.echo { echo + &c.text } else { c.text },
+                    logprobs: logprobs.then_some(lp),
+                    finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
+                    stop_reason: Some(stop_reason_value(&c.stop_reason)),
+                    prompt_logprobs: self.prompt_logprobs_json(slot),
+                    prompt_token_ids: self.prompt_ids(slot),
+                    token_ids: flags.token_ids.then_some(c.token_ids),
+                }
+            })
+            .collect();
+        CompletionResponse {
+            id: meta.id,
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model,
+            choices,
+            usage,
+            system_fingerprint: meta.system_fingerprint,
+        }
     }
 }
 

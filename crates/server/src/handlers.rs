@@ -13,7 +13,8 @@ use spindle_engine::{GenerateRequest, ModelKind};
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
-use crate::generation::{Generation, Kind, OutputOptions, ResponseMeta, SseBody};
+use crate::fields::Endpoint;
+use crate::generation::{Generation, Kind, OutputOptions, PromptInfo, ResponseMeta, SseBody};
 use crate::protocol::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
     ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
@@ -22,7 +23,7 @@ use crate::server::{error_response, json_response, sse_response, ApiBody, AppSta
 use crate::template::{normalize_messages, RenderOptions};
 use crate::validation::{
     build_request, chat_params, completion_params, detokenize_ids, parse_json, parse_prompt,
-    resolve_model, PromptInput, Validated,
+    parse_request, resolve_model, PromptInput, Validated,
 };
 
 pub(crate) fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
@@ -76,14 +77,61 @@ async fn chat_prompt_ids(
     opts: RenderOptions,
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
-    let template = state.template.clone().map_err(ApiError::bad_request)?;
     let messages = normalize_messages(messages)?;
+    render_and_encode(state, messages, opts, add_special_tokens).await
+}
+
+async fn render_and_encode(
+    state: &AppState,
+    messages: Vec<serde_json::Value>,
+    opts: RenderOptions,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let template = state.template.clone().map_err(ApiError::bad_request)?;
     let tok = state.engine.tokenizer().clone();
     blocking(move || {
         let text = template.render(&messages, &opts)?;
         encode(&tok, &text, add_special_tokens)
     })
     .await
+}
+
+/// Tokenize `bad_words` as vLLM does: each word alone and after a space (how it appears
+/// mid-text), without special tokens.
+async fn tokenize_bad_words(state: &AppState, validated: &mut Validated) -> Result<(), ApiError> {
+    if validated.bad_words.is_empty() {
+        return Ok(());
+    }
+    let words = validated.bad_words.clone();
+    let tok = state.engine.tokenizer().clone();
+    let ids = blocking(move || {
+        let mut out: Vec<Vec<u32>> = Vec::new();
+        for w in &words {
+            let mut forms = vec![w.clone()];
+            if !w.starts_with(' ') {
+                forms.push(format!(" {w}"));
+            }
+            for f in forms {
+                let ids = encode(&tok, &f, false)?;
+                if !ids.is_empty() && !out.contains(&ids) {
+                    out.push(ids);
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    validated.params.bad_words = ids;
+    Ok(())
+}
+
+/// The response id: `{prefix}-{id}` for a caller-chosen id (`X-Request-Id` first, then the
+/// body's `request_id`, as vLLM), else a random one.
+fn response_id(prefix: &str, header_id: Option<&str>, validated: &Validated) -> String {
+    match header_id.or(validated.request_id.as_deref()) {
+        Some(id) => format!("{prefix}-{id}"),
+        None => random_id(prefix),
+    }
 }
 
 fn render_options(
@@ -132,33 +180,57 @@ fn check_origin(origin: Origin, validated: &Validated) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`. `header_id` is the client's `X-Request-Id`.
 pub(crate) async fn chat_completions(
     state: &Arc<AppState>,
     body: &[u8],
     origin: Origin,
+    header_id: Option<&str>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let (model, validated, ids) = chat_input(state, body, "/v1/chat/completions").await?;
+    let ChatInput {
+        model,
+        mut validated,
+        ids,
+        echo,
+    } = chat_input(state, body, "/v1/chat/completions").await?;
     check_origin(origin, &validated)?;
-    let id = random_id("chatcmpl");
+    tokenize_bad_words(state, &mut validated).await?;
+    let id = response_id("chatcmpl", header_id, &validated);
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
     let requests = constrain(state, &validated, vec![request]).await?;
-    start(state, Kind::Chat, id, model, validated, requests, origin).await
+    let echo = vec![echo.filter(|_| validated.output.echo)];
+    start(
+        state,
+        Kind::Chat,
+        id,
+        model,
+        validated,
+        requests,
+        echo,
+        origin,
+    )
+    .await
 }
 
-/// `POST /v1/completions`.
+/// `POST /v1/completions`. `header_id` is the client's `X-Request-Id`.
 pub(crate) async fn completions(
     state: &Arc<AppState>,
     body: &[u8],
     origin: Origin,
+    header_id: Option<&str>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: CompletionRequest = parse_json(body)?;
+    let req: CompletionRequest = parse_request(body, Endpoint::Completions)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/completions")?;
-    let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    let mut validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    state
+        .cfg
+        .defaults
+        .apply(&req.common, req.common.max_tokens.is_some(), &mut validated);
     check_origin(origin, &validated)?;
-    let all_ids = completion_prompt_ids(state, &req).await?;
-    let id = random_id("cmpl");
+    tokenize_bad_words(state, &mut validated).await?;
+    let (all_ids, echo) = completion_prompt_ids(state, &req, &validated).await?;
+    let id = response_id("cmpl", header_id, &validated);
     let multi = all_ids.len() > 1;
     let mut requests = Vec::with_capacity(all_ids.len());
     for (i, ids) in all_ids.into_iter().enumerate() {
@@ -183,59 +255,111 @@ pub(crate) async fn completions(
         model,
         validated,
         requests,
+        echo,
         origin,
     )
     .await
 }
 
-/// A chat request parsed, validated and rendered to token ids: the served model name, the
-/// validated parameters and the prompt.
-async fn chat_input(
-    state: &AppState,
-    body: &[u8],
-    endpoint: &str,
-) -> Result<(String, Validated, Vec<u32>), ApiError> {
-    let req: ChatCompletionRequest = parse_json(body)?;
+/// A chat request parsed, validated and rendered to token ids.
+struct ChatInput {
+    /// The served model name.
+    model: String,
+    validated: Validated,
+    /// The prompt.
+    ids: Vec<u32>,
+    /// The last message's text if it is the assistant's (what `echo` repeats).
+    echo: Option<String>,
+}
+
+async fn chat_input(state: &AppState, body: &[u8], endpoint: &str) -> Result<ChatInput, ApiError> {
+    let req: ChatCompletionRequest = parse_request(body, Endpoint::ChatCompletions)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, endpoint)?;
-    let validated = chat_params(
+    let mut validated = chat_params(
         &req,
         state.limits,
         state.engine.scheduling_policy(),
         state.cfg.tool_call_parser,
     )?;
+    let asked_max = req.common.max_tokens.is_some() || req.max_completion_tokens.is_some();
+    state
+        .cfg
+        .defaults
+        .apply(&req.common, asked_max, &mut validated);
+    let mut extra = req.chat_template_kwargs.clone().unwrap_or_default();
+    for (name, value) in [
+        ("reasoning_effort", &req.reasoning_effort),
+        ("documents", &req.documents),
+    ] {
+        if let Some(v) = value.as_ref().filter(|v| !v.is_null()) {
+            extra.entry(name.to_string()).or_insert_with(|| v.clone());
+        }
+    }
     let opts = render_options(
         req.add_generation_prompt,
         req.continue_final_message,
         req.tools.clone(),
-        req.chat_template_kwargs.clone(),
+        (!extra.is_empty()).then_some(extra),
     );
-    let ids = chat_prompt_ids(
+    let messages = normalize_messages(req.messages.as_ref())?;
+    let echo = messages
+        .last()
+        .filter(|m| m.get("role").and_then(serde_json::Value::as_str) == Some("assistant"))
+        .and_then(|m| m.get("content").and_then(serde_json::Value::as_str))
+        .map(str::to_string);
+    let mut ids = render_and_encode(
         state,
-        req.messages.as_ref(),
+        messages,
         opts,
         req.add_special_tokens.unwrap_or(false),
     )
     .await?;
-    Ok((model, validated, ids))
+    if let Some(t) = validated.truncation {
+        t.apply(&mut ids, state.limits.max_model_len);
+    }
+    Ok(ChatInput {
+        model,
+        validated,
+        ids,
+        echo,
+    })
 }
 
-/// The token ids of every prompt of a completion request (text tokenized on the blocking pool).
+/// The token ids of every prompt of a completion request (text tokenized on the blocking pool,
+/// then truncated if asked), and with `echo` the text each prompt echoes: a text prompt as
+/// given, token ids decoded (after truncation, the kept tokens).
 async fn completion_prompt_ids(
     state: &AppState,
     req: &CompletionRequest,
-) -> Result<Vec<Vec<u32>>, ApiError> {
+    validated: &Validated,
+) -> Result<(Vec<Vec<u32>>, Vec<Option<String>>), ApiError> {
     let prompts = parse_prompt(req.prompt.as_ref(), state.limits.vocab_size)?;
     let add_special = req.add_special_tokens.unwrap_or(true);
     let tok = state.engine.tokenizer().clone();
+    let (truncation, echo) = (validated.truncation, validated.output.echo);
+    let max_model_len = state.limits.max_model_len;
     blocking(move || {
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                PromptInput::Text(t) => encode(&tok, &t, add_special),
-                PromptInput::Tokens(ids) => Ok(ids),
-            })
-            .collect::<Result<Vec<_>, _>>()
+        let mut all = Vec::with_capacity(prompts.len());
+        let mut texts = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let (mut ids, text) = match p {
+                PromptInput::Text(t) => (encode(&tok, &t, add_special)?, Some(t)),
+                PromptInput::Tokens(ids) => (ids, None),
+            };
+            let before = ids.len();
+            if let Some(t) = truncation {
+                t.apply(&mut ids, max_model_len);
+            }
+            let text = match text {
+                Some(t) if ids.len() == before => t,
+                _ if echo => tok.decode(&ids, false).map_err(tokenization_failed)?,
+                _ => String::new(),
+            };
+            texts.push(echo.then_some(text));
+            all.push(ids);
+        }
+        Ok((all, texts))
     })
     .await
 }
@@ -265,11 +389,15 @@ pub(crate) async fn render_completions(
     state: &Arc<AppState>,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: CompletionRequest = parse_json(body)?;
+    let req: CompletionRequest = parse_request(body, Endpoint::Completions)?;
     let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     require_generative_model(state, "/v1/completions/render")?;
-    let validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
-    let all_ids = completion_prompt_ids(state, &req).await?;
+    let mut validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    state
+        .cfg
+        .defaults
+        .apply(&req.common, req.common.max_tokens.is_some(), &mut validated);
+    let (all_ids, _) = completion_prompt_ids(state, &req, &validated).await?;
     let id = random_id("cmpl");
     let out: Vec<serde_json::Value> = all_ids
         .into_iter()
@@ -285,8 +413,13 @@ pub(crate) async fn render_chat(
     state: &Arc<AppState>,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let (model, validated, ids) = chat_input(state, body, "/v1/chat/completions/render").await?;
-    ok_json(&rendered(random_id("chatcmpl"), &model, ids, &validated))
+    let input = chat_input(state, body, "/v1/chat/completions/render").await?;
+    ok_json(&rendered(
+        random_id("chatcmpl"),
+        &input.model,
+        input.ids,
+        &input.validated,
+    ))
 }
 
 /// Compile the request's constraint (if any) off the runtime and attach a copy to every prompt.
@@ -309,6 +442,7 @@ async fn constrain(
 
 /// Submit every prompt to the engine and answer (stream or not). If any submission fails the
 /// ones already submitted are dropped, which aborts them.
+#[allow(clippy::too_many_arguments)]
 async fn start(
     state: &Arc<AppState>,
     kind: Kind,
@@ -316,16 +450,26 @@ async fn start(
     model: String,
     validated: Validated,
     requests: Vec<GenerateRequest>,
+    echo: Vec<Option<String>>,
     origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
     let mut streams = Vec::with_capacity(requests.len());
-    for request in requests {
-        let request = match origin {
+    for (request, echo) in requests
+        .into_iter()
+        .zip(echo.into_iter().chain(std::iter::repeat(None)))
+    {
+        let mut request = match origin {
             Origin::Http => request.with_priority(validated.priority),
             Origin::Batch => request.with_priority(validated.priority).in_background(),
         };
-        let prompt_len = request.prompt_token_ids().len();
-        streams.push((state.engine.generate(request)?, prompt_len));
+        if let Some(salt) = &validated.cache_salt {
+            request = request.with_cache_salt(salt.as_str());
+        }
+        let prompt = PromptInfo {
+            ids: request.prompt_token_ids().to_vec(),
+            echo,
+        };
+        streams.push((state.engine.generate(request)?, prompt));
     }
     tracing::debug!(%id, prompts = streams.len(), stream = validated.stream, "request submitted");
     let generation = Generation::new(
@@ -342,6 +486,7 @@ async fn start(
             include_usage: validated.include_usage,
             continuous_usage: validated.continuous_usage,
             tools: validated.tools.clone(),
+            flags: validated.output,
         },
         streams,
         state.engine.tokenizer().clone(),

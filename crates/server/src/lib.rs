@@ -7,6 +7,7 @@ pub mod auth;
 pub mod batch;
 pub mod embeddings;
 pub mod error;
+pub mod fields;
 pub mod generation;
 mod handlers;
 pub mod metrics;

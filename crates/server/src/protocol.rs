@@ -57,6 +57,33 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// vLLM extension: lower is served first under `--scheduling-policy priority`.
     pub priority: Option<i64>,
+    /// vLLM: logprobs of the prompt tokens (top-k per position; the first is null).
+    pub prompt_logprobs: Option<i64>,
+    /// vLLM: only these token ids may be generated.
+    pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM: words (strings) that may not be generated.
+    pub bad_words: Option<Value>,
+    /// vLLM: keep only this many prompt tokens (-1: the model's context).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// `left` (keep the last tokens, vLLM's default for generation) or `right`.
+    pub truncation_side: Option<String>,
+    /// vLLM: logprob tokens as `token_id:{id}` strings.
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM: the generated and prompt token ids in the response.
+    pub return_token_ids: Option<bool>,
+    /// vLLM: prefix-cache namespace (1 to 1024 characters).
+    pub cache_salt: Option<String>,
+    /// vLLM: the id the response carries (`cmpl-{request_id}`).
+    pub request_id: Option<String>,
+    /// With completions: the prompt is returned before the output (and its logprobs with
+    /// `logprobs`); with chat: the last message, if it is the assistant's, before the answer.
+    pub echo: Option<bool>,
+    /// Legacy vLLM structured outputs (removed in vLLM 0.12), mapped onto `structured_outputs`.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -84,6 +111,10 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<Value>,
     /// At most one call when false (default true).
     pub parallel_tool_calls: Option<bool>,
+    /// Passed to the chat template as `reasoning_effort`.
+    pub reasoning_effort: Option<Value>,
+    /// Passed to the chat template as `documents` (RAG templates).
+    pub documents: Option<Value>,
 }
 
 /// `POST /v1/completions`.
@@ -94,10 +125,8 @@ pub struct CompletionRequest {
     pub prompt: Option<Value>,
     #[serde(flatten)]
     pub common: CommonFields,
-    /// Rejected when set (not supported).
+    /// Refused when set (see `crate::fields`).
     pub suffix: Option<String>,
-    /// Rejected when true (not supported).
-    pub echo: Option<bool>,
     /// Number of top alternatives per token (0 = only the chosen token's logprob).
     pub logprobs: Option<i64>,
     /// vLLM extension: add the BOS token when tokenizing text prompts (default true).
@@ -198,8 +227,9 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// `null` for the first prompt token of an echoed prompt.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -224,6 +254,9 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     pub stop_reason: StopReasonOut,
+    /// The generated token ids (`return_token_ids`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `chat.completion`.
@@ -236,6 +269,12 @@ pub struct ChatCompletionResponse {
     pub choices: Vec<ChatChoice>,
     pub usage: UsageInfo,
     pub system_fingerprint: Option<String>,
+    /// vLLM: `[null, {"id": {"logprob", "rank", "decoded_token"}}, ...]` (`prompt_logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
+    /// The prompt's token ids (`return_token_ids`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// The `delta` of a streamed chat chunk: `role` only on the first chunk of a choice.
@@ -260,6 +299,8 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: StopReasonOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `chat.completion.chunk`. `usage` is omitted unless the client asked for usage, then it is
@@ -274,6 +315,11 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<UsageInfo>>,
+    /// On the first chunk only, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// One choice of a text completion (streamed or not).
@@ -285,6 +331,14 @@ pub struct CompletionChoice {
     pub finish_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: StopReasonOut,
+    /// vLLM: the prompt's logprobs (`prompt_logprobs`), on the first chunk of a stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
+    /// `return_token_ids`: the prompt's ids (first chunk of a stream) and the generated ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `text_completion`, non-streaming.
@@ -381,6 +435,8 @@ mod tests {
             system_fingerprint: None,
             choices: vec![],
             usage: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
         };
         assert!(!serde_json::to_string(&c).unwrap().contains("usage"));
         c.usage = Some(None);

@@ -81,6 +81,8 @@ pub struct ServerConfig {
     pub gpu_memory_utilization: f32,
     /// The Batch API (`/v1/files`, `/v1/batches`) and its store; `None` turns it off.
     pub batch: Option<crate::batch::BatchConfig>,
+    /// Sampling defaults for what a request leaves unset (`--generation-config`).
+    pub defaults: crate::validation::RequestDefaults,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +103,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(30),
             gpu_memory_utilization: 0.9,
             batch: None,
+            defaults: crate::validation::RequestDefaults::default(),
         }
     }
 }
@@ -723,9 +726,29 @@ pub(crate) fn sse_response(body: SseBody) -> Response<ApiBody> {
     r
 }
 
+/// The client's `X-Request-Id` (vLLM echoes it and builds the response id from it); a
+/// malformed one is a 400.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(X_REQUEST_ID) else {
+        return Ok(None);
+    };
+    let text = v.to_str().map_err(|_| {
+        ApiError::invalid_param("X-Request-Id", "`X-Request-Id` must be printable ASCII.")
+    })?;
+    crate::validation::request_id(Some(text), "X-Request-Id")
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
+
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBody> {
     let method = req.method().clone();
     let origin = req.headers().get(header::ORIGIN).cloned();
+    // Echoed on every answer, errors included, so a client can match its logs.
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .filter(|v| client_request_id(req.headers()).is_ok_and(|id| id.is_some()) && !v.is_empty())
+        .cloned();
     let route = Route::parse(req.uri().path());
     let label = route.map_or("unmatched", Route::label);
     let mut resp = match dispatch(&state, route, req).await {
@@ -741,6 +764,9 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBod
     };
     if let Some(origin) = origin {
         add_cors(&state.cfg.allowed_origins, &origin, resp.headers_mut());
+    }
+    if let Some(id) = request_id {
+        resp.headers_mut().insert(X_REQUEST_ID, id);
     }
     state
         .metrics
@@ -879,12 +905,15 @@ async fn dispatch(
         Route::Batch => crate::batch::http::get_batch(state, batch_id()).await,
         Route::BatchCancel => crate::batch::http::cancel_batch(state, batch_id()).await,
         Route::ChatCompletions => {
+            let header_id = client_request_id(req.headers())?;
             let body = read_json_body(req, &state.cfg).await?;
-            handlers::chat_completions(state, &body, handlers::Origin::Http).await
+            handlers::chat_completions(state, &body, handlers::Origin::Http, header_id.as_deref())
+                .await
         }
         Route::Completions => {
+            let header_id = client_request_id(req.headers())?;
             let body = read_json_body(req, &state.cfg).await?;
-            handlers::completions(state, &body, handlers::Origin::Http).await
+            handlers::completions(state, &body, handlers::Origin::Http, header_id.as_deref()).await
         }
         Route::Tokenize => {
             let body = read_json_body(req, &state.cfg).await?;

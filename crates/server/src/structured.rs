@@ -27,17 +27,56 @@ pub struct RequestedConstraint {
 /// The constraint a request asks for, if any.
 pub fn constraint_spec(c: &CommonFields) -> Result<Option<RequestedConstraint>, ApiError> {
     let from_format = response_format(c.response_format.as_ref())?;
-    let from_outputs = structured_outputs(c.structured_outputs.as_ref())?;
+    let from_outputs = structured_outputs(c.structured_outputs.as_ref(), "structured_outputs")?;
+    let (legacy_param, legacy) = legacy_guided(c);
+    let from_legacy = match &legacy {
+        Some(obj) => structured_outputs(Some(obj), legacy_param)?,
+        None => None,
+    };
     let requested = |spec, param| Some(RequestedConstraint { spec, param });
-    match (from_format, from_outputs) {
-        (Some(_), Some(_)) => Err(ApiError::invalid_param(
+    match (from_format, from_outputs, from_legacy) {
+        (Some(spec), None, None) => Ok(requested(spec, "response_format")),
+        (None, Some(spec), None) => Ok(requested(spec, "structured_outputs")),
+        (None, None, Some(spec)) => Ok(requested(spec, legacy_param)),
+        (None, None, None) => Ok(None),
+        (_, _, Some(_)) => Err(ApiError::invalid_param(
+            legacy_param,
+            format!("Give either `{legacy_param}` or `response_format` / `structured_outputs`, not both."),
+        )),
+        _ => Err(ApiError::invalid_param(
             "structured_outputs",
             "Give either `response_format` or `structured_outputs`, not both.",
         )),
-        (Some(spec), None) => Ok(requested(spec, "response_format")),
-        (None, Some(spec)) => Ok(requested(spec, "structured_outputs")),
-        (None, None) => Ok(None),
     }
+}
+
+/// vLLM's removed `guided_*` fields as a `structured_outputs` object (never silently dropped:
+/// vLLM once ignored them and its users got unconstrained output), and the field to name in
+/// errors.
+fn legacy_guided(c: &CommonFields) -> (&'static str, Option<Value>) {
+    let given = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
+    let mut obj = serde_json::Map::new();
+    let mut param = "guided_json";
+    for (name, key, value) in [
+        ("guided_json", "json", &c.guided_json),
+        ("guided_regex", "regex", &c.guided_regex),
+        ("guided_choice", "choice", &c.guided_choice),
+        ("guided_grammar", "grammar", &c.guided_grammar),
+    ] {
+        if let Some(v) = given(value) {
+            if obj.is_empty() {
+                param = name;
+            }
+            obj.insert(key.to_string(), v);
+        }
+    }
+    if obj.is_empty() {
+        return (param, None);
+    }
+    if let Some(p) = given(&c.guided_whitespace_pattern) {
+        obj.insert("whitespace_pattern".to_string(), p);
+    }
+    (param, Some(Value::Object(obj)))
 }
 
 fn response_format(v: Option<&Value>) -> Result<Option<ConstraintSpec>, ApiError> {
@@ -82,8 +121,11 @@ fn response_format(v: Option<&Value>) -> Result<Option<ConstraintSpec>, ApiError
     }
 }
 
-fn structured_outputs(v: Option<&Value>) -> Result<Option<ConstraintSpec>, ApiError> {
-    let bad = |m: String| ApiError::invalid_param("structured_outputs", m);
+fn structured_outputs(
+    v: Option<&Value>,
+    param: &'static str,
+) -> Result<Option<ConstraintSpec>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param(param, m);
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -339,6 +381,44 @@ mod tests {
             ),
         ];
         for (body, param) in cases {
+            let e = spec(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn legacy_guided_fields_map_onto_structured_outputs() {
+        assert_eq!(
+            spec(json!({"guided_json": {"type": "integer"}})).unwrap(),
+            Some(ConstraintSpec::JsonSchema {
+                schema: json!({"type": "integer"}),
+                whitespace: Whitespace::Compact
+            })
+        );
+        assert_eq!(
+            spec(json!({"guided_choice": ["yes", "no"]})).unwrap(),
+            Some(ConstraintSpec::Choice(vec!["yes".into(), "no".into()]))
+        );
+        assert_eq!(
+            spec(json!({"guided_regex": "[0-9]+", "guided_whitespace_pattern": " "})).unwrap(),
+            Some(ConstraintSpec::Regex("[0-9]+".into()))
+        );
+        assert!(matches!(
+            spec(json!({"guided_grammar": "start: \"a\""})).unwrap(),
+            Some(ConstraintSpec::Grammar(_))
+        ));
+        for (body, param) in [
+            (json!({"guided_regex": ""}), "guided_regex"),
+            (json!({"guided_json": "{bad"}), "guided_json"),
+            (
+                json!({"guided_json": {}, "guided_regex": "a"}),
+                "guided_json",
+            ),
+            (
+                json!({"guided_choice": ["a"], "response_format": {"type": "json_object"}}),
+                "guided_choice",
+            ),
+        ] {
             let e = spec(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }

@@ -238,18 +238,67 @@ pub fn tool_mode(
     Ok(mode)
 }
 
+/// Tool arguments are strict by default, as OpenAI's strict mode and vLLM's default grammar
+/// backend treat them: every object schema that does not say otherwise admits no properties
+/// beyond those it declares (a tool without parameters takes exactly `{}`; without this a small
+/// model stuffs the call envelope into the open object). A schema that sets
+/// `additionalProperties` or `patternProperties` keeps its choice.
+pub fn strict(mut schema: Value) -> Value {
+    close_objects(&mut schema);
+    schema
+}
+
+fn close_objects(node: &mut Value) {
+    let Some(obj) = node.as_object_mut() else {
+        if let Some(items) = node.as_array_mut() {
+            items.iter_mut().for_each(close_objects);
+        }
+        return;
+    };
+    let is_object = obj.get("type").is_some_and(|t| {
+        t == "object"
+            || t.as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "object"))
+    }) || obj.contains_key("properties");
+    if is_object
+        && !obj.contains_key("additionalProperties")
+        && !obj.contains_key("patternProperties")
+        && !obj.contains_key("unevaluatedProperties")
+    {
+        obj.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions"] {
+        if let Some(Value::Object(children)) = obj.get_mut(key) {
+            children.values_mut().for_each(close_objects);
+        }
+    }
+    for key in [
+        "items",
+        "prefixItems",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "not",
+        "additionalProperties",
+    ] {
+        if let Some(child) = obj.get_mut(key) {
+            close_objects(child);
+        }
+    }
+}
+
 impl ToolMode {
     /// The constraint that makes the output a valid call (or calls); none for `auto`.
     pub fn constraint(&self) -> Option<ConstraintSpec> {
         let schema = match self {
             ToolMode::Auto { .. } => return None,
-            ToolMode::Named(t) => t.parameters.clone(),
+            ToolMode::Named(t) => strict(t.parameters.clone()),
             ToolMode::Required { tools, parallel } => {
                 let calls: Vec<Value> = tools
                     .iter()
                     .map(|t| {
                         json!({"type": "object", "additionalProperties": false,
-                               "properties": {"name": {"const": t.name}, "parameters": t.parameters},
+                               "properties": {"name": {"const": t.name}, "parameters": strict(t.parameters.clone())},
                                "required": ["name", "parameters"]})
                     })
                     .collect();
@@ -682,5 +731,37 @@ mod tests {
         assert_eq!(p.unsent_content(answer, 0), "  Hello ");
         let bare = "{\"name\": \"get_time\", \"arguments\": {}}";
         assert_eq!(m.parse_answer(bare).unwrap().unsent_content(bare, 0), "");
+    }
+
+    #[test]
+    fn argument_schemas_are_strict_unless_they_say_otherwise() {
+        assert_eq!(
+            strict(json!({"type": "object", "properties": {}})),
+            json!({"type": "object", "properties": {}, "additionalProperties": false})
+        );
+        let nested = strict(json!({"type": "object", "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "list": {"type": "array", "items": {"type": "object"}},
+            "open": {"type": "object", "additionalProperties": true},
+            "map": {"type": "object", "additionalProperties": {"type": "object", "properties": {}}}
+        }}));
+        assert_eq!(nested["additionalProperties"], json!(false));
+        assert_eq!(
+            nested["properties"]["a"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(
+            nested["properties"]["list"]["items"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(
+            nested["properties"]["open"]["additionalProperties"],
+            json!(true)
+        );
+        assert_eq!(
+            nested["properties"]["map"]["additionalProperties"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(strict(json!({"type": "string"})), json!({"type": "string"}));
     }
 }

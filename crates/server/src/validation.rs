@@ -49,11 +49,183 @@ pub struct Validated {
     pub tools: Option<crate::tools::ToolMode>,
     /// `priority` (0 unless the priority policy is on).
     pub priority: i32,
+    /// `bad_words`, tokenized with the prompt.
+    pub bad_words: Vec<String>,
+    /// `truncate_prompt_tokens` / `truncation_side`.
+    pub truncation: Option<Truncation>,
+    /// What the response carries besides the output.
+    pub output: OutputFlags,
+    /// `cache_salt`.
+    pub cache_salt: Option<String>,
+    /// `request_id`: the base of the response's id.
+    pub request_id: Option<String>,
+}
+
+/// Request defaults from the model's `generation_config.json` (`--generation-config`) and
+/// `--override-generation-config`: used for any of these a request does not set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// `max_new_tokens`: the default `max_tokens`, and a cap on the completions default of 16.
+    pub max_tokens: Option<usize>,
+}
+
+impl RequestDefaults {
+    /// Read the keys vLLM reads from a `generation_config.json` object; a key with a value out
+    /// of range is an error naming it (a broken file must not silently change sampling).
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        let Some(obj) = v.as_object() else {
+            return Err("the generation config must be a JSON object".into());
+        };
+        let num = |k: &str| -> Result<Option<f64>, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| format!("`{k}` must be a number")),
+            }
+        };
+        let check = |k: &str, ok: fn(f64) -> bool| -> Result<Option<f64>, String> {
+            match num(k)? {
+                Some(x) if !ok(x) => Err(format!("`{k}` = {x} is out of range")),
+                x => Ok(x),
+            }
+        };
+        Ok(Self {
+            temperature: check("temperature", |x| x >= 0.0)?.map(|x| x as f32),
+            top_p: check("top_p", |x| x > 0.0 && x <= 1.0)?.map(|x| x as f32),
+            top_k: check("top_k", |x| x >= -1.0 && x.fract() == 0.0)?.map(|x| {
+                if x <= 0.0 {
+                    0
+                } else {
+                    x as usize
+                }
+            }),
+            min_p: check("min_p", |x| (0.0..=1.0).contains(&x))?.map(|x| x as f32),
+            repetition_penalty: check("repetition_penalty", |x| x > 0.0)?.map(|x| x as f32),
+            max_tokens: check("max_new_tokens", |x| x >= 1.0 && x.fract() == 0.0)?
+                .map(|x| x as usize),
+        })
+    }
+
+    /// `other`'s values on top of these.
+    pub fn overridden_by(self, other: Self) -> Self {
+        Self {
+            temperature: other.temperature.or(self.temperature),
+            top_p: other.top_p.or(self.top_p),
+            top_k: other.top_k.or(self.top_k),
+            min_p: other.min_p.or(self.min_p),
+            repetition_penalty: other.repetition_penalty.or(self.repetition_penalty),
+            max_tokens: other.max_tokens.or(self.max_tokens),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Fill what the request `c` left unset. `asked_max_tokens`: the request set
+    /// `max_tokens` / `max_completion_tokens` (then its value stands).
+    pub fn apply(&self, c: &CommonFields, asked_max_tokens: bool, v: &mut Validated) {
+        let p = &mut v.params;
+        if c.temperature.is_none() {
+            if let Some(t) = self.temperature {
+                p.temperature = t;
+            }
+        }
+        if c.top_p.is_none() {
+            if let Some(t) = self.top_p {
+                p.top_p = t;
+            }
+        }
+        if c.top_k.is_none() {
+            if let Some(k) = self.top_k {
+                p.top_k = k;
+            }
+        }
+        if c.min_p.is_none() {
+            if let Some(m) = self.min_p {
+                p.min_p = m;
+            }
+        }
+        if c.repetition_penalty.is_none() {
+            if let Some(r) = self.repetition_penalty {
+                p.repetition_penalty = r;
+            }
+        }
+        if let (false, Some(m)) = (asked_max_tokens, self.max_tokens) {
+            p.max_tokens = Some(p.max_tokens.map_or(m, |d| d.min(m)));
+        }
+    }
+}
+
+/// How to cut a prompt that is too long (`truncate_prompt_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    /// Keep this many tokens (`None`: the model's context, vLLM's -1).
+    pub keep: Option<usize>,
+    /// Keep the first tokens (`right` truncation) instead of the last (vLLM's default, `left`).
+    pub keep_first: bool,
+}
+
+impl Truncation {
+    /// Cut `ids` to at most the kept number of tokens.
+    pub fn apply(self, ids: &mut Vec<u32>, max_model_len: usize) {
+        let keep = self.keep.unwrap_or(max_model_len);
+        if ids.len() > keep {
+            if self.keep_first {
+                ids.truncate(keep);
+            } else {
+                ids.drain(..ids.len() - keep);
+            }
+        }
+    }
+}
+
+/// Response options that do not change what the engine computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputFlags {
+    /// `echo`: the prompt (completions) or the assistant's last message (chat) comes first.
+    pub echo: bool,
+    /// `echo` with `max_tokens: 0`: the prompt only; the one token the engine generates is
+    /// dropped (vLLM's log-likelihood scoring mode).
+    pub echo_only: bool,
+    /// `logprobs` of an echoed prompt (the engine's prompt logprobs, cut to this many).
+    pub echo_logprobs: Option<usize>,
+    /// `prompt_logprobs` as asked: the response's `prompt_logprobs` field.
+    pub prompt_logprobs: Option<usize>,
+    /// `return_tokens_as_token_ids`.
+    pub tokens_as_ids: bool,
+    /// `return_token_ids`.
+    pub token_ids: bool,
 }
 
 /// Parse a JSON body into `T`. On a type error the offending top-level field is found by
 /// re-parsing one field at a time (only on the error path), so `param` names it.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    parse_body(body, None)
+}
+
+/// Parse a request body of `endpoint` into `T`, after checking its fields against the
+/// endpoint's contract ([`crate::fields`]): a refused field is a 400 naming it, an unknown one
+/// is logged.
+pub fn parse_request<T: DeserializeOwned>(
+    body: &[u8],
+    endpoint: crate::fields::Endpoint,
+) -> Result<T, ApiError> {
+    parse_body(body, Some(endpoint))
+}
+
+fn parse_body<T: DeserializeOwned>(
+    body: &[u8],
+    endpoint: Option<crate::fields::Endpoint>,
+) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
     let Some(obj) = value.as_object() else {
@@ -61,6 +233,9 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "The request body must be a JSON object.",
         ));
     };
+    if let Some(endpoint) = endpoint {
+        crate::fields::check(endpoint, obj)?;
+    }
     match T::deserialize(&value) {
         Ok(t) => Ok(t),
         Err(e) => {
@@ -139,18 +314,21 @@ pub fn completion_params(
     limits: ModelLimits,
     policy: SchedulingPolicy,
 ) -> Result<Validated, ApiError> {
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid_param(
-            "echo",
-            "`echo` is not supported by this server.",
-        ));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param(
             "suffix",
-            "`suffix` is not supported by this server.",
+            "`suffix` is not supported by this server: fill-in-the-middle is not implemented.",
         ));
     }
+    let echo = req.common.echo == Some(true);
+    // `echo` with `max_tokens: 0` scores the prompt (lm-eval's log-likelihood requests): the
+    // engine runs one token that the answer drops.
+    let echo_only = echo && req.common.max_tokens == Some(0);
+    let max_tokens = if echo_only {
+        Some(1)
+    } else {
+        req.common.max_tokens
+    };
     let top = match req.logprobs {
         None => None,
         Some(k) if k < 0 || k as usize > MAX_LOGPROBS => {
@@ -161,14 +339,15 @@ pub fn completion_params(
         }
         Some(k) => Some(k as usize),
     };
-    let mut v = common_params(
-        &req.common,
-        limits,
-        policy,
-        top,
-        req.common.max_tokens,
-        "max_tokens",
-    )?;
+    let mut v = common_params(&req.common, limits, policy, top, max_tokens, "max_tokens")?;
+    if echo {
+        v.output.echo_only = echo_only;
+        v.output.echo_logprobs = top;
+        if let Some(k) = top {
+            let asked = v.params.prompt_logprobs.unwrap_or(0);
+            v.params.prompt_logprobs = Some(asked.max(k));
+        }
+    }
     if v.params.max_tokens.is_none() {
         v.params.max_tokens = Some(DEFAULT_COMPLETION_MAX_TOKENS);
         // The default bounds min_tokens like an explicit max_tokens would (found by fuzzing:
@@ -303,6 +482,14 @@ fn common_params(
     }
     let requested_max_tokens = match max_tokens {
         None => None,
+        Some(0) if c.echo == Some(true) => {
+            return Err(ApiError::invalid_param(
+                max_tokens_param,
+                format!(
+                    "`{max_tokens_param}: 0` with `echo` is only available on /v1/completions."
+                ),
+            ))
+        }
         Some(m) if m < 1 => {
             return Err(ApiError::invalid_param(
                 max_tokens_param,
@@ -380,6 +567,29 @@ fn common_params(
         ),
     };
     p.max_tokens = requested_max_tokens;
+    let prompt_logprobs = match c.prompt_logprobs {
+        None => None,
+        Some(k) if k < 0 || k as usize > MAX_LOGPROBS => {
+            return Err(ApiError::invalid_param(
+                "prompt_logprobs",
+                format!("`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}."),
+            ))
+        }
+        Some(k) => Some(k as usize),
+    };
+    p.prompt_logprobs = prompt_logprobs;
+    if let Some(ids) = &c.allowed_token_ids {
+        if ids.is_empty() {
+            return Err(ApiError::invalid_param(
+                "allowed_token_ids",
+                "`allowed_token_ids` must not be empty.",
+            ));
+        }
+        p.allowed_token_ids = ids
+            .iter()
+            .map(|&id| token_id("allowed_token_ids", id, limits.vocab_size))
+            .collect::<Result<_, _>>()?;
+    }
     let constraint = crate::structured::constraint_spec(c)?;
     Ok(Validated {
         params: p,
@@ -389,7 +599,120 @@ fn common_params(
         constraint,
         tools: None,
         priority: priority(c.priority, policy)?,
+        bad_words: parse_bad_words(c.bad_words.as_ref())?,
+        truncation: truncation(c.truncate_prompt_tokens, c.truncation_side.as_deref())?,
+        output: OutputFlags {
+            echo: c.echo == Some(true),
+            prompt_logprobs,
+            tokens_as_ids: c.return_tokens_as_token_ids == Some(true),
+            token_ids: c.return_token_ids == Some(true),
+            ..OutputFlags::default()
+        },
+        cache_salt: cache_salt(c.cache_salt.as_deref())?,
+        request_id: request_id(c.request_id.as_deref(), "request_id")?,
     })
+}
+
+/// Most `bad_words` per request, and the longest one in bytes.
+pub const MAX_BAD_WORDS: usize = 128;
+pub const MAX_BAD_WORD_BYTES: usize = 1024;
+
+fn parse_bad_words(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param("bad_words", m);
+    let words: Vec<String> = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|w| w.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("`bad_words` must be a string or a list of strings.".into()))?,
+        Some(_) => {
+            return Err(bad(
+                "`bad_words` must be a string or a list of strings.".into()
+            ))
+        }
+    };
+    if words.len() > MAX_BAD_WORDS {
+        return Err(bad(format!(
+            "At most {MAX_BAD_WORDS} `bad_words` are allowed."
+        )));
+    }
+    if words
+        .iter()
+        .any(|w| w.trim().is_empty() || w.len() > MAX_BAD_WORD_BYTES)
+    {
+        return Err(bad(format!(
+            "Every bad word must be non-blank and at most {MAX_BAD_WORD_BYTES} bytes."
+        )));
+    }
+    Ok(words)
+}
+
+fn truncation(keep: Option<i64>, side: Option<&str>) -> Result<Option<Truncation>, ApiError> {
+    let keep_first = match side {
+        None | Some("left") => false,
+        Some("right") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "truncation_side",
+                format!("`truncation_side` must be `left` or `right`, got `{other}`."),
+            ))
+        }
+    };
+    match keep {
+        None => Ok(None),
+        Some(-1) => Ok(Some(Truncation {
+            keep: None,
+            keep_first,
+        })),
+        Some(k) if k >= 1 => Ok(Some(Truncation {
+            keep: Some(usize::try_from(k).unwrap_or(usize::MAX)),
+            keep_first,
+        })),
+        Some(k) => Err(ApiError::invalid_param(
+            "truncate_prompt_tokens",
+            format!("`truncate_prompt_tokens` must be -1 or at least 1, got {k}."),
+        )),
+    }
+}
+
+/// Longest `cache_salt` (vLLM's bound).
+pub const MAX_CACHE_SALT_CHARS: usize = 1024;
+
+fn cache_salt(salt: Option<&str>) -> Result<Option<String>, ApiError> {
+    match salt {
+        None => Ok(None),
+        Some(s) if s.is_empty() || s.chars().count() > MAX_CACHE_SALT_CHARS => {
+            Err(ApiError::invalid_param(
+                "cache_salt",
+                format!("`cache_salt` must be 1 to {MAX_CACHE_SALT_CHARS} characters."),
+            ))
+        }
+        Some(s) => Ok(Some(s.to_string())),
+    }
+}
+
+/// Longest caller-chosen request id (body `request_id` or `X-Request-Id`).
+pub const MAX_REQUEST_ID_CHARS: usize = 256;
+
+/// A caller-chosen request id: printable ASCII without spaces, at most
+/// [`MAX_REQUEST_ID_CHARS`], so it is safe in ids, logs and headers.
+pub fn request_id(id: Option<&str>, param: &str) -> Result<Option<String>, ApiError> {
+    match id {
+        None => Ok(None),
+        Some(s)
+            if s.is_empty()
+                || s.len() > MAX_REQUEST_ID_CHARS
+                || !s.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Err(ApiError::invalid_param(
+                param,
+                format!("`{param}` must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces."),
+            ))
+        }
+        Some(s) => Ok(Some(s.to_string())),
+    }
 }
 
 /// `priority`: any 32-bit integer under the priority policy; under FCFS only 0, as in vLLM
@@ -810,14 +1133,113 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
         for (body, param) in [
-            (json!({"echo": true}), "echo"),
             (json!({"suffix": "x"}), "suffix"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
+            (json!({"prompt_logprobs": -1}), "prompt_logprobs"),
+            (json!({"allowed_token_ids": []}), "allowed_token_ids"),
+            (json!({"allowed_token_ids": [1000]}), "allowed_token_ids"),
+            (json!({"bad_words": 3}), "bad_words"),
+            (json!({"bad_words": [" "]}), "bad_words"),
+            (
+                json!({"truncate_prompt_tokens": 0}),
+                "truncate_prompt_tokens",
+            ),
+            (json!({"truncation_side": "middle"}), "truncation_side"),
+            (json!({"cache_salt": ""}), "cache_salt"),
+            (json!({"cache_salt": "x".repeat(1025)}), "cache_salt"),
+            (json!({"request_id": "a b"}), "request_id"),
             (json!({"logprobs": 21}), "logprobs"),
             (json!({"logprobs": -1}), "logprobs"),
         ] {
             let e = completion(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn echo_with_zero_max_tokens_scores_the_prompt() {
+        let v = completion(json!({"prompt": "x", "echo": true, "max_tokens": 0, "logprobs": 2}))
+            .unwrap();
+        assert_eq!(v.params.max_tokens, Some(1));
+        assert!(v.output.echo && v.output.echo_only);
+        assert_eq!(v.output.echo_logprobs, Some(2));
+        assert_eq!(v.params.prompt_logprobs, Some(2));
+        assert_eq!(v.output.prompt_logprobs, None);
+        let v =
+            completion(json!({"prompt": "x", "echo": true, "prompt_logprobs": 5, "logprobs": 1}))
+                .unwrap();
+        assert_eq!(
+            (v.params.prompt_logprobs, v.output.prompt_logprobs),
+            (Some(5), Some(5))
+        );
+        assert!(!v.output.echo_only);
+        let e = chat(json!({"messages": [], "echo": true, "max_tokens": 0})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+    }
+
+    #[test]
+    fn generation_config_defaults_fill_only_what_the_request_leaves_unset() {
+        let d = RequestDefaults::from_json(&json!({"temperature": 0.2, "top_p": 0.9, "top_k": 50,
+            "max_new_tokens": 8, "do_sample": true, "eos_token_id": 2}))
+        .unwrap();
+        assert_eq!(
+            (d.temperature, d.top_p, d.top_k, d.max_tokens),
+            (Some(0.2), Some(0.9), Some(50), Some(8))
+        );
+        let req: CompletionRequest = parse_json(
+            json!({"prompt": "x", "temperature": 1.0})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut v = completion_params(&req, LIMITS, SchedulingPolicy::Fcfs).unwrap();
+        d.apply(&req.common, req.common.max_tokens.is_some(), &mut v);
+        assert_eq!(
+            (v.params.temperature, v.params.top_p, v.params.top_k),
+            (1.0, 0.9, 50)
+        );
+        // The completions default of 16 is capped by max_new_tokens; an explicit value stands.
+        assert_eq!(v.params.max_tokens, Some(8));
+        let req: ChatCompletionRequest = parse_json(
+            json!({"messages": [], "max_completion_tokens": 30})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut v = chat_params(&req, LIMITS, SchedulingPolicy::Fcfs, None).unwrap();
+        d.apply(&req.common, true, &mut v);
+        assert_eq!(v.params.max_tokens, Some(30));
+        let o = RequestDefaults::from_json(&json!({"temperature": 0.7})).unwrap();
+        assert_eq!(d.overridden_by(o).temperature, Some(0.7));
+        for bad in [
+            json!({"top_p": 0}),
+            json!({"temperature": "hot"}),
+            json!({"top_k": 1.5}),
+            json!([1]),
+        ] {
+            assert!(RequestDefaults::from_json(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_the_last_tokens_by_default() {
+        let mut ids = vec![1, 2, 3, 4, 5];
+        let t = truncation(Some(3), None).unwrap().unwrap();
+        t.apply(&mut ids, 100);
+        assert_eq!(ids, vec![3, 4, 5]);
+        let mut ids = vec![1, 2, 3, 4, 5];
+        truncation(Some(2), Some("right"))
+            .unwrap()
+            .unwrap()
+            .apply(&mut ids, 100);
+        assert_eq!(ids, vec![1, 2]);
+        let mut ids = vec![1, 2, 3, 4, 5];
+        truncation(Some(-1), None)
+            .unwrap()
+            .unwrap()
+            .apply(&mut ids, 4);
+        assert_eq!(ids, vec![2, 3, 4, 5]);
     }
 
     #[test]

@@ -164,3 +164,38 @@ async fn auto_tool_choice_with_the_hermes_parser() {
 
     server.shutdown().await;
 }
+
+/// A tool without parameters (absent, or an empty object schema), forced by name or by
+/// `required`, gets exactly `{}` as arguments: argument schemas are strict by default, so the
+/// model cannot stuff the call envelope into an open object (it did: `{"name": "ping",
+/// "arguments": {...}}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tools_without_parameters_get_empty_arguments() {
+    let (engine, metrics) = start_engine(|cfg| {
+        cfg.model.model = qwen();
+        cfg.model.max_model_len = Some(4096);
+        cfg.kv_cache_memory_bytes = Some(256 << 20);
+    });
+    let server = TestServer::start(engine, metrics, |c| c.model_root = qwen()).await;
+    let addr = server.addr;
+    for function in [
+        json!({"name": "ping", "description": "Check that the service is up"}),
+        json!({"name": "ping", "description": "Check that the service is up", "parameters": {"type": "object", "properties": {}}}),
+    ] {
+        let tools = json!([{"type": "function", "function": function}]);
+        for choice in [
+            json!("required"),
+            json!({"type": "function", "function": {"name": "ping"}}),
+        ] {
+            let body = json!({"messages": [{"role": "user", "content": "Is the service up? Call ping."}],
+                "tools": tools, "tool_choice": choice, "max_tokens": 60, "temperature": 0});
+            let r = post(addr, "/v1/chat/completions", &body).await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            let v = r.json();
+            let calls = &v["choices"][0]["message"]["tool_calls"];
+            assert_eq!(calls.as_array().map(Vec::len), Some(1), "{v}");
+            assert_eq!(calls[0]["function"]["name"], "ping");
+            assert_eq!(calls[0]["function"]["arguments"], "{}", "{v}");
+        }
+    }
+}

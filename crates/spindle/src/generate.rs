@@ -146,6 +146,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
             Some(EngineEvent::Error(e)) => bail!("generation failed: {e}"),
             Some(EngineEvent::Embeddings(_)) => bail!("the engine answered with embeddings"),
+            Some(EngineEvent::PromptLogprobs(_)) => {} // not asked for
             None => bail!("the engine stopped unexpectedly"),
         }
     }

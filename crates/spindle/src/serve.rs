@@ -131,10 +131,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub max_waiting_requests: usize,
     /// Where batch jobs (uploaded files, batches, results) are stored; one server per
-    /// directory. Default: $SPINDLE_DATA_DIR, else $XDG_DATA_HOME/spindle, else
-    /// ~/.local/share/spindle.
+    /// directory. Default: $SPINDLE_DATA_DIR, else a directory per port under
+    /// $XDG_DATA_HOME/spindle or ~/.local/share/spindle.
     #[arg(long)]
     pub data_dir: Option<String>,
+    /// Request sampling defaults (vLLM's flag): `auto` reads `generation_config.json` beside
+    /// the weights, `vllm` ignores it, a directory reads it from there (GGUF files carry none).
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+    /// JSON of generation-config keys applied on top (`{"temperature": 0.5}`).
+    #[arg(long)]
+    pub override_generation_config: Option<String>,
     /// Largest file accepted by /v1/files (413 above); suffixes as for --kv-cache-memory.
     /// Default 200MiB.
     #[arg(long, value_parser = parse_bytes)]
@@ -658,7 +665,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
     let batch = if with_batch_api {
         let data_dir = match &args.data_dir {
             Some(d) => std::path::PathBuf::from(d),
-            None => default_data_dir()?,
+            None => default_data_dir(args.port)?,
         };
         let max_file = match args.max_batch_file_size {
             Some(v) => to_usize("max-batch-file-size", v)?,
@@ -681,6 +688,11 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
     } else {
         None
     };
+    let defaults = request_defaults(
+        &model,
+        &args.generation_config,
+        args.override_generation_config.as_deref(),
+    )?;
     tracing::info!(%model, %device, "loading model");
     let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
 
@@ -709,6 +721,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         shutdown_timeout,
         gpu_memory_utilization: args.gpu_memory_utilization,
         batch,
+        defaults,
     };
 
     Ok(Started {
@@ -719,22 +732,89 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
     })
 }
 
-/// Where batch jobs are stored when `--data-dir` is not given: `$SPINDLE_DATA_DIR`, else
-/// `$XDG_DATA_HOME/spindle`, else `~/.local/share/spindle`.
-fn default_data_dir() -> anyhow::Result<std::path::PathBuf> {
+/// Where batch jobs are stored when `--data-dir` is not given: `$SPINDLE_DATA_DIR` (a choice,
+/// like the flag), else one directory per port under `$XDG_DATA_HOME/spindle` or
+/// `~/.local/share/spindle` (`port-8000`, ...), so several servers run on one host without
+/// flags, as people run one vLLM per GPU, and a restarted server finds its jobs again. A
+/// server on port 0 (a random port) gets a directory of its own process.
+fn default_data_dir(port: u16) -> anyhow::Result<std::path::PathBuf> {
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     if let Some(d) = var("SPINDLE_DATA_DIR") {
         return Ok(d.into());
     }
-    if let Some(d) = var("XDG_DATA_HOME") {
-        return Ok(std::path::PathBuf::from(d).join("spindle"));
-    }
-    match var("HOME") {
-        Some(h) => Ok(std::path::PathBuf::from(h).join(".local/share/spindle")),
-        None => {
-            bail!("no --data-dir given and neither SPINDLE_DATA_DIR, XDG_DATA_HOME nor HOME is set")
+    let base = if let Some(d) = var("XDG_DATA_HOME") {
+        std::path::PathBuf::from(d).join("spindle")
+    } else if let Some(h) = var("HOME") {
+        std::path::PathBuf::from(h).join(".local/share/spindle")
+    } else {
+        bail!("no --data-dir given and neither SPINDLE_DATA_DIR, XDG_DATA_HOME nor HOME is set")
+    };
+    let leaf = match port {
+        0 => format!("ephemeral-{}", std::process::id()),
+        p => format!("port-{p}"),
+    };
+    let dir = base.join(leaf);
+    tracing::info!(data_dir = %dir.display(), "batch jobs are stored per port (set --data-dir to choose)");
+    Ok(dir)
+}
+
+/// The request defaults of `--generation-config` / `--override-generation-config`, logged.
+fn request_defaults(
+    model: &str,
+    source: &str,
+    overrides: Option<&str>,
+) -> anyhow::Result<spindle_server::validation::RequestDefaults> {
+    use spindle_server::validation::RequestDefaults;
+    let read = |dir: &std::path::Path| -> anyhow::Result<Option<RequestDefaults>> {
+        let file = dir.join("generation_config.json");
+        if !file.is_file() {
+            return Ok(None);
         }
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow!("reading {}: {e}", file.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{} is not JSON: {e}", file.display()))?;
+        RequestDefaults::from_json(&value)
+            .map(Some)
+            .map_err(|e| anyhow!("{}: {e}", file.display()))
+    };
+    let from_file = match source {
+        "vllm" => None,
+        "auto" => {
+            let path = std::path::Path::new(model);
+            if path.is_dir() {
+                read(path)?
+            } else {
+                None
+            }
+        }
+        dir => {
+            let path = std::path::Path::new(dir);
+            if !path.is_dir() {
+                bail!("--generation-config {dir}: not `auto`, `vllm` or a directory");
+            }
+            Some(read(path)?.ok_or_else(|| {
+                anyhow!("--generation-config {dir}: no generation_config.json there")
+            })?)
+        }
+    };
+    let mut defaults = from_file.unwrap_or_default();
+    if let Some(json) = overrides {
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| anyhow!("--override-generation-config is not JSON: {e}"))?;
+        let over = RequestDefaults::from_json(&value)
+            .map_err(|e| anyhow!("--override-generation-config: {e}"))?;
+        defaults = defaults.overridden_by(over);
     }
+    if defaults.is_empty() {
+        tracing::info!("no request defaults from a generation config (vLLM's defaults apply)");
+    } else {
+        tracing::info!(
+            ?defaults,
+            "request defaults from the generation config (a request's own values win)"
+        );
+    }
+    Ok(defaults)
 }
 
 /// `--runner` / `--convert` against what the model turned out to be.

@@ -308,3 +308,73 @@ fn run_batch_writes_one_line_per_request_in_order() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 1: not JSON"));
 }
+
+/// Two `spindle serve` on one host with default flags (one per port, as people run one vLLM per
+/// GPU) both start: each stores its batch jobs under its own port. An explicit shared
+/// `--data-dir` still fails clearly for the second.
+#[test]
+fn two_servers_on_one_host_need_no_flags() {
+    let home = temp_dir("two-servers-home");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    };
+    let (p1, p2) = (free_port(), free_port());
+    let start = |port: u16| {
+        let mut child = Served(
+            Command::new(env!("CARGO_BIN_EXE_spindle"))
+                .args(["serve", &model_path(), "--host", "127.0.0.1"])
+                .args(["--port", &port.to_string()])
+                .args(["--max-model-len", "512", "--kv-cache-memory", "64MiB"])
+                .env("HOME", &home)
+                .env_remove("XDG_DATA_HOME")
+                .env_remove("SPINDLE_DATA_DIR")
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn spindle serve"),
+        );
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.0.try_wait().expect("wait") {
+                panic!("server on port {port} exited: {status}");
+            }
+            if TcpStream::connect(&addr).is_ok()
+                && http(&addr, "GET", "/health", "application/json", b"").0 == 200
+            {
+                return (child, addr);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server on port {port} never became healthy"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let (_a, addr1) = start(p1);
+    let (_b, addr2) = start(p2);
+    for addr in [&addr1, &addr2] {
+        let (status, body) = http(addr, "GET", "/v1/batches", "application/json", b"");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let base = home.join(".local/share/spindle");
+    assert!(base.join(format!("port-{p1}")).is_dir());
+    assert!(base.join(format!("port-{p2}")).is_dir());
+    // The same explicit directory twice: the second refuses to start, saying why.
+    let shared = temp_dir("two-servers-shared");
+    let (_c, _) = serve(&shared);
+    let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["serve", &model_path(), "--host", "127.0.0.1", "--port", "0"])
+        .arg("--data-dir")
+        .arg(&shared)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run spindle serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use"), "{err}");
+}

@@ -460,3 +460,55 @@ fn background_work_gets_only_its_share_of_steps_that_run_interactive_work() {
         "all background work runs again"
     );
 }
+
+#[test]
+fn prompt_logits_skip_cached_blocks_and_run_in_bounded_chunks() {
+    let mut s = Scheduler::new(
+        BlockManager::new(256, BLOCK, true),
+        16,
+        4096,
+        SchedulingPolicy::Fcfs,
+    );
+    let long = prompt(0, PROMPT_LOGITS_CHUNK + 40);
+    s.add(1, long.clone(), Urgency::default());
+    run_step(&mut s);
+    s.finish(1);
+    let wants = SeqOptions {
+        prompt_logits: true,
+        ..SeqOptions::default()
+    };
+    s.add_with(2, long.clone(), wants.clone());
+    // Nothing is read from the cache, and the prompt runs in two bounded chunks.
+    let out = run_step(&mut s);
+    assert_eq!(sizes(&out), vec![(2, PROMPT_LOGITS_CHUNK)]);
+    assert_eq!(out.scheduled[0].num_computed, 0);
+    assert!(s.seq(2).is_some_and(|q| q.wants_prompt_logits()));
+    let out = run_step(&mut s);
+    assert_eq!(sizes(&out), vec![(2, 40)]);
+    assert!(out.scheduled[0].samples);
+    // Decoding afterwards is not limited.
+    assert_eq!(sizes(&run_step(&mut s)), vec![(2, 1)]);
+}
+
+#[test]
+fn cache_salts_keep_prefix_hits_within_a_tenant() {
+    let mut s = scheduler(64, 16, 64, true);
+    let salted = |salt: &str| SeqOptions {
+        cache: CacheScope {
+            salt: Some(salt.into()),
+            skip_reads: false,
+        },
+        ..SeqOptions::default()
+    };
+    s.add_with(1, prompt(0, 12), salted("a"));
+    run_step(&mut s);
+    s.finish(1);
+    s.add_with(2, prompt(0, 12), salted("b"));
+    assert_eq!(run_step(&mut s).scheduled[0].num_computed, 0);
+    s.finish(2);
+    s.add(3, prompt(0, 12), Urgency::default());
+    assert_eq!(run_step(&mut s).scheduled[0].num_computed, 0);
+    s.finish(3);
+    s.add_with(4, prompt(0, 12), salted("a"));
+    assert_eq!(run_step(&mut s).scheduled[0].num_computed, 8);
+}

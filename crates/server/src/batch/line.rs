@@ -31,9 +31,9 @@ pub(crate) async fn run_line(
 ) -> LineResult {
     let answered = match endpoint {
         BatchEndpoint::ChatCompletions => {
-            handlers::chat_completions(state, body, Origin::Batch).await
+            handlers::chat_completions(state, body, Origin::Batch, None).await
         }
-        BatchEndpoint::Completions => handlers::completions(state, body, Origin::Batch).await,
+        BatchEndpoint::Completions => handlers::completions(state, body, Origin::Batch, None).await,
         BatchEndpoint::Embeddings => crate::embeddings::embeddings(state, body).await,
     };
     let (status, body) = match answered {
