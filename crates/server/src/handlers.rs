@@ -627,6 +627,21 @@ pub(crate) fn health(state: &AppState) -> Response<ApiBody> {
     }
 }
 
+/// `GET /tokenizer_info` (vLLM's `--enable-tokenizer-info-endpoint`): the special tokens and
+/// chat template, so clients such as lm-eval tokenize through `/tokenize` with the served
+/// model's own tokenizer instead of downloading one.
+pub(crate) fn tokenizer_info(state: &AppState) -> Result<Response<ApiBody>, ApiError> {
+    let tok = state.engine.tokenizer();
+    ok_json(&serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": serde_json::Value::Null,
+        "chat_template": tok.chat_template,
+        "model_max_length": state.limits.max_model_len,
+    }))
+}
+
 /// `GET /version`.
 pub(crate) fn version() -> Response<ApiBody> {
     ok_json(&VersionResponse {

@@ -582,6 +582,7 @@ pub(crate) enum Route {
     Model,
     Health,
     Version,
+    TokenizerInfo,
     Tokenize,
     Detokenize,
     Metrics,
@@ -616,6 +617,7 @@ impl Route {
             "/v1/models" => Route::Models,
             "/health" => Route::Health,
             "/version" => Route::Version,
+            "/tokenizer_info" => Route::TokenizerInfo,
             "/tokenize" => Route::Tokenize,
             "/detokenize" => Route::Detokenize,
             "/metrics" => Route::Metrics,
@@ -645,6 +647,7 @@ impl Route {
             Route::Model => "/v1/models/{model}",
             Route::Health => "/health",
             Route::Version => "/version",
+            Route::TokenizerInfo => "/tokenizer_info",
             Route::Tokenize => "/tokenize",
             Route::Detokenize => "/detokenize",
             Route::Metrics => "/metrics",
@@ -678,6 +681,7 @@ impl Route {
             | Route::Model
             | Route::Health
             | Route::Version
+            | Route::TokenizerInfo
             | Route::Metrics
             | Route::FileContent
             | Route::Batch => "GET, HEAD, OPTIONS",
@@ -950,6 +954,7 @@ async fn dispatch(
         }
         Route::Health => Ok(handlers::health(state)),
         Route::Version => Ok(handlers::version()),
+        Route::TokenizerInfo => handlers::tokenizer_info(state),
         Route::Metrics => Ok(handlers::metrics(state)),
     }
 }
