@@ -3,7 +3,7 @@
 # release (the model tests run real forward passes), the OpenAI-SDK client suite against the
 # real server, and the CUDA compile check (nvcc from PyPI; kernels to PTX, CUDA-only Rust code,
 # CUDA tests compiled; kernel logic on the CPU emulator — no GPU needed), KV events against
-# pyzmq/msgspec consumers, three replicas behind vllm-router, and the Kubernetes manifests.
+# pyzmq/msgspec consumers, lm-eval's log-likelihood scoring against HF transformers, three replicas behind vllm-router, and the Kubernetes manifests.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,6 +13,7 @@ scripts/fetch-minilm.sh
 scripts/fetch-qwen.sh
 cargo test --release --workspace
 scripts/test-clients.sh
+tests/lm_eval/run.sh
 scripts/check-cuda.sh
 scripts/test-kv-events.sh
 scripts/test-router.sh
