@@ -47,6 +47,8 @@ impl Endpoint {
 pub enum Neutral {
     /// `null`, `false`, `""`, `[]`, `{}`.
     Empty,
+    /// Only `null` (both `true` and `false` ask for something).
+    Null,
     /// Empty or this number (e.g. `length_penalty: 1.0`).
     Number(f64),
     /// Empty or this string.
@@ -288,7 +290,7 @@ const EMBEDDINGS: &[Field] = &[
     refused_unless(
         "normalize",
         "normalization follows the model's sentence-transformers modules",
-        Neutral::Empty,
+        Neutral::Null,
     ),
     refused_unless(
         "embed_dtype",
@@ -305,6 +307,9 @@ const EMBEDDINGS: &[Field] = &[
 
 /// Whether `value` asks for nothing (see [`Neutral`]).
 fn is_neutral(value: &Value, neutral: Neutral) -> bool {
+    if neutral == Neutral::Null {
+        return value.is_null();
+    }
     let empty = match value {
         Value::Null | Value::Bool(false) => true,
         Value::String(s) => s.is_empty(),
@@ -314,7 +319,7 @@ fn is_neutral(value: &Value, neutral: Neutral) -> bool {
     };
     empty
         || match neutral {
-            Neutral::Empty => false,
+            Neutral::Empty | Neutral::Null => false,
             Neutral::Number(n) => value.as_f64() == Some(n),
             Neutral::Text(t) => value.as_str() == Some(t) || value == &Value::from(vec![t]),
         }
@@ -359,6 +364,7 @@ pub fn markdown_table(endpoint: Endpoint) -> String {
             Treatment::Ignored(why) => why.to_string(),
             Treatment::Refused { why, neutral } => match neutral {
                 Neutral::Empty => why.to_string(),
+                Neutral::Null => format!("{why} (only `null` is accepted)"),
                 Neutral::Number(n) => format!("{why} (`{n}` is accepted)"),
                 Neutral::Text(t) => format!("{why} (`\"{t}\"` is accepted)"),
             },

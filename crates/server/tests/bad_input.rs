@@ -250,6 +250,40 @@ fn catalogue() -> Vec<Case> {
         c("min_tokens > max_tokens", chat(json!({"messages": user("x"), "min_tokens": 9, "max_tokens": 2})), param(400, "min_tokens")),
         c("top_logprobs = 21", chat(json!({"messages": user("x"), "logprobs": true, "top_logprobs": 21})), param(400, "top_logprobs")),
         c("completion logprobs = 1000", completion(json!({"prompt": "x", "logprobs": 1000})), param(400, "logprobs")),
+        // --- The field contract (crates/server/src/fields.rs, docs/api.md) ---
+        c("use_beam_search true", completion(json!({"prompt": "x", "use_beam_search": true})), param(400, "use_beam_search")),
+        c("length_penalty set", chat(json!({"messages": user("x"), "length_penalty": 2.0})), param(400, "length_penalty")),
+        c("per-request chat_template", chat(json!({"messages": user("x"), "chat_template": "{{ x }}"})), param(400, "chat_template")),
+        c("vllm_xargs", completion(json!({"prompt": "x", "vllm_xargs": {"a": 1}})), param(400, "vllm_xargs")),
+        c("suffix", completion(json!({"prompt": "x", "suffix": "y"})), param(400, "suffix")),
+        c("prompt_embeds", completion(json!({"prompt": "x", "prompt_embeds": "AAAA"})), param(400, "prompt_embeds")),
+        c("logprob_token_ids", completion(json!({"prompt": "x", "logprobs": 1, "logprob_token_ids": [1]})), param(400, "logprob_token_ids")),
+        c("prompt_logprobs = 21", completion(json!({"prompt": "x", "prompt_logprobs": 21})), param(400, "prompt_logprobs")),
+        c("prompt_logprobs is a string", chat(json!({"messages": user("x"), "prompt_logprobs": "all"})), param(400, "prompt_logprobs")),
+        c("max_tokens 0 without echo", completion(json!({"prompt": "x", "max_tokens": 0})), param(400, "max_tokens")),
+        c("chat echo with max_tokens 0", chat(json!({"messages": user("x"), "echo": true, "max_tokens": 0})), param(400, "max_tokens")),
+        c("allowed_token_ids empty", completion(json!({"prompt": "x", "allowed_token_ids": []})), param(400, "allowed_token_ids")),
+        c("allowed_token_ids >= vocab", completion(json!({"prompt": "x", "allowed_token_ids": [VOCAB]})), param(400, "allowed_token_ids")),
+        c("bad_words not strings", completion(json!({"prompt": "x", "bad_words": [1]})), param(400, "bad_words")),
+        c("bad_words blank", chat(json!({"messages": user("x"), "bad_words": ["  "]})), param(400, "bad_words")),
+        c("truncate_prompt_tokens 0", completion(json!({"prompt": "x", "truncate_prompt_tokens": 0})), param(400, "truncate_prompt_tokens")),
+        c("truncation_side unknown", completion(json!({"prompt": "x", "truncate_prompt_tokens": 2, "truncation_side": "middle"})), param(400, "truncation_side")),
+        c("cache_salt empty", completion(json!({"prompt": "x", "cache_salt": ""})), param(400, "cache_salt")),
+        c("cache_salt too long", chat(json!({"messages": user("x"), "cache_salt": "s".repeat(1025)})), param(400, "cache_salt")),
+        c("request_id with a space", completion(json!({"prompt": "x", "request_id": "a b"})), param(400, "request_id")),
+        c("guided_regex empty", completion(json!({"prompt": "x", "guided_regex": ""})), param(400, "guided_regex")),
+        c("guided_json with structured_outputs", chat(json!({"messages": user("x"), "guided_json": {}, "structured_outputs": {"regex": "a"}})), param(400, "guided_json")),
+        c(
+            "X-Request-Id with a space",
+            Send::Raw({
+                let body = json!({"prompt": "x", "max_tokens": 1}).to_string();
+                let mut r = head("POST", "/v1/completions", "content-type: application/json\r\nx-request-id: a b\r\n", Some(body.len()));
+                r.extend_from_slice(body.as_bytes());
+                r
+            }),
+            param(400, "X-Request-Id"),
+        ),
+        c("embeddings normalize set", Send::Raw(post_bytes("/v1/embeddings", json!({"input": "x", "normalize": false}).to_string().as_bytes())), param(400, "normalize")),
         // --- Messages ---
         c("empty messages", chat(json!({"messages": []})), param(400, "messages")),
         c("message without a role", chat(json!({"messages": [{"content": "x"}]})), param(400, "messages")),

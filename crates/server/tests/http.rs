@@ -435,10 +435,15 @@ async fn every_error_status() {
             && msg.contains("3000 in the completion"),
         "{msg}"
     );
-    let r = post(a, "/v1/completions", &json!({"prompt": "x", "echo": true})).await;
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "x", "use_beam_search": true}),
+    )
+    .await;
     assert_eq!(
         (r.status, r.error()["param"].clone()),
-        (StatusCode::BAD_REQUEST, json!("echo"))
+        (StatusCode::BAD_REQUEST, json!("use_beam_search"))
     );
     let r = post(a, "/v1/completions", &json!({"prompt": []})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
