@@ -27,6 +27,9 @@ use serde::Deserialize;
 use spindle_engine::kv_events::{KvCacheEvent, KvEventBatch, KvEventSink};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
+pub mod connect;
+use connect::LazyPub;
+
 /// vLLM's name for the primary KV-cache tier.
 pub const MEDIUM: &str = "GPU";
 
@@ -243,26 +246,44 @@ impl KvEventSink for ZmqPublisher {
 
 type Ready = std::sync::mpsc::Sender<Result<(), KvEventsError>>;
 
-async fn open_pub(cfg: &KvEventsConfig) -> Result<zeromq::PubSocket, KvEventsError> {
-    let mut socket = zeromq::PubSocket::new();
-    let (addr, bind) = socket_address(&cfg.endpoint);
-    let failed = |reason: String| KvEventsError::Socket {
-        endpoint: cfg.endpoint.clone(),
-        reason,
-    };
-    if bind {
-        socket
-            .bind(&addr)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-    } else {
-        // A subscriber that is not up yet must not hold the server's start-up forever.
-        tokio::time::timeout(std::time::Duration::from_secs(30), socket.connect(&addr))
-            .await
-            .map_err(|_| failed("nothing accepted the connection within 30 s".into()))?
-            .map_err(|e| failed(e.to_string()))?;
+/// The PUB side: bound (`tcp://*:port`, errors at start-up) or connecting lazily
+/// (`tcp://host:port`, vLLM's connect form: never blocks start-up, reconnects).
+enum Publisher {
+    Bound(zeromq::PubSocket),
+    Connecting(LazyPub),
+}
+
+impl Publisher {
+    async fn send(&mut self, parts: Vec<Bytes>) {
+        match self {
+            Publisher::Bound(socket) => {
+                let mut parts = parts.into_iter();
+                let mut message = ZmqMessage::from(parts.next().unwrap_or_default());
+                for p in parts {
+                    message.push_back(p);
+                }
+                if let Err(e) = socket.send(message).await {
+                    tracing::warn!(error = %e, "publishing a KV-event batch failed");
+                }
+            }
+            Publisher::Connecting(lazy) => {
+                lazy.send(&parts).await;
+            }
+        }
     }
-    Ok(socket)
+}
+
+async fn open_pub(cfg: &KvEventsConfig) -> Result<Publisher, KvEventsError> {
+    let (addr, bind) = socket_address(&cfg.endpoint);
+    if !bind {
+        return Ok(Publisher::Connecting(LazyPub::new(addr)));
+    }
+    let mut socket = zeromq::PubSocket::new();
+    socket.bind(&addr).await.map_err(|e| KvEventsError::Socket {
+        endpoint: cfg.endpoint.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Publisher::Bound(socket))
 }
 
 async fn open_replay(endpoint: &str) -> Result<zeromq::RouterSocket, KvEventsError> {
@@ -310,12 +331,13 @@ async fn publish_loop(
             batch = batches.recv() => {
                 let Some(batch) = batch else { break };
                 let payload = Bytes::from(encode_batch(&batch, 0));
-                let mut message = ZmqMessage::from(topic.clone());
-                message.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
-                message.push_back(payload.clone());
-                if let Err(e) = publisher.send(message).await {
-                    tracing::warn!(error = %e, "publishing a KV-event batch failed");
-                }
+                publisher
+                    .send(vec![
+                        topic.clone(),
+                        Bytes::copy_from_slice(&seq.to_be_bytes()),
+                        payload.clone(),
+                    ])
+                    .await;
                 if buffer.len() == cfg.buffer_steps {
                     buffer.pop_front();
                 }
