@@ -279,10 +279,13 @@ async fn open_pub(cfg: &KvEventsConfig) -> Result<Publisher, KvEventsError> {
         return Ok(Publisher::Connecting(LazyPub::new(addr)));
     }
     let mut socket = zeromq::PubSocket::new();
-    socket.bind(&addr).await.map_err(|e| KvEventsError::Socket {
-        endpoint: cfg.endpoint.clone(),
-        reason: e.to_string(),
-    })?;
+    socket
+        .bind(&addr)
+        .await
+        .map_err(|e| KvEventsError::Socket {
+            endpoint: cfg.endpoint.clone(),
+            reason: e.to_string(),
+        })?;
     Ok(Publisher::Bound(socket))
 }
 

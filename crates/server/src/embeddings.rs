@@ -14,9 +14,11 @@ use spindle_engine::{EmbedRequest, EngineEvent, ModelKind, ModelLimits, RequestE
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
-use crate::handlers::{blocking, random_id, tokenization_failed, unix_now};
+use crate::ids::{random_id, unix_now};
+use crate::pool::blocking;
 use crate::protocol::{EmbeddingRequest, RerankRequest, ScoreRequest};
-use crate::server::{json_response, ApiBody, AppState};
+use crate::response::{json_response, ApiBody};
+use crate::state::AppState;
 use crate::validation::{parse_json, parse_text_or_tokens, resolve_model, PromptInput};
 
 /// Most inputs in one `/v1/embeddings` request (OpenAI's limit), and most documents to rerank or
@@ -68,10 +70,10 @@ async fn tokenize(
                     (PromptInput::Tokens(ids), Truncation::Refuse) => ids,
                     (PromptInput::Text(t), Truncation::To(n)) => tok
                         .encode_truncated(&t, add_special_tokens, n)
-                        .map_err(tokenization_failed)?,
+                        .map_err(ApiError::tokenization_failed)?,
                     (PromptInput::Text(t), Truncation::Refuse) => tok
                         .encode(&t, add_special_tokens)
-                        .map_err(tokenization_failed)?,
+                        .map_err(ApiError::tokenization_failed)?,
                 };
                 Ok(ids)
             })

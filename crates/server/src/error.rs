@@ -38,6 +38,11 @@ impl ApiError {
     }
 
     /// 400 naming the offending field in `param`.
+    /// The 400 for text the tokenizer cannot encode.
+    pub fn tokenization_failed(e: impl std::fmt::Display) -> Self {
+        Self::bad_request(format!("Tokenization failed: {e}"))
+    }
+
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param.to_string()),

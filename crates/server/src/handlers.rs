@@ -3,58 +3,29 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
-use rand::Rng;
-use serde::Serialize;
 use spindle_engine::{GenerateRequest, ModelKind};
 use spindle_model::TokenizerBundle;
 
 use crate::error::ApiError;
 use crate::fields::Endpoint;
-use crate::generation::{Generation, Kind, OutputOptions, PromptInfo, ResponseMeta, SseBody};
+use crate::ids::{random_id, unix_now};
+use crate::pool::blocking;
 use crate::protocol::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
     ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
 };
-use crate::server::{error_response, json_response, sse_response, ApiBody, AppState};
+use crate::response::{error_response, json_response, ok_json, sse_response, ApiBody};
+use crate::sse::SseBody;
+use crate::state::AppState;
+use crate::stream::{Generation, Kind, OutputOptions, PromptInfo, ResponseMeta};
 use crate::template::{normalize_messages, RenderOptions};
 use crate::validation::{
     build_request, chat_params, completion_params, detokenize_ids, parse_json, parse_prompt,
     parse_request, resolve_model, PromptInput, Validated,
 };
-
-pub(crate) fn ok_json<T: Serialize>(value: &T) -> Result<Response<ApiBody>, ApiError> {
-    let body = serde_json::to_vec(value)
-        .map_err(|e| ApiError::internal(format!("serialization failed: {e}")))?;
-    Ok(json_response(StatusCode::OK, body))
-}
-
-pub(crate) fn random_id(prefix: &str) -> String {
-    let v: u128 = rand::rng().random();
-    format!("{prefix}-{v:032x}")
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Run CPU-bound work (template rendering, tokenization, large response bodies) on the
-/// blocking pool.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("a blocking task failed: {e}")))?
-}
 
 fn encode(
     tok: &TokenizerBundle,
@@ -62,12 +33,7 @@ fn encode(
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
     tok.encode(text, add_special_tokens)
-        .map_err(tokenization_failed)
-}
-
-/// The 400 for text the tokenizer cannot encode.
-pub(crate) fn tokenization_failed(e: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(format!("Tokenization failed: {e}"))
+        .map_err(ApiError::tokenization_failed)
 }
 
 /// Render the chat template and tokenize, on the blocking pool.
@@ -353,7 +319,9 @@ async fn completion_prompt_ids(
             }
             let text = match text {
                 Some(t) if ids.len() == before => t,
-                _ if echo => tok.decode(&ids, false).map_err(tokenization_failed)?,
+                _ if echo => tok
+                    .decode(&ids, false)
+                    .map_err(ApiError::tokenization_failed)?,
                 _ => String::new(),
             };
             texts.push(echo.then_some(text));

@@ -5,23 +5,28 @@
 
 pub mod auth;
 pub mod batch;
+pub mod config;
 pub mod embeddings;
 pub mod error;
 pub mod fields;
-pub mod generation;
 mod handlers;
+mod ids;
 pub mod metrics;
+mod pool;
 pub mod protocol;
+mod response;
 pub mod server;
 pub mod sse;
+mod state;
+pub mod stream;
 pub mod structured;
 pub mod template;
 pub mod tools;
 pub mod validation;
 
+pub use config::{
+    ServerConfig, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+};
 pub use error::{ApiError, ServerError};
 pub use metrics::{CacheInfo, Metrics};
-pub use server::{
-    run_server, LoadingServer, Server, ServerConfig, DEFAULT_BODY_READ_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
-};
+pub use server::{run_server, LoadingServer, Server};

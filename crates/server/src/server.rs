@@ -1,18 +1,16 @@
 //! The HTTP server: listener, connections (HTTP/1.1 keep-alive and HTTP/2 via hyper-util's auto
-//! builder), routing, CORS, auth, body limits, per-request metrics, and graceful shutdown.
+//! builder), the routes and their wiring to handlers, CORS, auth, per-request metrics, and
+//! graceful shutdown. Shared state is in `state.rs`, bodies and response helpers in
+//! `response.rs`, the configuration in `config.rs`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,160 +21,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::auth::bearer_matches;
+use crate::config::ServerConfig;
 use crate::error::{ApiError, ServerError};
-use crate::generation::SseBody;
 use crate::handlers;
-use crate::metrics::{CacheInfo, Metrics};
-use crate::template::ChatTemplate;
-use crate::validation::ModelLimits;
-use spindle_engine::ModelKind;
-use spindle_structured::GrammarCompiler;
-
-/// Largest request body accepted by default (32 MiB): room for long prompts as token ids, small
-/// enough that a client cannot make the server buffer arbitrary amounts.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-
-/// Default time a client has to send a request's headers (hyper's own default). It also ends
-/// idle keep-alive connections, so slow or silent clients cannot pin connections forever.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Default time a client has to send a whole request body (32 MiB at ~1 MB/s); a slower body
-/// (slowloris) gets 408.
-pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How the server is set up; `spindle serve` fills it from its flags.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Host name or address to listen on (`--host`).
-    pub host: String,
-    /// Port (`--port`); 0 picks a free one (tests), see [`Server::local_addr`].
-    pub port: u16,
-    /// Names clients may put in `model` (`--served-model-name`); the first is the default and
-    /// the metrics' `model_name`.
-    pub served_model_names: Vec<String>,
-    /// What was loaded (`--model`), reported as `root` in `/v1/models`.
-    pub model_root: String,
-    /// Required `Authorization: Bearer` key for `/v1/*` (`--api-key`).
-    pub api_key: Option<String>,
-    /// CORS origins (`--allowed-origins`); `*` allows any.
-    pub allowed_origins: Vec<String>,
-    /// Chat template source replacing the model's own (`--chat-template`, already read from
-    /// its file if it was a path).
-    pub chat_template: Option<String>,
-    /// `--enable-auto-tool-choice --tool-call-parser NAME`: how `tool_choice: "auto"` answers
-    /// are parsed into tool calls; `None` makes `auto` with tools a 400 naming the flags.
-    pub tool_call_parser: Option<crate::tools::ToolParser>,
-    /// Request bodies over this are refused with 413.
-    pub max_body_bytes: usize,
-    /// HTTP/1 connections that do not deliver a request head within this are closed (also the
-    /// idle keep-alive limit).
-    pub header_read_timeout: Duration,
-    /// A request body not fully received within this is answered with 408.
-    pub body_read_timeout: Duration,
-    /// `/health` fails once the engine showed no progress for this long.
-    pub stall_timeout: Duration,
-    /// On shutdown, in-flight requests get this long to finish before they are cut.
-    pub shutdown_timeout: Duration,
-    /// Reported in `vllm:cache_config_info`.
-    pub gpu_memory_utilization: f32,
-    /// The Batch API (`/v1/files`, `/v1/batches`) and its store; `None` turns it off.
-    pub batch: Option<crate::batch::BatchConfig>,
-    /// Sampling defaults for what a request leaves unset (`--generation-config`).
-    pub defaults: crate::validation::RequestDefaults,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            host: "0.0.0.0".into(),
-            port: 8000,
-            served_model_names: Vec::new(),
-            model_root: String::new(),
-            api_key: None,
-            allowed_origins: vec!["*".into()],
-            chat_template: None,
-            tool_call_parser: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
-            stall_timeout: Duration::from_secs(60),
-            shutdown_timeout: Duration::from_secs(30),
-            gpu_memory_utilization: 0.9,
-            batch: None,
-            defaults: crate::validation::RequestDefaults::default(),
-        }
-    }
-}
-
-/// Shared by every connection and request.
-pub(crate) struct AppState {
-    pub(crate) cfg: ServerConfig,
-    pub(crate) engine: EngineHandle,
-    pub(crate) metrics: Arc<Metrics>,
-    /// The compiled chat template, or why chat requests cannot be served (a 400 message).
-    pub(crate) template: Result<Arc<ChatTemplate>, String>,
-    pub(crate) limits: ModelLimits,
-    /// `created` of `/v1/models` entries.
-    pub(crate) created: u64,
-    pub(crate) fingerprint: String,
-    pub(crate) shutting_down: AtomicBool,
-    /// Compiles structured-output constraints for this model's vocabulary (`None` for
-    /// embedding models, or when the tokenizer cannot be turned into a token trie).
-    pub(crate) compiler: Option<Arc<GrammarCompiler>>,
-    /// The Batch API's store and runner wake-up (`None` when it is off).
-    pub(crate) batches: Option<Arc<crate::batch::Batches>>,
-}
-
-/// Every response body: a buffered one, or an SSE stream tied to engine requests.
-pub enum ApiBody {
-    /// A complete body (JSON, metrics text), sent in one frame.
-    Full(Option<Bytes>),
-    /// A live event stream.
-    Sse(Box<SseBody>),
-}
-
-impl ApiBody {
-    /// An empty body.
-    pub fn empty() -> Self {
-        ApiBody::Full(None)
-    }
-
-    /// A buffered body.
-    pub fn full(b: impl Into<Bytes>) -> Self {
-        let b = b.into();
-        ApiBody::Full((!b.is_empty()).then_some(b))
-    }
-}
-
-impl Body for ApiBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.get_mut() {
-            ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ApiBody::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ApiBody::Full(b) => b.is_none(),
-            ApiBody::Sse(s) => s.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ApiBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ApiBody::Full(None) => SizeHint::with_exact(0),
-            ApiBody::Sse(s) => s.size_hint(),
-        }
-    }
-}
+use crate::metrics::Metrics;
+use crate::response::{error_response, read_json_body, ApiBody};
+use crate::state::AppState;
 
 /// A bound, not yet serving server: bind first to learn the address (port 0 in tests).
 pub struct Server {
@@ -234,96 +84,6 @@ impl Server {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
-    }
-}
-
-impl AppState {
-    /// Everything requests share: the compiled chat template, cache metrics, the grammar
-    /// compiler and the batch store. `spindle run-batch` builds one without a listener.
-    pub(crate) async fn build(
-        config: ServerConfig,
-        engine: EngineHandle,
-        metrics: Arc<Metrics>,
-    ) -> Result<AppState, ServerError> {
-        if config.served_model_names.is_empty() {
-            return Err(ServerError::Config(
-                "at least one served model name is required".into(),
-            ));
-        }
-        let tok = engine.tokenizer().clone();
-        let template = match (&config.chat_template, &tok.chat_template) {
-            (Some(src), _) => Ok(Arc::new(
-                ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref())
-                    .map_err(ServerError::Template)?,
-            )),
-            (None, Some(src)) => match ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref()) {
-                Ok(t) => Ok(Arc::new(t)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the model's chat template does not compile; chat completions are disabled");
-                    Err(format!(
-                        "The model's chat template could not be compiled ({e}); start the server with --chat-template."
-                    ))
-                }
-            },
-            (None, None) => Err(
-                "This model has no chat template, so chat completions are not available; start the server with --chat-template, or use /v1/completions."
-                    .to_string(),
-            ),
-        };
-        let info = engine.model_info();
-        let limits = engine.limits();
-        let cache = engine.cache_config();
-        metrics.set_cache_info(&CacheInfo {
-            block_size: cache.block_size,
-            num_gpu_blocks: cache.num_blocks as u64,
-            enable_prefix_caching: cache.enable_prefix_caching,
-            gpu_memory_utilization: config.gpu_memory_utilization,
-        });
-        let fingerprint = fingerprint(&config.model_root, &info.dtype, &info.device);
-        let batches = match &config.batch {
-            Some(cfg) => {
-                let cfg = cfg.clone();
-                let opened = tokio::task::spawn_blocking(move || crate::batch::Batches::open(cfg))
-                    .await
-                    .map_err(|e| ServerError::Config(format!("opening the batch store: {e}")))?;
-                Some(Arc::new(opened?))
-            }
-            None => None,
-        };
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let compiler = match engine.model_kind() {
-            ModelKind::Embed { .. } => None,
-            ModelKind::Generate => {
-                let tok = engine.tokenizer().clone();
-                let vocab = limits.vocab_size;
-                let built = tokio::task::spawn_blocking(move || GrammarCompiler::new(&tok, vocab))
-                    .await
-                    .map_err(|e| ServerError::Config(format!("building the token trie: {e}")))?;
-                match built {
-                    Ok(c) => Some(Arc::new(c)),
-                    Err(e) => {
-                        tracing::warn!("structured outputs are disabled: {e}");
-                        None
-                    }
-                }
-            }
-        };
-        warm_up(&engine).await?;
-        Ok(AppState {
-            cfg: config,
-            engine,
-            metrics,
-            template,
-            limits,
-            created,
-            fingerprint,
-            shutting_down: AtomicBool::new(false),
-            compiler,
-            batches,
-        })
     }
 }
 
@@ -524,53 +284,6 @@ where
         .await
 }
 
-/// Run one tiny request through the engine before serving, so that `/health` is 200 only once
-/// the engine has completed a step (first-step costs such as lazy allocations are paid here,
-/// not by the first client).
-async fn warm_up(engine: &EngineHandle) -> Result<(), ServerError> {
-    let limits = engine.limits();
-    let token = engine.tokenizer().bos_token_id.unwrap_or(0);
-    let failed =
-        |e: String| ServerError::Config(format!("the engine failed its warm-up step: {e}"));
-    let mut stream = match engine.model_kind() {
-        ModelKind::Generate => {
-            let params = spindle_engine::SamplingParams {
-                max_tokens: Some(1),
-                temperature: 0.0,
-                ..Default::default()
-            };
-            let request =
-                spindle_engine::GenerateRequest::new("warm-up", vec![token], params, limits)
-                    .map_err(|e| failed(e.to_string()))?;
-            engine
-                .generate(request)
-                .map_err(|e| failed(e.to_string()))?
-        }
-        ModelKind::Embed { .. } => {
-            let request = spindle_engine::EmbedRequest::new("warm-up", vec![vec![token]], limits)
-                .map_err(|e| failed(e.to_string()))?;
-            engine.embed(request).map_err(|e| failed(e.to_string()))?
-        }
-    };
-    loop {
-        match stream.recv().await {
-            Some(spindle_engine::EngineEvent::Finished { .. }) => return Ok(()),
-            Some(spindle_engine::EngineEvent::Error(e)) => return Err(failed(e.to_string())),
-            Some(_) => {}
-            None => return Err(failed("the engine stopped".into())),
-        }
-    }
-}
-
-/// A stable-per-deployment fingerprint (OpenAI's `system_fingerprint` changes when the serving
-/// configuration changes).
-fn fingerprint(model: &str, dtype: &str, device: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (model, dtype, device, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    format!("fp_{:010x}", h.finish() & 0xff_ffff_ffff)
-}
-
 /// Routes: path → (metrics label, allowed methods).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -693,41 +406,6 @@ impl Route {
             .split(", ")
             .any(|allowed| allowed != "OPTIONS" && allowed == m.as_str())
     }
-}
-
-/// Build a JSON response.
-pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<ApiBody> {
-    let mut r = Response::new(ApiBody::full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// Render an [`ApiError`] as the OpenAI error response.
-pub(crate) fn error_response(err: &ApiError) -> Response<ApiBody> {
-    let body = serde_json::to_vec(&err.body()).unwrap_or_default();
-    let mut r = json_response(err.status, body);
-    if let Some(secs) = err.retry_after {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    r
-}
-
-/// The streaming response: SSE headers, no buffering by proxies.
-pub(crate) fn sse_response(body: SseBody) -> Response<ApiBody> {
-    let mut r = Response::new(ApiBody::Sse(Box::new(body)));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
 }
 
 /// The client's `X-Request-Id` (vLLM echoes it and builds the response id from it); a
@@ -959,71 +637,6 @@ async fn dispatch(
     }
 }
 
-/// Read a JSON request body without ever holding more than `max_body_bytes`: a declared length
-/// over the limit is refused before reading, and the limit also applies while streaming
-/// (chunked). A body that does not arrive within `body_read_timeout` is a 408 (slowloris).
-async fn read_json_body(req: Request<Incoming>, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Type must be application/json, got `{essence}`."),
-            ));
-        }
-    }
-    read_body(req, cfg.max_body_bytes, cfg.body_read_timeout).await
-}
-
-/// Read a whole request body of at most `max` bytes (413 above, checked against
-/// `Content-Length` first and while reading), within `timeout` (408 after).
-pub(crate) async fn read_body(
-    req: Request<Incoming>,
-    max: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The request body is larger than the limit of {max} bytes."),
-        )
-    };
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > max as u64 {
-            return Err(too_large());
-        }
-    }
-    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect())
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "The request body was not received within {} s.",
-                    timeout.as_secs_f64()
-                ),
-            )
-        })?;
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(e) => Err(ApiError::bad_request(format!(
-            "Failed to read the request body: {e}"
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,25 +678,5 @@ mod tests {
             &mut h,
         );
         assert!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
-    }
-
-    #[test]
-    fn error_response_shape() {
-        let r = error_response(&ApiError::from(spindle_engine::EngineError::QueueFull(3)));
-        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
-        let r = error_response(&ApiError::from(spindle_engine::EngineError::EngineDead(
-            "x".into(),
-        )));
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    }
-
-    #[test]
-    fn fingerprint_is_stable() {
-        assert_eq!(
-            fingerprint("a", "f32", "cpu"),
-            fingerprint("a", "f32", "cpu")
-        );
-        assert!(fingerprint("a", "f32", "cpu").starts_with("fp_"));
     }
 }

@@ -16,8 +16,10 @@ use super::input::BatchEndpoint;
 use super::store::{BatchStatus, FileObject, Page, StoreError};
 use super::{new_id, Batches};
 use crate::error::ApiError;
-use crate::handlers::{ok_json, unix_now};
-use crate::server::{read_body, ApiBody, AppState};
+use crate::ids::unix_now;
+use crate::response::ok_json;
+use crate::response::{read_body, ApiBody};
+use crate::state::AppState;
 use crate::validation::parse_json;
 
 /// Room for the multipart framing and the `purpose` field around an upload.

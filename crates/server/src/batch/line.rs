@@ -11,7 +11,8 @@ use super::input::BatchEndpoint;
 use super::new_id;
 use super::store::LineOutcome;
 use crate::handlers::{self, Origin};
-use crate::server::{ApiBody, AppState};
+use crate::response::ApiBody;
+use crate::state::AppState;
 
 /// What running a line gave.
 pub(crate) enum LineResult {

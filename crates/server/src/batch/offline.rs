@@ -12,9 +12,10 @@ use spindle_engine::EngineHandle;
 
 use super::input::BatchEndpoint;
 use super::line::{run_line, LineResult};
+use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::metrics::Metrics;
-use crate::server::{AppState, ServerConfig};
+use crate::state::AppState;
 
 /// Why an offline batch could not run.
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,8 @@ use super::input::{parse_input, BatchEndpoint};
 use super::line::{no_response_line, run_line, LineResult};
 use super::store::{BatchError, BatchObject, BatchStatus, LineOutcome, PendingLine, StoreError};
 use super::{new_id, Batches};
-use crate::handlers::unix_now;
-use crate::server::AppState;
+use crate::ids::unix_now;
+use crate::state::AppState;
 
 /// How long to wait before handing a line back to an engine that refused it (429/503).
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
