@@ -9,7 +9,6 @@ use spindle_model::ModelError;
 use spindle_structured::{Constraint, StructuredError};
 
 use crate::detokenizer::DetokenizeError;
-use crate::sampler::SamplerError;
 pub use crate::scheduler::{SchedulingPolicy, Urgency};
 
 /// Per-request generation settings with vLLM semantics. The server validates ranges before a
@@ -483,6 +482,17 @@ pub enum EngineEvent {
         timings: RequestTimings,
     },
     Error(EngineError),
+}
+
+/// Why a row could not be sampled; the engine aborts the affected sequence with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SamplerError {
+    /// The model returned a zero-width row.
+    #[error("the logits row is empty")]
+    EmptyLogits,
+    /// Every logit is NaN or −inf: the forward pass produced garbage.
+    #[error("every logit is NaN or -inf")]
+    NoUsableLogits,
 }
 
 /// Errors the engine reports to a caller. Cloneable, since one failure can end several

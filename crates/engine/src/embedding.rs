@@ -17,7 +17,7 @@ use crate::api::{
     Usage,
 };
 use crate::config::EngineConfig;
-use crate::engine::{Core, Ready};
+use crate::core::{Core, Ready};
 use crate::handle::EngineMessage;
 use crate::stats::EngineStats;
 use crate::trace::StepTrace;

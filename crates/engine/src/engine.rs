@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use spindle_model::{Loaded, ModelInfo, TokenizerBundle};
+use spindle_model::Loaded;
 
-use crate::api::{CacheConfig, EngineError, EngineEvent, ModelKind, ModelLimits};
+use crate::api::{EngineError, EngineEvent};
 use crate::config::EngineConfig;
+use crate::core::{Core, Ready};
 use crate::embedding::EmbeddingCore;
 use crate::generation::GenerationCore;
 use crate::handle::{EngineHandle, EngineMessage, Liveness};
@@ -20,16 +21,6 @@ use crate::stats::EngineStats;
 
 /// Entry point: `Engine::spawn(config)` loads the model on a new thread and returns its handle.
 pub struct Engine;
-
-/// What the engine thread reports back once the model is loaded.
-#[derive(Clone)]
-pub(crate) struct Ready {
-    pub(crate) kind: ModelKind,
-    pub(crate) tokenizer: Arc<TokenizerBundle>,
-    pub(crate) info: Arc<ModelInfo>,
-    pub(crate) limits: ModelLimits,
-    pub(crate) cache: CacheConfig,
-}
 
 impl Engine {
     /// Start the engine thread, load the model there, and return a handle once it is ready.
@@ -143,21 +134,6 @@ fn watchdog(liveness: &Liveness, timeout: Duration) {
 enum CoreKind {
     Generation(Box<GenerationCore>),
     Embedding(EmbeddingCore),
-}
-
-/// What the engine thread runs between messages: the generation core (scheduler, model runner,
-/// output processor) or the embedding core (token-budget packing of encoder inputs).
-pub(crate) trait Core: Send {
-    /// Whether a step has anything to do (otherwise the loop blocks on its channel).
-    fn has_work(&self) -> bool;
-    /// A new request or an abort (shutdown is the loop's own).
-    fn handle(&mut self, msg: EngineMessage);
-    /// One iteration. An error ends the engine.
-    fn step(&mut self) -> Result<(), EngineError>;
-    /// Refresh the gauges in `EngineStats`.
-    fn publish_gauges(&self);
-    /// The engine is stopping: end every request in flight with `error`.
-    fn fail_all(&mut self, error: &EngineError);
 }
 
 /// Whether the loop continues after a message.

@@ -10,7 +10,7 @@ use spindle_model::{CacheShape, LoadedModel, ModelInfo, TokenizerBundle};
 use crate::api::{CacheConfig, EngineError, EngineEvent, ModelKind, ModelLimits};
 use crate::block_manager::{BlockManager, CacheScope};
 use crate::config::EngineConfig;
-use crate::engine::{Core, Ready};
+use crate::core::{Core, Ready};
 use crate::fault::FaultInjector;
 use crate::handle::{EngineMessage, Liveness};
 use crate::model_runner::ModelRunner;

@@ -4,25 +4,26 @@
 //!
 //! Depends on spindle-model; never on the server.
 
-pub mod api;
+mod api;
 pub mod block_manager;
 pub mod config;
+mod core;
 pub mod detokenizer;
 mod embedding;
-pub mod engine;
+mod engine;
 mod fault;
 mod generation;
-pub mod handle;
-pub mod kv_cache;
+mod handle;
+mod kv_cache;
 pub mod kv_events;
-pub mod model_runner;
-pub mod output_processor;
+mod model_runner;
+mod output_processor;
 pub mod sampler;
 pub mod scheduler;
-pub mod sequence;
-pub mod stats;
-pub mod stop;
-pub mod trace;
+mod sequence;
+mod stats;
+mod stop;
+mod trace;
 
 pub use api::*;
 pub use config::{EngineConfig, FaultInjection, FaultSpecError};

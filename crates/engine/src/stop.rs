@@ -48,6 +48,7 @@ impl StopChecker {
     }
 
     /// Whether a stop string matched; afterwards all input is ignored.
+    #[cfg(test)]
     pub fn is_stopped(&self) -> bool {
         self.stopped
     }

@@ -18,8 +18,8 @@ use crate::protocol::{
     ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
 };
 use crate::response::{error_response, json_response, ok_json, sse_response, ApiBody};
-use crate::sse::SseBody;
 use crate::state::AppState;
+use crate::stream::SseBody;
 use crate::stream::{Generation, Kind, OutputOptions, PromptInfo, ResponseMeta};
 use crate::template::{normalize_messages, RenderOptions};
 use crate::validation::{

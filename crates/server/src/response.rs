@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::sse::SseBody;
+use crate::stream::SseBody;
 
 /// Every response body: a buffered one, or an SSE stream tied to engine requests.
 pub enum ApiBody {

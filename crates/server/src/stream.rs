@@ -1,16 +1,19 @@
 //! Turning a request's engine streams into OpenAI responses: one [`Generation`] owns the
 //! request's engine streams (one per prompt), so dropping it — the client went away, hyper
 //! dropped the handler future or the response body — drops the streams, and the engine aborts
-//! the requests and frees their KV blocks. Streaming wraps it in [`crate::sse::SseBody`];
+//! the requests and frees their KV blocks. Streaming wraps it in [`SseBody`];
 //! non-streaming awaits [`Generation::collect`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 use spindle_engine::{
     ChoiceDelta, EngineEvent, FinishReason, PromptTokenLogprob, RequestStream, StepLogprobs,
@@ -111,7 +114,7 @@ struct ChoiceState {
 }
 
 /// What one engine event means for the response.
-pub(crate) enum Step {
+enum Step {
     Delta { choice: usize, delta: ChoiceDelta },
     Continue,
     Failed(ApiError),
@@ -119,7 +122,7 @@ pub(crate) enum Step {
 
 /// One client request in flight: its engine streams and everything needed to answer.
 pub struct Generation {
-    pub(crate) meta: ResponseMeta,
+    meta: ResponseMeta,
     opts: OutputOptions,
     tokenizer: Arc<TokenizerBundle>,
     metrics: Arc<Metrics>,
@@ -160,7 +163,7 @@ impl Generation {
     }
 
     /// Abort whatever is still running (drops the engine streams).
-    pub(crate) fn abort_all(&mut self) {
+    fn abort_all(&mut self) {
         for slot in &mut self.slots {
             slot.stream = None;
         }
@@ -204,7 +207,7 @@ impl Generation {
         }
     }
 
-    pub(crate) fn apply(&mut self, slot: usize, event: Option<EngineEvent>) -> Step {
+    fn apply(&mut self, slot: usize, event: Option<EngineEvent>) -> Step {
         match event {
             Some(EngineEvent::PromptLogprobs(lp)) => {
                 self.slots[slot].prompt_logprobs = Some(lp);
@@ -444,7 +447,7 @@ impl Generation {
     /// The opening chunks of a chat stream: one `{"role": "assistant", "content": ""}` delta per
     /// choice (the content is the echoed last message with `echo`); the first carries the
     /// prompt's ids with `return_token_ids`.
-    pub(crate) fn opening_chunks(&self) -> Vec<Bytes> {
+    fn opening_chunks(&self) -> Vec<Bytes> {
         if self.meta.kind != Kind::Chat {
             return Vec::new();
         }
@@ -570,7 +573,7 @@ impl Generation {
     }
 
     /// The SSE event for one delta, or `None` when it carries nothing to show.
-    pub(crate) fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
+    fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
         let finished = delta.finish_reason.is_some();
         let has_ids = self.opts.flags.token_ids && !delta.token_ids.is_empty();
         if delta.text.is_empty() && delta.logprobs.is_empty() && !finished && !has_ids {
@@ -703,7 +706,7 @@ impl Generation {
     }
 
     /// The closing events: the usage chunk (if asked for) and `[DONE]`.
-    pub(crate) fn closing_chunks(&self) -> Vec<Bytes> {
+    fn closing_chunks(&self) -> Vec<Bytes> {
         let mut out = Vec::with_capacity(2);
         if self.opts.include_usage {
             let usage = Some(Some(self.usage()));
@@ -947,6 +950,91 @@ fn byte_level_map() -> &'static HashMap<char, u8> {
         }
         map
     })
+}
+
+/// A streaming response body: pulls engine events when hyper asks for data and turns them into
+/// SSE events. Owning the [`Generation`] means a disconnect (hyper drops the body) aborts the
+/// engine requests at once; nothing else keeps the streams alive.
+pub struct SseBody {
+    generation: Generation,
+    pending: VecDeque<Bytes>,
+    finished: bool,
+}
+
+/// Coalesce ready events into frames of at most this many bytes (fewer writes under load).
+const MAX_FRAME: usize = 16 * 1024;
+
+impl SseBody {
+    /// Start a stream: the chat role chunks are ready to send immediately.
+    pub fn new(generation: Generation) -> Self {
+        let pending = generation.opening_chunks().into();
+        Self {
+            generation,
+            pending,
+            finished: false,
+        }
+    }
+
+    fn fail(&mut self, err: ApiError) {
+        tracing::warn!(id = %self.generation.meta.id, error = %err.message, "stream failed");
+        self.generation.abort_all();
+        self.pending.push_back(sse::error_event(&err));
+        self.pending.push_back(Bytes::from_static(sse::DONE));
+        self.finished = true;
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let mut out = BytesMut::new();
+        loop {
+            while let Some(b) = this.pending.pop_front() {
+                out.extend_from_slice(&b);
+            }
+            if this.finished || out.len() >= MAX_FRAME {
+                break;
+            }
+            match this.generation.poll_event(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    let closing = this.generation.closing_chunks();
+                    this.pending.extend(closing);
+                    this.finished = true;
+                }
+                Poll::Ready(Some((slot, event))) => match this.generation.apply(slot, event) {
+                    Step::Delta { choice, delta } => {
+                        if let Some(chunk) = this.generation.delta_chunk(choice, &delta) {
+                            this.pending.push_back(chunk);
+                        }
+                    }
+                    Step::Continue => {}
+                    Step::Failed(e) => this.fail(e),
+                },
+            }
+        }
+        if !out.is_empty() {
+            Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
+        } else if this.finished {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.pending.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
 }
 
 #[cfg(test)]
