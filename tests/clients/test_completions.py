@@ -98,11 +98,27 @@ def test_logprobs_legacy_format(client: openai.OpenAI, model: str):
 
 
 @pytest.mark.parametrize(
-    "extra", [{"echo": True}, {"suffix": " and that is all."}], ids=["echo", "suffix"]
+    "extra",
+    [{"suffix": " and that is all."}, {"extra_body": {"use_beam_search": True}}],
+    ids=["suffix", "use_beam_search"],
 )
 def test_unsupported_fields_rejected(client: openai.OpenAI, model: str, extra: dict):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt=PROMPT_A, max_tokens=4, **extra)
     assert err.value.status_code == 400
-    field = next(iter(extra))
+    field = next(iter(extra.get("extra_body", extra)))
     assert field in str(err.value.message), err.value.message
+    assert err.value.body["param"] == field
+
+
+def test_echo_scores_the_prompt(client: openai.OpenAI, model: str):
+    """`echo` with `logprobs` and `max_tokens=0`: the prompt alone with its logprobs, as
+    evaluation harnesses ask for log-likelihoods (the SDK parses the null first logprob)."""
+    r = client.completions.create(model=model, prompt=PROMPT_A, max_tokens=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.text == PROMPT_A
+    assert c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == r.usage.prompt_tokens

@@ -990,4 +990,30 @@ mod tests {
         );
         assert!(parse_origins("[]").is_err());
     }
+
+    #[test]
+    fn generation_config_sources() {
+        let dir = std::env::temp_dir().join(format!("spindle-genconf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"temperature": 0.2, "top_p": 0.9, "eos_token_id": 2}"#,
+        )
+        .unwrap();
+        let d = dir.to_str().unwrap();
+        // auto: the file beside the weights (a directory model); a GGUF file carries none.
+        assert_eq!(request_defaults(d, "auto", None).unwrap().temperature, Some(0.2));
+        assert!(request_defaults("m.gguf", "auto", None).unwrap().is_empty());
+        assert!(request_defaults(d, "vllm", None).unwrap().is_empty());
+        // A directory given explicitly, with overrides on top.
+        let o = request_defaults("m.gguf", d, Some(r#"{"temperature": 0.7}"#)).unwrap();
+        assert_eq!((o.temperature, o.top_p), (Some(0.7), Some(0.9)));
+        assert!(request_defaults("m.gguf", "/nonexistent-dir", None).is_err());
+        assert!(request_defaults("m.gguf", "vllm", Some("{bad")).is_err());
+        assert!(request_defaults("m.gguf", "vllm", Some(r#"{"top_p": 2}"#)).is_err());
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(request_defaults("m.gguf", empty.to_str().unwrap(), None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
