@@ -133,32 +133,26 @@ impl RequestDefaults {
     /// Fill what the request `c` left unset. `asked_max_tokens`: the request set
     /// `max_tokens` / `max_completion_tokens` (then its value stands).
     pub fn apply(&self, c: &CommonFields, asked_max_tokens: bool, v: &mut Validated) {
+        /// The default into `slot` when the request left the field out.
+        fn fill<T: Copy>(asked: bool, default: Option<T>, slot: &mut T) {
+            if let (false, Some(d)) = (asked, default) {
+                *slot = d;
+            }
+        }
         let p = &mut v.params;
-        if c.temperature.is_none() {
-            if let Some(t) = self.temperature {
-                p.temperature = t;
-            }
-        }
-        if c.top_p.is_none() {
-            if let Some(t) = self.top_p {
-                p.top_p = t;
-            }
-        }
-        if c.top_k.is_none() {
-            if let Some(k) = self.top_k {
-                p.top_k = k;
-            }
-        }
-        if c.min_p.is_none() {
-            if let Some(m) = self.min_p {
-                p.min_p = m;
-            }
-        }
-        if c.repetition_penalty.is_none() {
-            if let Some(r) = self.repetition_penalty {
-                p.repetition_penalty = r;
-            }
-        }
+        fill(
+            c.temperature.is_some(),
+            self.temperature,
+            &mut p.temperature,
+        );
+        fill(c.top_p.is_some(), self.top_p, &mut p.top_p);
+        fill(c.top_k.is_some(), self.top_k, &mut p.top_k);
+        fill(c.min_p.is_some(), self.min_p, &mut p.min_p);
+        fill(
+            c.repetition_penalty.is_some(),
+            self.repetition_penalty,
+            &mut p.repetition_penalty,
+        );
         if let (false, Some(m)) = (asked_max_tokens, self.max_tokens) {
             p.max_tokens = Some(p.max_tokens.map_or(m, |d| d.min(m)));
         }

@@ -1002,7 +1002,10 @@ mod tests {
         .unwrap();
         let d = dir.to_str().unwrap();
         // auto: the file beside the weights (a directory model); a GGUF file carries none.
-        assert_eq!(request_defaults(d, "auto", None).unwrap().temperature, Some(0.2));
+        assert_eq!(
+            request_defaults(d, "auto", None).unwrap().temperature,
+            Some(0.2)
+        );
         assert!(request_defaults("m.gguf", "auto", None).unwrap().is_empty());
         assert!(request_defaults(d, "vllm", None).unwrap().is_empty());
         // A directory given explicitly, with overrides on top.
