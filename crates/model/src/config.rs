@@ -1,6 +1,8 @@
 //! The architecture-independent description of a Llama-family model, filled from GGUF metadata
-//! or a Hugging Face `config.json`. One struct covers Llama, Mistral, Qwen2 and Qwen3: they
-//! differ only in a few switches (QKV bias, q/k norm, tied head, rope scaling).
+//! or a Hugging Face `config.json` (transformers v4 or v5 keys). One struct covers Llama,
+//! Mistral, Qwen2 and Qwen3: they differ only in a few switches (QKV bias, q/k norm, tied head,
+//! rope scaling). Settings of mechanisms this forward pass does not run are refused, not
+//! ignored.
 
 use serde::Deserialize;
 
@@ -62,6 +64,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// llama.cpp's per-frequency divisors (a GGUF's `rope_freqs.weight`, how Llama 3.x GGUFs
+    /// carry their rope scaling): inverse frequency `i` is divided by factor `i`.
+    pub rope_freq_factors: Option<Vec<f64>>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Qwen2 puts biases on the q/k/v projections.
@@ -118,10 +123,17 @@ impl ModelConfig {
         self.vocab_size * h + self.num_layers * per_layer + h + head
     }
 
-    /// Parse a Hugging Face `config.json`.
+    /// Parse a Hugging Face `config.json`: transformers v4's keys (`rope_theta`,
+    /// `rope_scaling`) and v5's `rope_parameters`. A setting that is present but not understood
+    /// is refused, never defaulted silently (see [`check_settings`]).
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text)
+        let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let raw: HfConfig = serde_json::from_value(value.clone())
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| ModelError::Config("config.json is not an object".into()))?;
         let arch_name = raw
             .architectures
             .as_ref()
@@ -135,27 +147,19 @@ impl ModelConfig {
             None if num_heads > 0 => raw.hidden_size / num_heads,
             None => 0,
         };
-        let rope_scaling = match &raw.rope_scaling {
-            Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
-                Some(Llama3RopeScaling {
-                    factor: s.factor.unwrap_or(1.0),
-                    low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
-                    high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .unwrap_or(8192),
-                })
+        let (rope_theta, rope_scaling) = rope_settings(obj)?;
+        let mut max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        if let Some(window) = check_settings(obj)? {
+            if window < max_position_embeddings {
+                // vLLM's --disable-sliding-window: exact attention, context capped at the window.
+                tracing::warn!(
+                    window,
+                    max_position_embeddings,
+                    "sliding-window attention is not implemented: the context is capped at the window"
+                );
+                max_position_embeddings = window;
             }
-            Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {
-                None | Some("default") => None,
-                Some(other) => {
-                    return Err(ModelError::Unsupported(format!(
-                        "rope_scaling type '{other}' is not supported (only llama3)"
-                    )))
-                }
-            },
-            None => None,
-        };
+        }
         let config = ModelConfig {
             architecture,
             vocab_size: raw.vocab_size,
@@ -166,9 +170,10 @@ impl ModelConfig {
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            rope_freq_factors: None,
+            max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: raw
                 .attention_bias
@@ -180,15 +185,185 @@ impl ModelConfig {
     }
 }
 
-#[derive(Deserialize)]
-struct HfRopeScaling {
-    rope_type: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    factor: Option<f64>,
-    low_freq_factor: Option<f64>,
-    high_freq_factor: Option<f64>,
-    original_max_position_embeddings: Option<usize>,
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+fn unsupported(m: String) -> ModelError {
+    ModelError::Unsupported(m)
+}
+
+/// A number-valued key of a rope object, or an error naming it.
+fn rope_number(obj: &JsonMap, key: &str, whose: &str) -> Result<Option<f64>> {
+    match obj.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map(Some)
+            .ok_or_else(|| ModelError::Config(format!("{whose}.{key} must be a number"))),
+    }
+}
+
+/// `rope_theta` and the scaling, from v5's `rope_parameters` or v4's `rope_theta` /
+/// `rope_scaling`. Conflicting values, unknown rope types, unknown keys and a llama3 scaling
+/// without its four parameters are errors.
+fn rope_settings(obj: &JsonMap) -> Result<(f64, Option<Llama3RopeScaling>)> {
+    let v4_theta = rope_number(obj, "rope_theta", "config")?;
+    let v4_scaling = obj.get("rope_scaling").filter(|v| !v.is_null());
+    let v5 = obj.get("rope_parameters").filter(|v| !v.is_null());
+    let (theta, scaling, whose) = match v5 {
+        Some(params) => {
+            let p = params.as_object().ok_or_else(|| {
+                ModelError::Config("config.json: rope_parameters must be an object".into())
+            })?;
+            if !p.is_empty() && p.values().all(serde_json::Value::is_object) {
+                return Err(unsupported(format!(
+                    "per-layer-type rope parameters ({}) are not supported",
+                    p.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let theta = rope_number(p, "rope_theta", "rope_parameters")?;
+            if let (Some(a), Some(b)) = (theta, v4_theta) {
+                if a != b {
+                    return Err(ModelError::Config(format!(
+                        "config.json: rope_theta {b} and rope_parameters.rope_theta {a} disagree"
+                    )));
+                }
+            }
+            if v4_scaling.is_some() && p.len() > 1 {
+                return Err(ModelError::Config(
+                    "config.json: both rope_scaling and rope_parameters set the rope scaling"
+                        .into(),
+                ));
+            }
+            match v4_scaling {
+                Some(s) if p.keys().all(|k| k == "rope_theta") => {
+                    (theta.or(v4_theta), s, "rope_scaling")
+                }
+                _ => (theta.or(v4_theta), params, "rope_parameters"),
+            }
+        }
+        None => match v4_scaling {
+            Some(s) => (v4_theta, s, "rope_scaling"),
+            None => return Ok((v4_theta.unwrap_or(10_000.0), None)),
+        },
+    };
+    let theta = theta.unwrap_or(10_000.0);
+    if theta <= 0.0 {
+        return Err(ModelError::Config(format!(
+            "rope_theta {theta} must be positive"
+        )));
+    }
+    let s = scaling
+        .as_object()
+        .ok_or_else(|| ModelError::Config(format!("config.json: {whose} must be an object")))?;
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("default");
+    const COMMON: [&str; 3] = ["rope_type", "type", "rope_theta"];
+    const LLAMA3: [&str; 4] = [
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ];
+    let allowed: &[&str] = match kind {
+        "default" => &[],
+        "llama3" => &LLAMA3,
+        other => {
+            return Err(unsupported(format!(
+                "rope type `{other}` is not supported (supported: default, llama3)"
+            )))
+        }
+    };
+    if let Some(k) = s
+        .keys()
+        .find(|k| !COMMON.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
+    {
+        return Err(unsupported(format!(
+            "{whose}.{k} is not understood for rope type `{kind}`"
+        )));
+    }
+    if kind == "default" {
+        return Ok((theta, None));
+    }
+    let need = |k: &str| -> Result<f64> {
+        rope_number(s, k, whose)?
+            .filter(|x| *x > 0.0)
+            .ok_or_else(|| {
+                ModelError::Config(format!(
+                    "{whose}.{k} must be a positive number for llama3 scaling"
+                ))
+            })
+    };
+    Ok((
+        theta,
+        Some(Llama3RopeScaling {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
+        }),
+    ))
+}
+
+/// Settings of other families' mechanisms that this Llama-family forward pass does not run:
+/// present with an effect, they are refused rather than ignored. Returns the sliding window
+/// when one is in force (the caller caps the context at it).
+fn check_settings(obj: &JsonMap) -> Result<Option<usize>> {
+    use serde_json::Value;
+    let active = |k: &str| {
+        obj.get(k)
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+    };
+    if let Some(act) = obj
+        .get("hidden_act")
+        .or_else(|| obj.get("hidden_activation"))
+    {
+        if act.as_str() != Some("silu") {
+            return Err(unsupported(format!(
+                "hidden_act {act} is not supported (only silu)"
+            )));
+        }
+    }
+    if active("mlp_bias") {
+        return Err(unsupported("mlp_bias is not supported".into()));
+    }
+    if let Some(f) = rope_number(obj, "partial_rotary_factor", "config")? {
+        if f != 1.0 {
+            return Err(unsupported(format!(
+                "partial_rotary_factor {f} is not supported"
+            )));
+        }
+    }
+    for key in [
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+        "no_rope_layers",
+        "no_rope_layer_interval",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    ] {
+        if active(key) {
+            return Err(unsupported(format!(
+                "{key} is set, but this model family's mechanism for it is not supported"
+            )));
+        }
+    }
+    let window = match obj.get("sliding_window") {
+        Some(Value::Number(n)) => n.as_u64().map(|w| w as usize),
+        _ => None,
+    };
+    // Qwen2/Qwen3 carry a window they do not use unless `use_sliding_window` says so.
+    let used = obj
+        .get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    Ok(window.filter(|_| used))
 }
 
 #[derive(Deserialize)]
@@ -203,8 +378,6 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,

@@ -145,7 +145,34 @@ impl GgufFile {
     }
 
     /// Model shapes from `<arch>.*` metadata.
-    pub fn config(&self) -> Result<ModelConfig> {
+    /// llama.cpp's `rope_freqs.weight` (`head_dim / 2` divisors of the inverse frequencies),
+    /// read once at load.
+    fn rope_freq_factors(&mut self, head_dim: usize) -> Result<Option<Vec<f64>>> {
+        const NAME: &str = "rope_freqs.weight";
+        if !self.has_tensor(NAME) {
+            return Ok(None);
+        }
+        let path = self.path.clone();
+        let bad = |message: String| ModelError::InvalidFile {
+            path: path.clone(),
+            message,
+        };
+        let q = self
+            .content
+            .tensor(&mut self.reader, NAME, &Device::Cpu)
+            .map_err(|e| bad(format!("cannot read tensor '{NAME}': {e}")))?;
+        let factors: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        if factors.len() != head_dim / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(bad(format!(
+                "'{NAME}' must hold {} positive factors, got {}",
+                head_dim / 2,
+                factors.len()
+            )));
+        }
+        Ok(Some(factors.into_iter().map(f64::from).collect()))
+    }
+
+    pub fn config(&mut self) -> Result<ModelConfig> {
         let arch_name = self.architecture_name()?;
         let architecture = Architecture::parse(&arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -178,19 +205,14 @@ impl GgufFile {
                 .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            // Llama 3.1 GGUFs bake the scaling into a `rope_freqs` tensor instead.
+            // Llama 3.x GGUFs bake the scaling into a `rope_freqs` tensor instead.
             rope_scaling: None,
+            rope_freq_factors: self.rope_freq_factors(head_dim)?,
             max_position_embeddings: self.usize_opt(&key("context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !self.has_tensor("output.weight"),
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
             qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
         };
-        if self.has_tensor("rope_freqs.weight") {
-            return Err(ModelError::Unsupported(format!(
-                "{}: rope frequency factors (rope_freqs.weight) are not supported yet; load the Hugging Face checkpoint instead",
-                self.path.display()
-            )));
-        }
         config.validate()?;
         Ok(config)
     }
@@ -506,5 +528,51 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(zero, Err(ModelError::InvalidFile { .. })));
         assert!(ok.is_ok());
+    }
+
+    /// A minimal Llama GGUF's metadata plus `rope_freqs.weight` (as llama.cpp writes Llama 3.x
+    /// files): the config carries the factors, and a wrong-sized tensor is an error.
+    fn write_llama_gguf(path: &Path, factors: &[f32]) {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let meta: Vec<(&str, gguf_file::Value)> = vec![
+            (
+                "general.architecture",
+                gguf_file::Value::String("llama".into()),
+            ),
+            ("llama.embedding_length", gguf_file::Value::U32(64)),
+            ("llama.attention.head_count", gguf_file::Value::U32(4)),
+            ("llama.attention.head_count_kv", gguf_file::Value::U32(2)),
+            ("llama.feed_forward_length", gguf_file::Value::U32(96)),
+            ("llama.block_count", gguf_file::Value::U32(2)),
+            ("llama.vocab_size", gguf_file::Value::U32(97)),
+            ("llama.rope.freq_base", gguf_file::Value::F32(500000.0)),
+        ];
+        let t = Tensor::from_vec(factors.to_vec(), factors.len(), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &meta_refs, &[("rope_freqs.weight", &q)]).unwrap();
+    }
+
+    #[test]
+    fn rope_freqs_are_read_into_the_config() {
+        let path =
+            std::env::temp_dir().join(format!("spindle-ropefreqs-{}.gguf", std::process::id()));
+        let factors: Vec<f32> = (0..8).map(|i| 1.0 + i as f32).collect();
+        write_llama_gguf(&path, &factors);
+        let config = GgufFile::open(&path).unwrap().config().unwrap();
+        assert_eq!(config.head_dim, 16);
+        assert_eq!(config.rope_theta, 500000.0);
+        assert_eq!(
+            config.rope_freq_factors,
+            Some(factors.iter().map(|&f| f64::from(f)).collect())
+        );
+        write_llama_gguf(&path, &factors[..5]);
+        let short = GgufFile::open(&path).unwrap().config();
+        write_llama_gguf(&path, &[0.0; 8]);
+        let zero = GgufFile::open(&path).unwrap().config();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(short, Err(ModelError::InvalidFile { .. })));
+        assert!(matches!(zero, Err(ModelError::InvalidFile { .. })));
     }
 }

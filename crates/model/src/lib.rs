@@ -26,7 +26,7 @@ pub mod weights;
 pub use attention::kv_dtype::{KvCacheDtypeChoice, KvDtype};
 pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
 pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use cpu_bf16::CpuArithmetic;
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;

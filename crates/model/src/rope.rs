@@ -13,15 +13,20 @@ pub struct RotaryEmbedding {
     sin: Tensor,
 }
 
-/// Inverse frequencies, with Llama-3's frequency-dependent scaling when configured.
-fn inverse_frequencies(
+/// Inverse frequencies, with Llama-3's frequency-dependent scaling when configured, or divided
+/// by a GGUF's per-frequency factors (`rope_freqs.weight`, llama.cpp's form of the same).
+pub fn inverse_frequencies(
     head_dim: usize,
     theta: f64,
     scaling: Option<&Llama3RopeScaling>,
+    freq_factors: Option<&[f64]>,
 ) -> Vec<f64> {
     (0..head_dim / 2)
         .map(|i| {
             let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            if let Some(f) = freq_factors.and_then(|f| f.get(i)) {
+                return freq / f;
+            }
             match scaling {
                 None => freq,
                 Some(s) => {
@@ -56,6 +61,7 @@ impl RotaryEmbedding {
             config.head_dim,
             config.rope_theta,
             config.rope_scaling.as_ref(),
+            config.rope_freq_factors.as_deref(),
         );
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);

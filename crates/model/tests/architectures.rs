@@ -391,3 +391,115 @@ fn llama3_rope_scaling_is_parsed() {
     assert_eq!(s.factor, 8.0);
     assert_eq!(s.original_max_position_embeddings, 8192);
 }
+
+/// transformers v5 writes rope settings as `rope_parameters`: read as the v4 keys would be
+/// (a Llama with llama3 scaling saved that way ran with theta 10000 and no scaling before).
+#[test]
+fn v5_rope_parameters_match_the_v4_keys() {
+    let cfg = |extra: &str| {
+        ModelConfig::from_hf_json(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, {extra}}}"#
+        ))
+        .expect("config")
+    };
+    let v4 = cfg(
+        r#""rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+    );
+    let v5 = cfg(
+        r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+    );
+    assert_eq!(v4.rope_theta, 500000.0);
+    assert!(v4.rope_scaling.is_some());
+    assert_eq!(v4, v5);
+    // Both forms at once, agreeing, are fine too.
+    let both = cfg(
+        r#""rope_theta": 500000.0, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+    );
+    assert_eq!(both, v4);
+    let plain = cfg(r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#);
+    assert_eq!((plain.rope_theta, plain.rope_scaling), (1_000_000.0, None));
+}
+
+/// A rope or config setting that is present but not understood is an error, never a default.
+#[test]
+fn settings_not_understood_are_refused() {
+    let base = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256"#;
+    for extra in [
+        r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}"#,
+        r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+        r#""rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}"#,
+        r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+        r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32}"#,
+        r#""rope_parameters": {"rope_theta": 10000.0, "factor": 8.0}"#,
+        r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}"#,
+        r#""rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}"#,
+        r#""hidden_act": "gelu_pytorch_tanh""#,
+        r#""mlp_bias": true"#,
+        r#""partial_rotary_factor": 0.5"#,
+        r#""attn_logit_softcapping": 50.0"#,
+        r#""no_rope_layer_interval": 4"#,
+    ] {
+        let json = format!("{base}, {extra}}}");
+        assert!(
+            ModelConfig::from_hf_json(&json).is_err(),
+            "accepted: {extra}"
+        );
+    }
+    for extra in [
+        r#""hidden_act": "silu""#,
+        r#""mlp_bias": false"#,
+        r#""attn_logit_softcapping": null"#,
+        r#""rope_scaling": null"#,
+        r#""partial_rotary_factor": 1.0"#,
+    ] {
+        let json = format!("{base}, {extra}}}");
+        assert!(ModelConfig::from_hf_json(&json).is_ok(), "refused: {extra}");
+    }
+}
+
+/// A sliding window in force caps the context at the window (exact attention there, as vLLM's
+/// --disable-sliding-window); a window Qwen does not use leaves it alone.
+#[test]
+fn a_sliding_window_caps_the_context() {
+    let c = tiny_config("MistralForCausalLM", r#", "sliding_window": 128"#);
+    assert_eq!(c.max_position_embeddings, 128);
+    let c = tiny_config(
+        "Qwen2ForCausalLM",
+        r#", "sliding_window": 128, "use_sliding_window": false"#,
+    );
+    assert_eq!(c.max_position_embeddings, 256);
+    let c = tiny_config("MistralForCausalLM", r#", "sliding_window": null"#);
+    assert_eq!(c.max_position_embeddings, 256);
+}
+
+/// llama.cpp's `rope_freqs.weight` for a Llama 3.x model holds, per frequency, the divisor that
+/// turns the plain inverse frequency into the llama3-scaled one (as its converter computes it):
+/// applying those factors gives the llama3 table.
+#[test]
+fn gguf_rope_freq_factors_reproduce_llama3_scaling() {
+    use spindle_model::rope::inverse_frequencies;
+    let scaling = spindle_model::Llama3RopeScaling {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    let (head_dim, theta) = (64, 500000.0);
+    let plain = inverse_frequencies(head_dim, theta, None, None);
+    let scaled = inverse_frequencies(head_dim, theta, Some(&scaling), None);
+    // The converter's factors: how much each frequency was divided by, stored as f32.
+    let factors: Vec<f64> = plain
+        .iter()
+        .zip(&scaled)
+        .map(|(p, s)| f64::from((p / s) as f32))
+        .collect();
+    assert!(factors.iter().any(|&f| f > 1.0) && factors[0] == 1.0);
+    let from_gguf = inverse_frequencies(head_dim, theta, None, Some(&factors));
+    for (a, b) in from_gguf.iter().zip(&scaled) {
+        assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
+    }
+}
