@@ -26,7 +26,7 @@ fn main() {
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let file = GgufFile::open(std::path::Path::new(&path)).expect("gguf");
+    let mut file = GgufFile::open(std::path::Path::new(&path)).expect("gguf");
     let vocab = file.config().expect("config").vocab_size;
     let tok = file.vocab().expect("vocab").build().expect("tokenizer");
     let t = Instant::now();

@@ -15,7 +15,7 @@ use spindle_structured::{ConstraintSpec, GrammarCompiler, StructuredError, White
 fn tokenizer() -> (TokenizerBundle, usize) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let file = GgufFile::open(&path).expect("run scripts/fetch-model.sh first");
+    let mut file = GgufFile::open(&path).expect("run scripts/fetch-model.sh first");
     let vocab = file.config().expect("config").vocab_size;
     let tok = file.vocab().expect("vocab").build().expect("tokenizer");
     (tok, vocab)
