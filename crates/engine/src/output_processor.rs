@@ -63,6 +63,20 @@ pub fn stop_on_length(
     num_output >= max_tokens || seq_len >= max_model_len
 }
 
+/// Send a request's prompt logprobs once all `prompt_len` positions are in (one event, before
+/// its first delta).
+fn send_prompt_logprobs_if_complete(group: &mut RequestGroup, prompt_len: usize) {
+    if group
+        .prompt_logprobs
+        .as_ref()
+        .is_some_and(|done| done.len() >= prompt_len)
+    {
+        if let Some(all) = group.prompt_logprobs.take() {
+            let _ = group.events.send(EngineEvent::PromptLogprobs(all));
+        }
+    }
+}
+
 /// Requests in flight and what turns their tokens into events.
 pub struct OutputProcessor {
     tokenizer: Arc<TokenizerBundle>,
@@ -138,13 +152,9 @@ impl OutputProcessor {
                 first_token: None,
             },
         );
-        if prompt.len() == 1 {
-            // Nothing to compute: the one prompt token has no logprob.
-            if let Some(g) = self.requests.get_mut(&id) {
-                if let Some(all) = g.prompt_logprobs.take() {
-                    let _ = g.events.send(EngineEvent::PromptLogprobs(all));
-                }
-            }
+        if let Some(g) = self.requests.get_mut(&id) {
+            // A one-token prompt is complete already: its only token has no logprob.
+            send_prompt_logprobs_if_complete(g, prompt.len());
         }
         (seq_id, prompt)
     }
@@ -203,32 +213,26 @@ impl OutputProcessor {
             else {
                 continue;
             };
-            // Row i predicts the token at first_position + i + 1; keep the ones not seen yet.
+            // Row i predicts the token at first_position + i + 1; keep the ones not seen yet
+            // (a recomputation after preemption repeats positions; a gap cannot happen).
             let skip = done.len().saturating_sub(part.first_position + 1);
+            if part.first_position + skip + 1 != done.len() {
+                continue;
+            }
             let tokens = seq.tokens();
             let fresh: Vec<(usize, u32)> = part
                 .rows
                 .clone()
                 .enumerate()
                 .skip(skip)
-                .filter_map(|(i, row)| {
-                    let target = *tokens.get(part.first_position + i + 1)?;
-                    Some((row, target))
-                })
+                .filter_map(|(i, row)| Some((row, *tokens.get(part.first_position + i + 1)?)))
                 .collect();
-            if part.first_position + skip + 1 != done.len() {
-                continue; // a gap: cannot happen, positions run in order
-            }
             let computed: Vec<_> = fresh
                 .par_iter()
                 .filter_map(|&(row, target)| rows.get(row).map(|r| prompt_logprob(r, target, k)))
                 .collect();
             done.extend(computed.into_iter().map(Some));
-            if done.len() >= seq.prompt_len() {
-                let all = std::mem::take(done);
-                let _ = group.events.send(EngineEvent::PromptLogprobs(all));
-                group.prompt_logprobs = None;
-            }
+            send_prompt_logprobs_if_complete(group, seq.prompt_len());
         }
     }
 
