@@ -229,17 +229,16 @@ fn rope_settings(obj: &JsonMap) -> Result<(f64, Option<Llama3RopeScaling>)> {
                     )));
                 }
             }
-            if v4_scaling.is_some() && p.len() > 1 {
+            // Only a theta may sit beside a v4 rope_scaling: the scaling is said once.
+            if v4_scaling.is_some() && p.keys().any(|k| k != "rope_theta") {
                 return Err(ModelError::Config(
                     "config.json: both rope_scaling and rope_parameters set the rope scaling"
                         .into(),
                 ));
             }
             match v4_scaling {
-                Some(s) if p.keys().all(|k| k == "rope_theta") => {
-                    (theta.or(v4_theta), s, "rope_scaling")
-                }
-                _ => (theta.or(v4_theta), params, "rope_parameters"),
+                Some(s) => (theta.or(v4_theta), s, "rope_scaling"),
+                None => (theta.or(v4_theta), params, "rope_parameters"),
             }
         }
         None => match v4_scaling {

@@ -436,6 +436,7 @@ fn settings_not_understood_are_refused() {
         r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32}"#,
         r#""rope_parameters": {"rope_theta": 10000.0, "factor": 8.0}"#,
         r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}"#,
+        r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, "rope_parameters": {"rope_type": "default"}"#,
         r#""rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}"#,
         r#""hidden_act": "gelu_pytorch_tanh""#,
         r#""mlp_bias": true"#,
