@@ -197,12 +197,6 @@ pub(crate) async fn embeddings(
             ))
         }
     };
-    if req.dimensions.is_some() {
-        return Err(ApiError::invalid_param(
-            "dimensions",
-            format!("Model \"{model}\" does not support matryoshka representation: `dimensions` cannot change its output size."),
-        ));
-    }
     let truncation = parse_truncation(req.truncate_prompt_tokens, limits)?;
     let inputs = parse_text_or_tokens(
         req.input.as_ref(),

@@ -164,18 +164,9 @@ pub(crate) async fn chat_completions(
     let id = response_id("chatcmpl", header_id, &validated);
     let request = build_request(id.clone(), ids, &validated.params, state.limits, "messages")?;
     let requests = constrain(state, &validated, vec![request]).await?;
-    let echo = vec![echo.filter(|_| validated.output.echo)];
-    start(
-        state,
-        Kind::Chat,
-        id,
-        model,
-        validated,
-        requests,
-        echo,
-        origin,
-    )
-    .await
+    let echo = echo.filter(|_| validated.output.echo);
+    let prompts = requests.into_iter().map(|r| (r, echo.clone())).collect();
+    start(state, Kind::Chat, id, model, validated, prompts, origin).await
 }
 
 /// `POST /v1/completions`. `header_id` is the client's `X-Request-Id`.
@@ -185,14 +176,7 @@ pub(crate) async fn completions(
     origin: Origin,
     header_id: Option<&str>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: CompletionRequest = parse_request(body, Endpoint::Completions)?;
-    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
-    require_generative_model(state, "/v1/completions")?;
-    let mut validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
-    state
-        .cfg
-        .defaults
-        .apply(&req.common, req.common.max_tokens.is_some(), &mut validated);
+    let (req, model, mut validated) = completion_input(state, body, "/v1/completions")?;
     check_origin(origin, &validated)?;
     tokenize_bad_words(state, &mut validated).await?;
     let (all_ids, echo) = completion_prompt_ids(state, &req, &validated).await?;
@@ -214,17 +198,35 @@ pub(crate) async fn completions(
         )?);
     }
     let requests = constrain(state, &validated, requests).await?;
+    let prompts = requests.into_iter().zip(echo).collect();
     start(
         state,
         Kind::Completion,
         id,
         model,
         validated,
-        requests,
-        echo,
+        prompts,
         origin,
     )
     .await
+}
+
+/// A completion request parsed and validated (with the server's sampling defaults): the
+/// request, the served model name and the validated parameters.
+fn completion_input(
+    state: &AppState,
+    body: &[u8],
+    endpoint: &str,
+) -> Result<(CompletionRequest, String, Validated), ApiError> {
+    let req: CompletionRequest = parse_request(body, Endpoint::Completions)?;
+    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    require_generative_model(state, endpoint)?;
+    let mut validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
+    state
+        .cfg
+        .defaults
+        .apply(&req.common, req.common.max_tokens.is_some(), &mut validated);
+    Ok((req, model, validated))
 }
 
 /// A chat request parsed, validated and rendered to token ids.
@@ -357,14 +359,7 @@ pub(crate) async fn render_completions(
     state: &Arc<AppState>,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: CompletionRequest = parse_request(body, Endpoint::Completions)?;
-    let model = resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
-    require_generative_model(state, "/v1/completions/render")?;
-    let mut validated = completion_params(&req, state.limits, state.engine.scheduling_policy())?;
-    state
-        .cfg
-        .defaults
-        .apply(&req.common, req.common.max_tokens.is_some(), &mut validated);
+    let (req, model, validated) = completion_input(state, body, "/v1/completions/render")?;
     let (all_ids, _) = completion_prompt_ids(state, &req, &validated).await?;
     let id = random_id("cmpl");
     let out: Vec<serde_json::Value> = all_ids
@@ -408,24 +403,21 @@ async fn constrain(
         .collect())
 }
 
-/// Submit every prompt to the engine and answer (stream or not). If any submission fails the
-/// ones already submitted are dropped, which aborts them.
-#[allow(clippy::too_many_arguments)]
+/// Submit every prompt (each with the text `echo` repeats) to the engine and answer (stream or
+/// not). If any submission fails the ones already submitted are dropped, which aborts them.
 async fn start(
     state: &Arc<AppState>,
     kind: Kind,
     id: String,
     model: String,
     validated: Validated,
-    requests: Vec<GenerateRequest>,
-    echo: Vec<Option<String>>,
+    prompts: Vec<(GenerateRequest, Option<String>)>,
     origin: Origin,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let mut streams = Vec::with_capacity(requests.len());
-    for (request, echo) in requests
-        .into_iter()
-        .zip(echo.into_iter().chain(std::iter::repeat(None)))
-    {
+    // The prompt's ids are kept only for what the response repeats of them.
+    let keep_ids = validated.output.token_ids || validated.output.echo_logprobs.is_some();
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (request, echo) in prompts {
         let mut request = match origin {
             Origin::Http => request.with_priority(validated.priority),
             Origin::Batch => request.with_priority(validated.priority).in_background(),
@@ -434,7 +426,8 @@ async fn start(
             request = request.with_cache_salt(salt.as_str());
         }
         let prompt = PromptInfo {
-            ids: request.prompt_token_ids().to_vec(),
+            len: request.prompt_token_ids().len(),
+            ids: keep_ids.then(|| request.prompt_token_ids().to_vec()),
             echo,
         };
         streams.push((state.engine.generate(request)?, prompt));

@@ -125,8 +125,6 @@ pub struct CompletionRequest {
     pub prompt: Option<Value>,
     #[serde(flatten)]
     pub common: CommonFields,
-    /// Refused when set (see `crate::fields`).
-    pub suffix: Option<String>,
     /// Number of top alternatives per token (0 = only the chosen token's logprob).
     pub logprobs: Option<i64>,
     /// vLLM extension: add the BOS token when tokenizing text prompts (default true).
@@ -468,8 +466,6 @@ pub struct EmbeddingRequest {
     pub input: Option<Value>,
     /// `float` (default) or `base64` (little-endian float32).
     pub encoding_format: Option<String>,
-    /// Only for matryoshka models, which spindle has none of: always a 400.
-    pub dimensions: Option<i64>,
     /// Truncate each input to this many tokens (-1: the model's limit) instead of refusing it.
     pub truncate_prompt_tokens: Option<i64>,
     pub user: Option<String>,

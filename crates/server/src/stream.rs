@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 use spindle_engine::{
     ChoiceDelta, EngineEvent, FinishReason, PromptTokenLogprob, RequestStream, StepLogprobs,
-    StopReason,
+    StopReason, TokenLogprob,
 };
 use spindle_model::TokenizerBundle;
 
@@ -75,8 +75,11 @@ pub struct OutputOptions {
 /// What the response may repeat of one prompt.
 #[derive(Debug, Clone, Default)]
 pub struct PromptInfo {
-    /// The prompt's token ids.
-    pub ids: Vec<u32>,
+    /// Prompt tokens (usage, metrics).
+    pub len: usize,
+    /// The prompt's token ids, kept only when the response repeats them (`return_token_ids`,
+    /// echoed logprobs).
+    pub ids: Option<Vec<u32>>,
     /// The text `echo` puts before the output.
     pub echo: Option<String>,
 }
@@ -90,7 +93,7 @@ struct Slot {
 
 impl Slot {
     fn prompt_tokens(&self) -> usize {
-        self.prompt.ids.len()
+        self.prompt.len
     }
 }
 
@@ -343,56 +346,65 @@ impl Generation {
     ) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
         for s in steps {
-            let (token, _) = self.token_text(s.chosen.token_id);
-            let mut top = std::collections::BTreeMap::new();
-            for t in &s.top {
-                let (tok, _) = self.token_text(t.token_id);
-                top.entry(tok).or_insert(clamp_logprob(t.logprob));
-            }
-            top.entry(token.clone())
-                .or_insert(clamp_logprob(s.chosen.logprob));
-            out.text_offset.push(*offset);
-            *offset += token.chars().count();
-            out.tokens.push(token);
-            out.token_logprobs
-                .push(Some(clamp_logprob(s.chosen.logprob)));
-            out.top_logprobs.push(Some(top));
+            self.push_completion_token(
+                &mut out,
+                offset,
+                s.chosen.token_id,
+                Some((&s.chosen, &s.top)),
+            );
         }
         out
+    }
+
+    /// One token in completions' logprobs format: its text and offset, and (unless it is an
+    /// echoed prompt's first token, which has none) its logprob and the map of the top
+    /// alternatives plus itself.
+    fn push_completion_token(
+        &self,
+        out: &mut CompletionLogprobs,
+        offset: &mut usize,
+        id: u32,
+        scored: Option<(&TokenLogprob, &[TokenLogprob])>,
+    ) {
+        let (token, _) = self.token_text(id);
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        match scored {
+            Some((chosen, top)) => {
+                let mut map = std::collections::BTreeMap::new();
+                for t in top {
+                    let (tok, _) = self.token_text(t.token_id);
+                    map.entry(tok).or_insert(clamp_logprob(t.logprob));
+                }
+                map.entry(token.clone())
+                    .or_insert(clamp_logprob(chosen.logprob));
+                out.token_logprobs.push(Some(clamp_logprob(chosen.logprob)));
+                out.top_logprobs.push(Some(map));
+            }
+            None => {
+                out.token_logprobs.push(None);
+                out.top_logprobs.push(None);
+            }
+        }
+        out.tokens.push(token);
     }
 
     // ----- the prompt: echo, prompt logprobs, prompt ids -----
 
     /// An echoed prompt in completions' logprobs format: every prompt token, the first with
     /// null logprobs, each later one with its logprob and the top `k` (from the engine's
-    /// prompt logprobs).
-    fn echo_logprobs(&self, slot: usize, k: usize, offset: &mut usize) -> CompletionLogprobs {
+    /// prompt logprobs). Offsets start at 0.
+    fn echo_logprobs(&self, slot: usize, k: usize) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
+        let mut offset = 0;
         let s = &self.slots[slot];
         let lps = s.prompt_logprobs.as_deref().unwrap_or_default();
-        for (i, &id) in s.prompt.ids.iter().enumerate() {
-            let (token, _) = self.token_text(id);
-            out.text_offset.push(*offset);
-            *offset += token.chars().count();
-            match lps.get(i).and_then(Option::as_ref) {
-                Some(lp) => {
-                    let mut top = std::collections::BTreeMap::new();
-                    for t in lp.top.iter().take(k) {
-                        let (tok, _) = self.token_text(t.token_id);
-                        top.entry(tok).or_insert(clamp_logprob(t.logprob));
-                    }
-                    top.entry(token.clone())
-                        .or_insert(clamp_logprob(lp.token.logprob));
-                    out.token_logprobs
-                        .push(Some(clamp_logprob(lp.token.logprob)));
-                    out.top_logprobs.push(Some(top));
-                }
-                None => {
-                    out.token_logprobs.push(None);
-                    out.top_logprobs.push(None);
-                }
-            }
-            out.tokens.push(token);
+        for (i, &id) in s.prompt.ids.iter().flatten().enumerate() {
+            let scored = lps
+                .get(i)
+                .and_then(Option::as_ref)
+                .map(|lp| (&lp.token, &lp.top[..k.min(lp.top.len())]));
+            self.push_completion_token(&mut out, &mut offset, id, scored);
         }
         out
     }
@@ -422,10 +434,10 @@ impl Generation {
     }
 
     fn prompt_ids(&self, slot: usize) -> Option<Vec<u32>> {
-        self.opts
-            .flags
-            .token_ids
-            .then(|| self.slots[slot].prompt.ids.clone())
+        if !self.opts.flags.token_ids {
+            return None;
+        }
+        self.slots[slot].prompt.ids.clone()
     }
 
     fn echo_text(&self, slot: usize) -> Option<&str> {
@@ -507,16 +519,12 @@ impl Generation {
             return None;
         }
         let text = self.echo_text(slot).unwrap_or_default().to_string();
-        let mut offset = 0;
         let logprobs = match (flags.echo, flags.echo_logprobs) {
-            (true, Some(k)) => Some(self.echo_logprobs(slot, k, &mut offset)),
+            (true, Some(k)) => Some(self.echo_logprobs(slot, k)),
             _ => None,
         };
-        self.choices[choice].text_offset = if logprobs.is_some() {
-            offset
-        } else {
-            text.chars().count()
-        };
+        // The generated tokens' offsets follow the echoed text, as in the non-streamed answer.
+        self.choices[choice].text_offset = text.chars().count();
         Some(self.completion_chunk(
             vec![CompletionChoice {
                 index: choice,
@@ -844,21 +852,32 @@ impl Generation {
         let logprobs = self.opts.logprobs;
         let flags = self.opts.flags;
         let n = self.opts.n;
-        let choices = std::mem::take(&mut self.choices);
-        let choices = choices
+        // What each prompt contributes, computed once for its `n` choices.
+        let prompts: Vec<_> = (0..self.slots.len())
+            .map(|slot| {
+                let echo = self.echo_text(slot).unwrap_or_default().to_string();
+                let echo_lp = match (flags.echo && logprobs, flags.echo_logprobs) {
+                    (true, Some(k)) => Some(self.echo_logprobs(slot, k)),
+                    (true, None) => Some(CompletionLogprobs::default()),
+                    (false, _) => None,
+                };
+                (
+                    echo,
+                    echo_lp,
+                    self.prompt_logprobs_json(slot),
+                    self.prompt_ids(slot),
+                )
+            })
+            .collect();
+        let choices = std::mem::take(&mut self.choices)
             .into_iter()
             .enumerate()
             .map(|(index, c)| {
-                let slot = index / n;
-                let echo = self.echo_text(slot).unwrap_or_default().to_string();
+                let (echo, echo_lp, prompt_logprobs, prompt_token_ids) = &prompts[index / n];
                 let mut lp = c.completion_logprobs;
-                if flags.echo && logprobs {
+                if let Some(all) = echo_lp {
                     // The prompt's tokens come first; the generated offsets follow the echo.
-                    let mut offset = 0;
-                    let mut all = match flags.echo_logprobs {
-                        Some(k) => self.echo_logprobs(slot, k, &mut offset),
-                        None => CompletionLogprobs::default(),
-                    };
+                    let mut all = all.clone();
                     let shift = echo.chars().count();
                     all.tokens.extend(lp.tokens);
                     all.token_logprobs.extend(lp.token_logprobs);
@@ -869,12 +888,16 @@ impl Generation {
                 }
                 CompletionChoice {
                     index,
-                    text: if flags.echo { echo + &c.text } else { c.text },
+                    text: if flags.echo {
+                        format!("{echo}{}", c.text)
+                    } else {
+                        c.text
+                    },
                     logprobs: logprobs.then_some(lp),
                     finish_reason: c.finish_reason.map(|r| r.as_str().to_string()),
                     stop_reason: Some(stop_reason_value(&c.stop_reason)),
-                    prompt_logprobs: self.prompt_logprobs_json(slot),
-                    prompt_token_ids: self.prompt_ids(slot),
+                    prompt_logprobs: prompt_logprobs.clone(),
+                    prompt_token_ids: prompt_token_ids.clone(),
                     token_ids: flags.token_ids.then_some(c.token_ids),
                 }
             })

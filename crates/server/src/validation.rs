@@ -302,18 +302,13 @@ pub fn chat_params(
     Ok(v)
 }
 
-/// Validate a text-completion request's sampling fields (`echo`/`suffix` are rejected).
+/// Validate a text-completion request's sampling fields (`suffix` and the other refused fields
+/// are 400s of [`parse_request`]'s field check).
 pub fn completion_params(
     req: &CompletionRequest,
     limits: ModelLimits,
     policy: SchedulingPolicy,
 ) -> Result<Validated, ApiError> {
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid_param(
-            "suffix",
-            "`suffix` is not supported by this server: fill-in-the-middle is not implemented.",
-        ));
-    }
     let echo = req.common.echo == Some(true);
     // `echo` with `max_tokens: 0` scores the prompt (lm-eval's log-likelihood requests): the
     // engine runs one token that the answer drops.
@@ -989,7 +984,10 @@ mod tests {
     }
 
     fn completion(body: Value) -> Result<Validated, ApiError> {
-        let req: CompletionRequest = parse_json(body.to_string().as_bytes())?;
+        let req: CompletionRequest = parse_request(
+            body.to_string().as_bytes(),
+            crate::fields::Endpoint::Completions,
+        )?;
         completion_params(&req, LIMITS, SchedulingPolicy::Fcfs)
     }
 

@@ -138,6 +138,33 @@ async fn echo_and_prompt_logprobs_score_the_prompt() {
         .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert!(all.starts_with(PROMPT));
+
+    // Echoed logprobs streamed read as the non-streamed answer: same tokens, logprobs, offsets.
+    let body =
+        json!({"prompt": PROMPT, "echo": true, "logprobs": 1, "max_tokens": 3, "temperature": 0});
+    let whole =
+        completion(&post(a, "/v1/completions", &body).await)["choices"][0]["logprobs"].clone();
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let text = post(a, "/v1/completions", &streamed_body).await.text();
+    let (mut tokens, mut offsets, mut lps) = (Vec::new(), Vec::new(), Vec::new());
+    for data in text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let lp = &chunk["choices"][0]["logprobs"];
+        for (key, out) in [
+            ("tokens", &mut tokens),
+            ("text_offset", &mut offsets),
+            ("token_logprobs", &mut lps),
+        ] {
+            out.extend(lp[key].as_array().cloned().unwrap_or_default());
+        }
+    }
+    assert_eq!(Value::from(tokens), whole["tokens"]);
+    assert_eq!(Value::from(offsets), whole["text_offset"]);
+    assert_eq!(Value::from(lps), whole["token_logprobs"]);
     server.shutdown().await;
 }
 
