@@ -6,12 +6,18 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use spindle_model::attention::cpu::CpuAttention;
-use spindle_model::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
+use spindle_model::{
+    AttentionBackend, AttentionMetadata, CacheShape, LayerAttention, SequenceSlice,
+};
 
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;
 const BLOCK: usize = 16;
+
+fn how() -> LayerAttention {
+    LayerAttention::causal(HEAD_DIM)
+}
 
 /// A cache large enough for `seqs` sequences of `context` tokens, each on its own blocks.
 fn backend(seqs: usize, context: usize) -> CpuAttention {
@@ -70,7 +76,7 @@ fn decode(c: &mut Criterion) {
         let (fq, fk, fv) = qkv(batch * context);
         attn.begin_step(&metadata(batch, context, context), HEADS)
             .expect("fill step");
-        attn.attend(0, &fq, &fk, &fv).expect("fill");
+        attn.attend(0, &how(), &fq, &fk, &fv).expect("fill");
         // One step, timed per layer (the step's validation runs once, in begin_step).
         attn.begin_step(&metadata(batch, context, 1), HEADS)
             .expect("decode step");
@@ -79,7 +85,7 @@ fn decode(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new(format!("batch{batch}"), format!("ctx{context}")),
             &(),
-            |b, _| b.iter(|| attn.attend(0, &q, &k, &v).expect("attend")),
+            |b, _| b.iter(|| attn.attend(0, &how(), &q, &k, &v).expect("attend")),
         );
     }
     g.finish();
@@ -97,7 +103,7 @@ fn prefill(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("len{len}")),
             &(),
-            |b, _| b.iter(|| attn.attend(0, &q, &k, &v).expect("attend")),
+            |b, _| b.iter(|| attn.attend(0, &how(), &q, &k, &v).expect("attend")),
         );
     }
     g.finish();

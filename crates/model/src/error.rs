@@ -25,7 +25,10 @@ pub enum ModelError {
         tensor: String,
         dtype: String,
     },
-    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    #[error(
+        "unsupported architecture '{0}' (supported: {list})",
+        list = crate::config::Architecture::supported_list()
+    )]
     UnsupportedArchitecture(String),
     #[error("invalid model configuration: {0}")]
     Config(String),

@@ -175,6 +175,14 @@ impl GgufFile {
     pub fn config(&mut self) -> Result<ModelConfig> {
         let arch_name = self.architecture_name()?;
         let architecture = Architecture::parse(&arch_name)?;
+        if !matches!(
+            architecture,
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
+        ) {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF files of {arch_name} are not supported yet (its Hugging Face directory is)"
+            )));
+        }
         let key = |k: &str| format!("{arch_name}.{k}");
         let hidden_size = self.usize_req(&key("embedding_length"))?;
         let num_heads = self.usize_req(&key("attention.head_count"))?;
@@ -207,11 +215,13 @@ impl GgufFile {
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             // Llama 3.x GGUFs bake the scaling into a `rope_freqs` tensor instead.
             rope_scaling: None,
+            local_rope: None,
             rope_freq_factors: self.rope_freq_factors(head_dim)?,
             max_position_embeddings: self.usize_opt(&key("context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !self.has_tensor("output.weight"),
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
             qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+            family: Default::default(),
         };
         config.validate()?;
         Ok(config)

@@ -24,9 +24,11 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use attention::kv_dtype::{KvCacheDtypeChoice, KvDtype};
-pub use attention::{AttentionBackend, AttentionMetadata, CacheShape, SequenceSlice};
+pub use attention::{
+    AttentionBackend, AttentionMetadata, CacheShape, LayerAttention, SequenceSlice,
+};
 pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
-pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
+pub use config::{Architecture, FamilyTraits, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use cpu_bf16::CpuArithmetic;
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;

@@ -1,12 +1,15 @@
-//! One decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3): a plain struct with `load`
-//! and `forward`. The forward pass takes a flattened batch (all sequences' new tokens in one
-//! `[tokens, hidden]` matrix), so projections and MLPs run as single large matmuls, and only
-//! attention looks at sequence boundaries, through the [`AttentionBackend`].
+//! One decoder for every dense family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, OLMo 2,
+//! Granite): a plain struct with `load` and `forward`. The families differ in a few switches
+//! ([`crate::config::FamilyTraits`]): where the norms sit, the activation, multipliers,
+//! soft-caps and which layers slide or skip rope. The forward pass takes a flattened batch (all
+//! sequences' new tokens in one `[tokens, hidden]` matrix), so projections and MLPs run as single
+//! large matmuls, and only attention looks at sequence boundaries, through the
+//! [`AttentionBackend`].
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{AttentionBackend, AttentionMetadata};
-use crate::config::ModelConfig;
+use crate::attention::{AttentionBackend, AttentionMetadata, LayerAttention};
+use crate::config::{Activation, BlockNorms, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
@@ -23,15 +26,33 @@ pub struct ForwardBatch {
     pub logit_rows: Vec<u32>,
 }
 
+/// Which rope table a layer uses.
+#[derive(Clone, Copy)]
+enum LayerRope {
+    Global,
+    /// Gemma 3's sliding layers.
+    Local,
+    /// SmolLM3's NoPE layers.
+    None,
+}
+
 struct Layer {
-    input_norm: Tensor,
+    /// Before attention (absent in OLMo 2's post-norm blocks).
+    input_norm: Option<Tensor>,
     /// q, k and v projections fused into one `[q + 2 kv, hidden]` matrix.
     qkv: LinearWeight,
     qkv_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     o_proj: LinearWeight,
-    post_norm: Tensor,
+    /// On the attention output, before the residual add (Gemma, OLMo 2).
+    post_attn_norm: Option<Tensor>,
+    /// Before the MLP (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    pre_mlp_norm: Option<Tensor>,
+    /// On the MLP output, before the residual add (Gemma, OLMo 2).
+    post_mlp_norm: Option<Tensor>,
+    attention: LayerAttention,
+    rope: LayerRope,
     /// gate and up projections fused into one `[2 * intermediate, hidden]` matrix.
     gate_up: LinearWeight,
     down: LinearWeight,
@@ -45,6 +66,8 @@ pub struct LlamaModel {
     norm: Tensor,
     lm_head: LinearWeight,
     rope: RotaryEmbedding,
+    /// Gemma 3's sliding layers' table.
+    local_rope: Option<RotaryEmbedding>,
     device: Device,
     dtype: DType,
     /// How the CPU linear layers multiply (from the weight source).
@@ -77,11 +100,19 @@ impl LlamaModel {
             c.num_kv_heads * c.head_dim,
         );
         let total = c.num_layers + 2;
+        let prefix = "model";
         let embed = weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
+        let f = &c.family;
+        let plus_one = f.norm_plus_one;
+        // Gemma stores norm weights as `w - 1`.
+        let norm = |w: &mut dyn WeightSource, name: &str, len: usize| -> Result<Tensor> {
+            let t = w.get(name, &[len])?;
+            Ok(if plus_one { (t + 1.0)? } else { t })
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}.layers.{i}");
             let q = weights.get_linear(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
             let k = weights.get_linear(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?;
             let v = weights.get_linear(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?;
@@ -94,9 +125,14 @@ impl LlamaModel {
                 None
             };
             let (q_norm, k_norm) = if c.qk_norm {
+                let (qn, kn) = if f.qk_norm_whole {
+                    (q_dim, kv_dim)
+                } else {
+                    (c.head_dim, c.head_dim)
+                };
                 (
-                    Some(weights.get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?),
-                    Some(weights.get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?),
+                    Some(norm(weights, &format!("{p}.self_attn.q_norm.weight"), qn)?),
+                    Some(norm(weights, &format!("{p}.self_attn.k_norm.weight"), kn)?),
                 )
             } else {
                 (None, None)
@@ -109,14 +145,52 @@ impl LlamaModel {
                 &format!("{p}.mlp.up_proj.weight"),
                 &[c.intermediate_size, h],
             )?;
+            let mut named = |suffix: &str| norm(weights, &format!("{p}.{suffix}.weight"), h);
+            let (input_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm) = match f.norms {
+                BlockNorms::Pre => (
+                    Some(named("input_layernorm")?),
+                    None,
+                    Some(named("post_attention_layernorm")?),
+                    None,
+                ),
+                BlockNorms::Sandwich => (
+                    Some(named("input_layernorm")?),
+                    Some(named("post_attention_layernorm")?),
+                    Some(named("pre_feedforward_layernorm")?),
+                    Some(named("post_feedforward_layernorm")?),
+                ),
+                BlockNorms::Post => (
+                    None,
+                    Some(named("post_attention_layernorm")?),
+                    None,
+                    Some(named("post_feedforward_layernorm")?),
+                ),
+            };
+            let kind = f.layer(i);
+            let attention = LayerAttention {
+                scale: f
+                    .attention_scale
+                    .map_or(1.0 / (c.head_dim as f32).sqrt(), |s| s as f32),
+                softcap: f.attn_softcap.map(|x| x as f32),
+                window: f.sliding_window.filter(|_| kind.sliding),
+            };
+            let rope = match (kind.rope, kind.sliding && c.local_rope.is_some()) {
+                (false, _) => LayerRope::None,
+                (true, true) => LayerRope::Local,
+                (true, false) => LayerRope::Global,
+            };
             layers.push(Layer {
-                input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_norm,
                 qkv: LinearWeight::concat(&[q, k, v], dtype, device)?,
                 qkv_bias,
                 q_norm,
                 k_norm,
                 o_proj: weights.get_linear(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
-                post_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attn_norm,
+                pre_mlp_norm,
+                post_mlp_norm,
+                attention,
+                rope,
                 gate_up: LinearWeight::concat(&[gate, up], dtype, device)?,
                 down: weights.get_linear(
                     &format!("{p}.mlp.down_proj.weight"),
@@ -125,7 +199,7 @@ impl LlamaModel {
             });
             progress(i + 2, total);
         }
-        let norm = weights.get("model.norm.weight", &[h])?;
+        let norm = norm(weights, "model.norm.weight", h)?;
         let lm_head = if !c.tie_word_embeddings && weights.contains("lm_head.weight") {
             weights.get_linear("lm_head.weight", &[c.vocab_size, h])?
         } else if weights.keeps_quantized() {
@@ -136,6 +210,17 @@ impl LlamaModel {
         };
         progress(total, total);
         let rope = RotaryEmbedding::new(c, max_positions, dtype, device)?;
+        let local_rope = match &c.local_rope {
+            Some(spec) => Some(RotaryEmbedding::from_spec(
+                c.head_dim,
+                spec,
+                None,
+                max_positions,
+                dtype,
+                device,
+            )?),
+            None => None,
+        };
         Ok(Self {
             config,
             embed,
@@ -143,6 +228,7 @@ impl LlamaModel {
             norm,
             lm_head,
             rope,
+            local_rope,
             device: device.clone(),
             dtype,
             arithmetic: weights.arithmetic(),
@@ -202,43 +288,85 @@ impl LlamaModel {
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
 
         attention.begin_step(&batch.attention, c.num_heads)?;
+        let f = &c.family;
+        let norm = |x: &Tensor, w: &Tensor| candle_nn::ops::rms_norm(x, w, eps);
+        // Granite scales each sublayer's output before the residual add.
+        let residual = |x: Tensor, out: Tensor| -> Result<Tensor> {
+            Ok(match f.residual_scale {
+                Some(s) => (x + (out * s)?)?,
+                None => (x + out)?,
+            })
+        };
         let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(s) = f.embedding_scale {
+            // Gemma multiplies by sqrt(hidden) rounded to the weights' dtype, as transformers.
+            let s = Tensor::new(s as f32, &self.device)?.to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&s)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let h = match &layer.input_norm {
+                Some(w) => norm(&x, w)?,
+                None => x.clone(),
+            };
             let mut qkv = linear(&h, &layer.qkv)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
-            let mut q = qkv
-                .narrow(1, 0, q_dim)?
-                .reshape((tokens, c.num_heads, c.head_dim))?;
-            let mut k =
-                qkv.narrow(1, q_dim, kv_dim)?
-                    .reshape((tokens, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.reshape((
-                tokens,
-                c.num_kv_heads,
-                c.head_dim,
-            ))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
-                k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
+            let mut q = qkv.narrow(1, 0, q_dim)?;
+            let mut k = qkv.narrow(1, q_dim, kv_dim)?;
+            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+            if let (Some(qn), Some(kn), true) = (&layer.q_norm, &layer.k_norm, f.qk_norm_whole) {
+                q = norm(&q.contiguous()?, qn)?;
+                k = norm(&k.contiguous()?, kn)?;
             }
-            let (q, k) = self.rope.apply(&q, &k, &positions)?;
-            let attn = attention.attend(i, &q, &k, &v.contiguous()?)?;
-            let attn = attn.reshape((tokens, q_dim))?;
-            x = (x + linear(&attn, &layer.o_proj)?)?;
+            let mut q = q.reshape((tokens, c.num_heads, c.head_dim))?;
+            let mut k = k.reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            let v = v.reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            if let (Some(qn), Some(kn), false) = (&layer.q_norm, &layer.k_norm, f.qk_norm_whole) {
+                q = norm(&q.contiguous()?, qn)?;
+                k = norm(&k.contiguous()?, kn)?;
+            }
+            let (q, k) = match (layer.rope, &self.local_rope) {
+                (LayerRope::None, _) => (q.contiguous()?, k.contiguous()?),
+                (LayerRope::Local, Some(local)) => local.apply(&q, &k, &positions)?,
+                _ => self.rope.apply(&q, &k, &positions)?,
+            };
+            let attn = attention.attend(i, &layer.attention, &q, &k, &v.contiguous()?)?;
+            let mut attn = linear(&attn.reshape((tokens, q_dim))?, &layer.o_proj)?;
+            if let Some(w) = &layer.post_attn_norm {
+                attn = norm(&attn, w)?;
+            }
+            x = residual(x, attn)?;
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let h = match &layer.pre_mlp_norm {
+                Some(w) => norm(&x, w)?,
+                None => x.clone(),
+            };
             let gate_up = linear(&h, &layer.gate_up)?;
             let inter = c.intermediate_size;
-            let act = crate::cpu_ops::silu_and_mul(&gate_up, inter)?;
-            x = (x + linear(&act, &layer.down)?)?;
+            let act = match f.activation {
+                Activation::Silu => crate::cpu_ops::silu_and_mul(&gate_up, inter)?,
+                Activation::GeluTanh => {
+                    let gate = gate_up.narrow(1, 0, inter)?.gelu()?;
+                    (gate * gate_up.narrow(1, inter, inter)?)?
+                }
+            };
+            let mut mlp = linear(&act, &layer.down)?;
+            if let Some(w) = &layer.post_mlp_norm {
+                mlp = norm(&mlp, w)?;
+            }
+            x = residual(x, mlp)?;
         }
         let rows = Tensor::new(batch.logit_rows.as_slice(), &self.device)?;
         let last = x.index_select(&rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = linear(&last, &self.lm_head)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        let last = norm(&last, &self.norm)?;
+        let mut logits = linear(&last, &self.lm_head)?.to_dtype(DType::F32)?;
+        if let Some(d) = f.logits_divisor {
+            logits = (logits / d)?;
+        }
+        if let Some(cap) = f.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::config::{ModelConfig, RopeScaling, RopeSpec, YarnRopeScaling};
 use crate::error::Result;
 
 /// Precomputed cos/sin tables, `[max_positions, head_dim / 2]`.
@@ -13,23 +13,28 @@ pub struct RotaryEmbedding {
     sin: Tensor,
 }
 
-/// Inverse frequencies, with Llama-3's frequency-dependent scaling when configured, or divided
-/// by a GGUF's per-frequency factors (`rope_freqs.weight`, llama.cpp's form of the same).
+/// Inverse frequencies under `scaling` (llama3, linear or YaRN), or divided by a GGUF's
+/// per-frequency factors (`rope_freqs.weight`, llama.cpp's form of the llama3 scaling).
 pub fn inverse_frequencies(
     head_dim: usize,
     theta: f64,
-    scaling: Option<&Llama3RopeScaling>,
+    scaling: Option<&RopeScaling>,
     freq_factors: Option<&[f64]>,
 ) -> Vec<f64> {
+    let plain = |i: usize| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+    if let Some(RopeScaling::Yarn(y)) = scaling {
+        return yarn_frequencies(head_dim, theta, y);
+    }
     (0..head_dim / 2)
         .map(|i| {
-            let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let freq = plain(i);
             if let Some(f) = freq_factors.and_then(|f| f.get(i)) {
                 return freq / f;
             }
             match scaling {
-                None => freq,
-                Some(s) => {
+                None | Some(RopeScaling::Yarn(_)) => freq,
+                Some(RopeScaling::Linear { factor }) => freq / factor,
+                Some(RopeScaling::Llama3(s)) => {
                     let original = s.original_max_position_embeddings as f64;
                     let low_wavelen = original / s.low_freq_factor;
                     let high_wavelen = original / s.high_freq_factor;
@@ -49,20 +54,76 @@ pub fn inverse_frequencies(
         .collect()
 }
 
+/// YaRN's blend of interpolated (`freq / factor`) and original frequencies: dimensions that
+/// rotate fewer than `beta_slow` times over the original context are interpolated, more than
+/// `beta_fast` times kept, with a linear ramp between (as transformers computes it).
+fn yarn_frequencies(head_dim: usize, theta: f64, y: &YarnRopeScaling) -> Vec<f64> {
+    let dim = head_dim as f64;
+    let original = y.original_max_position_embeddings as f64;
+    let correction_dim = |rotations: f64| {
+        dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..head_dim / 2)
+        .map(|i| {
+            // transformers computes the ramp and the frequencies in f32.
+            let pos_freq = (theta as f32).powf((2 * i) as f32 / head_dim as f32) as f64;
+            let extrapolation = 1.0 / pos_freq;
+            let interpolation = 1.0 / (y.factor * pos_freq);
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let keep = 1.0 - ramp;
+            interpolation * (1.0 - keep) + extrapolation * keep
+        })
+        .collect()
+}
+
 impl RotaryEmbedding {
+    /// The table of the model's (full-attention layers') rope.
     pub fn new(
         config: &ModelConfig,
         max_positions: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = config.head_dim / 2;
-        let inv = inverse_frequencies(
+        let spec = RopeSpec {
+            theta: config.rope_theta,
+            scaling: config.rope_scaling,
+        };
+        let factors = config.rope_freq_factors.as_deref();
+        Self::from_spec(
             config.head_dim,
-            config.rope_theta,
-            config.rope_scaling.as_ref(),
-            config.rope_freq_factors.as_deref(),
-        );
+            &spec,
+            factors,
+            max_positions,
+            dtype,
+            device,
+        )
+    }
+
+    /// A table for `spec` (Gemma 3's local layers have their own).
+    pub fn from_spec(
+        head_dim: usize,
+        spec: &RopeSpec,
+        freq_factors: Option<&[f64]>,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv = inverse_frequencies(head_dim, spec.theta, spec.scaling.as_ref(), freq_factors);
+        // YaRN scales cos and sin (its "attention factor").
+        let gain = match &spec.scaling {
+            Some(RopeScaling::Yarn(y)) => y.attention_factor as f32,
+            _ => 1.0,
+        };
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
@@ -70,8 +131,8 @@ impl RotaryEmbedding {
                 // Angles in f64 then rounded once, as the reference computes them in fp32 from
                 // fp32 frequencies; the difference is far below the golden tolerance.
                 let angle = (pos as f32) * (*f as f32);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * gain);
+                sin.push(angle.sin() * gain);
             }
         }
         let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;

@@ -387,7 +387,9 @@ fn llama3_rope_scaling_is_parsed() {
         "LlamaForCausalLM",
         r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
     );
-    let s = c.rope_scaling.expect("llama3 scaling");
+    let Some(spindle_model::RopeScaling::Llama3(s)) = c.rope_scaling else {
+        panic!("llama3 scaling: {:?}", c.rope_scaling)
+    };
     assert_eq!(s.factor, 8.0);
     assert_eq!(s.original_max_position_embeddings, 8192);
 }
@@ -429,11 +431,17 @@ fn settings_not_understood_are_refused() {
         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256"#;
     for extra in [
-        r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}"#,
-        r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+        r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "extra": 1}"#,
+        r#""rope_scaling": {"type": "linear"}"#,
+        r#""rope_scaling": {"type": "longrope", "factor": 2.0}"#,
         r#""rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}"#,
         r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
         r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32}"#,
+        r#""rope_local_base_freq": 10000.0"#,
+        r#""query_pre_attn_scalar": 256"#,
+        r#""logits_scaling": 8.0"#,
+        r#""layer_types": ["full_attention"]"#,
+        r#""sliding_window": 0"#,
         r#""rope_parameters": {"rope_theta": 10000.0, "factor": 8.0}"#,
         r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}"#,
         r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, "rope_parameters": {"rope_type": "default"}"#,
@@ -456,17 +464,24 @@ fn settings_not_understood_are_refused() {
         r#""attn_logit_softcapping": null"#,
         r#""rope_scaling": null"#,
         r#""partial_rotary_factor": 1.0"#,
+        r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}"#,
+        r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
     ] {
         let json = format!("{base}, {extra}}}");
         assert!(ModelConfig::from_hf_json(&json).is_ok(), "refused: {extra}");
     }
 }
 
-/// A sliding window in force caps the context at the window (exact attention there, as vLLM's
+/// Mistral's window is run for real (every layer slides; the context is not capped); a Qwen
+/// window in force is not run, so it caps the context (exact attention there, as vLLM's
 /// --disable-sliding-window); a window Qwen does not use leaves it alone.
 #[test]
-fn a_sliding_window_caps_the_context() {
+fn sliding_windows_slide_or_cap_the_context() {
     let c = tiny_config("MistralForCausalLM", r#", "sliding_window": 128"#);
+    assert_eq!(c.max_position_embeddings, 256);
+    assert_eq!(c.family.sliding_window, Some(128));
+    assert!(c.family.all_sliding(c.num_layers));
+    let c = tiny_config("Qwen2ForCausalLM", r#", "sliding_window": 128"#);
     assert_eq!(c.max_position_embeddings, 128);
     let c = tiny_config(
         "Qwen2ForCausalLM",
@@ -475,6 +490,7 @@ fn a_sliding_window_caps_the_context() {
     assert_eq!(c.max_position_embeddings, 256);
     let c = tiny_config("MistralForCausalLM", r#", "sliding_window": null"#);
     assert_eq!(c.max_position_embeddings, 256);
+    assert_eq!(c.family.sliding_window, None);
 }
 
 /// llama.cpp's `rope_freqs.weight` for a Llama 3.x model holds, per frequency, the divisor that
@@ -483,12 +499,12 @@ fn a_sliding_window_caps_the_context() {
 #[test]
 fn gguf_rope_freq_factors_reproduce_llama3_scaling() {
     use spindle_model::rope::inverse_frequencies;
-    let scaling = spindle_model::Llama3RopeScaling {
+    let scaling = spindle_model::RopeScaling::Llama3(spindle_model::Llama3RopeScaling {
         factor: 32.0,
         low_freq_factor: 1.0,
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8192,
-    };
+    });
     let (head_dim, theta) = (64, 500000.0);
     let plain = inverse_frequencies(head_dim, theta, None, None);
     let scaled = inverse_frequencies(head_dim, theta, Some(&scaling), None);

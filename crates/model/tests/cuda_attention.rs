@@ -15,7 +15,7 @@ use spindle_model::attention::cpu::CpuAttention;
 use spindle_model::attention::cuda::CudaAttention;
 use spindle_model::{
     AttentionBackend, AttentionMetadata, CacheShape, DTypeChoice, DeviceChoice, ForwardBatch,
-    LlamaModel, LoadFormat, LoadOptions, SequenceSlice,
+    LayerAttention, LlamaModel, LoadFormat, LoadOptions, SequenceSlice,
 };
 
 fn gpu(test: &str) -> Option<Device> {
@@ -176,6 +176,7 @@ fn cuda_attention_matches_cpu_across_steps() {
                         let cpu_out = cpu
                             .attend(
                                 layer,
+                                &LayerAttention::causal(head_dim),
                                 &make(&qd, num_heads, &Device::Cpu),
                                 &make(&kd, num_kv_heads, &Device::Cpu),
                                 &make(&vd, num_kv_heads, &Device::Cpu),
@@ -184,6 +185,7 @@ fn cuda_attention_matches_cpu_across_steps() {
                         let gpu_out = gpu_backend
                             .attend(
                                 layer,
+                                &LayerAttention::causal(head_dim),
                                 &make(&qd, num_heads, &dev),
                                 &make(&kd, num_kv_heads, &dev),
                                 &make(&vd, num_kv_heads, &dev),

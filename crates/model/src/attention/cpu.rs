@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::kv_dtype::{Bf16, KvDtype, KvElem, F16};
-use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape};
+use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape, LayerAttention};
 use crate::error::{ModelError, Result};
 
 /// One layer's K and V in the cache's element type.
@@ -42,7 +42,6 @@ pub struct CpuAttention {
     dtype: KvDtype,
     /// Per layer: K and V, each `num_blocks * num_kv_heads * block_size * head_dim` elements.
     layers: Vec<LayerCache>,
-    scale: f32,
     /// The validated metadata of the step in flight and its query head count.
     step: Option<(AttentionMetadata, usize)>,
 }
@@ -79,12 +78,10 @@ impl CpuAttention {
                 KvDtype::F16 => LayerCache::F16(zeroed(per_layer)?, zeroed(per_layer)?),
             });
         }
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
         Ok(Self {
             shape,
             dtype,
             layers,
-            scale,
             step: None,
         })
     }
@@ -130,6 +127,16 @@ fn axpy<E: KvElem>(out: &mut [f32], w: f32, x: &[E]) {
     }
 }
 
+/// Gemma 2's soft-capping, `cap * tanh(score / cap)`, in place (a no-op without a cap).
+#[inline(always)]
+fn soft_cap(scores: &mut [f32], cap: Option<f32>) {
+    if let Some(cap) = cap {
+        for s in scores.iter_mut() {
+            *s = cap * (*s / cap).tanh();
+        }
+    }
+}
+
 /// In-place softmax of `scores`, in f32.
 #[inline(always)]
 fn softmax(scores: &mut [f32]) {
@@ -147,7 +154,8 @@ fn softmax(scores: &mut [f32]) {
 
 /// Attention of one sequence's queries for the query heads of one KV head, over the paged
 /// cache of one layer: a portable version, and an AVX-512 one for 16-token blocks and the
-/// common head sizes (the baseline x86-64 target only allows 4-wide SSE).
+/// common head sizes (the baseline x86-64 target only allows 4-wide SSE). A query at position
+/// `p` attends to keys `how.first_visible(p) ..= p`.
 struct HeadKernel<'a, E: KvElem> {
     kc: &'a [E],
     vc: &'a [E],
@@ -157,7 +165,7 @@ struct HeadKernel<'a, E: KvElem> {
     head_dim: usize,
     num_heads: usize,
     group: usize,
-    scale: f32,
+    how: LayerAttention,
 }
 
 impl<E: KvElem> HeadKernel<'_, E> {
@@ -199,22 +207,25 @@ impl<E: KvElem> HeadKernel<'_, E> {
         };
         for i in 0..seq.query_len {
             let t = seq.query_start + i;
-            let visible = first_pos + i + 1; // causal: positions 0..=first_pos+i
+            let visible = first_pos + i + 1; // causal: positions lo..=first_pos+i
+            let lo = self.how.first_visible(first_pos + i);
             for hq in 0..group {
                 let head = g * group + hq;
                 let qv = &self.qd[(t * self.num_heads + head) * hd..][..hd];
-                for (j, score) in scores[..visible].iter_mut().enumerate() {
+                let scores = &mut scores[lo..visible];
+                for (j, score) in (lo..).zip(scores.iter_mut()) {
                     let k = &self.kc[key(j)..];
                     let dot: f32 = qv
                         .iter()
                         .enumerate()
                         .map(|(d, &q)| q * k[d * bs].to_f32())
                         .sum();
-                    *score = dot * self.scale;
+                    *score = dot * self.how.scale;
                 }
-                softmax(&mut scores[..visible]);
+                soft_cap(scores, self.how.softcap);
+                softmax(scores);
                 let acc = &mut out[(i * group + hq) * hd..][..hd];
-                for (j, &w) in scores[..visible].iter().enumerate() {
+                for (j, &w) in (lo..).zip(scores.iter()) {
                     let off = value(j);
                     axpy(acc, w, &self.vc[off..off + hd]);
                 }
@@ -245,21 +256,23 @@ impl<E: KvElem> HeadKernel<'_, E> {
         for i in 0..seq.query_len {
             let t = seq.query_start + i;
             let visible = first_pos + i + 1;
+            let lo = self.how.first_visible(first_pos + i);
             let q = &self.qd[(t * self.num_heads + g * group) * hd..][..group * hd];
             let mut h0 = 0;
             while h0 < group {
                 let nh = (group - h0).min(4);
                 let (q, sc) = (&q[h0 * hd..], &mut scores[h0 * stride..]);
                 match nh {
-                    4 => self.block_scores::<4>(seq, g, q, sc, stride, visible),
-                    3 => self.block_scores::<3>(seq, g, q, sc, stride, visible),
-                    2 => self.block_scores::<2>(seq, g, q, sc, stride, visible),
-                    _ => self.block_scores::<1>(seq, g, q, sc, stride, visible),
+                    4 => self.block_scores::<4>(seq, g, q, sc, stride, lo..visible),
+                    3 => self.block_scores::<3>(seq, g, q, sc, stride, lo..visible),
+                    2 => self.block_scores::<2>(seq, g, q, sc, stride, lo..visible),
+                    _ => self.block_scores::<1>(seq, g, q, sc, stride, lo..visible),
                 }
                 h0 += nh;
             }
             for hq in 0..group {
-                let sc = &mut scores[hq * stride..hq * stride + visible];
+                let sc = &mut scores[hq * stride + lo..hq * stride + visible];
+                soft_cap(sc, self.how.softcap);
                 let inv = avx512::softmax_unnormalized(sc);
                 // Two keys per iteration into two accumulator sets: twice the FMA chains.
                 let mut acc = [[_mm512_setzero_ps(); C]; 2];
@@ -268,12 +281,12 @@ impl<E: KvElem> HeadKernel<'_, E> {
                     let off = block * self.block_stride + (g * BS + j % BS) * hd;
                     self.vc[off..off + hd].as_ptr()
                 };
-                let mut j = 0;
+                let mut j = lo;
                 while j < visible {
                     let pair = (visible - j).min(2);
                     for (u, acc) in acc.iter_mut().enumerate().take(pair) {
                         let v = value(j + u);
-                        let w = _mm512_set1_ps(sc[j + u]);
+                        let w = _mm512_set1_ps(sc[j + u - lo]);
                         for (c, a) in acc.iter_mut().enumerate() {
                             *a = _mm512_fmadd_ps(w, E::load16(v.add(16 * c)), *a);
                         }
@@ -291,8 +304,9 @@ impl<E: KvElem> HeadKernel<'_, E> {
         out
     }
 
-    /// Scaled scores of `NH` query heads (`q`, `head_dim` apart) against keys `0..visible`,
-    /// written to `scores` (rows `stride` apart); lanes past `visible` are not written.
+    /// Scaled scores of `NH` query heads (`q`, `head_dim` apart) against keys `keys`, written
+    /// to `scores` at the keys' positions (rows `stride` apart); lanes past the end are not
+    /// written, lanes before the start in its block are (and are never read).
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -303,15 +317,16 @@ impl<E: KvElem> HeadKernel<'_, E> {
         q: &[f32],
         scores: &mut [f32],
         stride: usize,
-        visible: usize,
+        keys: std::ops::Range<usize>,
     ) {
         use std::arch::x86_64::*;
         const BS: usize = avx512::BLOCK;
         let hd = self.head_dim;
+        let visible = keys.end;
         assert!(q.len() >= NH * hd && scores.len() >= (NH - 1) * stride + visible);
         let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
-        let scale = _mm512_set1_ps(self.scale);
-        for b in 0..visible.div_ceil(BS) {
+        let scale = _mm512_set1_ps(self.how.scale);
+        for b in keys.start / BS..visible.div_ceil(BS) {
             let block = seq.block_table[b] as usize;
             let kp = self.kc[block * self.block_stride + g * hd * BS..][..hd * BS].as_ptr();
             // Two interleaved chains per head keep enough FMAs in flight.
@@ -496,7 +511,15 @@ impl AttentionBackend for CpuAttention {
         Ok(())
     }
 
-    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        how: &LayerAttention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        how.validate()?;
         let CacheShape {
             block_size,
             num_kv_heads,
@@ -538,7 +561,7 @@ impl AttentionBackend for CpuAttention {
         let tasks: Vec<(usize, usize)> = (0..md.sequences.len())
             .flat_map(|s| (0..num_kv_heads).map(move |g| (s, g)))
             .collect();
-        let scale = self.scale;
+        let how = *how;
         let results: Vec<Vec<f32>> = with_layer!(&self.layers[layer], |kc, vc| {
             let kernel = HeadKernel {
                 kc,
@@ -549,7 +572,7 @@ impl AttentionBackend for CpuAttention {
                 head_dim,
                 num_heads,
                 group,
-                scale,
+                how,
             };
             tasks
                 .par_iter()
@@ -663,6 +686,7 @@ mod tests {
                 let out = cache
                     .attend(
                         0,
+                        &LayerAttention::causal(head_dim),
                         &tensor(&q, heads),
                         &tensor(k, kv_heads),
                         &tensor(v, kv_heads),

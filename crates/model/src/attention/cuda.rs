@@ -19,7 +19,7 @@ use spindle_kernels::attention::{self as kernels, CacheGeometry, DevicePlan};
 use spindle_kernels::plan::{AttentionPlan, AttentionShape, PlanOptions};
 use spindle_kernels::KernelError;
 
-use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape};
+use super::{check_layer_inputs, AttentionBackend, AttentionMetadata, CacheShape, LayerAttention};
 use crate::error::{ModelError, Result};
 
 /// Map a kernel-layer error onto the model's error type without losing its kind.
@@ -47,7 +47,6 @@ pub struct CudaAttention {
     device: CudaDevice,
     /// Per layer: (K, V) device buffers.
     layers: Vec<(CudaSlice<u8>, CudaSlice<u8>)>,
-    scale: f32,
     options: PlanOptions,
     step: Option<StepState>,
 }
@@ -166,13 +165,11 @@ impl CudaAttention {
             num_sms,
             ..PlanOptions::default()
         };
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
         Ok(Self {
             shape,
             dtype,
             device,
             layers,
-            scale,
             options,
             step: None,
         })
@@ -229,7 +226,20 @@ impl AttentionBackend for CudaAttention {
         Ok(())
     }
 
-    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        how: &LayerAttention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        how.validate()?;
+        if how.window.is_some() || how.softcap.is_some() {
+            return Err(ModelError::Unsupported(
+                "sliding-window and soft-capped attention are not in the CUDA kernels yet".into(),
+            ));
+        }
         let Some(step) = self.step.as_ref() else {
             if q.dims().first() == Some(&0) {
                 return Ok(q.zeros_like()?);
@@ -259,7 +269,7 @@ impl AttentionBackend for CudaAttention {
         let (kcache, vcache) = &mut self.layers[layer];
         kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots)
             .map_err(kernel_err)?;
-        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, self.scale)
+        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, how.scale)
             .map_err(kernel_err)?;
         if out.dtype() != q.dtype() {
             return Ok(out.to_dtype(q.dtype())?);

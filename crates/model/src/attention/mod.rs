@@ -88,6 +88,54 @@ impl AttentionMetadata {
     }
 }
 
+/// How one layer attends. Families differ here, and only here, inside attention: the score
+/// scale (Gemma's `query_pre_attn_scalar`, Granite's `attention_multiplier`), Gemma 2's
+/// soft-capping of scores, and sliding-window layers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerAttention {
+    /// Multiplier of `q · k` before the softmax.
+    pub scale: f32,
+    /// Scores become `cap * tanh(score / cap)` (after scaling), as Gemma 2 does.
+    pub softcap: Option<f32>,
+    /// A query at position `p` sees keys `p - window + 1 ..= p` only (transformers'
+    /// `sliding_window` convention: the window counts the query's own key).
+    pub window: Option<usize>,
+}
+
+impl LayerAttention {
+    /// Plain causal attention with the usual `1 / sqrt(head_dim)` scale.
+    pub fn causal(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// The first key position a query at `pos` sees.
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    /// Reject values the kernels cannot honour (a zero window would see nothing).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::InvalidBatch(m));
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return bad(format!("attention scale {} must be positive", self.scale));
+        }
+        if self.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return bad(format!("soft-cap {:?} must be positive", self.softcap));
+        }
+        if self.window == Some(0) {
+            return bad("a sliding window must hold at least one token".into());
+        }
+        Ok(())
+    }
+}
+
 /// Shape of the paged cache a backend allocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
@@ -161,13 +209,21 @@ pub fn check_layer_inputs(
 /// launch plan). Then each layer calls [`AttentionBackend::attend`]: `q` is
 /// `[tokens, num_heads, head_dim]`, `k`/`v` are `[tokens, num_kv_heads, head_dim]`; the backend
 /// writes `k`/`v` into the cache at the step's slots, then computes causal attention of each
-/// sequence's new tokens over its cached context and returns `[tokens, num_heads, head_dim]`.
+/// sequence's new tokens over its cached context (within the layer's window, with its scale
+/// and soft-cap: [`LayerAttention`]) and returns `[tokens, num_heads, head_dim]`.
 pub trait AttentionBackend: Send {
     /// Validate and prepare one step's metadata for `num_heads` query heads.
     fn begin_step(&mut self, metadata: &AttentionMetadata, num_heads: usize) -> Result<()>;
 
     /// One layer's attention within the step begun last.
-    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    fn attend(
+        &mut self,
+        layer: usize,
+        how: &LayerAttention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor>;
 
     /// Copy whole blocks (all layers), `(src, dst)` pairs: copy-on-write after a fork.
     fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()>;

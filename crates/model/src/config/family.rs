@@ -1,0 +1,320 @@
+//! How each dense family's decoder differs from Llama's, read from `config.json`: norm
+//! placement, activation, multipliers, soft-caps and the per-layer pattern of sliding-window and
+//! no-rope layers. Each family accepts only the settings it runs; another family's mechanism
+//! present with an effect is refused, never ignored.
+
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+use super::rope::number;
+use super::{unsupported, Architecture, JsonMap};
+
+/// Where a layer's RMS norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockNorms {
+    /// Llama: `x + attn(norm(x))`, `x + mlp(norm(x))`.
+    #[default]
+    Pre,
+    /// Gemma 2/3: `x + norm(attn(norm(x)))`, `x + norm(mlp(norm(x)))`.
+    Sandwich,
+    /// OLMo 2: `x + norm(attn(x))`, `x + norm(mlp(x))`.
+    Post,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's GeGLU).
+    GeluTanh,
+}
+
+/// One decoder layer's attention kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerKind {
+    /// Attends to the last `sliding_window` tokens only.
+    pub sliding: bool,
+    /// Applies rotary embeddings (SmolLM3 leaves every few layers without: NoPE).
+    pub rope: bool,
+}
+
+impl Default for LayerKind {
+    fn default() -> Self {
+        Self {
+            sliding: false,
+            rope: true,
+        }
+    }
+}
+
+/// Everything a family changes in the Llama decoder. `Default` is Llama.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FamilyTraits {
+    pub norms: BlockNorms,
+    /// Gemma stores RMS-norm weights as `w - 1`: the norm multiplies by `1 + w`.
+    pub norm_plus_one: bool,
+    /// OLMo 2 RMS-normalizes q and k over the whole projection, not per head.
+    pub qk_norm_whole: bool,
+    pub activation: Activation,
+    /// Multiplies the token embeddings (Gemma: sqrt(hidden), rounded to the weights' dtype;
+    /// Granite: `embedding_multiplier`).
+    pub embedding_scale: Option<f64>,
+    /// Granite: each sublayer's output is multiplied by this before the residual add.
+    pub residual_scale: Option<f64>,
+    /// The attention score scale, when not `1 / sqrt(head_dim)`.
+    pub attention_scale: Option<f64>,
+    /// Gemma 2: attention scores soft-capped at this.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits soft-capped at this.
+    pub final_softcap: Option<f64>,
+    /// Granite: logits divided by this.
+    pub logits_divisor: Option<f64>,
+    /// The window of sliding layers.
+    pub sliding_window: Option<usize>,
+    /// Per layer; empty means every layer is full attention with rope.
+    pub layers: Vec<LayerKind>,
+}
+
+impl FamilyTraits {
+    /// Layer `i`'s kind.
+    pub fn layer(&self, i: usize) -> LayerKind {
+        self.layers.get(i).copied().unwrap_or_default()
+    }
+
+    /// Whether every layer slides (then blocks that leave the window could be freed).
+    pub fn all_sliding(&self, num_layers: usize) -> bool {
+        self.sliding_window.is_some() && (0..num_layers).all(|i| self.layer(i).sliding)
+    }
+}
+
+/// What a family reads beyond the shapes. Returns the traits and, for a family that runs no
+/// sliding window but carries one, the window to cap the context at.
+pub(super) fn read_traits(
+    arch: Architecture,
+    obj: &JsonMap,
+    num_layers: usize,
+    hidden_size: usize,
+) -> Result<(FamilyTraits, Option<usize>)> {
+    use Architecture::*;
+    let active = |k: &str| {
+        obj.get(k)
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+    };
+    let num = |k: &str| number(obj, k, "config");
+    let positive = |k: &str| -> Result<Option<f64>> {
+        match num(k)? {
+            Some(x) if x <= 0.0 => Err(ModelError::Config(format!("{k} must be positive"))),
+            other => Ok(other),
+        }
+    };
+    let mut t = FamilyTraits::default();
+
+    // The activation: silu everywhere but Gemma.
+    let act = obj
+        .get("hidden_activation")
+        .filter(|v| !v.is_null())
+        .or_else(|| obj.get("hidden_act"))
+        .and_then(Value::as_str);
+    let gemma = matches!(arch, Gemma2 | Gemma3);
+    t.activation = match (act, gemma) {
+        (None, false) | (Some("silu"), false) => Activation::Silu,
+        (None, true) | (Some("gelu_pytorch_tanh"), true) => Activation::GeluTanh,
+        (Some(other), _) => {
+            return Err(unsupported(format!(
+                "hidden_act {other} is not supported for {} (only {})",
+                arch.as_str(),
+                if gemma { "gelu_pytorch_tanh" } else { "silu" }
+            )))
+        }
+    };
+    if obj
+        .get("hidden_act")
+        .is_some_and(|v| !v.is_string() && !v.is_null())
+    {
+        return Err(ModelError::Config("hidden_act must be a string".into()));
+    }
+    if active("mlp_bias") {
+        return Err(unsupported("mlp_bias is not supported".into()));
+    }
+    if let Some(f) = num("partial_rotary_factor")? {
+        if f != 1.0 {
+            return Err(unsupported(format!(
+                "partial_rotary_factor {f} is not supported"
+            )));
+        }
+    }
+
+    // Keys each family owns; present elsewhere with an effect, they are refused.
+    let owned: &[(&str, &[Architecture])] = &[
+        ("attn_logit_softcapping", &[Gemma2, Gemma3]),
+        ("final_logit_softcapping", &[Gemma2, Gemma3]),
+        ("query_pre_attn_scalar", &[Gemma2, Gemma3]),
+        ("sliding_window_pattern", &[Gemma3]),
+        ("no_rope_layers", &[SmolLM3]),
+        ("no_rope_layer_interval", &[SmolLM3]),
+        ("embedding_multiplier", &[Granite]),
+        ("residual_multiplier", &[Granite]),
+        ("attention_multiplier", &[Granite]),
+        ("logits_scaling", &[Granite]),
+        ("use_bidirectional_attention", &[]),
+    ];
+    for (key, families) in owned {
+        if active(key) && !families.contains(&arch) {
+            return Err(unsupported(format!(
+                "{key} is set, but {} does not run that mechanism",
+                arch.as_str()
+            )));
+        }
+    }
+
+    match arch {
+        Gemma2 | Gemma3 => {
+            t.norms = BlockNorms::Sandwich;
+            t.norm_plus_one = true;
+            t.embedding_scale = Some((hidden_size as f64).sqrt());
+            let scalar = positive("query_pre_attn_scalar")?.unwrap_or(256.0);
+            t.attention_scale = Some(1.0 / scalar.sqrt());
+            t.final_softcap = positive("final_logit_softcapping")?;
+            if arch == Gemma2 {
+                t.attn_softcap = positive("attn_logit_softcapping")?;
+            } else if active("attn_logit_softcapping") {
+                // transformers' Gemma 3 attention does not apply it; neither does vLLM's.
+                tracing::warn!("attn_logit_softcapping is set but Gemma 3 does not use it");
+            }
+            let pattern = match arch {
+                Gemma2 => 2,
+                _ => positive("sliding_window_pattern")?.map_or(6, |p| p as usize),
+            };
+            let kinds = layer_types(obj, num_layers)?
+                .unwrap_or_else(|| (0..num_layers).map(|i| (i + 1) % pattern != 0).collect());
+            t.sliding_window = window(obj)?.or(Some(4096));
+            t.layers = kinds
+                .into_iter()
+                .map(|sliding| LayerKind {
+                    sliding,
+                    rope: true,
+                })
+                .collect();
+            return Ok((t, None));
+        }
+        SmolLM3 => {
+            let rope: Vec<bool> = match obj.get("no_rope_layers").filter(|v| !v.is_null()) {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| match v.as_u64() {
+                        Some(0) => Ok(false),
+                        Some(1) => Ok(true),
+                        _ => Err(ModelError::Config("no_rope_layers holds 0s and 1s".into())),
+                    })
+                    .collect::<Result<_>>()?,
+                Some(_) => return Err(ModelError::Config("no_rope_layers must be a list".into())),
+                None => {
+                    let every = positive("no_rope_layer_interval")?.map_or(4, |x| x as usize);
+                    (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+                }
+            };
+            if rope.len() != num_layers {
+                return Err(ModelError::Config(format!(
+                    "no_rope_layers has {} entries for {num_layers} layers",
+                    rope.len()
+                )));
+            }
+            let used = obj
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let w = window(obj)?.filter(|_| used);
+            let sliding = match layer_types(obj, num_layers)? {
+                Some(kinds) if w.is_some() => kinds,
+                _ => rope.iter().map(|r| w.is_some() && !r).collect(),
+            };
+            t.sliding_window = w;
+            t.layers = rope
+                .into_iter()
+                .zip(sliding)
+                .map(|(rope, sliding)| LayerKind { sliding, rope })
+                .collect();
+            return Ok((t, None));
+        }
+        Olmo2 => {
+            t.norms = BlockNorms::Post;
+            t.qk_norm_whole = true;
+        }
+        Granite => {
+            t.embedding_scale = positive("embedding_multiplier")?;
+            t.residual_scale = positive("residual_multiplier")?;
+            t.attention_scale = positive("attention_multiplier")?;
+            t.logits_divisor = positive("logits_scaling")?;
+        }
+        Llama | Mistral | Qwen2 | Qwen3 => {}
+    }
+    if let Some(types) = layer_types(obj, num_layers)? {
+        if types.iter().any(|&s| s) && window(obj)?.is_some() && uses_window(obj) {
+            return Err(unsupported(format!(
+                "{} with sliding-window layer_types is not supported",
+                arch.as_str()
+            )));
+        }
+    }
+    // Mistral-style: one window for every layer, in force unless `use_sliding_window` is false.
+    let w = window(obj)?.filter(|_| uses_window(obj));
+    if let Some(w) = w {
+        if arch == Mistral || arch == Llama {
+            t.sliding_window = Some(w);
+            t.layers = vec![
+                LayerKind {
+                    sliding: true,
+                    rope: true
+                };
+                num_layers
+            ];
+            return Ok((t, None));
+        }
+    }
+    Ok((t, w))
+}
+
+/// Qwen2/Qwen3 carry a window they do not use unless `use_sliding_window` says so.
+fn uses_window(obj: &JsonMap) -> bool {
+    obj.get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+}
+
+fn window(obj: &JsonMap) -> Result<Option<usize>> {
+    match obj.get("sliding_window") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(0) | None => Err(ModelError::Config(
+                "sliding_window must be a positive integer".into(),
+            )),
+            Some(w) => Ok(Some(w as usize)),
+        },
+    }
+}
+
+/// transformers' `layer_types` (`"sliding_attention"` / `"full_attention"`), as "is sliding".
+fn layer_types(obj: &JsonMap, num_layers: usize) -> Result<Option<Vec<bool>>> {
+    let Some(v) = obj.get("layer_types").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| ModelError::Config("layer_types must be a list".into()))?;
+    if list.len() != num_layers {
+        return Err(ModelError::Config(format!(
+            "layer_types has {} entries for {num_layers} layers",
+            list.len()
+        )));
+    }
+    list.iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => Err(unsupported(format!("layer type {t} is not supported"))),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
