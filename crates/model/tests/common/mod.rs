@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod hash_weights;
+
 use std::path::PathBuf;
 
 use candle_core::Tensor;

@@ -1,0 +1,223 @@
+//! Every dense family on a tiny checkpoint transformers v5 configured (`tests/golden/tiny-*`,
+//! made by `scripts/golden/make_tiny_families.py`; the weights are filled from the scripts'
+//! integer hash, none stored): the paged forward pass matches transformers' fp32 logits on
+//! sequences shorter and longer than the sliding window, greedy decoding after a (chunked)
+//! prefill gives transformers' tokens, and a sequence's logits are bit-identical alone or
+//! batched with others.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::hash_weights::HashWeights;
+use common::{argmax, repo_root, PagedRunner};
+use serde_json::Value;
+use spindle_model::{Architecture, LlamaModel, ModelConfig};
+
+struct Golden {
+    config: ModelConfig,
+    names: Vec<String>,
+    seqs: Vec<Vec<u32>>,
+    logits: Vec<Vec<f32>>,
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+}
+
+fn golden(dir: &str) -> Golden {
+    let dir = repo_root().join("tests/golden").join(dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let config = ModelConfig::from_hf_json(&text).expect("parse config.json");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("outputs.json")).expect("outputs"))
+            .expect("json");
+    let cases = v["sequences"].as_array().expect("sequences");
+    Golden {
+        config,
+        names: get(&v["names"]),
+        seqs: cases.iter().map(|c| get(&c["ids"])).collect(),
+        logits: cases.iter().map(|c| get(&c["last_logits"])).collect(),
+        prompt: get(&v["greedy"]["prompt"]),
+        greedy: get(&v["greedy"]["tokens"]),
+    }
+}
+
+fn get<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+    serde_json::from_value(v.clone()).expect("golden field")
+}
+
+fn load(g: &Golden) -> LlamaModel {
+    LlamaModel::load(
+        g.config.clone(),
+        &mut HashWeights(g.names.clone()),
+        256,
+        DType::F32,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .expect("load the tiny model")
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy tokens after `prompt` fed in `chunks` (prefill sizes), then one token per step.
+fn greedy(model: &LlamaModel, prompt: &[u32], chunks: &[usize], n: usize) -> Vec<u32> {
+    let mut runner = PagedRunner::new(model, 1, 256, 16);
+    let mut at = 0;
+    let mut logits = None;
+    for &len in chunks {
+        logits = Some(runner.step(model, &[(0, at, prompt[at..at + len].to_vec())]));
+        at += len;
+    }
+    assert_eq!(at, prompt.len());
+    let mut out = Vec::new();
+    let mut next = argmax(&logits.expect("a chunk").to_vec2::<f32>().expect("logits")[0]);
+    for _ in 0..n {
+        out.push(next);
+        let l = runner.step(model, &[(0, at, vec![next])]);
+        at += 1;
+        next = argmax(&l.to_vec2::<f32>().expect("logits")[0]);
+    }
+    out
+}
+
+fn check(dir: &str, arch: Architecture) {
+    let g = golden(dir);
+    assert_eq!(g.config.architecture, arch, "{dir}");
+    let model = load(&g);
+    let mut alone = Vec::new();
+    for (i, (seq, want)) in g.seqs.iter().zip(&g.logits).enumerate() {
+        let mut runner = PagedRunner::new(&model, 1, 256, 16);
+        let got: Vec<f32> = runner
+            .step(&model, &[(0, 0, seq.clone())])
+            .to_vec2()
+            .expect("l")[0]
+            .clone();
+        let err = max_err(&got, want);
+        eprintln!(
+            "{dir}: sequence {i} ({} tokens): max logit error {err:.2e}",
+            seq.len()
+        );
+        assert!(
+            err < 1e-3,
+            "{dir}: sequence {i} ({} tokens): error {err}",
+            seq.len()
+        );
+        assert_eq!(argmax(&got), argmax(want), "{dir}: sequence {i}");
+        alone.push(got);
+    }
+    // Batch invariance: the three sequences in one step give each one's logits bit for bit.
+    let mut runner = PagedRunner::new(&model, g.seqs.len(), 256, 16);
+    let chunks: Vec<_> = g
+        .seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i, 0, s.clone()))
+        .collect();
+    let batched: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().expect("logits");
+    assert_eq!(
+        batched, alone,
+        "{dir}: batched logits differ from single-sequence ones"
+    );
+    // Greedy decoding after a whole prefill and after a chunked one (the second chunk starts
+    // inside the first's window and crosses block boundaries).
+    let n = g.greedy.len();
+    assert_eq!(
+        greedy(&model, &g.prompt, &[g.prompt.len()], n),
+        g.greedy,
+        "{dir}: greedy"
+    );
+    let split = [33, g.prompt.len() - 33];
+    assert_eq!(
+        greedy(&model, &g.prompt, &split, n),
+        g.greedy,
+        "{dir}: chunked greedy"
+    );
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    check("tiny-qwen3", Architecture::Qwen3);
+}
+
+#[test]
+fn gemma2_matches_transformers() {
+    check("tiny-gemma2", Architecture::Gemma2);
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check("tiny-gemma3", Architecture::Gemma3);
+}
+
+#[test]
+fn smollm3_matches_transformers() {
+    check("tiny-smollm3", Architecture::SmolLM3);
+}
+
+#[test]
+fn olmo2_matches_transformers() {
+    check("tiny-olmo2", Architecture::Olmo2);
+}
+
+#[test]
+fn granite_matches_transformers() {
+    check("tiny-granite", Architecture::Granite);
+}
+
+#[test]
+fn llama_with_yarn_matches_transformers() {
+    check("tiny-llama-yarn", Architecture::Llama);
+}
+
+#[test]
+fn mistral_with_a_sliding_window_matches_transformers() {
+    check("tiny-mistral-window", Architecture::Mistral);
+}
+
+/// The references depend on each mechanism the families add: run without it, the long
+/// sequence's logits are far from transformers' (so the tests above would catch its loss).
+#[test]
+fn each_mechanism_changes_the_reference() {
+    type Ablation = fn(&mut ModelConfig);
+    let cases: [(&str, &str, Ablation); 7] = [
+        ("tiny-mistral-window", "no window", |c| {
+            c.family.layers.iter_mut().for_each(|l| l.sliding = false)
+        }),
+        ("tiny-gemma2", "no window", |c| {
+            c.family.layers.iter_mut().for_each(|l| l.sliding = false)
+        }),
+        ("tiny-gemma2", "no attention soft-cap", |c| {
+            c.family.attn_softcap = None
+        }),
+        ("tiny-gemma3", "no local rope", |c| c.local_rope = None),
+        ("tiny-smollm3", "rope everywhere", |c| {
+            c.family.layers.iter_mut().for_each(|l| l.rope = true)
+        }),
+        ("tiny-granite", "no residual multiplier", |c| {
+            c.family.residual_scale = None
+        }),
+        ("tiny-llama-yarn", "no YaRN", |c| c.rope_scaling = None),
+    ];
+    for (dir, what, ablate) in cases {
+        let mut g = golden(dir);
+        ablate(&mut g.config);
+        let model = load(&g);
+        let long = g.seqs.len() - 1;
+        let mut runner = PagedRunner::new(&model, 1, 256, 16);
+        let got: Vec<f32> = runner
+            .step(&model, &[(0, 0, g.seqs[long].clone())])
+            .to_vec2()
+            .expect("logits")[0]
+            .clone();
+        let err = max_err(&got, &g.logits[long]);
+        eprintln!("{dir} with {what}: max logit error {err:.2e}");
+        assert!(
+            err > 1e-2,
+            "{dir}: {what} does not change the reference ({err})"
+        );
+    }
+}

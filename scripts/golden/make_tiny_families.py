@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Tiny random checkpoints of each dense family transformers knows, saved by transformers v5
+(config.json as it writes them today), and their fp32 outputs on fixed token sequences: the
+reference for crates/model/tests/tiny_families.rs.
+
+Weights are not committed: every tensor is filled from an integer hash of its name's index (in
+sorted order) and the element index (the formula of make_tiny_llama3.py, repeated by the Rust
+test). Each family's directory under tests/golden/ gets config.json and outputs.json: the last
+logits of three sequences (5, 70 and 150 tokens; the sliding window is 32, so the longer ones
+see it) and 12 greedy tokens after the 70-token one. Run with scripts/golden/requirements.txt.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
+SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def fill(index: int, shape, scale: float, offset: float) -> np.ndarray:
+    n = int(np.prod(shape))
+    k = np.arange(n, dtype=np.uint64)
+    h = (k * np.uint64(2654435761) + np.uint64(index) * np.uint64(40503) + np.uint64(12345)) % np.uint64(2**32)
+    u = h.astype(np.float64) / 2.0**32
+    return (offset + scale * (u - 0.5)).astype(np.float32).reshape(shape)
+
+
+def families():
+    t = transformers
+    yield "tiny-qwen3", t.Qwen3Config(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
+                                      rope_theta=1000000.0), t.Qwen3ForCausalLM
+    yield "tiny-gemma2", t.Gemma2Config(**SHAPE, num_hidden_layers=4, sliding_window=32,
+                                        query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=30.0), t.Gemma2ForCausalLM
+    yield "tiny-gemma3", t.Gemma3TextConfig(**SHAPE, num_hidden_layers=4, sliding_window=32,
+                                            sliding_window_pattern=2, query_pre_attn_scalar=24,
+                                            rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                            rope_theta=1000000.0, rope_local_base_freq=10000.0), t.Gemma3ForCausalLM
+    yield "tiny-smollm3", t.SmolLM3Config(**SHAPE, num_hidden_layers=4, no_rope_layer_interval=2,
+                                          tie_word_embeddings=True, rope_theta=2000000.0), t.SmolLM3ForCausalLM
+    yield "tiny-olmo2", t.Olmo2Config(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
+                                      rope_theta=500000.0), t.Olmo2ForCausalLM
+    yield "tiny-granite", t.GraniteConfig(**SHAPE, num_hidden_layers=2, embedding_multiplier=3.0,
+                                          residual_multiplier=0.5, attention_multiplier=0.125,
+                                          logits_scaling=4.0, tie_word_embeddings=True), t.GraniteForCausalLM
+    yield "tiny-llama-yarn", t.LlamaConfig(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
+                                           rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 64}), t.LlamaForCausalLM
+    yield "tiny-mistral-window", t.MistralConfig(**SHAPE, num_hidden_layers=2, sliding_window=32,
+                                                 tie_word_embeddings=False), t.MistralForCausalLM
+
+
+def build(name, config, cls):
+    config._attn_implementation = "eager"
+    model = cls(config).to(torch.float32).eval()
+    state = model.state_dict()
+    names = sorted(state)
+    for i, n in enumerate(names):
+        norm = n.endswith("norm.weight")
+        scale, offset = (0.4, 1.0) if norm else ((2.0, 0.0) if "embed_tokens" in n else (0.5, 0.0))
+        state[n].copy_(torch.from_numpy(fill(i, tuple(state[n].shape), scale, offset)))
+    model.load_state_dict(state)
+    out_dir = ROOT / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
+    out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager",
+           "names": names, "sequences": []}
+    with torch.no_grad():
+        for ids in seqs:
+            logits = model(torch.tensor([ids])).logits[0, -1].tolist()
+            out["sequences"].append({"ids": ids, "last_logits": logits})
+        prompt = torch.tensor([seqs[1]])
+        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                             pad_token_id=None, eos_token_id=None)
+        out["greedy"] = {"prompt": seqs[1], "tokens": gen[0, len(seqs[1]):].tolist()}
+    (out_dir / "outputs.json").write_text(json.dumps(out) + "\n")
+    print(name, "written", file=sys.stderr)
+
+
+def main():
+    only = set(sys.argv[1:])
+    for name, config, cls in families():
+        if not only or name in only:
+            build(name, config, cls)
+
+
+if __name__ == "__main__":
+    main()
