@@ -7,7 +7,8 @@ Weights are not committed: every tensor is filled from an integer hash of its na
 sorted order) and the element index (the formula of make_tiny_llama3.py, repeated by the Rust
 test). Each family's directory under tests/golden/ gets config.json and outputs.json: the last
 logits of three sequences (5, 70 and 150 tokens; the sliding window is 32, so the longer ones
-see it) and 12 greedy tokens after the 70-token one. Run with scripts/golden/requirements.txt.
+see it) and 12 greedy tokens after the 70-token one; the tensor names and shapes let the test
+write the checkpoint as a Hugging Face directory. Run with scripts/golden/requirements.txt.
 """
 
 import json
@@ -74,7 +75,7 @@ def build(name, config, cls):
     model.config.save_pretrained(out_dir)
     seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
     out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager",
-           "names": names, "sequences": []}
+           "names": names, "shapes": {n: list(state[n].shape) for n in names}, "sequences": []}
     with torch.no_grad():
         for ids in seqs:
             logits = model(torch.tensor([ids])).logits[0, -1].tolist()
