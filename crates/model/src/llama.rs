@@ -346,10 +346,7 @@ impl LlamaModel {
             let inter = c.intermediate_size;
             let act = match f.activation {
                 Activation::Silu => crate::cpu_ops::silu_and_mul(&gate_up, inter)?,
-                Activation::GeluTanh => {
-                    let gate = gate_up.narrow(1, 0, inter)?.gelu()?;
-                    (gate * gate_up.narrow(1, inter, inter)?)?
-                }
+                Activation::GeluTanh => crate::cpu_ops::gelu_tanh_and_mul(&gate_up, inter)?,
             };
             let mut mlp = linear(&act, &layer.down)?;
             if let Some(w) = &layer.post_mlp_norm {
@@ -365,7 +362,7 @@ impl LlamaModel {
             logits = (logits / d)?;
         }
         if let Some(cap) = f.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
+            logits = crate::cpu_ops::soft_cap_tensor(&logits, cap)?;
         }
         Ok(logits)
     }

@@ -162,6 +162,13 @@ fn unknown_architecture_is_a_clear_error() {
         matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "GPT2LMHeadModel"),
         "{e}"
     );
+    // The message lists what is supported.
+    let message = e.to_string();
+    for family in [
+        "llama", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "granite",
+    ] {
+        assert!(message.contains(family), "{message}");
+    }
 }
 
 #[test]

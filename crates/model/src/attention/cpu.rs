@@ -131,9 +131,7 @@ fn axpy<E: KvElem>(out: &mut [f32], w: f32, x: &[E]) {
 #[inline(always)]
 fn soft_cap(scores: &mut [f32], cap: Option<f32>) {
     if let Some(cap) = cap {
-        for s in scores.iter_mut() {
-            *s = cap * (*s / cap).tanh();
-        }
+        crate::cpu_ops::soft_cap(scores, cap);
     }
 }
 
