@@ -17,22 +17,15 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import numpy as np
 import torch
 import transformers
+
+from make_tiny_llama3 import fill  # the integer-hash weights, shared with the Rust tests
 
 ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def fill(index: int, shape, scale: float, offset: float) -> np.ndarray:
-    n = int(np.prod(shape))
-    k = np.arange(n, dtype=np.uint64)
-    h = (k * np.uint64(2654435761) + np.uint64(index) * np.uint64(40503) + np.uint64(12345)) % np.uint64(2**32)
-    u = h.astype(np.float64) / 2.0**32
-    return (offset + scale * (u - 0.5)).astype(np.float32).reshape(shape)
 
 
 def families():

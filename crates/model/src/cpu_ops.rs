@@ -12,6 +12,25 @@ use crate::error::Result;
 /// fused gate/up projection), as `[m, inter]`. One pass instead of two narrows, a SiLU and a
 /// multiply.
 pub fn silu_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
+    gated(gate_up, inter, silu_mul_row, |gate| gate.silu())
+}
+
+fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        // candle's SiLU, rounded to f32, then the product.
+        let silu = g / (1.0 + (-g).exp());
+        *o = silu * u;
+    }
+}
+
+/// `act(gate) * up` over the fused `[m, 2 * inter]` gate/up output: `row` per row on f32 CPU
+/// tensors (rows in parallel), otherwise candle's `act` and multiply.
+fn gated(
+    gate_up: &Tensor,
+    inter: usize,
+    row: fn(&mut [f32], &[f32], &[f32]),
+    act: fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let cpu_f32 = gate_up.device().is_cpu() && gate_up.dtype() == DType::F32;
     if cpu_f32 && gate_up.is_contiguous() {
         let (m, width) = gate_up.dims2()?;
@@ -23,19 +42,15 @@ pub fn silu_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
                 let mut out = vec![0f32; m * inter];
                 out.par_chunks_mut(inter)
                     .zip(data.par_chunks(width))
-                    .for_each(|(o, row)| {
-                        let (gate, up) = row.split_at(inter);
-                        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                            // candle's SiLU, rounded to f32, then the product.
-                            let silu = g / (1.0 + (-g).exp());
-                            *o = silu * u;
-                        }
+                    .for_each(|(o, r)| {
+                        let (gate, up) = r.split_at(inter);
+                        row(o, gate, up);
                     });
                 return Ok(Tensor::from_vec(out, (m, inter), gate_up.device())?);
             }
         }
     }
-    Ok((gate_up.narrow(1, 0, inter)?.silu()? * gate_up.narrow(1, inter, inter)?)?)
+    Ok((act(&gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?)?)
 }
 
 /// `gelu_tanh(gate) * up` (Gemma's GeGLU, `gelu_pytorch_tanh`) for the fused `[m, 2 * inter]`
@@ -44,26 +59,7 @@ pub fn silu_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
 /// 16 lanes at a time under AVX-512: within 1e-6 of candle's `gelu` (test below), whose scalar
 /// tanh per element cost Gemma a third of its prefill. Elsewhere candle's ops.
 pub fn gelu_tanh_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
-    let cpu_f32 = gate_up.device().is_cpu() && gate_up.dtype() == DType::F32;
-    if cpu_f32 && gate_up.is_contiguous() {
-        let (m, width) = gate_up.dims2()?;
-        if width == 2 * inter {
-            let (storage, layout) = gate_up.storage_and_layout();
-            if let Storage::Cpu(cpu) = &*storage {
-                let start = layout.start_offset();
-                let data = &cpu.as_slice::<f32>()?[start..start + m * width];
-                let mut out = vec![0f32; m * inter];
-                out.par_chunks_mut(inter)
-                    .zip(data.par_chunks(width))
-                    .for_each(|(o, row)| {
-                        let (gate, up) = row.split_at(inter);
-                        gelu_tanh_mul_row(o, gate, up);
-                    });
-                return Ok(Tensor::from_vec(out, (m, inter), gate_up.device())?);
-            }
-        }
-    }
-    Ok((gate_up.narrow(1, 0, inter)?.gelu()? * gate_up.narrow(1, inter, inter)?)?)
+    gated(gate_up, inter, gelu_tanh_mul_row, |gate| gate.gelu())
 }
 
 /// Gemma 2's soft-capping in place, `cap · tanh(x / cap)`, with `tanh(y) = 1 - 2 / (exp(2y) + 1)`
@@ -194,6 +190,16 @@ mod gelu_avx512 {
 
     use crate::attention::cpu::avx512::exp;
 
+    /// The lane mask of a 16-lane step with `left` elements remaining.
+    #[inline(always)]
+    fn lanes(left: usize) -> u16 {
+        if left >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
     /// In place: `cap · (1 - 2 / (exp(2x / cap) + 1))`.
     ///
     /// # Safety
@@ -206,12 +212,7 @@ mod gelu_avx512 {
         let scale = _mm512_set1_ps(2.0 / cap);
         let capv = _mm512_set1_ps(cap);
         for i in (0..n).step_by(16) {
-            let left = n - i;
-            let m: u16 = if left >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << left) - 1
-            };
+            let m = lanes(n - i);
             let x = _mm512_maskz_loadu_ps(m, p.add(i));
             let e = exp(_mm512_mul_ps(scale, x));
             let t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
@@ -231,12 +232,7 @@ mod gelu_avx512 {
         let c = _mm512_set1_ps(-2.0 * super::GELU_C);
         let a = _mm512_set1_ps(super::GELU_A);
         for i in (0..n).step_by(16) {
-            let left = n - i;
-            let m: u16 = if left >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << left) - 1
-            };
+            let m = lanes(n - i);
             let xv = _mm512_maskz_loadu_ps(m, x.add(i));
             let cube = _mm512_mul_ps(_mm512_mul_ps(xv, xv), xv);
             let inner = _mm512_fmadd_ps(a, cube, xv);
@@ -260,12 +256,7 @@ mod gelu_avx512 {
         let inv_sqrt2 = _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
         let sign_mask = _mm512_set1_epi32(i32::MIN);
         for i in (0..n).step_by(16) {
-            let left = n - i;
-            let m: u16 = if left >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << left) - 1
-            };
+            let m = lanes(n - i);
             let x = _mm512_maskz_loadu_ps(m, p.add(i));
             let z = _mm512_mul_ps(x, inv_sqrt2);
             // erf(|z|) = 1 - poly(t)·exp(-z²), t = 1 / (1 + p·|z|); erf is odd.

@@ -56,6 +56,16 @@ fn load(g: &Golden) -> LlamaModel {
     .expect("load the tiny model")
 }
 
+/// Logits after `seq` alone, prefilled in one step.
+fn logits_of(model: &LlamaModel, seq: &[u32]) -> Vec<f32> {
+    let mut runner = PagedRunner::new(model, 1, 256, 16);
+    let rows: Vec<Vec<f32>> = runner
+        .step(model, &[(0, 0, seq.to_vec())])
+        .to_vec2()
+        .expect("logits");
+    rows.into_iter().next().expect("one row")
+}
+
 fn max_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -90,12 +100,7 @@ fn check(dir: &str, arch: Architecture) {
     let model = load(&g);
     let mut alone = Vec::new();
     for (i, (seq, want)) in g.seqs.iter().zip(&g.logits).enumerate() {
-        let mut runner = PagedRunner::new(&model, 1, 256, 16);
-        let got: Vec<f32> = runner
-            .step(&model, &[(0, 0, seq.clone())])
-            .to_vec2()
-            .expect("l")[0]
-            .clone();
+        let got = logits_of(&model, seq);
         let err = max_err(&got, want);
         eprintln!(
             "{dir}: sequence {i} ({} tokens): max logit error {err:.2e}",
@@ -207,12 +212,7 @@ fn each_mechanism_changes_the_reference() {
         ablate(&mut g.config);
         let model = load(&g);
         let long = g.seqs.len() - 1;
-        let mut runner = PagedRunner::new(&model, 1, 256, 16);
-        let got: Vec<f32> = runner
-            .step(&model, &[(0, 0, g.seqs[long].clone())])
-            .to_vec2()
-            .expect("logits")[0]
-            .clone();
+        let got = logits_of(&model, &g.seqs[long]);
         let err = max_err(&got, &g.logits[long]);
         eprintln!("{dir} with {what}: max logit error {err:.2e}");
         assert!(
@@ -286,13 +286,8 @@ fn hf_directories_load_and_match() {
             g.config.architecture.as_str(),
             "{dir_name}"
         );
-        let mut runner = PagedRunner::new(&loaded.model, 1, 256, 16);
         let long = g.seqs.len() - 1;
-        let got: Vec<f32> = runner
-            .step(&loaded.model, &[(0, 0, g.seqs[long].clone())])
-            .to_vec2()
-            .expect("logits")[0]
-            .clone();
+        let got = logits_of(&loaded.model, &g.seqs[long]);
         let err = max_err(&got, &g.logits[long]);
         assert!(err < 1e-3, "{dir_name} from its HF directory: error {err}");
         let _ = std::fs::remove_dir_all(&dir);
