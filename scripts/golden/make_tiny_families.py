@@ -32,14 +32,17 @@ def families():
     t = transformers
     yield "tiny-qwen3", t.Qwen3Config(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
                                       rope_theta=1000000.0), t.Qwen3ForCausalLM
+    # Gemma's query_pre_attn_scalar is head_dim, and Gemma 3's layer pattern 6 and SmolLM3's
+    # rope-free layer every 4th, as in the released models: llama.cpp's GGUFs do not store them
+    # and its reader assumes these (see make_tiny_gguf_manifests.py).
     yield "tiny-gemma2", t.Gemma2Config(**SHAPE, num_hidden_layers=4, sliding_window=32,
-                                        query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                        query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                                         final_logit_softcapping=30.0), t.Gemma2ForCausalLM
-    yield "tiny-gemma3", t.Gemma3TextConfig(**SHAPE, num_hidden_layers=4, sliding_window=32,
-                                            sliding_window_pattern=2, query_pre_attn_scalar=24,
+    yield "tiny-gemma3", t.Gemma3TextConfig(**SHAPE, num_hidden_layers=6, sliding_window=32,
+                                            sliding_window_pattern=6, query_pre_attn_scalar=16,
                                             rope_scaling={"rope_type": "linear", "factor": 8.0},
                                             rope_theta=1000000.0, rope_local_base_freq=10000.0), t.Gemma3ForCausalLM
-    yield "tiny-smollm3", t.SmolLM3Config(**SHAPE, num_hidden_layers=4, no_rope_layer_interval=2,
+    yield "tiny-smollm3", t.SmolLM3Config(**SHAPE, num_hidden_layers=4, no_rope_layer_interval=4,
                                           tie_word_embeddings=True, rope_theta=2000000.0), t.SmolLM3ForCausalLM
     yield "tiny-olmo2", t.Olmo2Config(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
                                       rope_theta=500000.0), t.Olmo2ForCausalLM

@@ -1,7 +1,8 @@
 //! GGUF files: model config, tokenizer and chat template from the metadata, weights dequantized
 //! to the serving dtype at load (quantized matmuls are not trusted until they match the golden
 //! outputs). llama.cpp stores Llama-style Q/K projections permuted for its interleaved rope;
-//! we undo that so one model implementation (HF layout) serves every source.
+//! we undo that so one model implementation (HF layout) serves every source. The family's
+//! traits come from `<arch>.*` metadata and llama.cpp's per-family rules (`family.rs`).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -11,7 +12,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Architecture, ModelConfig};
+mod family;
+
+use crate::config::{Architecture, BlockNorms, ModelConfig};
 use crate::cpu_bf16::CpuArithmetic;
 use crate::error::{ModelError, Result};
 use crate::quant::{is_block_quantized, QuantMatrix};
@@ -175,14 +178,6 @@ impl GgufFile {
     pub fn config(&mut self) -> Result<ModelConfig> {
         let arch_name = self.architecture_name()?;
         let architecture = Architecture::parse(&arch_name)?;
-        if !matches!(
-            architecture,
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
-        ) {
-            return Err(ModelError::Unsupported(format!(
-                "GGUF files of {arch_name} are not supported yet (its Hugging Face directory is)"
-            )));
-        }
         let key = |k: &str| format!("{arch_name}.{k}");
         let hidden_size = self.usize_req(&key("embedding_length"))?;
         let num_heads = self.usize_req(&key("attention.head_count"))?;
@@ -198,12 +193,25 @@ impl GgufFile {
                 .map(|a| a.len())
                 .unwrap_or(0),
         };
+        let num_layers = self.usize_req(&key("block_count"))?;
+        let context = self.usize_opt(&key("context_length"))?.unwrap_or(4096);
+        let family = self.family(
+            architecture,
+            &key,
+            &family::Shapes {
+                num_layers,
+                hidden_size,
+                num_heads,
+                head_dim,
+                context,
+            },
+        )?;
         let config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size,
             intermediate_size: self.usize_req(&key("feed_forward_length"))?,
-            num_layers: self.usize_req(&key("block_count"))?,
+            num_layers,
             num_heads,
             num_kv_heads: self
                 .usize_opt(&key("attention.head_count_kv"))?
@@ -213,15 +221,15 @@ impl GgufFile {
                 .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            // Llama 3.x GGUFs bake the scaling into a `rope_freqs` tensor instead.
-            rope_scaling: None,
-            local_rope: None,
+            // Llama 3.x GGUFs bake their scaling into a `rope_freqs` tensor instead.
+            rope_scaling: family.rope_scaling,
+            local_rope: family.local_rope,
             rope_freq_factors: self.rope_freq_factors(head_dim)?,
-            max_position_embeddings: self.usize_opt(&key("context_length"))?.unwrap_or(4096),
+            max_position_embeddings: context,
             tie_word_embeddings: !self.has_tensor("output.weight"),
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
             qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
-            family: Default::default(),
+            family: family.traits,
         };
         config.validate()?;
         Ok(config)
@@ -280,8 +288,9 @@ impl GgufFile {
     }
 }
 
-/// Map a Hugging Face tensor name to llama.cpp's GGUF name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// Map a Hugging Face tensor name to llama.cpp's GGUF name (`norms`: the family's norm
+/// placement; llama.cpp calls the pre-MLP norm `ffn_norm` whatever HF calls it).
+fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -295,7 +304,12 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (layer, suffix) = rest.split_once('.')?;
     let mapped = match suffix {
         "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "post_attention_layernorm.weight" => match norms {
+            BlockNorms::Pre => "ffn_norm.weight",
+            BlockNorms::Sandwich | BlockNorms::Post => "post_attention_norm.weight",
+        },
+        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
@@ -330,6 +344,8 @@ pub struct GgufWeights<'a> {
     device: Device,
     /// Heads for undoing llama.cpp's Q/K permutation (`None`: the arch is stored unpermuted).
     unpermute: Option<(usize, usize)>,
+    /// The family's norm placement (decides the norms' GGUF names).
+    norms: BlockNorms,
     /// Keep block-quantized linear weights quantized (CPU, f32 serving): the CPU matmul
     /// dequantizes them on the fly with identical results.
     keep_quantized: bool,
@@ -340,10 +356,14 @@ pub struct GgufWeights<'a> {
 impl<'a> GgufWeights<'a> {
     pub fn new(file: &'a mut GgufFile, config: &ModelConfig, dtype: DType, device: Device) -> Self {
         // llama.cpp's converter permutes Q/K only for archs it runs with "normal" (interleaved)
-        // rope: Llama and Mistral. Qwen2/Qwen3 use NeoX rope and are stored as in HF.
+        // rope: Llama and its converter's subclasses (Mistral, SmolLM3, Granite). Qwen, Gemma
+        // and OLMo 2 use NeoX rope and are stored as in HF.
         let unpermute = matches!(
             config.architecture,
-            Architecture::Llama | Architecture::Mistral
+            Architecture::Llama
+                | Architecture::Mistral
+                | Architecture::SmolLM3
+                | Architecture::Granite
         )
         .then_some((config.num_heads, config.num_kv_heads));
         let keep_quantized = dtype == DType::F32 && device.is_cpu();
@@ -352,6 +372,7 @@ impl<'a> GgufWeights<'a> {
             dtype,
             device,
             unpermute,
+            norms: config.family.norms,
             keep_quantized,
             arithmetic: CpuArithmetic::F32,
         }
@@ -366,7 +387,7 @@ impl<'a> GgufWeights<'a> {
     /// The GGUF name of `hf` and its tensor info, or a clear error.
     fn info(&self, hf: &str) -> Result<(String, candle_core::quantized::GgmlDType, Vec<usize>)> {
         let path = self.file.path.clone();
-        let name = gguf_name(hf).ok_or_else(|| ModelError::MissingTensor {
+        let name = gguf_name(hf, self.norms).ok_or_else(|| ModelError::MissingTensor {
             path: path.clone(),
             tensor: hf.to_string(),
         })?;
@@ -441,7 +462,7 @@ impl WeightSource for GgufWeights<'_> {
         let t = self.read(name)?;
         check_shape(
             &self.origin(),
-            &gguf_name(name).unwrap_or_else(|| name.to_string()),
+            &gguf_name(name, self.norms).unwrap_or_else(|| name.to_string()),
             &t,
             shape,
         )?;
@@ -449,7 +470,7 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|n| self.file.has_tensor(&n))
+        gguf_name(name, self.norms).is_some_and(|n| self.file.has_tensor(&n))
     }
 
     fn origin(&self) -> String {

@@ -1,0 +1,245 @@
+//! What a GGUF says about its family, as llama.cpp writes and reads it: soft-caps, sliding
+//! windows and their layer pattern, Granite's multipliers and the rope scaling come from
+//! `<arch>.*` metadata; what llama.cpp's converter does not store it fixes per family, and so do
+//! we (Gemma's attention scale from the model size, Gemma 3's default pattern of 6, SmolLM3's
+//! rope-free layer every 4th). Gemma's norms are stored with the `+ 1` already added. Metadata of
+//! a mechanism the family does not run is refused.
+
+use candle_core::quantized::gguf_file::Value;
+
+use crate::config::{
+    Activation, Architecture, BlockNorms, FamilyTraits, LayerKind, RopeScaling, RopeSpec,
+    YarnRopeScaling,
+};
+use crate::error::{ModelError, Result};
+
+use super::GgufFile;
+
+/// The family-specific parts of a GGUF's config.
+pub(super) struct GgufFamily {
+    pub traits: FamilyTraits,
+    pub local_rope: Option<RopeSpec>,
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// Shapes the family rules need.
+pub(super) struct Shapes {
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub context: usize,
+}
+
+impl GgufFile {
+    /// The sliding layers from `attention.sliding_window_pattern` (a per-layer bool array, or
+    /// "every n-th layer is full"), else every `default`-th layer full (llama.cpp's rule).
+    fn swa_pattern(&self, key: &str, num_layers: usize, default: usize) -> Result<Vec<bool>> {
+        let every = match self.value(key) {
+            Some(Value::Array(a)) => {
+                if a.len() != num_layers {
+                    return Err(self.invalid(format!(
+                        "'{key}' has {} entries for {num_layers} layers",
+                        a.len()
+                    )));
+                }
+                return a
+                    .iter()
+                    .map(|v| match v {
+                        Value::Bool(b) => Ok(*b),
+                        _ => Err(self.invalid(format!("'{key}' holds a non-bool"))),
+                    })
+                    .collect();
+            }
+            Some(_) => self.usize_opt(key)?.unwrap_or(default),
+            None => default,
+        };
+        Ok((0..num_layers)
+            .map(|i| every == 0 || i % every < every - 1)
+            .collect())
+    }
+
+    /// `rope.scaling.*`: none, linear or YaRN.
+    fn rope_scaling(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        context: usize,
+    ) -> Result<Option<RopeScaling>> {
+        let kind = self.string_opt(&key("rope.scaling.type"))?;
+        let factor = self.f64_opt(&key("rope.scaling.factor"))?;
+        let positive = |what: &str, x: Option<f64>| match x {
+            Some(f) if f > 0.0 && f.is_finite() => Ok(f),
+            _ => Err(self.invalid(format!("rope scaling needs a positive {what}"))),
+        };
+        match kind.as_deref() {
+            None | Some("none") => {
+                if let Some(scale) = self.f64_opt(&key("rope.scale_linear"))? {
+                    if scale != 1.0 {
+                        return Ok(Some(RopeScaling::Linear {
+                            factor: positive("rope.scale_linear", Some(scale))?,
+                        }));
+                    }
+                }
+                Ok(None)
+            }
+            Some("linear") => Ok(Some(RopeScaling::Linear {
+                factor: positive("rope.scaling.factor", factor)?,
+            })),
+            Some("yarn") => {
+                let factor = positive("rope.scaling.factor", factor)?;
+                let original = self
+                    .usize_opt(&key("rope.scaling.original_context_length"))?
+                    .unwrap_or(context);
+                let mscale = |f: f64| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
+                if self
+                    .f64_opt(&key("rope.scaling.attn_factor"))?
+                    .is_some_and(|a| a != 1.0)
+                {
+                    return Err(ModelError::Unsupported(format!(
+                        "'{}' is not supported with YaRN",
+                        key("rope.scaling.attn_factor")
+                    )));
+                }
+                // The converter stores transformers' `attention_factor` here when one is set.
+                let attention_factor = self
+                    .f64_opt(&key("rope.scaling.yarn_attn_factor"))?
+                    .unwrap_or(mscale(factor));
+                Ok(Some(RopeScaling::Yarn(YarnRopeScaling {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: self
+                        .f64_opt(&key("rope.scaling.yarn_beta_fast"))?
+                        .unwrap_or(32.0),
+                    beta_slow: self
+                        .f64_opt(&key("rope.scaling.yarn_beta_slow"))?
+                        .unwrap_or(1.0),
+                    attention_factor,
+                    truncate: true,
+                })))
+            }
+            Some(other) => Err(ModelError::Unsupported(format!(
+                "rope scaling type `{other}` is not supported (supported: none, linear, yarn)"
+            ))),
+        }
+    }
+
+    /// The family's traits from metadata and llama.cpp's per-family rules.
+    pub(super) fn family(
+        &self,
+        arch: Architecture,
+        key: &dyn Fn(&str) -> String,
+        s: &Shapes,
+    ) -> Result<GgufFamily> {
+        use Architecture::*;
+        let mut t = FamilyTraits::default();
+        let softcap =
+            |k: &str| -> Result<Option<f64>> { Ok(self.f64_opt(&key(k))?.filter(|c| *c > 0.0)) };
+        let window = self
+            .usize_opt(&key("attention.sliding_window"))?
+            .filter(|w| *w > 0);
+        let pattern_key = key("attention.sliding_window_pattern");
+        let mut local_rope = None;
+        // Keys only some families run: refused elsewhere rather than ignored.
+        let owned: [(&str, &[Architecture]); 6] = [
+            ("attn_logit_softcapping", &[Gemma2]),
+            ("final_logit_softcapping", &[Gemma2, Gemma3]),
+            ("embedding_scale", &[Granite]),
+            ("residual_scale", &[Granite]),
+            ("logit_scale", &[Granite]),
+            ("attention.scale", &[Granite]),
+        ];
+        for (k, families) in owned {
+            if self.value(&key(k)).is_some() && !families.contains(&arch) {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF metadata '{}' is set, but {} does not run that mechanism",
+                    key(k),
+                    arch.as_str()
+                )));
+            }
+        }
+        match arch {
+            Gemma2 | Gemma3 => {
+                t.norms = BlockNorms::Sandwich;
+                t.activation = Activation::GeluTanh;
+                t.embedding_scale = Some((s.hidden_size as f64).sqrt());
+                // llama.cpp: the 27B models scale by hidden / heads, the others by head_dim.
+                let big = (arch == Gemma2 && s.num_layers == 46)
+                    || (arch == Gemma3 && s.num_layers == 62);
+                let scalar = if big {
+                    s.hidden_size / s.num_heads
+                } else {
+                    s.head_dim
+                };
+                t.attention_scale = Some(1.0 / (scalar as f64).sqrt());
+                t.final_softcap = softcap("final_logit_softcapping")?;
+                let sliding = if arch == Gemma2 {
+                    t.attn_softcap = softcap("attn_logit_softcapping")?;
+                    t.sliding_window = Some(window.unwrap_or(4096));
+                    self.swa_pattern(&pattern_key, s.num_layers, 2)?
+                } else if let Some(w) = window {
+                    t.sliding_window = Some(w);
+                    local_rope = Some(RopeSpec {
+                        theta: self
+                            .f64_opt(&key("rope.freq_base_swa"))?
+                            .unwrap_or(10_000.0),
+                        scaling: None,
+                    });
+                    self.swa_pattern(&pattern_key, s.num_layers, 6)?
+                } else {
+                    vec![false; s.num_layers]
+                };
+                t.layers = sliding
+                    .into_iter()
+                    .map(|sliding| LayerKind {
+                        sliding,
+                        rope: true,
+                    })
+                    .collect();
+            }
+            SmolLM3 => {
+                // llama.cpp: no rope on every 4th layer (not stored in the file).
+                t.layers = (0..s.num_layers)
+                    .map(|i| LayerKind {
+                        sliding: false,
+                        rope: (i + 1) % 4 != 0,
+                    })
+                    .collect();
+            }
+            Olmo2 => {
+                t.norms = BlockNorms::Post;
+                t.qk_norm_whole = true;
+            }
+            Granite => {
+                t.embedding_scale = self.f64_opt(&key("embedding_scale"))?;
+                t.residual_scale = self.f64_opt(&key("residual_scale"))?;
+                t.attention_scale = self.f64_opt(&key("attention.scale"))?;
+                t.logits_divisor = self.f64_opt(&key("logit_scale"))?;
+            }
+            Mistral | Llama => {
+                if let Some(w) = window {
+                    t.sliding_window = Some(w);
+                    t.layers = vec![
+                        LayerKind {
+                            sliding: true,
+                            rope: true
+                        };
+                        s.num_layers
+                    ];
+                }
+            }
+            Qwen2 | Qwen3 => {}
+        }
+        if window.is_some() && t.sliding_window.is_none() {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF metadata '{}' is set, but spindle does not run sliding windows for {}",
+                key("attention.sliding_window"),
+                arch.as_str()
+            )));
+        }
+        Ok(GgufFamily {
+            traits: t,
+            local_rope,
+            rope_scaling: self.rope_scaling(key, s.context)?,
+        })
+    }
+}

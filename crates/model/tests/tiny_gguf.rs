@@ -1,0 +1,217 @@
+//! Every dense family from a GGUF as llama.cpp's own converter writes it. The GGUFs are not
+//! stored: `scripts/golden/make_tiny_gguf_manifests.py` ran llama.cpp's `convert_hf_to_gguf`
+//! classes on each tiny checkpoint and recorded its metadata and, per tensor, the HF source and
+//! the converter's transform (`tests/golden/tiny-*/gguf.json`). This test rebuilds that GGUF from
+//! the hash weights and checks that spindle's GGUF reader (names, un-permutation, metadata,
+//! llama.cpp's per-family rules) gives transformers' fp32 logits.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::hash_weights::HashWeights;
+use common::{argmax, repo_root, PagedRunner};
+use serde_json::Value as Json;
+use spindle_model::gguf::{GgufFile, GgufWeights};
+use spindle_model::weights::WeightSource;
+use spindle_model::LlamaModel;
+
+fn read_json(path: std::path::PathBuf) -> Json {
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("golden file")).expect("json")
+}
+
+fn get<T: serde::de::DeserializeOwned>(v: &Json) -> T {
+    serde_json::from_value(v.clone()).expect("golden field")
+}
+
+/// A manifest value as the GGUF type the converter wrote (integers u32, reals f32).
+fn gguf_value(v: &Json) -> Value {
+    match v {
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) if n.is_u64() => Value::U32(n.as_u64().expect("u64") as u32),
+        Json::Number(n) => Value::F32(n.as_f64().expect("f64") as f32),
+        Json::String(s) => Value::String(s.clone()),
+        Json::Array(a) => Value::Array(a.iter().map(gguf_value).collect()),
+        other => panic!("unexpected metadata value {other}"),
+    }
+}
+
+/// llama.cpp's `permute(w, n_head)`.
+fn permute(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().expect("2-D");
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .and_then(|t| t.transpose(1, 2))
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.reshape((rows, cols)))
+        .expect("permute")
+}
+
+/// Writes the converter's GGUF for `dir` to a temporary file; returns its path.
+fn rebuild(dir: &str) -> std::path::PathBuf {
+    let src = repo_root().join("tests/golden").join(dir);
+    let outputs = read_json(src.join("outputs.json"));
+    let manifest = read_json(src.join("gguf.json"));
+    let config = read_json(src.join("config.json"));
+    let names: Vec<String> = get(&outputs["names"]);
+    let shapes: HashMap<String, Vec<usize>> = get(&outputs["shapes"]);
+    let mut hash = HashWeights(names);
+    let vocab = config["vocab_size"].as_u64().expect("vocab") as usize;
+    let mut metadata: Vec<(String, Value)> = vec![
+        (
+            "general.architecture".into(),
+            Value::String(get(&manifest["architecture"])),
+        ),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array((0..vocab).map(|i| Value::String(format!("t{i}"))).collect()),
+        ),
+    ];
+    for (k, v) in manifest["metadata"].as_object().expect("metadata") {
+        metadata.push((k.clone(), gguf_value(v)));
+    }
+    let heads = |proj: &str| -> usize {
+        let q = config["num_attention_heads"].as_u64().expect("heads") as usize;
+        match proj {
+            "q" => q,
+            _ => config["num_key_value_heads"]
+                .as_u64()
+                .map_or(q, |k| k as usize),
+        }
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for t in manifest["tensors"].as_array().expect("tensors") {
+        let hf: String = get(&t["hf"]);
+        let mut w = hash.get(&hf, &shapes[&hf]).expect("hash tensor");
+        w = match t["transform"].as_str().expect("transform") {
+            "identity" => w,
+            "plus_one" => (w + 1.0).expect("+1"),
+            "permute" if hf.contains("q_proj") => permute(&w, heads("q")),
+            "permute" => permute(&w, heads("k")),
+            other => panic!("unknown transform {other}"),
+        };
+        let shape: Vec<usize> = get(&t["shape"]);
+        assert_eq!(w.dims(), shape.as_slice(), "{hf}");
+        tensors.push((
+            get(&t["name"]),
+            QTensor::quantize(&w, GgmlDType::F32).expect("f32 tensor"),
+        ));
+    }
+    let path = std::env::temp_dir().join(format!("spindle-tiny-{}-{dir}.gguf", std::process::id()));
+    let mut file = std::fs::File::create(&path).expect("create gguf");
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    candle_core::quantized::gguf_file::write(&mut file, &md, &ts).expect("write gguf");
+    path
+}
+
+/// `longest`: llama.cpp's converter drops Mistral's `sliding_window` (llama.cpp runs it with full
+/// attention), so that GGUF is compared only on sequences inside the window.
+fn check_up_to(dir: &str, longest: usize) {
+    let path = rebuild(dir);
+    let mut file = GgufFile::open(&path).expect("open");
+    let config = file.config().unwrap_or_else(|e| panic!("{dir}: {e}"));
+    let outputs = read_json(
+        repo_root()
+            .join("tests/golden")
+            .join(dir)
+            .join("outputs.json"),
+    );
+    let model = {
+        let mut weights = GgufWeights::new(&mut file, &config, DType::F32, Device::Cpu);
+        LlamaModel::load(
+            config.clone(),
+            &mut weights,
+            256,
+            DType::F32,
+            &Device::Cpu,
+            |_, _| {},
+        )
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+    };
+    let _ = std::fs::remove_file(&path);
+    for (i, case) in outputs["sequences"]
+        .as_array()
+        .expect("sequences")
+        .iter()
+        .enumerate()
+    {
+        let ids: Vec<u32> = get(&case["ids"]);
+        let want: Vec<f32> = get(&case["last_logits"]);
+        if ids.len() > longest {
+            continue;
+        }
+        let mut runner = PagedRunner::new(&model, 1, 256, 16);
+        let got: Vec<Vec<f32>> = runner
+            .step(&model, &[(0, 0, ids.clone())])
+            .to_vec2()
+            .expect("l");
+        let err = got[0]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{dir} from GGUF: sequence {i} ({} tokens): max logit error {err:.2e}",
+            ids.len()
+        );
+        assert!(err < 1e-3, "{dir} from GGUF: sequence {i}: error {err}");
+        assert_eq!(argmax(&got[0]), argmax(&want));
+    }
+}
+
+fn check(dir: &str) {
+    check_up_to(dir, usize::MAX)
+}
+
+#[test]
+fn qwen3_gguf_matches_transformers() {
+    check("tiny-qwen3");
+}
+
+#[test]
+fn gemma2_gguf_matches_transformers() {
+    check("tiny-gemma2");
+}
+
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    check("tiny-gemma3");
+}
+
+#[test]
+fn smollm3_gguf_matches_transformers() {
+    check("tiny-smollm3");
+}
+
+#[test]
+fn olmo2_gguf_matches_transformers() {
+    check("tiny-olmo2");
+}
+
+#[test]
+fn granite_gguf_matches_transformers() {
+    check("tiny-granite");
+}
+
+#[test]
+fn llama_yarn_gguf_matches_transformers() {
+    check("tiny-llama-yarn");
+}
+
+#[test]
+fn mistral_window_gguf_matches_transformers() {
+    let path = rebuild("tiny-mistral-window");
+    let config = GgufFile::open(&path)
+        .expect("open")
+        .config()
+        .expect("config");
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        config.family.sliding_window, None,
+        "the converter keeps no window"
+    );
+    check_up_to("tiny-mistral-window", 32);
+}

