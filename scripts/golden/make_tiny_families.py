@@ -7,7 +7,8 @@ Weights are not committed: every tensor is filled from an integer hash of its na
 sorted order) and the element index (the formula of make_tiny_llama3.py, repeated by the Rust
 test). Each family's directory under tests/golden/ gets config.json and outputs.json: the last
 logits of three sequences (5, 70 and 150 tokens; the sliding window is 32, so the longer ones
-see it) and 12 greedy tokens after the 70-token one; the tensor names and shapes let the test
+see it) and 12 greedy tokens after the 70-token one (with each step's top 5, for vLLM's
+check_logprobs_close); the tensor names and shapes let the test
 write the checkpoint as a Hugging Face directory. Run with scripts/golden/requirements.txt.
 """
 
@@ -78,8 +79,11 @@ def build(name, config, cls):
             out["sequences"].append({"ids": ids, "last_logits": logits})
         prompt = torch.tensor([seqs[1]])
         gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                             pad_token_id=None, eos_token_id=None)
-        out["greedy"] = {"prompt": seqs[1], "tokens": gen[0, len(seqs[1]):].tolist()}
+                             pad_token_id=None, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+        top5 = [torch.topk(step[0], 5).indices.tolist() for step in gen.logits]
+        out["greedy"] = {"prompt": seqs[1], "tokens": gen.sequences[0, len(seqs[1]):].tolist(),
+                         "top5": top5}
     (out_dir / "outputs.json").write_text(json.dumps(out) + "\n")
     print(name, "written", file=sys.stderr)
 

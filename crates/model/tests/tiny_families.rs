@@ -234,53 +234,68 @@ fn tokenizer_json(vocab: usize) -> String {
     )
 }
 
-/// Each family through the real loader: a Hugging Face directory (transformers' config.json,
-/// the hash weights as safetensors, a tokenizer) loads as its family and gives transformers'
-/// logits.
+const FAMILIES: [&str; 8] = [
+    "tiny-qwen3",
+    "tiny-gemma2",
+    "tiny-gemma3",
+    "tiny-smollm3",
+    "tiny-olmo2",
+    "tiny-granite",
+    "tiny-llama-yarn",
+    "tiny-mistral-window",
+];
+
+/// Writes `dir_name`'s checkpoint as a Hugging Face directory (transformers' config.json, the
+/// hash weights as safetensors, a tokenizer) under the temp dir; returns it.
+/// `tag` keeps tests running in parallel apart.
+fn hf_dir(dir_name: &str, g: &Golden, tag: &str) -> std::path::PathBuf {
+    use spindle_model::weights::WeightSource;
+    let src = repo_root().join("tests/golden").join(dir_name);
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("outputs.json")).expect("outputs"))
+            .expect("json");
+    let shapes: std::collections::HashMap<String, Vec<usize>> = get(&v["shapes"]);
+    let dir = std::env::temp_dir().join(format!(
+        "spindle-families-{}-{tag}-{dir_name}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).expect("config");
+    let mut hash = HashWeights(g.names.clone());
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = g
+        .names
+        .iter()
+        .map(|n| (n.clone(), hash.get(n, &shapes[n]).expect("hash tensor")))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tokenizer_json(g.config.vocab_size),
+    )
+    .expect("tokenizer");
+    dir
+}
+
+fn load_dir(
+    dir: &std::path::Path,
+    dtype: spindle_model::DTypeChoice,
+) -> spindle_model::LoadedModel {
+    spindle_model::load(&spindle_model::LoadOptions {
+        model: dir.display().to_string(),
+        dtype,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Each family through the real loader: a Hugging Face directory loads as its family and gives
+/// transformers' logits under `--dtype float32`.
 #[test]
 fn hf_directories_load_and_match() {
-    use spindle_model::weights::WeightSource;
-    for dir_name in [
-        "tiny-qwen3",
-        "tiny-gemma2",
-        "tiny-gemma3",
-        "tiny-smollm3",
-        "tiny-olmo2",
-        "tiny-granite",
-        "tiny-llama-yarn",
-        "tiny-mistral-window",
-    ] {
+    for dir_name in FAMILIES {
         let g = golden(dir_name);
-        let src = repo_root().join("tests/golden").join(dir_name);
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(src.join("outputs.json")).expect("outputs"),
-        )
-        .expect("json");
-        let shapes: std::collections::HashMap<String, Vec<usize>> = get(&v["shapes"]);
-        let dir = std::env::temp_dir().join(format!(
-            "spindle-families-{}-{dir_name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        std::fs::copy(src.join("config.json"), dir.join("config.json")).expect("config");
-        let mut hash = HashWeights(g.names.clone());
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> = g
-            .names
-            .iter()
-            .map(|n| (n.clone(), hash.get(n, &shapes[n]).expect("hash tensor")))
-            .collect();
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
-        std::fs::write(
-            dir.join("tokenizer.json"),
-            tokenizer_json(g.config.vocab_size),
-        )
-        .expect("tokenizer");
-        let loaded = spindle_model::load(&spindle_model::LoadOptions {
-            model: dir.display().to_string(),
-            dtype: spindle_model::DTypeChoice::Float32,
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{dir_name}: {e}"));
+        let dir = hf_dir(dir_name, &g, "f32");
+        let loaded = load_dir(&dir, spindle_model::DTypeChoice::Float32);
         assert_eq!(
             loaded.info.architecture,
             g.config.architecture.as_str(),
@@ -290,6 +305,37 @@ fn hf_directories_load_and_match() {
         let got = logits_of(&loaded.model, &g.seqs[long]);
         let err = max_err(&got, &g.logits[long]);
         assert!(err < 1e-3, "{dir_name} from its HF directory: error {err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The default CPU arithmetic (`--dtype auto`: bf16 products where the CPU has them, bf16 KV
+/// cache) meets vLLM's `check_logprobs_close` against transformers' fp32 continuation.
+#[test]
+fn default_arithmetic_passes_check_logprobs_close() {
+    for dir_name in FAMILIES {
+        let g = golden(dir_name);
+        let dir = hf_dir(dir_name, &g, "auto");
+        let loaded = load_dir(&dir, spindle_model::DTypeChoice::Auto);
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                repo_root()
+                    .join("tests/golden")
+                    .join(dir_name)
+                    .join("outputs.json"),
+            )
+            .expect("outputs"),
+        )
+        .expect("json");
+        let top5: Vec<Vec<u32>> = get(&v["greedy"]["top5"]);
+        match common::logprobs_close(&loaded.model, &g.prompt, &g.greedy, &top5) {
+            Ok(n) => eprintln!(
+                "{dir_name} ({}): {n}/{} reference tokens before divergence",
+                loaded.info.dtype,
+                g.greedy.len()
+            ),
+            Err(e) => panic!("{dir_name} ({}): {e}", loaded.info.dtype),
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -49,8 +49,14 @@ fn permute(w: &Tensor, heads: usize) -> Tensor {
         .expect("permute")
 }
 
-/// Writes the converter's GGUF for `dir` to a temporary file; returns its path.
+/// Writes the converter's f32 GGUF for `dir` to a temporary file; returns its path.
 fn rebuild(dir: &str) -> std::path::PathBuf {
+    rebuild_as(dir, GgmlDType::F32)
+}
+
+/// [`rebuild`] with the matrices (2-D tensors) stored as `matrices` (e.g. Q8_0, as
+/// `llama-quantize` would).
+fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
     let src = repo_root().join("tests/golden").join(dir);
     let outputs = read_json(src.join("outputs.json"));
     let manifest = read_json(src.join("gguf.json"));
@@ -94,12 +100,20 @@ fn rebuild(dir: &str) -> std::path::PathBuf {
         };
         let shape: Vec<usize> = get(&t["shape"]);
         assert_eq!(w.dims(), shape.as_slice(), "{hf}");
+        let kind = if shape.len() == 2 {
+            matrices
+        } else {
+            GgmlDType::F32
+        };
         tensors.push((
             get(&t["name"]),
-            QTensor::quantize(&w, GgmlDType::F32).expect("f32 tensor"),
+            QTensor::quantize(&w, kind).expect("quantize"),
         ));
     }
-    let path = std::env::temp_dir().join(format!("spindle-tiny-{}-{dir}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "spindle-tiny-{}-{dir}-{matrices:?}.gguf",
+        std::process::id()
+    ));
     let mut file = std::fs::File::create(&path).expect("create gguf");
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -214,4 +228,54 @@ fn mistral_window_gguf_matches_transformers() {
         "the converter keeps no window"
     );
     check_up_to("tiny-mistral-window", 32);
+}
+
+/// A Q8_0 GGUF of every family (matrices quantized as `llama-quantize` would; exact f32
+/// arithmetic over the kept-quantized blocks) meets vLLM's `check_logprobs_close` against
+/// transformers' fp32 greedy continuation.
+#[test]
+fn q8_0_ggufs_pass_check_logprobs_close() {
+    for dir in [
+        "tiny-qwen3",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-smollm3",
+        "tiny-olmo2",
+        "tiny-granite",
+        "tiny-llama-yarn",
+    ] {
+        let path = rebuild_as(dir, GgmlDType::Q8_0);
+        let mut file = GgufFile::open(&path).expect("open");
+        let config = file.config().expect("config");
+        let model = {
+            let mut weights = GgufWeights::new(&mut file, &config, DType::F32, Device::Cpu);
+            LlamaModel::load(
+                config.clone(),
+                &mut weights,
+                256,
+                DType::F32,
+                &Device::Cpu,
+                |_, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        };
+        let _ = std::fs::remove_file(&path);
+        let outputs = read_json(
+            repo_root()
+                .join("tests/golden")
+                .join(dir)
+                .join("outputs.json"),
+        );
+        let g = &outputs["greedy"];
+        let prompt: Vec<u32> = get(&g["prompt"]);
+        let want: Vec<u32> = get(&g["tokens"]);
+        let top5: Vec<Vec<u32>> = get(&g["top5"]);
+        match common::logprobs_close(&model, &prompt, &want, &top5) {
+            Ok(n) => eprintln!(
+                "{dir} Q8_0: {n}/{} reference tokens before divergence",
+                want.len()
+            ),
+            Err(e) => panic!("{dir} Q8_0: {e}"),
+        }
+    }
 }

@@ -142,3 +142,36 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// vLLM's `check_logprobs_close` on one greedy continuation: tokens equal up to the first
+/// divergence, and there each side's token is among the other's top 5. `want[i]` and
+/// `want_top5[i]` are the reference's token and top 5 at step `i`. Returns the number of steps
+/// matched before a divergence, or the failing step's description.
+pub fn logprobs_close(
+    model: &LlamaModel,
+    prompt: &[u32],
+    want: &[u32],
+    want_top5: &[Vec<u32>],
+) -> Result<usize, String> {
+    let mut runner = PagedRunner::new(model, 1, prompt.len() + want.len() + 1, 16);
+    let mut logits = runner.step(model, &[(0, 0, prompt.to_vec())]);
+    let mut len = prompt.len();
+    for (step, (&w, top)) in want.iter().zip(want_top5).enumerate() {
+        let row: Vec<f32> = logits.to_vec2::<f32>().expect("logits").remove(0);
+        let got = argmax(&row);
+        if got != w {
+            let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+            ids.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            ids.truncate(5);
+            if top.contains(&got) && ids.contains(&w) {
+                return Ok(step);
+            }
+            return Err(format!(
+                "step {step}: ours {got} (top-5 {ids:?}) vs reference {w} (top-5 {top:?})"
+            ));
+        }
+        logits = runner.step(model, &[(0, len, vec![got])]);
+        len += 1;
+    }
+    Ok(want.len())
+}
