@@ -50,6 +50,14 @@ def families():
     yield "tiny-granite", t.GraniteConfig(**SHAPE, num_hidden_layers=2, embedding_multiplier=3.0,
                                           residual_multiplier=0.5, attention_multiplier=0.125,
                                           logits_scaling=4.0, tie_word_embeddings=True), t.GraniteForCausalLM
+    # Phi-4-mini's shape of rope: 3/4 of each head rotated, longrope factors (short ones apply
+    # within the original context, which the test sequences stay inside).
+    yield "tiny-phi3", t.Phi3Config(**{**SHAPE, "max_position_embeddings": 1024}, num_hidden_layers=2,
+                                    tie_word_embeddings=False, partial_rotary_factor=0.75,
+                                    original_max_position_embeddings=256,
+                                    rope_scaling={"rope_type": "longrope",
+                                                  "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+                                                  "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}), t.Phi3ForCausalLM
     yield "tiny-llama-yarn", t.LlamaConfig(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False,
                                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                          "original_max_position_embeddings": 64}), t.LlamaForCausalLM

@@ -16,7 +16,7 @@ const SHAPE: &str = r#""vocab_size": 49152, "hidden_size": 576, "intermediate_si
     "num_hidden_layers": 8, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
     "max_position_embeddings": 4096"#;
 
-const FAMILIES: [(&str, &str); 7] = [
+const FAMILIES: [(&str, &str); 8] = [
     (
         "llama",
         r#""architectures": ["LlamaForCausalLM"], "tie_word_embeddings": true"#,
@@ -40,6 +40,10 @@ const FAMILIES: [(&str, &str); 7] = [
     (
         "olmo2",
         r#""architectures": ["Olmo2ForCausalLM"], "tie_word_embeddings": true"#,
+    ),
+    (
+        "phi3",
+        r#""architectures": ["Phi3ForCausalLM"], "tie_word_embeddings": true, "partial_rotary_factor": 0.75"#,
     ),
     (
         "granite",

@@ -1,5 +1,5 @@
 //! One decoder for every dense family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, OLMo 2,
-//! Granite): a plain struct with `load` and `forward`. The families differ in a few switches
+//! Granite, Phi-3): a plain struct with `load` and `forward`. The families differ in a few switches
 //! ([`crate::config::FamilyTraits`]): where the norms sit, the activation, multipliers,
 //! soft-caps and which layers slide or skip rope. The forward pass takes a flattened batch (all
 //! sequences' new tokens in one `[tokens, hidden]` matrix), so projections and MLPs run as single
@@ -113,9 +113,32 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("{prefix}.layers.{i}");
-            let q = weights.get_linear(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?;
-            let k = weights.get_linear(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?;
-            let v = weights.get_linear(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?;
+            let (qkv, gate_up) = if f.fused_projections {
+                // Phi-3 stores them fused already (gate before up, as spindle fuses them).
+                (
+                    weights.get_linear(
+                        &format!("{p}.self_attn.qkv_proj.weight"),
+                        &[q_dim + 2 * kv_dim, h],
+                    )?,
+                    weights.get_linear(
+                        &format!("{p}.mlp.gate_up_proj.weight"),
+                        &[2 * c.intermediate_size, h],
+                    )?,
+                )
+            } else {
+                let get = |w: &mut dyn WeightSource, name: &str, rows: usize| {
+                    w.get_linear(&format!("{p}.{name}.weight"), &[rows, h])
+                };
+                let q = get(weights, "self_attn.q_proj", q_dim)?;
+                let k = get(weights, "self_attn.k_proj", kv_dim)?;
+                let v = get(weights, "self_attn.v_proj", kv_dim)?;
+                let gate = get(weights, "mlp.gate_proj", c.intermediate_size)?;
+                let up = get(weights, "mlp.up_proj", c.intermediate_size)?;
+                (
+                    LinearWeight::concat(&[q, k, v], dtype, device)?,
+                    LinearWeight::concat(&[gate, up], dtype, device)?,
+                )
+            };
             let qkv_bias = if c.qkv_bias {
                 let qb = weights.get(&format!("{p}.self_attn.q_proj.bias"), &[q_dim])?;
                 let kb = weights.get(&format!("{p}.self_attn.k_proj.bias"), &[kv_dim])?;
@@ -137,14 +160,6 @@ impl LlamaModel {
             } else {
                 (None, None)
             };
-            let gate = weights.get_linear(
-                &format!("{p}.mlp.gate_proj.weight"),
-                &[c.intermediate_size, h],
-            )?;
-            let up = weights.get_linear(
-                &format!("{p}.mlp.up_proj.weight"),
-                &[c.intermediate_size, h],
-            )?;
             let mut named = |suffix: &str| norm(weights, &format!("{p}.{suffix}.weight"), h);
             let (input_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm) = match f.norms {
                 BlockNorms::Pre => (
@@ -181,7 +196,7 @@ impl LlamaModel {
             };
             layers.push(Layer {
                 input_norm,
-                qkv: LinearWeight::concat(&[q, k, v], dtype, device)?,
+                qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
@@ -191,7 +206,7 @@ impl LlamaModel {
                 post_mlp_norm,
                 attention,
                 rope,
-                gate_up: LinearWeight::concat(&[gate, up], dtype, device)?,
+                gate_up,
                 down: weights.get_linear(
                     &format!("{p}.mlp.down_proj.weight"),
                     &[h, c.intermediate_size],

@@ -174,6 +174,11 @@ fn granite_matches_transformers() {
 }
 
 #[test]
+fn phi3_with_partial_rotary_and_longrope_matches_transformers() {
+    check("tiny-phi3", Architecture::Phi3);
+}
+
+#[test]
 fn llama_with_yarn_matches_transformers() {
     check("tiny-llama-yarn", Architecture::Llama);
 }
@@ -188,7 +193,7 @@ fn mistral_with_a_sliding_window_matches_transformers() {
 #[test]
 fn each_mechanism_changes_the_reference() {
     type Ablation = fn(&mut ModelConfig);
-    let cases: [(&str, &str, Ablation); 7] = [
+    let cases: [(&str, &str, Ablation); 9] = [
         ("tiny-mistral-window", "no window", |c| {
             c.family.layers.iter_mut().for_each(|l| l.sliding = false)
         }),
@@ -206,6 +211,10 @@ fn each_mechanism_changes_the_reference() {
             c.family.residual_scale = None
         }),
         ("tiny-llama-yarn", "no YaRN", |c| c.rope_scaling = None),
+        ("tiny-phi3", "no longrope", |c| c.rope_scaling = None),
+        ("tiny-phi3", "rope over the whole head", |c| {
+            c.family.rotary_dim = None
+        }),
     ];
     for (dir, what, ablate) in cases {
         let mut g = golden(dir);
@@ -234,7 +243,8 @@ fn tokenizer_json(vocab: usize) -> String {
     )
 }
 
-const FAMILIES: [&str; 8] = [
+const FAMILIES: [&str; 9] = [
+    "tiny-phi3",
     "tiny-qwen3",
     "tiny-gemma2",
     "tiny-gemma3",

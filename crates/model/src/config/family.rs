@@ -75,6 +75,11 @@ pub struct FamilyTraits {
     pub sliding_window: Option<usize>,
     /// Per layer; empty means every layer is full attention with rope.
     pub layers: Vec<LayerKind>,
+    /// Rope on the first `rotary_dim` dimensions of each head only (Phi-4-mini's
+    /// `partial_rotary_factor`); `None` is the whole head.
+    pub rotary_dim: Option<usize>,
+    /// Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
+    pub fused_projections: bool,
 }
 
 impl FamilyTraits {
@@ -96,6 +101,7 @@ pub(super) fn read_traits(
     obj: &JsonMap,
     num_layers: usize,
     hidden_size: usize,
+    head_dim: usize,
 ) -> Result<(FamilyTraits, Option<usize>)> {
     use Architecture::*;
     let active = |k: &str| {
@@ -138,12 +144,33 @@ pub(super) fn read_traits(
     if active("mlp_bias") {
         return Err(unsupported("mlp_bias is not supported".into()));
     }
-    if let Some(f) = num("partial_rotary_factor")? {
-        if f != 1.0 {
+    // transformers v5 repeats partial_rotary_factor inside rope_parameters.
+    let in_rope = match obj.get("rope_parameters").and_then(Value::as_object) {
+        Some(p) => number(p, "partial_rotary_factor", "rope_parameters")?,
+        None => None,
+    };
+    let partial = match (num("partial_rotary_factor")?, in_rope) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ModelError::Config(format!(
+                "partial_rotary_factor {a} and rope_parameters.partial_rotary_factor {b} disagree"
+            )))
+        }
+        (a, b) => a.or(b).filter(|f| *f != 1.0),
+    };
+    if let Some(f) = partial {
+        if arch != Phi3 {
             return Err(unsupported(format!(
-                "partial_rotary_factor {f} is not supported"
+                "partial_rotary_factor {f} is not supported for {}",
+                arch.as_str()
             )));
         }
+        if !(f > 0.0 && f < 1.0) {
+            return Err(ModelError::Config(format!(
+                "partial_rotary_factor {f} must be in (0, 1]"
+            )));
+        }
+        // transformers: int(head_dim * factor).
+        t.rotary_dim = Some((head_dim as f64 * f) as usize);
     }
 
     // Keys each family owns; present elsewhere with an effect, they are refused.
@@ -237,6 +264,9 @@ pub(super) fn read_traits(
                 .map(|(rope, sliding)| LayerKind { sliding, rope })
                 .collect();
             return Ok((t, None));
+        }
+        Phi3 => {
+            t.fused_projections = true;
         }
         Olmo2 => {
             t.norms = BlockNorms::Post;

@@ -12,7 +12,9 @@ use serde::Deserialize;
 use crate::error::{ModelError, Result};
 
 pub use family::{Activation, BlockNorms, FamilyTraits, LayerKind};
-pub use rope::{Llama3RopeScaling, RopeScaling, RopeSettings, RopeSpec, YarnRopeScaling};
+pub use rope::{
+    Llama3RopeScaling, LongRopeScaling, RopeScaling, RopeSettings, RopeSpec, YarnRopeScaling,
+};
 
 /// Which family a checkpoint belongs to; decides defaults and weight-name conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,10 +29,12 @@ pub enum Architecture {
     SmolLM3,
     Olmo2,
     Granite,
+    /// Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`).
+    Phi3,
 }
 
 /// Every family, in the order error messages list them.
-pub const SUPPORTED_ARCHITECTURES: [Architecture; 9] = [
+pub const SUPPORTED_ARCHITECTURES: [Architecture; 10] = [
     Architecture::Llama,
     Architecture::Mistral,
     Architecture::Qwen2,
@@ -40,6 +44,7 @@ pub const SUPPORTED_ARCHITECTURES: [Architecture; 9] = [
     Architecture::SmolLM3,
     Architecture::Olmo2,
     Architecture::Granite,
+    Architecture::Phi3,
 ];
 
 impl Architecture {
@@ -56,6 +61,7 @@ impl Architecture {
             "smollm3" | "smollm3forcausallm" => Architecture::SmolLM3,
             "olmo2" | "olmo2forcausallm" => Architecture::Olmo2,
             "granite" | "graniteforcausallm" => Architecture::Granite,
+            "phi3" | "phi3forcausallm" => Architecture::Phi3,
             _ => return Err(ModelError::UnsupportedArchitecture(name.to_string())),
         };
         Ok(arch)
@@ -81,6 +87,7 @@ impl Architecture {
             Architecture::SmolLM3 => "smollm3",
             Architecture::Olmo2 => "olmo2",
             Architecture::Granite => "granite",
+            Architecture::Phi3 => "phi3",
         }
     }
 }
@@ -128,6 +135,14 @@ impl ModelConfig {
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
+        }
+        if let Some(r) = self.family.rotary_dim {
+            if r == 0 || r % 2 != 0 || r > self.head_dim {
+                return fail(format!(
+                    "rotary dimension {r} must be even and within head_dim {}",
+                    self.head_dim
+                ));
+            }
         }
         if self.head_dim % 2 != 0 {
             return fail(format!(
@@ -209,7 +224,7 @@ impl ModelConfig {
         let num_layers = raw.num_hidden_layers;
         let max_positions = raw.max_position_embeddings.unwrap_or(4096);
         let (family, unused_window) =
-            family::read_traits(architecture, obj, num_layers, raw.hidden_size)?;
+            family::read_traits(architecture, obj, num_layers, raw.hidden_size, head_dim)?;
         let per_layer_type = architecture == Architecture::Gemma3;
         let default_theta = if per_layer_type {
             1_000_000.0

@@ -29,8 +29,20 @@ pub struct YarnRopeScaling {
     pub truncate: bool,
 }
 
+/// Phi-3's LongRoPE (`rope_type == "longrope"`): per-frequency divisors, `short_factor` within
+/// the original context and `long_factor` beyond it, and cos/sin multiplied by
+/// `attention_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRopeScaling {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    /// Resolved as transformers does (`sqrt(1 + ln(factor) / ln(original))`).
+    pub attention_factor: f64,
+}
+
 /// How the inverse frequencies are scaled.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Llama3(Llama3RopeScaling),
     /// `rope_type == "linear"`: positions divided by `factor`.
@@ -38,10 +50,11 @@ pub enum RopeScaling {
         factor: f64,
     },
     Yarn(YarnRopeScaling),
+    LongRope(LongRopeScaling),
 }
 
 /// One rope table's settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeSpec {
     pub theta: f64,
     pub scaling: Option<RopeScaling>,
@@ -49,7 +62,7 @@ pub struct RopeSpec {
 
 /// The model's rope: one spec, or (Gemma 3) one for full-attention layers and one for
 /// sliding-window layers.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeSettings {
     pub global: RopeSpec,
     pub local: Option<RopeSpec>,
@@ -77,6 +90,11 @@ pub(super) fn rope_settings(
     max_positions: usize,
 ) -> Result<RopeSettings> {
     let v4_theta = number(obj, "rope_theta", "config")?;
+    // Phi-3 keeps `original_max_position_embeddings` beside its rope settings.
+    let original = number(obj, "original_max_position_embeddings", "config")?
+        .filter(|x| *x > 0.0)
+        .map(|x| x as usize);
+    let max_positions = (max_positions, original);
     let v4_scaling = obj.get("rope_scaling").filter(|v| !v.is_null());
     let v4_local = number(obj, "rope_local_base_freq", "config")?;
     if v4_local.is_some() && !per_layer_type {
@@ -188,7 +206,7 @@ fn spec(
     theta: Option<f64>,
     default_theta: f64,
     whose: &str,
-    max_positions: usize,
+    (max_positions, top_level_original): (usize, Option<usize>),
 ) -> Result<RopeSpec> {
     let theta = number(s, "rope_theta", whose)?
         .or(theta)
@@ -203,7 +221,8 @@ fn spec(
         .or_else(|| s.get("type"))
         .and_then(serde_json::Value::as_str)
         .unwrap_or("default");
-    const COMMON: [&str; 3] = ["rope_type", "type", "rope_theta"];
+    // `partial_rotary_factor` is checked against the config's by the family reader.
+    const COMMON: [&str; 4] = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
     let allowed: &[&str] = match kind {
         "default" => &[],
         "linear" => &["factor"],
@@ -223,9 +242,16 @@ fn spec(
             "mscale_all_dim",
             "truncate",
         ],
+        "longrope" => &[
+            "short_factor",
+            "long_factor",
+            "factor",
+            "attention_factor",
+            "original_max_position_embeddings",
+        ],
         other => {
             return Err(unsupported(format!(
-                "rope type `{other}` is not supported (supported: default, linear, llama3, yarn)"
+                "rope type `{other}` is not supported (supported: default, linear, llama3, yarn, longrope)"
             )))
         }
     };
@@ -261,6 +287,47 @@ fn spec(
             high_freq_factor: need("high_freq_factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
         })),
+        "longrope" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                let list = s
+                    .get(k)
+                    .and_then(serde_json::Value::as_array)
+                    .ok_or_else(|| {
+                        ModelError::Config(format!("{whose}.{k} must be a list of numbers"))
+                    })?;
+                list.iter()
+                    .map(|v| {
+                        v.as_f64()
+                            .filter(|x| *x > 0.0 && x.is_finite())
+                            .ok_or_else(|| {
+                                ModelError::Config(format!(
+                                    "{whose}.{k} must hold positive numbers"
+                                ))
+                            })
+                    })
+                    .collect()
+            };
+            let original = positive("original_max_position_embeddings")?
+                .map(|x| x as usize)
+                .or(top_level_original)
+                .ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "{whose}: longrope needs original_max_position_embeddings"
+                    ))
+                })?;
+            let factor = positive("factor")?.unwrap_or(max_positions as f64 / original as f64);
+            let attention_factor = match positive("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            Some(RopeScaling::LongRope(LongRopeScaling {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }))
+        }
         _ => {
             let original =
                 positive("original_max_position_embeddings")?.map_or(max_positions, |x| x as usize);

@@ -228,6 +228,12 @@ impl GgufFile {
                 }
             }
             Qwen2 | Qwen3 => {}
+            Phi3 => {
+                return Err(ModelError::Unsupported(
+                    "GGUF files of phi3 are not supported yet (its Hugging Face directory is)"
+                        .into(),
+                ))
+            }
         }
         if window.is_some() && t.sliding_window.is_none() {
             return Err(ModelError::Unsupported(format!(
