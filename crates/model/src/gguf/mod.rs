@@ -147,12 +147,10 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// Model shapes from `<arch>.*` metadata.
-    /// llama.cpp's `rope_freqs.weight` (`head_dim / 2` divisors of the inverse frequencies),
-    /// read once at load.
-    fn rope_freq_factors(&mut self, head_dim: usize) -> Result<Option<Vec<f64>>> {
-        const NAME: &str = "rope_freqs.weight";
-        if !self.has_tensor(NAME) {
+    /// A tensor of `len` positive per-frequency factors (`rope_freqs.weight`,
+    /// `rope_factors_long.weight`, ...), read once at load; `None` when absent.
+    fn rope_factor_tensor(&mut self, name: &str, len: usize) -> Result<Option<Vec<f64>>> {
+        if !self.has_tensor(name) {
             return Ok(None);
         }
         let path = self.path.clone();
@@ -162,17 +160,56 @@ impl GgufFile {
         };
         let q = self
             .content
-            .tensor(&mut self.reader, NAME, &Device::Cpu)
-            .map_err(|e| bad(format!("cannot read tensor '{NAME}': {e}")))?;
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| bad(format!("cannot read tensor '{name}': {e}")))?;
         let factors: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        if factors.len() != head_dim / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+        if factors.len() != len || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
             return Err(bad(format!(
-                "'{NAME}' must hold {} positive factors, got {}",
-                head_dim / 2,
+                "'{name}' must hold {len} positive factors, got {}",
                 factors.len()
             )));
         }
         Ok(Some(factors.into_iter().map(f64::from).collect()))
+    }
+
+    /// llama.cpp's `rope_freqs.weight` (`head_dim / 2` divisors of the inverse frequencies).
+    fn rope_freq_factors(&mut self, head_dim: usize) -> Result<Option<Vec<f64>>> {
+        self.rope_factor_tensor("rope_freqs.weight", head_dim / 2)
+    }
+
+    /// Phi-3's LongRoPE, stored by llama.cpp as `rope_factors_{short,long}.weight` with the
+    /// original context and the attention factor in metadata.
+    fn longrope(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        rotary_dim: usize,
+        context: usize,
+    ) -> Result<Option<crate::config::RopeScaling>> {
+        let half = rotary_dim / 2;
+        let short = self.rope_factor_tensor("rope_factors_short.weight", half)?;
+        let long = self.rope_factor_tensor("rope_factors_long.weight", half)?;
+        let (Some(short_factor), Some(long_factor)) = (short, long) else {
+            return Ok(None);
+        };
+        let original = self
+            .usize_opt(&key("rope.scaling.original_context_length"))?
+            .ok_or_else(|| {
+                self.invalid("longrope factors without an original context length".into())
+            })?;
+        let factor = context as f64 / original as f64;
+        let attention_factor = match self.f64_opt(&key("rope.scaling.attn_factor"))? {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        };
+        Ok(Some(crate::config::RopeScaling::LongRope(
+            crate::config::LongRopeScaling {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+            },
+        )))
     }
 
     pub fn config(&mut self) -> Result<ModelConfig> {
@@ -222,7 +259,13 @@ impl GgufFile {
                 .unwrap_or(1e-5),
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             // Llama 3.x GGUFs bake their scaling into a `rope_freqs` tensor instead.
-            rope_scaling: family.rope_scaling,
+            rope_scaling: match family.rope_scaling {
+                Some(scaling) => Some(scaling),
+                None if architecture == Architecture::Phi3 => {
+                    self.longrope(&key, family.traits.rotary_dim.unwrap_or(head_dim), context)?
+                }
+                None => None,
+            },
             local_rope: family.local_rope,
             rope_freq_factors: self.rope_freq_factors(head_dim)?,
             max_position_embeddings: context,
@@ -314,6 +357,8 @@ fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.qkv_proj.weight" => "attn_qkv.weight",
+        "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "self_attn.q_proj.bias" => "attn_q.bias",
         "self_attn.k_proj.bias" => "attn_k.bias",
         "self_attn.v_proj.bias" => "attn_v.bias",
