@@ -59,7 +59,9 @@ __device__ __forceinline__ void paged_decode_impl(
     const int *__restrict__ entry_ctx,                 // [entries] context length
     const int *__restrict__ block_tables, int bt_stride, // [entries, bt_stride]
     int num_heads, int num_kv_heads, int block_size, float scale_log2, int partition_size, int max_parts,
-    int heads_per_cta) {
+    int heads_per_cta,
+    int window,         // > 0: the query sees its last `window` keys only (sliding-window layers)
+    float softcap_log2) { // > 0: scores become c * tanh(s / c) (Gemma 2), c in the base-2 domain
   using S = DecodeSmem<T, D>;
   constexpr int V = S::V, CH = S::CH, ROW = S::ROW;
   constexpr int NS = (DECODE_MAX_HEADS * CH + DECODE_THREADS - 1) / DECODE_THREADS; // P*V slots per thread
@@ -83,7 +85,10 @@ __device__ __forceinline__ void paged_decode_impl(
   const int e = blockIdx.y;
   const int part = blockIdx.z;
   const int ctx = entry_ctx[e];
-  const int start = part * partition_size;
+  const int lo = window > 0 ? max(0, ctx - window) : 0; // first key in the window
+  // v1 starts at the window's tile; a v2 partition below the window masks every key and leaves
+  // (m = -inf, l = 0), which the merge weighs 0.
+  const int start = gridDim.z == 1 ? lo / DECODE_TILE * DECODE_TILE : part * partition_size;
   if (start >= ctx) return; // this sequence has fewer partitions than the grid
   const int end = min(ctx, start + partition_size);
   const int ntiles = (end - start + DECODE_TILE - 1) / DECODE_TILE;
@@ -177,10 +182,11 @@ __device__ __forceinline__ void paged_decode_impl(
           }
         }
       }
-      const bool visible = tile_start + j < end;
+      const bool visible = tile_start + j < end && tile_start + j >= lo;
 #pragma unroll
       for (int k = 0; k < SK; ++k) {
         const int g = half + 2 * k;
+        if (softcap_log2 > 0.f) s[k] = softcap_log2 * tanhf(s[k] / softcap_log2);
         if (g < gc) Ss[g * DECODE_TILE + j] = visible ? s[k] : neg_inf();
       }
     }
@@ -309,11 +315,12 @@ __device__ __forceinline__ void paged_decode_reduce_impl(T *__restrict__ out, lo
       T *out, long long out_stride, float *part_out, float *part_ml, const T *q, long long q_stride,          \
       const T *k_cache, const T *v_cache, const int *entry_token, const int *entry_ctx,                       \
       const int *block_tables, int bt_stride, int num_heads, int num_kv_heads, int block_size,               \
-      float scale_log2, int partition_size, int max_parts, int heads_per_cta) {                              \
+      float scale_log2, int partition_size, int max_parts, int heads_per_cta, int window,                    \
+      float softcap_log2) {                                                                                   \
     spindle::paged_decode_impl<T, D>(out, out_stride, part_out, part_ml, q, q_stride, k_cache, v_cache,      \
                                      entry_token, entry_ctx, block_tables, bt_stride, num_heads,             \
                                      num_kv_heads, block_size, scale_log2, partition_size, max_parts,        \
-                                     heads_per_cta);                                                         \
+                                     heads_per_cta, window, softcap_log2);                                   \
   }                                                                                                           \
   extern "C" __global__ void __launch_bounds__(spindle::DECODE_THREADS) paged_decode_reduce_##NAME##_d##D(   \
       T *out, long long out_stride, const float *part_out, const float *part_ml, const int *entry_token,     \

@@ -60,7 +60,9 @@ __device__ __forceinline__ void prefill_impl(
     const int *__restrict__ seq_ctx,    // [seqs] context length after this step
     const int *__restrict__ block_tables, int bt_stride, // [seqs, bt_stride]
     const int *__restrict__ work_seq, const int *__restrict__ work_qoff, // [work items]
-    int num_heads, int num_kv_heads, int block_size, float scale_log2, int tokens_per_cta) {
+    int num_heads, int num_kv_heads, int block_size, float scale_log2, int tokens_per_cta,
+    int window,           // > 0: a query at p sees keys p - window + 1 ..= p only
+    float softcap_log2) { // > 0: scores become c * tanh(s / c) (Gemma 2), c in the base-2 domain
   using S = PrefillSmem<T, D>;
   constexpr int V = S::V, CH = S::CH, ROW = S::ROW, QROW = S::QROW, SROW = S::SROW;
   constexpr int NCK = (CH + 15) / 16; // output chunks per thread
@@ -87,6 +89,8 @@ __device__ __forceinline__ void prefill_impl(
   const int first_pos = ctx - qlen + qoff; // absolute position of the CTA's first query token
   const int nkeys = first_pos + ntok;      // the CTA's last query sees keys 0..nkeys-1
   const int ntiles = (nkeys + PF_TILE - 1) / PF_TILE;
+  // Tiles wholly before the window of the CTA's first query are skipped.
+  const int t_first = window > 0 ? max(0, first_pos - window + 1) / PF_TILE : 0;
   const int *table = block_tables + (long long)seq * bt_stride;
   const long long head_stride = (long long)block_size * D;
   const long long block_stride = (long long)num_kv_heads * head_stride;
@@ -99,9 +103,9 @@ __device__ __forceinline__ void prefill_impl(
                                                     block_size, block_stride, tid);
   };
 
-  load_tile(Ks, kbase, 0);
+  load_tile(Ks, kbase, t_first * PF_TILE);
   cp_async_commit();
-  load_tile(Vs, vbase, 0);
+  load_tile(Vs, vbase, t_first * PF_TILE);
   cp_async_commit();
 
   // Q rows (token-major, head-minor), scaled; rows past `rows` are zero.
@@ -145,7 +149,7 @@ __device__ __forceinline__ void prefill_impl(
 #pragma unroll
       for (int x = 0; x < V; ++x) o[i][k][x] = 0.f;
 
-  for (int t = 0; t < ntiles; ++t) {
+  for (int t = t_first; t < ntiles; ++t) {
     const int tile_start = t * PF_TILE;
     cp_async_wait<1>();
     __syncthreads();
@@ -188,7 +192,10 @@ __device__ __forceinline__ void prefill_impl(
           const int col = tx + 16 * jj;
           const int key = tile_start + col;
           // Rows that are not real rows get P = 0 directly (softmax skips them).
-          Ss[r * SROW + col] = row_pos[i] < 0 ? 0.f : (key <= row_pos[i] ? acc[i][jj] : neg_inf());
+          float sc = acc[i][jj];
+          if (softcap_log2 > 0.f) sc = softcap_log2 * tanhf(sc / softcap_log2);
+          const bool seen = key <= row_pos[i] && (window <= 0 || key > row_pos[i] - window);
+          Ss[r * SROW + col] = row_pos[i] < 0 ? 0.f : (seen ? sc : neg_inf());
         }
       }
     }
@@ -264,10 +271,11 @@ __device__ __forceinline__ void prefill_impl(
       T *out, long long out_stride, const T *q, long long q_stride, const T *k_cache, const T *v_cache,     \
       const int *seq_qstart, const int *seq_qlen, const int *seq_ctx, const int *block_tables,              \
       int bt_stride, const int *work_seq, const int *work_qoff, int num_heads, int num_kv_heads,            \
-      int block_size, float scale_log2, int tokens_per_cta) {                                               \
+      int block_size, float scale_log2, int tokens_per_cta, int window, float softcap_log2) {              \
     spindle::prefill_impl<T, D>(out, out_stride, q, q_stride, k_cache, v_cache, seq_qstart, seq_qlen,      \
                                 seq_ctx, block_tables, bt_stride, work_seq, work_qoff, num_heads,          \
-                                num_kv_heads, block_size, scale_log2, tokens_per_cta);                     \
+                                num_kv_heads, block_size, scale_log2, tokens_per_cta, window,              \
+                                softcap_log2);                                                             \
   }
 
 #define SPINDLE_PREFILL_ALL_D(NAME, T)                                                                        \

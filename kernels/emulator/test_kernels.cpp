@@ -110,8 +110,10 @@ struct Seq {
   std::vector<int> table;
 };
 
+// `window` > 0: sliding-window attention (a query at p sees keys p - window + 1 ..= p);
+// `softcap` > 0: scaled scores become softcap * tanh(s / softcap).
 template <typename T, int D>
-static void test_attention(int num_heads, int num_kv_heads, bool split) {
+static void test_attention(int num_heads, int num_kv_heads, bool split, int window = 0, float softcap = 0.f) {
   constexpr int BS = 16;
   const int group = num_heads / num_kv_heads;
   // (query_len, context_len): decode at block boundaries and across tiles, fresh prefill over
@@ -143,20 +145,22 @@ static void test_attention(int num_heads, int num_kv_heads, bool split) {
   for (auto &s : seqs)
     for (int i = 0; i < s.qlen; ++i) {
       const int t = s.qstart + i, visible = s.ctx - s.qlen + i + 1;
+      const int lo = window > 0 ? std::max(0, visible - window) : 0;
       for (int head = 0; head < num_heads; ++head) {
         const int kvh = head / group;
-        std::vector<double> sc(visible);
+        std::vector<double> sc(visible, -INFINITY);
         double mx = -INFINITY;
-        for (int p = 0; p < visible; ++p) {
+        for (int p = lo; p < visible; ++p) {
           const size_t o = at(s.table[p / BS], kvh, p % BS);
           double dot = 0;
           for (int d = 0; d < D; ++d) dot += qd[(size_t)t * q_stride + head * D + d] * kd[o + d];
           sc[p] = dot * scale;
+          if (softcap > 0.f) sc[p] = softcap * std::tanh(sc[p] / softcap);
           mx = std::max(mx, sc[p]);
         }
         double den = 0;
         for (auto &x : sc) den += (x = std::exp(x - mx));
-        for (int p = 0; p < visible; ++p) {
+        for (int p = lo; p < visible; ++p) {
           const size_t o = at(s.table[p / BS], kvh, p % BS);
           for (int d = 0; d < D; ++d) ref[((size_t)t * num_heads + head) * D + d] += sc[p] / den * vd[o + d];
         }
@@ -165,6 +169,7 @@ static void test_attention(int num_heads, int num_kv_heads, bool split) {
 
   std::vector<T> out((size_t)tokens * num_heads * D, poison<T>());
   const float scale_log2 = scale * spindle::LOG2E;
+  const float softcap_log2 = softcap * spindle::LOG2E;
 
   // Decode entries.
   std::vector<int> entry_token, entry_ctx, dtables;
@@ -189,7 +194,8 @@ static void test_attention(int num_heads, int num_kv_heads, bool split) {
   emu::launch(Attn<T, D>::decode, dim3(num_kv_heads * head_chunks, entries, parts), dim3(128), spindle::DecodeSmem<T, D>::BYTES,
               out.data(), (long long)num_heads * D, part_out.data(), part_ml.data(), (const T *)q.data(), (long long)q_stride,
               (const T *)kc.data(), (const T *)vc.data(), (const int *)entry_token.data(), (const int *)entry_ctx.data(),
-              (const int *)dtables.data(), bt_stride, num_heads, num_kv_heads, BS, scale_log2, partition, parts, heads_per_cta);
+              (const int *)dtables.data(), bt_stride, num_heads, num_kv_heads, BS, scale_log2, partition, parts, heads_per_cta,
+              window, softcap_log2);
   if (split)
     emu::launch(Attn<T, D>::reduce, dim3(num_heads, entries, 1), dim3(128), (size_t)(parts + 32) * 4, out.data(),
                 (long long)num_heads * D, (const float *)part_out.data(), (const float *)part_ml.data(),
@@ -223,10 +229,11 @@ static void test_attention(int num_heads, int num_kv_heads, bool split) {
               out.data(), (long long)num_heads * D, (const T *)q.data(), (long long)q_stride, (const T *)kc.data(),
               (const T *)vc.data(), (const int *)pq.data(), (const int *)pl.data(), (const int *)pc.data(),
               (const int *)ptables.data(), pstride, (const int *)work_seq.data(), (const int *)work_qoff.data(), num_heads,
-              num_kv_heads, BS, scale_log2, tpc);
+              num_kv_heads, BS, scale_log2, tpc, window, softcap_log2);
 
   check(std::string("attention ") + tname<T>() + " d" + std::to_string(D) + " heads " + std::to_string(num_heads) + "/" +
-            std::to_string(num_kv_heads) + (split ? " split-K" : " v1"),
+            std::to_string(num_kv_heads) + (split ? " split-K" : " v1") +
+            (window > 0 ? " window " + std::to_string(window) : "") + (softcap > 0.f ? " softcap" : ""),
         to_d(out), ref, tol<T>());
 }
 
@@ -392,7 +399,16 @@ template <typename T, int D> static void attention_all() {
   test_reshape_and_cache<T, D>();
 }
 
+// Sliding windows at tile and block edges (1, 17, 65) and Gemma 2's soft-cap, on the head
+// sizes of Gemma (256) and the common 64.
+template <typename T, int D> static void windowed_all() {
+  for (int window : {1, 17, 65})
+    for (bool split : {false, true}) test_attention<T, D>(6, 2, split, window, window == 17 ? 2.5f : 0.f);
+}
+
 template <typename T> static void dtype_all() {
+  windowed_all<T, 64>();
+  windowed_all<T, 256>();
   attention_all<T, 64>();
   attention_all<T, 80>();
   attention_all<T, 96>();

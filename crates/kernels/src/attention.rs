@@ -264,24 +264,62 @@ pub fn paged_attention(
     value_cache: &CudaSlice<u8>,
     geometry: CacheGeometry,
     plan: &DevicePlan,
-    softmax_scale: f32,
+    params: ScoreParams,
 ) -> Result<Tensor> {
+    params.validate()?;
     match q.dtype() {
-        DType::F32 => {
-            paged_attention_t::<f32>(q, key_cache, value_cache, geometry, plan, softmax_scale)
-        }
+        DType::F32 => paged_attention_t::<f32>(q, key_cache, value_cache, geometry, plan, params),
         DType::F16 => {
-            paged_attention_t::<half::f16>(q, key_cache, value_cache, geometry, plan, softmax_scale)
+            paged_attention_t::<half::f16>(q, key_cache, value_cache, geometry, plan, params)
         }
-        DType::BF16 => paged_attention_t::<half::bf16>(
-            q,
-            key_cache,
-            value_cache,
-            geometry,
-            plan,
-            softmax_scale,
-        ),
+        DType::BF16 => {
+            paged_attention_t::<half::bf16>(q, key_cache, value_cache, geometry, plan, params)
+        }
         other => Err(KernelError::Unsupported(format!("q dtype {other:?}"))),
+    }
+}
+
+/// How one layer scores keys: the softmax scale, an optional soft-cap of the scaled scores
+/// (`cap * tanh(s / cap)`, Gemma 2) and an optional sliding window (a query at `p` sees keys
+/// `p - window + 1 ..= p`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreParams {
+    pub softmax_scale: f32,
+    pub softcap: Option<f32>,
+    pub window: Option<usize>,
+}
+
+impl ScoreParams {
+    /// Plain causal attention at `softmax_scale`.
+    pub fn causal(softmax_scale: f32) -> Self {
+        Self {
+            softmax_scale,
+            softcap: None,
+            window: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(KernelError::InvalidBatch(m));
+        if !(self.softmax_scale.is_finite() && self.softmax_scale > 0.0) {
+            return bad(format!("softmax scale {}", self.softmax_scale));
+        }
+        if self.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return bad(format!("soft-cap {:?}", self.softcap));
+        }
+        if self.window.is_some_and(|w| w == 0 || w > i32::MAX as usize) {
+            return bad(format!("window {:?}", self.window));
+        }
+        Ok(())
+    }
+
+    /// The kernels' arguments: window (0: none) and the soft-cap in the base-2 score domain
+    /// (0: none).
+    fn kernel_args(&self) -> (i32, f32) {
+        (
+            self.window.map_or(0, |w| w as i32),
+            self.softcap.map_or(0.0, |c| c * LOG2E),
+        )
     }
 }
 
@@ -291,7 +329,7 @@ fn paged_attention_t<T: KernelFloat>(
     value_cache: &CudaSlice<u8>,
     g: CacheGeometry,
     dplan: &DevicePlan,
-    softmax_scale: f32,
+    params: ScoreParams,
 ) -> Result<Tensor> {
     let plan = &dplan.plan;
     let shape = plan.shape;
@@ -330,7 +368,8 @@ fn paged_attention_t<T: KernelFloat>(
         }
         let qv = view::<T>(&qs, ql, "q")?;
         let (out_stride, q_stride) = (as_i64(row), as_i64(q_stride));
-        let scale_log2 = softmax_scale * LOG2E;
+        let scale_log2 = params.softmax_scale * LOG2E;
+        let (window, softcap_log2) = params.kernel_args();
         let (num_heads, num_kv_heads, block_size) = (
             as_i32(shape.num_heads, "heads")?,
             as_i32(shape.num_kv_heads, "kv heads")?,
@@ -382,7 +421,9 @@ fn paged_attention_t<T: KernelFloat>(
                     .arg(&scale_log2)
                     .arg(&partition_size)
                     .arg(&max_parts)
-                    .arg(&heads_per_cta);
+                    .arg(&heads_per_cta)
+                    .arg(&window)
+                    .arg(&softcap_log2);
                 unsafe { b.launch(cfg) }?;
 
                 let name = format!("paged_decode_reduce_{}_d{d}", T::SUFFIX);
@@ -432,7 +473,9 @@ fn paged_attention_t<T: KernelFloat>(
                     .arg(&scale_log2)
                     .arg(&partition_size)
                     .arg(&max_parts)
-                    .arg(&heads_per_cta);
+                    .arg(&heads_per_cta)
+                    .arg(&window)
+                    .arg(&softcap_log2);
                 unsafe { b.launch(cfg) }?;
             }
         }
@@ -475,7 +518,9 @@ fn paged_attention_t<T: KernelFloat>(
                 .arg(&num_kv_heads)
                 .arg(&block_size)
                 .arg(&scale_log2)
-                .arg(&tokens_per_cta);
+                .arg(&tokens_per_cta)
+                .arg(&window)
+                .arg(&softcap_log2);
             unsafe { b.launch(cfg) }?;
         }
     }

@@ -428,8 +428,15 @@ fn paged_attention_matches_reference_on_mixed_batches() {
                     let plan = AttentionPlan::build(&seqs, tokens, shape, options).expect("plan");
                     let plan = DevicePlan::upload(dev.as_cuda_device().expect("cuda"), plan)
                         .expect("upload plan");
-                    let out = attention::paged_attention(&q, &kc, &vc, g, &plan, scale as f32)
-                        .expect("launch");
+                    let out = attention::paged_attention(
+                        &q,
+                        &kc,
+                        &vc,
+                        g,
+                        &plan,
+                        attention::ScoreParams::causal(scale as f32),
+                    )
+                    .expect("launch");
                     check(
                         &format!("attention d{head_dim} heads {num_heads}/{num_kv_heads} {variant:?}/{partition}"),
                         dtype,

@@ -347,7 +347,7 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
                 path: config_path.clone(),
                 source: e,
             })?;
-            let config = fit_to_device(ModelConfig::from_hf_json(&text)?, &device)?;
+            let config = ModelConfig::from_hf_json(&text)?;
             let dir = config_path.parent().unwrap_or(Path::new("."));
             let tokenizer = if dir.join("tokenizer.json").exists() {
                 load_tokenizer(dir)?
@@ -422,44 +422,13 @@ fn load_hf_dir(
             source: e,
         },
     })?;
-    let config = fit_to_device(ModelConfig::from_hf_json(&text)?, device)?;
+    let config = ModelConfig::from_hf_json(&text)?;
     let tokenizer = load_tokenizer(dir)?;
     let max_pos = max_positions(&config, options)?;
     let mut weights =
         SafetensorsWeights::open(dir, dtype, device.clone())?.with_arithmetic(arithmetic);
     let model = load_with_progress(config.clone(), &mut weights, max_pos, dtype, device)?;
     Ok((config, tokenizer, model))
-}
-
-/// The CUDA kernels have no sliding window or soft-cap yet: a model whose every layer slides
-/// (Mistral v0.1) runs there with exact attention and its context capped at the window (vLLM's
-/// `--disable-sliding-window`); one that mixes window sizes or soft-caps (Gemma) is refused at
-/// load, not at its first request.
-fn fit_to_device(mut config: ModelConfig, device: &Device) -> Result<ModelConfig> {
-    if !device.is_cuda() {
-        return Ok(config);
-    }
-    let f = &config.family;
-    let sliding = f.layers.iter().any(|l| l.sliding);
-    if f.attn_softcap.is_some() || (sliding && !f.all_sliding(config.num_layers)) {
-        return Err(ModelError::Unsupported(format!(
-            "{} needs sliding-window or soft-capped attention, which the CUDA kernels do not have yet (serve it with --device cpu)",
-            config.architecture.as_str()
-        )));
-    }
-    if let (true, Some(window)) = (sliding, f.sliding_window) {
-        tracing::warn!(
-            window,
-            "the CUDA kernels have no sliding window yet: the context is capped at the window"
-        );
-        config.max_position_embeddings = config.max_position_embeddings.min(window);
-        config
-            .family
-            .layers
-            .iter_mut()
-            .for_each(|l| l.sliding = false);
-    }
-    Ok(config)
 }
 
 /// Load the layers with a progress bar (drawn only when stderr is a terminal).

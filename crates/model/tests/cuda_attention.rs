@@ -162,6 +162,15 @@ fn cuda_attention_matches_cpu_across_steps() {
                     cpu.begin_step(&md, num_heads).expect("cpu step");
                     gpu_backend.begin_step(&md, num_heads).expect("cuda step");
                     for layer in 0..shape.num_layers {
+                        // Layer 1 slides (17 keys, across blocks) and soft-caps, as Gemma 2's do.
+                        let how = match layer {
+                            1 => LayerAttention {
+                                window: Some(17),
+                                softcap: Some(3.0),
+                                ..LayerAttention::causal(head_dim)
+                            },
+                            _ => LayerAttention::causal(head_dim),
+                        };
                         let mut data = |n: usize| -> Vec<f32> {
                             (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
                         };
@@ -176,7 +185,7 @@ fn cuda_attention_matches_cpu_across_steps() {
                         let cpu_out = cpu
                             .attend(
                                 layer,
-                                &LayerAttention::causal(head_dim),
+                                &how,
                                 &make(&qd, num_heads, &Device::Cpu),
                                 &make(&kd, num_kv_heads, &Device::Cpu),
                                 &make(&vd, num_kv_heads, &Device::Cpu),
@@ -185,7 +194,7 @@ fn cuda_attention_matches_cpu_across_steps() {
                         let gpu_out = gpu_backend
                             .attend(
                                 layer,
-                                &LayerAttention::causal(head_dim),
+                                &how,
                                 &make(&qd, num_heads, &dev),
                                 &make(&kd, num_kv_heads, &dev),
                                 &make(&vd, num_kv_heads, &dev),

@@ -196,6 +196,15 @@ impl CudaAttention {
     }
 }
 
+/// The layer's scoring as the kernels take it.
+fn score_params(how: &LayerAttention) -> kernels::ScoreParams {
+    kernels::ScoreParams {
+        softmax_scale: how.scale,
+        softcap: how.softcap,
+        window: how.window,
+    }
+}
+
 impl AttentionBackend for CudaAttention {
     /// Validate the step's metadata and upload its launch plan and slot mapping once; every
     /// layer of the step reuses them.
@@ -235,11 +244,6 @@ impl AttentionBackend for CudaAttention {
         v: &Tensor,
     ) -> Result<Tensor> {
         how.validate()?;
-        if how.window.is_some() || how.softcap.is_some() {
-            return Err(ModelError::Unsupported(
-                "sliding-window and soft-capped attention are not in the CUDA kernels yet".into(),
-            ));
-        }
         let Some(step) = self.step.as_ref() else {
             if q.dims().first() == Some(&0) {
                 return Ok(q.zeros_like()?);
@@ -269,8 +273,9 @@ impl AttentionBackend for CudaAttention {
         let (kcache, vcache) = &mut self.layers[layer];
         kernels::reshape_and_cache(&kc, &vc, kcache, vcache, geometry, &step.slots)
             .map_err(kernel_err)?;
-        let out = kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, how.scale)
-            .map_err(kernel_err)?;
+        let out =
+            kernels::paged_attention(&qc, kcache, vcache, geometry, &step.plan, score_params(how))
+                .map_err(kernel_err)?;
         if out.dtype() != q.dtype() {
             return Ok(out.to_dtype(q.dtype())?);
         }
