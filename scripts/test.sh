@@ -11,6 +11,7 @@ cd "$ROOT"
 scripts/fetch-model.sh
 scripts/fetch-minilm.sh
 scripts/fetch-qwen.sh
+scripts/fetch-templates.sh
 cargo test --release --workspace
 scripts/test-clients.sh
 tests/lm_eval/run.sh
