@@ -513,13 +513,15 @@ pub enum EngineError {
     Load(Arc<ModelError>),
     /// The KV cache cannot hold one sequence of the model's full context.
     #[error(
-        "the KV cache holds {capacity_tokens} tokens ({num_blocks} blocks of {block_size}), less than max_model_len {max_model_len}: \
+        "the KV cache holds {capacity_tokens} tokens ({num_blocks} blocks of {block_size}), less than the {needed_tokens} one sequence needs (max_model_len {max_model_len}): \
          raise --kv-cache-memory / --gpu-memory-utilization (each block needs {block_kib} KiB) or lower --max-model-len"
     )]
     KvCacheTooSmall {
         capacity_tokens: usize,
         num_blocks: usize,
         block_size: usize,
+        /// `max_model_len`, or for a model whose every layer slides, its window plus a step.
+        needed_tokens: usize,
         max_model_len: usize,
         block_kib: usize,
     },

@@ -75,6 +75,10 @@ pub struct BlockTable {
     root: u64,
     /// The cache salt (an extra key of the first block's vLLM hash).
     salt: Option<Arc<str>>,
+    /// Leading blocks already released because they left a sliding window
+    /// ([`BlockManager::release_before`]): their entries in `blocks` stay, so positions keep
+    /// their index, but this table holds no reference to them and nothing reads them.
+    released: usize,
 }
 
 /// Which part of the prefix cache a sequence uses.
@@ -582,7 +586,7 @@ impl BlockManager {
         }
     }
 
-    /// A child sequence (`n > 1`) sharing all of `table`'s blocks: each gets one more
+    /// A child sequence (`n > 1`) sharing all of `table`'s held blocks: each gets one more
     /// reference; the first write into a shared block copies it (see [`Self::grow`]).
     pub fn fork(&mut self, table: &BlockTable) -> BlockTable {
         let mut child = BlockTable {
@@ -591,10 +595,13 @@ impl BlockManager {
             hashes: table.hashes.clone(),
             root: table.root,
             salt: table.salt.clone(),
+            released: table.released,
         };
-        for &block in &table.blocks {
+        for (i, &block) in table.blocks.iter().enumerate() {
             if (block as usize) < self.refcount.len() {
-                self.take_ref(block);
+                if i >= table.released {
+                    self.take_ref(block);
+                }
                 child.blocks.push(block);
             }
         }
@@ -607,9 +614,28 @@ impl BlockManager {
     /// prefix cache stay cached (evictable, least recently freed first; the table's tail is
     /// released first), the others return to the free list.
     pub fn free(&mut self, table: BlockTable) {
-        for &block in table.blocks.iter().rev() {
+        for &block in table.blocks[table.released.min(table.blocks.len())..]
+            .iter()
+            .rev()
+        {
             self.release(block);
         }
+    }
+
+    /// Sliding-window models (every layer slides): release the leading blocks that lie wholly
+    /// before position `first_pos`, the first key any later query of the sequence attends to,
+    /// so a long sequence holds O(window) blocks. Registered blocks stay in the prefix cache
+    /// (evictable); with prefix caching on, only committed blocks go (a block must be registered
+    /// before its table stops holding it). Idempotent; `free` and `fork` skip released blocks.
+    pub fn release_before(&mut self, table: &mut BlockTable, first_pos: usize) {
+        let mut upto = (first_pos / self.block_size).min(table.blocks.len());
+        if self.enable_prefix_caching {
+            upto = upto.min(table.committed.len());
+        }
+        for i in table.released..upto {
+            self.release(table.blocks[i]);
+        }
+        table.released = table.released.max(upto);
     }
 
     /// Drop every cached-but-unreferenced block from the prefix cache (vLLM's

@@ -55,11 +55,22 @@ impl GenerationCore {
         let (attention, shape) =
             crate::kv_cache::build(&loaded.model, &config, shape, max_model_len)?;
         let bytes_per_block = crate::kv_cache::bytes_per_block(&loaded.model, &config, &shape);
-        if shape.capacity_tokens() < max_model_len {
+        // One sequence must fit: all of it, or under a window every layer slides by, the window
+        // plus one step's chunk (blocks that leave the window are released after each step).
+        let window = mc
+            .family
+            .sliding_window
+            .filter(|_| mc.family.all_sliding(mc.num_layers));
+        let needed = match window {
+            Some(w) => max_model_len.min(w + config.max_num_batched_tokens + 2 * block_size),
+            None => max_model_len,
+        };
+        if shape.capacity_tokens() < needed {
             return Err(EngineError::KvCacheTooSmall {
                 capacity_tokens: shape.capacity_tokens(),
                 num_blocks: shape.num_blocks,
                 block_size,
+                needed_tokens: needed,
                 max_model_len,
                 block_kib: bytes_per_block / 1024,
             });
@@ -96,6 +107,16 @@ impl GenerationCore {
             config.scheduling_policy,
         )
         .with_background_share(config.background_share);
+        let scheduler = match window {
+            Some(w) => {
+                tracing::info!(
+                    window = w,
+                    "every layer slides: blocks that leave the window are freed"
+                );
+                scheduler.with_sliding_window(w)
+            }
+            None => scheduler,
+        };
         let tokenizer = Arc::new(loaded.tokenizer);
         let outputs =
             OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());

@@ -201,6 +201,8 @@ pub struct Scheduler {
     /// Steps since the last one with interactive work, and its interactive tokens.
     steps_since_interactive: usize,
     last_interactive_tokens: usize,
+    /// The window of a model whose every layer slides: blocks that leave it are released.
+    sliding_window: Option<usize>,
 }
 
 impl Scheduler {
@@ -222,7 +224,16 @@ impl Scheduler {
             background_share: f64::INFINITY,
             steps_since_interactive: usize::MAX,
             last_interactive_tokens: 0,
+            sliding_window: None,
         }
+    }
+
+    /// The model attends to the last `window` tokens in every layer (Mistral-7B-v0.1): blocks
+    /// that leave the window are released after each step, so a sequence holds about
+    /// `window / block_size + 1` blocks however long it grows. Mixed models (Gemma) keep all.
+    pub fn with_sliding_window(mut self, window: usize) -> Self {
+        self.sliding_window = Some(window.max(1));
+        self
     }
 
     /// In steps that also run interactive work, limit background work to `share` of the
@@ -355,7 +366,7 @@ impl Scheduler {
     }
 
     /// After the forward pass: the scheduled tokens' K/V are in the cache, so full blocks are
-    /// registered for prefix caching.
+    /// registered for prefix caching (and, under a sliding window, blocks that left it released).
     pub fn on_step_done(&mut self, scheduled: &[ScheduledSeq]) {
         for s in scheduled {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
@@ -364,6 +375,11 @@ impl Scheduler {
             seq.num_computed += s.num_new_tokens;
             if let Some(table) = seq.table.as_mut() {
                 self.blocks.commit(table, &seq.tokens[..seq.num_computed]);
+                if let Some(w) = self.sliding_window {
+                    // The next query (position num_computed) sees keys from here on.
+                    let first = (seq.num_computed + 1).saturating_sub(w);
+                    self.blocks.release_before(table, first);
+                }
             }
         }
     }

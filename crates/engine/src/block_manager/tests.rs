@@ -408,3 +408,53 @@ fn odd_inputs_do_not_panic() {
     bm.free(t);
     bm.check_invariants().unwrap();
 }
+
+/// Sliding windows: blocks wholly before the window go back (cached ones stay cached), once;
+/// `free` and `fork` skip them; the table keeps its positions.
+#[test]
+fn blocks_before_a_sliding_window_are_released_once() {
+    for caching in [false, true] {
+        let mut bm = BlockManager::new(16, 4, caching);
+        let p = prompt(18, 300); // 5 blocks, the last one partial
+        let (mut t, _) = prefill(&mut bm, &p);
+        assert_eq!(bm.num_used_blocks(), 5);
+        let slot_17 = t.slot(17, 4);
+        // The next query (position 18) with a window of 8 sees keys 11..: blocks 0 and 1 go.
+        bm.release_before(&mut t, 11);
+        bm.check_invariants().unwrap();
+        assert_eq!(bm.num_used_blocks(), 3, "caching {caching}");
+        assert_eq!(t.slot(17, 4), slot_17, "positions keep their slots");
+        bm.release_before(&mut t, 11);
+        bm.release_before(&mut t, 3);
+        assert_eq!(bm.num_used_blocks(), 3, "idempotent");
+        let child = bm.fork(&t);
+        assert_eq!(bm.num_used_blocks(), 3);
+        bm.free(child);
+        bm.free(t);
+        bm.check_invariants().unwrap();
+        assert_eq!(bm.num_used_blocks(), 0);
+        assert_eq!(bm.num_free_blocks(), 16);
+        if caching {
+            // The released blocks stayed in the prefix cache: the same prompt hits them.
+            let (t2, cached) = prefill(&mut bm, &p);
+            assert_eq!(cached, 16);
+            bm.free(t2);
+        }
+    }
+}
+
+/// With prefix caching on, a block that was never registered is not released: the table
+/// must still hold it when it is committed.
+#[test]
+fn uncommitted_blocks_are_kept_under_prefix_caching() {
+    let mut bm = BlockManager::new(16, 4, true);
+    let (mut t, _) = bm.start_sequence(&prompt(12, 500));
+    bm.grow(&mut t, 12, 0).unwrap();
+    bm.release_before(&mut t, 12);
+    assert_eq!(bm.num_used_blocks(), 3, "nothing committed yet");
+    bm.commit(&mut t, &prompt(12, 500));
+    bm.release_before(&mut t, 12);
+    assert_eq!(bm.num_used_blocks(), 0);
+    bm.free(t);
+    bm.check_invariants().unwrap();
+}

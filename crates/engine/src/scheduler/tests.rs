@@ -512,3 +512,29 @@ fn cache_salts_keep_prefix_hits_within_a_tenant() {
     s.add_with(4, prompt(0, 12), salted("a"));
     assert_eq!(run_step(&mut s).scheduled[0].num_computed, 8);
 }
+
+/// Under a sliding window every sequence holds about window / block + 1 blocks however long it
+/// grows, so a cache far smaller than the context serves it without preemption.
+#[test]
+fn a_sliding_window_bounds_the_blocks_a_sequence_holds() {
+    for prefix in [false, true] {
+        // 8 blocks of 4 = 32 slots; the sequence grows to 100 tokens with a window of 8.
+        let mut s = scheduler(8, 4, 64, prefix).with_sliding_window(8);
+        s.add(1, prompt(0, 20), Urgency::default());
+        let mut most = 0;
+        for _ in 0..80 {
+            let out = run_step(&mut s);
+            assert_eq!(ids(&out), vec![1], "never preempted");
+            most = most.max(s.blocks().num_used_blocks());
+        }
+        // Keys position-8 ..= position span at most 3 blocks, plus the one being written.
+        assert!(most <= 4, "prefix {prefix}: {most} blocks held");
+        s.finish(1);
+        assert_eq!(s.blocks().num_used_blocks(), 0);
+    }
+    // Without the window the same sequence outgrows the cache.
+    let mut s = scheduler(8, 4, 64, false);
+    s.add(1, prompt(0, 20), Urgency::default());
+    let outgrown = (0..80).any(|_| run_step(&mut s).scheduled.is_empty());
+    assert!(outgrown, "the cache was big enough anyway");
+}
