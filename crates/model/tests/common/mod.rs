@@ -155,8 +155,8 @@ pub fn logprobs_close(
 ) -> Result<usize, String> {
     let mut runner = PagedRunner::new(model, 1, prompt.len() + want.len() + 1, 16);
     let mut logits = runner.step(model, &[(0, 0, prompt.to_vec())]);
-    let mut len = prompt.len();
     for (step, (&w, top)) in want.iter().zip(want_top5).enumerate() {
+        let len = prompt.len() + step;
         let row: Vec<f32> = logits.to_vec2::<f32>().expect("logits").remove(0);
         let got = argmax(&row);
         if got != w {
@@ -171,7 +171,6 @@ pub fn logprobs_close(
             ));
         }
         logits = runner.step(model, &[(0, len, vec![got])]);
-        len += 1;
     }
     Ok(want.len())
 }
