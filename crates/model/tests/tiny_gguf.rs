@@ -129,18 +129,11 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
     path
 }
 
-/// `longest`: llama.cpp's converter drops Mistral's `sliding_window` (llama.cpp runs it with full
-/// attention), so that GGUF is compared only on sequences inside the window.
-fn check_up_to(dir: &str, longest: usize) {
-    let path = rebuild(dir);
-    let mut file = GgufFile::open(&path).expect("open");
+/// Loads the rebuilt GGUF of `dir` through spindle's GGUF reader (f32 serving, quantized
+/// blocks kept), then deletes the file.
+fn load_and_remove(path: &std::path::Path, dir: &str) -> LlamaModel {
+    let mut file = GgufFile::open(path).expect("open");
     let config = file.config().unwrap_or_else(|e| panic!("{dir}: {e}"));
-    let outputs = read_json(
-        repo_root()
-            .join("tests/golden")
-            .join(dir)
-            .join("outputs.json"),
-    );
     let model = {
         let mut weights = GgufWeights::new(&mut file, &config, DType::F32, Device::Cpu);
         LlamaModel::load(
@@ -153,7 +146,21 @@ fn check_up_to(dir: &str, longest: usize) {
         )
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
     };
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path);
+    model
+}
+
+/// `longest`: llama.cpp's converter drops Mistral's `sliding_window` (llama.cpp runs it with full
+/// attention), so that GGUF is compared only on sequences inside the window.
+fn check_up_to(dir: &str, longest: usize) {
+    let path = rebuild(dir);
+    let model = load_and_remove(&path, dir);
+    let outputs = read_json(
+        repo_root()
+            .join("tests/golden")
+            .join(dir)
+            .join("outputs.json"),
+    );
     for (i, case) in outputs["sequences"]
         .as_array()
         .expect("sequences")
@@ -258,22 +265,7 @@ fn q8_0_ggufs_pass_check_logprobs_close() {
         "tiny-granite",
         "tiny-llama-yarn",
     ] {
-        let path = rebuild_as(dir, GgmlDType::Q8_0);
-        let mut file = GgufFile::open(&path).expect("open");
-        let config = file.config().expect("config");
-        let model = {
-            let mut weights = GgufWeights::new(&mut file, &config, DType::F32, Device::Cpu);
-            LlamaModel::load(
-                config.clone(),
-                &mut weights,
-                256,
-                DType::F32,
-                &Device::Cpu,
-                |_, _| {},
-            )
-            .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        };
-        let _ = std::fs::remove_file(&path);
+        let model = load_and_remove(&rebuild_as(dir, GgmlDType::Q8_0), dir);
         let outputs = read_json(
             repo_root()
                 .join("tests/golden")
