@@ -100,7 +100,6 @@ impl LlamaModel {
             c.num_kv_heads * c.head_dim,
         );
         let total = c.num_layers + 2;
-        let prefix = "model";
         let embed = weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
         let f = &c.family;
@@ -112,7 +111,7 @@ impl LlamaModel {
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("{prefix}.layers.{i}");
+            let p = format!("model.layers.{i}");
             let (qkv, gate_up) = if f.fused_projections {
                 // Phi-3 stores them fused already (gate before up, as spindle fuses them).
                 (
@@ -227,7 +226,7 @@ impl LlamaModel {
         let rope = RotaryEmbedding::new(c, max_positions, dtype, device)?;
         let local_rope = match &c.local_rope {
             Some(spec) => Some(RotaryEmbedding::from_spec(
-                c.head_dim,
+                c.rotary_dim(),
                 spec,
                 None,
                 max_positions,

@@ -15,8 +15,9 @@ pub struct RotaryEmbedding {
     rotary_dim: usize,
 }
 
-/// Inverse frequencies under `scaling` (llama3, linear or YaRN), or divided by a GGUF's
-/// per-frequency factors (`rope_freqs.weight`, llama.cpp's form of the llama3 scaling).
+/// Inverse frequencies under `scaling` (llama3, linear, YaRN, or LongRoPE's short factors), or
+/// divided by a GGUF's per-frequency factors (`rope_freqs.weight`, llama.cpp's form of the
+/// llama3 scaling).
 pub fn inverse_frequencies(
     head_dim: usize,
     theta: f64,
@@ -118,7 +119,7 @@ impl RotaryEmbedding {
         };
         let factors = config.rope_freq_factors.as_deref();
         Self::from_spec(
-            config.family.rotary_dim.unwrap_or(config.head_dim),
+            config.rotary_dim(),
             &spec,
             factors,
             max_positions,

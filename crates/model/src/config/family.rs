@@ -83,6 +83,46 @@ pub struct FamilyTraits {
 }
 
 impl FamilyTraits {
+    /// What the architecture itself fixes, whichever file describes the model (HF config or
+    /// GGUF): norm placement, the q/k-norm span, the gate activation, fused projections and
+    /// Gemma's embedding scale. The readers add what their file says.
+    pub fn of(arch: Architecture, hidden_size: usize) -> Self {
+        let mut t = Self::default();
+        match arch {
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                t.norms = BlockNorms::Sandwich;
+                t.activation = Activation::GeluTanh;
+                t.embedding_scale = Some((hidden_size as f64).sqrt());
+            }
+            Architecture::Olmo2 => {
+                t.norms = BlockNorms::Post;
+                t.qk_norm_whole = true;
+            }
+            Architecture::Phi3 => t.fused_projections = true,
+            _ => {}
+        }
+        t
+    }
+
+    /// Which layers slide when every `every`-th layer is full attention (Gemma's pattern;
+    /// `every == 0`: all slide).
+    pub fn every_nth_full(num_layers: usize, every: usize) -> Vec<bool> {
+        (0..num_layers)
+            .map(|i| every == 0 || (i + 1) % every != 0)
+            .collect()
+    }
+
+    /// Set the per-layer kinds from sliding flags (every layer keeps its rope).
+    pub fn set_sliding(&mut self, sliding: Vec<bool>) {
+        self.layers = sliding
+            .into_iter()
+            .map(|sliding| LayerKind {
+                sliding,
+                rope: true,
+            })
+            .collect();
+    }
+
     /// Layer `i`'s kind.
     pub fn layer(&self, i: usize) -> LayerKind {
         self.layers.get(i).copied().unwrap_or_default()
@@ -115,26 +155,24 @@ pub(super) fn read_traits(
             other => Ok(other),
         }
     };
-    let mut t = FamilyTraits::default();
+    let mut t = FamilyTraits::of(arch, hidden_size);
 
-    // The activation: silu everywhere but Gemma.
+    // The activation is the family's (silu everywhere but Gemma); another one is refused.
     let act = obj
         .get("hidden_activation")
         .filter(|v| !v.is_null())
         .or_else(|| obj.get("hidden_act"))
         .and_then(Value::as_str);
-    let gemma = matches!(arch, Gemma2 | Gemma3);
-    t.activation = match (act, gemma) {
-        (None, false) | (Some("silu"), false) => Activation::Silu,
-        (None, true) | (Some("gelu_pytorch_tanh"), true) => Activation::GeluTanh,
-        (Some(other), _) => {
-            return Err(unsupported(format!(
-                "hidden_act {other} is not supported for {} (only {})",
-                arch.as_str(),
-                if gemma { "gelu_pytorch_tanh" } else { "silu" }
-            )))
-        }
+    let expected = match t.activation {
+        Activation::Silu => "silu",
+        Activation::GeluTanh => "gelu_pytorch_tanh",
     };
+    if let Some(other) = act.filter(|a| *a != expected) {
+        return Err(unsupported(format!(
+            "hidden_act {other} is not supported for {} (only {expected})",
+            arch.as_str()
+        )));
+    }
     if obj
         .get("hidden_act")
         .is_some_and(|v| !v.is_string() && !v.is_null())
@@ -198,9 +236,8 @@ pub(super) fn read_traits(
 
     match arch {
         Gemma2 | Gemma3 => {
-            t.norms = BlockNorms::Sandwich;
+            // HF checkpoints store Gemma's norm weights as `w - 1` (GGUFs have the 1 added).
             t.norm_plus_one = true;
-            t.embedding_scale = Some((hidden_size as f64).sqrt());
             let scalar = positive("query_pre_attn_scalar")?.unwrap_or(256.0);
             t.attention_scale = Some(1.0 / scalar.sqrt());
             t.final_softcap = positive("final_logit_softcapping")?;
@@ -215,15 +252,9 @@ pub(super) fn read_traits(
                 _ => positive("sliding_window_pattern")?.map_or(6, |p| p as usize),
             };
             let kinds = layer_types(obj, num_layers)?
-                .unwrap_or_else(|| (0..num_layers).map(|i| (i + 1) % pattern != 0).collect());
+                .unwrap_or_else(|| FamilyTraits::every_nth_full(num_layers, pattern));
             t.sliding_window = window(obj)?.or(Some(4096));
-            t.layers = kinds
-                .into_iter()
-                .map(|sliding| LayerKind {
-                    sliding,
-                    rope: true,
-                })
-                .collect();
+            t.set_sliding(kinds);
             return Ok((t, None));
         }
         SmolLM3 => {
@@ -265,20 +296,13 @@ pub(super) fn read_traits(
                 .collect();
             return Ok((t, None));
         }
-        Phi3 => {
-            t.fused_projections = true;
-        }
-        Olmo2 => {
-            t.norms = BlockNorms::Post;
-            t.qk_norm_whole = true;
-        }
         Granite => {
             t.embedding_scale = positive("embedding_multiplier")?;
             t.residual_scale = positive("residual_multiplier")?;
             t.attention_scale = positive("attention_multiplier")?;
             t.logits_divisor = positive("logits_scaling")?;
         }
-        Llama | Mistral | Qwen2 | Qwen3 => {}
+        Llama | Mistral | Qwen2 | Qwen3 | Phi3 | Olmo2 => {}
     }
     if let Some(types) = layer_types(obj, num_layers)? {
         if types.iter().any(|&s| s) && window(obj)?.is_some() && uses_window(obj) {
@@ -293,13 +317,7 @@ pub(super) fn read_traits(
     if let Some(w) = w {
         if arch == Mistral || arch == Llama {
             t.sliding_window = Some(w);
-            t.layers = vec![
-                LayerKind {
-                    sliding: true,
-                    rope: true
-                };
-                num_layers
-            ];
+            t.set_sliding(vec![true; num_layers]);
             return Ok((t, None));
         }
     }

@@ -170,6 +170,12 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Dimensions of each head that rotary embeddings turn (all of them unless the family
+    /// rotates only a part: Phi-4-mini's `partial_rotary_factor`).
+    pub fn rotary_dim(&self) -> usize {
+        self.family.rotary_dim.unwrap_or(self.head_dim)
+    }
+
     /// Total parameter count implied by the shapes (for the load summary).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;

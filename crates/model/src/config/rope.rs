@@ -41,6 +41,30 @@ pub struct LongRopeScaling {
     pub attention_factor: f64,
 }
 
+impl YarnRopeScaling {
+    /// transformers' `get_mscale`: the cos/sin gain of a YaRN `factor` (`mscale` scales the
+    /// log term; 1 in the plain form).
+    pub fn mscale(factor: f64, mscale: f64) -> f64 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * factor.ln() + 1.0
+        }
+    }
+}
+
+impl LongRopeScaling {
+    /// The cos/sin gain transformers gives LongRoPE when none is set: `sqrt(1 + ln(factor) /
+    /// ln(original))`, 1 without extension.
+    pub fn default_attention_factor(factor: f64, original: usize) -> f64 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+        }
+    }
+}
+
 /// How the inverse frequencies are scaled.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -318,8 +342,7 @@ fn spec(
             let factor = positive("factor")?.unwrap_or(max_positions as f64 / original as f64);
             let attention_factor = match positive("attention_factor")? {
                 Some(a) => a,
-                None if factor <= 1.0 => 1.0,
-                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                None => LongRopeScaling::default_attention_factor(factor, original),
             };
             Some(RopeScaling::LongRope(LongRopeScaling {
                 short_factor: factors("short_factor")?,
@@ -335,13 +358,7 @@ fn spec(
                 Some(f) => f,
                 None => max_positions as f64 / original as f64,
             };
-            let get_mscale = |scale: f64, m: f64| {
-                if scale <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * scale.ln() + 1.0
-                }
-            };
+            let get_mscale = YarnRopeScaling::mscale;
             let attention_factor = match positive("attention_factor")? {
                 Some(a) => a,
                 None => match (positive("mscale")?, positive("mscale_all_dim")?) {

@@ -8,8 +8,7 @@
 use candle_core::quantized::gguf_file::Value;
 
 use crate::config::{
-    Activation, Architecture, BlockNorms, FamilyTraits, LayerKind, RopeScaling, RopeSpec,
-    YarnRopeScaling,
+    Architecture, FamilyTraits, LayerKind, RopeScaling, RopeSpec, YarnRopeScaling,
 };
 use crate::error::{ModelError, Result};
 
@@ -54,9 +53,7 @@ impl GgufFile {
             Some(_) => self.usize_opt(key)?.unwrap_or(default),
             None => default,
         };
-        Ok((0..num_layers)
-            .map(|i| every == 0 || i % every < every - 1)
-            .collect())
+        Ok(FamilyTraits::every_nth_full(num_layers, every))
     }
 
     /// `rope.scaling.*`: none, linear or YaRN.
@@ -90,7 +87,6 @@ impl GgufFile {
                 let original = self
                     .usize_opt(&key("rope.scaling.original_context_length"))?
                     .unwrap_or(context);
-                let mscale = |f: f64| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
                 if self
                     .f64_opt(&key("rope.scaling.attn_factor"))?
                     .is_some_and(|a| a != 1.0)
@@ -103,7 +99,7 @@ impl GgufFile {
                 // The converter stores transformers' `attention_factor` here when one is set.
                 let attention_factor = self
                     .f64_opt(&key("rope.scaling.yarn_attn_factor"))?
-                    .unwrap_or(mscale(factor));
+                    .unwrap_or(YarnRopeScaling::mscale(factor, 1.0));
                 Ok(Some(RopeScaling::Yarn(YarnRopeScaling {
                     factor,
                     original_max_position_embeddings: original,
@@ -131,7 +127,7 @@ impl GgufFile {
         s: &Shapes,
     ) -> Result<GgufFamily> {
         use Architecture::*;
-        let mut t = FamilyTraits::default();
+        let mut t = FamilyTraits::of(arch, s.hidden_size);
         let softcap =
             |k: &str| -> Result<Option<f64>> { Ok(self.f64_opt(&key(k))?.filter(|c| *c > 0.0)) };
         let window = self
@@ -159,9 +155,6 @@ impl GgufFile {
         }
         match arch {
             Gemma2 | Gemma3 => {
-                t.norms = BlockNorms::Sandwich;
-                t.activation = Activation::GeluTanh;
-                t.embedding_scale = Some((s.hidden_size as f64).sqrt());
                 // llama.cpp: the 27B models scale by hidden / heads, the others by head_dim.
                 let big = (arch == Gemma2 && s.num_layers == 46)
                     || (arch == Gemma3 && s.num_layers == 62);
@@ -188,13 +181,7 @@ impl GgufFile {
                 } else {
                     vec![false; s.num_layers]
                 };
-                t.layers = sliding
-                    .into_iter()
-                    .map(|sliding| LayerKind {
-                        sliding,
-                        rope: true,
-                    })
-                    .collect();
+                t.set_sliding(sliding);
             }
             SmolLM3 => {
                 // llama.cpp: no rope on every 4th layer (not stored in the file).
@@ -205,10 +192,6 @@ impl GgufFile {
                     })
                     .collect();
             }
-            Olmo2 => {
-                t.norms = BlockNorms::Post;
-                t.qk_norm_whole = true;
-            }
             Granite => {
                 t.embedding_scale = self.f64_opt(&key("embedding_scale"))?;
                 t.residual_scale = self.f64_opt(&key("residual_scale"))?;
@@ -218,18 +201,11 @@ impl GgufFile {
             Mistral | Llama => {
                 if let Some(w) = window {
                     t.sliding_window = Some(w);
-                    t.layers = vec![
-                        LayerKind {
-                            sliding: true,
-                            rope: true
-                        };
-                        s.num_layers
-                    ];
+                    t.set_sliding(vec![true; s.num_layers]);
                 }
             }
-            Qwen2 | Qwen3 => {}
+            Qwen2 | Qwen3 | Olmo2 => {}
             Phi3 => {
-                t.fused_projections = true;
                 // Rope on the first `rope.dimension_count` dimensions (Phi-4-mini: 3/4).
                 if let Some(d) = self.usize_opt(&key("rope.dimension_count"))? {
                     if d < s.head_dim {

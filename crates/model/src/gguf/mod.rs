@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 mod family;
 
-use crate::config::{Architecture, BlockNorms, ModelConfig};
+use crate::config::{Architecture, BlockNorms, LongRopeScaling, ModelConfig, RopeScaling};
 use crate::cpu_bf16::CpuArithmetic;
 use crate::error::{ModelError, Result};
 use crate::quant::{is_block_quantized, QuantMatrix};
@@ -184,7 +184,7 @@ impl GgufFile {
         key: &dyn Fn(&str) -> String,
         rotary_dim: usize,
         context: usize,
-    ) -> Result<Option<crate::config::RopeScaling>> {
+    ) -> Result<Option<RopeScaling>> {
         let half = rotary_dim / 2;
         let short = self.rope_factor_tensor("rope_factors_short.weight", half)?;
         let long = self.rope_factor_tensor("rope_factors_long.weight", half)?;
@@ -199,17 +199,14 @@ impl GgufFile {
         let factor = context as f64 / original as f64;
         let attention_factor = match self.f64_opt(&key("rope.scaling.attn_factor"))? {
             Some(a) => a,
-            None if factor <= 1.0 => 1.0,
-            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            None => LongRopeScaling::default_attention_factor(factor, original),
         };
-        Ok(Some(crate::config::RopeScaling::LongRope(
-            crate::config::LongRopeScaling {
-                short_factor,
-                long_factor,
-                original_max_position_embeddings: original,
-                attention_factor,
-            },
-        )))
+        Ok(Some(RopeScaling::LongRope(LongRopeScaling {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings: original,
+            attention_factor,
+        })))
     }
 
     pub fn config(&mut self) -> Result<ModelConfig> {
@@ -243,7 +240,7 @@ impl GgufFile {
                 context,
             },
         )?;
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size,
@@ -259,13 +256,7 @@ impl GgufFile {
                 .unwrap_or(1e-5),
             rope_theta: self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             // Llama 3.x GGUFs bake their scaling into a `rope_freqs` tensor instead.
-            rope_scaling: match family.rope_scaling {
-                Some(scaling) => Some(scaling),
-                None if architecture == Architecture::Phi3 => {
-                    self.longrope(&key, family.traits.rotary_dim.unwrap_or(head_dim), context)?
-                }
-                None => None,
-            },
+            rope_scaling: family.rope_scaling,
             local_rope: family.local_rope,
             rope_freq_factors: self.rope_freq_factors(head_dim)?,
             max_position_embeddings: context,
@@ -274,6 +265,10 @@ impl GgufFile {
             qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
             family: family.traits,
         };
+        if config.rope_scaling.is_none() && architecture == Architecture::Phi3 {
+            // Phi-3 stores its longrope factors as tensors over the rotated part of the head.
+            config.rope_scaling = self.longrope(&key, config.rotary_dim(), context)?;
+        }
         config.validate()?;
         Ok(config)
     }
