@@ -9,40 +9,9 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::hash_weights::HashWeights;
+use common::tiny::{golden, logits_of, max_err, Golden, FAMILIES};
 use common::{argmax, repo_root, PagedRunner};
-use serde_json::Value;
 use spindle_model::{Architecture, LlamaModel, ModelConfig};
-
-struct Golden {
-    config: ModelConfig,
-    names: Vec<String>,
-    seqs: Vec<Vec<u32>>,
-    logits: Vec<Vec<f32>>,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-}
-
-fn golden(dir: &str) -> Golden {
-    let dir = repo_root().join("tests/golden").join(dir);
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    let config = ModelConfig::from_hf_json(&text).expect("parse config.json");
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("outputs.json")).expect("outputs"))
-            .expect("json");
-    let cases = v["sequences"].as_array().expect("sequences");
-    Golden {
-        config,
-        names: get(&v["names"]),
-        seqs: cases.iter().map(|c| get(&c["ids"])).collect(),
-        logits: cases.iter().map(|c| get(&c["last_logits"])).collect(),
-        prompt: get(&v["greedy"]["prompt"]),
-        greedy: get(&v["greedy"]["tokens"]),
-    }
-}
-
-fn get<T: serde::de::DeserializeOwned>(v: &Value) -> T {
-    serde_json::from_value(v.clone()).expect("golden field")
-}
 
 fn load(g: &Golden) -> LlamaModel {
     LlamaModel::load(
@@ -54,23 +23,6 @@ fn load(g: &Golden) -> LlamaModel {
         |_, _| {},
     )
     .expect("load the tiny model")
-}
-
-/// Logits after `seq` alone, prefilled in one step.
-fn logits_of(model: &LlamaModel, seq: &[u32]) -> Vec<f32> {
-    let mut runner = PagedRunner::new(model, 1, 256, 16);
-    let rows: Vec<Vec<f32>> = runner
-        .step(model, &[(0, 0, seq.to_vec())])
-        .to_vec2()
-        .expect("logits");
-    rows.into_iter().next().expect("one row")
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Greedy tokens after `prompt` fed in `chunks` (prefill sizes), then one token per step.
@@ -243,28 +195,12 @@ fn tokenizer_json(vocab: usize) -> String {
     )
 }
 
-const FAMILIES: [&str; 9] = [
-    "tiny-phi3",
-    "tiny-qwen3",
-    "tiny-gemma2",
-    "tiny-gemma3",
-    "tiny-smollm3",
-    "tiny-olmo2",
-    "tiny-granite",
-    "tiny-llama-yarn",
-    "tiny-mistral-window",
-];
-
 /// Writes `dir_name`'s checkpoint as a Hugging Face directory (transformers' config.json, the
 /// hash weights as safetensors, a tokenizer) under the temp dir; returns it.
 /// `tag` keeps tests running in parallel apart.
 fn hf_dir(dir_name: &str, g: &Golden, tag: &str) -> std::path::PathBuf {
     use spindle_model::weights::WeightSource;
     let src = repo_root().join("tests/golden").join(dir_name);
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("outputs.json")).expect("outputs"))
-            .expect("json");
-    let shapes: std::collections::HashMap<String, Vec<usize>> = get(&v["shapes"]);
     let dir = std::env::temp_dir().join(format!(
         "spindle-families-{}-{tag}-{dir_name}",
         std::process::id()
@@ -275,7 +211,7 @@ fn hf_dir(dir_name: &str, g: &Golden, tag: &str) -> std::path::PathBuf {
     let tensors: std::collections::HashMap<String, candle_core::Tensor> = g
         .names
         .iter()
-        .map(|n| (n.clone(), hash.get(n, &shapes[n]).expect("hash tensor")))
+        .map(|n| (n.clone(), hash.get(n, &g.shapes[n]).expect("hash tensor")))
         .collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
     std::fs::write(
@@ -327,18 +263,7 @@ fn default_arithmetic_passes_check_logprobs_close() {
         let g = golden(dir_name);
         let dir = hf_dir(dir_name, &g, "auto");
         let loaded = load_dir(&dir, spindle_model::DTypeChoice::Auto);
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                repo_root()
-                    .join("tests/golden")
-                    .join(dir_name)
-                    .join("outputs.json"),
-            )
-            .expect("outputs"),
-        )
-        .expect("json");
-        let top5: Vec<Vec<u32>> = get(&v["greedy"]["top5"]);
-        match common::logprobs_close(&loaded.model, &g.prompt, &g.greedy, &top5) {
+        match common::logprobs_close(&loaded.model, &g.prompt, &g.greedy, &g.top5) {
             Ok(n) => eprintln!(
                 "{dir_name} ({}): {n}/{} reference tokens before divergence",
                 loaded.info.dtype,

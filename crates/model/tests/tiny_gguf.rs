@@ -7,25 +7,16 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use common::argmax;
 use common::hash_weights::HashWeights;
-use common::{argmax, repo_root, PagedRunner};
+use common::tiny::{get, golden, golden_json, logits_of, max_err, Golden, FAMILIES};
 use serde_json::Value as Json;
 use spindle_model::gguf::{GgufFile, GgufWeights};
 use spindle_model::weights::WeightSource;
 use spindle_model::LlamaModel;
-
-fn read_json(path: std::path::PathBuf) -> Json {
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("golden file")).expect("json")
-}
-
-fn get<T: serde::de::DeserializeOwned>(v: &Json) -> T {
-    serde_json::from_value(v.clone()).expect("golden field")
-}
 
 /// A manifest value as the GGUF type the converter wrote (integers u32, reals f32).
 fn gguf_value(v: &Json) -> Value {
@@ -57,14 +48,10 @@ fn rebuild(dir: &str) -> std::path::PathBuf {
 /// [`rebuild`] with the matrices (2-D tensors) stored as `matrices` (e.g. Q8_0, as
 /// `llama-quantize` would).
 fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
-    let src = repo_root().join("tests/golden").join(dir);
-    let outputs = read_json(src.join("outputs.json"));
-    let manifest = read_json(src.join("gguf.json"));
-    let config = read_json(src.join("config.json"));
-    let names: Vec<String> = get(&outputs["names"]);
-    let shapes: HashMap<String, Vec<usize>> = get(&outputs["shapes"]);
-    let mut hash = HashWeights(names);
-    let vocab = config["vocab_size"].as_u64().expect("vocab") as usize;
+    let g = golden(dir);
+    let manifest = golden_json(dir, "gguf.json");
+    let mut hash = HashWeights(g.names.clone());
+    let vocab = g.config.vocab_size;
     let mut metadata: Vec<(String, Value)> = vec![
         (
             "general.architecture".into(),
@@ -78,15 +65,6 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
     for (k, v) in manifest["metadata"].as_object().expect("metadata") {
         metadata.push((k.clone(), gguf_value(v)));
     }
-    let heads = |proj: &str| -> usize {
-        let q = config["num_attention_heads"].as_u64().expect("heads") as usize;
-        match proj {
-            "q" => q,
-            _ => config["num_key_value_heads"]
-                .as_u64()
-                .map_or(q, |k| k as usize),
-        }
-    };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for t in manifest["tensors"].as_array().expect("tensors") {
         let shape: Vec<usize> = get(&t["shape"]);
@@ -99,12 +77,12 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
             continue;
         }
         let hf: String = get(&t["hf"]);
-        let mut w = hash.get(&hf, &shapes[&hf]).expect("hash tensor");
+        let mut w = hash.get(&hf, &g.shapes[&hf]).expect("hash tensor");
         w = match t["transform"].as_str().expect("transform") {
             "identity" => w,
             "plus_one" => (w + 1.0).expect("+1"),
-            "permute" if hf.contains("q_proj") => permute(&w, heads("q")),
-            "permute" => permute(&w, heads("k")),
+            "permute" if hf.contains("q_proj") => permute(&w, g.config.num_heads),
+            "permute" => permute(&w, g.config.num_kv_heads),
             other => panic!("unknown transform {other}"),
         };
         assert_eq!(w.dims(), shape.as_slice(), "{hf}");
@@ -153,41 +131,20 @@ fn load_and_remove(path: &std::path::Path, dir: &str) -> LlamaModel {
 /// `longest`: llama.cpp's converter drops Mistral's `sliding_window` (llama.cpp runs it with full
 /// attention), so that GGUF is compared only on sequences inside the window.
 fn check_up_to(dir: &str, longest: usize) {
-    let path = rebuild(dir);
-    let model = load_and_remove(&path, dir);
-    let outputs = read_json(
-        repo_root()
-            .join("tests/golden")
-            .join(dir)
-            .join("outputs.json"),
-    );
-    for (i, case) in outputs["sequences"]
-        .as_array()
-        .expect("sequences")
-        .iter()
-        .enumerate()
-    {
-        let ids: Vec<u32> = get(&case["ids"]);
-        let want: Vec<f32> = get(&case["last_logits"]);
+    let model = load_and_remove(&rebuild(dir), dir);
+    let g = golden(dir);
+    for (i, (ids, want)) in g.seqs.iter().zip(&g.logits).enumerate() {
         if ids.len() > longest {
             continue;
         }
-        let mut runner = PagedRunner::new(&model, 1, 256, 16);
-        let got: Vec<Vec<f32>> = runner
-            .step(&model, &[(0, 0, ids.clone())])
-            .to_vec2()
-            .expect("l");
-        let err = got[0]
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let got = logits_of(&model, ids);
+        let err = max_err(&got, want);
         eprintln!(
             "{dir} from GGUF: sequence {i} ({} tokens): max logit error {err:.2e}",
             ids.len()
         );
         assert!(err < 1e-3, "{dir} from GGUF: sequence {i}: error {err}");
-        assert_eq!(argmax(&got[0]), argmax(&want));
+        assert_eq!(argmax(&got), argmax(want));
     }
 }
 
@@ -255,31 +212,19 @@ fn mistral_window_gguf_matches_transformers() {
 /// transformers' fp32 greedy continuation.
 #[test]
 fn q8_0_ggufs_pass_check_logprobs_close() {
-    for dir in [
-        "tiny-qwen3",
-        "tiny-phi3",
-        "tiny-gemma2",
-        "tiny-gemma3",
-        "tiny-smollm3",
-        "tiny-olmo2",
-        "tiny-granite",
-        "tiny-llama-yarn",
-    ] {
+    // Not Mistral's: llama.cpp's converter drops its window (see `check_up_to`).
+    for dir in FAMILIES.into_iter().filter(|d| *d != "tiny-mistral-window") {
         let model = load_and_remove(&rebuild_as(dir, GgmlDType::Q8_0), dir);
-        let outputs = read_json(
-            repo_root()
-                .join("tests/golden")
-                .join(dir)
-                .join("outputs.json"),
-        );
-        let g = &outputs["greedy"];
-        let prompt: Vec<u32> = get(&g["prompt"]);
-        let want: Vec<u32> = get(&g["tokens"]);
-        let top5: Vec<Vec<u32>> = get(&g["top5"]);
-        match common::logprobs_close(&model, &prompt, &want, &top5) {
+        let Golden {
+            prompt,
+            greedy,
+            top5,
+            ..
+        } = golden(dir);
+        match common::logprobs_close(&model, &prompt, &greedy, &top5) {
             Ok(n) => eprintln!(
                 "{dir} Q8_0: {n}/{} reference tokens before divergence",
-                want.len()
+                greedy.len()
             ),
             Err(e) => panic!("{dir} Q8_0: {e}"),
         }

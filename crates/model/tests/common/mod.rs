@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hash_weights;
+pub mod tiny;
 
 use std::path::PathBuf;
 
