@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 
-from make_tiny_llama3 import fill  # the integer-hash weights, shared with the Rust tests
+from make_tiny_llama3 import tensor_fill  # the integer-hash weights, shared with the Rust tests
 
 ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -71,9 +71,7 @@ def build(name, config, cls):
     state = model.state_dict()
     names = sorted(state)
     for i, n in enumerate(names):
-        norm = n.endswith("norm.weight")
-        scale, offset = (0.4, 1.0) if norm else ((2.0, 0.0) if "embed_tokens" in n else (0.5, 0.0))
-        state[n].copy_(torch.from_numpy(fill(i, tuple(state[n].shape), scale, offset)))
+        state[n].copy_(torch.from_numpy(tensor_fill(i, n, state[n].shape)))
     model.load_state_dict(state)
     out_dir = ROOT / name
     out_dir.mkdir(parents=True, exist_ok=True)

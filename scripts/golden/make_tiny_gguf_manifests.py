@@ -31,22 +31,18 @@ import gguf  # noqa: E402  (llama.cpp's own copy, matching its converter)
 from conversion import get_model_class  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from make_tiny_llama3 import fill  # noqa: E402
+from make_tiny_llama3 import tensor_fill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
 FAMILIES = ["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2",
             "tiny-granite", "tiny-llama-yarn", "tiny-mistral-window"]
 
 
-def hash_state(outputs):
-    state = {}
-    for i, n in enumerate(outputs["names"]):
-        shape = tuple(outputs["shapes"][n])
-        norm = n.endswith("norm.weight")
-        scale, offset = (0.4, 1.0) if norm else ((2.0, 0.0) if "embed_tokens" in n else (0.5, 0.0))
-        state[n] = torch.from_numpy(fill(i, shape, scale, offset))
+def hash_state(outputs, config):
+    state = {n: torch.from_numpy(tensor_fill(i, n, outputs["shapes"][n]))
+             for i, n in enumerate(outputs["names"])}
     # Tied heads: transformers shares the tensor, the hash fill of the embedding wins.
-    if "lm_head.weight" in state and json.loads((ROOT / outputs["_dir"] / "config.json").read_text()).get("tie_word_embeddings"):
+    if "lm_head.weight" in state and config.get("tie_word_embeddings"):
         del state["lm_head.weight"]
     return state
 
@@ -94,9 +90,8 @@ def plain(v):
 def manifest(dir_name):
     src = ROOT / dir_name
     outputs = json.loads((src / "outputs.json").read_text())
-    outputs["_dir"] = dir_name
     config = json.loads((src / "config.json").read_text())
-    state = hash_state(outputs)
+    state = hash_state(outputs, config)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg = dict(config)

@@ -31,6 +31,18 @@ def fill(index: int, shape, scale: float, offset: float) -> np.ndarray:
     return (offset + scale * (u - 0.5)).astype(np.float32).reshape(shape)
 
 
+def tensor_fill(index: int, name: str, shape) -> np.ndarray:
+    """Tensor number `index` (sorted names) of the tiny checkpoints: norms around 1, embeddings
+    wide, other weights narrow (the Rust tests' HashWeights repeats this)."""
+    if name.endswith("norm.weight"):
+        scale, offset = 0.4, 1.0
+    elif "embed_tokens" in name:
+        scale, offset = 2.0, 0.0
+    else:
+        scale, offset = 0.5, 0.0
+    return fill(index, tuple(shape), scale, offset)
+
+
 def main():
     config = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -42,9 +54,7 @@ def main():
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     state = model.state_dict()
     for i, name in enumerate(sorted(state)):
-        norm = name.endswith("norm.weight")
-        scale, offset = (0.4, 1.0) if norm else ((2.0, 0.0) if "embed_tokens" in name else (0.5, 0.0))
-        state[name].copy_(torch.from_numpy(fill(i, tuple(state[name].shape), scale, offset)))
+        state[name].copy_(torch.from_numpy(tensor_fill(i, name, state[name].shape)))
     OUT.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(OUT)
     seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
