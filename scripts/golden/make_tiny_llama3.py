@@ -22,13 +22,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 OUT = Path(__file__).resolve().parents[2] / "tests" / "golden" / "tiny-llama3"
 
 
-def fill(index: int, shape, scale: float, offset: float) -> np.ndarray:
+def fill(index: int, shape, scale: float, offset: float, mix: int = 40503) -> np.ndarray:
     """Element k of tensor number `index`: offset + scale * (u - 0.5), u from a 32-bit hash."""
     n = int(np.prod(shape))
     k = np.arange(n, dtype=np.uint64)
-    h = (k * np.uint64(2654435761) + np.uint64(index) * np.uint64(40503) + np.uint64(12345)) % np.uint64(2**32)
+    h = (k * np.uint64(2654435761) + np.uint64(index) * np.uint64(mix) + np.uint64(12345)) % np.uint64(2**32)
     u = h.astype(np.float64) / 2.0**32
     return (offset + scale * (u - 0.5)).astype(np.float32).reshape(shape)
+
+
+# Tensors numbered close together differ by a shift of index * mix / 2^32: negligible with the
+# default mix, so experts get a large one (else every expert computes nearly the same thing and
+# a wrong routing would go unnoticed).
+EXPERT_MIX = 2246822519
 
 
 def tensor_fill(index: int, name: str, shape) -> np.ndarray:
@@ -40,7 +46,8 @@ def tensor_fill(index: int, name: str, shape) -> np.ndarray:
         scale, offset = 2.0, 0.0
     else:
         scale, offset = 0.5, 0.0
-    return fill(index, tuple(shape), scale, offset)
+    mix = EXPERT_MIX if ".experts." in name else 40503
+    return fill(index, tuple(shape), scale, offset, mix)
 
 
 def main():

@@ -1,6 +1,6 @@
 //! spindle-model: everything between a `--model` argument and logits. Loads weights (GGUF, HF
 //! directory, Hub repo, dummy), builds the tokenizer and chat template, and runs Llama-family
-//! forward passes over a flattened batch whose attention goes through a paged KV cache.
+//! forward passes (dense or mixture-of-experts) over a flattened batch whose attention goes through a paged KV cache.
 //!
 //! Depends on candle and spindle-kernels only; never on the engine or the server.
 
@@ -17,6 +17,8 @@ pub mod hf;
 pub mod info;
 pub mod llama;
 pub mod loader;
+pub mod mlp;
+pub mod moe;
 pub mod options;
 pub mod quant;
 pub mod rope;
@@ -28,7 +30,9 @@ pub use attention::{
     AttentionBackend, AttentionMetadata, CacheShape, LayerAttention, SequenceSlice,
 };
 pub use bert::{BertModel, EncoderBatch, Pooling, SentenceTransformersConfig};
-pub use config::{Architecture, FamilyTraits, Llama3RopeScaling, ModelConfig, RopeScaling};
+pub use config::{
+    Architecture, FamilyTraits, Llama3RopeScaling, ModelConfig, MoeSpec, RopeScaling,
+};
 pub use cpu_bf16::CpuArithmetic;
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;

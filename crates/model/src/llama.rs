@@ -1,7 +1,8 @@
-//! One decoder for every dense family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, OLMo 2,
-//! Granite, Phi-3): a plain struct with `load` and `forward`. The families differ in a few switches
-//! ([`crate::config::FamilyTraits`]): where the norms sit, the activation, multipliers,
-//! soft-caps and which layers slide or skip rope. The forward pass takes a flattened batch (all
+//! One decoder for every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, OLMo 2, Granite,
+//! Phi-3, and the MoE families Mixtral, Qwen2/3-MoE, OLMoE): a plain struct with `load` and
+//! `forward`. The families differ in a few switches ([`crate::config::FamilyTraits`]): where the
+//! norms sit, the activation, multipliers, soft-caps and which layers slide or skip rope; a
+//! layer's MLP is dense or a mixture of experts ([`crate::mlp::Mlp`]). The forward pass takes a flattened batch (all
 //! sequences' new tokens in one `[tokens, hidden]` matrix), so projections and MLPs run as single
 //! large matmuls, and only attention looks at sequence boundaries, through the
 //! [`AttentionBackend`].
@@ -9,8 +10,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{AttentionBackend, AttentionMetadata, LayerAttention};
-use crate::config::{Activation, BlockNorms, ModelConfig};
+use crate::config::{BlockNorms, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::mlp::{GatedMlp, Mlp};
+use crate::moe::MoeBlock;
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
 
@@ -53,9 +56,7 @@ struct Layer {
     post_mlp_norm: Option<Tensor>,
     attention: LayerAttention,
     rope: LayerRope,
-    /// gate and up projections fused into one `[2 * intermediate, hidden]` matrix.
-    gate_up: LinearWeight,
-    down: LinearWeight,
+    mlp: Mlp,
 }
 
 /// The loaded decoder.
@@ -112,17 +113,22 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let (qkv, gate_up) = if f.fused_projections {
+            let inter = c.intermediate_size;
+            let (qkv, mlp) = if f.fused_projections {
                 // Phi-3 stores them fused already (gate before up, as spindle fuses them).
+                let gate_up =
+                    weights.get_linear(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?;
+                let down = weights.get_linear(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?;
                 (
                     weights.get_linear(
                         &format!("{p}.self_attn.qkv_proj.weight"),
                         &[q_dim + 2 * kv_dim, h],
                     )?,
-                    weights.get_linear(
-                        &format!("{p}.mlp.gate_up_proj.weight"),
-                        &[2 * c.intermediate_size, h],
-                    )?,
+                    Mlp::Dense(GatedMlp {
+                        gate_up,
+                        down,
+                        inter,
+                    }),
                 )
             } else {
                 let get = |w: &mut dyn WeightSource, name: &str, rows: usize| {
@@ -131,12 +137,27 @@ impl LlamaModel {
                 let q = get(weights, "self_attn.q_proj", q_dim)?;
                 let k = get(weights, "self_attn.k_proj", kv_dim)?;
                 let v = get(weights, "self_attn.v_proj", kv_dim)?;
-                let gate = get(weights, "mlp.gate_proj", c.intermediate_size)?;
-                let up = get(weights, "mlp.up_proj", c.intermediate_size)?;
-                (
-                    LinearWeight::concat(&[q, k, v], dtype, device)?,
-                    LinearWeight::concat(&[gate, up], dtype, device)?,
-                )
+                let mlp = match &c.moe {
+                    Some(spec) if spec.is_sparse(i) => Mlp::Sparse(MoeBlock::load(
+                        weights,
+                        c.architecture,
+                        i,
+                        spec,
+                        h,
+                        dtype,
+                        device,
+                    )?),
+                    _ => Mlp::Dense(GatedMlp::load(
+                        weights,
+                        &format!("{p}.mlp"),
+                        ["gate_proj", "up_proj", "down_proj"],
+                        h,
+                        inter,
+                        dtype,
+                        device,
+                    )?),
+                };
+                (LinearWeight::concat(&[q, k, v], dtype, device)?, mlp)
             };
             let qkv_bias = if c.qkv_bias {
                 let qb = weights.get(&format!("{p}.self_attn.q_proj.bias"), &[q_dim])?;
@@ -205,11 +226,7 @@ impl LlamaModel {
                 post_mlp_norm,
                 attention,
                 rope,
-                gate_up,
-                down: weights.get_linear(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, c.intermediate_size],
-                )?,
+                mlp,
             });
             progress(i + 2, total);
         }
@@ -328,10 +345,16 @@ impl LlamaModel {
             }
             let mut q = qkv.narrow(1, 0, q_dim)?;
             let mut k = qkv.narrow(1, q_dim, kv_dim)?;
-            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+            let mut v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
             if let (Some(qn), Some(kn), true) = (&layer.q_norm, &layer.k_norm, f.qk_norm_whole) {
                 q = norm(&q.contiguous()?, qn)?;
                 k = norm(&k.contiguous()?, kn)?;
+            }
+            if let Some(clip) = c.clip_qkv {
+                // OLMoE clamps after its q/k norms.
+                q = q.clamp(-clip, clip)?;
+                k = k.clamp(-clip, clip)?;
+                v = v.clamp(-clip, clip)?;
             }
             let mut q = q.reshape((tokens, c.num_heads, c.head_dim))?;
             let mut k = k.reshape((tokens, c.num_kv_heads, c.head_dim))?;
@@ -356,13 +379,7 @@ impl LlamaModel {
                 Some(w) => norm(&x, w)?,
                 None => x.clone(),
             };
-            let gate_up = linear(&h, &layer.gate_up)?;
-            let inter = c.intermediate_size;
-            let act = match f.activation {
-                Activation::Silu => crate::cpu_ops::silu_and_mul(&gate_up, inter)?,
-                Activation::GeluTanh => crate::cpu_ops::gelu_tanh_and_mul(&gate_up, inter)?,
-            };
-            let mut mlp = linear(&act, &layer.down)?;
+            let mut mlp = layer.mlp.forward(&h, f.activation)?;
             if let Some(w) = &layer.post_mlp_norm {
                 mlp = norm(&mlp, w)?;
             }

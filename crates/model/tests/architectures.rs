@@ -424,6 +424,51 @@ fn v5_rope_parameters_match_the_v4_keys() {
     assert_eq!((plain.rope_theta, plain.rope_scaling), (1_000_000.0, None));
 }
 
+/// MoE settings that cannot run are refused with the reason.
+#[test]
+fn moe_settings_out_of_range_are_refused() {
+    let base = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256"#;
+    let parse = |extra: &str| ModelConfig::from_hf_json(&format!("{base}, {extra}}}"));
+    let ok = parse(r#""num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [0]"#)
+        .expect("valid MoE config");
+    let moe = ok.moe.as_ref().expect("experts");
+    assert_eq!(
+        (moe.num_experts, moe.top_k, moe.expert_intermediate),
+        (8, 2, 32)
+    );
+    assert_eq!(moe.sparse_layers, vec![false, true]);
+    assert!(ok.active_parameters() < ok.num_parameters());
+    for (extra, says) in [
+        (
+            r#""num_experts": 8, "num_experts_per_tok": 9"#,
+            "num_experts_per_tok",
+        ),
+        (
+            r#""num_experts": 8, "num_experts_per_tok": 0"#,
+            "num_experts_per_tok",
+        ),
+        (r#""num_experts_per_tok": 2"#, "num_experts"),
+        (r#""num_experts": 8"#, "num_experts_per_tok"),
+        (
+            r#""num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 0"#,
+            "decoder_sparse_step",
+        ),
+        (
+            r#""num_experts": 8, "num_experts_per_tok": 2, "mlp_only_layers": "all""#,
+            "mlp_only_layers",
+        ),
+        (
+            r#""num_experts": -1, "num_experts_per_tok": 2"#,
+            "num_experts",
+        ),
+    ] {
+        let err = parse(extra).expect_err(extra).to_string();
+        assert!(err.contains(says), "{extra}: {err}");
+    }
+}
+
 /// A rope or config setting that is present but not understood is an error, never a default.
 #[test]
 fn settings_not_understood_are_refused() {
@@ -451,6 +496,9 @@ fn settings_not_understood_are_refused() {
         r#""partial_rotary_factor": 0.5"#,
         r#""attn_logit_softcapping": 50.0"#,
         r#""no_rope_layer_interval": 4"#,
+        r#""num_local_experts": 4, "num_experts_per_tok": 2"#,
+        r#""moe_intermediate_size": 32"#,
+        r#""clip_qkv": 2.0"#,
     ] {
         let json = format!("{base}, {extra}}}");
         assert!(

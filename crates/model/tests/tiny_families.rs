@@ -1,4 +1,4 @@
-//! Every dense family on a tiny checkpoint transformers v5 configured (`tests/golden/tiny-*`,
+//! Every family (dense and mixture-of-experts) on a tiny checkpoint transformers v5 configured (`tests/golden/tiny-*`,
 //! made by `scripts/golden/make_tiny_families.py`; the weights are filled from the scripts'
 //! integer hash, none stored): the paged forward pass matches transformers' fp32 logits on
 //! sequences shorter and longer than the sliding window, greedy decoding after a (chunked)
@@ -140,12 +140,35 @@ fn mistral_with_a_sliding_window_matches_transformers() {
     check("tiny-mistral-window", Architecture::Mistral);
 }
 
+#[test]
+fn mixtral_matches_transformers() {
+    check("tiny-mixtral", Architecture::Mixtral);
+}
+
+#[test]
+fn qwen2_moe_with_a_shared_expert_and_a_dense_layer_matches_transformers() {
+    check("tiny-qwen2-moe", Architecture::Qwen2Moe);
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("tiny-qwen3-moe", Architecture::Qwen3Moe);
+    // With a dense layer between sparse ones (`mlp_only_layers`).
+    check("tiny-qwen3-moe-mixed", Architecture::Qwen3Moe);
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check("tiny-olmoe", Architecture::Olmoe);
+    check("tiny-olmoe-clip", Architecture::Olmoe);
+}
+
 /// The references depend on each mechanism the families add: run without it, the long
 /// sequence's logits are far from transformers' (so the tests above would catch its loss).
 #[test]
 fn each_mechanism_changes_the_reference() {
     type Ablation = fn(&mut ModelConfig);
-    let cases: [(&str, &str, Ablation); 9] = [
+    let cases: [(&str, &str, Ablation); 14] = [
         ("tiny-mistral-window", "no window", |c| {
             c.family.layers.iter_mut().for_each(|l| l.sliding = false)
         }),
@@ -167,6 +190,19 @@ fn each_mechanism_changes_the_reference() {
         ("tiny-phi3", "rope over the whole head", |c| {
             c.family.rotary_dim = None
         }),
+        ("tiny-mixtral", "one expert per token", |c| {
+            c.moe.as_mut().expect("moe").top_k = 1
+        }),
+        ("tiny-qwen3-moe", "no renormalized top-k", |c| {
+            c.moe.as_mut().expect("moe").renormalize = false
+        }),
+        ("tiny-qwen2-moe", "renormalized top-k", |c| {
+            c.moe.as_mut().expect("moe").renormalize = true
+        }),
+        ("tiny-qwen2-moe", "no shared expert", |c| {
+            c.moe.as_mut().expect("moe").shared_expert_intermediate = None
+        }),
+        ("tiny-olmoe-clip", "no q/k/v clamp", |c| c.clip_qkv = None),
     ];
     for (dir, what, ablate) in cases {
         let mut g = golden(dir);

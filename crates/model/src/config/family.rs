@@ -98,6 +98,7 @@ impl FamilyTraits {
                 t.norms = BlockNorms::Post;
                 t.qk_norm_whole = true;
             }
+            Architecture::Olmoe => t.qk_norm_whole = true,
             Architecture::Phi3 => t.fused_projections = true,
             _ => {}
         }
@@ -224,6 +225,7 @@ pub(super) fn read_traits(
         ("attention_multiplier", &[Granite]),
         ("logits_scaling", &[Granite]),
         ("use_bidirectional_attention", &[]),
+        ("clip_qkv", &[Olmoe]),
     ];
     for (key, families) in owned {
         if active(key) && !families.contains(&arch) {
@@ -302,7 +304,7 @@ pub(super) fn read_traits(
             t.attention_scale = positive("attention_multiplier")?;
             t.logits_divisor = positive("logits_scaling")?;
         }
-        Llama | Mistral | Qwen2 | Qwen3 | Phi3 | Olmo2 => {}
+        Llama | Mistral | Qwen2 | Qwen3 | Phi3 | Olmo2 | Mixtral | Qwen2Moe | Qwen3Moe | Olmoe => {}
     }
     if let Some(types) = layer_types(obj, num_layers)? {
         if types.iter().any(|&s| s) && window(obj)?.is_some() && uses_window(obj) {
@@ -315,7 +317,7 @@ pub(super) fn read_traits(
     // Mistral-style: one window for every layer, in force unless `use_sliding_window` is false.
     let w = window(obj)?.filter(|_| uses_window(obj));
     if let Some(w) = w {
-        if arch == Mistral || arch == Llama {
+        if matches!(arch, Mistral | Llama | Mixtral) {
             t.sliding_window = Some(w);
             t.set_sliding(vec![true; num_layers]);
             return Ok((t, None));
@@ -335,7 +337,12 @@ fn window(obj: &JsonMap) -> Result<Option<usize>> {
     match obj.get("sliding_window") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
-            Some(0) | None => Err(ModelError::Config(
+            // transformers' Qwen2-MoE writes 0 next to `use_sliding_window: false`.
+            Some(0) if obj.get("use_sliding_window") == Some(&Value::Bool(false)) => Ok(None),
+            Some(0) => Err(ModelError::Config(
+                "sliding_window must be a positive integer".into(),
+            )),
+            None => Err(ModelError::Config(
                 "sliding_window must be a positive integer".into(),
             )),
             Some(w) => Ok(Some(w as usize)),

@@ -5,6 +5,7 @@
 //! forward pass does not run are refused, not ignored.
 
 mod family;
+mod moe;
 mod rope;
 
 use serde::Deserialize;
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use crate::error::{ModelError, Result};
 
 pub use family::{Activation, BlockNorms, FamilyTraits, LayerKind};
+pub use moe::MoeSpec;
 pub use rope::{
     Llama3RopeScaling, LongRopeScaling, RopeScaling, RopeSettings, RopeSpec, YarnRopeScaling,
 };
@@ -31,10 +33,18 @@ pub enum Architecture {
     Granite,
     /// Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`).
     Phi3,
+    /// Mistral's attention with top-2 experts (a GGUF `llama` with `expert_count`).
+    Mixtral,
+    /// Qwen2's attention, routed experts plus a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Qwen3's attention (q/k norm) with routed experts.
+    Qwen3Moe,
+    /// OLMoE: Llama blocks with q/k norm over the whole projection and routed experts.
+    Olmoe,
 }
 
 /// Every family, in the order error messages list them.
-pub const SUPPORTED_ARCHITECTURES: [Architecture; 10] = [
+pub const SUPPORTED_ARCHITECTURES: [Architecture; 14] = [
     Architecture::Llama,
     Architecture::Mistral,
     Architecture::Qwen2,
@@ -45,6 +55,10 @@ pub const SUPPORTED_ARCHITECTURES: [Architecture; 10] = [
     Architecture::Olmo2,
     Architecture::Granite,
     Architecture::Phi3,
+    Architecture::Mixtral,
+    Architecture::Qwen2Moe,
+    Architecture::Qwen3Moe,
+    Architecture::Olmoe,
 ];
 
 impl Architecture {
@@ -62,6 +76,10 @@ impl Architecture {
             "olmo2" | "olmo2forcausallm" => Architecture::Olmo2,
             "granite" | "graniteforcausallm" => Architecture::Granite,
             "phi3" | "phi3forcausallm" => Architecture::Phi3,
+            "mixtral" | "mixtralforcausallm" => Architecture::Mixtral,
+            "qwen2moe" | "qwen2_moe" | "qwen2moeforcausallm" => Architecture::Qwen2Moe,
+            "qwen3moe" | "qwen3_moe" | "qwen3moeforcausallm" => Architecture::Qwen3Moe,
+            "olmoe" | "olmoeforcausallm" => Architecture::Olmoe,
             _ => return Err(ModelError::UnsupportedArchitecture(name.to_string())),
         };
         Ok(arch)
@@ -88,6 +106,10 @@ impl Architecture {
             Architecture::Olmo2 => "olmo2",
             Architecture::Granite => "granite",
             Architecture::Phi3 => "phi3",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Qwen2Moe => "qwen2moe",
+            Architecture::Qwen3Moe => "qwen3moe",
+            Architecture::Olmoe => "olmoe",
         }
     }
 }
@@ -119,8 +141,12 @@ pub struct ModelConfig {
     /// Qwen3, Gemma 3 and OLMo 2 RMS-normalize q and k before rope (per head, or over the
     /// whole projection: `family.qk_norm_whole`).
     pub qk_norm: bool,
+    /// OLMoE: q, k and v are clamped to `[-clip, clip]` after projection.
+    pub clip_qkv: Option<f64>,
     /// How the family's decoder differs from Llama's.
     pub family: FamilyTraits,
+    /// Experts, for mixture-of-experts families (their sparse layers' MLPs).
+    pub moe: Option<MoeSpec>,
 }
 
 impl ModelConfig {
@@ -167,6 +193,14 @@ impl ModelConfig {
         if f.layers.iter().any(|l| l.sliding) && f.sliding_window.is_none() {
             return fail("sliding layers need a sliding_window".into());
         }
+        if let Some(c) = self.clip_qkv {
+            if !(c > 0.0) {
+                return fail(format!("clip_qkv {c} must be positive"));
+            }
+        }
+        if let Some(moe) = &self.moe {
+            moe.validate(self.num_layers)?;
+        }
         Ok(())
     }
 
@@ -178,10 +212,21 @@ impl ModelConfig {
 
     /// Total parameter count implied by the shapes (for the load summary).
     pub fn num_parameters(&self) -> usize {
+        self.parameters().0
+    }
+
+    /// Parameters one token reads: all of a dense model, the routed experts' share of a MoE
+    /// (what bounds decode speed on memory bandwidth).
+    pub fn active_parameters(&self) -> usize {
+        self.parameters().1
+    }
+
+    /// (total, active per token) parameters.
+    fn parameters(&self) -> (usize, usize) {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
-        let mut per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let mut per_layer = h * q + 2 * h * kv + q * h + 2 * h;
         if self.qkv_bias {
             per_layer += q + 2 * kv;
         }
@@ -200,7 +245,18 @@ impl ModelConfig {
         } else {
             self.vocab_size * h
         };
-        self.vocab_size * h + self.num_layers * per_layer + h + head
+        let dense_mlp = 3 * h * self.intermediate_size;
+        let (mut mlp_total, mut mlp_active) = (0, 0);
+        for i in 0..self.num_layers {
+            let (total, active) = match &self.moe {
+                Some(moe) if moe.is_sparse(i) => moe.layer_parameters(h),
+                _ => (dense_mlp, dense_mlp),
+            };
+            mlp_total += total;
+            mlp_active += active;
+        }
+        let rest = self.vocab_size * h + self.num_layers * per_layer + h + head;
+        (rest + mlp_total, rest + mlp_active)
     }
 
     /// Parse a Hugging Face `config.json`: transformers v4's keys (`rope_theta`,
@@ -251,7 +307,15 @@ impl ModelConfig {
             }
         }
         use Architecture::*;
-        let qk_norm = matches!(architecture, Qwen3 | Gemma3 | Olmo2);
+        let qk_norm = matches!(architecture, Qwen3 | Gemma3 | Olmo2 | Qwen3Moe | Olmoe);
+        let moe = moe::read_hf(architecture, obj, num_layers, raw.intermediate_size)?;
+        // Other families refuse the key (`family::read_traits`).
+        let clip_qkv = rope::number(obj, "clip_qkv", "config")?;
+        // Qwen2-MoE names its q/k/v bias switch `qkv_bias`.
+        let qkv_bias = match architecture {
+            Qwen2Moe => raw.qkv_bias.unwrap_or(true),
+            _ => raw.attention_bias.unwrap_or(architecture == Qwen2),
+        };
         let config = ModelConfig {
             architecture,
             vocab_size: raw.vocab_size,
@@ -270,9 +334,11 @@ impl ModelConfig {
             tie_word_embeddings: raw
                 .tie_word_embeddings
                 .unwrap_or(matches!(architecture, Gemma2 | Gemma3)),
-            qkv_bias: raw.attention_bias.unwrap_or(architecture == Qwen2),
+            qkv_bias,
             qk_norm,
+            clip_qkv,
             family,
+            moe,
         };
         config.validate()?;
         Ok(config)
@@ -300,4 +366,5 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    qkv_bias: Option<bool>,
 }

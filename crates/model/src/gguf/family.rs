@@ -3,12 +3,13 @@
 //! `<arch>.*` metadata; what llama.cpp's converter does not store it fixes per family, and so do
 //! we (Gemma's attention scale from the model size, Gemma 3's default pattern of 6, SmolLM3's
 //! rope-free layer every 4th). Gemma's norms are stored with the `+ 1` already added. Metadata of
-//! a mechanism the family does not run is refused.
+//! a mechanism the family does not run is refused. Experts: `<arch>.expert_*` keys, sparse layers
+//! and the shared expert from which tensors exist.
 
 use candle_core::quantized::gguf_file::Value;
 
 use crate::config::{
-    Architecture, FamilyTraits, LayerKind, RopeScaling, RopeSpec, YarnRopeScaling,
+    Architecture, FamilyTraits, LayerKind, MoeSpec, RopeScaling, RopeSpec, YarnRopeScaling,
 };
 use crate::error::{ModelError, Result};
 
@@ -198,13 +199,13 @@ impl GgufFile {
                 t.attention_scale = self.f64_opt(&key("attention.scale"))?;
                 t.logits_divisor = self.f64_opt(&key("logit_scale"))?;
             }
-            Mistral | Llama => {
+            Mistral | Llama | Mixtral => {
                 if let Some(w) = window {
                     t.sliding_window = Some(w);
                     t.set_sliding(vec![true; s.num_layers]);
                 }
             }
-            Qwen2 | Qwen3 | Olmo2 => {}
+            Qwen2 | Qwen3 | Olmo2 | Qwen2Moe | Qwen3Moe | Olmoe => {}
             Phi3 => {
                 // Rope on the first `rope.dimension_count` dimensions (Phi-4-mini: 3/4).
                 if let Some(d) = self.usize_opt(&key("rope.dimension_count"))? {
@@ -226,5 +227,66 @@ impl GgufFile {
             local_rope,
             rope_scaling: self.rope_scaling(key, s.context)?,
         })
+    }
+}
+
+impl GgufFile {
+    /// The experts of a MoE GGUF (`<arch>.expert_count` > 0), `None` for a dense one. Which
+    /// layers are sparse is read from the tensors (`blk.N.ffn_gate_inp.weight`); whether the
+    /// chosen weights are renormalized follows llama.cpp's per-family rule unless
+    /// `<arch>.expert_weights_norm` says.
+    pub(super) fn moe(
+        &self,
+        arch: Architecture,
+        key: &dyn Fn(&str) -> String,
+        num_layers: usize,
+        feed_forward: usize,
+    ) -> Result<Option<MoeSpec>> {
+        let num_experts = self.usize_opt(&key("expert_count"))?.unwrap_or(0);
+        if num_experts == 0 {
+            return Ok(None);
+        }
+        use Architecture::*;
+        if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe) {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF metadata '{}' is set, but spindle runs no experts for {}",
+                key("expert_count"),
+                arch.as_str()
+            )));
+        }
+        let renormalize = match self.bool_opt(&key("expert_weights_norm"))? {
+            Some(b) => b,
+            None => matches!(arch, Mixtral | Qwen3Moe),
+        };
+        let spec = MoeSpec {
+            num_experts,
+            top_k: self.usize_req(&key("expert_used_count"))?,
+            expert_intermediate: self
+                .usize_opt(&key("expert_feed_forward_length"))?
+                .unwrap_or(feed_forward),
+            renormalize,
+            shared_expert_intermediate: None,
+            sparse_layers: (0..num_layers)
+                .map(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
+                .collect(),
+        };
+        let has_shared =
+            (0..num_layers).any(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_shexp.weight")));
+        let spec = MoeSpec {
+            shared_expert_intermediate: match has_shared {
+                true => Some(self.usize_req(&key("expert_shared_feed_forward_length"))?),
+                false => None,
+            },
+            ..spec
+        };
+        if let Some(w) = self.f64_opt(&key("expert_weights_scale"))? {
+            if w != 1.0 && w != 0.0 {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF metadata '{}' = {w} is not supported",
+                    key("expert_weights_scale")
+                )));
+            }
+        }
+        Ok(Some(spec))
     }
 }

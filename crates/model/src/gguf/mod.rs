@@ -211,8 +211,14 @@ impl GgufFile {
 
     pub fn config(&mut self) -> Result<ModelConfig> {
         let arch_name = self.architecture_name()?;
-        let architecture = Architecture::parse(&arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
+        let architecture = match Architecture::parse(&arch_name)? {
+            // llama.cpp writes Mixtral as a Llama with experts.
+            Architecture::Llama if self.usize_opt(&key("expert_count"))?.unwrap_or(0) > 0 => {
+                Architecture::Mixtral
+            }
+            a => a,
+        };
         let hidden_size = self.usize_req(&key("embedding_length"))?;
         let num_heads = self.usize_req(&key("attention.head_count"))?;
         let head_dim = match self.usize_opt(&key("attention.key_length"))? {
@@ -240,11 +246,17 @@ impl GgufFile {
                 context,
             },
         )?;
+        let intermediate_size = match self.usize_opt(&key("feed_forward_length"))? {
+            Some(n) => n,
+            // MoE files without dense layers may only give the experts' size.
+            None => self.usize_req(&key("expert_feed_forward_length"))?,
+        };
+        let moe = self.moe(architecture, &key, num_layers, intermediate_size)?;
         let mut config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size,
-            intermediate_size: self.usize_req(&key("feed_forward_length"))?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads: self
@@ -263,7 +275,11 @@ impl GgufFile {
             tie_word_embeddings: !self.has_tensor("output.weight"),
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
             qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+            clip_qkv: self
+                .f64_opt(&key("attention.clamp_kqv"))?
+                .filter(|c| *c > 0.0),
             family: family.traits,
+            moe,
         };
         if config.rope_scaling.is_none() && architecture == Architecture::Phi3 {
             // Phi-3 stores its longrope factors as tensors over the rotated part of the head.
@@ -326,6 +342,24 @@ impl GgufFile {
     }
 }
 
+/// An expert's HF name (`model.layers.L.mlp.experts.E.gate_proj.weight`, Mixtral's
+/// `block_sparse_moe.experts.E.w1.weight`) as llama.cpp's stacked tensor and the expert's index.
+fn expert_name(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest
+        .strip_prefix("mlp.experts.")
+        .or_else(|| rest.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, part) = rest.split_once('.')?;
+    let stacked = match part {
+        "gate_proj.weight" | "w1.weight" => "ffn_gate_exps.weight",
+        "up_proj.weight" | "w3.weight" => "ffn_up_exps.weight",
+        "down_proj.weight" | "w2.weight" => "ffn_down_exps.weight",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{stacked}"), expert.parse().ok()?))
+}
+
 /// Map a Hugging Face tensor name to llama.cpp's GGUF name (`norms`: the family's norm
 /// placement; llama.cpp calls the pre-MLP norm `ffn_norm` whatever HF calls it).
 fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
@@ -362,6 +396,11 @@ fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}"))
@@ -391,6 +430,16 @@ pub struct GgufWeights<'a> {
     keep_quantized: bool,
     /// How the kept-quantized matrices multiply.
     arithmetic: CpuArithmetic,
+    /// The stacked expert tensor last read (experts are asked for one by one, so each stacked
+    /// tensor is read from the file once).
+    stacked: Option<Stacked>,
+}
+
+/// A `[experts, rows, cols]` tensor (`blk.N.ffn_*_exps`), raw and, once needed, dequantized.
+struct Stacked {
+    name: String,
+    raw: candle_core::quantized::QTensor,
+    dense: Option<Tensor>,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -402,6 +451,7 @@ impl<'a> GgufWeights<'a> {
             config.architecture,
             Architecture::Llama
                 | Architecture::Mistral
+                | Architecture::Mixtral
                 | Architecture::SmolLM3
                 | Architecture::Granite
         )
@@ -415,7 +465,99 @@ impl<'a> GgufWeights<'a> {
             norms: config.family.norms,
             keep_quantized,
             arithmetic: CpuArithmetic::F32,
+            stacked: None,
         }
+    }
+
+    /// The stacked expert tensor `name`, read once.
+    fn stacked(&mut self, name: &str) -> Result<&mut Stacked> {
+        if self.stacked.as_ref().is_none_or(|s| s.name != name) {
+            let path = self.file.path.clone();
+            let dtype = match self.file.content.tensor_infos.get(name) {
+                Some(info) => info.ggml_dtype,
+                None => {
+                    return Err(ModelError::MissingTensor {
+                        path,
+                        tensor: name.to_string(),
+                    })
+                }
+            };
+            if !supported(dtype) {
+                return Err(ModelError::UnsupportedQuant {
+                    path,
+                    tensor: name.to_string(),
+                    dtype: format!("{dtype:?}"),
+                });
+            }
+            let raw = self
+                .file
+                .content
+                .tensor(&mut self.file.reader, name, &Device::Cpu)
+                .map_err(|e| ModelError::InvalidFile {
+                    path: path.clone(),
+                    message: format!("cannot read tensor '{name}': {e}"),
+                })?;
+            if raw.shape().rank() != 3 {
+                return Err(ModelError::InvalidFile {
+                    path,
+                    message: format!("expert tensor '{name}' is not 3-D: {:?}", raw.shape()),
+                });
+            }
+            self.stacked = Some(Stacked {
+                name: name.to_string(),
+                raw,
+                dense: None,
+            });
+        }
+        self.stacked
+            .as_mut()
+            .ok_or_else(|| ModelError::Config("stacked tensor cache".into()))
+    }
+
+    /// Expert `hf`'s `[rows, cols]` slice of its stacked tensor, checked against `shape`:
+    /// quantized bytes when `quantized`, else dequantized to the serving dtype.
+    fn expert(&mut self, hf: &str, shape: &[usize], quantized: bool) -> Result<LinearWeight> {
+        let (name, e) = expert_name(hf).ok_or_else(|| ModelError::MissingTensor {
+            path: self.file.path.clone(),
+            tensor: hf.to_string(),
+        })?;
+        let path = self.file.path.clone();
+        let (dtype, device, arithmetic) = (self.dtype, self.device.clone(), self.arithmetic);
+        let st = self.stacked(&name)?;
+        let dims = st.raw.shape().dims().to_vec();
+        if dims.len() != 3 || e >= dims[0] || dims[1..] != *shape {
+            return Err(ModelError::ShapeMismatch {
+                path,
+                tensor: format!("{name}[{e}]"),
+                expected: shape.to_vec(),
+                actual: dims,
+            });
+        }
+        let (rows, cols) = (dims[1], dims[2]);
+        let ggml = st.raw.dtype();
+        if quantized && is_block_quantized(ggml) {
+            let row_bytes = cols / ggml.block_size() * ggml.type_size();
+            let per_expert = rows * row_bytes;
+            let data = st.raw.data()?;
+            let bytes = data
+                .get(e * per_expert..(e + 1) * per_expert)
+                .ok_or_else(|| ModelError::InvalidFile {
+                    path,
+                    message: format!("expert tensor '{name}' is shorter than its shape"),
+                })?
+                .to_vec();
+            let m = QuantMatrix::new(ggml, rows, cols, bytes)?.with_arithmetic(arithmetic);
+            return Ok(LinearWeight::Quantized(std::sync::Arc::new(m)));
+        }
+        if st.dense.is_none() {
+            st.dense = Some(st.raw.dequantize(&Device::Cpu)?);
+        }
+        let all = st
+            .dense
+            .as_ref()
+            .ok_or_else(|| ModelError::Config("stacked tensor cache".into()))?;
+        let t = all.get(e)?.to_dtype(dtype)?.to_device(&device)?;
+        Ok(LinearWeight::Dense(t))
     }
 
     /// Multiply the quantized linear weights with `arithmetic` (bf16 products or exact f32).
@@ -499,7 +641,16 @@ fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
 
 impl WeightSource for GgufWeights<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.read(name)?;
+        if expert_name(name).is_some() {
+            return self
+                .expert(name, shape, false)?
+                .to_dense(self.dtype, &self.device);
+        }
+        let mut t = self.read(name)?;
+        // llama.cpp stores a `[1, n]` matrix (Qwen2-MoE's shared-expert gate) as a vector.
+        if shape.len() == 2 && shape[0] == 1 && t.dims() == [shape[1]] {
+            t = t.reshape(shape)?;
+        }
         check_shape(
             &self.origin(),
             &gguf_name(name, self.norms).unwrap_or_else(|| name.to_string()),
@@ -510,6 +661,9 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn contains(&self, name: &str) -> bool {
+        if let Some((stacked, _)) = expert_name(name) {
+            return self.file.has_tensor(&stacked);
+        }
         gguf_name(name, self.norms).is_some_and(|n| self.file.has_tensor(&n))
     }
 
@@ -518,6 +672,12 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn get_linear(&mut self, name: &str, shape: &[usize]) -> Result<LinearWeight> {
+        if expert_name(name).is_some() {
+            let quantized = self.keep_quantized;
+            return self
+                .expert(name, shape, quantized)?
+                .with_arithmetic(self.arithmetic);
+        }
         let (gguf, dtype, dims) = self.info(name)?;
         if !self.keep_quantized || !is_block_quantized(dtype) || dims.len() != 2 {
             return LinearWeight::Dense(self.get(name, shape)?).with_arithmetic(self.arithmetic);

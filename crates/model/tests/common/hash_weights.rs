@@ -6,10 +6,10 @@ use candle_core::{Device, Tensor};
 use spindle_model::weights::WeightSource;
 
 /// The script's `fill`: element k of tensor number `index` (names in sorted order).
-fn fill(index: usize, n: usize, scale: f64, offset: f64) -> Vec<f32> {
+fn fill(index: usize, n: usize, scale: f64, offset: f64, mix: u64) -> Vec<f32> {
     (0..n as u64)
         .map(|k| {
-            let h = (k * 2_654_435_761 + index as u64 * 40_503 + 12_345) % (1u64 << 32);
+            let h = (k * 2_654_435_761 + index as u64 * mix + 12_345) % (1u64 << 32);
             let u = h as f64 / 4_294_967_296.0;
             (offset + scale * (u - 0.5)) as f32
         })
@@ -34,9 +34,15 @@ impl WeightSource for HashWeights {
         } else {
             (0.5, 0.0)
         };
+        // The script's EXPERT_MIX: experts must differ from each other.
+        let mix = if name.contains(".experts.") {
+            2_246_822_519
+        } else {
+            40_503
+        };
         let n = shape.iter().product();
         Ok(Tensor::from_vec(
-            fill(index, n, scale, offset),
+            fill(index, n, scale, offset, mix),
             shape,
             &Device::Cpu,
         )?)

@@ -11,7 +11,7 @@ use spindle_model::{LlamaModel, ModelConfig};
 use super::{repo_root, PagedRunner};
 
 /// Every tiny family checkpoint.
-pub const FAMILIES: [&str; 9] = [
+pub const FAMILIES: [&str; 15] = [
     "tiny-phi3",
     "tiny-qwen3",
     "tiny-gemma2",
@@ -21,6 +21,12 @@ pub const FAMILIES: [&str; 9] = [
     "tiny-granite",
     "tiny-llama-yarn",
     "tiny-mistral-window",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-qwen3-moe",
+    "tiny-qwen3-moe-mixed",
+    "tiny-olmoe",
+    "tiny-olmoe-clip",
 ];
 
 /// One checkpoint's golden files.
