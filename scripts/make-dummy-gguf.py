@@ -7,8 +7,9 @@ model's (SmolLM2, read from its GGUF) padded with unused tokens to the model's v
 both servers can tokenize text prompts. The text such a model writes is noise; the cost per
 token is the real model's.
 
-Usage: LLAMA_CPP_DIR=<llama.cpp source tree> python scripts/make-dummy-gguf.py \\
-           gemma3-1b|phi4-mini OUT.gguf [DONOR.gguf]
+Usage: LLAMA_CPP_DIR=<llama.cpp source tree> [OUTTYPE=q8_0|bf16] python scripts/make-dummy-gguf.py \\
+           gemma3-1b|phi4-mini|olmoe-1b-7b-8l OUT.gguf [DONOR.gguf]
+(a bf16 file is for llama-quantize: Q4_K_M and the like).
 Needs torch and transformers (scripts/golden/requirements.txt).
 """
 
@@ -44,6 +45,14 @@ SHAPES = {
         original_max_position_embeddings=4096, partial_rotary_factor=0.75, rope_theta=10000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=199999, bos_token_id=199999,
         eos_token_id=199999)),
+    # allenai/OLMoE-1B-7B-0924's config with 8 of its 16 layers (64 experts, top 8), so the
+    # conversion fits in this machine's memory; per-token cost is half the real model's.
+    "olmoe-1b-7b-8l": ("OlmoeForCausalLM", lambda: transformers.OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, rope_theta=10000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=1, bos_token_id=None,
+        eos_token_id=50279)),
 }
 
 
@@ -75,7 +84,9 @@ def main():
     torch.manual_seed(0)
     config = make_config()
     config.architectures = [arch]
-    model = getattr(transformers, arch)(config).to(torch.bfloat16)
+    # Built in bf16 directly: an f32 copy of a MoE's experts would not fit in memory.
+    torch.set_default_dtype(torch.bfloat16)
+    model = getattr(transformers, arch)(config)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model.save_pretrained(tmp)
@@ -84,7 +95,9 @@ def main():
         (tmp / "tokenizer.json").write_text(
             '{"version": "1.0", "added_tokens": [], "model": {"type": "WordLevel", "vocab": {%s}}}'
             % ", ".join(f'"t{i}": {i}' for i in range(config.vocab_size)))
-        converter = get_model_class(arch)(tmp, gguf.LlamaFileType.MOSTLY_Q8_0, out)
+        outtype = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[
+            os.environ.get("OUTTYPE", "q8_0")]
+        converter = get_model_class(arch)(tmp, outtype, out)
         converter.set_vocab = lambda: donor_vocab(converter, donor)
         converter.write()
     print(out)

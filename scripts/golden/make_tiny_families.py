@@ -81,6 +81,15 @@ def families():
                                                    num_experts_per_tok=3, moe_intermediate_size=32,
                                                    mlp_only_layers=[1], norm_topk_prob=True,
                                                    tie_word_embeddings=False), t.Qwen3MoeForCausalLM
+    # gpt-oss: attention sinks, q/k/v/o and expert biases, alternating sliding (32) and full
+    # layers, top-k-then-softmax routing, the clamped SwiGLU and its YaRN rope (no truncation).
+    yield "tiny-gpt-oss", t.GptOssConfig(**{**SHAPE, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
+                                         num_hidden_layers=2,
+                                         num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                                         swiglu_limit=7.0, tie_word_embeddings=False,
+                                         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                          "original_max_position_embeddings": 4096}), t.GptOssForCausalLM
     yield "tiny-olmoe", t.OlmoeConfig(**{**SHAPE, "rms_norm_eps": 1e-5}, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
                                       norm_topk_prob=False, tie_word_embeddings=False), t.OlmoeForCausalLM
     yield "tiny-olmoe-clip", t.OlmoeConfig(**{**SHAPE, "rms_norm_eps": 1e-5}, num_hidden_layers=2, num_experts=8,
@@ -113,7 +122,8 @@ def on_disk_fill(model, cls):
 def build(name, config, cls):
     config._attn_implementation = "eager"
     model = cls(config).to(torch.float32).eval()
-    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+    if (getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)) \
+            and config.model_type != "gpt_oss":  # gpt-oss stores its experts stacked, as in memory
         model, names, shapes = on_disk_fill(model, cls)
     else:
         state = model.state_dict()

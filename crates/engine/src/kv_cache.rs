@@ -19,15 +19,22 @@ fn setup(e: ModelError) -> EngineError {
 }
 
 /// Bytes of activations one step at `max_num_batched_tokens` may need on the GPU (hidden states,
-/// fused projections, MLP, logits rows), doubled for temporaries: the fallback when the profiling
+/// fused projections, MLP or chosen experts, router logits, logits rows), doubled for temporaries: the fallback when the profiling
 /// pass cannot measure (a driver without stream-ordered allocation).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn activation_estimate(model: &LlamaModel, config: &EngineConfig) -> u64 {
     let c = model.config();
     let tokens = config.max_num_batched_tokens as u64;
-    let per_token = (4 * c.hidden_size
-        + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        + 2 * c.intermediate_size) as u64;
+    // A MoE token's MLP work is its chosen experts' (and the shared expert's) gate/up outputs.
+    let mlp = match &c.moe {
+        Some(m) => (m.top_k * 2 * m.expert_intermediate
+            + 2 * m.shared_expert_intermediate.unwrap_or(0)
+            + m.num_experts)
+            .max(2 * c.intermediate_size),
+        None => 2 * c.intermediate_size,
+    };
+    let per_token =
+        (4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + mlp) as u64;
     let logits = (config.max_num_seqs as u64).min(tokens) * c.vocab_size as u64;
     2 * (tokens * per_token + logits) * model.dtype().size_in_bytes() as u64
 }

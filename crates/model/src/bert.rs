@@ -256,7 +256,7 @@ fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected.
-        return unsafe { crate::attention::cpu::avx512::softmax_unnormalized(scores) };
+        return unsafe { crate::attention::cpu::avx512::softmax_unnormalized(scores, None) };
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;

@@ -62,6 +62,34 @@ pub fn gelu_tanh_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
     gated(gate_up, inter, gelu_tanh_mul_row, |gate| gate.gelu())
 }
 
+/// gpt-oss's clamped SwiGLU over the fused `[m, 2 * inter]` gate/up output (gate first):
+/// `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`, `(u + 1) · g · sigmoid(alpha · g)`,
+/// in f32 as transformers computes it, as `[m, inter]`.
+pub fn clamped_swiglu(gate_up: &Tensor, inter: usize, alpha: f32, limit: f32) -> Result<Tensor> {
+    let dtype = gate_up.dtype();
+    let x = gate_up.to_dtype(DType::F32)?.contiguous()?;
+    let (m, width) = x.dims2()?;
+    if width != 2 * inter {
+        return Err(crate::error::ModelError::InvalidBatch(format!(
+            "gate/up width {width} for intermediate size {inter}"
+        )));
+    }
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * inter];
+    out.par_chunks_mut(inter.max(1))
+        .zip(data.par_chunks(width.max(1)))
+        .for_each(|(o, r)| {
+            let (gate, up) = r.split_at(inter);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                let g = g.min(limit);
+                let u = u.clamp(-limit, limit);
+                let glu = g * (1.0 / (1.0 + (-(g * alpha)).exp()));
+                *o = (u + 1.0) * glu;
+            }
+        });
+    Ok(Tensor::from_vec(out, (m, inter), gate_up.device())?.to_dtype(dtype)?)
+}
+
 /// Gemma 2's soft-capping in place, `cap · tanh(x / cap)`, with `tanh(y) = 1 - 2 / (exp(2y) + 1)`
 /// 16 lanes at a time under AVX-512 (within 4e-7·cap of libm's tanh, test below); candle's
 /// per-element tanh made the capped logits of a decode batch cost more than a layer.

@@ -255,6 +255,30 @@ impl WeightSource for SafetensorsWeights {
     fn origin(&self) -> String {
         self.origin.clone()
     }
+
+    fn get_bytes(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        if self.files.get(name).is_err() {
+            return Err(ModelError::MissingTensor {
+                path: self.origin.clone().into(),
+                tensor: name.into(),
+            });
+        }
+        let t = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile {
+                path: self.origin.clone().into(),
+                message: format!("cannot read tensor '{name}': {e}"),
+            })?;
+        check_shape(&self.origin, name, &t, shape)?;
+        if t.dtype() != DType::U8 {
+            return Err(ModelError::InvalidFile {
+                path: self.origin.clone().into(),
+                message: format!("tensor '{name}' is {:?}, expected u8", t.dtype()),
+            });
+        }
+        Ok(t.flatten_all()?.to_vec1::<u8>()?)
+    }
 }
 
 /// `org/name[@revision]`: what a Hub id looks like (and a local path does not).

@@ -9,6 +9,9 @@ pub struct ModelInfo {
     pub max_model_len: usize,
     pub vocab_size: usize,
     pub num_parameters: usize,
+    /// Parameters one token reads (a mixture of experts reads only its chosen experts): what
+    /// bounds decode speed on memory bandwidth. Equal to `num_parameters` for dense models.
+    pub active_parameters: usize,
     /// `float32`, `float16` or `bfloat16`.
     pub dtype: String,
     /// `cpu` or `cuda:N`.

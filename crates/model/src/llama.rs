@@ -48,6 +48,8 @@ struct Layer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     o_proj: LinearWeight,
+    /// gpt-oss (and Llama-style configs with `attention_bias`) bias the output projection.
+    o_bias: Option<Tensor>,
     /// On the attention output, before the residual add (Gemma, OLMo 2).
     post_attn_norm: Option<Tensor>,
     /// Before the MLP (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
@@ -128,6 +130,7 @@ impl LlamaModel {
                         gate_up,
                         down,
                         inter,
+                        biases: None,
                     }),
                 )
             } else {
@@ -202,12 +205,25 @@ impl LlamaModel {
                 ),
             };
             let kind = f.layer(i);
+            let sinks = if c.attention_sinks {
+                let s = weights.get(&format!("{p}.self_attn.sinks"), &[c.num_heads])?;
+                Some(s.to_dtype(DType::F32)?.to_vec1::<f32>()?.into())
+            } else {
+                None
+            };
             let attention = LayerAttention {
                 scale: f
                     .attention_scale
                     .map_or(1.0 / (c.head_dim as f32).sqrt(), |s| s as f32),
                 softcap: f.attn_softcap.map(|x| x as f32),
                 window: f.sliding_window.filter(|_| kind.sliding),
+                sinks,
+            };
+            let o_bias_name = format!("{p}.self_attn.o_proj.bias");
+            let o_bias = if weights.contains(&o_bias_name) {
+                Some(weights.get(&o_bias_name, &[h])?)
+            } else {
+                None
             };
             let rope = match (kind.rope, kind.sliding && c.local_rope.is_some()) {
                 (false, _) => LayerRope::None,
@@ -221,6 +237,7 @@ impl LlamaModel {
                 q_norm,
                 k_norm,
                 o_proj: weights.get_linear(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
+                o_bias,
                 post_attn_norm,
                 pre_mlp_norm,
                 post_mlp_norm,
@@ -370,6 +387,9 @@ impl LlamaModel {
             };
             let attn = attention.attend(i, &layer.attention, &q, &k, &v.contiguous()?)?;
             let mut attn = linear(&attn.reshape((tokens, q_dim))?, &layer.o_proj)?;
+            if let Some(b) = &layer.o_bias {
+                attn = attn.broadcast_add(b)?;
+            }
             if let Some(w) = &layer.post_attn_norm {
                 attn = norm(&attn, w)?;
             }

@@ -169,6 +169,7 @@ pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> 
         max_model_len,
         vocab_size: model.config().vocab_size,
         num_parameters: model.num_parameters(),
+        active_parameters: model.num_parameters(),
         dtype: "float32".into(),
         device: options.device.to_string(),
     };
@@ -370,11 +371,21 @@ pub fn load(options: &LoadOptions) -> Result<LoadedModel> {
         max_model_len: max_positions(&config, options)?,
         vocab_size: config.vocab_size,
         num_parameters: config.num_parameters(),
+        active_parameters: config.active_parameters(),
         dtype: dtype_label.to_string(),
         device: options.device.to_string(),
     };
+    let experts = match &config.moe {
+        Some(m) => format!(
+            " ({:.1}M active per token: {} of {} experts)",
+            info.active_parameters as f64 / 1e6,
+            m.top_k,
+            m.num_experts
+        ),
+        None => String::new(),
+    };
     tracing::info!(
-        "loaded {}: {:.1}M parameters, {}, {}, max_model_len {}, in {:.2}s",
+        "loaded {}: {:.1}M parameters{experts}, {}, {}, max_model_len {}, in {:.2}s",
         info.architecture,
         info.num_parameters as f64 / 1e6,
         info.dtype,

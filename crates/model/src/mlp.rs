@@ -15,6 +15,8 @@ pub struct GatedMlp {
     pub gate_up: LinearWeight,
     pub down: LinearWeight,
     pub inter: usize,
+    /// gpt-oss's experts add biases to both projections (`[2 * inter]`, `[hidden]`).
+    pub biases: Option<(Tensor, Tensor)>,
 }
 
 impl GatedMlp {
@@ -34,16 +36,28 @@ impl GatedMlp {
             gate_up: LinearWeight::concat(&[gate, up], dtype, device)?,
             down: weights.get_linear(&format!("{prefix}.{down}.weight"), &[hidden, inter])?,
             inter,
+            biases: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
+        let mut gate_up = self.gate_up.forward(x)?;
+        if let Some((b, _)) = &self.biases {
+            gate_up = gate_up.broadcast_add(b)?;
+        }
+        let inter = self.inter;
         let act = match activation {
-            Activation::Silu => crate::cpu_ops::silu_and_mul(&gate_up, self.inter)?,
-            Activation::GeluTanh => crate::cpu_ops::gelu_tanh_and_mul(&gate_up, self.inter)?,
+            Activation::Silu => crate::cpu_ops::silu_and_mul(&gate_up, inter)?,
+            Activation::GeluTanh => crate::cpu_ops::gelu_tanh_and_mul(&gate_up, inter)?,
+            Activation::ClampedSwiglu { alpha, limit } => {
+                crate::cpu_ops::clamped_swiglu(&gate_up, inter, alpha, limit)?
+            }
         };
-        self.down.forward(&act)
+        let out = self.down.forward(&act)?;
+        Ok(match &self.biases {
+            Some((_, b)) => out.broadcast_add(b)?,
+            None => out,
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cpu_bf16::{Bf16Matrix, CpuArithmetic};
 use crate::error::{ModelError, Result};
+use crate::quant::mxfp4::Mxfp4Matrix;
 use crate::quant::QuantMatrix;
 
 /// A linear layer's weight: a dense `[out, in]` tensor, GGUF blocks that the CPU matmul
@@ -21,6 +22,8 @@ pub enum LinearWeight {
     /// Parts multiplied one after the other, outputs side by side (fused q/k/v whose parts
     /// are stored with different block types, as llama.cpp's mixes do).
     Stacked(Vec<LinearWeight>),
+    /// MXFP4 blocks (gpt-oss's experts), expanded a panel at a time on the CPU.
+    Mxfp4(Arc<Mxfp4Matrix>),
 }
 
 impl LinearWeight {
@@ -61,6 +64,9 @@ impl LinearWeight {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&outs, 1)?)
             }
+            LinearWeight::Mxfp4(w) => {
+                cpu_matmul_with(x, w.rows(), w.cols(), |xs, m, _| w.matmul(xs, m))
+            }
         }
     }
 
@@ -71,6 +77,7 @@ impl LinearWeight {
             LinearWeight::Quantized(q) => q.rows(),
             LinearWeight::Bf16(b) => b.rows(),
             LinearWeight::Stacked(parts) => parts.iter().map(LinearWeight::rows).sum(),
+            LinearWeight::Mxfp4(w) => w.rows(),
         }
     }
 
@@ -80,6 +87,7 @@ impl LinearWeight {
             LinearWeight::Dense(t) => return Ok(t.clone()),
             LinearWeight::Quantized(q) => (q.dequantize(), q.rows(), q.cols()),
             LinearWeight::Bf16(b) => (b.to_f32(), b.rows(), b.cols()),
+            LinearWeight::Mxfp4(w) => (w.dequantize(), w.rows(), w.cols()),
             LinearWeight::Stacked(parts) => {
                 let dense = parts
                     .iter()
@@ -188,6 +196,15 @@ pub trait WeightSource {
     /// output head is worth fetching separately).
     fn keeps_quantized(&self) -> bool {
         false
+    }
+
+    /// The raw bytes of a `u8` tensor (gpt-oss's MXFP4 `*_blocks` and `*_scales`).
+    fn get_bytes(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let _ = shape;
+        Err(ModelError::Unsupported(format!(
+            "{} cannot serve the byte tensor '{name}'",
+            self.origin()
+        )))
     }
 }
 

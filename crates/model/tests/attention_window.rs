@@ -1,5 +1,5 @@
-//! The CPU attention kernels with a layer's own scale, Gemma 2's soft-cap and a sliding window,
-//! against a naive masked reference over contiguous keys: both kernels (the vectorized one for
+//! The CPU attention kernels with a layer's own scale, Gemma 2's soft-cap, a sliding window and
+//! gpt-oss's attention sinks, against a naive masked reference over contiguous keys: both kernels (the vectorized one for
 //! 16-token blocks and the portable one), at the window's edges (1, one block ± 1, wider than the
 //! context), for a prefill, a chunk over a cached prefix and decode.
 
@@ -48,9 +48,12 @@ fn reference(
                     }
                 })
                 .collect();
+            let sink = how.sinks.as_ref().map(|s| s[h] as f64);
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let max = sink.map_or(max, |s| max.max(s));
             let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f64 = exps.iter().sum();
+            // A sink is one more logit in the softmax, with no value.
+            let sum: f64 = exps.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
             for d in 0..hd {
                 let acc: f64 = (lo..=pos)
                     .zip(&exps)
@@ -153,12 +156,16 @@ fn windows_soft_caps_and_scales_match_a_masked_reference() {
             Some(500),
         ] {
             for softcap in [None, Some(3.0)] {
-                let how = LayerAttention {
-                    scale: 0.2,
-                    softcap,
-                    window,
-                };
-                check(block, hd, total, &chunks, how);
+                // Sinks below, near and above the scores (4 query heads).
+                for sinks in [None, Some(vec![-2.0, 0.5, 3.0, 40.0])] {
+                    let how = LayerAttention {
+                        scale: 0.2,
+                        softcap,
+                        window,
+                        sinks: sinks.map(Into::into),
+                    };
+                    check(block, hd, total, &chunks, how);
+                }
             }
         }
     }
@@ -200,12 +207,12 @@ fn a_window_wider_than_the_context_is_plain_causal_attention() {
     let causal = LayerAttention::causal(64);
     let wide = LayerAttention {
         window: Some(20),
-        ..causal
+        ..causal.clone()
     };
-    assert_eq!(run(causal), run(wide), "bit-identical");
+    assert_eq!(run(causal.clone()), run(wide), "bit-identical");
     let narrow = LayerAttention {
         window: Some(19),
-        ..causal
+        ..causal.clone()
     };
     assert_ne!(run(causal), run(narrow));
 }

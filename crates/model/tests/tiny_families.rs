@@ -158,6 +158,11 @@ fn qwen3_moe_matches_transformers() {
 }
 
 #[test]
+fn gpt_oss_matches_transformers() {
+    check("tiny-gpt-oss", Architecture::GptOss);
+}
+
+#[test]
 fn olmoe_matches_transformers() {
     check("tiny-olmoe", Architecture::Olmoe);
     check("tiny-olmoe-clip", Architecture::Olmoe);
@@ -168,7 +173,7 @@ fn olmoe_matches_transformers() {
 #[test]
 fn each_mechanism_changes_the_reference() {
     type Ablation = fn(&mut ModelConfig);
-    let cases: [(&str, &str, Ablation); 14] = [
+    let cases: [(&str, &str, Ablation); 17] = [
         ("tiny-mistral-window", "no window", |c| {
             c.family.layers.iter_mut().for_each(|l| l.sliding = false)
         }),
@@ -203,6 +208,15 @@ fn each_mechanism_changes_the_reference() {
             c.moe.as_mut().expect("moe").shared_expert_intermediate = None
         }),
         ("tiny-olmoe-clip", "no q/k/v clamp", |c| c.clip_qkv = None),
+        ("tiny-gpt-oss", "no attention sinks", |c| {
+            c.attention_sinks = false
+        }),
+        ("tiny-gpt-oss", "no window", |c| {
+            c.family.layers.iter_mut().for_each(|l| l.sliding = false)
+        }),
+        ("tiny-gpt-oss", "plain SwiGLU", |c| {
+            c.family.activation = spindle_model::config::Activation::Silu
+        }),
     ];
     for (dir, what, ablate) in cases {
         let mut g = golden(dir);

@@ -135,14 +135,19 @@ fn soft_cap(scores: &mut [f32], cap: Option<f32>) {
     }
 }
 
-/// In-place softmax of `scores`, in f32.
+/// In-place softmax of `scores`, in f32; a `sink` logit joins the maximum and the denominator
+/// (and gets no value).
 #[inline(always)]
-fn softmax(scores: &mut [f32]) {
+fn softmax(scores: &mut [f32], sink: Option<f32>) {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let max = sink.map_or(max, |s| max.max(s));
     let mut denom = 0f32;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
         denom += *s;
+    }
+    if let Some(s) = sink {
+        denom += (s - max).exp();
     }
     let inv = 1.0 / denom;
     for s in scores.iter_mut() {
@@ -167,6 +172,11 @@ struct HeadKernel<'a, E: KvElem> {
 }
 
 impl<E: KvElem> HeadKernel<'_, E> {
+    /// Query head `head`'s sink logit, if the layer has sinks.
+    fn sink(&self, head: usize) -> Option<f32> {
+        self.how.sinks.as_ref().and_then(|s| s.get(head).copied())
+    }
+
     /// `[query_len, group, head_dim]` for sequence `seq` and KV head `g`.
     fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
@@ -221,7 +231,7 @@ impl<E: KvElem> HeadKernel<'_, E> {
                     *score = dot * self.how.scale;
                 }
                 soft_cap(scores, self.how.softcap);
-                softmax(scores);
+                softmax(scores, self.sink(head));
                 let acc = &mut out[(i * group + hq) * hd..][..hd];
                 for (j, &w) in (lo..).zip(scores.iter()) {
                     let off = value(j);
@@ -271,7 +281,7 @@ impl<E: KvElem> HeadKernel<'_, E> {
             for hq in 0..group {
                 let sc = &mut scores[hq * stride + lo..hq * stride + visible];
                 soft_cap(sc, self.how.softcap);
-                let inv = avx512::softmax_unnormalized(sc);
+                let inv = avx512::softmax_unnormalized(sc, self.sink(g * group + hq));
                 // Two keys per iteration into two accumulator sets: twice the FMA chains.
                 let mut acc = [[_mm512_setzero_ps(); C]; 2];
                 let value = |j: usize| {
@@ -362,7 +372,7 @@ pub(crate) mod avx512 {
     /// AVX-512F must be available.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
+    pub(crate) unsafe fn softmax_unnormalized(scores: &mut [f32], sink: Option<f32>) -> f32 {
         let n = scores.len();
         let p = scores.as_mut_ptr();
         let mask = |i: usize| {
@@ -377,7 +387,10 @@ pub(crate) mod avx512 {
         for i in (0..n).step_by(16) {
             max = _mm512_mask_max_ps(max, mask(i), max, _mm512_maskz_loadu_ps(mask(i), p.add(i)));
         }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let max = _mm512_reduce_max_ps(max);
+        let max = sink.map_or(max, |s| max.max(s));
+        let sink_term = sink.map_or(0.0, |s| (s - max).exp());
+        let max = _mm512_set1_ps(max);
         let mut sum = _mm512_setzero_ps();
         for i in (0..n).step_by(16) {
             let m = mask(i);
@@ -385,7 +398,7 @@ pub(crate) mod avx512 {
             _mm512_mask_storeu_ps(p.add(i), m, e);
             sum = _mm512_mask_add_ps(sum, m, sum, e);
         }
-        1.0 / _mm512_reduce_add_ps(sum)
+        1.0 / (_mm512_reduce_add_ps(sum) + sink_term)
     }
 
     /// `exp(x)` for `x <= 0` to about 1 ulp: `2^n · e^r` with `|r| <= ln2 / 2` and Cephes'
@@ -464,7 +477,7 @@ pub(crate) mod avx512 {
                     e.iter().map(|x| x / sum).collect()
                 };
                 // SAFETY: the feature was detected.
-                let inv = unsafe { super::softmax_unnormalized(&mut s) };
+                let inv = unsafe { super::softmax_unnormalized(&mut s, None) };
                 for (a, b) in s.iter().zip(&want) {
                     assert!((a * inv - b).abs() <= 1e-6, "n={n}: {} vs {b}", a * inv);
                 }
@@ -559,7 +572,13 @@ impl AttentionBackend for CpuAttention {
         let tasks: Vec<(usize, usize)> = (0..md.sequences.len())
             .flat_map(|s| (0..num_kv_heads).map(move |g| (s, g)))
             .collect();
-        let how = *how;
+        if how.sinks.as_ref().is_some_and(|s| s.len() != num_heads) {
+            return Err(ModelError::InvalidBatch(format!(
+                "{} attention sinks for {num_heads} heads",
+                how.sinks.as_ref().map_or(0, |s| s.len())
+            )));
+        }
+        let how = how.clone();
         let results: Vec<Vec<f32>> = with_layer!(&self.layers[layer], |kc, vc| {
             let kernel = HeadKernel {
                 kc,

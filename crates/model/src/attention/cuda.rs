@@ -244,6 +244,12 @@ impl AttentionBackend for CudaAttention {
         v: &Tensor,
     ) -> Result<Tensor> {
         how.validate()?;
+        if how.sinks.is_some() {
+            // gpt-oss's sinks are not in the CUDA kernels yet (the CPU backend runs them).
+            return Err(ModelError::Unsupported(
+                "attention sinks (gpt-oss) are not implemented in the CUDA attention kernels yet; use --device cpu".into(),
+            ));
+        }
         let Some(step) = self.step.as_ref() else {
             if q.dims().first() == Some(&0) {
                 return Ok(q.zeros_like()?);

@@ -91,7 +91,7 @@ impl AttentionMetadata {
 /// How one layer attends. Families differ here, and only here, inside attention: the score
 /// scale (Gemma's `query_pre_attn_scalar`, Granite's `attention_multiplier`), Gemma 2's
 /// soft-capping of scores, and sliding-window layers.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerAttention {
     /// Multiplier of `q · k` before the softmax.
     pub scale: f32,
@@ -100,6 +100,9 @@ pub struct LayerAttention {
     /// A query at position `p` sees keys `p - window + 1 ..= p` only (transformers'
     /// `sliding_window` convention: the window counts the query's own key).
     pub window: Option<usize>,
+    /// gpt-oss's attention sinks, one learned logit per query head: each head's softmax
+    /// denominator gains `exp(sink)`, a key that is never attended to.
+    pub sinks: Option<std::sync::Arc<[f32]>>,
 }
 
 impl LayerAttention {
@@ -109,6 +112,7 @@ impl LayerAttention {
             scale: 1.0 / (head_dim as f32).sqrt(),
             softcap: None,
             window: None,
+            sinks: None,
         }
     }
 
@@ -131,6 +135,11 @@ impl LayerAttention {
         }
         if self.window == Some(0) {
             return bad("a sliding window must hold at least one token".into());
+        }
+        if let Some(s) = &self.sinks {
+            if s.iter().any(|x| !x.is_finite()) {
+                return bad("attention sinks must be finite".into());
+            }
         }
         Ok(())
     }

@@ -23,12 +23,14 @@ pub enum BlockNorms {
 }
 
 /// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Activation {
     #[default]
     Silu,
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma's GeGLU).
     GeluTanh,
+    /// gpt-oss: `(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)` with `g = min(gate, limit)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
 }
 
 /// One decoder layer's attention kind.
@@ -100,6 +102,12 @@ impl FamilyTraits {
             }
             Architecture::Olmoe => t.qk_norm_whole = true,
             Architecture::Phi3 => t.fused_projections = true,
+            Architecture::GptOss => {
+                t.activation = Activation::ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                }
+            }
             _ => {}
         }
         t
@@ -165,7 +173,8 @@ pub(super) fn read_traits(
         .or_else(|| obj.get("hidden_act"))
         .and_then(Value::as_str);
     let expected = match t.activation {
-        Activation::Silu => "silu",
+        // gpt-oss's config says silu for its clamped SwiGLU.
+        Activation::Silu | Activation::ClampedSwiglu { .. } => "silu",
         Activation::GeluTanh => "gelu_pytorch_tanh",
     };
     if let Some(other) = act.filter(|a| *a != expected) {
@@ -226,6 +235,8 @@ pub(super) fn read_traits(
         ("logits_scaling", &[Granite]),
         ("use_bidirectional_attention", &[]),
         ("clip_qkv", &[Olmoe]),
+        ("swiglu_limit", &[GptOss]),
+        ("swiglu_alpha", &[GptOss]),
     ];
     for (key, families) in owned {
         if active(key) && !families.contains(&arch) {
@@ -303,6 +314,17 @@ pub(super) fn read_traits(
             t.residual_scale = positive("residual_multiplier")?;
             t.attention_scale = positive("attention_multiplier")?;
             t.logits_divisor = positive("logits_scaling")?;
+        }
+        GptOss => {
+            let alpha = positive("swiglu_alpha")?.unwrap_or(1.702) as f32;
+            let limit = positive("swiglu_limit")?.unwrap_or(7.0) as f32;
+            t.activation = Activation::ClampedSwiglu { alpha, limit };
+            // Sliding and full layers alternate (layer_types), windows of 128.
+            let kinds = layer_types(obj, num_layers)?
+                .unwrap_or_else(|| (0..num_layers).map(|i| i % 2 == 0).collect());
+            t.sliding_window = window(obj)?.or(Some(128));
+            t.set_sliding(kinds);
+            return Ok((t, None));
         }
         Llama | Mistral | Qwen2 | Qwen3 | Phi3 | Olmo2 | Mixtral | Qwen2Moe | Qwen3Moe | Olmoe => {}
     }

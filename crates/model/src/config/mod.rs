@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::error::{ModelError, Result};
 
 pub use family::{Activation, BlockNorms, FamilyTraits, LayerKind};
-pub use moe::MoeSpec;
+pub use moe::{MoeRouting, MoeSpec};
 pub use rope::{
     Llama3RopeScaling, LongRopeScaling, RopeScaling, RopeSettings, RopeSpec, YarnRopeScaling,
 };
@@ -41,10 +41,13 @@ pub enum Architecture {
     Qwen3Moe,
     /// OLMoE: Llama blocks with q/k norm over the whole projection and routed experts.
     Olmoe,
+    /// gpt-oss: attention sinks, biases everywhere, alternating sliding and full layers,
+    /// top-k-then-softmax routing and a clamped SwiGLU.
+    GptOss,
 }
 
 /// Every family, in the order error messages list them.
-pub const SUPPORTED_ARCHITECTURES: [Architecture; 14] = [
+pub const SUPPORTED_ARCHITECTURES: [Architecture; 15] = [
     Architecture::Llama,
     Architecture::Mistral,
     Architecture::Qwen2,
@@ -59,6 +62,7 @@ pub const SUPPORTED_ARCHITECTURES: [Architecture; 14] = [
     Architecture::Qwen2Moe,
     Architecture::Qwen3Moe,
     Architecture::Olmoe,
+    Architecture::GptOss,
 ];
 
 impl Architecture {
@@ -80,6 +84,7 @@ impl Architecture {
             "qwen2moe" | "qwen2_moe" | "qwen2moeforcausallm" => Architecture::Qwen2Moe,
             "qwen3moe" | "qwen3_moe" | "qwen3moeforcausallm" => Architecture::Qwen3Moe,
             "olmoe" | "olmoeforcausallm" => Architecture::Olmoe,
+            "gpt_oss" | "gpt-oss" | "gptossforcausallm" => Architecture::GptOss,
             _ => return Err(ModelError::UnsupportedArchitecture(name.to_string())),
         };
         Ok(arch)
@@ -110,6 +115,7 @@ impl Architecture {
             Architecture::Qwen2Moe => "qwen2moe",
             Architecture::Qwen3Moe => "qwen3moe",
             Architecture::Olmoe => "olmoe",
+            Architecture::GptOss => "gpt-oss",
         }
     }
 }
@@ -143,6 +149,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// OLMoE: q, k and v are clamped to `[-clip, clip]` after projection.
     pub clip_qkv: Option<f64>,
+    /// gpt-oss: a learned sink logit per head and layer (`self_attn.sinks`).
+    pub attention_sinks: bool,
     /// How the family's decoder differs from Llama's.
     pub family: FamilyTraits,
     /// Experts, for mixture-of-experts families (their sparse layers' MLPs).
@@ -314,7 +322,9 @@ impl ModelConfig {
         // Qwen2-MoE names its q/k/v bias switch `qkv_bias`.
         let qkv_bias = match architecture {
             Qwen2Moe => raw.qkv_bias.unwrap_or(true),
-            _ => raw.attention_bias.unwrap_or(architecture == Qwen2),
+            _ => raw
+                .attention_bias
+                .unwrap_or(matches!(architecture, Qwen2 | GptOss)),
         };
         let config = ModelConfig {
             architecture,
@@ -337,6 +347,7 @@ impl ModelConfig {
             qkv_bias,
             qk_norm,
             clip_qkv,
+            attention_sinks: architecture == GptOss,
             family,
             moe,
         };

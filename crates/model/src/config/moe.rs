@@ -8,9 +8,20 @@ use crate::error::{ModelError, Result};
 
 use super::{Architecture, JsonMap};
 
+/// How router logits become expert weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MoeRouting {
+    /// Softmax over all experts, then the top k (renormalized or not): Mixtral, Qwen, OLMoE.
+    #[default]
+    SoftmaxThenTopK,
+    /// The top k logits, then a softmax over just those: gpt-oss.
+    TopKThenSoftmax,
+}
+
 /// A sparse MLP layer's shape and routing rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeSpec {
+    pub routing: MoeRouting,
     pub num_experts: usize,
     /// Experts each token is sent to (`num_experts_per_tok`).
     pub top_k: usize,
@@ -99,7 +110,7 @@ pub(super) fn read_hf(
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
     ];
-    if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe) {
+    if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe | GptOss) {
         if let Some(k) = moe_keys
             .iter()
             .find(|k| uint(k).ok().flatten().unwrap_or(0) > 0)
@@ -122,7 +133,7 @@ pub(super) fn read_hf(
     let top_k = uint("num_experts_per_tok")?
         .ok_or_else(|| ModelError::Config("config.json has no num_experts_per_tok".into()))?;
     let expert_intermediate = match arch {
-        Mixtral | Olmoe => intermediate_size,
+        Mixtral | Olmoe | GptOss => intermediate_size,
         _ => uint("moe_intermediate_size")?.unwrap_or(intermediate_size),
     };
     let renormalize = arch == Mixtral || flag("norm_topk_prob", false)?;
@@ -165,7 +176,12 @@ pub(super) fn read_hf(
         // Training-only noise: transformers and vLLM ignore it at inference.
         tracing::debug!("router_jitter_noise only applies in training");
     }
+    let routing = match arch {
+        GptOss => MoeRouting::TopKThenSoftmax,
+        _ => MoeRouting::SoftmaxThenTopK,
+    };
     let spec = MoeSpec {
+        routing,
         num_experts,
         top_k,
         expert_intermediate,

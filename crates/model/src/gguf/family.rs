@@ -206,6 +206,13 @@ impl GgufFile {
                 }
             }
             Qwen2 | Qwen3 | Olmo2 | Qwen2Moe | Qwen3Moe | Olmoe => {}
+            GptOss => {
+                // llama.cpp: sliding and full layers alternate, the first slides.
+                if let Some(w) = window {
+                    t.sliding_window = Some(w);
+                    t.set_sliding(FamilyTraits::every_nth_full(s.num_layers, 2));
+                }
+            }
             Phi3 => {
                 // Rope on the first `rope.dimension_count` dimensions (Phi-4-mini: 3/4).
                 if let Some(d) = self.usize_opt(&key("rope.dimension_count"))? {
@@ -247,7 +254,7 @@ impl GgufFile {
             return Ok(None);
         }
         use Architecture::*;
-        if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe) {
+        if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe | GptOss) {
             return Err(ModelError::Unsupported(format!(
                 "GGUF metadata '{}' is set, but spindle runs no experts for {}",
                 key("expert_count"),
@@ -259,6 +266,10 @@ impl GgufFile {
             None => matches!(arch, Mixtral | Qwen3Moe),
         };
         let spec = MoeSpec {
+            routing: match arch {
+                GptOss => crate::config::MoeRouting::TopKThenSoftmax,
+                _ => crate::config::MoeRouting::SoftmaxThenTopK,
+            },
             num_experts,
             top_k: self.usize_req(&key("expert_used_count"))?,
             expert_intermediate: self

@@ -278,6 +278,7 @@ impl GgufFile {
             clip_qkv: self
                 .f64_opt(&key("attention.clamp_kqv"))?
                 .filter(|c| *c > 0.0),
+            attention_sinks: self.has_tensor("blk.0.attn_sinks.weight"),
             family: family.traits,
             moe,
         };
@@ -386,6 +387,8 @@ fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.o_proj.bias" => "attn_output.bias",
+        "self_attn.sinks" => "attn_sinks.weight",
         "self_attn.qkv_proj.weight" => "attn_qkv.weight",
         "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "self_attn.q_proj.bias" => "attn_q.bias",
@@ -430,15 +433,17 @@ pub struct GgufWeights<'a> {
     keep_quantized: bool,
     /// How the kept-quantized matrices multiply.
     arithmetic: CpuArithmetic,
-    /// The stacked expert tensor last read (experts are asked for one by one, so each stacked
-    /// tensor is read from the file once).
-    stacked: Option<Stacked>,
+    /// The current layer's stacked expert tensors (experts are asked for one by one, each
+    /// projection in turn: each stacked tensor is read from the file once).
+    stacked: Vec<Stacked>,
 }
 
 /// A `[experts, rows, cols]` tensor (`blk.N.ffn_*_exps`), raw and, once needed, dequantized.
 struct Stacked {
     name: String,
     raw: candle_core::quantized::QTensor,
+    /// The raw bytes, copied out once (`QTensor::data` copies on every call).
+    bytes: Option<Vec<u8>>,
     dense: Option<Tensor>,
 }
 
@@ -465,13 +470,14 @@ impl<'a> GgufWeights<'a> {
             norms: config.family.norms,
             keep_quantized,
             arithmetic: CpuArithmetic::F32,
-            stacked: None,
+            stacked: Vec::new(),
         }
     }
 
-    /// The stacked expert tensor `name`, read once.
+    /// The stacked expert tensor `name`, read once. Tensors of other layers are dropped.
     fn stacked(&mut self, name: &str) -> Result<&mut Stacked> {
-        if self.stacked.as_ref().is_none_or(|s| s.name != name) {
+        let layer = |n: &str| n.split('.').take(2).collect::<Vec<_>>().join(".");
+        if !self.stacked.iter().any(|s| s.name == name) {
             let path = self.file.path.clone();
             let dtype = match self.file.content.tensor_infos.get(name) {
                 Some(info) => info.ggml_dtype,
@@ -503,14 +509,18 @@ impl<'a> GgufWeights<'a> {
                     message: format!("expert tensor '{name}' is not 3-D: {:?}", raw.shape()),
                 });
             }
-            self.stacked = Some(Stacked {
+            let this_layer = layer(name);
+            self.stacked.retain(|s| layer(&s.name) == this_layer);
+            self.stacked.push(Stacked {
                 name: name.to_string(),
                 raw,
+                bytes: None,
                 dense: None,
             });
         }
         self.stacked
-            .as_mut()
+            .iter_mut()
+            .find(|s| s.name == name)
             .ok_or_else(|| ModelError::Config("stacked tensor cache".into()))
     }
 
@@ -538,9 +548,13 @@ impl<'a> GgufWeights<'a> {
         if quantized && is_block_quantized(ggml) {
             let row_bytes = cols / ggml.block_size() * ggml.type_size();
             let per_expert = rows * row_bytes;
-            let data = st.raw.data()?;
-            let bytes = data
-                .get(e * per_expert..(e + 1) * per_expert)
+            if st.bytes.is_none() {
+                st.bytes = Some(st.raw.data()?.into_owned());
+            }
+            let bytes = st
+                .bytes
+                .as_deref()
+                .and_then(|b| b.get(e * per_expert..(e + 1) * per_expert))
                 .ok_or_else(|| ModelError::InvalidFile {
                     path,
                     message: format!("expert tensor '{name}' is shorter than its shape"),

@@ -1,5 +1,6 @@
 //! The router's decision for each token: softmax over the experts in f32, the top `k`, and
-//! (per family) their weights renormalized to sum to one. Exact ties are rare but real (an
+//! (per family) their weights renormalized to sum to one; or, for gpt-oss, the top `k` logits
+//! and a softmax over those. Exact ties are rare but real (an
 //! untrained router, duplicated experts); they are broken the way transformers breaks them on a
 //! CPU, whose `torch.topk` selects with C++'s `std::nth_element` (libstdc++'s introselect) over
 //! `(probability, index)` pairs (or `std::partial_sort`'s heap selection when `64 k <= n`):
@@ -13,6 +14,23 @@ pub fn route(logits: &[f32], num_experts: usize, top_k: usize, renormalize: bool
     logits
         .chunks_exact(num_experts)
         .map(|row| route_one(row, top_k, renormalize))
+        .collect()
+}
+
+/// gpt-oss's routing: the top `k` logits, then a softmax over just those (in topk's
+/// descending order, as transformers sums them).
+pub fn route_top_k_softmax(logits: &[f32], num_experts: usize, top_k: usize) -> Vec<Choice> {
+    logits
+        .chunks_exact(num_experts)
+        .map(|row| {
+            let mut chosen = select_top_k(row, top_k);
+            chosen.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let values: Vec<f32> = chosen.iter().map(|&e| row[e]).collect();
+            let weights = softmax(&values);
+            let mut choice: Choice = chosen.into_iter().zip(weights).collect();
+            choice.sort_by_key(|&(e, _)| e);
+            choice
+        })
         .collect()
 }
 
@@ -259,5 +277,11 @@ mod tests {
         let s: f32 = norm[0].iter().map(|c| c.1).sum();
         assert!((s - 1.0).abs() < 1e-6);
         assert!(plain[0].iter().map(|c| c.1).sum::<f32>() < 0.95);
+        // gpt-oss: softmax over the chosen logits only.
+        let oss = route_top_k_softmax(&logits, 4, 2);
+        let (e1, e2) = ((3.0f32 - 3.0).exp(), (2.0f32 - 3.0).exp());
+        assert_eq!(oss[0][0].0, 1);
+        assert!((oss[0][0].1 - e1 / (e1 + e2)).abs() < 1e-7);
+        assert!((oss[0][1].1 - e2 / (e1 + e2)).abs() < 1e-7);
     }
 }

@@ -34,6 +34,7 @@ macro_rules! dispatch_block_type {
 
 mod fused;
 pub mod int8;
+pub mod mxfp4;
 mod pages;
 
 use pages::WeightBytes;

@@ -31,6 +31,8 @@ impl WeightSource for HashWeights {
             (0.4, 1.0)
         } else if name.contains("embed_tokens") {
             (2.0, 0.0)
+        } else if name.ends_with("sinks") {
+            (40.0, 40.0)
         } else {
             (0.5, 0.0)
         };
@@ -49,6 +51,25 @@ impl WeightSource for HashWeights {
     }
     fn contains(&self, name: &str) -> bool {
         self.0.iter().any(|n| n == name)
+    }
+
+    /// `byte_fill` of `scripts/golden/make_tiny_gpt_oss_mxfp4.py`: MXFP4 blocks and scales.
+    fn get_bytes(&mut self, name: &str, shape: &[usize]) -> spindle_model::Result<Vec<u8>> {
+        let index = self.0.iter().position(|n| n == name).ok_or_else(|| {
+            spindle_model::ModelError::MissingTensor {
+                path: "hash".into(),
+                tensor: name.into(),
+            }
+        })? as u64;
+        let n = shape.iter().product::<usize>() as u64;
+        let scales = name.ends_with("_scales");
+        Ok((0..n)
+            .map(|k| {
+                let h = (k * 2_654_435_761 + index * 2_246_822_519 + 12_345) % (1u64 << 32);
+                let b = (h >> 13) & 0xff;
+                (if scales { 121 + b % 4 } else { b }) as u8
+            })
+            .collect())
     }
     fn origin(&self) -> String {
         "hash".into()

@@ -11,7 +11,7 @@ use spindle_model::{LlamaModel, ModelConfig};
 use super::{repo_root, PagedRunner};
 
 /// Every tiny family checkpoint.
-pub const FAMILIES: [&str; 15] = [
+pub const FAMILIES: [&str; 16] = [
     "tiny-phi3",
     "tiny-qwen3",
     "tiny-gemma2",
@@ -26,6 +26,7 @@ pub const FAMILIES: [&str; 15] = [
     "tiny-qwen3-moe",
     "tiny-qwen3-moe-mixed",
     "tiny-olmoe",
+    "tiny-gpt-oss",
     "tiny-olmoe-clip",
 ];
 

@@ -1,0 +1,270 @@
+//! MXFP4 weights (OCP microscaling FP4, gpt-oss's expert format): blocks of 32 e2m1 values
+//! (sign, 2-bit exponent, 1-bit mantissa: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}) sharing one e8m0
+//! scale byte (`2^(e - 127)`). Kept as the checkpoint stores them, `*_blocks` (16 bytes per
+//! block: byte `j` holds value `2j` in its low nibble and `2j + 1` in its high one) and
+//! `*_scales`, a quarter of bf16's bytes. Rows are expanded to f32 a panel at a time inside the
+//! matmul (AVX-512: a 16-entry table lookup per nibble vector) and multiplied by the dense f32
+//! kernel; every expansion is exactly `lut[nibble] · 2^(e - 127)`, the value transformers'
+//! `convert_moe_packed_tensors` produces, so results equal a load-time dequantization's.
+
+use rayon::prelude::*;
+
+use crate::cpu_matmul::{block_f32, OutPtr};
+use crate::error::{ModelError, Result};
+
+/// Values per block (and per scale byte).
+pub const BLOCK: usize = 32;
+/// Bytes of nibbles per block.
+const BLOCK_BYTES: usize = BLOCK / 2;
+
+/// e2m1 values by nibble.
+const LUT: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// `2^(e - 127)` as f32 (e8m0; 255 is NaN).
+fn scale(e: u8) -> f32 {
+    match e {
+        0 => f32::from_bits(0x0040_0000),
+        255 => f32::NAN,
+        e => f32::from_bits((e as u32) << 23),
+    }
+}
+
+/// A `[rows, cols]` MXFP4 matrix, row-major blocks.
+#[derive(Clone)]
+pub struct Mxfp4Matrix {
+    rows: usize,
+    cols: usize,
+    /// `rows * cols / 2` bytes of nibbles.
+    blocks: Vec<u8>,
+    /// `rows * cols / 32` e8m0 scales.
+    scales: Vec<u8>,
+}
+
+impl Mxfp4Matrix {
+    /// From a checkpoint's `*_blocks` (`[rows, cols / 32, 16]`) and `*_scales`
+    /// (`[rows, cols / 32]`) bytes.
+    pub fn new(rows: usize, cols: usize, blocks: Vec<u8>, scales: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(ModelError::Config(format!(
+                "{cols} columns are not whole MXFP4 blocks of {BLOCK}"
+            )));
+        }
+        let n_blocks = rows * cols / BLOCK;
+        if blocks.len() != n_blocks * BLOCK_BYTES || scales.len() != n_blocks {
+            return Err(ModelError::Config(format!(
+                "MXFP4 matrix [{rows}, {cols}] needs {} block bytes and {n_blocks} scales, got {} and {}",
+                n_blocks * BLOCK_BYTES,
+                blocks.len(),
+                scales.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            scales,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (what a decode step streams).
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() + self.scales.len()
+    }
+
+    /// The matrix with its rows reordered: row `i` of the result is row `order[i]`.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            return Err(ModelError::Config("bad MXFP4 row order".into()));
+        }
+        let (rb, rs) = (self.cols / 2, self.cols / BLOCK);
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        let mut scales = Vec::with_capacity(self.scales.len());
+        for &r in order {
+            blocks.extend_from_slice(&self.blocks[r * rb..(r + 1) * rb]);
+            scales.extend_from_slice(&self.scales[r * rs..(r + 1) * rs]);
+        }
+        Self::new(self.rows, self.cols, blocks, scales)
+    }
+
+    /// Rows `r0 .. r0 + n` as f32 into `out` (`n * cols` values).
+    pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) {
+        let per_row = self.cols / BLOCK;
+        let first = r0 * per_row;
+        let blocks = &self.blocks[first * BLOCK_BYTES..(first + n * per_row) * BLOCK_BYTES];
+        let scales = &self.scales[first..first + n * per_row];
+        let out = &mut out[..n * self.cols];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected; the slices hold whole blocks.
+                unsafe { avx512::dequantize(blocks, scales, out) };
+                return;
+            }
+        }
+        dequantize_scalar(blocks, scales, out);
+    }
+
+    /// The whole matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        out
+    }
+
+    /// `x @ selfᵀ` for `x` `[m, cols]`: panels of rows expanded to f32 (8 rows for decode-sized
+    /// batches, 32 for prefill, as the other block types) and multiplied by the dense kernel.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        assert_eq!(x.len(), m * k);
+        let panel_rows = if m <= 64 { 8 } else { 32 };
+        // SAFETY: every panel writes its own columns of all `m` rows, and the panels cover `n`.
+        unsafe {
+            crate::cpu_matmul::filled_buffer(m * n, |out: OutPtr| {
+                (0..n.div_ceil(panel_rows)).into_par_iter().for_each_init(
+                    || vec![0f32; panel_rows * k],
+                    |scratch, p| {
+                        let r0 = p * panel_rows;
+                        let rows = panel_rows.min(n - r0);
+                        self.dequantize_rows(r0, rows, scratch);
+                        let ptr = out;
+                        block_f32(x, m, k, &scratch[..rows * k], rows, ptr.0.add(r0), n);
+                    },
+                )
+            })
+        }
+    }
+}
+
+/// The reference expansion, one value at a time.
+fn dequantize_scalar(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
+    for ((b, &e), o) in blocks
+        .chunks_exact(BLOCK_BYTES)
+        .zip(scales)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let s = scale(e);
+        for (j, &byte) in b.iter().enumerate() {
+            o[2 * j] = LUT[(byte & 15) as usize] * s;
+            o[2 * j + 1] = LUT[(byte >> 4) as usize] * s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{scale, BLOCK, BLOCK_BYTES, LUT};
+
+    /// [`super::dequantize_scalar`] 32 values at a time: nibbles widened to lane indices, looked
+    /// up in the table held in one register, scaled, and interleaved back (low nibble first).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `blocks`, `scales` and `out` hold the same whole blocks.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dequantize(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
+        let lut = _mm512_loadu_ps(LUT.as_ptr());
+        let low = _mm512_set1_epi32(15);
+        // Output lanes 0..16 take lo[0], hi[0], lo[1], ...; lanes 16..32 continue from 8.
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for ((b, &e), o) in blocks
+            .chunks_exact(BLOCK_BYTES)
+            .zip(scales)
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr() as *const __m128i));
+            let s = _mm512_set1_ps(scale(e));
+            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low), lut), s);
+            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), lut), s);
+            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutex2var_ps(lo, first, hi));
+            _mm512_storeu_ps(
+                o.as_mut_ptr().add(16),
+                _mm512_permutex2var_ps(lo, second, hi),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Mxfp4Matrix {
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        };
+        let blocks = (0..rows * cols / 2).map(|_| next()).collect();
+        // Scales over the whole e8m0 range but NaN, subnormal results included.
+        let scales = (0..rows * cols / BLOCK).map(|_| next() % 255).collect();
+        Mxfp4Matrix::new(rows, cols, blocks, scales).expect("matrix")
+    }
+
+    #[test]
+    fn vector_expansion_equals_the_reference_bit_for_bit() {
+        let m = random_matrix(7, 96, 3);
+        let mut scalar = vec![0f32; 7 * 96];
+        dequantize_scalar(&m.blocks, &m.scales, &mut scalar);
+        let fast = m.dequantize();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&scalar));
+        // Spot values: low nibble first, scale 2^(e - 127).
+        let (byte, e) = (m.blocks[0], m.scales[0]);
+        let want = LUT[(byte & 15) as usize] * 2f32.powi(e as i32 - 127);
+        assert_eq!(scalar[0].to_bits(), want.to_bits());
+        assert_eq!(
+            scalar[1],
+            LUT[(byte >> 4) as usize] * 2f32.powi(e as i32 - 127)
+        );
+    }
+
+    #[test]
+    fn matmul_equals_the_dense_product_of_the_expansion() {
+        let w = random_matrix(40, 64, 5);
+        let dense = w.dequantize();
+        // Keep the products finite: only moderate scales.
+        let w = Mxfp4Matrix::new(
+            40,
+            64,
+            w.blocks.clone(),
+            w.scales.iter().map(|s| 120 + s % 10).collect(),
+        )
+        .expect("matrix");
+        let dense_ok = w.dequantize();
+        assert_eq!(dense.len(), dense_ok.len());
+        for m in [1usize, 3, 70] {
+            let x: Vec<f32> = (0..m * 64)
+                .map(|i| ((i * 37) % 19) as f32 / 7.0 - 1.2)
+                .collect();
+            let got = w.matmul(&x, m);
+            let mut want = vec![0f32; m * 40];
+            crate::cpu_matmul::matmul_xwt(&x, m, 64, &dense_ok, 40, &mut want);
+            assert_eq!(got, want, "m = {m}");
+        }
+        let permuted = w
+            .permute_rows(&(0..40).rev().collect::<Vec<_>>())
+            .expect("perm");
+        assert_eq!(permuted.dequantize()[..64], dense_ok[39 * 64..]);
+    }
+
+    #[test]
+    fn shapes_that_are_not_whole_blocks_are_refused() {
+        assert!(Mxfp4Matrix::new(2, 48, vec![0; 48], vec![0; 3]).is_err());
+        assert!(Mxfp4Matrix::new(2, 64, vec![0; 63], vec![0; 4]).is_err());
+    }
+}
