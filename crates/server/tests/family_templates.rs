@@ -27,8 +27,12 @@ fn family_templates_render_as_transformers() {
             .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-templates.sh)", path.display()));
         let template = ChatTemplate::new(&source, t["bos_token"].as_str(), t["eos_token"].as_str())
             .unwrap_or_else(|e| panic!("{file}: {e}"));
-        // Granite puts today's date in its default system prompt; the golden says <TODAY>.
-        let today = ChatTemplate::new("{{ strftime_now('%B %d, %Y') }}", None, None)
+        // Granite and gpt-oss put today's date in their system prompts; the golden says <TODAY>.
+        let today_long = ChatTemplate::new("{{ strftime_now('%B %d, %Y') }}", None, None)
+            .expect("date template")
+            .render(&[], &RenderOptions::default())
+            .expect("date");
+        let today_iso = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}", None, None)
             .expect("date template")
             .render(&[], &RenderOptions::default())
             .expect("date");
@@ -48,7 +52,8 @@ fn family_templates_render_as_transformers() {
                 (Some(want), _) => {
                     let got = got.unwrap_or_else(|e| panic!("{file} / {name}: {}", e.message));
                     assert_eq!(
-                        got.replace(&today, "<TODAY>"),
+                        got.replace(&today_long, "<TODAY>")
+                            .replace(&today_iso, "<TODAY>"),
                         want.as_str().expect("text"),
                         "{file} / {name}"
                     );

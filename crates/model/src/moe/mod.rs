@@ -11,6 +11,7 @@
 pub mod routing;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::config::{Activation, Architecture, MoeRouting, MoeSpec};
 use crate::error::{ModelError, Result};
@@ -301,20 +302,28 @@ impl MoeBlock {
         let host = x32.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; tokens * hidden];
         let device = x.device();
-        for (expert, group) in self.experts.iter().zip(&groups) {
-            if group.is_empty() {
-                continue;
-            }
+        let active: Vec<usize> = (0..n).filter(|&e| !groups[e].is_empty()).collect();
+        let run = |e: usize| -> Result<Vec<f32>> {
+            let group = &groups[e];
             let mut rows = Vec::with_capacity(group.len() * hidden);
             for &(t, _) in group {
                 rows.extend_from_slice(&host[t * hidden..(t + 1) * hidden]);
             }
             let input =
                 Tensor::from_vec(rows, (group.len(), hidden), device)?.to_dtype(x.dtype())?;
-            let y = expert.forward(&input, activation)?;
-            let y = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            // Experts ascend, so each token sums its experts in index order (as transformers).
-            for (&(t, w), row) in group.iter().zip(y.chunks_exact(hidden)) {
+            let y = self.experts[e].forward(&input, activation)?;
+            Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        // On the CPU the experts run side by side (each matmul still splits its rows when a
+        // core is free): small experts no longer pay a fork-join per projection each.
+        let outputs: Vec<Vec<f32>> = if device.is_cpu() {
+            active.par_iter().map(|&e| run(e)).collect::<Result<_>>()?
+        } else {
+            active.iter().map(|&e| run(e)).collect::<Result<_>>()?
+        };
+        // Experts ascend, so each token sums its experts in index order (as transformers).
+        for (&e, y) in active.iter().zip(&outputs) {
+            for (&(t, w), row) in groups[e].iter().zip(y.chunks_exact(hidden)) {
                 for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
                     *o += v * w;
                 }
