@@ -1,5 +1,6 @@
-//! The chat templates of the newer families (Gemma 2, SmolLM3, Granite 3.3, Phi-3.5; the files
-//! llama.cpp ships, fetched by `scripts/fetch-templates.sh`) render as transformers renders them
+//! The chat templates of the newer families (Gemma 2, SmolLM3, Granite 3.3, Phi-3.5, gpt-oss's
+//! harmony, Qwen3; the files llama.cpp ships, fetched by `scripts/fetch-templates.sh`) render as
+//! transformers renders them
 //! (`tests/golden/chat-templates.json`, made by `scripts/golden/make_chat_templates.py`), and a
 //! template's refusal (Gemma's "System role not supported") is the client's 400 with the
 //! template's message, not a 500.
