@@ -44,6 +44,13 @@ impl GgufFile {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
         let content = match read {
             Ok(Ok(content)) => content,
+            Ok(Err(e)) if e.to_string().contains("unknown dtype for tensor 39") => {
+                // ggml's MXFP4 (gpt-oss's experts): candle's GGUF reader has no such type.
+                return Err(ModelError::Unsupported(format!(
+                    "{}: MXFP4 tensors (GGUF type 39, gpt-oss's experts) cannot be read from a GGUF file yet; serve the Hugging Face checkpoint (its MXFP4 experts are supported)",
+                    path.display()
+                )));
+            }
             Ok(Err(e)) => {
                 return Err(ModelError::InvalidFile {
                     path: path.to_path_buf(),
@@ -773,6 +780,30 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(zero, Err(ModelError::InvalidFile { .. })));
         assert!(ok.is_ok());
+    }
+
+    /// A gpt-oss GGUF's MXFP4 experts (ggml type 39) are refused with what to do instead.
+    #[test]
+    fn mxfp4_ggufs_say_what_to_serve_instead() {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes()); // one tensor
+        b.extend_from_slice(&0u64.to_le_bytes()); // no metadata
+        let name = "blk.0.ffn_up_exps.weight";
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&32u64.to_le_bytes());
+        b.extend_from_slice(&39u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.resize(b.len().next_multiple_of(32) + 17, 0);
+        let path =
+            std::env::temp_dir().join(format!("spindle-gguf-mxfp4-{}.gguf", std::process::id()));
+        std::fs::write(&path, b).unwrap();
+        let err = GgufFile::open(&path).err().expect("refused");
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("Hugging Face checkpoint"), "{err}");
     }
 
     /// A minimal Llama GGUF's metadata plus `rope_freqs.weight` (as llama.cpp writes Llama 3.x
