@@ -119,6 +119,26 @@ def on_disk_fill(model, cls):
     return model, names, {n: list(filled[n].shape) for n in names}
 
 
+def reference_outputs(model, names, shapes, how):
+    """The golden outputs.json of a tiny model: last logits after 5/70/150-token sequences and 12
+    greedy tokens (with each step's top 5) after the 70-token one, plus its tensor names/shapes."""
+    seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
+    out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, {how}",
+           "names": names, "shapes": shapes, "sequences": []}
+    with torch.no_grad():
+        for ids in seqs:
+            logits = model(torch.tensor([ids])).logits[0, -1].tolist()
+            out["sequences"].append({"ids": ids, "last_logits": logits})
+        prompt = torch.tensor([seqs[1]])
+        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                             pad_token_id=None, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+        top5 = [torch.topk(step[0], 5).indices.tolist() for step in gen.logits]
+        out["greedy"] = {"prompt": seqs[1], "tokens": gen.sequences[0, len(seqs[1]):].tolist(),
+                         "top5": top5}
+    return out
+
+
 def build(name, config, cls):
     config._attn_implementation = "eager"
     model = cls(config).to(torch.float32).eval()
@@ -135,20 +155,7 @@ def build(name, config, cls):
     out_dir = ROOT / name
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
-    seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
-    out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager",
-           "names": names, "shapes": shapes, "sequences": []}
-    with torch.no_grad():
-        for ids in seqs:
-            logits = model(torch.tensor([ids])).logits[0, -1].tolist()
-            out["sequences"].append({"ids": ids, "last_logits": logits})
-        prompt = torch.tensor([seqs[1]])
-        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                             pad_token_id=None, eos_token_id=None, output_logits=True,
-                             return_dict_in_generate=True)
-        top5 = [torch.topk(step[0], 5).indices.tolist() for step in gen.logits]
-        out["greedy"] = {"prompt": seqs[1], "tokens": gen.sequences[0, len(seqs[1]):].tolist(),
-                         "top5": top5}
+    out = reference_outputs(model, names, shapes, "float32, eager")
     (out_dir / "outputs.json").write_text(json.dumps(out) + "\n")
     print(name, "written", file=sys.stderr)
 

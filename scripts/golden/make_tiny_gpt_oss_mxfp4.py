@@ -19,10 +19,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
-import transformers
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import make_tiny_families
+from make_tiny_families import reference_outputs
 from make_tiny_llama3 import EXPERT_MIX, tensor_fill
 
 OUT = make_tiny_families.ROOT / "tiny-gpt-oss-mxfp4"
@@ -77,21 +77,9 @@ def main():
     model.load_state_dict(state)
     OUT.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(OUT)
-    seqs = [[(s * 31 + i * 7 + 3) % 128 for i in range(n)] for s, n in enumerate([5, 70, 150])]
-    out = {"reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager, "
-                        "experts expanded by convert_moe_packed_tensors",
-           "names": names, "shapes": shapes, "sequences": [], "mxfp4_expansion": check}
-    with torch.no_grad():
-        for ids in seqs:
-            logits = model(torch.tensor([ids])).logits[0, -1].tolist()
-            out["sequences"].append({"ids": ids, "last_logits": logits})
-        prompt = torch.tensor([seqs[1]])
-        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                             pad_token_id=None, eos_token_id=None, output_logits=True,
-                             return_dict_in_generate=True)
-        top5 = [torch.topk(step[0], 5).indices.tolist() for step in gen.logits]
-        out["greedy"] = {"prompt": seqs[1], "tokens": gen.sequences[0, len(seqs[1]):].tolist(),
-                         "top5": top5}
+    out = reference_outputs(model, names, shapes,
+                            "float32, eager, experts expanded by convert_moe_packed_tensors")
+    out["mxfp4_expansion"] = check
     (OUT / "outputs.json").write_text(json.dumps(out) + "\n")
     print(OUT, "written", file=sys.stderr)
 

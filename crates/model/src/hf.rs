@@ -217,6 +217,25 @@ impl SafetensorsWeights {
 }
 
 impl SafetensorsWeights {
+    /// Tensor `name` as stored (CPU, its own dtype), checked against `shape`.
+    fn load_checked(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.files.get(name).is_err() {
+            return Err(ModelError::MissingTensor {
+                path: self.origin.clone().into(),
+                tensor: name.into(),
+            });
+        }
+        let t = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile {
+                path: self.origin.clone().into(),
+                message: format!("cannot read tensor '{name}': {e}"),
+            })?;
+        check_shape(&self.origin, name, &t, shape)?;
+        Ok(t)
+    }
+
     /// Multiply the linear layers with `arithmetic` (bf16: a checkpoint's bf16 weights stay
     /// bf16).
     pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
@@ -231,20 +250,7 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if self.files.get(name).is_err() {
-            return Err(ModelError::MissingTensor {
-                path: self.origin.clone().into(),
-                tensor: name.into(),
-            });
-        }
-        let t = self
-            .files
-            .load(name, &Device::Cpu)
-            .map_err(|e| ModelError::InvalidFile {
-                path: self.origin.clone().into(),
-                message: format!("cannot read tensor '{name}': {e}"),
-            })?;
-        check_shape(&self.origin, name, &t, shape)?;
+        let t = self.load_checked(name, shape)?;
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 
@@ -257,20 +263,7 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn get_bytes(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
-        if self.files.get(name).is_err() {
-            return Err(ModelError::MissingTensor {
-                path: self.origin.clone().into(),
-                tensor: name.into(),
-            });
-        }
-        let t = self
-            .files
-            .load(name, &Device::Cpu)
-            .map_err(|e| ModelError::InvalidFile {
-                path: self.origin.clone().into(),
-                message: format!("cannot read tensor '{name}': {e}"),
-            })?;
-        check_shape(&self.origin, name, &t, shape)?;
+        let t = self.load_checked(name, shape)?;
         if t.dtype() != DType::U8 {
             return Err(ModelError::InvalidFile {
                 path: self.origin.clone().into(),

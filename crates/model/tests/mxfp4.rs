@@ -6,13 +6,13 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use common::hash_weights::HashWeights;
+use common::repo_root;
 use common::tiny::{get, golden, golden_json, logits_of, max_err};
-use common::{argmax, repo_root};
 use spindle_model::quant::mxfp4::Mxfp4Matrix;
 use spindle_model::weights::WeightSource;
-use spindle_model::{Architecture, LlamaModel};
+use spindle_model::Architecture;
 
 const DIR: &str = "tiny-gpt-oss-mxfp4";
 
@@ -45,46 +45,10 @@ fn expansion_is_bit_identical_to_transformers() {
     assert_eq!(got, want);
 }
 
-fn load(g: &common::tiny::Golden) -> LlamaModel {
-    LlamaModel::load(
-        g.config.clone(),
-        &mut HashWeights(g.names.clone()),
-        256,
-        DType::F32,
-        &Device::Cpu,
-        |_, _| {},
-    )
-    .expect("load the tiny model")
-}
-
+/// Logits, batch invariance and greedy tokens (whole and chunked prefill) against transformers.
 #[test]
 fn mxfp4_experts_match_transformers() {
-    let g = golden(DIR);
-    assert_eq!(g.config.architecture, Architecture::GptOss);
-    let model = load(&g);
-    let mut alone = Vec::new();
-    for (i, (seq, want)) in g.seqs.iter().zip(&g.logits).enumerate() {
-        let got = logits_of(&model, seq);
-        let err = max_err(&got, want);
-        eprintln!(
-            "{DIR}: sequence {i} ({} tokens): max logit error {err:.2e}",
-            seq.len()
-        );
-        assert!(err < 1e-3, "sequence {i}: error {err}");
-        assert_eq!(argmax(&got), argmax(want));
-        alone.push(got);
-    }
-    // Greedy continuation, one token per step.
-    let mut runner = common::PagedRunner::new(&model, 1, 256, 16);
-    let logits = runner.step(&model, &[(0, 0, g.prompt.clone())]);
-    let mut next = argmax(&logits.to_vec2::<f32>().expect("logits")[0]);
-    let mut out = Vec::new();
-    for at in g.prompt.len()..g.prompt.len() + g.greedy.len() {
-        out.push(next);
-        let l = runner.step(&model, &[(0, at, vec![next])]);
-        next = argmax(&l.to_vec2::<f32>().expect("logits")[0]);
-    }
-    assert_eq!(out, g.greedy);
+    common::tiny::check(DIR, Architecture::GptOss);
 }
 
 /// The checkpoint as a Hugging Face directory (u8 blocks and scales in safetensors) through the

@@ -210,14 +210,20 @@ fn llama_yarn_gguf_matches_transformers() {
     check("tiny-llama-yarn");
 }
 
-#[test]
-fn mixtral_gguf_matches_transformers() {
-    let path = rebuild("tiny-mixtral");
+/// The config spindle reads from `dir`'s rebuilt GGUF.
+fn rebuilt_config(dir: &str) -> spindle_model::ModelConfig {
+    let path = rebuild(dir);
     let config = GgufFile::open(&path)
         .expect("open")
         .config()
         .expect("config");
     let _ = std::fs::remove_file(&path);
+    config
+}
+
+#[test]
+fn mixtral_gguf_matches_transformers() {
+    let config = rebuilt_config("tiny-mixtral");
     assert_eq!(
         config.architecture,
         spindle_model::Architecture::Mixtral,
@@ -253,12 +259,7 @@ fn has_gguf(dir: &str) -> bool {
 
 #[test]
 fn mistral_window_gguf_matches_transformers() {
-    let path = rebuild("tiny-mistral-window");
-    let config = GgufFile::open(&path)
-        .expect("open")
-        .config()
-        .expect("config");
-    let _ = std::fs::remove_file(&path);
+    let config = rebuilt_config("tiny-mistral-window");
     assert_eq!(
         config.family.sliding_window, None,
         "the converter keeps no window"

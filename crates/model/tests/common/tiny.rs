@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 use spindle_model::{LlamaModel, ModelConfig};
 
-use super::{repo_root, PagedRunner};
+use super::{argmax, repo_root, PagedRunner};
 
 /// Every tiny family checkpoint.
 pub const FAMILIES: [&str; 16] = [
@@ -77,6 +77,19 @@ pub fn golden(dir: &str) -> Golden {
     }
 }
 
+/// The checkpoint with its hash weights, f32 on the CPU.
+pub fn load_hashed(g: &Golden) -> LlamaModel {
+    LlamaModel::load(
+        g.config.clone(),
+        &mut super::hash_weights::HashWeights(g.names.clone()),
+        256,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        |_, _| {},
+    )
+    .expect("load the tiny model")
+}
+
 /// Logits after `seq` alone, prefilled in one step.
 pub fn logits_of(model: &LlamaModel, seq: &[u32]) -> Vec<f32> {
     let mut runner = PagedRunner::new(model, 1, 256, 16);
@@ -92,4 +105,76 @@ pub fn max_err(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Greedy tokens after `prompt` fed in `chunks` (prefill sizes), then one token per step.
+pub fn greedy(model: &LlamaModel, prompt: &[u32], chunks: &[usize], n: usize) -> Vec<u32> {
+    let mut runner = PagedRunner::new(model, 1, 256, 16);
+    let mut at = 0;
+    let mut logits = None;
+    for &len in chunks {
+        logits = Some(runner.step(model, &[(0, at, prompt[at..at + len].to_vec())]));
+        at += len;
+    }
+    assert_eq!(at, prompt.len());
+    let mut out = Vec::new();
+    let mut next = argmax(&logits.expect("a chunk").to_vec2::<f32>().expect("logits")[0]);
+    for _ in 0..n {
+        out.push(next);
+        let l = runner.step(model, &[(0, at, vec![next])]);
+        at += 1;
+        next = argmax(&l.to_vec2::<f32>().expect("logits")[0]);
+    }
+    out
+}
+
+/// `dir` against transformers: logits of each golden sequence (within 1e-3, same argmax), bit-exact
+/// batch invariance, and greedy tokens after a whole and a chunked prefill.
+pub fn check(dir: &str, arch: spindle_model::Architecture) {
+    let g = golden(dir);
+    assert_eq!(g.config.architecture, arch, "{dir}");
+    let model = load_hashed(&g);
+    let mut alone = Vec::new();
+    for (i, (seq, want)) in g.seqs.iter().zip(&g.logits).enumerate() {
+        let got = logits_of(&model, seq);
+        let err = max_err(&got, want);
+        eprintln!(
+            "{dir}: sequence {i} ({} tokens): max logit error {err:.2e}",
+            seq.len()
+        );
+        assert!(
+            err < 1e-3,
+            "{dir}: sequence {i} ({} tokens): error {err}",
+            seq.len()
+        );
+        assert_eq!(argmax(&got), argmax(want), "{dir}: sequence {i}");
+        alone.push(got);
+    }
+    // Batch invariance: the three sequences in one step give each one's logits bit for bit.
+    let mut runner = PagedRunner::new(&model, g.seqs.len(), 256, 16);
+    let chunks: Vec<_> = g
+        .seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i, 0, s.clone()))
+        .collect();
+    let batched: Vec<Vec<f32>> = runner.step(&model, &chunks).to_vec2().expect("logits");
+    assert_eq!(
+        batched, alone,
+        "{dir}: batched logits differ from single-sequence ones"
+    );
+    // Greedy decoding after a whole prefill and after a chunked one (the second chunk starts
+    // inside the first's window and crosses block boundaries).
+    let n = g.greedy.len();
+    assert_eq!(
+        greedy(&model, &g.prompt, &[g.prompt.len()], n),
+        g.greedy,
+        "{dir}: greedy"
+    );
+    let split = [33, g.prompt.len() - 33];
+    assert_eq!(
+        greedy(&model, &g.prompt, &split, n),
+        g.greedy,
+        "{dir}: chunked greedy"
+    );
 }
