@@ -1,8 +1,9 @@
-//! The architecture-independent description of a dense decoder, filled from GGUF metadata or
-//! a Hugging Face `config.json` (transformers v4 or v5 keys). One struct covers every family the
-//! decoder runs: shapes, rope, and the family's traits ([`FamilyTraits`]: norm placement,
-//! activation, multipliers, soft-caps, sliding and no-rope layers). Settings of mechanisms this
-//! forward pass does not run are refused, not ignored.
+//! The architecture-independent description of a decoder, filled from GGUF metadata or a Hugging
+//! Face `config.json` (transformers v4 or v5 keys). One struct covers every family the decoder
+//! runs: shapes, rope, the family's traits ([`FamilyTraits`]: norm placement, activation,
+//! multipliers, soft-caps, sliding and no-rope layers) and, for mixtures of experts, the
+//! experts ([`MoeSpec`]). Settings of mechanisms this forward pass does not run are refused, not
+//! ignored.
 
 mod family;
 mod moe;
@@ -120,7 +121,7 @@ impl Architecture {
     }
 }
 
-/// Shapes and switches of a decoder-only Llama-family transformer.
+/// Shapes and switches of a decoder-only Llama-style transformer (dense or mixture-of-experts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,

@@ -2,7 +2,9 @@
 //! to the serving dtype at load (quantized matmuls are not trusted until they match the golden
 //! outputs). llama.cpp stores Llama-style Q/K projections permuted for its interleaved rope;
 //! we undo that so one model implementation (HF layout) serves every source. The family's
-//! traits come from `<arch>.*` metadata and llama.cpp's per-family rules (`family.rs`).
+//! traits come from `<arch>.*` metadata and llama.cpp's per-family rules (`family.rs`). A MoE
+//! layer's experts are stacked in one 3-D tensor per projection (`ffn_*_exps`), sliced per
+//! expert here and kept quantized.
 
 use std::fs::File;
 use std::io::BufReader;
