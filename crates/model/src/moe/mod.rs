@@ -303,6 +303,7 @@ impl MoeBlock {
         let mut out = vec![0f32; tokens * hidden];
         let device = x.device();
         let active: Vec<usize> = (0..n).filter(|&e| !groups[e].is_empty()).collect();
+        tracing::trace!(tokens, active = active.len(), experts = n, "moe layer");
         let run = |e: usize| -> Result<Vec<f32>> {
             let group = &groups[e];
             let mut rows = Vec::with_capacity(group.len() * hidden);
