@@ -35,12 +35,14 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)
 struct Server {
     child: Child,
     port: u16,
+    dir: PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -71,7 +73,7 @@ fn serve(family: &str) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn spindle serve");
-    let server = Server { child, port };
+    let server = Server { child, port, dir };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(
