@@ -8,6 +8,7 @@
 //! source's form (quantized GGUF blocks, bf16 or f32). Off the CPU the same code runs on the
 //! device's matmuls with the grouping done on the host (a correct, unoptimized path).
 
+mod gpt_oss;
 pub mod routing;
 
 use candle_core::{DType, Device, Tensor};
@@ -69,62 +70,6 @@ fn f32_matrix(weights: &mut dyn WeightSource, name: &str, shape: &[usize]) -> Re
     ))
 }
 
-/// gpt-oss's MXFP4 experts (`*_blocks` `[experts, rows, cols / 32, 16]`, `*_scales`
-/// `[experts, rows, cols / 32]`, rows being output features): kept as MXFP4 on the CPU,
-/// expanded to the serving dtype elsewhere. `order` puts the interleaved gate/up rows apart.
-#[allow(clippy::too_many_arguments)]
-fn mxfp4_experts(
-    weights: &mut dyn WeightSource,
-    x: &str,
-    e: usize,
-    hidden: usize,
-    inter: usize,
-    order: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Vec<(LinearWeight, LinearWeight)>> {
-    use crate::quant::mxfp4::{Mxfp4Matrix, BLOCK};
-    if !hidden.is_multiple_of(BLOCK) || !inter.is_multiple_of(BLOCK) {
-        return Err(ModelError::Config(format!(
-            "MXFP4 experts need hidden ({hidden}) and intermediate ({inter}) sizes in blocks of {BLOCK}"
-        )));
-    }
-    let bytes = |w: &mut dyn WeightSource, name: &str, shape: &[usize]| {
-        w.get_bytes(&format!("{x}.{name}"), shape)
-    };
-    let (hb, ib) = (hidden / BLOCK, inter / BLOCK);
-    let gu_blocks = bytes(weights, "gate_up_proj_blocks", &[e, 2 * inter, hb, 16])?;
-    let gu_scales = bytes(weights, "gate_up_proj_scales", &[e, 2 * inter, hb])?;
-    let d_blocks = bytes(weights, "down_proj_blocks", &[e, hidden, ib, 16])?;
-    let d_scales = bytes(weights, "down_proj_scales", &[e, hidden, ib])?;
-    let wrap = |m: Mxfp4Matrix| -> Result<LinearWeight> {
-        if device.is_cpu() {
-            return Ok(LinearWeight::Mxfp4(std::sync::Arc::new(m)));
-        }
-        let t = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?;
-        Ok(LinearWeight::Dense(t.to_dtype(dtype)?.to_device(device)?))
-    };
-    let slice = |v: &[u8], i: usize, per: usize| v[i * per..(i + 1) * per].to_vec();
-    (0..e)
-        .map(|i| {
-            let gu = Mxfp4Matrix::new(
-                2 * inter,
-                hidden,
-                slice(&gu_blocks, i, 2 * inter * hidden / 2),
-                slice(&gu_scales, i, 2 * inter * hb),
-            )?
-            .permute_rows(order)?;
-            let d = Mxfp4Matrix::new(
-                hidden,
-                inter,
-                slice(&d_blocks, i, hidden * inter / 2),
-                slice(&d_scales, i, hidden * ib),
-            )?;
-            Ok((wrap(gu)?, wrap(d)?))
-        })
-        .collect()
-}
-
 impl MoeBlock {
     /// Read layer `layer`'s router, experts and shared expert.
     pub fn load(
@@ -138,7 +83,7 @@ impl MoeBlock {
     ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         if arch == Architecture::GptOss {
-            return Self::load_gpt_oss(weights, &p, spec, hidden, dtype, device);
+            return gpt_oss::load(weights, &p, spec, hidden, dtype, device);
         }
         let n = names(arch);
         let router = f32_matrix(
@@ -187,85 +132,6 @@ impl MoeBlock {
             shared,
             top_k: spec.top_k,
             renormalize: spec.renormalize,
-            hidden,
-        })
-    }
-
-    /// gpt-oss keeps each projection's experts in one tensor, `x @ W` style (`gate_up_proj`
-    /// `[experts, hidden, 2 inter]` with gate and up interleaved column by column, `down_proj`
-    /// `[experts, inter, hidden]`), with biases; its router has a bias too.
-    fn load_gpt_oss(
-        weights: &mut dyn WeightSource,
-        p: &str,
-        spec: &MoeSpec,
-        hidden: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let (e, inter) = (spec.num_experts, spec.expert_intermediate);
-        let router = f32_matrix(weights, &format!("{p}.mlp.router.weight"), &[e, hidden])?;
-        let router_bias = weights
-            .get(&format!("{p}.mlp.router.bias"), &[e])?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let x = format!("{p}.mlp.experts");
-        let gate_up_bias = weights.get(&format!("{x}.gate_up_proj_bias"), &[e, 2 * inter])?;
-        let down_bias = weights.get(&format!("{x}.down_proj_bias"), &[e, hidden])?;
-        // Gate rows first, then up rows, as the fused activations expect.
-        let order: Vec<usize> = (0..inter)
-            .map(|i| 2 * i)
-            .chain((0..inter).map(|i| 2 * i + 1))
-            .collect();
-        let order_t = Tensor::new(
-            order
-                .iter()
-                .map(|&i| i as u32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            device,
-        )?;
-        let projections = if weights.contains(&format!("{x}.gate_up_proj_blocks")) {
-            mxfp4_experts(weights, &x, e, hidden, inter, &order, dtype, device)?
-        } else {
-            let gate_up = weights.get(&format!("{x}.gate_up_proj"), &[e, hidden, 2 * inter])?;
-            let down = weights.get(&format!("{x}.down_proj"), &[e, inter, hidden])?;
-            let arithmetic = weights.arithmetic();
-            (0..e)
-                .map(|i| {
-                    let gu = gate_up
-                        .get(i)?
-                        .t()?
-                        .contiguous()?
-                        .index_select(&order_t, 0)?;
-                    let d = down.get(i)?.t()?.contiguous()?;
-                    Ok((
-                        LinearWeight::Dense(gu.to_dtype(dtype)?).with_arithmetic(arithmetic)?,
-                        LinearWeight::Dense(d.to_dtype(dtype)?).with_arithmetic(arithmetic)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?
-        };
-        let experts = projections
-            .into_iter()
-            .enumerate()
-            .map(|(i, (gate_up, down))| {
-                let gu_bias = gate_up_bias.get(i)?.index_select(&order_t, 0)?;
-                Ok(GatedMlp {
-                    gate_up,
-                    down,
-                    inter,
-                    biases: Some((gu_bias.to_dtype(dtype)?, down_bias.get(i)?.to_dtype(dtype)?)),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            router,
-            router_bias: Some(router_bias),
-            routing: spec.routing,
-            experts,
-            shared: None,
-            top_k: spec.top_k,
-            renormalize: false,
             hidden,
         })
     }
