@@ -12,7 +12,9 @@ use crate::error::Result;
 /// fused gate/up projection), as `[m, inter]`. One pass instead of two narrows, a SiLU and a
 /// multiply.
 pub fn silu_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
-    gated(gate_up, inter, silu_mul_row, |gate| gate.silu())
+    gated(gate_up, inter, silu_mul_row, |gate, up| {
+        Ok((gate.silu()? * up)?)
+    })
 }
 
 fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
@@ -23,13 +25,13 @@ fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
-/// `act(gate) * up` over the fused `[m, 2 * inter]` gate/up output: `row` per row on f32 CPU
-/// tensors (rows in parallel), otherwise candle's `act` and multiply.
+/// A gated activation over the fused `[m, 2 * inter]` gate/up output: `row` per row on f32 CPU
+/// tensors (rows in parallel), otherwise `ops(gate, up)` in candle ops.
 fn gated(
     gate_up: &Tensor,
     inter: usize,
-    row: fn(&mut [f32], &[f32], &[f32]),
-    act: fn(&Tensor) -> candle_core::Result<Tensor>,
+    row: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+    ops: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let cpu_f32 = gate_up.device().is_cpu() && gate_up.dtype() == DType::F32;
     if cpu_f32 && gate_up.is_contiguous() {
@@ -50,7 +52,10 @@ fn gated(
             }
         }
     }
-    Ok((act(&gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?)?)
+    ops(
+        &gate_up.narrow(1, 0, inter)?,
+        &gate_up.narrow(1, inter, inter)?,
+    )
 }
 
 /// `gelu_tanh(gate) * up` (Gemma's GeGLU, `gelu_pytorch_tanh`) for the fused `[m, 2 * inter]`
@@ -59,35 +64,30 @@ fn gated(
 /// 16 lanes at a time under AVX-512: within 1e-6 of candle's `gelu` (test below), whose scalar
 /// tanh per element cost Gemma a third of its prefill. Elsewhere candle's ops.
 pub fn gelu_tanh_and_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
-    gated(gate_up, inter, gelu_tanh_mul_row, |gate| gate.gelu())
+    gated(gate_up, inter, gelu_tanh_mul_row, |gate, up| {
+        Ok((gate.gelu()? * up)?)
+    })
 }
 
 /// gpt-oss's clamped SwiGLU over the fused `[m, 2 * inter]` gate/up output (gate first):
 /// `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`, `(u + 1) · g · sigmoid(alpha · g)`,
 /// in f32 as transformers computes it, as `[m, inter]`.
 pub fn clamped_swiglu(gate_up: &Tensor, inter: usize, alpha: f32, limit: f32) -> Result<Tensor> {
-    let dtype = gate_up.dtype();
-    let x = gate_up.to_dtype(DType::F32)?.contiguous()?;
-    let (m, width) = x.dims2()?;
-    if width != 2 * inter {
-        return Err(crate::error::ModelError::InvalidBatch(format!(
-            "gate/up width {width} for intermediate size {inter}"
-        )));
-    }
-    let data = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; m * inter];
-    out.par_chunks_mut(inter.max(1))
-        .zip(data.par_chunks(width.max(1)))
-        .for_each(|(o, r)| {
-            let (gate, up) = r.split_at(inter);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                let g = g.min(limit);
-                let u = u.clamp(-limit, limit);
-                let glu = g * (1.0 / (1.0 + (-(g * alpha)).exp()));
-                *o = (u + 1.0) * glu;
-            }
-        });
-    Ok(Tensor::from_vec(out, (m, inter), gate_up.device())?.to_dtype(dtype)?)
+    let row = |out: &mut [f32], gate: &[f32], up: &[f32]| {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let g = g.min(limit);
+            let u = u.clamp(-limit, limit);
+            let glu = g * (1.0 / (1.0 + (-(g * alpha)).exp()));
+            *o = (u + 1.0) * glu;
+        }
+    };
+    gated(gate_up, inter, row, |gate, up| {
+        let dtype = gate.dtype();
+        let g = gate.to_dtype(DType::F32)?.minimum(limit)?;
+        let u = up.to_dtype(DType::F32)?.clamp(-limit, limit)?;
+        let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha as f64)?)?)?;
+        Ok(((u + 1.0)? * glu)?.to_dtype(dtype)?)
+    })
 }
 
 /// Gemma 2's soft-capping in place, `cap · tanh(x / cap)`, with `tanh(y) = 1 - 2 / (exp(2y) + 1)`
@@ -176,6 +176,31 @@ mod tests {
     }
 
     use super::*;
+
+    /// The row loop (f32 CPU) and the candle-ops form (other devices and dtypes) of gpt-oss's
+    /// clamped SwiGLU agree, both sides of the clamps included.
+    #[test]
+    fn clamped_swiglu_row_and_candle_forms_agree() {
+        let (m, inter) = (3, 40);
+        let data: Vec<f32> = (0..m * 2 * inter)
+            .map(|i| ((i * 7919) % 401) as f32 * 0.05 - 10.0)
+            .collect();
+        let t = Tensor::from_vec(data, (m, 2 * inter), &Device::Cpu).unwrap();
+        let rows: Vec<Vec<f32>> = clamped_swiglu(&t, inter, 1.702, 7.0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        // A transposed view is not contiguous, so it takes the candle form.
+        let strided = t.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        let ops: Vec<Vec<f32>> = clamped_swiglu(&strided, inter, 1.702, 7.0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (a, b) in rows.iter().flatten().zip(ops.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn silu_and_mul_is_bit_identical_to_candle() {
