@@ -483,35 +483,41 @@ impl<'a> GgufWeights<'a> {
         }
     }
 
+    /// GGUF tensor `name` as stored, if its type is one spindle reads.
+    fn read_raw(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let path = self.file.path.clone();
+        let dtype = self
+            .file
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.clone(),
+                tensor: name.to_string(),
+            })?
+            .ggml_dtype;
+        if !supported(dtype) {
+            return Err(ModelError::UnsupportedQuant {
+                path,
+                tensor: name.to_string(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
+        self.file
+            .content
+            .tensor(&mut self.file.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::InvalidFile {
+                path,
+                message: format!("cannot read tensor '{name}': {e}"),
+            })
+    }
+
     /// The stacked expert tensor `name`, read once. Tensors of other layers are dropped.
     fn stacked(&mut self, name: &str) -> Result<&mut Stacked> {
         let layer = |n: &str| n.split('.').take(2).collect::<Vec<_>>().join(".");
         if !self.stacked.iter().any(|s| s.name == name) {
             let path = self.file.path.clone();
-            let dtype = match self.file.content.tensor_infos.get(name) {
-                Some(info) => info.ggml_dtype,
-                None => {
-                    return Err(ModelError::MissingTensor {
-                        path,
-                        tensor: name.to_string(),
-                    })
-                }
-            };
-            if !supported(dtype) {
-                return Err(ModelError::UnsupportedQuant {
-                    path,
-                    tensor: name.to_string(),
-                    dtype: format!("{dtype:?}"),
-                });
-            }
-            let raw = self
-                .file
-                .content
-                .tensor(&mut self.file.reader, name, &Device::Cpu)
-                .map_err(|e| ModelError::InvalidFile {
-                    path: path.clone(),
-                    message: format!("cannot read tensor '{name}': {e}"),
-                })?;
+            let raw = self.read_raw(name)?;
             if raw.shape().rank() != 3 {
                 return Err(ModelError::InvalidFile {
                     path,
@@ -621,23 +627,8 @@ impl<'a> GgufWeights<'a> {
     }
 
     fn read(&mut self, hf: &str) -> Result<Tensor> {
-        let (name, dtype, _) = self.info(hf)?;
-        let path = self.file.path.clone();
-        if !supported(dtype) {
-            return Err(ModelError::UnsupportedQuant {
-                path,
-                tensor: name,
-                dtype: format!("{dtype:?}"),
-            });
-        }
-        let q = self
-            .file
-            .content
-            .tensor(&mut self.file.reader, &name, &Device::Cpu)
-            .map_err(|e| ModelError::InvalidFile {
-                path: path.clone(),
-                message: format!("cannot read tensor '{name}': {e}"),
-            })?;
+        let (name, _, _) = self.info(hf)?;
+        let q = self.read_raw(&name)?;
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(heads) = self.unpermute_heads(hf) {
             t = unpermute_rows(&t, heads)?;
@@ -714,15 +705,7 @@ impl WeightSource for GgufWeights<'_> {
                 actual: dims,
             });
         }
-        let q = self
-            .file
-            .content
-            .tensor(&mut self.file.reader, &gguf, &Device::Cpu)
-            .map_err(|e| ModelError::InvalidFile {
-                path: path.clone(),
-                message: format!("cannot read tensor '{gguf}': {e}"),
-            })?;
-        let bytes = q.data()?.into_owned();
+        let bytes = self.read_raw(&gguf)?.data()?.into_owned();
         let (rows, cols) = (dims[0], dims[1]);
         let mut matrix =
             QuantMatrix::new(dtype, rows, cols, bytes)?.with_arithmetic(self.arithmetic);
