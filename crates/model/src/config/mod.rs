@@ -91,6 +91,12 @@ impl Architecture {
         Ok(arch)
     }
 
+    /// Whether the family's MLPs are mixtures of experts.
+    pub fn has_experts(self) -> bool {
+        use Architecture::*;
+        matches!(self, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe | GptOss)
+    }
+
     /// The supported families' names, for error messages.
     pub fn supported_list() -> String {
         SUPPORTED_ARCHITECTURES

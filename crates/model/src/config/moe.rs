@@ -18,6 +18,16 @@ pub enum MoeRouting {
     TopKThenSoftmax,
 }
 
+impl MoeRouting {
+    /// The family's rule (the same whichever file describes the model).
+    pub fn of(arch: Architecture) -> Self {
+        match arch {
+            Architecture::GptOss => MoeRouting::TopKThenSoftmax,
+            _ => MoeRouting::SoftmaxThenTopK,
+        }
+    }
+}
+
 /// A sparse MLP layer's shape and routing rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeSpec {
@@ -110,7 +120,7 @@ pub(super) fn read_hf(
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
     ];
-    if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe | GptOss) {
+    if !arch.has_experts() {
         if let Some(k) = moe_keys
             .iter()
             .find(|k| uint(k).ok().flatten().unwrap_or(0) > 0)
@@ -166,29 +176,14 @@ pub(super) fn read_hf(
         }
         _ => vec![true; num_layers],
     };
-    if arch == Mixtral
-        && obj
-            .get("router_jitter_noise")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0)
-            != 0.0
-    {
-        // Training-only noise: transformers and vLLM ignore it at inference.
-        tracing::debug!("router_jitter_noise only applies in training");
-    }
-    let routing = match arch {
-        GptOss => MoeRouting::TopKThenSoftmax,
-        _ => MoeRouting::SoftmaxThenTopK,
-    };
-    let spec = MoeSpec {
-        routing,
+    // `ModelConfig::validate` checks the spec with the rest of the config.
+    Ok(Some(MoeSpec {
+        routing: MoeRouting::of(arch),
         num_experts,
         top_k,
         expert_intermediate,
         renormalize,
         shared_expert_intermediate,
         sparse_layers,
-    };
-    spec.validate(num_layers)?;
-    Ok(Some(spec))
+    }))
 }

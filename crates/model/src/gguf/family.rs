@@ -9,7 +9,8 @@
 use candle_core::quantized::gguf_file::Value;
 
 use crate::config::{
-    Architecture, FamilyTraits, LayerKind, MoeSpec, RopeScaling, RopeSpec, YarnRopeScaling,
+    Architecture, FamilyTraits, LayerKind, MoeRouting, MoeSpec, RopeScaling, RopeSpec,
+    YarnRopeScaling,
 };
 use crate::error::{ModelError, Result};
 
@@ -253,42 +254,35 @@ impl GgufFile {
         if num_experts == 0 {
             return Ok(None);
         }
-        use Architecture::*;
-        if !matches!(arch, Mixtral | Qwen2Moe | Qwen3Moe | Olmoe | GptOss) {
+        if !arch.has_experts() {
             return Err(ModelError::Unsupported(format!(
                 "GGUF metadata '{}' is set, but spindle runs no experts for {}",
                 key("expert_count"),
                 arch.as_str()
             )));
         }
+        use Architecture::*;
         let renormalize = match self.bool_opt(&key("expert_weights_norm"))? {
             Some(b) => b,
             None => matches!(arch, Mixtral | Qwen3Moe),
         };
+        let has_shared =
+            (0..num_layers).any(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_shexp.weight")));
         let spec = MoeSpec {
-            routing: match arch {
-                GptOss => crate::config::MoeRouting::TopKThenSoftmax,
-                _ => crate::config::MoeRouting::SoftmaxThenTopK,
-            },
+            routing: MoeRouting::of(arch),
             num_experts,
             top_k: self.usize_req(&key("expert_used_count"))?,
             expert_intermediate: self
                 .usize_opt(&key("expert_feed_forward_length"))?
                 .unwrap_or(feed_forward),
             renormalize,
-            shared_expert_intermediate: None,
-            sparse_layers: (0..num_layers)
-                .map(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
-                .collect(),
-        };
-        let has_shared =
-            (0..num_layers).any(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_shexp.weight")));
-        let spec = MoeSpec {
             shared_expert_intermediate: match has_shared {
                 true => Some(self.usize_req(&key("expert_shared_feed_forward_length"))?),
                 false => None,
             },
-            ..spec
+            sparse_layers: (0..num_layers)
+                .map(|i| self.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
+                .collect(),
         };
         if let Some(w) = self.f64_opt(&key("expert_weights_scale"))? {
             if w != 1.0 && w != 0.0 {
