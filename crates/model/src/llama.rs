@@ -153,7 +153,7 @@ impl LlamaModel {
                     _ => Mlp::Dense(GatedMlp::load(
                         weights,
                         &format!("{p}.mlp"),
-                        ["gate_proj", "up_proj", "down_proj"],
+                        GatedMlp::HF_PARTS,
                         h,
                         inter,
                         dtype,

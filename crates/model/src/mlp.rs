@@ -20,6 +20,9 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
+    /// The projections' names in Llama-style checkpoints (`{prefix}.gate_proj.weight`, ...).
+    pub const HF_PARTS: [&'static str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
     /// Read `{prefix}.{gate}.weight`, `{prefix}.{up}.weight` and `{prefix}.{down}.weight`.
     pub fn load(
         weights: &mut dyn WeightSource,

@@ -58,7 +58,7 @@ fn names(arch: Architecture) -> Names {
         _ => Names {
             block: "mlp",
             router: "mlp.gate.weight",
-            parts: ["gate_proj", "up_proj", "down_proj"],
+            parts: GatedMlp::HF_PARTS,
         },
     }
 }
@@ -110,7 +110,7 @@ impl MoeBlock {
                 mlp: GatedMlp::load(
                     weights,
                     &format!("{p}.mlp.shared_expert"),
-                    ["gate_proj", "up_proj", "down_proj"],
+                    GatedMlp::HF_PARTS,
                     hidden,
                     inter,
                     dtype,
