@@ -3,19 +3,12 @@
 //! has completed its warm-up step, then 200; never 200 before 503.
 
 mod common;
-use common::model_path;
+use common::{free_port, model_path};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// GET /health: the raw response, or `None` while nothing listens.
 fn health(port: u16) -> Option<String> {

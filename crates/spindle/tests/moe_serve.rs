@@ -3,18 +3,14 @@
 //! the same whether a request runs alone or batched with identical ones (the experts' token
 //! groups differ between the two; each sequence's result must not).
 
+mod common;
+use common::free_port;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One HTTP/1.1 request; the status line's code and the body.
 fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {

@@ -1,4 +1,5 @@
 //! Shared by the tests that run the real `spindle` binary.
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::PathBuf;
 
@@ -12,4 +13,12 @@ pub fn model_path() -> String {
         path.display()
     );
     path.display().to_string()
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
