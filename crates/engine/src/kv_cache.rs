@@ -19,8 +19,9 @@ fn setup(e: ModelError) -> EngineError {
 }
 
 /// Bytes of activations one step at `max_num_batched_tokens` may need on the GPU (hidden states,
-/// fused projections, MLP or chosen experts, router logits, logits rows), doubled for temporaries: the fallback when the profiling
-/// pass cannot measure (a driver without stream-ordered allocation).
+/// fused projections, MLP or chosen experts, router logits, logits rows), doubled for
+/// temporaries: the fallback when the profiling pass cannot measure (a driver without
+/// stream-ordered allocation).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn activation_estimate(model: &LlamaModel, config: &EngineConfig) -> u64 {
     let c = model.config();

@@ -1,6 +1,7 @@
 //! spindle-model: everything between a `--model` argument and logits. Loads weights (GGUF, HF
 //! directory, Hub repo, dummy), builds the tokenizer and chat template, and runs Llama-family
-//! forward passes (dense or mixture-of-experts) over a flattened batch whose attention goes through a paged KV cache.
+//! forward passes (dense or mixture-of-experts) over a flattened batch whose attention goes
+//! through a paged KV cache.
 //!
 //! Depends on candle and spindle-kernels only; never on the engine or the server.
 

@@ -1,11 +1,11 @@
 //! One decoder for every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, OLMo 2, Granite,
-//! Phi-3, and the MoE families Mixtral, Qwen2/3-MoE, OLMoE): a plain struct with `load` and
-//! `forward`. The families differ in a few switches ([`crate::config::FamilyTraits`]): where the
-//! norms sit, the activation, multipliers, soft-caps and which layers slide or skip rope; a
-//! layer's MLP is dense or a mixture of experts ([`crate::mlp::Mlp`]). The forward pass takes a flattened batch (all
-//! sequences' new tokens in one `[tokens, hidden]` matrix), so projections and MLPs run as single
-//! large matmuls, and only attention looks at sequence boundaries, through the
-//! [`AttentionBackend`].
+//! Phi-3, and the MoE families Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss): a plain struct with `load`
+//! and `forward`. The families differ in a few switches ([`crate::config::FamilyTraits`]): where
+//! the norms sit, the activation, multipliers, soft-caps and which layers slide or skip rope; a
+//! layer's MLP is dense or a mixture of experts ([`crate::mlp::Mlp`]). The forward pass takes a
+//! flattened batch (all sequences' new tokens in one `[tokens, hidden]` matrix), so projections
+//! and MLPs run as single large matmuls, and only attention looks at sequence boundaries, through
+//! the [`AttentionBackend`].
 
 use candle_core::{DType, Device, Tensor};
 

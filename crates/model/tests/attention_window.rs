@@ -1,7 +1,7 @@
 //! The CPU attention kernels with a layer's own scale, Gemma 2's soft-cap, a sliding window and
-//! gpt-oss's attention sinks, against a naive masked reference over contiguous keys: both kernels (the vectorized one for
-//! 16-token blocks and the portable one), at the window's edges (1, one block ± 1, wider than the
-//! context), for a prefill, a chunk over a cached prefix and decode.
+//! gpt-oss's attention sinks, against a naive masked reference over contiguous keys: both kernels
+//! (the vectorized one for 16-token blocks and the portable one), at the window's edges (1, one
+//! block ± 1, wider than the context), for a prefill, a chunk over a cached prefix and decode.
 
 use candle_core::{Device, Tensor};
 use spindle_model::attention::cpu::CpuAttention;

@@ -1,6 +1,6 @@
-//! Every family (dense and mixture-of-experts) on a tiny checkpoint transformers v5 configured (`tests/golden/tiny-*`,
-//! made by `scripts/golden/make_tiny_families.py`; the weights are filled from the scripts'
-//! integer hash, none stored): the paged forward pass matches transformers' fp32 logits on
+//! Every family (dense and mixture-of-experts) on a tiny checkpoint transformers v5 configured
+//! (`tests/golden/tiny-*`, made by `scripts/golden/make_tiny_families.py`; the weights are filled
+//! from the scripts' integer hash, none stored): the paged forward pass matches transformers' fp32 logits on
 //! sequences shorter and longer than the sliding window, greedy decoding after a (chunked)
 //! prefill gives transformers' tokens, and a sequence's logits are bit-identical alone or
 //! batched with others.
