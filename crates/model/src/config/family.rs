@@ -316,12 +316,18 @@ pub(super) fn read_traits(
             t.logits_divisor = positive("logits_scaling")?;
         }
         GptOss => {
-            let alpha = positive("swiglu_alpha")?.unwrap_or(1.702) as f32;
-            let limit = positive("swiglu_limit")?.unwrap_or(7.0) as f32;
-            t.activation = Activation::ClampedSwiglu { alpha, limit };
+            // The config may override the defaults `FamilyTraits::of` set.
+            if let Activation::ClampedSwiglu { alpha, limit } = &mut t.activation {
+                if let Some(a) = positive("swiglu_alpha")? {
+                    *alpha = a as f32;
+                }
+                if let Some(l) = positive("swiglu_limit")? {
+                    *limit = l as f32;
+                }
+            }
             // Sliding and full layers alternate (layer_types), windows of 128.
             let kinds = layer_types(obj, num_layers)?
-                .unwrap_or_else(|| (0..num_layers).map(|i| i % 2 == 0).collect());
+                .unwrap_or_else(|| FamilyTraits::every_nth_full(num_layers, 2));
             t.sliding_window = window(obj)?.or(Some(128));
             t.set_sliding(kinds);
             return Ok((t, None));
