@@ -226,6 +226,10 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 /// Qwen2's pattern: like Llama 3's but single digits.
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// o200k's pattern (gpt-oss, Llama 4; llama.cpp's `gpt-4o`): words split at lower-to-upper
+/// case changes, contractions kept on their word, digits in groups of up to three.
+const GPT4O_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 fn tok_err(e: impl std::fmt::Display) -> crate::error::ModelError {
     crate::error::ModelError::Tokenizer(e.to_string())
 }
@@ -370,9 +374,11 @@ impl GgufVocab {
             .into()),
             "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => split(LLAMA3_PATTERN),
             "qwen2" | "deepseek-r1-qwen" => split(QWEN2_PATTERN),
-            "default" | "gpt2" | "gpt-2" => split(GPT2_PATTERN),
+            "gpt-4o" | "llama4" => split(GPT4O_PATTERN),
+            // OLMo / OLMoE: GPT-2's pattern.
+            "default" | "gpt2" | "gpt-2" | "olmo" => split(GPT2_PATTERN),
             other => Err(tok_err(format!(
-                "GGUF pre-tokenizer '{other}' is not supported (supported: smollm, starcoder, llama-bpe, qwen2, gpt2)"
+                "GGUF pre-tokenizer '{other}' is not supported (supported: smollm, starcoder, llama-bpe, qwen2, gpt-4o, olmo, gpt2)"
             ))),
         }
     }
@@ -406,5 +412,54 @@ impl GgufVocab {
         }
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         ranked.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn vocab(pre: &str) -> GgufVocab {
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some(pre.into()),
+            tokens: Vec::new(),
+            scores: Vec::new(),
+            token_types: Vec::new(),
+            merges: Vec::new(),
+            bos_token_id: None,
+            eos_token_id: None,
+            extra_eos_ids: Vec::new(),
+            unknown_token_id: None,
+            add_bos_token: None,
+            add_space_prefix: None,
+            chat_template: None,
+        }
+    }
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let pre = vocab(pre)
+            .byte_level_pre_tokenizer()
+            .expect("known pre-tokenizer");
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).expect("pre-tokenize");
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| text[a..b].to_string())
+            .collect()
+    }
+
+    /// gpt-oss's `gpt-4o` splits at case changes and groups digits by three; OLMo's `olmo` is
+    /// GPT-2's, which does neither.
+    #[test]
+    fn gpt4o_and_olmo_pre_tokenizers_split_as_their_patterns() {
+        let text = "HelloWorld it's 12345";
+        assert_eq!(
+            pieces("gpt-4o", text),
+            ["Hello", "World", " it's", " ", "123", "45"]
+        );
+        assert_eq!(pieces("olmo", text), ["HelloWorld", " it", "'s", " 12345"]);
+        assert!(vocab("nonesuch").byte_level_pre_tokenizer().is_err());
     }
 }

@@ -102,8 +102,9 @@ impl LinearWeight {
     }
 
     /// Stack weights along the output dimension (fused q/k/v, gate/up): one quantized matrix
-    /// when every part has one block type, one bf16 matrix when every part is bf16, the parts
-    /// side by side when they are quantized or bf16 in different ways, else a dense tensor.
+    /// when every part has one block type, one bf16 (or MXFP4) matrix when every part is bf16
+    /// (or MXFP4), the parts side by side when they are stored in different ways, else a dense
+    /// tensor.
     pub fn concat(parts: &[LinearWeight], dtype: DType, device: &Device) -> Result<LinearWeight> {
         let quant: Vec<&QuantMatrix> = parts
             .iter()
@@ -127,6 +128,18 @@ impl LinearWeight {
         if bf16.len() == parts.len() {
             if let Some(b) = Bf16Matrix::concat_rows(&bf16) {
                 return Ok(LinearWeight::Bf16(Arc::new(b)));
+            }
+        }
+        let mxfp4: Vec<&Mxfp4Matrix> = parts
+            .iter()
+            .filter_map(|p| match p {
+                LinearWeight::Mxfp4(m) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if mxfp4.len() == parts.len() {
+            if let Some(m) = Mxfp4Matrix::concat_rows(&mxfp4) {
+                return Ok(LinearWeight::Mxfp4(Arc::new(m)));
             }
         }
         if !parts.iter().any(|p| matches!(p, LinearWeight::Dense(_))) {

@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::argmax;
+use common::gguf_write::{self, TensorData};
 use common::hash_weights::HashWeights;
 use common::tiny::{get, golden, golden_json, logits_of, max_err, Golden, FAMILIES};
 use serde_json::Value as Json;
@@ -66,7 +67,7 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
     for (k, v) in manifest["metadata"].as_object().expect("metadata") {
         metadata.push((k.clone(), gguf_value(v)));
     }
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut tensors: Vec<(String, TensorData)> = Vec::new();
     for t in manifest["tensors"].as_array().expect("tensors") {
         let shape: Vec<usize> = get(&t["shape"]);
         if let Some(values) = t.get("values") {
@@ -74,7 +75,20 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
             let values: Vec<f32> = get(values);
             let w = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).expect("values");
             let q = QTensor::quantize(&w, GgmlDType::F32).expect("f32 tensor");
-            tensors.push((get(&t["name"]), q));
+            tensors.push((get(&t["name"]), TensorData::Candle(q)));
+            continue;
+        }
+        if t["transform"] == "mxfp4" {
+            // gpt-oss's experts, repacked by the converter, kept MXFP4 by llama-quantize.
+            let [blocks, scales]: [String; 2] = get(&t["hf"]);
+            let rows: String = get(&t["rows"]);
+            let bytes = ggml_mxfp4(&mut hash, &g, &blocks, &scales, &rows);
+            let raw = TensorData::Raw {
+                ggml_type: 39,
+                shape,
+                bytes,
+            };
+            tensors.push((get(&t["name"]), raw));
             continue;
         }
         if t["transform"] == "stack" {
@@ -86,10 +100,8 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
                 .collect();
             let w = Tensor::stack(&experts, 0).expect("stack");
             assert_eq!(w.dims(), shape.as_slice(), "{parts:?}");
-            tensors.push((
-                get(&t["name"]),
-                QTensor::quantize(&w, matrices).expect("quantize"),
-            ));
+            let q = QTensor::quantize(&w, matrices).expect("quantize");
+            tensors.push((get(&t["name"]), TensorData::Candle(q)));
             continue;
         }
         let hf: String = get(&t["hf"]);
@@ -99,6 +111,14 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
             "plus_one" => (w + 1.0).expect("+1"),
             "permute" if hf.contains("q_proj") => permute(&w, g.config.num_heads),
             "permute" => permute(&w, g.config.num_kv_heads),
+            "even_cols" | "odd_cols" => {
+                // gpt-oss's gate (even) and up (odd) biases, interleaved in `gate_up_proj_bias`.
+                let first = usize::from(t["transform"] == "odd_cols");
+                let cols = w.dims()[w.rank() - 1];
+                let pick: Vec<u32> = (first..cols).step_by(2).map(|c| c as u32).collect();
+                let pick = Tensor::new(pick.as_slice(), &Device::Cpu).expect("index");
+                w.index_select(&pick, w.rank() - 1).expect("columns")
+            }
             other => panic!("unknown transform {other}"),
         };
         assert_eq!(w.dims(), shape.as_slice(), "{hf}");
@@ -109,20 +129,51 @@ fn rebuild_as(dir: &str, matrices: GgmlDType) -> std::path::PathBuf {
         } else {
             GgmlDType::F32
         };
-        tensors.push((
-            get(&t["name"]),
-            QTensor::quantize(&w, kind).expect("quantize"),
-        ));
+        let q = QTensor::quantize(&w, kind).expect("quantize");
+        tensors.push((get(&t["name"]), TensorData::Candle(q)));
     }
     let path = std::env::temp_dir().join(format!(
         "spindle-tiny-{}-{dir}-{matrices:?}.gguf",
         std::process::id()
     ));
-    let mut file = std::fs::File::create(&path).expect("create gguf");
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    candle_core::quantized::gguf_file::write(&mut file, &md, &ts).expect("write gguf");
+    gguf_write::write(&path, &metadata, &tensors);
     path
+}
+
+/// ggml's `block_mxfp4` bytes (`[experts, rows, cols / 32 * 17]`) of the checkpoint's MXFP4
+/// `blocks`/`scales` (hash bytes), rows `all`, `even` (gate) or `odd` (up): the scale byte,
+/// then value j in the low and value j + 16 in the high nibble of byte j, where the checkpoint
+/// holds value 2j low and 2j + 1 high in its byte j.
+fn ggml_mxfp4(
+    hash: &mut HashWeights,
+    g: &Golden,
+    blocks: &str,
+    scales: &str,
+    rows: &str,
+) -> Vec<u8> {
+    let b_shape = &g.shapes[blocks];
+    let (experts, all_rows, per_row) = (b_shape[0], b_shape[1], b_shape[2]);
+    let b = hash.get_bytes(blocks, b_shape).expect("blocks");
+    let s = hash.get_bytes(scales, &g.shapes[scales]).expect("scales");
+    let picked: Vec<usize> = match rows {
+        "all" => (0..all_rows).collect(),
+        "even" => (0..all_rows).step_by(2).collect(),
+        "odd" => (1..all_rows).step_by(2).collect(),
+        other => panic!("unknown rows {other}"),
+    };
+    let mut out = Vec::new();
+    for e in 0..experts {
+        for &r in &picked {
+            for k in 0..per_row {
+                let block = (e * all_rows + r) * per_row + k;
+                let nibbles = &b[block * 16..block * 16 + 16];
+                let v = |i: usize| (nibbles[i / 2] >> (4 * (i % 2))) & 0x0F;
+                out.push(s[block]);
+                out.extend((0..16).map(|j| v(j) | (v(j + 16) << 4)));
+            }
+        }
+    }
+    out
 }
 
 /// Loads the rebuilt GGUF of `dir` through spindle's GGUF reader (f32 serving, quantized
@@ -247,6 +298,20 @@ fn olmoe_gguf_matches_transformers() {
     check("tiny-olmoe");
 }
 
+/// gpt-oss as its GGUFs come: MXFP4 experts (ggml type 39, repacked by the converter from the
+/// checkpoint's blocks), split gate/up experts and biases, sinks, `post_attention_norm`, and
+/// the YaRN rope without truncation that its config asks for.
+#[test]
+fn gpt_oss_mxfp4_gguf_matches_transformers() {
+    let config = rebuilt_config("tiny-gpt-oss-mxfp4");
+    assert!(config.attention_sinks);
+    assert!(matches!(
+        config.rope_scaling,
+        Some(spindle_model::RopeScaling::Yarn(ref y)) if !y.truncate
+    ));
+    check("tiny-gpt-oss-mxfp4");
+}
+
 /// Whether llama.cpp's converter could write `dir` (not a Qwen3-MoE with dense layers, nor an
 /// OLMoE with clip_qkv, which it drops).
 fn has_gguf(dir: &str) -> bool {
@@ -273,8 +338,10 @@ fn mistral_window_gguf_matches_transformers() {
 #[test]
 fn q8_0_ggufs_pass_check_logprobs_close() {
     // Not Mistral's: llama.cpp's converter drops its window (see `check_up_to`).
+    // gpt-oss's experts stay MXFP4, as in its published GGUFs.
     for dir in FAMILIES
         .into_iter()
+        .chain(["tiny-gpt-oss-mxfp4"])
         .filter(|d| *d != "tiny-mistral-window" && has_gguf(d))
     {
         let model = load_and_remove(&rebuild_as(dir, GgmlDType::Q8_0), dir);

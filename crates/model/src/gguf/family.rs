@@ -230,10 +230,17 @@ impl GgufFile {
                 arch.as_str()
             )));
         }
+        let mut rope_scaling = self.rope_scaling(key, s.context)?;
+        if let (GptOss, Some(RopeScaling::Yarn(yarn))) = (arch, &mut rope_scaling) {
+            // gpt-oss's config says `truncate: false` (transformers keeps the correction range
+            // fractional); the converter drops the key and llama.cpp always truncates. We run
+            // the model as its config defines it.
+            yarn.truncate = false;
+        }
         Ok(GgufFamily {
             traits: t,
             local_rope,
-            rope_scaling: self.rope_scaling(key, s.context)?,
+            rope_scaling,
         })
     }
 }

@@ -6,8 +6,9 @@
 //! layer's experts are stacked in one 3-D tensor per projection (`ffn_*_exps`), sliced per
 //! expert here and kept quantized.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -15,10 +16,12 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 mod family;
+mod header;
 
 use crate::config::{Architecture, BlockNorms, LongRopeScaling, ModelConfig, RopeScaling};
 use crate::cpu_bf16::CpuArithmetic;
 use crate::error::{ModelError, Result};
+use crate::quant::mxfp4::{Mxfp4Matrix, BLOCK};
 use crate::quant::{is_block_quantized, QuantMatrix};
 use crate::tokenizer::GgufVocab;
 use crate::weights::{check_shape, LinearWeight, WeightSource};
@@ -27,6 +30,8 @@ use crate::weights::{check_shape, LinearWeight, WeightSource};
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
+    /// Tensors of types candle cannot hold (MXFP4 experts; anything else is refused when read).
+    others: HashMap<String, header::OtherTensor>,
     reader: BufReader<File>,
 }
 
@@ -40,36 +45,25 @@ impl GgufFile {
             },
         })?;
         let mut reader = BufReader::new(file);
-        // candle's reader panics on some malformed headers (e.g. `general.alignment` = 0 divides
-        // by zero; found by fuzzing): a corrupt file must be an error, not a crash.
+        // candle's metadata reader panics on some malformed headers (found by fuzzing): a
+        // corrupt file must be an error, not a crash.
         let read =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
-        let content = match read {
-            Ok(Ok(content)) => content,
-            Ok(Err(e)) if e.to_string().contains("unknown dtype for tensor 39") => {
-                // ggml's MXFP4 (gpt-oss's experts): candle's GGUF reader has no such type.
-                return Err(ModelError::Unsupported(format!(
-                    "{}: MXFP4 tensors (GGUF type 39, gpt-oss's experts) cannot be read from a GGUF file yet; serve the Hugging Face checkpoint (its MXFP4 experts are supported)",
-                    path.display()
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(ModelError::InvalidFile {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| header::read(&mut reader)));
+        let message = match read {
+            Ok(Ok(header)) => {
+                return Ok(Self {
                     path: path.to_path_buf(),
-                    message: format!("not a readable GGUF file: {e}"),
+                    content: header.content,
+                    others: header.others,
+                    reader,
                 })
             }
-            Err(_) => {
-                return Err(ModelError::InvalidFile {
-                    path: path.to_path_buf(),
-                    message: "not a readable GGUF file: malformed header".into(),
-                })
-            }
+            Ok(Err(e)) => format!("not a readable GGUF file: {e}"),
+            Err(_) => "not a readable GGUF file: malformed header".into(),
         };
-        Ok(Self {
+        Err(ModelError::InvalidFile {
             path: path.to_path_buf(),
-            content,
-            reader,
+            message,
         })
     }
 
@@ -153,7 +147,43 @@ impl GgufFile {
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.others.contains_key(name)
+    }
+
+    /// The bytes of an MXFP4 tensor (`[experts, rows, cols]`) and its shape, bounds-checked.
+    fn read_mxfp4(&mut self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+        let Some(t) = self.others.get(name) else {
+            return Err(ModelError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            });
+        };
+        let elems: usize = t.shape.iter().product();
+        let start = self.content.tensor_data_offset.saturating_add(t.offset);
+        let shape = t.shape.clone();
+        let cols = shape.last().copied().unwrap_or(0);
+        if !cols.is_multiple_of(crate::quant::mxfp4::BLOCK) {
+            return Err(self.invalid(format!(
+                "MXFP4 tensor '{name}' has {cols} columns, not whole blocks"
+            )));
+        }
+        let len = elems / crate::quant::mxfp4::BLOCK * header::MXFP4_BLOCK_BYTES;
+        let path = self.path.clone();
+        let io = |e: std::io::Error| ModelError::InvalidFile {
+            path: path.clone(),
+            message: format!("cannot read tensor '{name}': {e}"),
+        };
+        let file_size = self.reader.seek(SeekFrom::End(0)).map_err(io)?;
+        if start.saturating_add(len as u64) > file_size {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{len} bytes at offset {start} run past the file's end"),
+            )));
+        }
+        let mut bytes = vec![0u8; len];
+        self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
+        self.reader.read_exact(&mut bytes).map_err(io)?;
+        Ok((shape, bytes))
     }
 
     /// A tensor of `len` positive per-frequency factors (`rope_freqs.weight`,
@@ -370,9 +400,11 @@ fn expert_name(hf: &str) -> Option<(String, usize)> {
     Some((format!("blk.{layer}.{stacked}"), expert.parse().ok()?))
 }
 
-/// Map a Hugging Face tensor name to llama.cpp's GGUF name (`norms`: the family's norm
-/// placement; llama.cpp calls the pre-MLP norm `ffn_norm` whatever HF calls it).
-fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
+/// Map a Hugging Face tensor name to llama.cpp's GGUF name (`post_attention`: what llama.cpp
+/// calls HF's `post_attention_layernorm`, see [`post_attention_norm_name`]). gpt-oss's experts
+/// are asked for as llama.cpp splits them: per expert (`experts.E.gate_proj.weight`, see
+/// [`expert_name`]) and with the gate and up biases apart (`experts.gate_proj_bias`).
+fn gguf_name(hf: &str, post_attention: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -386,10 +418,7 @@ fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
     let (layer, suffix) = rest.split_once('.')?;
     let mapped = match suffix {
         "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => match norms {
-            BlockNorms::Pre => "ffn_norm.weight",
-            BlockNorms::Sandwich | BlockNorms::Post => "post_attention_norm.weight",
-        },
+        "post_attention_layernorm.weight" => post_attention,
         "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
         "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
@@ -413,9 +442,24 @@ fn gguf_name(hf: &str, norms: BlockNorms) -> Option<String> {
         "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
         "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
         "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
+        "mlp.router.weight" => "ffn_gate_inp.weight",
+        "mlp.router.bias" => "ffn_gate_inp.bias",
+        "mlp.experts.gate_proj_bias" => "ffn_gate_exps.bias",
+        "mlp.experts.up_proj_bias" => "ffn_up_exps.bias",
+        "mlp.experts.down_proj_bias" => "ffn_down_exps.bias",
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// llama.cpp's name for HF's `post_attention_layernorm`: the norm before the MLP is `ffn_norm`
+/// in pre-norm families, but gpt-oss's converter writes it as `post_attention_norm`, the name
+/// sandwich- and post-norm families use for their norm after attention.
+fn post_attention_norm_name(config: &ModelConfig) -> &'static str {
+    match config.family.norms {
+        BlockNorms::Pre if config.architecture != Architecture::GptOss => "ffn_norm.weight",
+        _ => "post_attention_norm.weight",
+    }
 }
 
 /// Quantization types we dequantize at load (the float types, every block type the quantized
@@ -435,8 +479,8 @@ pub struct GgufWeights<'a> {
     device: Device,
     /// Heads for undoing llama.cpp's Q/K permutation (`None`: the arch is stored unpermuted).
     unpermute: Option<(usize, usize)>,
-    /// The family's norm placement (decides the norms' GGUF names).
-    norms: BlockNorms,
+    /// llama.cpp's name for HF's `post_attention_layernorm`.
+    post_attention: &'static str,
     /// Keep block-quantized linear weights quantized (CPU, f32 serving): the CPU matmul
     /// dequantizes them on the fly with identical results.
     keep_quantized: bool,
@@ -450,10 +494,18 @@ pub struct GgufWeights<'a> {
 /// A `[experts, rows, cols]` tensor (`blk.N.ffn_*_exps`), raw and, once needed, dequantized.
 struct Stacked {
     name: String,
-    raw: candle_core::quantized::QTensor,
+    dims: Vec<usize>,
+    data: StackedData,
     /// The raw bytes, copied out once (`QTensor::data` copies on every call).
     bytes: Option<Vec<u8>>,
     dense: Option<Tensor>,
+}
+
+/// A stacked tensor as stored.
+enum StackedData {
+    Ggml(candle_core::quantized::QTensor),
+    /// ggml's `block_mxfp4` bytes (gpt-oss's experts).
+    Mxfp4(Vec<u8>),
 }
 
 impl<'a> GgufWeights<'a> {
@@ -476,7 +528,7 @@ impl<'a> GgufWeights<'a> {
             dtype,
             device,
             unpermute,
-            norms: config.family.norms,
+            post_attention: post_attention_norm_name(config),
             keep_quantized,
             arithmetic: CpuArithmetic::F32,
             stacked: Vec::new(),
@@ -486,6 +538,13 @@ impl<'a> GgufWeights<'a> {
     /// GGUF tensor `name` as stored, if its type is one spindle reads.
     fn read_raw(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
         let path = self.file.path.clone();
+        if let Some(other) = self.file.others.get(name) {
+            return Err(ModelError::UnsupportedQuant {
+                path,
+                tensor: name.to_string(),
+                dtype: header::type_name(other.ggml_type),
+            });
+        }
         let dtype = self
             .file
             .content
@@ -516,19 +575,30 @@ impl<'a> GgufWeights<'a> {
     fn stacked(&mut self, name: &str) -> Result<&mut Stacked> {
         let layer = |n: &str| n.split('.').take(2).collect::<Vec<_>>().join(".");
         if !self.stacked.iter().any(|s| s.name == name) {
-            let path = self.file.path.clone();
-            let raw = self.read_raw(name)?;
-            if raw.shape().rank() != 3 {
+            let is_mxfp4 = self
+                .file
+                .others
+                .get(name)
+                .is_some_and(|t| t.ggml_type == header::GGML_MXFP4);
+            let (dims, data) = if is_mxfp4 {
+                let (dims, bytes) = self.file.read_mxfp4(name)?;
+                (dims, StackedData::Mxfp4(bytes))
+            } else {
+                let raw = self.read_raw(name)?;
+                (raw.shape().dims().to_vec(), StackedData::Ggml(raw))
+            };
+            if dims.len() != 3 {
                 return Err(ModelError::InvalidFile {
-                    path,
-                    message: format!("expert tensor '{name}' is not 3-D: {:?}", raw.shape()),
+                    path: self.file.path.clone(),
+                    message: format!("expert tensor '{name}' is not 3-D: {dims:?}"),
                 });
             }
             let this_layer = layer(name);
             self.stacked.retain(|s| layer(&s.name) == this_layer);
             self.stacked.push(Stacked {
                 name: name.to_string(),
-                raw,
+                dims,
+                data,
                 bytes: None,
                 dense: None,
             });
@@ -540,7 +610,8 @@ impl<'a> GgufWeights<'a> {
     }
 
     /// Expert `hf`'s `[rows, cols]` slice of its stacked tensor, checked against `shape`:
-    /// quantized bytes when `quantized`, else dequantized to the serving dtype.
+    /// quantized bytes when `quantized`, else dequantized to the serving dtype. MXFP4 experts
+    /// stay MXFP4 on the CPU whatever the serving dtype (their kernel expands them to f32).
     fn expert(&mut self, hf: &str, shape: &[usize], quantized: bool) -> Result<LinearWeight> {
         let (name, e) = expert_name(hf).ok_or_else(|| ModelError::MissingTensor {
             path: self.file.path.clone(),
@@ -549,7 +620,7 @@ impl<'a> GgufWeights<'a> {
         let path = self.file.path.clone();
         let (dtype, device, arithmetic) = (self.dtype, self.device.clone(), self.arithmetic);
         let st = self.stacked(&name)?;
-        let dims = st.raw.shape().dims().to_vec();
+        let dims = st.dims.clone();
         if dims.len() != 3 || e >= dims[0] || dims[1..] != *shape {
             return Err(ModelError::ShapeMismatch {
                 path,
@@ -559,27 +630,43 @@ impl<'a> GgufWeights<'a> {
             });
         }
         let (rows, cols) = (dims[1], dims[2]);
-        let ggml = st.raw.dtype();
+        let short = || ModelError::InvalidFile {
+            path: path.clone(),
+            message: format!("expert tensor '{name}' is shorter than its shape"),
+        };
+        let raw = match &st.data {
+            StackedData::Mxfp4(all) => {
+                let per_expert = rows * cols / BLOCK * header::MXFP4_BLOCK_BYTES;
+                let bytes = all
+                    .get(e * per_expert..(e + 1) * per_expert)
+                    .ok_or_else(short)?;
+                let m = Mxfp4Matrix::from_ggml(rows, cols, bytes)?;
+                if device.is_cpu() {
+                    return Ok(LinearWeight::Mxfp4(std::sync::Arc::new(m)));
+                }
+                let t = Tensor::from_vec(m.dequantize(), (rows, cols), &Device::Cpu)?;
+                return Ok(LinearWeight::Dense(t.to_dtype(dtype)?.to_device(&device)?));
+            }
+            StackedData::Ggml(raw) => raw,
+        };
+        let ggml = raw.dtype();
         if quantized && is_block_quantized(ggml) {
             let row_bytes = cols / ggml.block_size() * ggml.type_size();
             let per_expert = rows * row_bytes;
             if st.bytes.is_none() {
-                st.bytes = Some(st.raw.data()?.into_owned());
+                st.bytes = Some(raw.data()?.into_owned());
             }
             let bytes = st
                 .bytes
                 .as_deref()
                 .and_then(|b| b.get(e * per_expert..(e + 1) * per_expert))
-                .ok_or_else(|| ModelError::InvalidFile {
-                    path,
-                    message: format!("expert tensor '{name}' is shorter than its shape"),
-                })?
+                .ok_or_else(short)?
                 .to_vec();
             let m = QuantMatrix::new(ggml, rows, cols, bytes)?.with_arithmetic(arithmetic);
             return Ok(LinearWeight::Quantized(std::sync::Arc::new(m)));
         }
         if st.dense.is_none() {
-            st.dense = Some(st.raw.dequantize(&Device::Cpu)?);
+            st.dense = Some(raw.dequantize(&Device::Cpu)?);
         }
         let all = st
             .dense
@@ -598,7 +685,7 @@ impl<'a> GgufWeights<'a> {
     /// The GGUF name of `hf` and its tensor info, or a clear error.
     fn info(&self, hf: &str) -> Result<(String, candle_core::quantized::GgmlDType, Vec<usize>)> {
         let path = self.file.path.clone();
-        let name = gguf_name(hf, self.norms).ok_or_else(|| ModelError::MissingTensor {
+        let name = gguf_name(hf, self.post_attention).ok_or_else(|| ModelError::MissingTensor {
             path: path.clone(),
             tensor: hf.to_string(),
         })?;
@@ -667,7 +754,7 @@ impl WeightSource for GgufWeights<'_> {
         }
         check_shape(
             &self.origin(),
-            &gguf_name(name, self.norms).unwrap_or_else(|| name.to_string()),
+            &gguf_name(name, self.post_attention).unwrap_or_else(|| name.to_string()),
             &t,
             shape,
         )?;
@@ -678,7 +765,7 @@ impl WeightSource for GgufWeights<'_> {
         if let Some((stacked, _)) = expert_name(name) {
             return self.file.has_tensor(&stacked);
         }
-        gguf_name(name, self.norms).is_some_and(|n| self.file.has_tensor(&n))
+        gguf_name(name, self.post_attention).is_some_and(|n| self.file.has_tensor(&n))
     }
 
     fn origin(&self) -> String {
@@ -767,28 +854,63 @@ mod tests {
         assert!(ok.is_ok());
     }
 
-    /// A gpt-oss GGUF's MXFP4 experts (ggml type 39) are refused with what to do instead.
-    #[test]
-    fn mxfp4_ggufs_say_what_to_serve_instead() {
+    /// A GGUF v3 file with one `[2, 32]` tensor of ggml type `ggml_type` and `data` bytes.
+    fn one_tensor_gguf(name: &str, ggml_type: u32, data: &[u8]) -> PathBuf {
         let mut b = b"GGUF".to_vec();
         b.extend_from_slice(&3u32.to_le_bytes());
         b.extend_from_slice(&1u64.to_le_bytes()); // one tensor
         b.extend_from_slice(&0u64.to_le_bytes()); // no metadata
-        let name = "blk.0.ffn_up_exps.weight";
         b.extend_from_slice(&(name.len() as u64).to_le_bytes());
         b.extend_from_slice(name.as_bytes());
-        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
         b.extend_from_slice(&32u64.to_le_bytes());
-        b.extend_from_slice(&39u32.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&ggml_type.to_le_bytes());
         b.extend_from_slice(&0u64.to_le_bytes());
-        b.resize(b.len().next_multiple_of(32) + 17, 0);
-        let path =
-            std::env::temp_dir().join(format!("spindle-gguf-mxfp4-{}.gguf", std::process::id()));
+        b.resize(b.len().next_multiple_of(32), 0);
+        b.extend_from_slice(data);
+        let path = std::env::temp_dir().join(format!(
+            "spindle-gguf-type{ggml_type}-{}-{}.gguf",
+            std::process::id(),
+            data.len()
+        ));
         std::fs::write(&path, b).unwrap();
-        let err = GgufFile::open(&path).err().expect("refused");
+        path
+    }
+
+    /// Tensor types candle lacks no longer make the file unreadable: MXFP4 bytes are read
+    /// (bounds-checked), other types are refused by name when asked for.
+    #[test]
+    fn tensors_of_types_candle_lacks_are_kept_aside() {
+        let name = "blk.0.ffn_up_exps.weight";
+        let data: Vec<u8> = (0..34u8).collect();
+        let path = one_tensor_gguf(name, header::GGML_MXFP4, &data);
+        let mut file = GgufFile::open(&path).expect("opens");
+        assert!(file.has_tensor(name));
+        let (shape, bytes) = file.read_mxfp4(name).expect("bytes");
+        assert_eq!((shape, bytes), (vec![2, 32], data.clone()));
         let _ = std::fs::remove_file(&path);
-        assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
-        assert!(err.to_string().contains("Hugging Face checkpoint"), "{err}");
+        let cut = one_tensor_gguf(name, header::GGML_MXFP4, &data[..20]);
+        let short = GgufFile::open(&cut).expect("opens").read_mxfp4(name);
+        let _ = std::fs::remove_file(&cut);
+        assert!(
+            matches!(short, Err(ModelError::InvalidFile { .. })),
+            "{short:?}"
+        );
+
+        let iq = one_tensor_gguf("token_embd.weight", 16, &data);
+        let mut file = GgufFile::open(&iq).expect("opens");
+        let config = ModelConfig::from_hf_json(
+            r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 32,
+                "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+        )
+        .expect("config");
+        let mut weights = GgufWeights::new(&mut file, &config, DType::F32, Device::Cpu);
+        let Err(err) = weights.read_raw("token_embd.weight") else {
+            panic!("an IQ2_XXS tensor was read");
+        };
+        let _ = std::fs::remove_file(&iq);
+        assert!(err.to_string().contains("IQ2_XXS"), "{err}");
     }
 
     /// A minimal Llama GGUF's metadata plus `rope_freqs.weight` (as llama.cpp writes Llama 3.x

@@ -1,7 +1,8 @@
 //! gpt-oss's experts: each projection's experts in one tensor, `x @ W` style (`gate_up_proj`
 //! `[experts, hidden, 2 inter]` with gate and up interleaved column by column, `down_proj`
-//! `[experts, inter, hidden]`), with biases, or as MXFP4 `*_blocks`/`*_scales` bytes; the router
-//! has a bias too.
+//! `[experts, inter, hidden]`), with biases, or as MXFP4 `*_blocks`/`*_scales` bytes; or, from
+//! a GGUF, split per expert and into gate and up as llama.cpp's converter writes them. The
+//! router has a bias too.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -27,7 +28,6 @@ pub(super) fn load(
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?;
     let x = format!("{p}.mlp.experts");
-    let gate_up_bias = weights.get(&format!("{x}.gate_up_proj_bias"), &[e, 2 * inter])?;
     let down_bias = weights.get(&format!("{x}.down_proj_bias"), &[e, hidden])?;
     // Gate rows first, then up rows, as the fused activations expect.
     let order: Vec<usize> = (0..inter)
@@ -42,13 +42,18 @@ pub(super) fn load(
             .as_slice(),
         device,
     )?;
-    let projections = if weights.contains(&format!("{x}.gate_up_proj_blocks")) {
-        mxfp4_experts(weights, &x, e, hidden, inter, &order, dtype, device)?
-    } else {
+    let interleaved_bias = |w: &mut dyn WeightSource| -> Result<Tensor> {
+        let b = w.get(&format!("{x}.gate_up_proj_bias"), &[e, 2 * inter])?;
+        Ok(b.index_select(&order_t, 1)?)
+    };
+    let (projections, gate_up_bias) = if weights.contains(&format!("{x}.gate_up_proj_blocks")) {
+        let projections = mxfp4_experts(weights, &x, e, hidden, inter, &order, dtype, device)?;
+        (projections, interleaved_bias(weights)?)
+    } else if weights.contains(&format!("{x}.gate_up_proj")) {
         let gate_up = weights.get(&format!("{x}.gate_up_proj"), &[e, hidden, 2 * inter])?;
         let down = weights.get(&format!("{x}.down_proj"), &[e, inter, hidden])?;
         let arithmetic = weights.arithmetic();
-        (0..e)
+        let projections = (0..e)
             .map(|i| {
                 let gu = gate_up
                     .get(i)?
@@ -61,18 +66,23 @@ pub(super) fn load(
                     LinearWeight::Dense(d.to_dtype(dtype)?).with_arithmetic(arithmetic)?,
                 ))
             })
-            .collect::<Result<Vec<_>>>()?
+            .collect::<Result<Vec<_>>>()?;
+        (projections, interleaved_bias(weights)?)
+    } else {
+        split_experts(weights, &x, e, hidden, inter, dtype, device)?
     };
     let experts = projections
         .into_iter()
         .enumerate()
         .map(|(i, (gate_up, down))| {
-            let gu_bias = gate_up_bias.get(i)?.index_select(&order_t, 0)?;
             Ok(GatedMlp {
                 gate_up,
                 down,
                 inter,
-                biases: Some((gu_bias.to_dtype(dtype)?, down_bias.get(i)?.to_dtype(dtype)?)),
+                biases: Some((
+                    gate_up_bias.get(i)?.to_dtype(dtype)?,
+                    down_bias.get(i)?.to_dtype(dtype)?,
+                )),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -86,6 +96,41 @@ pub(super) fn load(
         renormalize: false,
         hidden,
     })
+}
+
+/// The experts as llama.cpp's converter splits them: gate and up apart, as per-expert
+/// `experts.E.{gate,up,down}_proj.weight` (slices of the GGUF's stacked tensors, in whatever
+/// block type they are stored, MXFP4 included) and the gate and up biases as
+/// `experts.{gate,up}_proj_bias` (`[experts, inter]` each). Returns the projections and the
+/// `[experts, 2 inter]` gate-then-up biases.
+#[allow(clippy::too_many_arguments)]
+fn split_experts(
+    weights: &mut dyn WeightSource,
+    x: &str,
+    e: usize,
+    hidden: usize,
+    inter: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Vec<(LinearWeight, LinearWeight)>, Tensor)> {
+    let projections = (0..e)
+        .map(|i| {
+            let prefix = format!("{x}.{i}");
+            let m = GatedMlp::load(
+                weights,
+                &prefix,
+                GatedMlp::HF_PARTS,
+                hidden,
+                inter,
+                dtype,
+                device,
+            )?;
+            Ok((m.gate_up, m.down))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let gate = weights.get(&format!("{x}.gate_proj_bias"), &[e, inter])?;
+    let up = weights.get(&format!("{x}.up_proj_bias"), &[e, inter])?;
+    Ok((projections, Tensor::cat(&[gate, up], 1)?))
 }
 
 /// gpt-oss's MXFP4 experts (`*_blocks` `[experts, rows, cols / 32, 16]`, `*_scales`

@@ -68,6 +68,54 @@ impl Mxfp4Matrix {
         })
     }
 
+    /// From ggml's `block_mxfp4` rows (a GGUF's type 39: per block one e8m0 byte, then 16
+    /// bytes whose low nibbles are values 0..16 and high nibbles values 16..32). The values are
+    /// the same (ggml halves the scale and doubles the table); only the nibbles move.
+    pub fn from_ggml(rows: usize, cols: usize, ggml: &[u8]) -> Result<Self> {
+        const GGML_BLOCK: usize = 1 + BLOCK_BYTES;
+        let n_blocks = rows * cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK) || ggml.len() != n_blocks * GGML_BLOCK {
+            return Err(ModelError::Config(format!(
+                "ggml MXFP4 matrix [{rows}, {cols}] needs {} bytes, got {}",
+                n_blocks * GGML_BLOCK,
+                ggml.len()
+            )));
+        }
+        let mut blocks = Vec::with_capacity(n_blocks * BLOCK_BYTES);
+        let mut scales = Vec::with_capacity(n_blocks);
+        for b in ggml.chunks_exact(GGML_BLOCK) {
+            scales.push(b[0]);
+            let qs = &b[1..];
+            let value = |i: usize| match i < BLOCK_BYTES {
+                true => qs[i] & 0x0F,
+                false => qs[i - BLOCK_BYTES] >> 4,
+            };
+            blocks.extend((0..BLOCK_BYTES).map(|j| value(2 * j) | (value(2 * j + 1) << 4)));
+        }
+        Self::new(rows, cols, blocks, scales)
+    }
+
+    /// Matrices with the same columns stacked along the rows (gate over up); `None` when the
+    /// columns differ.
+    pub fn concat_rows(parts: &[&Self]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        Some(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            blocks: parts
+                .iter()
+                .flat_map(|p| p.blocks.iter().copied())
+                .collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -231,6 +279,56 @@ mod tests {
             scalar[1],
             LUT[(byte >> 4) as usize] * 2f32.powi(e as i32 - 127)
         );
+    }
+
+    /// ggml's own `dequantize_row_mxfp4`: doubled integer table, halved e8m0 scale, low
+    /// nibbles first.
+    fn ggml_reference(ggml: &[u8]) -> Vec<f32> {
+        const KVALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+        let half = |x: u8| match x < 2 {
+            true => f32::from_bits(0x0020_0000 << x),
+            false => f32::from_bits(((x as u32) - 1) << 23),
+        };
+        let mut out = Vec::new();
+        for b in ggml.chunks_exact(17) {
+            let d = half(b[0]);
+            let mut y = [0f32; 32];
+            for j in 0..16 {
+                y[j] = KVALUES[(b[1 + j] & 15) as usize] as f32 * d;
+                y[j + 16] = KVALUES[(b[1 + j] >> 4) as usize] as f32 * d;
+            }
+            out.extend_from_slice(&y);
+        }
+        out
+    }
+
+    #[test]
+    fn ggml_blocks_expand_to_ggml_values() {
+        let (rows, cols) = (5, 96);
+        let mut state = 11u64;
+        let ggml: Vec<u8> = (0..rows * cols / 32 * 17)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let b = (state >> 33) as u8;
+                // Scale bytes over the whole range but 255 (NaN for OCP, finite for ggml).
+                if i % 17 == 0 {
+                    b % 255
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let m = Mxfp4Matrix::from_ggml(rows, cols, &ggml).expect("matrix");
+        let got = m.dequantize();
+        let want = ggml_reference(&ggml);
+        // Equal values (ggml's table has +0 where OCP's has -0 for the nibble 8).
+        assert!(got.iter().zip(&want).all(|(a, b)| a == b));
+        assert!(Mxfp4Matrix::from_ggml(rows, cols, &ggml[1..]).is_err());
+        let two = Mxfp4Matrix::concat_rows(&[&m, &m]).expect("same columns");
+        assert_eq!(two.rows(), 2 * rows);
+        assert_eq!(&two.dequantize()[rows * cols..], got.as_slice());
     }
 
     #[test]

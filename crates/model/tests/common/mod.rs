@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod gguf_write;
 pub mod hash_weights;
 pub mod tiny;
 
