@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// `--enable-auto-tool-choice --tool-call-parser NAME`: how `tool_choice: "auto"` answers
     /// are parsed into tool calls; `None` makes `auto` with tools a 400 naming the flags.
     pub tool_call_parser: Option<crate::tools::ToolParser>,
+    /// `--reasoning-parser`: split thinking from the answer.
+    pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
     /// Request bodies over this are refused with 413.
     pub max_body_bytes: usize,
     /// HTTP/1 connections that do not deliver a request head within this are closed (also the
@@ -66,6 +68,7 @@ impl Default for ServerConfig {
             allowed_origins: vec!["*".into()],
             chat_template: None,
             tool_call_parser: None,
+            reasoning_parser: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,

@@ -122,8 +122,7 @@ const NO_KV_TRANSFER: &str =
     "disaggregated prefill is not used; one server computes the whole request";
 const NO_XARGS: &str = "no request extensions (logits processors) are installed";
 const NO_REPETITION: &str = "repetition detection is not implemented";
-const NO_THINKING: &str =
-    "thinking budgets need a reasoning parser, which spindle does not have yet";
+const NO_THINKING: &str = "thinking budgets are not implemented";
 const NO_TOKEN_LOGPROBS: &str =
     "logprobs for a fixed token list are not implemented; use `logprobs`";
 const NO_SESSION: &str = "routing metadata for external routers; it cannot change the output";
@@ -196,10 +195,7 @@ const CHAT_ONLY: [Field; 26] = [
     h("tool_choice"),
     h("parallel_tool_calls"),
     h("reasoning_effort"),
-    ignored(
-        "include_reasoning",
-        "no reasoning parser is configured, so no answer has a reasoning part to drop",
-    ),
+    h("include_reasoning"),
     h("add_generation_prompt"),
     h("continue_final_message"),
     h("documents"),

@@ -229,6 +229,26 @@ fn completion_input(
     Ok((req, model, validated))
 }
 
+/// Where a reasoning model's prompt leaves it (judged from the prompt's last tokens) and its
+/// end-of-thinking marker.
+fn reasoning_request(
+    state: &AppState,
+    parser: crate::reasoning::ReasoningParser,
+    prompt: &[u32],
+    include: bool,
+) -> Result<crate::validation::ReasoningRequest, ApiError> {
+    const TAIL_TOKENS: usize = 8;
+    let tok = state.engine.tokenizer();
+    let tail = tok
+        .decode(&prompt[prompt.len().saturating_sub(TAIL_TOKENS)..], false)
+        .map_err(ApiError::tokenization_failed)?;
+    Ok(crate::validation::ReasoningRequest {
+        state: parser.prompt_state(&tail),
+        include,
+        end_marker: parser.end_marker(),
+    })
+}
+
 /// A chat request parsed, validated and rendered to token ids.
 struct ChatInput {
     /// The served model name.
@@ -285,6 +305,14 @@ async fn chat_input(state: &AppState, body: &[u8], endpoint: &str) -> Result<Cha
     .await?;
     if let Some(t) = validated.truncation {
         t.apply(&mut ids, state.limits.max_model_len);
+    }
+    if let Some(parser) = state.cfg.reasoning_parser {
+        validated.reasoning = Some(reasoning_request(
+            state,
+            parser,
+            &ids,
+            req.include_reasoning.unwrap_or(true),
+        )?);
     }
     Ok(ChatInput {
         model,
@@ -394,9 +422,18 @@ async fn constrain(
     let Some(requested) = validated.constraint.clone() else {
         return Ok(requests);
     };
-    let constraint =
-        crate::structured::compile(state.compiler.as_ref(), requested.spec, requested.param)
-            .await?;
+    // A reasoning model thinks freely first; the constraint applies to its answer.
+    let after = match validated.reasoning.as_ref() {
+        Some(r) if r.state.gates_constraints() => r.end_marker,
+        _ => "",
+    };
+    let constraint = crate::structured::compile(
+        state.compiler.as_ref(),
+        requested.spec,
+        requested.param,
+        after,
+    )
+    .await?;
     Ok(requests
         .into_iter()
         .map(|r| r.with_constraint(constraint.clone()))
@@ -448,6 +485,7 @@ async fn start(
             continuous_usage: validated.continuous_usage,
             tools: validated.tools.clone(),
             flags: validated.output,
+            reasoning: validated.reasoning.as_ref().map(|r| (r.state, r.include)),
         },
         streams,
         state.engine.tokenizer().clone(),

@@ -14,6 +14,7 @@ mod ids;
 pub mod metrics;
 mod pool;
 pub mod protocol;
+pub mod reasoning;
 mod response;
 pub mod server;
 pub mod sse;

@@ -113,6 +113,8 @@ pub struct ChatCompletionRequest {
     pub parallel_tool_calls: Option<bool>,
     /// Passed to the chat template as `reasoning_effort`.
     pub reasoning_effort: Option<Value>,
+    /// With a reasoning parser: false drops the reasoning from the answer (default true).
+    pub include_reasoning: Option<bool>,
     /// Passed to the chat template as `documents` (RAG templates).
     pub documents: Option<Value>,
 }
@@ -235,10 +237,15 @@ pub struct CompletionLogprobs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessageOut {
     pub role: String,
-    /// The text; null when the answer is tool calls only.
+    /// The text; null when the answer is tool calls only (or thinking cut by `max_tokens`).
     pub content: Option<String>,
     pub refusal: Option<String>,
     pub tool_calls: Vec<Value>,
+    /// A reasoning model's thinking (with a reasoning parser), under both names clients read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reasoning: Option<String>,
 }
 
 /// vLLM's `stop_reason`: the stop string or stop token id that ended a choice, else null.
@@ -286,6 +293,24 @@ pub struct ChatDelta {
     /// `{index, function: {arguments}}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
+    /// Thinking, under both names clients read (with a reasoning parser).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reasoning: Option<String>,
+}
+
+impl ChatDelta {
+    /// A delta of answer text and (possibly) thinking.
+    pub fn text(content: Option<String>, reasoning: Option<String>) -> Self {
+        Self {
+            role: None,
+            content,
+            tool_calls: None,
+            reasoning_content: reasoning.clone(),
+            reasoning,
+        }
+    }
 }
 
 /// One choice of a streamed chat chunk.
@@ -449,12 +474,13 @@ mod tests {
 
     #[test]
     fn delta_omits_absent_fields() {
-        let d = ChatDelta {
-            role: None,
-            content: Some("a".into()),
-            tool_calls: None,
-        };
+        let d = ChatDelta::text(Some("a".into()), None);
         assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"content":"a"}"#);
+        let d = ChatDelta::text(None, Some("b".into()));
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"reasoning_content":"b","reasoning":"b"}"#
+        );
     }
 }
 

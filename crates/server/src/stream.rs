@@ -28,6 +28,7 @@ use crate::protocol::{
     ChatLogprobs, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
     CompletionChunk, CompletionLogprobs, CompletionResponse, UsageInfo,
 };
+use crate::reasoning::{PromptState, ReasoningSplitter};
 use crate::sse;
 use crate::validation::OutputFlags;
 
@@ -70,6 +71,9 @@ pub struct OutputOptions {
     pub tools: Option<crate::tools::ToolMode>,
     /// Echo, prompt logprobs, token ids.
     pub flags: OutputFlags,
+    /// Chat with `--reasoning-parser`: where the prompt leaves the model, and whether the
+    /// answer carries the reasoning (`include_reasoning`).
+    pub reasoning: Option<(PromptState, bool)>,
 }
 
 /// What the response may repeat of one prompt.
@@ -114,11 +118,20 @@ struct ChoiceState {
     token_ids: Vec<u32>,
     /// The stream sent this choice's first chunk (echo, prompt logprobs, prompt ids).
     opened: bool,
+    /// Splits thinking from the answer (with a reasoning parser).
+    splitter: Option<ReasoningSplitter>,
+    /// The thinking so far (non-streaming).
+    reasoning: String,
 }
 
 /// What one engine event means for the response.
 enum Step {
-    Delta { choice: usize, delta: ChoiceDelta },
+    /// `delta.text` is the answer's part; `reasoning` the thinking's (dropped unless included).
+    Delta {
+        choice: usize,
+        delta: ChoiceDelta,
+        reasoning: String,
+    },
     Continue,
     Failed(ApiError),
 }
@@ -146,6 +159,13 @@ impl Generation {
         metrics: Arc<Metrics>,
     ) -> Self {
         let total = streams.len() * opts.n;
+        let splitter = opts
+            .reasoning
+            .map(|(state, _)| ReasoningSplitter::new(state));
+        let choice = || ChoiceState {
+            splitter: splitter.clone(),
+            ..ChoiceState::default()
+        };
         Self {
             meta,
             opts,
@@ -160,7 +180,7 @@ impl Generation {
                 })
                 .collect(),
             next_poll: 0,
-            choices: (0..total).map(|_| ChoiceState::default()).collect(),
+            choices: (0..total).map(|_| choice()).collect(),
             cached_tokens: 0,
         }
     }
@@ -253,7 +273,12 @@ impl Generation {
                     state.finish_reason = delta.finish_reason;
                     state.stop_reason = delta.stop_reason.clone();
                 }
-                Step::Delta { choice, delta }
+                let reasoning = self.split_reasoning(choice, &mut delta);
+                Step::Delta {
+                    choice,
+                    delta,
+                    reasoning,
+                }
             }
             Some(EngineEvent::Finished { usage, timings }) => {
                 let n = self.opts.n;
@@ -285,6 +310,26 @@ impl Generation {
             None => Step::Failed(ApiError::internal(
                 "The engine stopped before finishing the request.",
             )),
+        }
+    }
+
+    /// With a reasoning parser: leave the answer's part of `delta.text` there and return the
+    /// thinking's (empty when the request leaves it out).
+    fn split_reasoning(&mut self, choice: usize, delta: &mut ChoiceDelta) -> String {
+        let include = self.opts.reasoning.is_some_and(|(_, include)| include);
+        let Some(splitter) = self.choices[choice].splitter.as_mut() else {
+            return String::new();
+        };
+        let mut split = splitter.push(&delta.text);
+        if delta.finish_reason.is_some() {
+            let rest = splitter.finish();
+            split.reasoning.push_str(&rest.reasoning);
+            split.content.push_str(&rest.content);
+        }
+        delta.text = split.content;
+        match include {
+            true => split.reasoning,
+            false => String::new(),
         }
     }
 
@@ -472,8 +517,7 @@ impl Generation {
                         index,
                         delta: ChatDelta {
                             role: Some("assistant".into()),
-                            content: Some(content),
-                            tool_calls: None,
+                            ..ChatDelta::text(Some(content), None)
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -569,9 +613,8 @@ impl Generation {
         self.chat_chunk(vec![ChatChunkChoice {
             index,
             delta: ChatDelta {
-                role: None,
-                content,
                 tool_calls,
+                ..ChatDelta::text(content, None)
             },
             logprobs: None,
             finish_reason,
@@ -581,82 +624,45 @@ impl Generation {
     }
 
     /// The SSE event for one delta, or `None` when it carries nothing to show.
-    fn delta_chunk(&mut self, choice: usize, delta: &ChoiceDelta) -> Option<Bytes> {
+    fn delta_chunk(
+        &mut self,
+        choice: usize,
+        delta: &ChoiceDelta,
+        reasoning: String,
+    ) -> Option<Bytes> {
         let finished = delta.finish_reason.is_some();
         let has_ids = self.opts.flags.token_ids && !delta.token_ids.is_empty();
-        if delta.text.is_empty() && delta.logprobs.is_empty() && !finished && !has_ids {
+        let quiet = delta.text.is_empty() && reasoning.is_empty() && delta.logprobs.is_empty();
+        if quiet && !finished && !has_ids {
             return None;
         }
         let finish_reason = delta.finish_reason.map(|r| r.as_str().to_string());
         let stop_reason = finished.then(|| stop_reason_value(&delta.stop_reason));
         match self.meta.kind {
             Kind::Chat if self.opts.tools.is_some() => {
-                // Text that may be (part of) a tool call is not content: it is held back until
-                // the choice ends, then sent as tool-call deltas, or as content if it is none.
-                self.choices[choice].text.push_str(&delta.text);
-                let mode = self.opts.tools.as_ref()?;
-                if !finished {
-                    let state = &mut self.choices[choice];
-                    let safe = mode.content_prefix_len(&state.text);
-                    if safe <= state.streamed {
-                        return None;
-                    }
-                    let content = state.text[state.streamed..safe].to_string();
-                    state.streamed = safe;
-                    return Some(self.tool_mode_chunk(choice, Some(content), None, None, None));
+                // Thinking goes out as it comes; the answer may hold a call and waits.
+                let thinking = (!reasoning.is_empty()).then(|| {
+                    self.chat_chunk(vec![ChatChunkChoice {
+                        index: choice,
+                        delta: ChatDelta::text(None, Some(reasoning)),
+                        logprobs: None,
+                        finish_reason: None,
+                        stop_reason: None,
+                        token_ids: None,
+                    }])
+                });
+                let answer = self.tool_delta_chunk(choice, delta, finish_reason, stop_reason);
+                match (thinking, answer) {
+                    (Some(t), Some(a)) => Some([t, a].concat().into()),
+                    (t, a) => t.or(a),
                 }
-                let text = std::mem::take(&mut self.choices[choice].text);
-                let streamed = std::mem::take(&mut self.choices[choice].streamed);
-                let parsed = mode.parse_answer(&text);
-                let mut out = Vec::new();
-                let (rest, finish) = match parsed {
-                    Some(p) if !p.calls.is_empty() => {
-                        // Content before the calls that was still held back.
-                        let rest = p.unsent_content(&text, streamed).to_string();
-                        if !rest.is_empty() {
-                            out.extend_from_slice(&self.tool_mode_chunk(
-                                choice,
-                                Some(rest),
-                                None,
-                                None,
-                                None,
-                            ));
-                        }
-                        for (i, call) in p.calls.iter().enumerate() {
-                            let head = json!({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
-                            let args =
-                                json!({"index": i, "function": {"arguments": call.arguments}});
-                            for part in [head, args] {
-                                out.extend_from_slice(&self.tool_mode_chunk(
-                                    choice,
-                                    None,
-                                    Some(vec![part]),
-                                    None,
-                                    None,
-                                ));
-                            }
-                        }
-                        (None, Some("tool_calls".to_string()))
-                    }
-                    _ => (
-                        text.get(streamed.min(text.len())..).map(str::to_string),
-                        finish_reason,
-                    ),
-                };
-                out.extend_from_slice(&self.tool_mode_chunk(
-                    choice,
-                    rest.filter(|t| !t.is_empty()),
-                    None,
-                    finish,
-                    stop_reason,
-                ));
-                Some(Bytes::from(out))
             }
             Kind::Chat => {
                 let logprobs = self.opts.logprobs.then(|| ChatLogprobs {
                     content: self.chat_logprobs(&delta.logprobs),
                 });
                 let content = (!delta.text.is_empty()).then(|| delta.text.clone());
+                let reasoning = (!reasoning.is_empty()).then_some(reasoning);
                 let first = !std::mem::replace(&mut self.choices[choice].opened, true);
                 let prompt_logprobs = if first && choice == 0 {
                     self.prompt_logprobs_json(0)
@@ -666,11 +672,7 @@ impl Generation {
                 Some(self.chat_chunk_with(
                     vec![ChatChunkChoice {
                         index: choice,
-                        delta: ChatDelta {
-                            role: None,
-                            content,
-                            tool_calls: None,
-                        },
+                        delta: ChatDelta::text(content, reasoning),
                         logprobs,
                         finish_reason,
                         stop_reason,
@@ -681,36 +683,117 @@ impl Generation {
                 ))
             }
             Kind::Completion => {
-                let mut out = Vec::new();
-                if !std::mem::replace(&mut self.choices[choice].opened, true) {
-                    if let Some(opening) = self.completion_opening(choice) {
-                        out.extend_from_slice(&opening);
-                    }
-                }
-                let logprobs = if self.opts.logprobs {
-                    let mut offset = self.choices[choice].text_offset;
-                    let lp = self.completion_logprobs(&delta.logprobs, &mut offset);
-                    self.choices[choice].text_offset = offset;
-                    Some(lp)
-                } else {
-                    None
-                };
-                out.extend_from_slice(&self.completion_chunk(
-                    vec![CompletionChoice {
-                        index: choice,
-                        text: delta.text.clone(),
-                        logprobs,
-                        finish_reason,
-                        stop_reason,
-                        prompt_logprobs: None,
-                        prompt_token_ids: None,
-                        token_ids: self.opts.flags.token_ids.then(|| delta.token_ids.clone()),
-                    }],
-                    self.chunk_usage(),
-                ));
-                Some(Bytes::from(out))
+                self.completion_delta_chunk(choice, delta, finish_reason, stop_reason)
             }
         }
+    }
+
+    /// A tool-mode choice's answer text: held back while it may be a call.
+    fn tool_delta_chunk(
+        &mut self,
+        choice: usize,
+        delta: &ChoiceDelta,
+        finish_reason: Option<String>,
+        stop_reason: Option<Value>,
+    ) -> Option<Bytes> {
+        let finished = delta.finish_reason.is_some();
+        // Text that may be (part of) a tool call is not content: it is held back until
+        // the choice ends, then sent as tool-call deltas, or as content if it is none.
+        self.choices[choice].text.push_str(&delta.text);
+        let mode = self.opts.tools.as_ref()?;
+        if !finished {
+            let state = &mut self.choices[choice];
+            let safe = mode.content_prefix_len(&state.text);
+            if safe <= state.streamed {
+                return None;
+            }
+            let content = state.text[state.streamed..safe].to_string();
+            state.streamed = safe;
+            return Some(self.tool_mode_chunk(choice, Some(content), None, None, None));
+        }
+        let text = std::mem::take(&mut self.choices[choice].text);
+        let streamed = std::mem::take(&mut self.choices[choice].streamed);
+        let parsed = mode.parse_answer(&text);
+        let mut out = Vec::new();
+        let (rest, finish) = match parsed {
+            Some(p) if !p.calls.is_empty() => {
+                // Content before the calls that was still held back.
+                let rest = p.unsent_content(&text, streamed).to_string();
+                if !rest.is_empty() {
+                    out.extend_from_slice(&self.tool_mode_chunk(
+                        choice,
+                        Some(rest),
+                        None,
+                        None,
+                        None,
+                    ));
+                }
+                for (i, call) in p.calls.iter().enumerate() {
+                    let head = json!({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}});
+                    let args = json!({"index": i, "function": {"arguments": call.arguments}});
+                    for part in [head, args] {
+                        out.extend_from_slice(&self.tool_mode_chunk(
+                            choice,
+                            None,
+                            Some(vec![part]),
+                            None,
+                            None,
+                        ));
+                    }
+                }
+                (None, Some("tool_calls".to_string()))
+            }
+            _ => (
+                text.get(streamed.min(text.len())..).map(str::to_string),
+                finish_reason,
+            ),
+        };
+        out.extend_from_slice(&self.tool_mode_chunk(
+            choice,
+            rest.filter(|t| !t.is_empty()),
+            None,
+            finish,
+            stop_reason,
+        ));
+        Some(Bytes::from(out))
+    }
+
+    /// A completion choice's chunk (its opening first).
+    fn completion_delta_chunk(
+        &mut self,
+        choice: usize,
+        delta: &ChoiceDelta,
+        finish_reason: Option<String>,
+        stop_reason: Option<Value>,
+    ) -> Option<Bytes> {
+        let mut out = Vec::new();
+        if !std::mem::replace(&mut self.choices[choice].opened, true) {
+            if let Some(opening) = self.completion_opening(choice) {
+                out.extend_from_slice(&opening);
+            }
+        }
+        let logprobs = if self.opts.logprobs {
+            let mut offset = self.choices[choice].text_offset;
+            let lp = self.completion_logprobs(&delta.logprobs, &mut offset);
+            self.choices[choice].text_offset = offset;
+            Some(lp)
+        } else {
+            None
+        };
+        out.extend_from_slice(&self.completion_chunk(
+            vec![CompletionChoice {
+                index: choice,
+                text: delta.text.clone(),
+                logprobs,
+                finish_reason,
+                stop_reason,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
+                token_ids: self.opts.flags.token_ids.then(|| delta.token_ids.clone()),
+            }],
+            self.chunk_usage(),
+        ));
+        Some(Bytes::from(out))
     }
 
     /// The closing events: the usage chunk (if asked for) and `[DONE]`.
@@ -772,7 +855,14 @@ impl Generation {
     pub async fn collect(mut self) -> Result<Vec<u8>, ApiError> {
         while let Some((slot, event)) = std::future::poll_fn(|cx| self.poll_event(cx)).await {
             match self.apply(slot, event) {
-                Step::Delta { choice, delta } => self.accumulate(choice, delta),
+                Step::Delta {
+                    choice,
+                    delta,
+                    reasoning,
+                } => {
+                    self.choices[choice].reasoning.push_str(&reasoning);
+                    self.accumulate(choice, delta)
+                }
                 Step::Continue => {}
                 Step::Failed(e) => return Err(e),
             }
@@ -821,6 +911,10 @@ impl Generation {
                         (Some(e), None) => Some(e.clone()),
                         (None, c) => c,
                     };
+                    // A reasoning model that only thought (cut by max_tokens) has no answer.
+                    let reasoned = c.splitter.is_some();
+                    let content = content.filter(|t| !(reasoned && t.is_empty()));
+                    let reasoning = (!c.reasoning.is_empty()).then_some(c.reasoning);
                     ChatChoice {
                         index,
                         message: ChatMessageOut {
@@ -831,6 +925,8 @@ impl Generation {
                                 .iter()
                                 .map(crate::tools::ToolCallOut::to_json)
                                 .collect(),
+                            reasoning_content: reasoning.clone(),
+                            reasoning,
                         },
                         logprobs: logprobs.then_some(ChatLogprobs {
                             content: c.chat_logprobs,
@@ -1032,8 +1128,13 @@ impl Body for SseBody {
                     this.finished = true;
                 }
                 Poll::Ready(Some((slot, event))) => match this.generation.apply(slot, event) {
-                    Step::Delta { choice, delta } => {
-                        if let Some(chunk) = this.generation.delta_chunk(choice, &delta) {
+                    Step::Delta {
+                        choice,
+                        delta,
+                        reasoning,
+                    } => {
+                        if let Some(chunk) = this.generation.delta_chunk(choice, &delta, reasoning)
+                        {
                             this.pending.push_back(chunk);
                         }
                     }

@@ -232,12 +232,14 @@ fn structured_outputs(
     Ok(Some(spec))
 }
 
-/// Compile `spec` on the blocking pool, within [`COMPILE_TIMEOUT`]. A bad spec is a 400
-/// naming `param`.
+/// Compile `spec` on the blocking pool, within [`COMPILE_TIMEOUT`], to apply once the output
+/// contains `after` (a reasoning model's end of thinking; empty: from the start). A bad spec
+/// is a 400 naming `param`.
 pub async fn compile(
     compiler: Option<&Arc<GrammarCompiler>>,
     spec: ConstraintSpec,
     param: &'static str,
+    after: &'static str,
 ) -> Result<Constraint, ApiError> {
     let Some(compiler) = compiler.cloned() else {
         return Err(ApiError::invalid_param(
@@ -245,7 +247,7 @@ pub async fn compile(
             "Structured outputs are not available for this model.",
         ));
     };
-    let task = tokio::task::spawn_blocking(move || compiler.compile(&spec));
+    let task = tokio::task::spawn_blocking(move || compiler.compile_after(&spec, after));
     match tokio::time::timeout(COMPILE_TIMEOUT, task).await {
         Err(_) => Err(ApiError::invalid_param(
             param,

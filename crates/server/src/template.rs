@@ -204,6 +204,7 @@ pub fn normalize_messages(raw: Option<&Value>) -> Result<Vec<Value>, ApiError> {
         }
         let mut obj = obj.clone();
         crate::tools::decode_tool_call_arguments(&mut obj);
+        share_reasoning(&mut obj);
         let content = match obj.remove("content") {
             None | Some(Value::Null) => Value::Null,
             Some(Value::String(s)) => Value::String(s),
@@ -219,6 +220,24 @@ pub fn normalize_messages(raw: Option<&Value>) -> Result<Vec<Value>, ApiError> {
         out.push(Value::Object(obj));
     }
     Ok(out)
+}
+
+/// Names of an assistant message's thinking: clients send `reasoning_content` (vLLM before
+/// 0.10, DeepSeek) or `reasoning` (vLLM now, OpenRouter); Qwen3's template reads
+/// `reasoning_content` and gpt-oss's `thinking`. Whichever is given fills the others.
+const REASONING_NAMES: [&str; 3] = ["reasoning_content", "reasoning", "thinking"];
+
+fn share_reasoning(message: &mut serde_json::Map<String, Value>) {
+    let given = REASONING_NAMES
+        .iter()
+        .find_map(|k| message.get(*k).filter(|v| v.is_string()).cloned());
+    if let Some(text) = given {
+        for k in REASONING_NAMES {
+            if !message.get(k).is_some_and(Value::is_string) {
+                message.insert(k.to_string(), text.clone());
+            }
+        }
+    }
 }
 
 fn join_text_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
@@ -515,6 +534,25 @@ mod tests {
         assert_eq!(
             no_gen,
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
+        );
+    }
+
+    /// Any of the three names of an assistant's thinking reaches a template under all three.
+    #[test]
+    fn reasoning_names_are_shared() {
+        for name in REASONING_NAMES {
+            let msgs = json!([{"role": "assistant", "content": "x", name: "hmm"}]);
+            let out = normalize_messages(Some(&msgs)).unwrap();
+            for k in REASONING_NAMES {
+                assert_eq!(out[0][k], "hmm", "{name} -> {k}");
+            }
+        }
+        let both =
+            json!([{"role": "assistant", "content": "x", "reasoning": "a", "thinking": "b"}]);
+        let out = normalize_messages(Some(&both)).unwrap();
+        assert_eq!(
+            (&out[0]["reasoning_content"], &out[0]["thinking"]),
+            (&json!("a"), &json!("b"))
         );
     }
 

@@ -59,6 +59,20 @@ pub struct Validated {
     pub cache_salt: Option<String>,
     /// `request_id`: the base of the response's id.
     pub request_id: Option<String>,
+    /// Chat with `--reasoning-parser` (set once the prompt is rendered).
+    pub reasoning: Option<ReasoningRequest>,
+}
+
+/// How a chat request's output is split into thinking and answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasoningRequest {
+    /// Where the prompt leaves the model.
+    pub state: crate::reasoning::PromptState,
+    /// `include_reasoning` (default true).
+    pub include: bool,
+    /// The end-of-thinking marker: constraints (structured outputs, forced tool calls) apply
+    /// after it, unless the prompt already closed the thinking.
+    pub end_marker: &'static str,
 }
 
 /// Request defaults from the model's `generation_config.json` (`--generation-config`) and
@@ -599,6 +613,7 @@ fn common_params(
         },
         cache_salt: cache_salt(c.cache_salt.as_deref())?,
         request_id: request_id(c.request_id.as_deref(), "request_id")?,
+        reasoning: None,
     })
 }
 

@@ -199,7 +199,9 @@ pub struct ServeArgs {
     pub lora_modules: Vec<String>,
     #[arg(long, hide = true)]
     pub speculative_config: Option<String>,
-    #[arg(long, hide = true)]
+    /// Split a reasoning model's thinking from its answer (`reasoning_content` / `reasoning`):
+    /// `deepseek_r1` or `qwen3`.
+    #[arg(long)]
     pub reasoning_parser: Option<String>,
     #[arg(long, hide = true)]
     pub ssl_keyfile: Option<String>,
@@ -281,12 +283,6 @@ impl ServeArgs {
             return unsupported(
                 "speculative-config",
                 "speculative decoding is not implemented",
-            );
-        }
-        if self.reasoning_parser.is_some() {
-            return unsupported(
-                "reasoning-parser",
-                "reasoning content is not separated from the output",
             );
         }
         if self.ssl_keyfile.is_some() || self.ssl_certfile.is_some() {
@@ -662,6 +658,17 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
             || anyhow!("--tool-call-parser {name}: supported parsers are hermes and llama3_json"),
         )?),
     };
+    let reasoning_parser = match args.reasoning_parser.as_deref() {
+        None => None,
+        Some(name) => Some(
+            spindle_server::reasoning::ReasoningParser::parse(name).ok_or_else(|| {
+                anyhow!(
+                    "--reasoning-parser {name}: supported parsers are {}",
+                    spindle_server::reasoning::ReasoningParser::NAMES
+                )
+            })?,
+        ),
+    };
     let batch = if with_batch_api {
         let data_dir = match &args.data_dir {
             Some(d) => std::path::PathBuf::from(d),
@@ -714,6 +721,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
             .as_ref()
             .and_then(|_| engine.tokenizer().chat_template.clone()),
         tool_call_parser,
+        reasoning_parser,
         max_body_bytes,
         header_read_timeout,
         body_read_timeout,

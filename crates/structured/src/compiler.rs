@@ -65,6 +65,17 @@ impl GrammarCompiler {
         Ok(Constraint::new(matcher))
     }
 
+    /// [`Self::compile`], applied only once the output contains `marker` (a reasoning model's
+    /// end of thinking, e.g. `</think>`; empty: from the start).
+    pub fn compile_after(
+        &self,
+        spec: &ConstraintSpec,
+        marker: &str,
+    ) -> Result<Constraint, StructuredError> {
+        let env = self.factory.tok_env().clone();
+        Ok(self.compile(spec)?.gated(marker, env))
+    }
+
     /// Whether `spec` was compiled before (for tests and metrics).
     pub fn is_cached(&self, spec: &ConstraintSpec) -> bool {
         self.cache

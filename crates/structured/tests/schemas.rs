@@ -283,3 +283,63 @@ fn bad_specs_are_errors_and_repeats_are_cached() {
     compiler.compile(&spec).expect("cached");
     eprintln!("compile: cold {cold:?}, cached {:?}", t.elapsed());
 }
+
+/// A gated constraint (a reasoning model's): tokens the grammar forbids pass freely until the
+/// output contains the marker `</think>`, found in the tokens' bytes however the tokenizer
+/// merged it with its neighbours, then the grammar applies.
+#[test]
+fn gated_constraints_apply_after_the_marker() {
+    let (tok, vocab) = tokenizer();
+    let compiler = GrammarCompiler::new(&tok, vocab).expect("compiler");
+    let spec = ConstraintSpec::JsonSchema {
+        schema: json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+        whitespace: Whitespace::Compact,
+    };
+    let alone = tok.encode("</think>", false).expect("encode");
+    let enc = |parts: &[&str]| -> Vec<u32> {
+        parts
+            .iter()
+            .flat_map(|p| tok.encode(p, false).expect("encode"))
+            .collect()
+    };
+    // The marker as one piece, and cut where a tokenizer may cut it in context.
+    let outputs = [
+        enc(&["Let me think: </thin k> no JSON here.</think>"]),
+        enc(&["Let me think.", "</th", "ink>"]),
+        enc(&["Hmm", "</", "think", ">"]),
+    ];
+    let mut merged = 0;
+    for thinking in outputs {
+        let mut c = compiler.compile_after(&spec, "</think>").expect("compiles");
+        if !thinking.windows(alone.len()).any(|w| w == alone.as_slice()) {
+            merged += 1;
+        }
+        for &t in &thinking {
+            let mut logits = vec![0f32; vocab];
+            c.mask_logits(&mut logits).expect("mask");
+            assert!(
+                logits.iter().all(|l| l.is_finite()),
+                "gated: nothing masked"
+            );
+            assert!(!c.is_finished());
+            c.accept(t).expect("free before the marker");
+        }
+        let mut logits = vec![0f32; vocab];
+        c.mask_logits(&mut logits).expect("mask");
+        assert!(logits.contains(&f32::NEG_INFINITY), "the grammar applies");
+        let answer = tok.encode("{\"a\": 12}", false).expect("encode");
+        for &t in &answer {
+            c.accept(t).expect("valid JSON is accepted");
+        }
+        assert!(c.is_accepting());
+    }
+    assert!(
+        merged > 0,
+        "some outputs hold the marker in other tokens than its own"
+    );
+    // An empty marker is no gate.
+    let mut plain = compiler.compile_after(&spec, "").expect("compiles");
+    let mut logits = vec![0f32; vocab];
+    plain.mask_logits(&mut logits).expect("mask");
+    assert!(logits.contains(&f32::NEG_INFINITY));
+}

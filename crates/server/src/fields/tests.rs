@@ -162,6 +162,7 @@ fn every_honoured_generation_field_validates() {
             }
             "tool_choice" => json!("none"),
             "reasoning_effort" => json!("low"),
+            "include_reasoning" => json!(false),
             "documents" => json!([{"title": "t", "text": "x"}]),
             "chat_template_kwargs" => json!({"a": 1}),
             "guided_json" => json!({"type": "integer"}),
