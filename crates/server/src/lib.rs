@@ -22,6 +22,7 @@ mod state;
 pub mod stream;
 pub mod structured;
 pub mod template;
+pub mod tool_formats;
 pub mod tools;
 pub mod validation;
 

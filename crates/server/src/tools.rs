@@ -9,7 +9,6 @@
 //! `--enable-auto-tool-choice --tool-call-parser NAME`: the model decides, and its text is
 //! parsed ([`ToolParser`]); without the flags it is a 400 naming them.
 
-use rand::Rng;
 use serde_json::{json, Value};
 use spindle_structured::{ConstraintSpec, Whitespace};
 
@@ -24,29 +23,7 @@ pub struct Tool {
     pub parameters: Value,
 }
 
-/// How model-written tool calls are recognized (`--tool-call-parser`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToolParser {
-    /// Hermes / Qwen2.5 / Qwen3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-    /// blocks after optional text. Also accepted, because small Qwen models write it that way:
-    /// the whole answer being one such JSON object, bare or in a ```json fence, provided
-    /// `name` is a declared tool and `arguments` an object (other JSON stays content).
-    Hermes,
-    /// Llama 3.x JSON: the answer (after an optional `<|python_tag|>`) is one or more
-    /// `{"name": ..., "parameters": {...}}` objects separated by `;`.
-    Llama3Json,
-}
-
-impl ToolParser {
-    /// The parser named on the command line.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "hermes" => Some(Self::Hermes),
-            "llama3_json" => Some(Self::Llama3Json),
-            _ => None,
-        }
-    }
-}
+pub use crate::tool_formats::ToolParser;
 
 /// How the answer must call tools.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,48 +293,20 @@ impl ToolMode {
     }
 
     /// Streaming: how much of `text` (from its start) is surely content, so it can be sent
-    /// before the answer ends. Forced calls are never content; under `auto`, text from where a
-    /// call could begin (`<tool_call>`, a fence, or an answer that starts as a JSON object) is
-    /// held back, including a partial marker at the very end.
+    /// before the answer ends. Forced calls are never content; under `auto`, the parser says
+    /// ([`ToolParser::content_prefix_len`]).
     pub fn content_prefix_len(&self, text: &str) -> usize {
-        let ToolMode::Auto { parser, .. } = self else {
-            return 0;
-        };
-        let trimmed = text.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('{') || trimmed.starts_with('[') {
-            return 0;
+        match self {
+            ToolMode::Auto { parser, .. } => parser.content_prefix_len(text),
+            _ => 0,
         }
-        if *parser == ToolParser::Llama3Json && trimmed.starts_with('<') {
-            return 0;
-        }
-        let markers: &[&str] = match parser {
-            ToolParser::Hermes => &["<tool_call>", "```"],
-            ToolParser::Llama3Json => &["<|python_tag|>", "```"],
-        };
-        let mut cut = text.len();
-        for m in markers {
-            if let Some(p) = text.find(m) {
-                cut = cut.min(p);
-            }
-            // A marker that may be starting at the end.
-            for k in (1..m.len()).rev() {
-                if text.ends_with(&m[..k]) {
-                    cut = cut.min(text.len() - k);
-                    break;
-                }
-            }
-        }
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        cut
     }
 
     /// What a finished answer is: its calls and the text before them. `None` when forced calls
     /// are incomplete (e.g. cut by `max_tokens`); an `auto` answer without a call is content.
     pub fn parse_answer(&self, text: &str) -> Option<ParsedAnswer> {
         match self {
-            ToolMode::Auto { tools, parser } => Some(parse_auto(text, tools, *parser)),
+            ToolMode::Auto { tools, parser } => Some(parser.parse_answer(text, tools)),
             _ => self.parse_calls(text).map(|calls| ParsedAnswer {
                 content: None,
                 calls,
@@ -370,7 +319,7 @@ impl ToolMode {
     /// `max_tokens`).
     pub fn parse_calls(&self, text: &str) -> Option<Vec<ToolCallOut>> {
         let value: Value = serde_json::from_str(text).ok()?;
-        let id = new_call_id;
+        let id = crate::tool_formats::call_id;
         match self {
             ToolMode::Named(t) => Some(vec![ToolCallOut {
                 id: id(),
@@ -389,107 +338,6 @@ impl ToolMode {
                     })
                 })
                 .collect(),
-        }
-    }
-}
-
-fn new_call_id() -> String {
-    format!("chatcmpl-tool-{:032x}", rand::rng().random::<u128>())
-}
-
-/// A call of a declared tool from a parsed `{"name", <args_key>: {...}}` object.
-fn call_of(v: &Value, tools: &[Tool], args_keys: &[&str]) -> Option<ToolCallOut> {
-    let name = v.get("name")?.as_str()?;
-    if !tools.iter().any(|t| t.name == name) {
-        return None;
-    }
-    let args = args_keys
-        .iter()
-        .find_map(|k| v.get(*k))
-        .cloned()
-        .unwrap_or(json!({}));
-    if !args.is_object() {
-        return None;
-    }
-    Some(ToolCallOut {
-        id: new_call_id(),
-        name: name.to_string(),
-        arguments: serde_json::to_string(&args).ok()?,
-    })
-}
-
-/// The text inside a ``` fence (with or without a language tag), if the whole text is one.
-fn unfence(text: &str) -> &str {
-    let t = text.trim();
-    let Some(rest) = t.strip_prefix("```") else {
-        return t;
-    };
-    let Some(body) = rest.strip_suffix("```") else {
-        return t;
-    };
-    let body = body.trim_start_matches(|c: char| c.is_ascii_alphanumeric());
-    body.trim()
-}
-
-fn parse_auto(text: &str, tools: &[Tool], parser: ToolParser) -> ParsedAnswer {
-    let as_content = || ParsedAnswer {
-        content: Some(text.to_string()),
-        calls: Vec::new(),
-        content_end: text.len(),
-    };
-    match parser {
-        ToolParser::Hermes => {
-            if let Some(first) = text.find("<tool_call>") {
-                let mut calls = Vec::new();
-                for block in text[first..].split("<tool_call>").skip(1) {
-                    let body = block.split("</tool_call>").next().unwrap_or(block).trim();
-                    match serde_json::from_str::<Value>(unfence(body))
-                        .ok()
-                        .and_then(|v| call_of(&v, tools, &["arguments", "parameters"]))
-                    {
-                        Some(c) => calls.push(c),
-                        None => return as_content(),
-                    }
-                }
-                let before = text[..first].trim();
-                return ParsedAnswer {
-                    content: (!before.is_empty()).then(|| before.to_string()),
-                    calls,
-                    content_end: first,
-                };
-            }
-            match serde_json::from_str::<Value>(unfence(text))
-                .ok()
-                .and_then(|v| call_of(&v, tools, &["arguments", "parameters"]))
-            {
-                Some(c) => ParsedAnswer {
-                    content: None,
-                    calls: vec![c],
-                    content_end: 0,
-                },
-                None => as_content(),
-            }
-        }
-        ToolParser::Llama3Json => {
-            let body = text.trim().trim_start_matches("<|python_tag|>");
-            let mut calls = Vec::new();
-            for part in unfence(body).split(';').filter(|p| !p.trim().is_empty()) {
-                match serde_json::from_str::<Value>(part.trim())
-                    .ok()
-                    .and_then(|v| call_of(&v, tools, &["parameters", "arguments"]))
-                {
-                    Some(c) => calls.push(c),
-                    None => return as_content(),
-                }
-            }
-            if calls.is_empty() {
-                return as_content();
-            }
-            ParsedAnswer {
-                content: None,
-                calls,
-                content_end: 0,
-            }
         }
     }
 }

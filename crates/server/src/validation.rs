@@ -312,6 +312,12 @@ pub fn chat_params(
             param: "tools",
         });
     }
+    if let Some(crate::tools::ToolMode::Auto { parser, .. }) = &tools {
+        // The calls' markers are special tokens the answer must keep to be parsed.
+        if parser.needs_special_tokens() {
+            v.params.skip_special_tokens = false;
+        }
+    }
     v.tools = tools;
     Ok(v)
 }

@@ -103,7 +103,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub enable_auto_tool_choice: bool,
     /// How tool calls are written by the model: `hermes` (Qwen2.5/Qwen3, Hermes: `<tool_call>`
-    /// tags, also bare or fenced JSON naming a declared tool) or `llama3_json`.
+    /// tags, also bare or fenced JSON naming a declared tool), `llama3_json`, `qwen3_coder`,
+    /// `mistral` or `pythonic` (Llama 3.2/4).
     #[arg(long)]
     pub tool_call_parser: Option<String>,
     /// Require `Authorization: Bearer <key>` on /v1/* (also read from SPINDLE_API_KEY, then VLLM_API_KEY).
@@ -646,17 +647,24 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         fault_injection,
         ..EngineConfig::default()
     };
+    use spindle_server::tools::ToolParser;
     let tool_call_parser = match (
         args.enable_auto_tool_choice,
         args.tool_call_parser.as_deref(),
     ) {
         (false, _) => None,
         (true, None) => {
-            bail!("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+            bail!(
+                "--enable-auto-tool-choice needs --tool-call-parser ({})",
+                ToolParser::NAMES
+            )
         }
-        (true, Some(name)) => Some(spindle_server::tools::ToolParser::parse(name).ok_or_else(
-            || anyhow!("--tool-call-parser {name}: supported parsers are hermes and llama3_json"),
-        )?),
+        (true, Some(name)) => Some(ToolParser::parse(name).ok_or_else(|| {
+            anyhow!(
+                "--tool-call-parser {name}: supported parsers are {}",
+                ToolParser::NAMES
+            )
+        })?),
     };
     let reasoning_parser = match args.reasoning_parser.as_deref() {
         None => None,
