@@ -243,6 +243,7 @@ fn reasoning_request(
         .decode(&prompt[prompt.len().saturating_sub(TAIL_TOKENS)..], false)
         .map_err(ApiError::tokenization_failed)?;
     Ok(crate::validation::ReasoningRequest {
+        parser,
         state: parser.prompt_state(&tail),
         include,
         end_marker: parser.end_marker(),
@@ -307,6 +308,10 @@ async fn chat_input(state: &AppState, body: &[u8], endpoint: &str) -> Result<Cha
         t.apply(&mut ids, state.limits.max_model_len);
     }
     if let Some(parser) = state.cfg.reasoning_parser {
+        if parser.needs_special_tokens() {
+            // The channels are marked by special tokens the splitter must see.
+            validated.params.skip_special_tokens = false;
+        }
         validated.reasoning = Some(reasoning_request(
             state,
             parser,
@@ -485,7 +490,7 @@ async fn start(
             continuous_usage: validated.continuous_usage,
             tools: validated.tools.clone(),
             flags: validated.output,
-            reasoning: validated.reasoning.as_ref().map(|r| (r.state, r.include)),
+            reasoning: validated.reasoning.clone(),
         },
         streams,
         state.engine.tokenizer().clone(),

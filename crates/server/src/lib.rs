@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod fields;
 mod handlers;
+pub mod harmony;
 mod ids;
 pub mod metrics;
 mod pool;

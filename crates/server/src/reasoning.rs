@@ -9,7 +9,8 @@
 //! as DeepSeek-R1's and Qwen3-Thinking's templates put it there). DeepSeek-R1 always thinks, so
 //! its output is reasoning until `</think>`; Qwen3 thinks only when the prompt or the output
 //! opens `<think>` (with `enable_thinking: false` its template closes the thinking in the
-//! prompt, and the whole output is the answer).
+//! prompt, and the whole output is the answer). `gpt_oss` reads harmony's channels
+//! ([`crate::harmony`]).
 
 /// How thinking is marked (`--reasoning-parser`, vLLM's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,10 +19,14 @@ pub enum ReasoningParser {
     DeepSeekR1,
     /// Qwen3 (hybrid and thinking models): `<think> … </think>` when it thinks.
     Qwen3,
+    /// gpt-oss: the analysis channel is reasoning, the final channel the answer.
+    GptOss,
 }
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
+/// Where gpt-oss's answer begins.
+const FINAL: &str = "<|channel|>final<|message|>";
 
 impl ReasoningParser {
     /// The parser named on the command line.
@@ -29,21 +34,36 @@ impl ReasoningParser {
         match name {
             "deepseek_r1" => Some(Self::DeepSeekR1),
             "qwen3" => Some(Self::Qwen3),
+            "gpt_oss" => Some(Self::GptOss),
             _ => None,
         }
     }
 
     /// The names `--reasoning-parser` accepts.
-    pub const NAMES: &'static str = "deepseek_r1, qwen3";
+    pub const NAMES: &'static str = "deepseek_r1, qwen3, gpt_oss";
 
     /// The text that ends the thinking (structured outputs and forced tool calls apply after
     /// it).
     pub fn end_marker(self) -> &'static str {
-        CLOSE
+        match self {
+            Self::GptOss => FINAL,
+            _ => CLOSE,
+        }
+    }
+
+    /// Whether the output's markers are special tokens the detokenizer must keep.
+    pub fn needs_special_tokens(self) -> bool {
+        self == Self::GptOss
     }
 
     /// Where a prompt leaves the model, judged from the prompt's last characters.
     pub fn prompt_state(self, prompt_tail: &str) -> PromptState {
+        if self == Self::GptOss {
+            return match prompt_tail.trim_end().ends_with(FINAL) {
+                true => PromptState::ReasoningDone,
+                false => PromptState::Reasoning,
+            };
+        }
         let opened = prompt_tail.rfind(OPEN);
         let closed = prompt_tail.rfind(CLOSE);
         match (opened, closed) {
@@ -92,7 +112,50 @@ enum Phase {
 
 /// Splits one choice's text as it arrives.
 #[derive(Debug, Clone)]
-pub struct ReasoningSplitter {
+pub enum ReasoningSplitter {
+    ThinkTags(ThinkTagSplitter),
+    Harmony(crate::harmony::HarmonySplitter),
+}
+
+impl ReasoningSplitter {
+    pub fn new(parser: ReasoningParser, state: PromptState) -> Self {
+        match parser {
+            ReasoningParser::GptOss => Self::Harmony(crate::harmony::HarmonySplitter::new(
+                state == PromptState::ReasoningDone,
+            )),
+            _ => Self::ThinkTags(ThinkTagSplitter::new(state)),
+        }
+    }
+
+    /// Route `text`, holding back what may be the start of a marker.
+    pub fn push(&mut self, text: &str) -> Split {
+        match self {
+            Self::ThinkTags(s) => s.push(text),
+            Self::Harmony(s) => s.push(text),
+        }
+    }
+
+    /// The output ended: release what was held back.
+    pub fn finish(&mut self) -> Split {
+        match self {
+            Self::ThinkTags(s) => s.finish(),
+            Self::Harmony(s) => s.finish(),
+        }
+    }
+
+    /// The whole of a finished text at once.
+    pub fn split_all(mut self, text: &str) -> Split {
+        let mut out = self.push(text);
+        let rest = self.finish();
+        out.reasoning.push_str(&rest.reasoning);
+        out.content.push_str(&rest.content);
+        out
+    }
+}
+
+/// `<think> … </think>` splitting.
+#[derive(Debug, Clone)]
+pub struct ThinkTagSplitter {
     /// Whether text before any `<think>` is reasoning.
     implicit: bool,
     phase: Phase,
@@ -100,7 +163,7 @@ pub struct ReasoningSplitter {
     held: String,
 }
 
-impl ReasoningSplitter {
+impl ThinkTagSplitter {
     pub fn new(state: PromptState) -> Self {
         let (implicit, phase) = match state {
             PromptState::Reasoning => (true, Phase::Start),
@@ -177,15 +240,6 @@ impl ReasoningSplitter {
         }
         out
     }
-
-    /// The whole of a finished text at once.
-    pub fn split_all(mut self, text: &str) -> Split {
-        let mut out = self.push(text);
-        let rest = self.finish();
-        out.reasoning.push_str(&rest.reasoning);
-        out.content.push_str(&rest.content);
-        out
-    }
 }
 
 /// Bytes at the end of `text` that are a proper prefix of `marker` (0 when none), on a char
@@ -202,15 +256,15 @@ mod tests {
     use super::*;
 
     fn split(state: PromptState, text: &str) -> (String, String) {
-        let s = ReasoningSplitter::new(state).split_all(text);
+        let s = ReasoningSplitter::new(ReasoningParser::Qwen3, state).split_all(text);
         (s.reasoning, s.content)
     }
 
     /// Every way of cutting `text` into two streamed pieces gives the whole-text split.
     fn streamed_equals_whole(state: PromptState, text: &str) {
-        let whole = ReasoningSplitter::new(state).split_all(text);
+        let whole = ReasoningSplitter::new(ReasoningParser::Qwen3, state).split_all(text);
         for cut in (0..=text.len()).filter(|&c| text.is_char_boundary(c)) {
-            let mut s = ReasoningSplitter::new(state);
+            let mut s = ReasoningSplitter::new(ReasoningParser::Qwen3, state);
             let mut got = Split::default();
             for piece in [&text[..cut], &text[cut..]] {
                 let p = s.push(piece);
@@ -223,7 +277,7 @@ mod tests {
             assert_eq!(got, whole, "cut at {cut} of {text:?}");
         }
         // Token-sized pieces too: one char at a time.
-        let mut s = ReasoningSplitter::new(state);
+        let mut s = ReasoningSplitter::new(ReasoningParser::Qwen3, state);
         let mut got = Split::default();
         for c in text.chars() {
             let p = s.push(&c.to_string());
@@ -283,6 +337,12 @@ mod tests {
         assert_eq!(r1.prompt_state("<｜Assistant｜>"), Reasoning);
         assert_eq!(r1.prompt_state("<think>\n\n</think>"), ReasoningDone);
         assert!(!ReasoningDone.gates_constraints());
-        assert_eq!(ReasoningParser::parse("gpt_oss"), None);
+        let oss = ReasoningParser::GptOss;
+        assert_eq!(oss.prompt_state("<|start|>assistant"), Reasoning);
+        assert_eq!(
+            oss.prompt_state("<|channel|>final<|message|>"),
+            ReasoningDone
+        );
+        assert!(oss.needs_special_tokens());
     }
 }

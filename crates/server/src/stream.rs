@@ -28,7 +28,7 @@ use crate::protocol::{
     ChatLogprobs, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
     CompletionChunk, CompletionLogprobs, CompletionResponse, UsageInfo,
 };
-use crate::reasoning::{PromptState, ReasoningSplitter};
+use crate::reasoning::ReasoningSplitter;
 use crate::sse;
 use crate::validation::OutputFlags;
 
@@ -71,9 +71,9 @@ pub struct OutputOptions {
     pub tools: Option<crate::tools::ToolMode>,
     /// Echo, prompt logprobs, token ids.
     pub flags: OutputFlags,
-    /// Chat with `--reasoning-parser`: where the prompt leaves the model, and whether the
-    /// answer carries the reasoning (`include_reasoning`).
-    pub reasoning: Option<(PromptState, bool)>,
+    /// Chat with `--reasoning-parser`: how to split, where the prompt leaves the model, and
+    /// whether the answer carries the reasoning (`include_reasoning`).
+    pub reasoning: Option<crate::validation::ReasoningRequest>,
 }
 
 /// What the response may repeat of one prompt.
@@ -161,7 +161,8 @@ impl Generation {
         let total = streams.len() * opts.n;
         let splitter = opts
             .reasoning
-            .map(|(state, _)| ReasoningSplitter::new(state));
+            .as_ref()
+            .map(|r| ReasoningSplitter::new(r.parser, r.state));
         let choice = || ChoiceState {
             splitter: splitter.clone(),
             ..ChoiceState::default()
@@ -316,7 +317,7 @@ impl Generation {
     /// With a reasoning parser: leave the answer's part of `delta.text` there and return the
     /// thinking's (empty when the request leaves it out).
     fn split_reasoning(&mut self, choice: usize, delta: &mut ChoiceDelta) -> String {
-        let include = self.opts.reasoning.is_some_and(|(_, include)| include);
+        let include = self.opts.reasoning.as_ref().is_some_and(|r| r.include);
         let Some(splitter) = self.choices[choice].splitter.as_mut() else {
             return String::new();
         };

@@ -33,6 +33,9 @@ pub enum ToolParser {
     /// `[get_weather(city="Paris"), get_time()]` (Llama 4 may wrap it in
     /// `<|python_start|>…<|python_end|>`).
     Pythonic,
+    /// gpt-oss (harmony): messages to a `functions.NAME` recipient, as `--reasoning-parser
+    /// gpt_oss` passes them on (see [`crate::harmony`]); needs that reasoning parser.
+    OpenAi,
 }
 
 impl ToolParser {
@@ -44,16 +47,17 @@ impl ToolParser {
             "qwen3_coder" => Some(Self::Qwen3Coder),
             "mistral" => Some(Self::Mistral),
             "pythonic" => Some(Self::Pythonic),
+            "openai" => Some(Self::OpenAi),
             _ => None,
         }
     }
 
     /// The names `--tool-call-parser` accepts.
-    pub const NAMES: &'static str = "hermes, llama3_json, qwen3_coder, mistral, pythonic";
+    pub const NAMES: &'static str = "hermes, llama3_json, qwen3_coder, mistral, pythonic, openai";
 
     /// Whether the calls are marked by special tokens, which the detokenizer must keep.
     pub fn needs_special_tokens(self) -> bool {
-        self == Self::Mistral
+        matches!(self, Self::Mistral | Self::OpenAi)
     }
 
     /// Streaming: how much of `text` (from its start) is surely content. Text from where a
@@ -67,7 +71,7 @@ impl ToolParser {
             Self::Hermes => trimmed.starts_with(['{', '[']),
             Self::Llama3Json => trimmed.starts_with(['{', '[', '<']),
             Self::Pythonic => trimmed.starts_with(['[', '<']),
-            Self::Qwen3Coder | Self::Mistral => false,
+            Self::Qwen3Coder | Self::Mistral | Self::OpenAi => false,
         };
         if whole_answer_call {
             return 0;
@@ -77,6 +81,7 @@ impl ToolParser {
             Self::Llama3Json => &["<|python_tag|>", "```"],
             Self::Qwen3Coder => &["<tool_call>", "<function="],
             Self::Mistral => &["[TOOL_CALLS]"],
+            Self::OpenAi => &[crate::harmony::CALL_OPEN],
             // Calls are the whole answer: text that did not start as a list is content.
             Self::Pythonic => &[],
         };
@@ -107,6 +112,7 @@ impl ToolParser {
             Self::Qwen3Coder => qwen3_coder(text, tools),
             Self::Mistral => mistral(text, tools),
             Self::Pythonic => pythonic(text, tools),
+            Self::OpenAi => harmony_calls(text, tools),
         };
         parsed.unwrap_or_else(|| ParsedAnswer {
             content: Some(text.to_string()),
@@ -276,6 +282,23 @@ fn mistral(text: &str, tools: &[Tool]) -> Option<ParsedAnswer> {
             let (args, _) = first_json(rest)?;
             calls.push(declared(tools, name, args, mistral_call_id)?);
         }
+    }
+    answer(text, start, calls)
+}
+
+/// The calls `--reasoning-parser gpt_oss` passed on: `CALL_OPEN RECIPIENT … <|message|>ARGS
+/// CALL_CLOSE`, the recipient `functions.NAME`.
+fn harmony_calls(text: &str, tools: &[Tool]) -> Option<ParsedAnswer> {
+    use crate::harmony::{CALL_CLOSE, CALL_OPEN};
+    let start = text.find(CALL_OPEN)?;
+    let mut calls = Vec::new();
+    for block in text[start..].split(CALL_OPEN).skip(1) {
+        let (header, rest) = block.split_once("<|message|>")?;
+        let recipient = header.split("<|").next()?.trim();
+        let name = recipient.strip_prefix("functions.")?;
+        let args = rest.split_once(CALL_CLOSE)?.0;
+        let args: Value = serde_json::from_str(args.trim()).ok()?;
+        calls.push(declared(tools, name, args, call_id)?);
     }
     answer(text, start, calls)
 }

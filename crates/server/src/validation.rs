@@ -66,6 +66,7 @@ pub struct Validated {
 /// How a chat request's output is split into thinking and answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReasoningRequest {
+    pub parser: crate::reasoning::ReasoningParser,
     /// Where the prompt leaves the model.
     pub state: crate::reasoning::PromptState,
     /// `include_reasoning` (default true).

@@ -104,7 +104,7 @@ pub struct ServeArgs {
     pub enable_auto_tool_choice: bool,
     /// How tool calls are written by the model: `hermes` (Qwen2.5/Qwen3, Hermes: `<tool_call>`
     /// tags, also bare or fenced JSON naming a declared tool), `llama3_json`, `qwen3_coder`,
-    /// `mistral` or `pythonic` (Llama 3.2/4).
+    /// `mistral`, `pythonic` (Llama 3.2/4) or `openai` (gpt-oss, with --reasoning-parser gpt_oss).
     #[arg(long)]
     pub tool_call_parser: Option<String>,
     /// Require `Authorization: Bearer <key>` on /v1/* (also read from SPINDLE_API_KEY, then VLLM_API_KEY).
@@ -201,7 +201,7 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub speculative_config: Option<String>,
     /// Split a reasoning model's thinking from its answer (`reasoning_content` / `reasoning`):
-    /// `deepseek_r1` or `qwen3`.
+    /// `deepseek_r1`, `qwen3` or `gpt_oss` (harmony channels).
     #[arg(long)]
     pub reasoning_parser: Option<String>,
     #[arg(long, hide = true)]
@@ -647,36 +647,7 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         fault_injection,
         ..EngineConfig::default()
     };
-    use spindle_server::tools::ToolParser;
-    let tool_call_parser = match (
-        args.enable_auto_tool_choice,
-        args.tool_call_parser.as_deref(),
-    ) {
-        (false, _) => None,
-        (true, None) => {
-            bail!(
-                "--enable-auto-tool-choice needs --tool-call-parser ({})",
-                ToolParser::NAMES
-            )
-        }
-        (true, Some(name)) => Some(ToolParser::parse(name).ok_or_else(|| {
-            anyhow!(
-                "--tool-call-parser {name}: supported parsers are {}",
-                ToolParser::NAMES
-            )
-        })?),
-    };
-    let reasoning_parser = match args.reasoning_parser.as_deref() {
-        None => None,
-        Some(name) => Some(
-            spindle_server::reasoning::ReasoningParser::parse(name).ok_or_else(|| {
-                anyhow!(
-                    "--reasoning-parser {name}: supported parsers are {}",
-                    spindle_server::reasoning::ReasoningParser::NAMES
-                )
-            })?,
-        ),
-    };
+    let (tool_call_parser, reasoning_parser) = output_parsers(args)?;
     let batch = if with_batch_api {
         let data_dir = match &args.data_dir {
             Some(d) => std::path::PathBuf::from(d),
@@ -850,6 +821,50 @@ fn check_runner(runner: &str, convert: &str, kind: ModelKind) -> anyhow::Result<
     }
 }
 
+/// `--tool-call-parser` (with `--enable-auto-tool-choice`) and `--reasoning-parser`, checked.
+fn output_parsers(
+    args: &ServeArgs,
+) -> anyhow::Result<(
+    Option<spindle_server::tools::ToolParser>,
+    Option<spindle_server::reasoning::ReasoningParser>,
+)> {
+    use spindle_server::reasoning::ReasoningParser;
+    use spindle_server::tools::ToolParser;
+    let tool_call_parser = match (
+        args.enable_auto_tool_choice,
+        args.tool_call_parser.as_deref(),
+    ) {
+        (false, _) => None,
+        (true, None) => {
+            bail!(
+                "--enable-auto-tool-choice needs --tool-call-parser ({})",
+                ToolParser::NAMES
+            )
+        }
+        (true, Some(name)) => Some(ToolParser::parse(name).ok_or_else(|| {
+            anyhow!(
+                "--tool-call-parser {name}: supported parsers are {}",
+                ToolParser::NAMES
+            )
+        })?),
+    };
+    let reasoning_parser = match args.reasoning_parser.as_deref() {
+        None => None,
+        Some(name) => Some(ReasoningParser::parse(name).ok_or_else(|| {
+            anyhow!(
+                "--reasoning-parser {name}: supported parsers are {}",
+                ReasoningParser::NAMES
+            )
+        })?),
+    };
+    if tool_call_parser == Some(ToolParser::OpenAi)
+        && reasoning_parser != Some(ReasoningParser::GptOss)
+    {
+        bail!("--tool-call-parser openai reads gpt-oss's harmony channels: add --reasoning-parser gpt_oss");
+    }
+    Ok((tool_call_parser, reasoning_parser))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -982,6 +997,44 @@ mod tests {
             .unwrap()
             .check_vllm_flags()
             .is_ok());
+    }
+
+    #[test]
+    fn output_parsers_are_checked() {
+        let parsers = |a: &[&str]| output_parsers(&parse(a).unwrap()).map_err(|e| e.to_string());
+        let ok = parsers(&[
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "openai",
+            "--reasoning-parser",
+            "gpt_oss",
+        ]);
+        assert!(matches!(ok, Ok((Some(_), Some(_)))), "{ok:?}");
+        assert!(matches!(
+            parsers(&["--reasoning-parser", "qwen3"]),
+            Ok((None, Some(_)))
+        ));
+        for (bad, says) in [
+            (
+                &["--reasoning-parser", "r2"][..],
+                "deepseek_r1, qwen3, gpt_oss",
+            ),
+            (
+                &["--enable-auto-tool-choice"][..],
+                "needs --tool-call-parser",
+            ),
+            (
+                &["--enable-auto-tool-choice", "--tool-call-parser", "x"][..],
+                "qwen3_coder",
+            ),
+            (
+                &["--enable-auto-tool-choice", "--tool-call-parser", "openai"][..],
+                "--reasoning-parser gpt_oss",
+            ),
+        ] {
+            let err = parsers(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]

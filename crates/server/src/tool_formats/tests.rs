@@ -218,3 +218,33 @@ fn hermes_and_llama3_json_keep_the_promise() {
         assert!(ToolParser::NAMES.contains(name));
     }
 }
+
+/// gpt-oss: the harmony splitter's output for a recorded answer (a preamble, then a call) is
+/// parsed into the call; the streaming promise holds over the splitter and the parser together.
+#[test]
+fn openai_calls_come_from_the_harmony_splitter() {
+    use crate::reasoning::{PromptState, ReasoningParser, ReasoningSplitter};
+    let raw = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary<|message|>Let me look.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Tokyo\", \"days\": 2}";
+    let split =
+        ReasoningSplitter::new(ReasoningParser::GptOss, PromptState::Reasoning).split_all(raw);
+    assert_eq!(split.reasoning, "Need the weather.");
+    let p = ToolParser::OpenAi;
+    let (content, calls) = parse(p, &split.content);
+    assert_eq!(content.as_deref(), Some("Let me look."));
+    assert_eq!(
+        calls,
+        [(
+            "get_weather".to_string(),
+            json!({"city": "Tokyo", "days": 2})
+        )]
+    );
+    promise(
+        p,
+        &split.content,
+        &["<|start|>", "<|channel|>", "<|message|>", "<|call|>"],
+    );
+    // A recipient that is not a declared function (a built-in tool) stays content.
+    let other =
+        "<|start|>assistant to=browser.search<|channel|>commentary json<|message|>{}<|call|>";
+    assert_eq!(parse(p, other).1, vec![]);
+}
