@@ -153,6 +153,18 @@ pub(crate) async fn chat_completions(
     origin: Origin,
     header_id: Option<&str>,
 ) -> Result<Response<ApiBody>, ApiError> {
+    let (generation, stream) = chat_generation(state, body, origin, header_id).await?;
+    answer(generation, stream).await
+}
+
+/// A chat request submitted to the engine: its [`Generation`] and whether it streams (the
+/// Responses API answers from it in its own shapes).
+pub(crate) async fn chat_generation(
+    state: &Arc<AppState>,
+    body: &[u8],
+    origin: Origin,
+    header_id: Option<&str>,
+) -> Result<(Generation, bool), ApiError> {
     let ChatInput {
         model,
         mut validated,
@@ -166,7 +178,7 @@ pub(crate) async fn chat_completions(
     let requests = constrain(state, &validated, vec![request]).await?;
     let echo = echo.filter(|_| validated.output.echo);
     let prompts = requests.into_iter().map(|r| (r, echo.clone())).collect();
-    start(state, Kind::Chat, id, model, validated, prompts, origin).await
+    begin(state, Kind::Chat, id, model, validated, prompts, origin)
 }
 
 /// `POST /v1/completions`. `header_id` is the client's `X-Request-Id`.
@@ -199,7 +211,7 @@ pub(crate) async fn completions(
     }
     let requests = constrain(state, &validated, requests).await?;
     let prompts = requests.into_iter().zip(echo).collect();
-    start(
+    let (generation, stream) = begin(
         state,
         Kind::Completion,
         id,
@@ -207,8 +219,8 @@ pub(crate) async fn completions(
         validated,
         prompts,
         origin,
-    )
-    .await
+    )?;
+    answer(generation, stream).await
 }
 
 /// A completion request parsed and validated (with the server's sampling defaults): the
@@ -445,9 +457,19 @@ async fn constrain(
         .collect())
 }
 
-/// Submit every prompt (each with the text `echo` repeats) to the engine and answer (stream or
-/// not). If any submission fails the ones already submitted are dropped, which aborts them.
-async fn start(
+/// Answer from a submitted generation: an SSE stream, or the collected JSON body.
+async fn answer(generation: Generation, stream: bool) -> Result<Response<ApiBody>, ApiError> {
+    if stream {
+        Ok(sse_response(SseBody::new(generation)))
+    } else {
+        let body = generation.collect().await?;
+        Ok(json_response(StatusCode::OK, body))
+    }
+}
+
+/// Submit every prompt (each with the text `echo` repeats) to the engine. If any submission
+/// fails the ones already submitted are dropped, which aborts them.
+fn begin(
     state: &Arc<AppState>,
     kind: Kind,
     id: String,
@@ -455,7 +477,7 @@ async fn start(
     validated: Validated,
     prompts: Vec<(GenerateRequest, Option<String>)>,
     origin: Origin,
-) -> Result<Response<ApiBody>, ApiError> {
+) -> Result<(Generation, bool), ApiError> {
     // The prompt's ids are kept only for what the response repeats of them.
     let keep_ids = validated.output.token_ids || validated.output.echo_logprobs.is_some();
     let mut streams = Vec::with_capacity(prompts.len());
@@ -496,12 +518,7 @@ async fn start(
         state.engine.tokenizer().clone(),
         state.metrics.clone(),
     );
-    if validated.stream {
-        Ok(sse_response(SseBody::new(generation)))
-    } else {
-        let body = generation.collect().await?;
-        Ok(json_response(StatusCode::OK, body))
-    }
+    Ok((generation, validated.stream))
 }
 
 /// `POST /tokenize` (vLLM shape).

@@ -17,6 +17,7 @@ mod pool;
 pub mod protocol;
 pub mod reasoning;
 mod response;
+pub mod responses;
 pub mod server;
 pub mod sse;
 mod state;

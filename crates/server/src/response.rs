@@ -23,6 +23,8 @@ pub enum ApiBody {
     Full(Option<Bytes>),
     /// A live event stream.
     Sse(Box<SseBody>),
+    /// A live Responses API event stream.
+    Events(Box<crate::responses::ResponseEventsBody>),
 }
 
 impl ApiBody {
@@ -49,6 +51,7 @@ impl Body for ApiBody {
         match self.get_mut() {
             ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ApiBody::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
+            ApiBody::Events(s) => Pin::new(s.as_mut()).poll_frame(cx),
         }
     }
 
@@ -56,6 +59,7 @@ impl Body for ApiBody {
         match self {
             ApiBody::Full(b) => b.is_none(),
             ApiBody::Sse(s) => s.is_end_stream(),
+            ApiBody::Events(s) => s.is_end_stream(),
         }
     }
 
@@ -64,6 +68,7 @@ impl Body for ApiBody {
             ApiBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ApiBody::Full(None) => SizeHint::with_exact(0),
             ApiBody::Sse(s) => s.size_hint(),
+            ApiBody::Events(s) => s.size_hint(),
         }
     }
 }
@@ -92,7 +97,12 @@ pub(crate) fn error_response(err: &ApiError) -> Response<ApiBody> {
 
 /// The streaming response: SSE headers, no buffering by proxies.
 pub(crate) fn sse_response(body: SseBody) -> Response<ApiBody> {
-    let mut r = Response::new(ApiBody::Sse(Box::new(body)));
+    event_stream_response(ApiBody::Sse(Box::new(body)))
+}
+
+/// A `text/event-stream` response around a streaming body.
+pub(crate) fn event_stream_response(body: ApiBody) -> Response<ApiBody> {
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -308,6 +308,9 @@ pub(crate) enum Route {
     Batches,
     Batch,
     BatchCancel,
+    Responses,
+    Response,
+    ResponseInputItems,
 }
 
 /// The id in `/v1/{collection}/{id}` or `/v1/{collection}/{id}/{action}`.
@@ -339,12 +342,19 @@ impl Route {
             "/v1/score" | "/score" => Route::Score,
             "/v1/files" => Route::Files,
             "/v1/batches" => Route::Batches,
+            "/v1/responses" => Route::Responses,
             p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => Route::Model,
-            p => match (path_id(p, "/v1/files"), path_id(p, "/v1/batches")) {
-                (Some((_, None)), _) => Route::File,
-                (Some((_, Some("content"))), _) => Route::FileContent,
-                (_, Some((_, None))) => Route::Batch,
-                (_, Some((_, Some("cancel")))) => Route::BatchCancel,
+            p => match (
+                path_id(p, "/v1/files"),
+                path_id(p, "/v1/batches"),
+                path_id(p, "/v1/responses"),
+            ) {
+                (Some((_, None)), _, _) => Route::File,
+                (Some((_, Some("content"))), _, _) => Route::FileContent,
+                (_, Some((_, None)), _) => Route::Batch,
+                (_, Some((_, Some("cancel"))), _) => Route::BatchCancel,
+                (_, _, Some((_, None))) => Route::Response,
+                (_, _, Some((_, Some("input_items")))) => Route::ResponseInputItems,
                 _ => return None,
             },
         })
@@ -373,6 +383,9 @@ impl Route {
             Route::Batches => "/v1/batches",
             Route::Batch => "/v1/batches/{batch_id}",
             Route::BatchCancel => "/v1/batches/{batch_id}/cancel",
+            Route::Responses => "/v1/responses",
+            Route::Response => "/v1/responses/{response_id}",
+            Route::ResponseInputItems => "/v1/responses/{response_id}/input_items",
         }
     }
 
@@ -387,9 +400,10 @@ impl Route {
             | Route::Embeddings
             | Route::Rerank
             | Route::Score
-            | Route::BatchCancel => "POST, OPTIONS",
+            | Route::BatchCancel
+            | Route::Responses => "POST, OPTIONS",
             Route::Files | Route::Batches => "GET, HEAD, POST, OPTIONS",
-            Route::File => "GET, HEAD, DELETE, OPTIONS",
+            Route::File | Route::Response => "GET, HEAD, DELETE, OPTIONS",
             Route::Models
             | Route::Model
             | Route::Health
@@ -397,7 +411,8 @@ impl Route {
             | Route::TokenizerInfo
             | Route::Metrics
             | Route::FileContent
-            | Route::Batch => "GET, HEAD, OPTIONS",
+            | Route::Batch
+            | Route::ResponseInputItems => "GET, HEAD, OPTIONS",
         }
     }
 
@@ -569,6 +584,7 @@ async fn dispatch(
     let query = req.uri().query().map(str::to_string);
     let file_id = || path_id(&path, "/v1/files").map_or("", |(id, _)| id);
     let batch_id = || path_id(&path, "/v1/batches").map_or("", |(id, _)| id);
+    let response_id = || path_id(&path, "/v1/responses").map_or("", |(id, _)| id);
     match route {
         Route::Files if req.method() == Method::POST => {
             crate::batch::http::create_file(state, req).await
@@ -586,6 +602,18 @@ async fn dispatch(
         Route::Batches => crate::batch::http::list_batches(state, query.as_deref()).await,
         Route::Batch => crate::batch::http::get_batch(state, batch_id()).await,
         Route::BatchCancel => crate::batch::http::cancel_batch(state, batch_id()).await,
+        Route::Responses => {
+            let header_id = client_request_id(req.headers())?;
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::responses::create(state, &body, header_id.as_deref()).await
+        }
+        Route::Response if req.method() == Method::DELETE => {
+            crate::responses::delete(state, response_id()).await
+        }
+        Route::Response => crate::responses::get(state, response_id()).await,
+        Route::ResponseInputItems => {
+            crate::responses::input_items_list(state, response_id(), query.as_deref()).await
+        }
         Route::ChatCompletions => {
             let header_id = client_request_id(req.headers())?;
             let body = read_json_body(req, &state.cfg).await?;

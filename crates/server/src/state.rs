@@ -32,6 +32,8 @@ pub(crate) struct AppState {
     pub(crate) compiler: Option<Arc<GrammarCompiler>>,
     /// The Batch API's store and runner wake-up (`None` when it is off).
     pub(crate) batches: Option<Arc<crate::batch::Batches>>,
+    /// Stored Responses API responses, beside the batch store (`None` without a data dir).
+    pub(crate) responses: Option<Arc<crate::responses::store::ResponseStore>>,
 }
 
 impl AppState {
@@ -87,6 +89,20 @@ impl AppState {
             }
             None => None,
         };
+        let responses = match &config.batch {
+            Some(cfg) => {
+                let dir = cfg.data_dir.clone();
+                let opened = tokio::task::spawn_blocking(move || {
+                    crate::responses::store::ResponseStore::open(&dir)
+                })
+                .await
+                .map_err(|e| ServerError::Config(format!("opening the response store: {e}")))?;
+                Some(Arc::new(opened.map_err(|e| {
+                    ServerError::Config(format!("opening the response store: {e}"))
+                })?))
+            }
+            None => None,
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -120,6 +136,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             compiler,
             batches,
+            responses,
         })
     }
 }

@@ -1,0 +1,220 @@
+//! OpenAI's Responses API (`/v1/responses`), as the OpenAI Agents SDK and Codex speak it. A
+//! request is turned into a chat request and runs through the chat pipeline (validation,
+//! template, tool modes, reasoning split, structured outputs: one generation path for both
+//! APIs, `convert.rs`); the answer is told as output items, or streamed as Responses events
+//! (`events.rs`). With `store` (the default) a response is kept in SQLite under `--data-dir`
+//! (`store.rs`) so `previous_response_id` continues its conversation, and
+//! `GET`/`DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items` find it.
+
+pub mod convert;
+mod events;
+pub mod store;
+
+/// The streaming body of a Responses API answer.
+pub type ResponseEventsBody = events::ResponseEvents;
+
+use std::sync::Arc;
+
+use hyper::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::handlers::{chat_generation, Origin};
+use crate::ids::unix_now;
+use crate::pool::blocking;
+use crate::response::{event_stream_response, ok_json, ApiBody};
+use crate::state::AppState;
+use crate::stream::SseBody;
+use convert::{Echo, ResponsesRequest, Status};
+use store::{ResponseStore, Stored};
+
+fn not_found(id: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("Response with id '{id}' not found."),
+    );
+    e.param = Some("response_id".into());
+    e
+}
+
+fn store_error(e: crate::batch::store::StoreError) -> ApiError {
+    ApiError::internal(format!("the response store failed: {e}"))
+}
+
+/// The stored response `id`, or a 404 (also when nothing is stored: no `--data-dir`).
+async fn load(state: &AppState, id: &str) -> Result<(Arc<ResponseStore>, Stored), ApiError> {
+    let store = state.responses.clone().ok_or_else(|| not_found(id))?;
+    let (s, key) = (store.clone(), id.to_string());
+    let stored = blocking(move || s.get(&key).map_err(store_error)).await?;
+    Ok((store, stored.ok_or_else(|| not_found(id))?))
+}
+
+/// This request's input as items with ids (what `input_items` lists).
+fn input_items(input: &Value) -> Vec<Value> {
+    match input {
+        Value::String(s) => vec![
+            json!({"type": "message", "id": convert::item_id("msg"), "role": "user",
+            "content": [{"type": "input_text", "text": s}]}),
+        ],
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                let mut i = i.clone();
+                if i.get("type").is_none() {
+                    i["type"] = json!("message");
+                }
+                if i.get("id").is_none() {
+                    i["id"] = json!(convert::item_id("msg"));
+                }
+                i
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `POST /v1/responses`.
+pub(crate) async fn create(
+    state: &Arc<AppState>,
+    body: &[u8],
+    header_id: Option<&str>,
+) -> Result<Response<ApiBody>, ApiError> {
+    let req: ResponsesRequest = crate::validation::parse_json(body)?;
+    convert::check_fields(&req)?;
+    let history = match req.previous_response_id.as_deref() {
+        None => Vec::new(),
+        Some(id) => {
+            let (_, stored) = load(state, id).await.map_err(|mut e| {
+                e.param = Some("previous_response_id".into());
+                e
+            })?;
+            let mut conversation = stored.conversation;
+            let output = stored.response["output"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            conversation.extend(convert::output_messages(&output)?);
+            conversation
+        }
+    };
+    let (chat, conversation) = convert::chat_request(&req, history)?;
+    let chat = serde_json::to_vec(&chat)
+        .map_err(|e| ApiError::internal(format!("building the chat request failed: {e}")))?;
+    let (generation, stream) = chat_generation(state, &chat, Origin::Http, header_id).await?;
+    let model =
+        crate::validation::resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
+    let echo = Echo::of(&req, model);
+    let (id, created_at) = (convert::item_id("resp"), unix_now());
+    let storage = match (echo.store, state.responses.clone()) {
+        (true, Some(store)) => Some(events::Storage {
+            store,
+            conversation,
+            input_items: input_items(req.input.as_ref().unwrap_or(&Value::Null)),
+        }),
+        _ => None,
+    };
+    if stream {
+        let events =
+            events::ResponseEvents::new(SseBody::new(generation), id, created_at, echo, storage);
+        return Ok(event_stream_response(ApiBody::Events(Box::new(events))));
+    }
+    let body = generation.collect().await?;
+    let chat: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::internal(format!("reading the chat answer failed: {e}")))?;
+    let choice = &chat["choices"][0];
+    let status = match choice["finish_reason"] == "length" {
+        true => Status::Incomplete,
+        false => Status::Completed,
+    };
+    let output = convert::output_items(&choice["message"], status);
+    let response = convert::response_object(
+        &id,
+        created_at,
+        &echo,
+        status,
+        &output,
+        Some(&chat["usage"]),
+    );
+    if let Some(s) = storage {
+        let stored = Stored {
+            response: response.clone(),
+            conversation: s.conversation,
+            input_items: s.input_items,
+        };
+        let key = id.clone();
+        blocking(move || s.store.put(&key, created_at, &stored).map_err(store_error)).await?;
+    }
+    ok_json(&response)
+}
+
+/// `GET /v1/responses/{id}`.
+pub(crate) async fn get(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
+    let (_, stored) = load(state, id).await?;
+    ok_json(&stored.response)
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub(crate) async fn delete(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
+    let store = state.responses.clone().ok_or_else(|| not_found(id))?;
+    let key = id.to_string();
+    if !blocking(move || store.delete(&key).map_err(store_error)).await? {
+        return Err(not_found(id));
+    }
+    ok_json(&json!({"id": id, "object": "response", "deleted": true}))
+}
+
+/// `GET /v1/responses/{id}/input_items` (`order` asc or desc, the default; `limit` 1..=100,
+/// default 20; `after` an item id).
+pub(crate) async fn input_items_list(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<ApiBody>, ApiError> {
+    let (_, stored) = load(state, id).await?;
+    let mut items = stored.input_items;
+    let (mut limit, mut after) = (20usize, None::<String>);
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match k {
+            "order" if v == "asc" => {}
+            "order" if v == "desc" => items.reverse(),
+            "order" => {
+                return Err(ApiError::invalid_param(
+                    "order",
+                    "`order` must be asc or desc.",
+                ))
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=100).contains(l))
+                    .ok_or_else(|| ApiError::invalid_param("limit", "`limit` must be 1..=100."))?
+            }
+            "after" => after = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    if !query.unwrap_or("").contains("order=asc") && !query.unwrap_or("").contains("order=desc") {
+        items.reverse(); // desc by default
+    }
+    if let Some(a) = after {
+        let p = items
+            .iter()
+            .position(|i| i["id"] == a.as_str())
+            .ok_or_else(|| ApiError::invalid_param("after", format!("no input item '{a}'.")))?;
+        items.drain(..=p);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    ok_json(&json!({
+        "object": "list",
+        "first_id": items.first().map(|i| i["id"].clone()),
+        "last_id": items.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+        "data": items,
+    }))
+}
