@@ -41,6 +41,24 @@ fn store_error(e: crate::batch::store::StoreError) -> ApiError {
     ApiError::internal(format!("the response store failed: {e}"))
 }
 
+/// A chat-pipeline error naming the Responses field the client wrote.
+fn responses_param(mut e: ApiError) -> ApiError {
+    let renamed = match e.param.as_deref() {
+        Some("max_completion_tokens" | "max_tokens") => "max_output_tokens",
+        Some("messages") => "input",
+        Some("response_format") => "text.format",
+        Some("reasoning_effort") => "reasoning.effort",
+        Some("top_logprobs" | "logprobs") => "top_logprobs",
+        _ => return e,
+    };
+    e.message = e
+        .message
+        .replace("max_completion_tokens", "max_output_tokens")
+        .replace("`response_format`", "`text.format`");
+    e.param = Some(renamed.into());
+    e
+}
+
 /// The stored response `id`, or a 404 (also when nothing is stored: no `--data-dir`).
 async fn load(state: &AppState, id: &str) -> Result<(Arc<ResponseStore>, Stored), ApiError> {
     let store = state.responses.clone().ok_or_else(|| not_found(id))?;
@@ -100,7 +118,9 @@ pub(crate) async fn create(
     let (chat, conversation) = convert::chat_request(&req, history)?;
     let chat = serde_json::to_vec(&chat)
         .map_err(|e| ApiError::internal(format!("building the chat request failed: {e}")))?;
-    let (generation, stream) = chat_generation(state, &chat, Origin::Http, header_id).await?;
+    let (generation, stream) = chat_generation(state, &chat, Origin::Http, header_id)
+        .await
+        .map_err(responses_param)?;
     let model =
         crate::validation::resolve_model(req.model.as_deref(), &state.cfg.served_model_names)?;
     let echo = Echo::of(&req, model);
