@@ -65,7 +65,7 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
-            "Invalid or missing API key: send `Authorization: Bearer <key>`.",
+            "Invalid or missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
         )
     }
 

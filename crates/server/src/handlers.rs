@@ -415,6 +415,17 @@ pub(crate) async fn render_completions(
     ok_json(&out)
 }
 
+/// The token count of a chat request's rendered prompt (Anthropic's `count_tokens`).
+pub(crate) async fn chat_prompt_tokens(
+    state: &Arc<AppState>,
+    body: &[u8],
+) -> Result<usize, ApiError> {
+    Ok(chat_input(state, body, "/v1/messages/count_tokens")
+        .await?
+        .ids
+        .len())
+}
+
 /// `POST /v1/chat/completions/render` (vLLM's renderer API): the rendered chat prompt as
 /// token ids, without running the model.
 pub(crate) async fn render_chat(

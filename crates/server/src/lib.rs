@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod chat_events;
 pub mod config;
 pub mod embeddings;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod fields;
 mod handlers;
 pub mod harmony;
 mod ids;
+pub mod messages;
 pub mod metrics;
 mod pool;
 pub mod protocol;

@@ -25,6 +25,8 @@ pub enum ApiBody {
     Sse(Box<SseBody>),
     /// A live Responses API event stream.
     Events(Box<crate::responses::ResponseEventsBody>),
+    /// A live Anthropic Messages event stream.
+    Messages(Box<crate::messages::MessageEventsBody>),
 }
 
 impl ApiBody {
@@ -52,6 +54,7 @@ impl Body for ApiBody {
             ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ApiBody::Sse(s) => Pin::new(s.as_mut()).poll_frame(cx),
             ApiBody::Events(s) => Pin::new(s.as_mut()).poll_frame(cx),
+            ApiBody::Messages(s) => Pin::new(s.as_mut()).poll_frame(cx),
         }
     }
 
@@ -60,6 +63,7 @@ impl Body for ApiBody {
             ApiBody::Full(b) => b.is_none(),
             ApiBody::Sse(s) => s.is_end_stream(),
             ApiBody::Events(s) => s.is_end_stream(),
+            ApiBody::Messages(s) => s.is_end_stream(),
         }
     }
 
@@ -69,6 +73,7 @@ impl Body for ApiBody {
             ApiBody::Full(None) => SizeHint::with_exact(0),
             ApiBody::Sse(s) => s.size_hint(),
             ApiBody::Events(s) => s.size_hint(),
+            ApiBody::Messages(s) => s.size_hint(),
         }
     }
 }

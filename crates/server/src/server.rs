@@ -311,6 +311,8 @@ pub(crate) enum Route {
     Responses,
     Response,
     ResponseInputItems,
+    Messages,
+    CountTokens,
 }
 
 /// The id in `/v1/{collection}/{id}` or `/v1/{collection}/{id}/{action}`.
@@ -343,6 +345,8 @@ impl Route {
             "/v1/files" => Route::Files,
             "/v1/batches" => Route::Batches,
             "/v1/responses" => Route::Responses,
+            "/v1/messages" => Route::Messages,
+            "/v1/messages/count_tokens" => Route::CountTokens,
             p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => Route::Model,
             p => match (
                 path_id(p, "/v1/files"),
@@ -386,6 +390,8 @@ impl Route {
             Route::Responses => "/v1/responses",
             Route::Response => "/v1/responses/{response_id}",
             Route::ResponseInputItems => "/v1/responses/{response_id}/input_items",
+            Route::Messages => "/v1/messages",
+            Route::CountTokens => "/v1/messages/count_tokens",
         }
     }
 
@@ -401,7 +407,9 @@ impl Route {
             | Route::Rerank
             | Route::Score
             | Route::BatchCancel
-            | Route::Responses => "POST, OPTIONS",
+            | Route::Responses
+            | Route::Messages
+            | Route::CountTokens => "POST, OPTIONS",
             Route::Files | Route::Batches => "GET, HEAD, POST, OPTIONS",
             Route::File | Route::Response => "GET, HEAD, DELETE, OPTIONS",
             Route::Models
@@ -456,7 +464,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBod
             } else {
                 tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
             }
-            error_response(&e)
+            error_for(route, &e)
         }
     };
     if let Some(origin) = origin {
@@ -469,6 +477,14 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBod
         .metrics
         .count_http(label, method.as_str(), resp.status().as_u16());
     resp
+}
+
+/// An error answer in the route's API's shape (Anthropic's for `/v1/messages`).
+fn error_for(route: Option<Route>, e: &ApiError) -> Response<ApiBody> {
+    match route {
+        Some(Route::Messages | Route::CountTokens) => crate::messages::error_response(e),
+        _ => error_response(e),
+    }
 }
 
 fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
@@ -551,7 +567,12 @@ async fn dispatch(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
-            if !bearer_matches(header, key) {
+            // Anthropic's clients send the key as `x-api-key`.
+            let x_api_key = req
+                .headers()
+                .get("x-api-key")
+                .is_some_and(|v| crate::auth::constant_time_eq(v.as_bytes(), key.as_bytes()));
+            if !bearer_matches(header, key) && !x_api_key {
                 return Err(ApiError::unauthorized());
             }
         }
@@ -563,15 +584,18 @@ async fn dispatch(
         ));
     };
     if !route.method_ok(req.method()) {
-        let mut r = error_response(&ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!(
-                "Method {} is not allowed on {}; use {}.",
-                req.method(),
-                route.label(),
-                route.allow()
+        let mut r = error_for(
+            Some(route),
+            &ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "Method {} is not allowed on {}; use {}.",
+                    req.method(),
+                    route.label(),
+                    route.allow()
+                ),
             ),
-        ));
+        );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static(route.allow()));
         return Ok(r);
@@ -602,6 +626,14 @@ async fn dispatch(
         Route::Batches => crate::batch::http::list_batches(state, query.as_deref()).await,
         Route::Batch => crate::batch::http::get_batch(state, batch_id()).await,
         Route::BatchCancel => crate::batch::http::cancel_batch(state, batch_id()).await,
+        Route::Messages => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::messages::create(state, &body).await
+        }
+        Route::CountTokens => {
+            let body = read_json_body(req, &state.cfg).await?;
+            crate::messages::count_tokens(state, &body).await
+        }
         Route::Responses => {
             let header_id = client_request_id(req.headers())?;
             let body = read_json_body(req, &state.cfg).await?;

@@ -35,6 +35,8 @@ enum Expect {
     Http(u16),
     /// No response: the server closes the connection (it never got a request).
     Closed,
+    /// This status with an Anthropic error body (`/v1/messages`) of this error type.
+    Anthropic(u16, &'static str),
 }
 
 /// How a case is sent.
@@ -91,6 +93,7 @@ fn user(content: &str) -> Value {
 fn catalogue() -> Vec<Case> {
     let bad = |status| Expect::Api(status, None);
     let param = |status, p| Expect::Api(status, Some(p));
+    let anthropic = |status| Expect::Anthropic(status, "invalid_request_error");
     let c = |name, send, expect| Case { name, send, expect };
     let chat_path = "/v1/chat/completions";
 
@@ -395,6 +398,20 @@ fn catalogue() -> Vec<Case> {
         c("unknown response action", Send::Raw(head("GET", "/v1/responses/resp_x/cancel", "", None)), bad(404)),
         c("GET /v1/responses", Send::Raw(head("GET", "/v1/responses", "", None)), bad(405)),
         c("PATCH a response", Send::Raw(head("PATCH", "/v1/responses/resp_x", "", Some(0))), bad(405)),
+        // --- Anthropic Messages API (Anthropic's error shape) ---
+        c("message invalid JSON", Send::Raw(post_bytes("/v1/messages", b"{nope")), anthropic(400)),
+        c("message without max_tokens", Send::Raw(post_bytes("/v1/messages", json!({"messages": [{"role": "user", "content": "x"}]}).to_string().as_bytes())), anthropic(400)),
+        c("message without messages", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5}).to_string().as_bytes())), anthropic(400)),
+        c("message system role", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}).to_string().as_bytes())), anthropic(400)),
+        c("message image block", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}).to_string().as_bytes())), anthropic(400)),
+        c("message tool_result without id", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]}).to_string().as_bytes())), anthropic(400)),
+        c("message server tool", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "bash_20250124", "name": "bash"}]}).to_string().as_bytes())), anthropic(400)),
+        c("message tool_choice unknown", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "maybe"}}).to_string().as_bytes())), anthropic(400)),
+        c("message max_tokens 0", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).to_string().as_bytes())), anthropic(400)),
+        c("message thinking sideways", Send::Raw(post_bytes("/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "thinking": {"type": "sideways"}}).to_string().as_bytes())), anthropic(400)),
+        c("message unknown model", Send::Raw(post_bytes("/v1/messages", json!({"model": "claude-nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).to_string().as_bytes())), Expect::Anthropic(404, "not_found_error")),
+        c("count_tokens without messages", Send::Raw(post_bytes("/v1/messages/count_tokens", b"{}")), anthropic(400)),
+        c("GET /v1/messages", Send::Raw(head("GET", "/v1/messages", "", None)), Expect::Anthropic(405, "invalid_request_error")),
     ]
 }
 
@@ -473,6 +490,20 @@ fn check(r: Option<&RawResponse>, expect: Expect) -> Result<(), String> {
                 ));
             }
             Ok(())
+        }
+        (Expect::Anthropic(status, kind), Some(r)) => {
+            let body: Value = serde_json::from_slice(&r.body)
+                .map_err(|_| format!("not JSON: {}", String::from_utf8_lossy(&r.body)))?;
+            let ok = r.status == status
+                && body["type"] == "error"
+                && body["error"]["type"] == kind
+                && body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty());
+            match ok {
+                true => Ok(()),
+                false => Err(format!("{} (expected {status} {kind}): {body}", r.status)),
+            }
         }
         (Expect::Api(status, param), Some(r)) => {
             if r.status != status {

@@ -45,7 +45,7 @@ pub(crate) async fn run_line(
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
                 ApiBody::Full(None) => Value::Null,
                 // Batch lines never stream (refused with a 400 before this point).
-                ApiBody::Sse(_) | ApiBody::Events(_) => Value::Null,
+                ApiBody::Sse(_) | ApiBody::Events(_) | ApiBody::Messages(_) => Value::Null,
             };
             (status, body)
         }

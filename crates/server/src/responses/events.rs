@@ -14,12 +14,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 
 use super::convert::{self, Echo, Status};
 use super::store::{ResponseStore, Stored};
+use crate::chat_events::{named_event, ChatEvent, ChatEvents};
 use crate::stream::SseBody;
 
 /// The item being streamed.
@@ -49,9 +50,7 @@ pub struct Storage {
 }
 
 pub struct ResponseEvents {
-    chat: SseBody,
-    /// Chat SSE bytes not yet cut into events.
-    buffer: BytesMut,
+    chat: ChatEvents,
     out: VecDeque<Bytes>,
     seq: u64,
     id: String,
@@ -77,8 +76,7 @@ impl ResponseEvents {
         storage: Option<Storage>,
     ) -> Self {
         let mut me = Self {
-            chat,
-            buffer: BytesMut::new(),
+            chat: ChatEvents::new(chat),
             out: VecDeque::new(),
             seq: 0,
             id,
@@ -114,20 +112,14 @@ impl ResponseEvents {
         data["type"] = json!(kind);
         data["sequence_number"] = json!(self.seq);
         self.seq += 1;
-        let mut b = Vec::with_capacity(128);
-        b.extend_from_slice(b"event: ");
-        b.extend_from_slice(kind.as_bytes());
-        b.extend_from_slice(b"\ndata: ");
-        b.extend_from_slice(data.to_string().as_bytes());
-        b.extend_from_slice(b"\n\n");
-        self.out.push_back(Bytes::from(b));
+        self.out.push_back(named_event(kind, &data));
     }
 
     /// Finish the item being streamed.
     fn close(&mut self) {
         let index = self.output.len();
         match std::mem::replace(&mut self.open, Open::None) {
-            Open::None => return,
+            Open::None => (),
             Open::Reasoning { id, text } => {
                 self.emit(
                     "response.reasoning_text.done",
@@ -255,18 +247,8 @@ impl ResponseEvents {
         }
     }
 
-    /// One chat SSE event (`data: ...` text).
-    fn chat_event(&mut self, event: &str) {
-        let Some(data) = event.strip_prefix("data: ") else {
-            return;
-        };
-        if data == "[DONE]" {
-            self.finish();
-            return;
-        }
-        let Ok(chunk) = serde_json::from_str::<Value>(data) else {
-            return;
-        };
+    /// One chat chunk.
+    fn chat_chunk(&mut self, chunk: &Value) {
         if let Some(err) = chunk.get("error") {
             self.close();
             let mut response = self.response();
@@ -362,23 +344,10 @@ impl Body for ResponseEvents {
                 this.completed_event();
                 continue;
             }
-            match Pin::new(&mut this.chat).poll_frame(cx) {
+            match this.chat.poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => this.finish(),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        this.buffer.extend_from_slice(&data);
-                    }
-                    while let Some(end) = find(&this.buffer, b"\n\n") {
-                        let event = this.buffer.split_to(end + 2);
-                        let text = String::from_utf8_lossy(&event[..end]).into_owned();
-                        this.chat_event(&text);
-                        if this.finishing || this.done {
-                            break;
-                        }
-                    }
-                }
-                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(ChatEvent::Done) => this.finish(),
+                Poll::Ready(ChatEvent::Json(chunk)) => this.chat_chunk(&chunk),
             }
         }
     }
@@ -390,8 +359,4 @@ impl Body for ResponseEvents {
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
