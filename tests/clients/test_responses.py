@@ -97,10 +97,29 @@ def test_delete(client: openai.OpenAI, model: str) -> None:
         client.responses.delete(r.id)
 
 
+def test_background_responses_are_polled_and_cancelled(client: openai.OpenAI, model: str) -> None:
+    import time
+    r = client.responses.create(model=model, input="Say hi.", max_output_tokens=30, temperature=0, background=True)
+    assert r.status == "queued" and r.background
+    deadline = time.time() + 60
+    while r.status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.1)
+        r = client.responses.retrieve(r.id)
+    foreground = client.responses.create(model=model, input="Say hi.", max_output_tokens=30, temperature=0)
+    assert r.status == foreground.status and r.output_text == foreground.output_text
+    long = client.responses.create(model=model, input="Write a long story about a cat.", max_output_tokens=1500,
+                                   background=True)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" == client.responses.retrieve(long.id).status
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(r.id)  # finished
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),
+    ({"background": True, "stream": True}, "background"),
     ({"truncation": "auto"}, "truncation"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format"),
 ])

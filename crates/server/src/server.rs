@@ -311,6 +311,7 @@ pub(crate) enum Route {
     Responses,
     Response,
     ResponseInputItems,
+    ResponseCancel,
     Messages,
     CountTokens,
 }
@@ -359,6 +360,7 @@ impl Route {
                 (_, Some((_, Some("cancel"))), _) => Route::BatchCancel,
                 (_, _, Some((_, None))) => Route::Response,
                 (_, _, Some((_, Some("input_items")))) => Route::ResponseInputItems,
+                (_, _, Some((_, Some("cancel")))) => Route::ResponseCancel,
                 _ => return None,
             },
         })
@@ -390,6 +392,7 @@ impl Route {
             Route::Responses => "/v1/responses",
             Route::Response => "/v1/responses/{response_id}",
             Route::ResponseInputItems => "/v1/responses/{response_id}/input_items",
+            Route::ResponseCancel => "/v1/responses/{response_id}/cancel",
             Route::Messages => "/v1/messages",
             Route::CountTokens => "/v1/messages/count_tokens",
         }
@@ -408,6 +411,7 @@ impl Route {
             | Route::Score
             | Route::BatchCancel
             | Route::Responses
+            | Route::ResponseCancel
             | Route::Messages
             | Route::CountTokens => "POST, OPTIONS",
             Route::Files | Route::Batches => "GET, HEAD, POST, OPTIONS",
@@ -643,6 +647,7 @@ async fn dispatch(
             crate::responses::delete(state, response_id()).await
         }
         Route::Response => crate::responses::get(state, response_id()).await,
+        Route::ResponseCancel => crate::responses::cancel(state, response_id()).await,
         Route::ResponseInputItems => {
             crate::responses::input_items_list(state, response_id(), query.as_deref()).await
         }

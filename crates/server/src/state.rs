@@ -34,6 +34,8 @@ pub(crate) struct AppState {
     pub(crate) batches: Option<Arc<crate::batch::Batches>>,
     /// Stored Responses API responses, beside the batch store (`None` without a data dir).
     pub(crate) responses: Option<Arc<crate::responses::store::ResponseStore>>,
+    /// Background responses still running.
+    pub(crate) background_responses: crate::responses::Background,
 }
 
 impl AppState {
@@ -137,6 +139,7 @@ impl AppState {
             compiler,
             batches,
             responses,
+            background_responses: Default::default(),
         })
     }
 }

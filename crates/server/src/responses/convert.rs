@@ -42,10 +42,18 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
 /// `service_tier`, `include`, `stream_options`).
 pub fn check_fields(req: &ResponsesRequest) -> Result<(), ApiError> {
     if req.background == Some(true) {
-        return Err(bad(
-            "background",
-            "`background: true` is not supported yet; run the request in the foreground (or use the Batch API).",
-        ));
+        if req.store == Some(false) {
+            return Err(bad(
+                "background",
+                "`background: true` needs `store` (it is polled by id).",
+            ));
+        }
+        if req.stream == Some(true) {
+            return Err(bad(
+                "background",
+                "`background: true` with `stream: true` is not supported; poll the response instead.",
+            ));
+        }
     }
     if let Some(t) = req.truncation.as_deref().filter(|t| *t != "disabled") {
         return Err(bad(
@@ -450,6 +458,7 @@ pub struct Echo {
     pub previous_response_id: Option<String>,
     pub store: bool,
     pub metadata: Value,
+    pub background: bool,
 }
 
 impl Echo {
@@ -474,6 +483,7 @@ impl Echo {
             previous_response_id: req.previous_response_id.clone(),
             store: req.store.unwrap_or(true),
             metadata: req.metadata.clone().unwrap_or_else(|| json!({})),
+            background: req.background.unwrap_or(false),
         }
     }
 }
@@ -481,6 +491,8 @@ impl Echo {
 /// What the response says of how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
+    /// A background response not started yet.
+    Queued,
     InProgress,
     Completed,
     /// Cut by `max_output_tokens`.
@@ -497,6 +509,7 @@ pub fn response_object(
     usage: Option<&Value>,
 ) -> Value {
     let (status, incomplete) = match status {
+        Status::Queued => ("queued", Value::Null),
         Status::InProgress => ("in_progress", Value::Null),
         Status::Completed => ("completed", Value::Null),
         Status::Incomplete => ("incomplete", json!({"reason": "max_output_tokens"})),
@@ -526,7 +539,7 @@ pub fn response_object(
         "reasoning": echo.reasoning, "store": echo.store,
         "temperature": echo.temperature, "text": echo.text, "tool_choice": echo.tool_choice,
         "tools": echo.tools, "top_p": echo.top_p, "truncation": "disabled",
-        "usage": usage, "metadata": echo.metadata, "background": false,
+        "usage": usage, "metadata": echo.metadata, "background": echo.background,
     })
 }
 
@@ -615,7 +628,14 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
         for (body, param) in [
-            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "background": true, "store": false}),
+                "background",
+            ),
+            (
+                json!({"input": "x", "background": true, "stream": true}),
+                "background",
+            ),
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
             (
                 json!({"input": "x", "conversation": "conv_1"}),

@@ -13,6 +13,18 @@ pub mod store;
 /// The streaming body of a Responses API answer.
 pub type ResponseEventsBody = events::ResponseEvents;
 
+type Running = std::collections::HashMap<String, tokio::task::AbortHandle>;
+
+/// Background responses still running, by id (`POST .../cancel` aborts them).
+#[derive(Debug, Default)]
+pub struct Background(std::sync::Mutex<Running>);
+
+impl Background {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
@@ -118,7 +130,20 @@ pub(crate) async fn create(
     let (chat, conversation) = convert::chat_request(&req, history)?;
     let chat = serde_json::to_vec(&chat)
         .map_err(|e| ApiError::internal(format!("building the chat request failed: {e}")))?;
-    let (generation, stream) = chat_generation(state, &chat, Origin::Http, header_id)
+    let background = req.background == Some(true);
+    if background && state.responses.is_none() {
+        return Err(ApiError::invalid_param(
+            "background",
+            "`background: true` needs the response store (--data-dir).",
+        ));
+    }
+    // Background responses run on the lane batch jobs use: after interactive requests.
+    let origin = if background {
+        Origin::Batch
+    } else {
+        Origin::Http
+    };
+    let (generation, stream) = chat_generation(state, &chat, origin, header_id)
         .await
         .map_err(responses_param)?;
     let model =
@@ -138,8 +163,59 @@ pub(crate) async fn create(
             events::ResponseEvents::new(SseBody::new(generation), id, created_at, echo, storage);
         return Ok(event_stream_response(ApiBody::Events(Box::new(events))));
     }
-    let body = generation.collect().await?;
-    let chat: Value = serde_json::from_slice(&body)
+    let (storage, background_storage) = match background {
+        true => (None, storage),
+        false => (storage, None),
+    };
+    let Some(storage) = background_storage else {
+        let body = generation.collect().await;
+        let response = finished(&id, created_at, &echo, body)?;
+        if let Some(s) = storage {
+            save(s, &id, created_at, response.clone()).await?;
+        }
+        return ok_json(&response);
+    };
+    // Background: stored as queued now, completed (or failed) by a task the client polls.
+    let queued = convert::response_object(&id, created_at, &echo, Status::Queued, &[], None);
+    let record = Stored {
+        response: queued.clone(),
+        conversation: storage.conversation.clone(),
+        input_items: storage.input_items.clone(),
+    };
+    let (store, key) = (storage.store.clone(), id.clone());
+    blocking(move || store.put(&key, created_at, &record).map_err(store_error)).await?;
+    let task_state = state.clone();
+    let task_id = id.clone();
+    // The registry is locked while the task is spawned and registered, so a task that ends
+    // at once cannot remove its entry before it exists.
+    let mut running = state.background_responses.lock();
+    let task = tokio::spawn(async move {
+        let body = generation.collect().await;
+        let response = finished(&task_id, created_at, &echo, body).unwrap_or_else(|e| {
+            let mut failed =
+                convert::response_object(&task_id, created_at, &echo, Status::Queued, &[], None);
+            failed["status"] = json!("failed");
+            failed["error"] = json!({"code": "server_error", "message": e.message});
+            failed
+        });
+        if let Err(e) = save(storage, &task_id, created_at, response).await {
+            tracing::warn!(id = %task_id, error = %e.message, "storing a background response failed");
+        }
+        task_state.background_responses.lock().remove(&task_id);
+    });
+    running.insert(id, task.abort_handle());
+    drop(running);
+    ok_json(&queued)
+}
+
+/// The response object of a finished generation (its collected chat answer).
+fn finished(
+    id: &str,
+    created_at: u64,
+    echo: &Echo,
+    body: Result<Vec<u8>, ApiError>,
+) -> Result<Value, ApiError> {
+    let chat: Value = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::internal(format!("reading the chat answer failed: {e}")))?;
     let choice = &chat["choices"][0];
     let status = match choice["finish_reason"] == "length" {
@@ -147,23 +223,53 @@ pub(crate) async fn create(
         false => Status::Completed,
     };
     let output = convert::output_items(&choice["message"], status);
-    let response = convert::response_object(
-        &id,
-        created_at,
-        &echo,
-        status,
-        &output,
-        Some(&chat["usage"]),
-    );
-    if let Some(s) = storage {
-        let stored = Stored {
-            response: response.clone(),
-            conversation: s.conversation,
-            input_items: s.input_items,
-        };
-        let key = id.clone();
-        blocking(move || s.store.put(&key, created_at, &stored).map_err(store_error)).await?;
-    }
+    let usage = Some(&chat["usage"]);
+    Ok(convert::response_object(
+        id, created_at, echo, status, &output, usage,
+    ))
+}
+
+/// Store `response` with its conversation and input items.
+async fn save(
+    s: events::Storage,
+    id: &str,
+    created_at: u64,
+    response: Value,
+) -> Result<(), ApiError> {
+    let stored = Stored {
+        response,
+        conversation: s.conversation,
+        input_items: s.input_items,
+    };
+    let key = id.to_string();
+    blocking(move || s.store.put(&key, created_at, &stored).map_err(store_error)).await
+}
+
+/// `POST /v1/responses/{id}/cancel`: stop a background response still running (its engine
+/// request is aborted); it is stored as `cancelled`.
+pub(crate) async fn cancel(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
+    let (store, stored) = load(state, id).await?;
+    let running = state.background_responses.lock().remove(id);
+    let Some(task) = running else {
+        return Err(ApiError::invalid_param(
+            "response_id",
+            format!(
+                "Response '{id}' is {}; only background responses still running can be cancelled.",
+                stored.response["status"].as_str().unwrap_or("finished")
+            ),
+        ));
+    };
+    task.abort();
+    let mut response = stored.response;
+    response["status"] = json!("cancelled");
+    let record = Stored {
+        response: response.clone(),
+        conversation: stored.conversation,
+        input_items: stored.input_items,
+    };
+    let key = id.to_string();
+    let created_at = response["created_at"].as_u64().unwrap_or(0);
+    blocking(move || store.put(&key, created_at, &record).map_err(store_error)).await?;
     ok_json(&response)
 }
 
