@@ -7,7 +7,7 @@
 //! `<|start|>assistant to=RECIPIENT<|channel|>commentary json<|message|>ARGS<|call|>`, which
 //! `--tool-call-parser openai` turns into `tool_calls` (without it, the call stays visible).
 
-use crate::reasoning::Split;
+use crate::reasoning::{partial_marker_len, Split};
 
 const MESSAGE: &str = "<|message|>";
 const TERMINATORS: [&str; 4] = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"];
@@ -87,7 +87,7 @@ impl HarmonySplitter {
                     }
                     let keep = TERMINATORS
                         .iter()
-                        .map(|t| partial_len(&self.held, t))
+                        .map(|t| partial_marker_len(&self.held, t))
                         .max()
                         .unwrap_or(0);
                     let cut = self.held.len() - keep;
@@ -142,14 +142,6 @@ fn route_of(header: &str) -> (Route, String) {
         Some("analysis") => (Route::Reasoning, String::new()),
         _ => (Route::Answer, String::new()),
     }
-}
-
-/// Bytes at the end of `text` that are a proper prefix of `marker`.
-fn partial_len(text: &str, marker: &str) -> usize {
-    (1..marker.len().min(text.len() + 1))
-        .rev()
-        .find(|&k| text.is_char_boundary(text.len() - k) && text.ends_with(&marker[..k]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -243,8 +243,8 @@ impl ThinkTagSplitter {
 }
 
 /// Bytes at the end of `text` that are a proper prefix of `marker` (0 when none), on a char
-/// boundary.
-fn partial_marker_len(text: &str, marker: &str) -> usize {
+/// boundary: what a stream holds back because a marker may be starting there.
+pub(crate) fn partial_marker_len(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
         .find(|&k| text.is_char_boundary(text.len() - k) && text.ends_with(&marker[..k]))

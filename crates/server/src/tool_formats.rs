@@ -91,15 +91,7 @@ impl ToolParser {
                 cut = cut.min(p);
             }
             // A marker that may be starting at the end.
-            for k in (1..m.len()).rev() {
-                if text.ends_with(&m[..k]) {
-                    cut = cut.min(text.len() - k);
-                    break;
-                }
-            }
-        }
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
+            cut = cut.min(text.len() - crate::reasoning::partial_marker_len(text, m));
         }
         cut
     }
