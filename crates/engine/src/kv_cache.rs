@@ -1,5 +1,6 @@
 //! Sizing the paged KV cache and choosing the attention backend for the model's device: the
-//! CPU cache from `--kv-cache-memory`, the CUDA cache from `--gpu-memory-utilization` after a
+//! CPU cache from `--kv-cache-memory` (or, without it, from the machine's available memory:
+//! `host_memory.rs`), the CUDA cache from `--gpu-memory-utilization` after a
 //! profiling forward pass (or an explicit block count for either).
 
 use spindle_model::attention::cpu::CpuAttention;
@@ -10,9 +11,6 @@ use spindle_model::{
 
 use crate::api::EngineError;
 use crate::config::EngineConfig;
-
-/// Default CPU KV-cache budget when `--kv-cache-memory` is not given (vLLM's CPU default).
-pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 4 << 30;
 
 fn setup(e: ModelError) -> EngineError {
     EngineError::KvCacheSetup(std::sync::Arc::new(e))
@@ -51,16 +49,26 @@ pub fn build(
     if model.device().is_cuda() {
         return build_cuda(model, config, shape, max_model_len);
     }
-    let _ = max_model_len;
     let dtype = cpu_kv_dtype(model, config.kv_cache_dtype);
     let bytes_per_block = shape.bytes_per_block(dtype.size_in_bytes()) as u64;
-    shape.num_blocks = match config.num_blocks_override {
-        Some(n) => n,
-        None => {
-            (config
-                .kv_cache_memory_bytes
-                .unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES)
-                / bytes_per_block) as usize
+    shape.num_blocks = match (config.num_blocks_override, config.kv_cache_memory_bytes) {
+        (Some(n), _) => n,
+        (None, Some(bytes)) => (bytes / bytes_per_block) as usize,
+        (None, None) => {
+            // What every sequence at full length could use, and a share of the machine.
+            let blocks_per_seq = max_model_len.div_ceil(shape.block_size.max(1)) as u64;
+            let needed = (config.max_num_seqs as u64)
+                .saturating_mul(blocks_per_seq)
+                .saturating_mul(bytes_per_block);
+            let available = crate::host_memory::available_bytes();
+            let bytes = crate::host_memory::default_cpu_kv_bytes(available, needed);
+            tracing::info!(
+                cache_mib = bytes >> 20,
+                available_mib = available.map(|a| a >> 20),
+                needed_mib = needed >> 20,
+                "KV cache sized from the machine (--kv-cache-memory not given); pages become resident as blocks are used"
+            );
+            (bytes / bytes_per_block) as usize
         }
     };
     let cache = CpuAttention::with_dtype(shape, dtype).map_err(setup)?;

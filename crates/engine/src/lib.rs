@@ -14,6 +14,7 @@ mod engine;
 mod fault;
 mod generation;
 mod handle;
+mod host_memory;
 mod kv_cache;
 pub mod kv_events;
 mod model_runner;

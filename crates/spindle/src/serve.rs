@@ -71,7 +71,10 @@ pub struct ServeArgs {
     /// Fraction of GPU memory spindle may use (weights, activations, KV cache).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
-    /// KV-cache size in bytes; accepts suffixes: 512MiB, 4GiB, 4G (=GiB), 4GB (=10^9).
+    /// KV-cache size in bytes; accepts suffixes: 512MiB, 4GiB, 4G (=GiB), 4GB (=10^9). CPU
+    /// default: 40% of the available memory (cgroup limit counted), at most what
+    /// --max-num-seqs sequences of --max-model-len tokens need; pages are touched only as
+    /// blocks are used.
     #[arg(long, value_parser = parse_bytes)]
     pub kv_cache_memory: Option<u64>,
     /// Use exactly this many KV blocks instead of sizing from memory.

@@ -46,13 +46,25 @@ pub struct CpuAttention {
     step: Option<(AttentionMetadata, usize)>,
 }
 
-/// A zeroed vector of `n` elements, or an error (not an abort) when memory is short.
+/// A zeroed vector of `n` elements, or an error (not an abort) when memory is short. The
+/// memory comes zeroed from the allocator (large blocks are fresh anonymous mappings, zero on
+/// first touch) and is not written here, so the cache's pages become resident only as blocks
+/// are first used: resident memory follows the work, not `--kv-cache-memory`.
 fn zeroed<E: KvElem>(n: usize) -> Result<Vec<E>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| oom(n * std::mem::size_of::<E>()))?;
-    v.resize(n, E::from_f32(0.0));
-    Ok(v)
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<E>(n).map_err(|_| oom(usize::MAX))?;
+    // SAFETY: `layout` has a non-zero size; `KvElem` promises that all-zero bits are a valid
+    // 0.0, so the zeroed allocation holds `n` valid values, and the Vec takes ownership of
+    // exactly that allocation (capacity = length = n, the layout `Vec<E>` would use).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut E;
+        if ptr.is_null() {
+            return Err(oom(layout.size()));
+        }
+        Ok(Vec::from_raw_parts(ptr, n, n))
+    }
 }
 
 impl CpuAttention {

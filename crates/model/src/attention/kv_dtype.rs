@@ -73,7 +73,11 @@ pub struct Bf16(pub u16);
 pub struct F16(pub u16);
 
 /// A cache element: rounded from f32 on write, widened to f32 on read.
-pub trait KvElem: Copy + Send + Sync + 'static {
+///
+/// # Safety
+/// Implementors are plain data whose all-zero bit pattern is the value 0.0: the cache is
+/// allocated zeroed and never written before use.
+pub unsafe trait KvElem: Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
     /// 16 consecutive elements at `p` as f32.
@@ -84,7 +88,8 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
-impl KvElem for f32 {
+// SAFETY: all-zero bits are 0.0.
+unsafe impl KvElem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
@@ -100,7 +105,8 @@ impl KvElem for f32 {
     }
 }
 
-impl KvElem for Bf16 {
+// SAFETY: all-zero bits are 0.0.
+unsafe impl KvElem for Bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         Bf16(crate::cpu_bf16::round_to_bf16(v))
@@ -118,7 +124,8 @@ impl KvElem for Bf16 {
     }
 }
 
-impl KvElem for F16 {
+// SAFETY: all-zero bits are 0.0.
+unsafe impl KvElem for F16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         F16(f32_to_f16(v))
