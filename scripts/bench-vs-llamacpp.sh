@@ -171,10 +171,17 @@ wait_idle() {
     done
 }
 
-# run_bench NAME PORT: the shared workload against one server (one run, or a sweep).
+# mem_mib PID FIELD: a /proc status memory field (VmRSS, VmHWM) of a process, in MiB.
+mem_mib() {
+    awk -v f="$2:" '$1 == f { printf "%d", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+# run_bench NAME PORT: the shared workload against one server (one run, or a sweep). Records
+# the server's resident memory before the run and its peak (VmHWM) in NAME.mem.
 run_bench() {
     local name="$1" port="$2"
-    local cpu0 srv0
+    local cpu0 srv0 rss0
+    rss0=$(mem_mib "$SERVER_PID" VmRSS)
     cpu0=$(cpu_jiffies)
     srv0=$(proc_jiffies "$SERVER_PID")
     local common=(
@@ -197,6 +204,8 @@ run_bench() {
             --num-prompts "$NUM_PROMPTS" --max-concurrency "$CONCURRENCY" \
             --save-result "$OUT_DIR/$name.json" | tee "$OUT_DIR/$name.txt"
     fi
+    echo "$rss0 $(mem_mib "$SERVER_PID" VmHWM)" >"$OUT_DIR/$name.mem"
+    log "$name resident memory: $rss0 MiB before the run, peak $(cut -d' ' -f2 "$OUT_DIR/$name.mem") MiB"
     # CPU the machine spent outside the server during the run (the benchmark client included).
     awk -v a="$cpu0" -v b="$(cpu_jiffies)" -v s0="$srv0" -v s1="$(proc_jiffies "$SERVER_PID")" \
         -v n="$name" -v cores="$(nproc)" 'BEGIN { split(a, x, " "); split(b, y, " "); dt = y[2] - x[2];
@@ -259,6 +268,15 @@ import json, sys
 mode, sp, lp = sys.argv[1:4]
 s, l = (json.load(open(p)) for p in (sp, lp))
 
+def memory(path):
+    try:
+        start, peak = open(path[: -len(".json")] + ".mem").read().split()
+        return int(start), int(peak)
+    except (OSError, ValueError):
+        return None
+
+ms, ml = memory(sp), memory(lp)
+
 def ratio(a, b):
     return float("nan") if not b else a / b
 
@@ -276,6 +294,9 @@ def table(s, l):
     for name, a, b, note in rows:
         print(f"{name:<16} {a:>12.2f} {b:>14.2f} {ratio(a, b):>13.3f}x  ({note})")
     print(f"completed: spindle {s['completed']}/{s['num_prompts']}, llama-server {l['completed']}/{l['num_prompts']}")
+    if ms and ml:
+        for label, i in (("resident MiB, idle", 0), ("resident MiB, peak", 1)):
+            print(f"{label:<16} {ms[i]:>12d} {ml[i]:>14d} {ratio(ms[i], ml[i]):>13.3f}x  (lower is better)")
 
 print()
 if mode == "sweep":
