@@ -13,6 +13,11 @@ scripts/fetch-minilm.sh
 scripts/fetch-qwen.sh
 scripts/fetch-templates.sh
 cargo test --release --workspace
+# The portable kernels, forced on this AVX-512 machine (SPINDLE_CPU_ISA): every tiny family
+# exact against transformers and batch-invariant, the GGUF readers, and the default model's
+# greedy tokens in a mixed batch.
+SPINDLE_CPU_ISA=scalar cargo test --release -p spindle-model --test tiny_families --test tiny_gguf
+SPINDLE_CPU_ISA=scalar cargo test --release -p spindle-model --test golden batched_paged_forward_matches_the_golden_reference
 scripts/test-clients.sh
 tests/lm_eval/run.sh
 scripts/check-cuda.sh

@@ -254,7 +254,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Replace `scores` by `exp(score - max)` and return `1 / Σ` (AVX-512 when available).
 fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if crate::cpu_isa::avx512() {
         // SAFETY: AVX-512F was detected.
         return unsafe { crate::attention::cpu::avx512::softmax_unnormalized(scores, None) };
     }

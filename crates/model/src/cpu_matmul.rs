@@ -111,7 +111,7 @@ unsafe fn block(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_isa::avx512() {
             return avx512::block(x, k, w, n, m0, m1, n0, n1, out);
         }
     }

@@ -96,7 +96,7 @@ pub fn clamped_swiglu(gate_up: &Tensor, inter: usize, alpha: f32, limit: f32) ->
 pub fn soft_cap(xs: &mut [f32], cap: f32) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_isa::avx512() {
             // SAFETY: AVX-512F was detected.
             unsafe { gelu_avx512::soft_cap(xs, cap) };
             return;
@@ -125,7 +125,7 @@ const GELU_A: f32 = 0.044_715;
 fn gelu_tanh_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        if crate::cpu_isa::avx512() {
             // SAFETY: AVX-512F was detected; the three slices have the same length.
             unsafe { gelu_avx512::gelu_tanh_mul(out, gate, up) };
             return;
@@ -225,7 +225,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        if cpu_f32 && std::is_x86_feature_detected!("avx512f") {
+        if cpu_f32 && crate::cpu_isa::avx512() {
             let mut data = x.flatten_all()?.to_vec1::<f32>()?;
             data.par_chunks_mut(4096).for_each(|chunk| {
                 // SAFETY: AVX-512F was detected above.

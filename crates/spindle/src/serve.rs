@@ -683,6 +683,15 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
         args.override_generation_config.as_deref(),
     )?;
     tracing::info!(%model, %device, "loading model");
+    {
+        use spindle_model::cpu_isa;
+        let (chosen, best) = (cpu_isa::selected(), cpu_isa::detected());
+        tracing::info!(
+            "CPU kernels: {} (this CPU: {}; SPINDLE_CPU_ISA lowers it)",
+            chosen.as_str(),
+            best.as_str()
+        );
+    }
     let engine = Engine::spawn(engine_config).map_err(|e| anyhow!("loading {model}: {e}"))?;
 
     if let Err(e) = check_runner(&args.runner, &args.convert, engine.model_kind()) {

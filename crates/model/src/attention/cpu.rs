@@ -193,7 +193,7 @@ impl<E: KvElem> HeadKernel<'_, E> {
     fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
-            if self.block_size == avx512::BLOCK && std::is_x86_feature_detected!("avx512f") {
+            if self.block_size == avx512::BLOCK && crate::cpu_isa::avx512() {
                 // SAFETY: the feature was detected; each arm's chunk count matches head_dim and
                 // the block size was checked.
                 unsafe {

@@ -14,9 +14,7 @@ use candle_core::quantized::GgmlDType;
 pub(super) fn supported(dtype: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::is_block_quantized(dtype)
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("f16c")
+        super::is_block_quantized(dtype) && crate::cpu_isa::avx512() && crate::cpu_isa::f16c()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -50,7 +50,7 @@ pub(super) fn supported(dtype: GgmlDType, k: usize) -> bool {
 pub fn cpu_has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        crate::cpu_isa::avx512()
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512vnni")

@@ -153,7 +153,7 @@ impl Mxfp4Matrix {
         let out = &mut out[..n * self.cols];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            if crate::cpu_isa::avx512() {
                 // SAFETY: the feature was detected; the slices hold whole blocks.
                 unsafe { avx512::dequantize(blocks, scales, out) };
                 return;
