@@ -8,22 +8,13 @@
 
 mod reliability;
 
-use std::path::PathBuf;
-
 use hyper::StatusCode;
 use reliability::*;
 use serde_json::{json, Value};
 use spindle_server::reasoning::ReasoningParser;
 
 fn qwen() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-qwen.sh",
-        path.display()
-    );
-    path.display().to_string()
+    qwen_path()
 }
 
 const ASK: &str = "Answer in this exact format: <think>your reasoning</think>your answer. Question: What is the capital of France?";

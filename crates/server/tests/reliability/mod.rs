@@ -40,6 +40,18 @@ pub fn model_path() -> String {
     path.display().to_string()
 }
 
+/// Qwen2.5-Coder-0.5B-Instruct's GGUF, fetched by scripts/fetch-qwen.sh.
+pub fn qwen_path() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-qwen.sh",
+        path.display()
+    );
+    path.display().to_string()
+}
+
 /// A small engine: context 1024, 128 MiB of KV cache (about 180 blocks of 16 tokens).
 pub fn engine_config(metrics: &Arc<Metrics>) -> EngineConfig {
     EngineConfig {
