@@ -106,41 +106,29 @@ impl LinearWeight {
     /// (or MXFP4), the parts side by side when they are stored in different ways, else a dense
     /// tensor.
     pub fn concat(parts: &[LinearWeight], dtype: DType, device: &Device) -> Result<LinearWeight> {
-        let quant: Vec<&QuantMatrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                LinearWeight::Quantized(q) => Some(q.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if quant.len() == parts.len() {
-            if let Some(q) = QuantMatrix::concat_rows(&quant) {
-                return Ok(LinearWeight::Quantized(Arc::new(q)));
-            }
+        if let Some(q) = all_of(parts, |p| match p {
+            LinearWeight::Quantized(q) => Some(q.as_ref()),
+            _ => None,
+        })
+        .and_then(|q| QuantMatrix::concat_rows(&q))
+        {
+            return Ok(LinearWeight::Quantized(Arc::new(q)));
         }
-        let bf16: Vec<&Bf16Matrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                LinearWeight::Bf16(b) => Some(b.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if bf16.len() == parts.len() {
-            if let Some(b) = Bf16Matrix::concat_rows(&bf16) {
-                return Ok(LinearWeight::Bf16(Arc::new(b)));
-            }
+        if let Some(b) = all_of(parts, |p| match p {
+            LinearWeight::Bf16(b) => Some(b.as_ref()),
+            _ => None,
+        })
+        .and_then(|b| Bf16Matrix::concat_rows(&b))
+        {
+            return Ok(LinearWeight::Bf16(Arc::new(b)));
         }
-        let mxfp4: Vec<&Mxfp4Matrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                LinearWeight::Mxfp4(m) => Some(m.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if mxfp4.len() == parts.len() {
-            if let Some(m) = Mxfp4Matrix::concat_rows(&mxfp4) {
-                return Ok(LinearWeight::Mxfp4(Arc::new(m)));
-            }
+        if let Some(m) = all_of(parts, |p| match p {
+            LinearWeight::Mxfp4(m) => Some(m.as_ref()),
+            _ => None,
+        })
+        .and_then(|m| Mxfp4Matrix::concat_rows(&m))
+        {
+            return Ok(LinearWeight::Mxfp4(Arc::new(m)));
         }
         if !parts.iter().any(|p| matches!(p, LinearWeight::Dense(_))) {
             return Ok(LinearWeight::Stacked(parts.to_vec()));
@@ -151,6 +139,15 @@ impl LinearWeight {
             .collect::<Result<Vec<_>>>()?;
         Ok(LinearWeight::Dense(Tensor::cat(&dense, 0)?))
     }
+}
+
+/// Every part as the one storage `pick` takes out of it, or `None` when some part is stored
+/// otherwise.
+fn all_of<'a, T>(
+    parts: &'a [LinearWeight],
+    pick: impl Fn(&'a LinearWeight) -> Option<&'a T>,
+) -> Option<Vec<&'a T>> {
+    parts.iter().map(pick).collect()
 }
 
 /// Run a CPU kernel `f(x, m, k) -> [m, rows]` on `x`'s f32 values (`[m, cols]`).
