@@ -385,17 +385,13 @@ pub fn item_id(prefix: &str) -> String {
 
 /// The output items of a finished chat choice (`message` of a chat completion).
 pub fn output_items(message: &Value, status: Status) -> Vec<Value> {
-    let message_status = match status {
-        Status::Incomplete => "incomplete",
-        _ => "completed",
-    };
     let mut items = Vec::new();
     if let Some(r) = message.get("reasoning_content").and_then(Value::as_str) {
         items.push(reasoning_item(&item_id("rs"), r));
     }
     if let Some(t) = message.get("content").and_then(Value::as_str) {
         if !t.is_empty() || message["tool_calls"].as_array().is_none_or(Vec::is_empty) {
-            items.push(message_item(&item_id("msg"), t, message_status));
+            items.push(message_item(&item_id("msg"), t, status.item_status()));
         }
     }
     for call in message["tool_calls"].as_array().into_iter().flatten() {
@@ -497,6 +493,23 @@ pub enum Status {
     Completed,
     /// Cut by `max_output_tokens`.
     Incomplete,
+}
+
+impl Status {
+    /// The `status` of the response's message item.
+    pub fn item_status(self) -> &'static str {
+        match self {
+            Status::Incomplete => "incomplete",
+            _ => "completed",
+        }
+    }
+}
+
+/// `response` failed with `message`.
+pub fn failed(mut response: Value, message: Value) -> Value {
+    response["status"] = json!("failed");
+    response["error"] = json!({"code": "server_error", "message": message});
+    response
 }
 
 /// The response object.

@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -19,8 +18,9 @@ use hyper::body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 
 use super::convert::{self, Echo, Status};
-use super::store::{ResponseStore, Stored};
+use super::store::Storage;
 use crate::chat_events::{named_event, ChatEvent, ChatEvents};
+use crate::error::ApiError;
 use crate::stream::SseBody;
 
 /// The item being streamed.
@@ -42,12 +42,8 @@ enum Open {
     },
 }
 
-/// What to store once the response is complete.
-pub struct Storage {
-    pub store: Arc<ResponseStore>,
-    pub conversation: Vec<Value>,
-    pub input_items: Vec<Value>,
-}
+/// Storing the complete response (before the last event goes out).
+type Saving = Pin<Box<dyn Future<Output = Result<(), ApiError>> + Send>>;
 
 pub struct ResponseEvents {
     chat: ChatEvents,
@@ -61,7 +57,7 @@ pub struct ResponseEvents {
     status: Status,
     usage: Option<Value>,
     storage: Option<Storage>,
-    saving: Option<tokio::task::JoinHandle<()>>,
+    saving: Option<Saving>,
     /// The chat stream ended: store, then send the last event.
     finishing: bool,
     done: bool,
@@ -135,11 +131,7 @@ impl ResponseEvents {
             Open::Message { id, text } => {
                 self.emit("response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
                 self.emit("response.content_part.done", json!({"item_id": id, "output_index": index, "content_index": 0, "part": convert::output_text(&text)}));
-                let status = match self.status {
-                    Status::Incomplete => "incomplete",
-                    _ => "completed",
-                };
-                let item = convert::message_item(&id, &text, status);
+                let item = convert::message_item(&id, &text, self.status.item_status());
                 self.emit(
                     "response.output_item.done",
                     json!({"output_index": index, "item": item}),
@@ -251,9 +243,7 @@ impl ResponseEvents {
     fn chat_chunk(&mut self, chunk: &Value) {
         if let Some(err) = chunk.get("error") {
             self.close();
-            let mut response = self.response();
-            response["status"] = json!("failed");
-            response["error"] = json!({"code": "server_error", "message": err["message"]});
+            let response = convert::failed(self.response(), err["message"].clone());
             self.emit("response.failed", json!({"response": response}));
             self.done = true;
             return;
@@ -291,17 +281,8 @@ impl ResponseEvents {
         }
         self.close();
         if let Some(s) = self.storage.take() {
-            let (id, created_at, response) = (self.id.clone(), self.created_at, self.response());
-            let stored = Stored {
-                response,
-                conversation: s.conversation,
-                input_items: s.input_items,
-            };
-            self.saving = Some(tokio::task::spawn_blocking(move || {
-                if let Err(e) = s.store.put(&id, created_at, &stored) {
-                    tracing::warn!(%id, error = %e, "storing a response failed");
-                }
-            }));
+            let response = self.response();
+            self.saving = Some(Box::pin(s.save(self.id.clone(), self.created_at, response)));
         }
     }
 
@@ -336,8 +317,11 @@ impl Body for ResponseEvents {
             if this.finishing {
                 // The response is stored before the client hears it is complete.
                 if let Some(saving) = this.saving.as_mut() {
-                    if Pin::new(saving).poll(cx).is_pending() {
+                    let Poll::Ready(saved) = saving.as_mut().poll(cx) else {
                         return Poll::Pending;
+                    };
+                    if let Err(e) = saved {
+                        tracing::warn!(id = %this.id, error = %e.message, "storing a response failed");
                     }
                     this.saving = None;
                 }

@@ -10,6 +10,21 @@ pub mod convert;
 mod events;
 pub mod store;
 
+use std::sync::Arc;
+
+use hyper::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::handlers::{chat_generation, Origin};
+use crate::ids::unix_now;
+use crate::pool::blocking;
+use crate::response::{event_stream_response, ok_json, ApiBody};
+use crate::state::AppState;
+use crate::stream::SseBody;
+use convert::{Echo, ResponsesRequest, Status};
+use store::{put, store_error, ResponseStore, Storage, Stored};
+
 /// The streaming body of a Responses API answer.
 pub type ResponseEventsBody = events::ResponseEvents;
 
@@ -25,21 +40,6 @@ impl Background {
     }
 }
 
-use std::sync::Arc;
-
-use hyper::{Response, StatusCode};
-use serde_json::{json, Value};
-
-use crate::error::ApiError;
-use crate::handlers::{chat_generation, Origin};
-use crate::ids::unix_now;
-use crate::pool::blocking;
-use crate::response::{event_stream_response, ok_json, ApiBody};
-use crate::state::AppState;
-use crate::stream::SseBody;
-use convert::{Echo, ResponsesRequest, Status};
-use store::{ResponseStore, Stored};
-
 fn not_found(id: &str) -> ApiError {
     let mut e = ApiError::new(
         StatusCode::NOT_FOUND,
@@ -47,10 +47,6 @@ fn not_found(id: &str) -> ApiError {
     );
     e.param = Some("response_id".into());
     e
-}
-
-fn store_error(e: crate::batch::store::StoreError) -> ApiError {
-    ApiError::internal(format!("the response store failed: {e}"))
 }
 
 /// A chat-pipeline error naming the Responses field the client wrote.
@@ -151,7 +147,7 @@ pub(crate) async fn create(
     let echo = Echo::of(&req, model);
     let (id, created_at) = (convert::item_id("resp"), unix_now());
     let storage = match (echo.store, state.responses.clone()) {
-        (true, Some(store)) => Some(events::Storage {
+        (true, Some(store)) => Some(Storage {
             store,
             conversation,
             input_items: input_items(req.input.as_ref().unwrap_or(&Value::Null)),
@@ -163,42 +159,32 @@ pub(crate) async fn create(
             events::ResponseEvents::new(SseBody::new(generation), id, created_at, echo, storage);
         return Ok(event_stream_response(ApiBody::Events(Box::new(events))));
     }
-    let (storage, background_storage) = match background {
-        true => (None, storage),
-        false => (storage, None),
-    };
-    let Some(storage) = background_storage else {
-        let body = generation.collect().await;
-        let response = finished(&id, created_at, &echo, body)?;
+    if !background {
+        let response = finished(&id, created_at, &echo, generation.collect().await)?;
         if let Some(s) = storage {
-            save(s, &id, created_at, response.clone()).await?;
+            s.save(id, created_at, response.clone()).await?;
         }
         return ok_json(&response);
-    };
+    }
     // Background: stored as queued now, completed (or failed) by a task the client polls.
-    let queued = convert::response_object(&id, created_at, &echo, Status::Queued, &[], None);
-    let record = Stored {
-        response: queued.clone(),
-        conversation: storage.conversation.clone(),
-        input_items: storage.input_items.clone(),
+    let Some(storage) = storage else {
+        return Err(ApiError::internal(
+            "a background response without its store",
+        ));
     };
-    let (store, key) = (storage.store.clone(), id.clone());
-    blocking(move || store.put(&key, created_at, &record).map_err(store_error)).await?;
-    let task_state = state.clone();
-    let task_id = id.clone();
+    let queued = convert::response_object(&id, created_at, &echo, Status::Queued, &[], None);
+    storage
+        .clone()
+        .save(id.clone(), created_at, queued.clone())
+        .await?;
+    let (task_state, task_id, unfinished) = (state.clone(), id.clone(), queued.clone());
     // The registry is locked while the task is spawned and registered, so a task that ends
     // at once cannot remove its entry before it exists.
     let mut running = state.background_responses.lock();
     let task = tokio::spawn(async move {
-        let body = generation.collect().await;
-        let response = finished(&task_id, created_at, &echo, body).unwrap_or_else(|e| {
-            let mut failed =
-                convert::response_object(&task_id, created_at, &echo, Status::Queued, &[], None);
-            failed["status"] = json!("failed");
-            failed["error"] = json!({"code": "server_error", "message": e.message});
-            failed
-        });
-        if let Err(e) = save(storage, &task_id, created_at, response).await {
+        let response = finished(&task_id, created_at, &echo, generation.collect().await)
+            .unwrap_or_else(|e| convert::failed(unfinished, json!(e.message)));
+        if let Err(e) = storage.save(task_id.clone(), created_at, response).await {
             tracing::warn!(id = %task_id, error = %e.message, "storing a background response failed");
         }
         task_state.background_responses.lock().remove(&task_id);
@@ -229,22 +215,6 @@ fn finished(
     ))
 }
 
-/// Store `response` with its conversation and input items.
-async fn save(
-    s: events::Storage,
-    id: &str,
-    created_at: u64,
-    response: Value,
-) -> Result<(), ApiError> {
-    let stored = Stored {
-        response,
-        conversation: s.conversation,
-        input_items: s.input_items,
-    };
-    let key = id.to_string();
-    blocking(move || s.store.put(&key, created_at, &stored).map_err(store_error)).await
-}
-
 /// `POST /v1/responses/{id}/cancel`: stop a background response still running (its engine
 /// request is aborted); it is stored as `cancelled`.
 pub(crate) async fn cancel(state: &AppState, id: &str) -> Result<Response<ApiBody>, ApiError> {
@@ -260,16 +230,14 @@ pub(crate) async fn cancel(state: &AppState, id: &str) -> Result<Response<ApiBod
         ));
     };
     task.abort();
-    let mut response = stored.response;
+    let mut response = stored.response.clone();
     response["status"] = json!("cancelled");
+    let created_at = response["created_at"].as_u64().unwrap_or(0);
     let record = Stored {
         response: response.clone(),
-        conversation: stored.conversation,
-        input_items: stored.input_items,
+        ..stored
     };
-    let key = id.to_string();
-    let created_at = response["created_at"].as_u64().unwrap_or(0);
-    blocking(move || store.put(&key, created_at, &record).map_err(store_error)).await?;
+    put(store, id.to_string(), created_at, record).await?;
     ok_json(&response)
 }
 
@@ -298,15 +266,15 @@ pub(crate) async fn input_items_list(
 ) -> Result<Response<ApiBody>, ApiError> {
     let (_, stored) = load(state, id).await?;
     let mut items = stored.input_items;
-    let (mut limit, mut after) = (20usize, None::<String>);
+    let (mut limit, mut after, mut descending) = (20usize, None::<String>, true);
     for (k, v) in query
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
     {
         match k {
-            "order" if v == "asc" => {}
-            "order" if v == "desc" => items.reverse(),
+            "order" if v == "asc" => descending = false,
+            "order" if v == "desc" => descending = true,
             "order" => {
                 return Err(ApiError::invalid_param(
                     "order",
@@ -324,8 +292,8 @@ pub(crate) async fn input_items_list(
             _ => {}
         }
     }
-    if !query.unwrap_or("").contains("order=asc") && !query.unwrap_or("").contains("order=desc") {
-        items.reverse(); // desc by default
+    if descending {
+        items.reverse();
     }
     if let Some(a) = after {
         let p = items

@@ -3,12 +3,14 @@
 //! messages, for `previous_response_id`) and its input items (`GET .../input_items`).
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::batch::store::StoreError;
+use crate::error::ApiError;
+use crate::pool::blocking;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS responses (
@@ -28,6 +30,42 @@ pub struct Stored {
     /// (instructions left out, as the API does not carry them over).
     pub conversation: Vec<Value>,
     pub input_items: Vec<Value>,
+}
+
+/// What a response is stored with once it is complete: the store, and the request's
+/// conversation and input items.
+#[derive(Clone)]
+pub struct Storage {
+    pub store: Arc<ResponseStore>,
+    pub conversation: Vec<Value>,
+    pub input_items: Vec<Value>,
+}
+
+impl Storage {
+    /// Store `response` under `id` with this request's conversation and input items.
+    pub async fn save(self, id: String, created_at: u64, response: Value) -> Result<(), ApiError> {
+        let stored = Stored {
+            response,
+            conversation: self.conversation,
+            input_items: self.input_items,
+        };
+        put(self.store, id, created_at, stored).await
+    }
+}
+
+/// Store `stored` under `id`, on the blocking pool.
+pub async fn put(
+    store: Arc<ResponseStore>,
+    id: String,
+    created_at: u64,
+    stored: Stored,
+) -> Result<(), ApiError> {
+    blocking(move || store.put(&id, created_at, &stored).map_err(store_error)).await
+}
+
+/// A store failure as the API reports it.
+pub fn store_error(e: StoreError) -> ApiError {
+    ApiError::internal(format!("the response store failed: {e}"))
 }
 
 /// The store: one connection behind a mutex; every call blocks (run it on the blocking pool).
