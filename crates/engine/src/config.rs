@@ -53,6 +53,8 @@ pub struct EngineConfig {
     /// A watchdog declares the engine dead once its heartbeat is older than this (a hang counts
     /// as death: callers get errors and the server can exit). `None`: no watchdog.
     pub stall_timeout: Option<Duration>,
+    /// Speculative decoding (`--speculative-config`); `None`: off.
+    pub speculative: Option<crate::spec::SpeculativeConfig>,
     /// Test-only fault injection, so tests can prove engine death and hangs are handled.
     /// `None` in normal operation.
     pub fault_injection: Option<FaultInjection>,
@@ -144,6 +146,7 @@ impl Default for EngineConfig {
             observer: None,
             heartbeat_interval: Duration::from_millis(250),
             stall_timeout: None,
+            speculative: None,
             fault_injection: None,
         }
     }

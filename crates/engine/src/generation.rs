@@ -1,5 +1,8 @@
-//! The generation core of the engine thread: `step() = schedule -> run the model -> process
-//! outputs` over the scheduler, the model runner and the output processor.
+//! The generation core of the engine thread: `step() = schedule -> execute (forward pass and
+//! sampling) -> update (append, stop, free) -> emit`, over the scheduler, the model runner and
+//! the output processor. Each stage hands plain data to the next; none calls back into an
+//! earlier one. What the output processor ends (stop strings, errors) and what requests abort
+//! is released here, in the scheduler and the runner alike.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,10 +16,12 @@ use crate::config::EngineConfig;
 use crate::core::{Core, Ready};
 use crate::fault::FaultInjector;
 use crate::handle::{EngineMessage, Liveness};
-use crate::model_runner::ModelRunner;
+use crate::model_runner::{ExecuteError, ModelRunner};
 use crate::output_processor::OutputProcessor;
-use crate::scheduler::{Scheduler, SchedulerOutput, SeqOptions};
+use crate::scheduler::{Scheduler, SchedulerOutput, SeqId, SeqOptions};
 use crate::stats::EngineStats;
+use crate::step_output::RunnerOutput;
+use crate::token_stop::TokenStops;
 use crate::trace::StepTrace;
 
 /// The generation core: the scheduler (queues, KV blocks), the model runner (model, KV cache)
@@ -106,7 +111,8 @@ impl GenerationCore {
             config.max_num_batched_tokens,
             config.scheduling_policy,
         )
-        .with_background_share(config.background_share);
+        .with_background_share(config.background_share)
+        .with_stop_limits(loaded.tokenizer.eos_token_ids.clone(), max_model_len);
         let scheduler = match window {
             Some(w) => {
                 tracing::info!(
@@ -117,12 +123,27 @@ impl GenerationCore {
             }
             None => scheduler,
         };
+        let eos_ids = loaded.tokenizer.eos_token_ids.clone();
         let tokenizer = Arc::new(loaded.tokenizer);
-        let outputs =
-            OutputProcessor::new(tokenizer.clone(), max_model_len, config.seed, stats.clone());
+        let outputs = OutputProcessor::new(tokenizer.clone(), stats.clone());
+        if let Some(spec) = &config.speculative {
+            tracing::info!(
+                method = ?spec.method,
+                k = spec.num_speculative_tokens,
+                disable_by_batch_size = spec.disable_by_batch_size,
+                "speculative decoding on"
+            );
+        }
+        let runner = ModelRunner::new(
+            loaded.model,
+            attention,
+            config.seed,
+            eos_ids,
+            config.speculative.clone(),
+        );
         Ok(Self {
             scheduler,
-            runner: ModelRunner::new(loaded.model, attention),
+            runner,
             outputs,
             tokenizer,
             info: Arc::new(loaded.info),
@@ -165,8 +186,8 @@ impl GenerationCore {
                 trace.request_ids.push(request_id.to_string());
             }
             let decoding = self.scheduler.seq(s.id).is_some_and(|q| q.num_output() > 0);
-            if s.num_new_tokens == 1 && decoding {
-                trace.num_decode_tokens += 1;
+            if s.num_new_tokens == 1 + s.num_draft && decoding {
+                trace.num_decode_tokens += s.num_new_tokens;
             } else {
                 trace.num_prefill_tokens += s.num_new_tokens;
             }
@@ -189,31 +210,44 @@ impl Core for GenerationCore {
             } => {
                 self.faults
                     .arm_if_marked(&self.tokenizer, request.prompt_token_ids());
+                let urgency = request.urgency();
+                let salt = request.cache_salt().map(Into::into);
+                let (request_id, prompt, params, max_tokens, constraint) = request.into_parts();
+                let seqs =
+                    self.outputs
+                        .add_request(id, request_id, &prompt, params.clone(), events);
+                self.runner.add_request(&seqs, &params, constraint);
                 let options = SeqOptions {
-                    urgency: request.urgency(),
+                    urgency,
                     cache: CacheScope {
-                        salt: request.cache_salt().map(Into::into),
+                        salt,
                         skip_reads: false,
                     },
-                    prompt_logits: request.params().prompt_logprobs.is_some(),
+                    prompt_logits: params.prompt_logprobs.is_some(),
+                    stops: TokenStops::new(&params, max_tokens),
+                    children: seqs.get(1..).unwrap_or_default().to_vec(),
                 };
-                let (seq, prompt) = self.outputs.add_request(id, request, events);
-                self.scheduler.add_with(seq, prompt, options);
+                if let Some(&first) = seqs.first() {
+                    self.scheduler.add_with(first, prompt, options);
+                }
             }
             EngineMessage::Embed { events, .. } => {
                 let _ = events.send(EngineEvent::Error(EngineError::WrongModelKind(
                     "this model generates text; it is not an embedding model",
                 )));
             }
-            EngineMessage::Abort { id } => self.outputs.abort_request(id, &mut self.scheduler),
+            EngineMessage::Abort { id } => {
+                let ended = self.outputs.abort_request(id);
+                self.release(&ended);
+            }
             EngineMessage::Shutdown => {}
         }
     }
 
     fn fail_all(&mut self, error: &EngineError) {
         for id in self.outputs.request_ids() {
-            self.outputs
-                .fail_request(id, error.clone(), &mut self.scheduler);
+            let ended = self.outputs.fail_request(id, error.clone());
+            self.release(&ended);
         }
     }
 
@@ -261,8 +295,17 @@ impl GenerationCore {
         sink.publish(crate::kv_events::KvEventBatch { ts, events });
     }
 
+    /// Forget ended sequences in the scheduler (freeing their blocks) and the runner.
+    fn release(&mut self, seqs: &[SeqId]) {
+        for &id in seqs {
+            self.scheduler.finish(id);
+            self.runner.remove(id);
+        }
+    }
+
     fn run_step(&mut self) -> Result<(), EngineError> {
         self.faults.inject_if_armed(&self.liveness)?;
+        // 1. Schedule.
         let batch = self.scheduler.schedule();
         self.stats
             .preemptions_total
@@ -271,7 +314,8 @@ impl GenerationCore {
         // token also sees the blocks that produced it counted.
         self.publish_gauges();
         for &id in &batch.refused {
-            self.outputs.refuse(id, &mut self.scheduler);
+            let ended = self.outputs.refuse(id);
+            self.release(&ended);
         }
         if batch.scheduled.is_empty() {
             return Ok(());
@@ -279,26 +323,32 @@ impl GenerationCore {
         let started = Instant::now();
         let mut trace = self.config.observer.is_some().then(|| self.trace(&batch));
 
-        let (input, plan) = self.runner.prepare(&batch, &self.scheduler)?;
-        let rows = match self.runner.run(input) {
-            Ok(rows) => rows,
-            Err(e) => {
+        // 2. Execute: forward pass, sampling (draft verification), next drafts.
+        let output = match self.runner.execute(&batch, &self.scheduler) {
+            Ok(output) => output,
+            Err(ExecuteError::Engine(e)) => return Err(e),
+            Err(ExecuteError::Forward(e)) => {
                 // A failing batch fails its requests, not the engine.
                 tracing::error!("forward pass failed: {e}");
                 let error = EngineError::model(e);
                 for s in &batch.scheduled {
-                    self.outputs
-                        .fail_seq_request(s.id, error.clone(), &mut self.scheduler);
+                    let ended = self.outputs.fail_seq_request(s.id, error.clone());
+                    self.release(&ended);
                 }
                 return Ok(());
             }
         };
-        self.scheduler.on_step_done(&batch.scheduled);
+        self.count_speculation(&output);
+        // 3. Update: append, token stops, KV rollback of rejected drafts, free what ended.
+        let updates = self.scheduler.update_from_output(&batch, &output);
+        // 4. Emit: prompt logprobs, text, stop strings, events.
         self.outputs.note_scheduled(&batch.scheduled, started);
-        self.outputs
-            .record_prompt_logprobs(&plan.prompt, &rows, &self.scheduler);
-        self.outputs
-            .process(&plan.sample, &rows, &mut self.scheduler, Instant::now());
+        self.outputs.record_prompt_logprobs(&output.prompt_logprobs);
+        let mut ended = self.outputs.process(updates, Instant::now());
+        for (id, error) in output.failed {
+            ended.extend(self.outputs.fail_seq_request(id, error));
+        }
+        self.release(&ended);
 
         self.step_count += 1;
         self.stats.iterations_total.fetch_add(1, Ordering::Relaxed);
@@ -307,5 +357,22 @@ impl GenerationCore {
             observer.on_step(trace);
         }
         Ok(())
+    }
+
+    /// vLLM's speculative-decoding counters: drafts verified, their tokens, and the accepted
+    /// ones overall and by position.
+    fn count_speculation(&self, output: &RunnerOutput) {
+        for s in output.sampled.iter().filter(|s| s.num_draft > 0) {
+            self.stats.spec_drafts.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .spec_draft_tokens
+                .fetch_add(s.num_draft as u64, Ordering::Relaxed);
+            self.stats
+                .spec_accepted_tokens
+                .fetch_add(s.num_accepted as u64, Ordering::Relaxed);
+            for pos in self.stats.spec_accepted_per_pos.iter().take(s.num_accepted) {
+                pos.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }

@@ -22,8 +22,11 @@ mod output_processor;
 pub mod sampler;
 pub mod scheduler;
 mod sequence;
+pub mod spec;
 mod stats;
+mod step_output;
 mod stop;
+pub mod token_stop;
 mod trace;
 
 pub use api::*;

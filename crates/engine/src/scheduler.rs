@@ -14,12 +14,20 @@
 //! there is one level and the order is plain first come, first served.
 //!
 //! The scheduler owns the block manager and a lean per-sequence state (tokens, progress, block
-//! table, arrival and admission order, priority): nothing about sampling or text, so it can be
-//! tested with fake requests.
+//! table, arrival and admission order, priority, token stop rules, draft tokens): nothing about
+//! sampling or text, so it can be tested with fake requests. After the runner's forward pass,
+//! [`Scheduler::update_from_output`] appends the sampled tokens, rolls back the KV of rejected
+//! draft tokens, applies the token stops and frees what ended (vLLM V1's `update_from_output`).
+//!
+//! Speculative decoding: a decoding sequence with draft tokens is scheduled for `1 + k`
+//! positions (its last token and `k` drafts), budgeted like any other tokens; drafts are cut to
+//! the budget and to what `max_tokens` and the context leave.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::block_manager::{BlockId, BlockManager, BlockTable, CacheScope};
+use crate::step_output::{RunnerOutput, SampledSeq, SeqUpdate, Stopped};
+use crate::token_stop::{stop_on_length, stop_on_token, TokenStops};
 
 /// Engine-internal id of a sequence.
 pub type SeqId = u64;
@@ -42,6 +50,12 @@ pub struct SeqState {
     cache: CacheScope,
     /// Logits are wanted at every prompt position (prompt logprobs).
     prompt_logits: bool,
+    /// EOS / stop ids / length rules applied as tokens are appended.
+    stops: TokenStops,
+    /// Draft tokens proposed after the last token, verified in the next step (speculation).
+    draft: Vec<u32>,
+    /// The other `n - 1` choices, forked once this sequence's prompt is computed.
+    children: Vec<SeqId>,
 }
 
 impl SeqState {
@@ -85,6 +99,16 @@ impl SeqState {
     /// Whether the runner must return logits for every prompt position.
     pub fn wants_prompt_logits(&self) -> bool {
         self.prompt_logits
+    }
+
+    /// Draft tokens waiting to be verified (the step's entry says how many are scheduled).
+    pub fn draft(&self) -> &[u32] {
+        &self.draft
+    }
+
+    /// The token stop rules (the runner stops verifying drafts after a stop token).
+    pub fn stops(&self) -> &TokenStops {
+        &self.stops
     }
 
     /// Most tokens one step may compute: a prefill that returns logits at every position is
@@ -134,6 +158,11 @@ pub struct SeqOptions {
     pub cache: CacheScope,
     /// Return logits at every prompt position (prompt logprobs; implies not reading the cache).
     pub prompt_logits: bool,
+    /// EOS / stop ids / `max_tokens`, applied when tokens are appended.
+    pub stops: TokenStops,
+    /// Ids of the request's other `n - 1` choices: started on this sequence's prompt blocks in
+    /// the step that completes its prompt, sampling from its row.
+    pub children: Vec<SeqId>,
 }
 
 /// After interactive work pauses, background work stays at its share for this many steps.
@@ -152,16 +181,21 @@ pub struct ScheduledSeq {
     pub num_computed: usize,
     /// This step reaches the end of the sequence, so its last row's logits are sampled.
     pub samples: bool,
+    /// Of `num_new_tokens`, the last ones are the sequence's first `num_draft` draft tokens:
+    /// the runner samples at each of the last `1 + num_draft` positions to verify them.
+    pub num_draft: usize,
 }
 
 impl ScheduledSeq {
-    /// `n` new tokens of `seq` (`id`) from where its computed tokens end.
-    fn new(id: SeqId, n: usize, seq: &SeqState) -> Self {
+    /// `n` new tokens of `seq` (`id`) from where its computed tokens end, the last `num_draft`
+    /// of them drafts.
+    fn new(id: SeqId, n: usize, num_draft: usize, seq: &SeqState) -> Self {
         Self {
             id,
             num_new_tokens: n,
             num_computed: seq.num_computed,
-            samples: seq.num_computed + n == seq.tokens.len(),
+            samples: seq.num_computed + n - num_draft == seq.tokens.len(),
+            num_draft,
         }
     }
 }
@@ -177,6 +211,9 @@ pub struct SchedulerOutput {
     pub preempted: Vec<SeqId>,
     /// Sequences that can never fit the KV cache; already removed, the caller finishes them.
     pub refused: Vec<SeqId>,
+    /// `(parent, child)`: choices started this step on their parent's prompt; each samples its
+    /// first token from its parent's row.
+    pub forked: Vec<(SeqId, SeqId)>,
 }
 
 impl SchedulerOutput {
@@ -203,6 +240,9 @@ pub struct Scheduler {
     last_interactive_tokens: usize,
     /// The window of a model whose every layer slides: blocks that leave it are released.
     sliding_window: Option<usize>,
+    /// The model's EOS ids and context, for the token stops.
+    eos_ids: Vec<u32>,
+    max_model_len: usize,
 }
 
 impl Scheduler {
@@ -225,7 +265,16 @@ impl Scheduler {
             steps_since_interactive: usize::MAX,
             last_interactive_tokens: 0,
             sliding_window: None,
+            eos_ids: Vec::new(),
+            max_model_len: usize::MAX,
         }
+    }
+
+    /// The model's EOS ids and context length, which end sequences as tokens are appended.
+    pub fn with_stop_limits(mut self, eos_ids: Vec<u32>, max_model_len: usize) -> Self {
+        self.eos_ids = eos_ids;
+        self.max_model_len = max_model_len;
+        self
     }
 
     /// The model attends to the last `window` tokens in every layer (Mistral-7B-v0.1): blocks
@@ -319,14 +368,18 @@ impl Scheduler {
                 urgency: options.urgency,
                 cache,
                 prompt_logits: options.prompt_logits,
+                stops: options.stops,
+                draft: Vec::new(),
+                children: options.children,
             },
         );
         self.waiting.push_back(id);
     }
 
-    /// Start `child` already running on a copy of `parent`'s prompt, sharing its computed prompt
-    /// blocks (an `n > 1` choice forked after the prompt's prefill). False if the parent is gone.
-    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> bool {
+    /// Start `child` already running on a copy of `parent`'s prompt, sharing its prompt blocks
+    /// (an `n > 1` choice forked in the step that computes the prompt). False if the parent is
+    /// gone.
+    fn fork(&mut self, parent: SeqId, child: SeqId) -> bool {
         let Some(p) = self.seqs.get(&parent) else {
             return false;
         };
@@ -340,6 +393,9 @@ impl Scheduler {
             urgency: p.urgency,
             cache: p.cache.clone(),
             prompt_logits: false,
+            stops: p.stops.clone(),
+            draft: Vec::new(),
+            children: Vec::new(),
         };
         self.next_admission += 1;
         self.seqs.insert(child, state);
@@ -347,10 +403,22 @@ impl Scheduler {
         true
     }
 
-    /// Add a sampled token to a sequence (its KV is computed in the next step).
-    pub fn append_token(&mut self, id: SeqId, token: u32) {
-        if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.tokens.push(token);
+    /// Fork the pending children of a sequence whose prompt this step completes.
+    fn fork_pending(&mut self, out: &mut SchedulerOutput, entry: &ScheduledSeq) {
+        if !entry.samples {
+            return;
+        }
+        let Some(children) = self
+            .seqs
+            .get_mut(&entry.id)
+            .map(|s| std::mem::take(&mut s.children))
+        else {
+            return;
+        };
+        for child in children {
+            if self.fork(entry.id, child) {
+                out.forked.push((entry.id, child));
+            }
         }
     }
 
@@ -365,14 +433,32 @@ impl Scheduler {
         }
     }
 
-    /// After the forward pass: the scheduled tokens' K/V are in the cache, so full blocks are
-    /// registered for prefix caching (and, under a sliding window, blocks that left it released).
-    pub fn on_step_done(&mut self, scheduled: &[ScheduledSeq]) {
-        for s in scheduled {
+    /// After the forward pass: append what the runner sampled (drafts accepted plus one token),
+    /// apply the token stops (EOS, stop ids, the constraint's end, length), roll back the KV of
+    /// rejected drafts, register blocks that became full for prefix caching (under a sliding
+    /// window, release blocks that left it), keep the next drafts, and free what ended.
+    /// Returns each sampled sequence's new tokens for the output processor.
+    pub fn update_from_output(
+        &mut self,
+        batch: &SchedulerOutput,
+        output: &RunnerOutput,
+    ) -> Vec<SeqUpdate> {
+        let mut updates = Vec::with_capacity(output.sampled.len());
+        let mut accepted: HashMap<SeqId, usize> = HashMap::new();
+        for sampled in &output.sampled {
+            accepted.insert(sampled.id, sampled.num_accepted);
+            if let Some(update) = self.append_sampled(sampled) {
+                updates.push(update);
+            }
+        }
+        for s in &batch.scheduled {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
                 continue;
             };
-            seq.num_computed += s.num_new_tokens;
+            // Rejected drafts' KV stays in the slots, past num_computed: overwritten later.
+            let rejected = s.num_draft - accepted.get(&s.id).copied().unwrap_or(0).min(s.num_draft);
+            seq.num_computed =
+                (seq.num_computed + s.num_new_tokens - rejected).min(seq.tokens.len());
             if let Some(table) = seq.table.as_mut() {
                 self.blocks.commit(table, &seq.tokens[..seq.num_computed]);
                 if let Some(w) = self.sliding_window {
@@ -382,6 +468,56 @@ impl Scheduler {
                 }
             }
         }
+        for u in &updates {
+            if u.stopped.is_some() {
+                self.finish(u.id);
+            }
+        }
+        updates
+    }
+
+    /// Append one sequence's sampled tokens up to the first that ends it.
+    fn append_sampled(&mut self, sampled: &SampledSeq) -> Option<SeqUpdate> {
+        let seq = self.seqs.get_mut(&sampled.id)?;
+        let mut stopped = None;
+        let mut n = 0;
+        for &token in &sampled.tokens {
+            seq.tokens.push(token);
+            n += 1;
+            let num_output = seq.num_output();
+            let last = n == sampled.tokens.len();
+            stopped = if let Some((_, reason)) =
+                stop_on_token(token, num_output, &seq.stops, &self.eos_ids)
+            {
+                Some(Stopped::Token(reason))
+            } else if last && sampled.constraint_finished {
+                Some(Stopped::Complete)
+            } else if stop_on_length(
+                num_output,
+                seq.tokens.len(),
+                seq.stops.max_tokens,
+                self.max_model_len,
+            ) {
+                Some(Stopped::Length)
+            } else {
+                None
+            };
+            if stopped.is_some() {
+                break;
+            }
+        }
+        seq.draft = if stopped.is_none() {
+            sampled.next_draft.clone()
+        } else {
+            Vec::new()
+        };
+        let logprobs = sampled.logprobs.iter().take(n).cloned().collect();
+        Some(SeqUpdate {
+            id: sampled.id,
+            tokens: sampled.tokens[..n].to_vec(),
+            logprobs,
+            stopped,
+        })
     }
 
     /// Release a sequence's blocks and send it back to the front of the waiting queue; it will
@@ -393,6 +529,7 @@ impl Scheduler {
                 self.blocks.free(table);
             }
             seq.num_computed = 0;
+            seq.draft.clear();
         }
         self.waiting.push_front(id);
     }
@@ -439,8 +576,14 @@ impl Scheduler {
                     seq = id,
                     "sequence does not fit in the KV cache; refusing it"
                 );
+                let children = self
+                    .seqs
+                    .get_mut(&id)
+                    .map(|s| std::mem::take(&mut s.children))
+                    .unwrap_or_default();
                 self.finish(id);
                 out.refused.push(id);
+                out.refused.extend(children);
             }
         }
         out
@@ -493,6 +636,22 @@ impl Scheduler {
             })
     }
 
+    /// How many of a decoding sequence's drafts to verify when `n` tokens are due and `budget`
+    /// is left: within the budget, leaving room in `max_tokens` and the context for the token
+    /// sampled after the last accepted draft.
+    fn drafts_to_verify(&self, seq: &SeqState, n: usize, budget: usize) -> usize {
+        if seq.draft.is_empty() || n != 1 || seq.num_uncomputed() != 1 {
+            return 0;
+        }
+        let left_output = seq.stops.max_tokens.saturating_sub(seq.num_output());
+        let left_context = self.max_model_len.saturating_sub(seq.tokens.len());
+        seq.draft
+            .len()
+            .min(budget - n)
+            .min(left_output.saturating_sub(1))
+            .min(left_context.saturating_sub(1))
+    }
+
     /// 1. Running sequences of `level`, oldest first, preempting the least urgent and newest when
     /// blocks run out.
     fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize, level: Level) {
@@ -512,6 +671,8 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            let num_draft = self.drafts_to_verify(seq, n, *budget);
+            let n = n + num_draft;
             // Make room, preempting the least urgent, newest running sequences (possibly this one).
             let mut scheduled_self = true;
             loop {
@@ -539,7 +700,7 @@ impl Scheduler {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            let entry = ScheduledSeq::new(id, n, seq);
+            let entry = ScheduledSeq::new(id, n, num_draft, seq);
             let Some(table) = seq.table.as_mut() else {
                 continue;
             };
@@ -551,6 +712,7 @@ impl Scheduler {
                     out.copies.extend(copies);
                     out.scheduled.push(entry);
                     *budget -= n;
+                    self.fork_pending(out, &entry);
                 }
                 Err(_) => {
                     // Cannot happen after the check above; be safe and retry next step.
@@ -604,7 +766,7 @@ impl Scheduler {
                 seq.num_computed = cached;
             }
             let n = seq.num_uncomputed().min(*budget).min(seq.max_chunk());
-            let entry = ScheduledSeq::new(id, n, seq);
+            let entry = ScheduledSeq::new(id, n, 0, seq);
             let Some(table) = seq.table.as_mut() else {
                 return false;
             };
@@ -620,6 +782,7 @@ impl Scheduler {
                     self.running.push(id);
                     out.scheduled.push(entry);
                     *budget -= n;
+                    self.fork_pending(out, &entry);
                 }
                 Err(_) => {
                     // Not enough free blocks: preempt less urgent work, or give the prefix-cache

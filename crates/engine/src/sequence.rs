@@ -1,7 +1,7 @@
 //! The output processor's bookkeeping for requests and their sequences. A request
 //! (`RequestGroup`) owns its event channel and `n` sequences (choices); a `SeqOutput` is what a
-//! sequence needs to turn tokens into text: its sampler RNG, detokenizer and stop checker. Tokens
-//! and KV blocks live in the scheduler's [`crate::scheduler::SeqState`].
+//! sequence needs to turn tokens into text: its detokenizer and stop checker. Tokens and KV
+//! blocks live in the scheduler's [`crate::scheduler::SeqState`], sampling state in the runner.
 
 use std::time::Instant;
 
@@ -9,10 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{EngineEvent, PromptTokenLogprob, SamplingParams, Usage};
 use crate::detokenizer::IncrementalDetokenizer;
-use crate::sampler::SequenceRng;
-use crate::scheduler::SeqId;
 use crate::stop::StopChecker;
-use spindle_structured::Constraint;
 
 /// One sequence's output state.
 pub struct SeqOutput {
@@ -20,29 +17,20 @@ pub struct SeqOutput {
     pub group: u64,
     /// Index among the request's `n` choices.
     pub choice: usize,
-    pub rng: SequenceRng,
     pub detokenizer: IncrementalDetokenizer,
     pub stop: StopChecker,
-    /// Structured-output state: masks this sequence's logits and follows its tokens.
-    pub constraint: Option<Constraint>,
+    /// Tokens emitted so far (stop strings wait for `min_tokens`).
+    pub num_output: usize,
 }
 
 impl SeqOutput {
-    pub fn new(
-        group: u64,
-        choice: usize,
-        prompt: &[u32],
-        params: &SamplingParams,
-        fallback_seed: u64,
-        constraint: Option<Constraint>,
-    ) -> Self {
+    pub fn new(group: u64, choice: usize, prompt: &[u32], params: &SamplingParams) -> Self {
         Self {
             group,
             choice,
-            rng: SequenceRng::new(params.seed, choice, fallback_seed),
             detokenizer: IncrementalDetokenizer::new(prompt, params.skip_special_tokens),
             stop: StopChecker::new(&params.stop, params.include_stop_str_in_output),
-            constraint,
+            num_output: 0,
         }
     }
 }
@@ -52,16 +40,7 @@ pub struct RequestGroup {
     pub request_id: String,
     pub params: SamplingParams,
     pub events: mpsc::UnboundedSender<EngineEvent>,
-    /// The length bound of every choice (resolved by `GenerateRequest::new`).
-    pub max_tokens: usize,
-    /// The first choice; the others are forked from it after the prompt's prefill.
-    pub first_seq: SeqId,
-    /// The constraint's initial state, for the choices forked later.
-    pub constraint: Option<Constraint>,
-    /// Seed for unseeded requests' RNGs, fixed at arrival.
-    pub fallback_seed: u64,
-    /// Choices not yet created (n > 1 children are forked after the prompt's prefill).
-    pub pending_children: bool,
+    /// Choices not yet finished.
     pub num_live: usize,
     /// Prompt logprobs gathered so far (while asked for and not yet sent).
     pub prompt_logprobs: Option<Vec<Option<PromptTokenLogprob>>>,

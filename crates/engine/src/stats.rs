@@ -23,6 +23,12 @@ pub struct EngineStats {
     pub prefix_cache_queries_total: AtomicU64,
     pub prefix_cache_hits_total: AtomicU64,
     pub iterations_total: AtomicU64,
+    /// Speculative decoding (vLLM's `spec_decode_*`): drafts verified, their tokens, accepted
+    /// tokens, and accepted tokens by draft position (index 0 = the first draft token).
+    pub spec_drafts: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    pub spec_accepted_per_pos: [AtomicU64; crate::spec::MAX_SPECULATIVE_TOKENS],
     /// Requests handed to the channel, and those the engine has taken off it.
     pub(crate) submitted: AtomicU64,
     pub(crate) received: AtomicU64,

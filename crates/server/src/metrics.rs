@@ -40,6 +40,11 @@ pub struct Metrics {
     preemptions: IntCounter,
     prefix_cache_queries: IntCounter,
     prefix_cache_hits: IntCounter,
+    spec_drafts: IntCounter,
+    spec_draft_tokens: IntCounter,
+    spec_accepted_tokens: IntCounter,
+    /// Accepted draft tokens by position (label `position`, 0 = the first draft token).
+    spec_accepted_per_pos: IntCounterVec,
     request_success: IntCounterVec,
     ttft: Histogram,
     itl: Histogram,
@@ -145,6 +150,17 @@ impl Metrics {
         registry
             .register(Box::new(request_success.clone()))
             .map_err(err)?;
+        let spec_accepted_per_pos = IntCounterVec::new(
+            Opts::new(
+                "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                "Accepted draft tokens, by position in the draft.",
+            ),
+            &["model_name", "position"],
+        )
+        .map_err(err)?;
+        registry
+            .register(Box::new(spec_accepted_per_pos.clone()))
+            .map_err(err)?;
         let cache_config_info = GaugeVec::new(
             Opts::new(
                 "vllm:cache_config_info",
@@ -202,6 +218,19 @@ impl Metrics {
                 "vllm:prefix_cache_hits_total",
                 "Prompt tokens found in the prefix cache."
             ),
+            spec_drafts: counter!(
+                "vllm:spec_decode_num_drafts_total",
+                "Drafts verified (one per sequence and step with draft tokens)."
+            ),
+            spec_draft_tokens: counter!(
+                "vllm:spec_decode_num_draft_tokens_total",
+                "Draft tokens verified."
+            ),
+            spec_accepted_tokens: counter!(
+                "vllm:spec_decode_num_accepted_tokens_total",
+                "Draft tokens accepted."
+            ),
+            spec_accepted_per_pos,
             request_success,
             ttft: histogram!(
                 "vllm:time_to_first_token_seconds",
@@ -273,6 +302,14 @@ impl Metrics {
             .set(1.0);
     }
 
+    /// Speculative decoding is on with `k` draft tokens: expose every position's counter (at 0).
+    pub fn set_speculative_tokens(&self, k: usize) {
+        for pos in 0..k {
+            self.spec_accepted_per_pos
+                .with_label_values(&[self.model_name.as_str(), &pos.to_string()]);
+        }
+    }
+
     /// Count one HTTP response.
     pub fn count_http(&self, handler: &str, method: &str, status: u16) {
         self.http_requests
@@ -327,11 +364,19 @@ impl Metrics {
                 &stats.prefix_cache_queries_total,
             ),
             (&self.prefix_cache_hits, &stats.prefix_cache_hits_total),
+            (&self.spec_drafts, &stats.spec_drafts),
+            (&self.spec_draft_tokens, &stats.spec_draft_tokens),
+            (&self.spec_accepted_tokens, &stats.spec_accepted_tokens),
         ] {
-            let target = value.load(Ordering::Relaxed);
-            let current = counter.get();
-            if target > current {
-                counter.inc_by(target - current);
+            advance(counter, value.load(Ordering::Relaxed));
+        }
+        for (pos, value) in stats.spec_accepted_per_pos.iter().enumerate() {
+            let value = value.load(Ordering::Relaxed);
+            if value > 0 {
+                let counter = self
+                    .spec_accepted_per_pos
+                    .with_label_values(&[self.model_name.as_str(), &pos.to_string()]);
+                advance(&counter, value);
             }
         }
     }
@@ -344,6 +389,14 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Advance a mirrored counter to the engine's total.
+fn advance(counter: &IntCounter, target: u64) {
+    let current = counter.get();
+    if target > current {
+        counter.inc_by(target - current);
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use spindle_engine::spec::{SpecMethod, SpeculativeConfig};
 use spindle_engine::{Engine, EngineConfig, FaultInjection, ModelKind, SchedulingPolicy};
 use spindle_model::{
     CpuArithmeticChoice, DTypeChoice, DeviceChoice, KvCacheDtypeChoice, LoadFormat, LoadOptions,
@@ -201,7 +202,10 @@ pub struct ServeArgs {
     pub enable_lora: bool,
     #[arg(long, hide = true, num_args = 1..)]
     pub lora_modules: Vec<String>,
-    #[arg(long, hide = true)]
+    /// Speculative decoding, as vLLM's JSON: `{"method":"ngram","num_speculative_tokens":4,
+    /// "prompt_lookup_max":4,"prompt_lookup_min":2}` (prompt lookup; optional
+    /// `disable_by_batch_size`, default 8).
+    #[arg(long)]
     pub speculative_config: Option<String>,
     /// Split a reasoning model's thinking from its answer (`reasoning_content` / `reasoning`):
     /// `deepseek_r1`, `qwen3` or `gpt_oss` (harmony channels).
@@ -281,12 +285,6 @@ impl ServeArgs {
             return unsupported(
                 "enable-lora/--lora-modules",
                 "LoRA adapters are not implemented",
-            );
-        }
-        if self.speculative_config.is_some() {
-            return unsupported(
-                "speculative-config",
-                "speculative decoding is not implemented",
             );
         }
         if self.ssl_keyfile.is_some() || self.ssl_certfile.is_some() {
@@ -616,7 +614,12 @@ pub(crate) fn start(args: &ServeArgs, with_batch_api: bool) -> anyhow::Result<St
     if kv_event_sink.is_some() && kv_hash_seed.is_none() {
         tracing::warn!("PYTHONHASHSEED is not set: KV-event block hashes are rooted at a random value, so routers cannot recompute them from tokens (set PYTHONHASHSEED as for vLLM)");
     }
+    let speculative = speculative_config(args.speculative_config.as_deref())?;
+    if let Some(spec) = &speculative {
+        metrics.set_speculative_tokens(spec.num_speculative_tokens);
+    }
     let engine_config = EngineConfig {
+        speculative,
         kv_event_sink,
         kv_hash_seed,
         model: LoadOptions {
@@ -875,6 +878,21 @@ fn output_parsers(
         bail!("--tool-call-parser openai reads gpt-oss's harmony channels: add --reasoning-parser gpt_oss");
     }
     Ok((tool_call_parser, reasoning_parser))
+}
+
+/// `--speculative-config`, checked before the model loads.
+fn speculative_config(json: Option<&str>) -> anyhow::Result<Option<SpeculativeConfig>> {
+    let Some(json) = json else {
+        return Ok(None);
+    };
+    let spec = SpeculativeConfig::from_json(json).map_err(|e| anyhow!("{e}"))?;
+    if let SpecMethod::DraftModel { model } = &spec.method {
+        bail!(
+            "--speculative-config: draft-model speculation ({}) is not implemented yet; use {{\"method\": \"ngram\", ...}}",
+            model.display()
+        );
+    }
+    Ok(Some(spec))
 }
 
 #[cfg(test)]

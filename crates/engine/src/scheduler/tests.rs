@@ -18,17 +18,36 @@ fn prompt(first: u32, len: usize) -> Vec<u32> {
     (first..first + len as u32).collect()
 }
 
-/// One engine step without a model: schedule, mark the KV computed, sample a fake token.
+/// One engine step without a model: schedule, then hand `update_from_output` a made-up token
+/// for every sequence that sampled (forked choices included).
 fn run_step(s: &mut Scheduler) -> SchedulerOutput {
     let out = s.schedule();
-    s.on_step_done(&out.scheduled);
-    for e in &out.scheduled {
-        if e.samples {
-            s.append_token(e.id, 7);
-        }
-    }
+    let sampled = out
+        .scheduled
+        .iter()
+        .filter(|e| e.samples)
+        .map(|e| e.id)
+        .chain(out.forked.iter().map(|&(_, child)| child))
+        .map(|id| sampled(id, &[7]))
+        .collect();
+    s.update_from_output(
+        &out,
+        &RunnerOutput {
+            sampled,
+            ..RunnerOutput::default()
+        },
+    );
     s.blocks().check_invariants().expect("block bookkeeping");
     out
+}
+
+/// A runner result: `tokens` sampled for sequence `id`, no drafts.
+fn sampled(id: SeqId, tokens: &[u32]) -> SampledSeq {
+    SampledSeq {
+        id,
+        tokens: tokens.to_vec(),
+        ..SampledSeq::default()
+    }
 }
 
 fn ids(out: &SchedulerOutput) -> Vec<SeqId> {
@@ -133,7 +152,8 @@ fn a_preempted_sequence_resumes_with_its_output_recomputed() {
             id: 3,
             num_new_tokens: 9,
             num_computed: 0,
-            samples: true
+            samples: true,
+            num_draft: 0,
         }]
     );
     let q = s.seq(3).expect("still there");
@@ -160,7 +180,8 @@ fn prefix_cache_hits_reduce_the_tokens_to_compute() {
             id: 2,
             num_new_tokens: 2,
             num_computed: 12,
-            samples: true
+            samples: true,
+            num_draft: 0,
         }]
     );
     let (queries, hits) = s.blocks().prefix_cache_stats();
@@ -242,24 +263,35 @@ fn admission_is_first_come_first_served_under_load() {
 #[test]
 fn a_fork_shares_the_prompt_and_runs_at_once() {
     let mut s = scheduler(16, 16, 64, false);
-    s.add(1, prompt(0, 6), Urgency::default());
+    let options = SeqOptions {
+        children: vec![2],
+        ..SeqOptions::default()
+    };
+    s.add_with(1, prompt(0, 6), options);
     let out = s.schedule();
-    s.on_step_done(&out.scheduled);
-    let used = s.blocks().num_used_blocks();
-    assert!(s.fork(1, 2));
     assert_eq!(
-        s.blocks().num_used_blocks(),
-        used,
-        "prompt blocks are shared"
+        out.forked,
+        vec![(1, 2)],
+        "forked in the step that computes the prompt"
     );
-    s.append_token(1, 40);
-    s.append_token(2, 41);
+    assert_eq!(
+        ids(&out),
+        vec![1],
+        "the child samples from its parent's row"
+    );
+    let used = s.blocks().num_used_blocks();
+    assert_eq!(used, 2, "prompt blocks are shared");
+    let update = RunnerOutput {
+        sampled: vec![sampled(1, &[40]), sampled(2, &[41])],
+        ..RunnerOutput::default()
+    };
+    s.update_from_output(&out, &update);
     let out = run_step(&mut s);
     assert_eq!(sizes(&out), vec![(1, 1), (2, 1)]);
     // Both wrote into the shared, partly filled block: the child got a copy.
     assert_eq!(out.copies.len(), 1);
     assert_eq!(s.seq(2).map(|q| &q.tokens()[..6]), Some(&prompt(0, 6)[..]));
-    assert!(!s.fork(99, 100));
+    assert_eq!(s.seq(2).map(|q| q.tokens()[6]), Some(41));
 }
 
 #[test]
@@ -537,4 +569,161 @@ fn a_sliding_window_bounds_the_blocks_a_sequence_holds() {
     s.add(1, prompt(0, 20), Urgency::default());
     let outgrown = (0..80).any(|_| run_step(&mut s).scheduled.is_empty());
     assert!(outgrown, "the cache was big enough anyway");
+}
+
+/// A runner result with drafts: `tokens` kept, `accepted` of `num_draft` drafts accepted, and
+/// `next` proposed for the following step.
+fn verified(
+    id: SeqId,
+    tokens: &[u32],
+    num_draft: usize,
+    accepted: usize,
+    next: &[u32],
+) -> SampledSeq {
+    SampledSeq {
+        id,
+        tokens: tokens.to_vec(),
+        num_draft,
+        num_accepted: accepted,
+        next_draft: next.to_vec(),
+        ..SampledSeq::default()
+    }
+}
+
+fn update(s: &mut Scheduler, out: &SchedulerOutput, sampled: Vec<SampledSeq>) -> Vec<SeqUpdate> {
+    let updates = s.update_from_output(
+        out,
+        &RunnerOutput {
+            sampled,
+            ..RunnerOutput::default()
+        },
+    );
+    s.blocks().check_invariants().expect("block bookkeeping");
+    updates
+}
+
+#[test]
+fn drafts_are_scheduled_after_the_last_token_and_rejected_ones_roll_back() {
+    let mut s = scheduler(32, 16, 64, true);
+    s.add(1, prompt(0, 6), Urgency::default());
+    let out = s.schedule();
+    update(&mut s, &out, vec![verified(1, &[50], 0, 0, &[51, 52, 53])]);
+    // Token 50 is due, then three drafts: 4 positions, the last three drafts.
+    let out = s.schedule();
+    assert_eq!(
+        out.scheduled,
+        vec![ScheduledSeq {
+            id: 1,
+            num_new_tokens: 4,
+            num_computed: 6,
+            samples: true,
+            num_draft: 3,
+        }]
+    );
+    assert_eq!(s.seq(1).map(|q| q.draft().to_vec()), Some(vec![51, 52, 53]));
+    // 51 accepted, 52 rejected (the target said 60): 50 and 51 are computed, 60 is due.
+    let updates = update(&mut s, &out, vec![verified(1, &[51, 60], 3, 1, &[])]);
+    assert_eq!(updates[0].tokens, vec![51, 60]);
+    let q = s.seq(1).expect("running");
+    assert_eq!(q.tokens()[6..], [50, 51, 60]);
+    assert_eq!(q.num_computed(), 8);
+    assert!(q.draft().is_empty());
+    // Positions 8 and 9 held drafts 52 and 53: none of that reached the prefix cache. The
+    // block of positions 4..8 is full with accepted tokens and is registered.
+    let out = run_step(&mut s);
+    assert_eq!(sizes(&out), vec![(1, 1)]);
+    assert_eq!(s.seq(1).map(|q| q.num_computed()), Some(9));
+    s.finish(1);
+    let mut again = prompt(0, 6);
+    again.extend([50, 51, 60, 7, 99]);
+    s.add(2, again, Urgency::default());
+    let out = run_step(&mut s);
+    assert_eq!(
+        out.scheduled[0].num_computed, 8,
+        "two full blocks of accepted tokens are cached, nothing of the drafts"
+    );
+}
+
+#[test]
+fn drafts_are_cut_to_the_budget_and_to_max_tokens() {
+    let mut s = scheduler(32, 16, 3, false);
+    let options = SeqOptions {
+        stops: crate::token_stop::TokenStops {
+            max_tokens: 5,
+            ..Default::default()
+        },
+        ..SeqOptions::default()
+    };
+    s.add_with(1, prompt(0, 3), options);
+    let out = s.schedule();
+    update(
+        &mut s,
+        &out,
+        vec![verified(1, &[9], 0, 0, &[1, 2, 3, 4, 5])],
+    );
+    // Budget 3: the due token and two drafts.
+    let out = s.schedule();
+    assert_eq!(
+        (out.scheduled[0].num_new_tokens, out.scheduled[0].num_draft),
+        (3, 2)
+    );
+    update(
+        &mut s,
+        &out,
+        vec![verified(1, &[1, 2, 8], 2, 2, &[1, 2, 3])],
+    );
+    // Five outputs allowed, four made: the last one leaves no room for a draft.
+    let out = s.schedule();
+    assert_eq!(
+        (out.scheduled[0].num_new_tokens, out.scheduled[0].num_draft),
+        (1, 0)
+    );
+    let updates = update(&mut s, &out, vec![verified(1, &[4], 0, 0, &[])]);
+    assert_eq!(updates[0].stopped, Some(Stopped::Length));
+    assert!(s.seq(1).is_none(), "finished and freed");
+    assert_eq!(s.blocks().num_used_blocks(), 0);
+}
+
+#[test]
+fn a_stop_inside_the_accepted_tokens_cuts_the_rest() {
+    let mut s = scheduler(32, 16, 64, false).with_stop_limits(vec![2], 1000);
+    s.add(1, prompt(10, 4), Urgency::default());
+    let out = s.schedule();
+    update(&mut s, &out, vec![verified(1, &[20], 0, 0, &[21, 2, 23])]);
+    let out = s.schedule();
+    let updates = update(&mut s, &out, vec![verified(1, &[21, 2, 23, 24], 3, 3, &[])]);
+    assert_eq!(updates[0].tokens, vec![21, 2]);
+    assert_eq!(updates[0].stopped, Some(Stopped::Token(None)));
+    assert!(s.seq(1).is_none());
+}
+
+#[test]
+fn preemption_drops_drafts_and_recomputes_only_accepted_tokens() {
+    // 4 blocks of 4: two sequences of 7 tokens plus drafts cannot both grow.
+    let mut s = scheduler(4, 16, 64, false);
+    s.add(1, prompt(0, 6), Urgency::default());
+    s.add(2, prompt(100, 6), Urgency::default());
+    let out = s.schedule();
+    update(
+        &mut s,
+        &out,
+        vec![
+            verified(1, &[7], 0, 0, &[8, 9]),
+            verified(2, &[7], 0, 0, &[8, 9]),
+        ],
+    );
+    // Sequence 1 takes 3 positions (6..9) into a third block; sequence 2, the newest, is
+    // preempted for lack of blocks and loses its drafts.
+    let out = s.schedule();
+    assert_eq!(sizes(&out), vec![(1, 3)]);
+    assert_eq!(out.preempted, vec![2]);
+    assert!(s
+        .seq(2)
+        .is_some_and(|q| q.draft().is_empty() && q.num_computed() == 0));
+    update(&mut s, &out, vec![verified(1, &[8, 5], 2, 1, &[])]);
+    s.finish(1);
+    // Readmitted, it recomputes prompt and its one output token, then samples.
+    let out = s.schedule();
+    assert_eq!(sizes(&out), vec![(2, 7)]);
+    assert_eq!(out.scheduled[0].num_draft, 0);
 }
