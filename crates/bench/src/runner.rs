@@ -159,6 +159,28 @@ pub struct ServerCounters {
     pub prompt_tokens: Option<f64>,
     /// `vllm:request_success_total` delta (all finish reasons).
     pub request_success: Option<f64>,
+    /// Speculative decoding: `vllm:spec_decode_num_drafts_total`,
+    /// `..._num_draft_tokens_total` and `..._num_accepted_tokens_total` deltas.
+    #[serde(default)]
+    pub spec_drafts: Option<f64>,
+    #[serde(default)]
+    pub spec_draft_tokens: Option<f64>,
+    #[serde(default)]
+    pub spec_accepted_tokens: Option<f64>,
+}
+
+impl ServerCounters {
+    /// Speculative decoding's acceptance rate (accepted / drafted tokens) and mean acceptance
+    /// length (tokens per verification step: 1 + accepted per draft), vLLM's two summaries;
+    /// `None` when the server drafted nothing.
+    pub fn acceptance(&self) -> Option<(f64, f64)> {
+        let (drafts, tokens, accepted) = (
+            self.spec_drafts?,
+            self.spec_draft_tokens?,
+            self.spec_accepted_tokens?,
+        );
+        (drafts > 0.0 && tokens > 0.0).then(|| (accepted / tokens, 1.0 + accepted / drafts))
+    }
 }
 
 /// Sum of every sample of a Prometheus metric family in a text exposition (all label sets).
@@ -190,13 +212,16 @@ pub fn prometheus_sum(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
-const COUNTERS: [&str; 3] = [
+const COUNTERS: [&str; 6] = [
     "vllm:generation_tokens_total",
     "vllm:prompt_tokens_total",
     "vllm:request_success_total",
+    "vllm:spec_decode_num_drafts_total",
+    "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
 ];
 
-async fn scrape_counters(client: &HttpClient) -> Option<[Option<f64>; 3]> {
+async fn scrape_counters(client: &HttpClient) -> Option<[Option<f64>; 6]> {
     let (status, text) = client
         .get_text("/metrics", Duration::from_secs(10))
         .await
@@ -501,6 +526,9 @@ pub async fn run_serve_async(cfg: &ServeConfig) -> Result<BenchResult> {
                 generation_tokens: delta(0),
                 prompt_tokens: delta(1),
                 request_success: delta(2),
+                spec_drafts: delta(3),
+                spec_draft_tokens: delta(4),
+                spec_accepted_tokens: delta(5),
             };
             (c != ServerCounters::default()).then_some(c)
         }
@@ -591,6 +619,25 @@ mod tests {
             Some(350.0)
         );
         assert_eq!(prometheus_sum(text, "vllm:request_success_total"), None);
+    }
+
+    #[test]
+    fn speculative_acceptance_from_counter_deltas() {
+        let c = ServerCounters {
+            spec_drafts: Some(10.0),
+            spec_draft_tokens: Some(40.0),
+            spec_accepted_tokens: Some(30.0),
+            ..ServerCounters::default()
+        };
+        assert_eq!(c.acceptance(), Some((0.75, 4.0)));
+        let none = ServerCounters {
+            spec_drafts: Some(0.0),
+            spec_draft_tokens: Some(0.0),
+            spec_accepted_tokens: Some(0.0),
+            ..ServerCounters::default()
+        };
+        assert_eq!(none.acceptance(), None);
+        assert_eq!(ServerCounters::default().acceptance(), None);
     }
 
     #[test]

@@ -556,6 +556,9 @@ pub enum EngineError {
     /// The scheduler handed the runner a sequence position it has no token or slot for (a bug).
     #[error("sequence {seq} has no token or cache slot for position {position}")]
     SchedulerMismatch { seq: u64, position: usize },
+    /// The draft model of `--speculative-config` cannot be used.
+    #[error("{0}")]
+    DraftModel(Arc<crate::spec::DraftModelError>),
     /// A test asked the engine to fail ([`crate::FaultInjection`]).
     #[error("injected fault: {0}")]
     InjectedFault(&'static str),

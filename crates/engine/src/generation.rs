@@ -19,6 +19,7 @@ use crate::handle::{EngineMessage, Liveness};
 use crate::model_runner::{ExecuteError, ModelRunner};
 use crate::output_processor::OutputProcessor;
 use crate::scheduler::{Scheduler, SchedulerOutput, SeqId, SeqOptions};
+use crate::spec::{DraftModel, DraftModelError, SpecMethod};
 use crate::stats::EngineStats;
 use crate::step_output::RunnerOutput;
 use crate::token_stop::TokenStops;
@@ -124,6 +125,29 @@ impl GenerationCore {
             None => scheduler,
         };
         let eos_ids = loaded.tokenizer.eos_token_ids.clone();
+        let draft = match config.speculative.as_ref().map(|s| &s.method) {
+            Some(SpecMethod::DraftModel { model }) => {
+                if window.is_some() {
+                    return Err(EngineError::DraftModel(Arc::new(
+                        DraftModelError::SlidingWindow,
+                    )));
+                }
+                let vocab = loaded.tokenizer.tokenizer.get_vocab(true);
+                let path = model.display().to_string();
+                Some(DraftModel::load(
+                    &path,
+                    &vocab,
+                    &config,
+                    shape,
+                    max_model_len,
+                )?)
+            }
+            _ => None,
+        };
+        let scheduler = match (&draft, &config.speculative) {
+            (Some(_), Some(spec)) => scheduler.with_lookahead(spec.num_speculative_tokens),
+            _ => scheduler,
+        };
         let tokenizer = Arc::new(loaded.tokenizer);
         let outputs = OutputProcessor::new(tokenizer.clone(), stats.clone());
         if let Some(spec) = &config.speculative {
@@ -140,6 +164,7 @@ impl GenerationCore {
             config.seed,
             eos_ids,
             config.speculative.clone(),
+            draft,
         );
         Ok(Self {
             scheduler,

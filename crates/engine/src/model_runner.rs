@@ -19,7 +19,7 @@ use spindle_structured::Constraint;
 use crate::api::{EngineError, SamplingParams};
 use crate::sampler::prompt_logprob;
 use crate::scheduler::{Scheduler, SchedulerOutput, SeqId};
-use crate::spec::{propose_ngram, SpecMethod, SpeculativeConfig};
+use crate::spec::{propose_ngram, DraftModel, DraftRequest, SpecMethod, SpeculativeConfig};
 use crate::step_output::{PromptLogprobsPart, RunnerOutput, SampledSeq};
 use sampling::Sampling;
 
@@ -65,6 +65,8 @@ pub struct ModelRunner {
     block_size: usize,
     sampling: Sampling,
     spec: Option<SpeculativeConfig>,
+    /// The draft model, when `spec` names one.
+    draft: Option<DraftModel>,
 }
 
 impl ModelRunner {
@@ -75,6 +77,7 @@ impl ModelRunner {
         seed: u64,
         eos_ids: Vec<u32>,
         spec: Option<SpeculativeConfig>,
+        draft: Option<DraftModel>,
     ) -> Self {
         let block_size = attention.shape().block_size;
         Self {
@@ -83,6 +86,7 @@ impl ModelRunner {
             block_size,
             sampling: Sampling::new(seed, eos_ids),
             spec,
+            draft,
         }
     }
 
@@ -103,6 +107,9 @@ impl ModelRunner {
     /// Forget an ended sequence's sampling state.
     pub fn remove(&mut self, seq: SeqId) {
         self.sampling.remove(seq);
+        if let Some(draft) = self.draft.as_mut() {
+            draft.forget(seq);
+        }
     }
 
     /// One step's work: input, forward pass, prompt logprobs, sampling (with draft
@@ -168,7 +175,9 @@ impl ModelRunner {
             return;
         };
         let batch_allows = scheduler.num_running() <= spec.disable_by_batch_size;
-        for s in sampled.iter_mut() {
+        let k = spec.num_speculative_tokens;
+        let mut wanted = Vec::new();
+        for (i, s) in sampled.iter_mut().enumerate() {
             let Some(seq) = scheduler.seq(s.id) else {
                 continue;
             };
@@ -187,12 +196,38 @@ impl ModelRunner {
             let mut history = Vec::with_capacity(seq.tokens().len() + s.tokens.len());
             history.extend_from_slice(seq.tokens());
             history.extend_from_slice(&s.tokens);
-            s.next_draft = match &spec.method {
+            match &spec.method {
                 SpecMethod::Ngram { min_n, max_n } => {
-                    propose_ngram(&history, spec.num_speculative_tokens, *min_n, *max_n)
+                    s.next_draft = propose_ngram(&history, k, *min_n, *max_n);
                 }
-                SpecMethod::DraftModel { .. } => Vec::new(),
-            };
+                SpecMethod::DraftModel { .. } => wanted.push((i, history)),
+            }
+        }
+        let Some(draft) = self.draft.as_mut() else {
+            return;
+        };
+        let requests: Vec<DraftRequest<'_>> = wanted
+            .iter()
+            .filter_map(|(i, history)| {
+                let seq = scheduler.seq(sampled[*i].id)?;
+                Some(DraftRequest {
+                    seq: sampled[*i].id,
+                    admission: seq.admission(),
+                    history,
+                    table: seq.table()?,
+                })
+            })
+            .collect();
+        match draft.propose(&requests, k) {
+            Ok(drafts) => {
+                for (r, d) in requests.iter().zip(drafts) {
+                    if let Some(s) = sampled.iter_mut().find(|s| s.id == r.seq) {
+                        s.next_draft = d;
+                    }
+                }
+            }
+            // Drafting is an optimization: a failure costs the drafts, not the requests.
+            Err(e) => tracing::warn!("the draft model failed; no drafts this step: {e}"),
         }
     }
 
@@ -207,6 +242,11 @@ impl ModelRunner {
             self.attention
                 .copy_blocks(&batch.copies)
                 .map_err(EngineError::model)?;
+            if let Some(draft) = self.draft.as_mut() {
+                draft
+                    .copy_blocks(&batch.copies)
+                    .map_err(EngineError::model)?;
+            }
         }
         let mut fb = ForwardBatch::default();
         let mut md = AttentionMetadata::default();

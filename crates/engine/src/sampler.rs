@@ -149,6 +149,12 @@ pub fn sample_token(
     Ok((token, logprobs))
 }
 
+/// The greedy token of a raw row (the largest logit, ties to the lowest id; NaN counts as
+/// −inf): what a draft model proposes. `None` if no value is above −inf.
+pub(crate) fn greedy_token(logits: &[f32]) -> Option<u32> {
+    argmax(logits)
+}
+
 /// NaN counts as −inf, +inf as the largest finite value (so softmax stays finite).
 #[inline]
 fn sanitize(x: f32) -> f32 {

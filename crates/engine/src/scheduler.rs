@@ -96,6 +96,12 @@ impl SeqState {
         self.urgency
     }
 
+    /// Which admission the sequence's block table belongs to: changes when it is readmitted
+    /// after a preemption (its KV is recomputed into new blocks).
+    pub fn admission(&self) -> u64 {
+        self.admitted_at
+    }
+
     /// Whether the runner must return logits for every prompt position.
     pub fn wants_prompt_logits(&self) -> bool {
         self.prompt_logits
@@ -243,6 +249,8 @@ pub struct Scheduler {
     /// The model's EOS ids and context, for the token stops.
     eos_ids: Vec<u32>,
     max_model_len: usize,
+    /// Slots reserved past each step's positions (a draft model writes its drafts' KV there).
+    lookahead: usize,
 }
 
 impl Scheduler {
@@ -267,7 +275,15 @@ impl Scheduler {
             sliding_window: None,
             eos_ids: Vec::new(),
             max_model_len: usize::MAX,
+            lookahead: 0,
         }
+    }
+
+    /// Reserve `k` slots past every scheduled sequence's positions (within the context), so a
+    /// draft model can write the KV of the `k` tokens it proposes after the step.
+    pub fn with_lookahead(mut self, k: usize) -> Self {
+        self.lookahead = k;
+        self
     }
 
     /// The model's EOS ids and context length, which end sequences as tokens are appended.
@@ -655,6 +671,7 @@ impl Scheduler {
     /// 1. Running sequences of `level`, oldest first, preempting the least urgent and newest when
     /// blocks run out.
     fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize, level: Level) {
+        let (lookahead, max_model_len) = (self.lookahead, self.max_model_len);
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
@@ -680,9 +697,8 @@ impl Scheduler {
                 let Some(table) = seq.table.as_ref() else {
                     break;
                 };
-                let need = self
-                    .blocks
-                    .blocks_needed(table, seq.num_computed + n, seq.num_computed);
+                let end = reserved_slots(seq.num_computed + n, self.lookahead, self.max_model_len);
+                let need = self.blocks.blocks_needed(table, end, seq.num_computed);
                 if need <= self.blocks.num_free_blocks() {
                     break;
                 }
@@ -701,13 +717,11 @@ impl Scheduler {
                 continue;
             };
             let entry = ScheduledSeq::new(id, n, num_draft, seq);
+            let end = reserved_slots(seq.num_computed + n, lookahead, max_model_len);
             let Some(table) = seq.table.as_mut() else {
                 continue;
             };
-            match self
-                .blocks
-                .grow(table, seq.num_computed + n, seq.num_computed)
-            {
+            match self.blocks.grow(table, end, seq.num_computed) {
                 Ok(copies) => {
                     out.copies.extend(copies);
                     out.scheduled.push(entry);
@@ -737,6 +751,7 @@ impl Scheduler {
         budget: &mut usize,
         level: Level,
     ) -> bool {
+        let (lookahead, max_model_len) = (self.lookahead, self.max_model_len);
         while *budget > 0 {
             let Some(id) = self
                 .waiting
@@ -767,13 +782,11 @@ impl Scheduler {
             }
             let n = seq.num_uncomputed().min(*budget).min(seq.max_chunk());
             let entry = ScheduledSeq::new(id, n, 0, seq);
+            let end = reserved_slots(seq.num_computed + n, lookahead, max_model_len);
             let Some(table) = seq.table.as_mut() else {
                 return false;
             };
-            match self
-                .blocks
-                .grow(table, seq.num_computed + n, seq.num_computed)
-            {
+            match self.blocks.grow(table, end, seq.num_computed) {
                 Ok(copies) => {
                     out.copies.extend(copies);
                     seq.admitted_at = self.next_admission;
@@ -804,6 +817,12 @@ impl Scheduler {
         }
         true
     }
+}
+
+/// Slots a sequence computing up to position `end` (exclusive) holds: `end` plus the
+/// lookahead a draft model writes into, within the context.
+fn reserved_slots(end: usize, lookahead: usize, max_model_len: usize) -> usize {
+    (end + lookahead).min(max_model_len.max(end))
 }
 
 #[cfg(test)]

@@ -210,3 +210,66 @@ fn drafts_survive_preemption_and_prefix_cache_hits() {
     assert!(stats.prefix_cache_hits_total.load(Ordering::Relaxed) > hits_before);
     wait_idle(&small);
 }
+
+fn draft_model(k: usize) -> SpeculativeConfig {
+    let mut spec = SpeculativeConfig::from_json(&format!(
+        r#"{{"model":{:?},"num_speculative_tokens":{k}}}"#,
+        model_path()
+    ))
+    .expect("config");
+    spec.disable_by_batch_size = 256;
+    spec
+}
+
+/// The default model drafting for itself: every draft the target agrees with is kept, so the
+/// output is unchanged, drafts are (nearly) all accepted, and a small cache that preempts
+/// sequences with drafts and lookahead slots in flight changes nothing.
+#[test]
+fn a_draft_model_changes_no_output() {
+    let plain = spawn(config(256 << 20));
+    let mut prompts = grounded_prompts(&plain);
+    prompts.extend(golden_prompts().into_iter().take(5));
+    let reference = run_alone(&plain, &prompts);
+    drop(plain);
+
+    let mut cfg = config(256 << 20);
+    cfg.speculative = Some(draft_model(3));
+    let spec = spawn(cfg);
+    let got = run_all(&spec, &prompts);
+    assert_same(&reference, &got, "drafted by a draft model");
+    let stats = spec.stats();
+    let drafted = stats.spec_draft_tokens.load(Ordering::Relaxed);
+    let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed);
+    assert!(
+        drafted > 0 && accepted > 0,
+        "{accepted} of {drafted} accepted"
+    );
+    // Greedy, the target agrees with every draft of its own greedy copy.
+    let greedy: Vec<RequestStream> = prompts
+        .iter()
+        .map(|p| {
+            let r = GenerateRequest::new("g", p.clone(), SamplingParams::greedy(40), spec.limits())
+                .expect("valid");
+            spec.generate(r).expect("submit")
+        })
+        .collect();
+    greedy.into_iter().for_each(|s| drop(collect(s)));
+    let drafted = stats.spec_draft_tokens.load(Ordering::Relaxed) - drafted;
+    let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed) - accepted;
+    assert!(
+        drafted > 0 && accepted as f64 >= 0.95 * drafted as f64,
+        "a model drafting for itself, greedy: {accepted} of {drafted} accepted"
+    );
+    wait_idle(&spec);
+    drop(spec);
+
+    let mut cfg = config(0);
+    cfg.num_blocks_override = Some(48);
+    cfg.model.max_model_len = Some(640);
+    cfg.speculative = Some(draft_model(4));
+    let small = spawn(cfg);
+    let got = run_all(&small, &prompts);
+    assert_same(&reference, &got, "preempted with a draft model");
+    assert!(small.stats().preemptions_total.load(Ordering::Relaxed) > 0);
+    wait_idle(&small);
+}

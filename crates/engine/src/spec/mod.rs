@@ -5,12 +5,14 @@
 //! is the target's own: token-identical under greedy and seeded sampling.
 
 mod config;
+mod draft_model;
 mod ngram;
 
 pub use config::{
     SpecConfigError, SpecMethod, SpeculativeConfig, DEFAULT_DISABLE_BY_BATCH_SIZE,
     MAX_SPECULATIVE_TOKENS,
 };
+pub use draft_model::{DraftModel, DraftModelError, DraftRequest};
 pub use ngram::propose_ngram;
 
 /// Drafting steps without acceptance before a sequence pauses speculation.
