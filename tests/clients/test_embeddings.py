@@ -15,6 +15,11 @@ import pytest
 from conftest import make_client
 
 
+# The server's default encoder arithmetic multiplies in bf16 (f32 sums): issue 25's bar for it
+# is cosine >= 0.9999 to sentence-transformers' fp32 vectors (`--dtype float32` gives >= 0.99999).
+BAR = 0.9999
+
+
 def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     na = math.sqrt(sum(x * x for x in a))
@@ -55,7 +60,7 @@ def test_sdk_default_base64_path_matches_sentence_transformers(embed_client, emb
     assert [d.index for d in resp.data] == list(range(len(texts)))
     for d, r in zip(resp.data, reference):
         assert len(d.embedding) == 384
-        assert _cosine(d.embedding, r["embedding"]) >= 0.99999, r["text"]
+        assert _cosine(d.embedding, r["embedding"]) >= BAR, r["text"]
     assert resp.usage.prompt_tokens == sum(len(r["token_ids"]) for r in reference)
     assert resp.usage.total_tokens == resp.usage.prompt_tokens
 
@@ -64,12 +69,12 @@ def test_sdk_float_and_token_inputs(embed_client, embed_model, reference):
     floats = embed_client.embeddings.create(
         model=embed_model, input=reference[1]["text"], encoding_format="float"
     )
-    assert _cosine(floats.data[0].embedding, reference[1]["embedding"]) >= 0.99999
+    assert _cosine(floats.data[0].embedding, reference[1]["embedding"]) >= BAR
     tokens = embed_client.embeddings.create(
         model=embed_model, input=[r["token_ids"] for r in reference[:3]], encoding_format="float"
     )
     for d, r in zip(tokens.data, reference[:3]):
-        assert _cosine(d.embedding, r["embedding"]) >= 0.99999
+        assert _cosine(d.embedding, r["embedding"]) >= BAR
 
 
 def test_sdk_errors(embed_client, embed_model):
@@ -105,6 +110,6 @@ def test_langchain_openai_embeddings(embed_url, embed_model, reference):
     docs = emb.embed_documents([r["text"] for r in reference[:5]])
     assert len(docs) == 5
     for got, r in zip(docs, reference[:5]):
-        assert _cosine(got, r["embedding"]) >= 0.99999, r["text"]
+        assert _cosine(got, r["embedding"]) >= BAR, r["text"]
     query = emb.embed_query(reference[2]["text"])
-    assert _cosine(query, reference[2]["embedding"]) >= 0.99999
+    assert _cosine(query, reference[2]["embedding"]) >= BAR

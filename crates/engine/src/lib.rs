@@ -33,5 +33,6 @@ pub use api::*;
 pub use config::{EngineConfig, FaultInjection, FaultSpecError};
 pub use engine::Engine;
 pub use handle::{EngineHandle, RequestStream};
+pub use host_memory::tune_allocator;
 pub use stats::EngineStats;
 pub use trace::{StepObserver, StepTrace};

@@ -1,6 +1,7 @@
 //! Encoder speed without the server: `cargo run --release -p spindle-model --example
-//! encoder_speed -- [DIR] [SENTENCES]`: packs SENTENCES synthetic sentences (~30 tokens each)
-//! into steps of about 512 tokens and prints tokens/s and sentences/s of `BertModel::forward`.
+//! encoder_speed -- [DIR] [SENTENCES] [DTYPE]`: packs SENTENCES synthetic sentences (~30 tokens
+//! each) into steps of about 512 tokens and prints tokens/s and sentences/s of
+//! `BertModel::forward` (DTYPE as `--dtype`: auto, the default, or float32).
 
 use std::time::Instant;
 
@@ -15,6 +16,10 @@ fn main() {
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1024);
     let options = LoadOptions {
         model: dir.clone(),
+        dtype: args
+            .get(3)
+            .map(|d| d.parse().expect("a --dtype value"))
+            .unwrap_or_default(),
         ..LoadOptions::default()
     };
     let enc = load_encoder(std::path::Path::new(&dir), &options).expect("load");
@@ -45,7 +50,8 @@ fn main() {
     }
     let s = t.elapsed().as_secs_f64();
     println!(
-        "{n} sentences, {total} tokens in {} steps: {:.0} tokens/s, {:.1} sentences/s ({:.1} ms per step)",
+        "{}: {n} sentences, {total} tokens in {} steps: {:.0} tokens/s, {:.1} sentences/s ({:.1} ms per step)",
+        enc.info.dtype,
         batches.len(),
         total as f64 / s,
         n as f64 / s,

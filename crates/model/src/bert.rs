@@ -3,6 +3,9 @@
 //! tokens concatenated with their lengths (no padding), runs the projections and MLPs as single
 //! matmuls over all tokens and bidirectional attention within each input, then pools and
 //! normalizes each input as its sentence-transformers modules say. No KV cache is involved.
+//! The linear layers multiply in f32 (exact), or with bf16 products and f32 sums where the CPU
+//! has AVX-512 BF16 ([`BertModel::with_bf16_products`], `--dtype auto`): the embeddings stay
+//! within cosine 0.9999 of sentence-transformers' fp32 vectors (tests/embeddings_reference.rs).
 
 use std::path::Path;
 
@@ -10,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use crate::cpu_bf16::Bf16Matrix;
 use crate::error::{ModelError, Result};
 use crate::hf::{read_json, SafetensorsWeights};
 use crate::weights::WeightSource;
@@ -185,6 +189,8 @@ impl EncoderBatch {
 struct Dense {
     weight: Tensor,
     bias: Tensor,
+    /// The weights rounded to bf16, when the encoder multiplies with bf16 products.
+    bf16: Option<(Bf16Matrix, Vec<f32>)>,
 }
 
 impl Dense {
@@ -192,11 +198,33 @@ impl Dense {
         Ok(Self {
             weight: w.get(&format!("{prefix}.weight"), &[out, inp])?,
             bias: w.get(&format!("{prefix}.bias"), &[out])?,
+            bf16: None,
         })
     }
 
+    /// Keep a bf16 copy of the weights for bf16 products (where the CPU and width allow).
+    fn keep_bf16_copy(&mut self) -> Result<()> {
+        let (rows, cols) = self.weight.dims2()?;
+        let values = self.weight.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(m) = Bf16Matrix::from_f32(rows, cols, &values) {
+            self.bf16 = Some((m, self.bias.to_vec1::<f32>()?));
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::cpu_matmul::linear_bias(x, &self.weight, &self.bias)
+        let Some((w, bias)) = &self.bf16 else {
+            return crate::cpu_matmul::linear_bias(x, &self.weight, &self.bias);
+        };
+        let (m, _) = x.dims2()?;
+        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = w.matmul(&input, m);
+        for row in y.chunks_exact_mut(w.rows()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+        Ok(Tensor::from_vec(y, (m, w.rows()), &Device::Cpu)?)
     }
 }
 
@@ -337,6 +365,7 @@ impl BertModel {
                 qkv: Dense {
                     weight: Tensor::cat(&[q.weight, k.weight, v.weight], 0)?,
                     bias: Tensor::cat(&[q.bias, k.bias, v.bias], 0)?,
+                    bf16: None,
                 },
                 attn_out: Dense::load(&mut w, &format!("{l}.attention.output.dense"), h, h)?,
                 attn_norm: Norm::load(&mut w, &format!("{l}.attention.output.LayerNorm"), h)?,
@@ -363,6 +392,27 @@ impl BertModel {
 
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// Multiply the linear layers with bf16 products (f32 sums) where the CPU has AVX-512
+    /// BF16; elsewhere nothing changes. See [`Self::uses_bf16`].
+    pub fn with_bf16_products(mut self) -> Result<Self> {
+        for layer in &mut self.layers {
+            for dense in [
+                &mut layer.qkv,
+                &mut layer.attn_out,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ] {
+                dense.keep_bf16_copy()?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether the linear layers multiply with bf16 products.
+    pub fn uses_bf16(&self) -> bool {
+        self.layers.iter().any(|l| l.qkv.bf16.is_some())
     }
 
     /// Pooling, normalization and length limit.

@@ -153,7 +153,8 @@ pub fn load_any(options: &LoadOptions) -> Result<Loaded> {
     }
 }
 
-/// Load a BERT-family encoder with its sentence-transformers head (f32, CPU).
+/// Load a BERT-family encoder with its sentence-transformers head (CPU; bf16 products under
+/// `--dtype auto`/`bfloat16` where the CPU has them, else f32).
 pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> {
     let started = Instant::now();
     if options.device != DeviceChoice::Cpu {
@@ -161,7 +162,12 @@ pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> 
             "embedding models run on the CPU only (use --device cpu)".into(),
         ));
     }
-    let model = BertModel::load(dir)?;
+    // `auto` / `bfloat16`: bf16 products where the CPU has them (cosine >= 0.9999 to the fp32
+    // reference); `float32` keeps the exact path.
+    let model = match options.dtype {
+        DTypeChoice::Auto | DTypeChoice::BFloat16 => BertModel::load(dir)?.with_bf16_products()?,
+        DTypeChoice::Float32 | DTypeChoice::Float16 => BertModel::load(dir)?,
+    };
     let tokenizer = load_encoder_tokenizer(dir)?;
     let max_model_len = served_len(model.max_input_len(), options, "input limit")?;
     let info = ModelInfo {
@@ -170,12 +176,18 @@ pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> 
         vocab_size: model.config().vocab_size,
         num_parameters: model.num_parameters(),
         active_parameters: model.num_parameters(),
-        dtype: "float32".into(),
+        dtype: if model.uses_bf16() {
+            "bfloat16"
+        } else {
+            "float32"
+        }
+        .into(),
         device: options.device.to_string(),
     };
     tracing::info!(
-        "loaded embedding model ({}, {} pooling{}): {:.1}M parameters, {} dimensions, max input {} tokens, in {:.2}s",
+        "loaded embedding model ({}, {}, {} pooling{}): {:.1}M parameters, {} dimensions, max input {} tokens, in {:.2}s",
         info.architecture,
+        info.dtype,
         format!("{:?}", model.head().pooling).to_lowercase(),
         if model.head().normalize { ", normalized" } else { "" },
         info.num_parameters as f64 / 1e6,

@@ -105,7 +105,8 @@ async fn embeddings_match_sentence_transformers() {
     assert_eq!(got.len(), refs.len());
     for (g, (text, _, want)) in got.iter().zip(&refs) {
         assert_eq!(g.len(), 384);
-        assert!(cosine(g, want) >= 0.99999, "{text:?}: {}", cosine(g, want));
+        // The default encoder arithmetic multiplies in bf16: within issue 25's bar of 0.9999.
+        assert!(cosine(g, want) >= 0.9999, "{text:?}: {}", cosine(g, want));
     }
     let tokens: usize = refs.iter().map(|r| r.1.len()).sum();
     let v = reply.json();
@@ -145,7 +146,7 @@ async fn embeddings_match_sentence_transformers() {
             )
             .await;
             let v = vectors(&reply);
-            assert!(cosine(&v[0], &want) >= 0.99999, "{text:?}");
+            assert!(cosine(&v[0], &want) >= 0.9999, "{text:?}");
         }));
     }
     for t in tasks {

@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    spindle_engine::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(*args),
