@@ -236,21 +236,30 @@ run_bench() {
         n, 100 * (s1 - s0) / dt, other < 0 ? 0 : other, cores }' | tee -a "$OUT_DIR/machine.txt" >&2
 }
 
+# serve_and_bench NAME PORT COMMAND...: start the server COMMAND (log in NAME.log) once the
+# machine is idle, run the workload against it, stop it.
+serve_and_bench() {
+    local name="$1" port="$2"
+    shift 2
+    wait_idle
+    log "$name: $*"
+    "${PRIO[@]}" "$@" >"$OUT_DIR/$name.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "$port" /health
+    run_bench "$name" "$port"
+    stop_server
+}
+
 LLAMA_NAMES=()
 IFS=';' read -r -a LLAMA_RUNS <<<"$LLAMA_VARIANTS"
 for variant in "${LLAMA_RUNS[@]}"; do
     name="${variant%%:*}"
     flags="${variant#*:}"
     LLAMA_NAMES+=("$name")
-    wait_idle
-    log "$name: llama-server -np $NP -c $CTX $flags on port $LLAMA_PORT"
     # shellcheck disable=SC2086
-    "${PRIO[@]}" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -np "$NP" -c "$CTX" \
-        --threads "$(nproc)" --metrics ${LLAMA_EXTRA_ARGS:-} $flags >"$OUT_DIR/$name.log" 2>&1 &
-    SERVER_PID=$!
-    wait_ready "$LLAMA_PORT" /health
-    run_bench "$name" "$LLAMA_PORT"
-    stop_server
+    serve_and_bench "$name" "$LLAMA_PORT" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 \
+        --port "$LLAMA_PORT" -np "$NP" -c "$CTX" --threads "$(nproc)" --metrics \
+        ${LLAMA_EXTRA_ARGS:-} $flags
     grep -h "draft acceptance" "$OUT_DIR/$name.log" | tail -1 >&2 || true
 done
 BASE_LLAMA="${LLAMA_NAMES[0]}"
@@ -263,16 +272,10 @@ if [ -n "${SPINDLE_VARIANTS:-}" ]; then
         name="${variant%%:*}"
         flags="${variant#*:}"
         SPINDLE_NAMES+=("$name")
-        wait_idle
-        log "$name: spindle serve $flags on port $SPINDLE_PORT"
         rm -rf "$OUT_DIR/data"
         # shellcheck disable=SC2086
-        "${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" \
-            --data-dir "$OUT_DIR/data" ${SPINDLE_EXTRA_ARGS:-} $flags >"$OUT_DIR/$name.log" 2>&1 &
-        SERVER_PID=$!
-        wait_ready "$SPINDLE_PORT" /health
-        run_bench "$name" "$SPINDLE_PORT"
-        stop_server
+        serve_and_bench "$name" "$SPINDLE_PORT" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 \
+            --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" ${SPINDLE_EXTRA_ARGS:-} $flags
     done
 else
     read -r -a ARITHMETICS <<<"${SPINDLE_ARITHMETICS:-auto}"
@@ -291,17 +294,11 @@ for entry in "${ARITHMETICS[@]}"; do
         fi
     fi
     SPINDLE_NAMES+=("$name")
-    wait_idle
-    log "spindle serve (--cpu-arithmetic $arithmetic --kv-cache-dtype $kv_dtype) on port $SPINDLE_PORT"
     rm -rf "$OUT_DIR/data"
     # shellcheck disable=SC2086
-    "${PRIO[@]}" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" \
-        --cpu-arithmetic "$arithmetic" --kv-cache-dtype "$kv_dtype" ${SPINDLE_EXTRA_ARGS:-} \
-        >"$OUT_DIR/$name.log" 2>&1 &
-    SERVER_PID=$!
-    wait_ready "$SPINDLE_PORT" /health
-    run_bench "$name" "$SPINDLE_PORT"
-    stop_server
+    serve_and_bench "$name" "$SPINDLE_PORT" "$SPINDLE" serve --model "$MODEL" --host 127.0.0.1 \
+        --port "$SPINDLE_PORT" --data-dir "$OUT_DIR/data" --cpu-arithmetic "$arithmetic" \
+        --kv-cache-dtype "$kv_dtype" ${SPINDLE_EXTRA_ARGS:-}
 done
 
 if [ "$MODE" = sweep ]; then

@@ -109,6 +109,20 @@ fn run_alone(engine: &EngineHandle, prompts: &[Vec<u32>]) -> Vec<Output> {
         .collect()
 }
 
+/// Run `prompts` batched on an engine with `cfg` and require `reference`'s outputs; returns the
+/// engine for its counters.
+fn same_as(
+    reference: &[Output],
+    prompts: &[Vec<u32>],
+    cfg: EngineConfig,
+    what: &str,
+) -> EngineHandle {
+    let engine = spawn(cfg);
+    let got = run_all(&engine, prompts);
+    assert_same(reference, &got, what);
+    engine
+}
+
 fn assert_same(reference: &[Output], got: &[Output], what: &str) {
     assert_eq!(reference.len(), got.len());
     for (i, (a, b)) in reference.iter().zip(got).enumerate() {
@@ -181,6 +195,15 @@ fn speculation_changes_no_output_and_drafts_are_accepted() {
     );
 }
 
+/// 48 blocks of 16 tokens cannot hold every sequence with its drafts: preemption.
+fn small_cache(spec: SpeculativeConfig) -> EngineConfig {
+    let mut cfg = config(0);
+    cfg.num_blocks_override = Some(48);
+    cfg.model.max_model_len = Some(640);
+    cfg.speculative = Some(spec);
+    cfg
+}
+
 #[test]
 fn drafts_survive_preemption_and_prefix_cache_hits() {
     let plain = spawn(config(256 << 20));
@@ -189,14 +212,12 @@ fn drafts_survive_preemption_and_prefix_cache_hits() {
     let reference = run_alone(&plain, &prompts);
     drop(plain);
 
-    // 48 blocks of 16 tokens cannot hold every sequence with its drafts: preemption.
-    let mut cfg = config(0);
-    cfg.num_blocks_override = Some(48);
-    cfg.model.max_model_len = Some(640);
-    cfg.speculative = Some(ngram(5));
-    let small = spawn(cfg);
-    let got = run_all(&small, &prompts);
-    assert_same(&reference, &got, "preempted with drafts in flight");
+    let small = same_as(
+        &reference,
+        &prompts,
+        small_cache(ngram(5)),
+        "preempted with drafts in flight",
+    );
     let stats = small.stats();
     assert!(
         stats.preemptions_total.load(Ordering::Relaxed) > 0,
@@ -234,9 +255,7 @@ fn a_draft_model_changes_no_output() {
 
     let mut cfg = config(256 << 20);
     cfg.speculative = Some(draft_model(3));
-    let spec = spawn(cfg);
-    let got = run_all(&spec, &prompts);
-    assert_same(&reference, &got, "drafted by a draft model");
+    let spec = same_as(&reference, &prompts, cfg, "drafted by a draft model");
     let stats = spec.stats();
     let drafted = stats.spec_draft_tokens.load(Ordering::Relaxed);
     let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed);
@@ -263,13 +282,12 @@ fn a_draft_model_changes_no_output() {
     wait_idle(&spec);
     drop(spec);
 
-    let mut cfg = config(0);
-    cfg.num_blocks_override = Some(48);
-    cfg.model.max_model_len = Some(640);
-    cfg.speculative = Some(draft_model(4));
-    let small = spawn(cfg);
-    let got = run_all(&small, &prompts);
-    assert_same(&reference, &got, "preempted with a draft model");
+    let small = same_as(
+        &reference,
+        &prompts,
+        small_cache(draft_model(4)),
+        "preempted with a draft model",
+    );
     assert!(small.stats().preemptions_total.load(Ordering::Relaxed) > 0);
     wait_idle(&small);
 }
