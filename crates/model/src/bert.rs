@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::cpu_bf16::Bf16Matrix;
+use crate::cpu_bf16_lanes::Bf16Lanes;
 use crate::error::{ModelError, Result};
 use crate::hf::{read_json, SafetensorsWeights};
 use crate::weights::WeightSource;
@@ -190,7 +190,7 @@ struct Dense {
     weight: Tensor,
     bias: Tensor,
     /// The weights rounded to bf16, when the encoder multiplies with bf16 products.
-    bf16: Option<(Bf16Matrix, Vec<f32>)>,
+    bf16: Option<(Bf16Lanes, Vec<f32>)>,
 }
 
 impl Dense {
@@ -206,7 +206,7 @@ impl Dense {
     fn keep_bf16_copy(&mut self) -> Result<()> {
         let (rows, cols) = self.weight.dims2()?;
         let values = self.weight.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(m) = Bf16Matrix::from_f32(rows, cols, &values) {
+        if let Some(m) = Bf16Lanes::from_f32(rows, cols, &values) {
             self.bf16 = Some((m, self.bias.to_vec1::<f32>()?));
         }
         Ok(())

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bert;
 pub mod config;
 pub mod cpu_bf16;
+pub mod cpu_bf16_lanes;
 pub mod cpu_isa;
 pub mod cpu_matmul;
 pub mod cpu_ops;
