@@ -63,20 +63,25 @@ impl Bf16Lanes {
         // SAFETY: each task writes the columns of its own blocks of every row: all m * n.
         unsafe {
             filled_buffer(m * n, |out| {
-                self.data
-                    .par_chunks(group)
-                    .enumerate()
-                    .for_each(|(g, w)| {
-                        let ptr = out;
-                        let blocks = w.len() / (LANES * k);
-                        #[cfg(target_arch = "x86_64")]
-                        avx512::group(&xb, m, k, w, blocks, OutPtr(ptr.0.add(g * BLOCKS * LANES)), n);
-                        #[cfg(not(target_arch = "x86_64"))]
-                        {
-                            let _ = (ptr, blocks, w, &xb);
-                            unreachable!("bf16 kernels on a CPU without them");
-                        }
-                    });
+                self.data.par_chunks(group).enumerate().for_each(|(g, w)| {
+                    let ptr = out;
+                    let blocks = w.len() / (LANES * k);
+                    #[cfg(target_arch = "x86_64")]
+                    avx512::group(
+                        &xb,
+                        m,
+                        k,
+                        w,
+                        blocks,
+                        OutPtr(ptr.0.add(g * BLOCKS * LANES)),
+                        n,
+                    );
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        let _ = (ptr, blocks, w, &xb);
+                        unreachable!("bf16 kernels on a CPU without them");
+                    }
+                });
             })
         }
     }
@@ -181,7 +186,10 @@ mod tests {
                         .map(|c| round(x[i * cols + c]) as f64 * round(w[j * cols + c]) as f64)
                         .sum();
                     let g = got[i * rows + j] as f64;
-                    assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "m={m} ({i},{j}): {g} vs {want}");
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "m={m} ({i},{j}): {g} vs {want}"
+                    );
                 }
             }
             // Batch invariance: row 0 alone equals row 0 in any batch.
