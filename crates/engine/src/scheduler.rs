@@ -471,10 +471,13 @@ impl Scheduler {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
                 continue;
             };
-            // Rejected drafts' KV stays in the slots, past num_computed: overwritten later.
+            // Rejected drafts' KV stays in the slots, past num_computed: overwritten later. A
+            // sequence that goes on keeps its last token to compute (when verification ended
+            // on an accepted draft, that position is recomputed: same KV), so it is scheduled
+            // again; one that ended is freed below.
             let rejected = s.num_draft - accepted.get(&s.id).copied().unwrap_or(0).min(s.num_draft);
-            seq.num_computed =
-                (seq.num_computed + s.num_new_tokens - rejected).min(seq.tokens.len());
+            seq.num_computed = (seq.num_computed + s.num_new_tokens - rejected)
+                .min(seq.tokens.len().saturating_sub(1));
             if let Some(table) = seq.table.as_mut() {
                 self.blocks.commit(table, &seq.tokens[..seq.num_computed]);
                 if let Some(w) = self.sliding_window {
@@ -697,7 +700,7 @@ impl Scheduler {
                 let Some(table) = seq.table.as_ref() else {
                     break;
                 };
-                let end = reserved_slots(seq.num_computed + n, self.lookahead, self.max_model_len);
+                let end = reserved_slots(seq.num_computed + n, lookahead, max_model_len);
                 let need = self.blocks.blocks_needed(table, end, seq.num_computed);
                 if need <= self.blocks.num_free_blocks() {
                     break;

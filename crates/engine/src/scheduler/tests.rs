@@ -727,3 +727,31 @@ fn preemption_drops_drafts_and_recomputes_only_accepted_tokens() {
     assert_eq!(sizes(&out), vec![(2, 7)]);
     assert_eq!(out.scheduled[0].num_draft, 0);
 }
+
+#[test]
+fn verification_ending_on_an_accepted_draft_leaves_a_token_to_compute() {
+    // The runner stops verifying at a stop id (here before `min_tokens`, so the scheduler does
+    // not end the sequence): every kept token was a draft, none was sampled past them.
+    let mut s = scheduler(32, 16, 64, false);
+    let options = SeqOptions {
+        stops: crate::token_stop::TokenStops {
+            min_tokens: 10,
+            stop_token_ids: vec![22],
+            ..Default::default()
+        },
+        ..SeqOptions::default()
+    };
+    s.add_with(1, prompt(0, 4), options);
+    let out = s.schedule();
+    update(&mut s, &out, vec![verified(1, &[20], 0, 0, &[21, 22, 23])]);
+    let out = s.schedule();
+    assert_eq!(out.scheduled[0].num_draft, 3);
+    let updates = update(&mut s, &out, vec![verified(1, &[21, 22], 3, 2, &[])]);
+    assert_eq!(updates[0].stopped, None);
+    let q = s.seq(1).expect("goes on");
+    assert_eq!((q.tokens().len(), q.num_computed()), (7, 6));
+    // The last kept draft is computed again, and the sequence samples next.
+    let out = s.schedule();
+    assert_eq!(sizes(&out), vec![(1, 1)]);
+    assert!(out.scheduled[0].samples);
+}
