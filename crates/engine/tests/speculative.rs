@@ -109,18 +109,28 @@ fn run_alone(engine: &EngineHandle, prompts: &[Vec<u32>]) -> Vec<Output> {
         .collect()
 }
 
+/// The grounded prompts and the first `num_golden` golden ones, with their reference outputs
+/// (one at a time, without speculation).
+fn prompts_and_reference(num_golden: usize) -> (Vec<Vec<u32>>, Vec<Output>) {
+    let plain = spawn(config(256 << 20));
+    let mut prompts = grounded_prompts(&plain);
+    prompts.extend(golden_prompts().into_iter().take(num_golden));
+    let reference = run_alone(&plain, &prompts);
+    (prompts, reference)
+}
+
 /// Run `prompts` batched on an engine with `cfg` and require `reference`'s outputs; returns the
-/// engine for its counters.
+/// engine (for its counters) and the outputs.
 fn same_as(
     reference: &[Output],
     prompts: &[Vec<u32>],
     cfg: EngineConfig,
     what: &str,
-) -> EngineHandle {
+) -> (EngineHandle, Vec<Output>) {
     let engine = spawn(cfg);
     let got = run_all(&engine, prompts);
     assert_same(reference, &got, what);
-    engine
+    (engine, got)
 }
 
 fn assert_same(reference: &[Output], got: &[Output], what: &str) {
@@ -143,17 +153,10 @@ fn assert_same(reference: &[Output], got: &[Output], what: &str) {
 
 #[test]
 fn speculation_changes_no_output_and_drafts_are_accepted() {
-    let plain = spawn(config(256 << 20));
-    let mut prompts = golden_prompts();
-    prompts.extend(grounded_prompts(&plain));
-    let reference = run_alone(&plain, &prompts);
-    drop(plain);
-
+    let (prompts, reference) = prompts_and_reference(usize::MAX);
     let mut cfg = config(256 << 20);
     cfg.speculative = Some(ngram(4));
-    let spec = spawn(cfg);
-    let got = run_all(&spec, &prompts);
-    assert_same(&reference, &got, "batched with speculation");
+    let (spec, got) = same_as(&reference, &prompts, cfg, "batched with speculation");
     let stats = spec.stats();
     let drafts = stats.spec_drafts.load(Ordering::Relaxed);
     let draft_tokens = stats.spec_draft_tokens.load(Ordering::Relaxed);
@@ -206,13 +209,8 @@ fn small_cache(spec: SpeculativeConfig) -> EngineConfig {
 
 #[test]
 fn drafts_survive_preemption_and_prefix_cache_hits() {
-    let plain = spawn(config(256 << 20));
-    let mut prompts = grounded_prompts(&plain);
-    prompts.extend(golden_prompts().into_iter().take(6));
-    let reference = run_alone(&plain, &prompts);
-    drop(plain);
-
-    let small = same_as(
+    let (prompts, reference) = prompts_and_reference(6);
+    let (small, _) = same_as(
         &reference,
         &prompts,
         small_cache(ngram(5)),
@@ -247,15 +245,10 @@ fn draft_model(k: usize) -> SpeculativeConfig {
 /// sequences with drafts and lookahead slots in flight changes nothing.
 #[test]
 fn a_draft_model_changes_no_output() {
-    let plain = spawn(config(256 << 20));
-    let mut prompts = grounded_prompts(&plain);
-    prompts.extend(golden_prompts().into_iter().take(5));
-    let reference = run_alone(&plain, &prompts);
-    drop(plain);
-
+    let (prompts, reference) = prompts_and_reference(5);
     let mut cfg = config(256 << 20);
     cfg.speculative = Some(draft_model(3));
-    let spec = same_as(&reference, &prompts, cfg, "drafted by a draft model");
+    let (spec, _) = same_as(&reference, &prompts, cfg, "drafted by a draft model");
     let stats = spec.stats();
     let drafted = stats.spec_draft_tokens.load(Ordering::Relaxed);
     let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed);
@@ -282,7 +275,7 @@ fn a_draft_model_changes_no_output() {
     wait_idle(&spec);
     drop(spec);
 
-    let small = same_as(
+    let (small, _) = same_as(
         &reference,
         &prompts,
         small_cache(draft_model(4)),
