@@ -150,10 +150,9 @@ impl ModelRunner {
                 let logprobs = part
                     .rows
                     .clone()
+                    .into_par_iter()
                     .enumerate()
-                    .collect::<Vec<_>>()
-                    .par_iter()
-                    .filter_map(|&(i, row)| {
+                    .filter_map(|(i, row)| {
                         let target = *tokens.get(part.first_position + i + 1)?;
                         Some(prompt_logprob(rows.get(row)?, target, k))
                     })
@@ -206,24 +205,23 @@ impl ModelRunner {
         let Some(draft) = self.draft.as_mut() else {
             return;
         };
-        let requests: Vec<DraftRequest<'_>> = wanted
+        let (indices, requests): (Vec<usize>, Vec<DraftRequest<'_>>) = wanted
             .iter()
             .filter_map(|(i, history)| {
                 let seq = scheduler.seq(sampled[*i].id)?;
-                Some(DraftRequest {
+                let request = DraftRequest {
                     seq: sampled[*i].id,
                     admission: seq.admission(),
                     history,
                     table: seq.table()?,
-                })
+                };
+                Some((*i, request))
             })
-            .collect();
+            .unzip();
         match draft.propose(&requests, k) {
             Ok(drafts) => {
-                for (r, d) in requests.iter().zip(drafts) {
-                    if let Some(s) = sampled.iter_mut().find(|s| s.id == r.seq) {
-                        s.next_draft = d;
-                    }
+                for (i, d) in indices.into_iter().zip(drafts) {
+                    sampled[i].next_draft = d;
                 }
             }
             // Drafting is an optimization: a failure costs the drafts, not the requests.
