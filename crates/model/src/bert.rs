@@ -186,35 +186,55 @@ impl EncoderBatch {
     }
 }
 
-struct Dense {
-    weight: Tensor,
-    bias: Tensor,
-    /// The weights rounded to bf16, when the encoder multiplies with bf16 products.
-    bf16: Option<(Bf16Lanes, Vec<f32>)>,
+/// A linear layer: f32 weights (the exact path), or the weights rounded to bf16 and repacked
+/// for the lanes kernel (the f32 copy is not kept).
+enum Dense {
+    F32 { weight: Tensor, bias: Tensor },
+    Bf16 { weight: Bf16Lanes, bias: Vec<f32> },
 }
 
 impl Dense {
     fn load(w: &mut dyn WeightSource, prefix: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: w.get(&format!("{prefix}.bias"), &[out])?,
-            bf16: None,
-        })
+        let (weight, bias) = Self::load_parts(w, prefix, out, inp)?;
+        Ok(Self::F32 { weight, bias })
     }
 
-    /// Keep a bf16 copy of the weights for bf16 products (where the CPU and width allow).
-    fn keep_bf16_copy(&mut self) -> Result<()> {
-        let (rows, cols) = self.weight.dims2()?;
-        let values = self.weight.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(m) = Bf16Lanes::from_f32(rows, cols, &values) {
-            self.bf16 = Some((m, self.bias.to_vec1::<f32>()?));
+    /// The f32 weight and bias under `prefix` (query, key and value are fused from these).
+    fn load_parts(
+        w: &mut dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok((
+            w.get(&format!("{prefix}.weight"), &[out, inp])?,
+            w.get(&format!("{prefix}.bias"), &[out])?,
+        ))
+    }
+
+    /// Switch to bf16 products where the CPU and shape allow; otherwise stay as it is.
+    fn switch_to_bf16(&mut self) -> Result<()> {
+        let Self::F32 { weight, bias } = self else {
+            return Ok(());
+        };
+        let (rows, cols) = weight.dims2()?;
+        let values = weight.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(lanes) = Bf16Lanes::from_f32(rows, cols, &values) {
+            let bias = bias.to_vec1::<f32>()?;
+            *self = Self::Bf16 {
+                weight: lanes,
+                bias,
+            };
         }
         Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let Some((w, bias)) = &self.bf16 else {
-            return crate::cpu_matmul::linear_bias(x, &self.weight, &self.bias);
+        let (w, bias) = match self {
+            Self::F32 { weight, bias } => {
+                return crate::cpu_matmul::linear_bias(x, weight, bias);
+            }
+            Self::Bf16 { weight, bias } => (weight, bias),
         };
         let (m, _) = x.dims2()?;
         let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -358,14 +378,13 @@ impl BertModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = format!("{p}encoder.layer.{i}");
-            let q = Dense::load(&mut w, &format!("{l}.attention.self.query"), h, h)?;
-            let k = Dense::load(&mut w, &format!("{l}.attention.self.key"), h, h)?;
-            let v = Dense::load(&mut w, &format!("{l}.attention.self.value"), h, h)?;
+            let (qw, qb) = Dense::load_parts(&mut w, &format!("{l}.attention.self.query"), h, h)?;
+            let (kw, kb) = Dense::load_parts(&mut w, &format!("{l}.attention.self.key"), h, h)?;
+            let (vw, vb) = Dense::load_parts(&mut w, &format!("{l}.attention.self.value"), h, h)?;
             layers.push(Layer {
-                qkv: Dense {
-                    weight: Tensor::cat(&[q.weight, k.weight, v.weight], 0)?,
-                    bias: Tensor::cat(&[q.bias, k.bias, v.bias], 0)?,
-                    bf16: None,
+                qkv: Dense::F32 {
+                    weight: Tensor::cat(&[qw, kw, vw], 0)?,
+                    bias: Tensor::cat(&[qb, kb, vb], 0)?,
                 },
                 attn_out: Dense::load(&mut w, &format!("{l}.attention.output.dense"), h, h)?,
                 attn_norm: Norm::load(&mut w, &format!("{l}.attention.output.LayerNorm"), h)?,
@@ -404,7 +423,7 @@ impl BertModel {
                 &mut layer.intermediate,
                 &mut layer.output,
             ] {
-                dense.keep_bf16_copy()?;
+                dense.switch_to_bf16()?;
             }
         }
         Ok(self)
@@ -412,7 +431,9 @@ impl BertModel {
 
     /// Whether the linear layers multiply with bf16 products.
     pub fn uses_bf16(&self) -> bool {
-        self.layers.iter().any(|l| l.qkv.bf16.is_some())
+        self.layers
+            .iter()
+            .any(|l| matches!(l.qkv, Dense::Bf16 { .. }))
     }
 
     /// Pooling, normalization and length limit.
