@@ -299,12 +299,17 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Replace `scores` by `exp(score - max)` and return `1 / Σ` (AVX-512 when available).
+/// Replace `scores` by `exp(score - max)` and return `1 / Σ` (vectorized where AVX2 or AVX-512 is).
 fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu_isa::avx512() {
         // SAFETY: AVX-512F was detected.
         return unsafe { crate::attention::cpu::avx512::softmax_unnormalized(scores, None) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu_isa::avx2() {
+        // SAFETY: AVX2 (with FMA) was detected.
+        return unsafe { crate::attention::cpu::avx2::softmax_unnormalized(scores, None) };
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;

@@ -22,8 +22,21 @@ pub enum CpuArithmetic {
     Int8,
 }
 
-/// Whether this CPU has the bf16 dot-product instructions.
+/// Whether the bf16 kernels can run: natively ([`native`]) or emulated with AVX2, which gives
+/// the same results more slowly (each bf16 widened to f32 for an FMA).
 pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        native() || crate::cpu_isa::avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has the bf16 dot-product instructions (AVX-512 BF16) and may use them.
+pub fn native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::cpu_isa::avx512() && std::is_x86_feature_detected!("avx512bf16")
@@ -63,7 +76,11 @@ pub(crate) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
     debug_assert_eq!(src.len(), dst.len());
     debug_assert!(src.len().is_multiple_of(32));
     #[cfg(target_arch = "x86_64")]
-    avx512::convert(src, dst);
+    if native() {
+        avx512::convert(src, dst)
+    } else {
+        avx2::convert(src, dst)
+    }
     #[cfg(not(target_arch = "x86_64"))]
     for (d, s) in dst.iter_mut().zip(src) {
         *d = round_to_bf16(*s);
@@ -97,7 +114,11 @@ pub(crate) unsafe fn block(
 ) {
     debug_assert!(x.len() >= m * k && w.len() >= rows * k);
     #[cfg(target_arch = "x86_64")]
-    avx512::block(x.as_ptr(), m, k, w.as_ptr(), rows, out, ldo);
+    if native() {
+        avx512::block(x.as_ptr(), m, k, w.as_ptr(), rows, out, ldo)
+    } else {
+        avx2::block(x.as_ptr(), m, k, w.as_ptr(), rows, out, ldo)
+    }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (x, m, k, w, rows, out, ldo);
@@ -171,100 +192,114 @@ impl Bf16Matrix {
     }
 }
 
+/// The kernels, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 BF16 and for AVX2 (`cpu_emu512` emulates `vdpbf16ps` and the rounding lane for lane:
+/// identical results, at the cost of widening each bf16 to f32 first).
+macro_rules! bf16_kernels {
+    ($features:literal) => {
+        use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
+
+        /// 32 f32 (two vectors, in order) rounded to 32 bf16 in order.
+        #[inline(always)]
+        pub(crate) unsafe fn pack(lo: __m512, hi: __m512) -> __m512bh {
+            _mm512_cvtne2ps_pbh(hi, lo)
+        }
+
+        /// 32 bf16 from memory.
+        #[inline(always)]
+        pub(crate) unsafe fn load(p: *const u16) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
+        }
+
+        /// `acc` plus the products of 32 bf16 pairs, pairwise into 16 lanes.
+        #[inline(always)]
+        pub(crate) unsafe fn dot(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+            _mm512_dpbf16_ps(acc, a, b)
+        }
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
+            let n = src.len().min(dst.len()) / 32;
+            for i in 0..n {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
+                _mm512_storeu_si512(
+                    dst.as_mut_ptr().add(32 * i) as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(pack(lo, hi)),
+                );
+            }
+        }
+
+        /// One `MI x NJ` tile, accumulators in registers.
+        #[allow(clippy::needless_range_loop)]
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(
+            xp: *const u16,
+            k: usize,
+            wp: *const u16,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
+            for kk in (0..k).step_by(32) {
+                let mut wv = [load(wp.add(kk)); NJ];
+                for b in 1..NJ {
+                    wv[b] = load(wp.add(b * k + kk));
+                }
+                for a in 0..MI {
+                    let xv = load(xp.add(a * k + kk));
+                    for b in 0..NJ {
+                        acc[a][b] = dot(acc[a][b], xv, wv[b]);
+                    }
+                }
+            }
+            store_tile(&acc, out, ldo);
+        }
+
+        /// A tile's operands: bf16 rows of `x` and of the weights (`k` apart), outputs (`ldo`
+        /// apart).
+        struct Bf16Tiles {
+            x: *const u16,
+            k: usize,
+            w: *const u16,
+            out: *mut f32,
+            ldo: usize,
+        }
+
+        impl Tiles for Bf16Tiles {
+            #[inline(always)]
+            unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+                let (x, w) = (self.x.add(i * self.k), self.w.add(j * self.k));
+                tile::<MI, NJ>(x, self.k, w, self.out.add(i * self.ldo + j), self.ldo)
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn block(
+            x: *const u16,
+            m: usize,
+            k: usize,
+            w: *const u16,
+            rows: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            run_tiles(&Bf16Tiles { x, k, w, out, ldo }, m, rows);
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
+    bf16_kernels!("avx512f,avx512bf16");
+}
 
-    use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
-
-    /// 32 f32 (two vectors, in order) rounded to 32 bf16 in order.
-    #[inline(always)]
-    pub(crate) unsafe fn pack(lo: __m512, hi: __m512) -> __m512bh {
-        _mm512_cvtne2ps_pbh(hi, lo)
-    }
-
-    /// 32 bf16 from memory.
-    #[inline(always)]
-    pub(crate) unsafe fn load(p: *const u16) -> __m512bh {
-        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
-    }
-
-    /// `acc` plus the products of 32 bf16 pairs, pairwise into 16 lanes.
-    #[inline(always)]
-    pub(crate) unsafe fn dot(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
-        _mm512_dpbf16_ps(acc, a, b)
-    }
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len()) / 32;
-        for i in 0..n {
-            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
-            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
-            _mm512_storeu_si512(
-                dst.as_mut_ptr().add(32 * i) as *mut __m512i,
-                std::mem::transmute::<__m512bh, __m512i>(pack(lo, hi)),
-            );
-        }
-    }
-
-    /// One `MI x NJ` tile, accumulators in registers.
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile<const MI: usize, const NJ: usize>(
-        xp: *const u16,
-        k: usize,
-        wp: *const u16,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
-        for kk in (0..k).step_by(32) {
-            let mut wv = [load(wp.add(kk)); NJ];
-            for b in 1..NJ {
-                wv[b] = load(wp.add(b * k + kk));
-            }
-            for a in 0..MI {
-                let xv = load(xp.add(a * k + kk));
-                for b in 0..NJ {
-                    acc[a][b] = dot(acc[a][b], xv, wv[b]);
-                }
-            }
-        }
-        store_tile(&acc, out, ldo);
-    }
-
-    /// A tile's operands: bf16 rows of `x` and of the weights (`k` apart), outputs (`ldo`
-    /// apart).
-    struct Bf16Tiles {
-        x: *const u16,
-        k: usize,
-        w: *const u16,
-        out: *mut f32,
-        ldo: usize,
-    }
-
-    impl Tiles for Bf16Tiles {
-        #[inline(always)]
-        unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
-            let (x, w) = (self.x.add(i * self.k), self.w.add(j * self.k));
-            tile::<MI, NJ>(x, self.k, w, self.out.add(i * self.ldo + j), self.ldo)
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn block(
-        x: *const u16,
-        m: usize,
-        k: usize,
-        w: *const u16,
-        rows: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        run_tiles(&Bf16Tiles { x, k, w, out, ldo }, m, rows);
-    }
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use crate::cpu_emu512::*;
+    bf16_kernels!("avx2,fma,f16c");
 }
 
 #[cfg(test)]
@@ -361,5 +396,39 @@ mod tests {
             unsafe { block(&xb[i * k..(i + 1) * k], 1, k, &wb, n, one.as_mut_ptr(), n) };
             assert_eq!(&one[..], &out[i * n..(i + 1) * n], "row {i}");
         }
+    }
+}
+
+/// The AVX2 emulation against AVX-512 BF16, bit for bit (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    #[test]
+    fn avx2_rounding_and_products_equal_avx512_bf16() {
+        if !super::native() || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 BF16 to compare with");
+            return;
+        }
+        let (m, k, n) = (6, 128, 11);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
+            .collect();
+        let (mut xa, mut xb) = (vec![0u16; m * k], vec![1u16; m * k]);
+        let (mut wa, mut wb) = (vec![0u16; n * k], vec![1u16; n * k]);
+        let (mut a, mut b) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+        // SAFETY: both instruction sets are present; lengths are whole chunks; outputs m x n.
+        unsafe {
+            super::avx512::convert(&x, &mut xa);
+            super::avx2::convert(&x, &mut xb);
+            super::avx512::convert(&w, &mut wa);
+            super::avx2::convert(&w, &mut wb);
+            super::avx512::block(xa.as_ptr(), m, k, wa.as_ptr(), n, a.as_mut_ptr(), n);
+            super::avx2::block(xb.as_ptr(), m, k, wb.as_ptr(), n, b.as_mut_ptr(), n);
+        }
+        assert_eq!(xa, xb);
+        assert_eq!(wa, wb);
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -27,7 +27,7 @@ pub struct Bf16Lanes {
 
 impl Bf16Lanes {
     /// Round `values` (`[rows, cols]`, row-major) to bf16 and repack them; `None` where the
-    /// kernel cannot serve the matrix (no AVX-512 BF16, `rows` not whole blocks of 16, `cols`
+    /// kernel cannot serve the matrix (no bf16 kernels, `rows` not whole blocks of 16, `cols`
     /// not whole 32-element chunks).
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Option<Self> {
         if !supported() || !rows.is_multiple_of(LANES) || !fits(cols) || values.len() != rows * cols
@@ -67,15 +67,14 @@ impl Bf16Lanes {
                     let ptr = out;
                     let blocks = w.len() / (LANES * k);
                     #[cfg(target_arch = "x86_64")]
-                    avx512::group(
-                        &xb,
-                        m,
-                        k,
-                        w,
-                        blocks,
-                        OutPtr(ptr.0.add(g * BLOCKS * LANES)),
-                        n,
-                    );
+                    {
+                        let out = OutPtr(ptr.0.add(g * BLOCKS * LANES));
+                        if crate::cpu_bf16::native() {
+                            avx512::group(&xb, m, k, w, blocks, out, n)
+                        } else {
+                            avx2::group(&xb, m, k, w, blocks, out, n)
+                        }
+                    }
                     #[cfg(not(target_arch = "x86_64"))]
                     {
                         let _ = (ptr, blocks, w, &xb);
@@ -87,76 +86,99 @@ impl Bf16Lanes {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+/// The kernel, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 BF16 and for AVX2 (`cpu_emu512`: identical results).
+macro_rules! lanes_kernels {
+    ($features:literal, $bf16mod:ident) => {
+        use crate::cpu_bf16::$bf16mod::{dot, load};
+        use crate::cpu_matmul::OutPtr;
 
-    use crate::cpu_bf16::avx512::{dot, load};
-    use crate::cpu_matmul::OutPtr;
+        use super::{BLOCKS, LANES, ROWS};
 
-    use super::{BLOCKS, LANES, ROWS};
-
-    /// Every row of `x` against `blocks` repacked blocks of 16 weight rows, writing columns
-    /// `0..16 * blocks` of `out` (row stride `ldo`).
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn group(
-        x: &[u16],
-        m: usize,
-        k: usize,
-        w: &[u16],
-        blocks: usize,
-        out: OutPtr,
-        ldo: usize,
-    ) {
-        let mut i = 0;
-        while i < m {
-            let mi = (m - i).min(ROWS);
-            macro_rules! go {
-                ($($r:literal)*) => {
-                    match (mi, blocks) {
-                        $(($r, 1) => tile::<$r, 1>(x.as_ptr().add(i * k), k, w.as_ptr(), out.0.add(i * ldo), ldo),)*
-                        $(($r, _) => tile::<$r, BLOCKS>(x.as_ptr().add(i * k), k, w.as_ptr(), out.0.add(i * ldo), ldo),)*
-                        _ => {}
-                    }
-                };
+        /// Every row of `x` against `blocks` repacked blocks of 16 weight rows, writing columns
+        /// `0..16 * blocks` of `out` (row stride `ldo`).
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn group(
+            x: &[u16],
+            m: usize,
+            k: usize,
+            w: &[u16],
+            blocks: usize,
+            out: OutPtr,
+            ldo: usize,
+        ) {
+            let mut i = 0;
+            while i < m {
+                let mi = (m - i).min(ROWS);
+                let (xp, wp, o) = (x.as_ptr().add(i * k), w.as_ptr(), out.0.add(i * ldo));
+                match (mi, blocks == 1) {
+                    (1, true) => tile::<1, 1>(xp, k, wp, o, ldo),
+                    (1, false) => tile::<1, BLOCKS>(xp, k, wp, o, ldo),
+                    (2, true) => tile::<2, 1>(xp, k, wp, o, ldo),
+                    (2, false) => tile::<2, BLOCKS>(xp, k, wp, o, ldo),
+                    (3, true) => tile::<3, 1>(xp, k, wp, o, ldo),
+                    (3, false) => tile::<3, BLOCKS>(xp, k, wp, o, ldo),
+                    (4, true) => tile::<4, 1>(xp, k, wp, o, ldo),
+                    (4, false) => tile::<4, BLOCKS>(xp, k, wp, o, ldo),
+                    (5, true) => tile::<5, 1>(xp, k, wp, o, ldo),
+                    (5, false) => tile::<5, BLOCKS>(xp, k, wp, o, ldo),
+                    (6, true) => tile::<6, 1>(xp, k, wp, o, ldo),
+                    (6, false) => tile::<6, BLOCKS>(xp, k, wp, o, ldo),
+                    (7, true) => tile::<7, 1>(xp, k, wp, o, ldo),
+                    (7, false) => tile::<7, BLOCKS>(xp, k, wp, o, ldo),
+                    (8, true) => tile::<8, 1>(xp, k, wp, o, ldo),
+                    (8, false) => tile::<8, BLOCKS>(xp, k, wp, o, ldo),
+                    _ => {}
+                }
+                i += mi;
             }
-            go!(1 2 3 4 5 6 7 8);
-            i += mi;
         }
-    }
 
-    /// `MI` rows of `x` against `NB` blocks: accumulators hold 16 output columns each.
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile<const MI: usize, const NB: usize>(
-        x: *const u16,
-        k: usize,
-        w: *const u16,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        let pairs = k / 2;
-        let mut acc = [[_mm512_setzero_ps(); NB]; MI];
-        for kp in 0..pairs {
-            let mut wv = [load(w.add(kp * 2 * LANES)); NB];
-            for b in 1..NB {
-                wv[b] = load(w.add((b * pairs + kp) * 2 * LANES));
+        /// `MI` rows of `x` against `NB` blocks: accumulators hold 16 output columns each.
+        #[allow(clippy::needless_range_loop)]
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const MI: usize, const NB: usize>(
+            x: *const u16,
+            k: usize,
+            w: *const u16,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let pairs = k / 2;
+            let mut acc = [[_mm512_setzero_ps(); NB]; MI];
+            for kp in 0..pairs {
+                let mut wv = [load(w.add(kp * 2 * LANES)); NB];
+                for b in 1..NB {
+                    wv[b] = load(w.add((b * pairs + kp) * 2 * LANES));
+                }
+                for a in 0..MI {
+                    let pair = std::ptr::read_unaligned(x.add(a * k + 2 * kp) as *const i32);
+                    let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                    for b in 0..NB {
+                        acc[a][b] = dot(acc[a][b], xv, wv[b]);
+                    }
+                }
             }
             for a in 0..MI {
-                let pair = std::ptr::read_unaligned(x.add(a * k + 2 * kp) as *const i32);
-                let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
                 for b in 0..NB {
-                    acc[a][b] = dot(acc[a][b], xv, wv[b]);
+                    _mm512_storeu_ps(out.add(a * ldo + b * LANES), acc[a][b]);
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NB {
-                _mm512_storeu_ps(out.add(a * ldo + b * LANES), acc[a][b]);
-            }
-        }
-    }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    lanes_kernels!("avx512f,avx512bf16", avx512);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::cpu_emu512::*;
+    lanes_kernels!("avx2,fma,f16c", avx2);
 }
 
 #[cfg(test)]
@@ -197,5 +219,41 @@ mod tests {
             assert_eq!(alone, got[..rows].to_vec(), "m={m}");
         }
         assert!(Bf16Lanes::from_f32(rows + 1, cols, &vec![0.0; (rows + 1) * cols]).is_none());
+    }
+}
+
+/// The AVX2 emulation against AVX-512 BF16, bit for bit (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    use super::*;
+
+    #[test]
+    fn avx2_lanes_equal_avx512_bf16() {
+        if !crate::cpu_bf16::native() || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 BF16 to compare with");
+            return;
+        }
+        let (rows, k, m) = (48, 96, 11);
+        let w: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1000.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
+            .collect();
+        let lanes = Bf16Lanes::from_f32(rows, k, &w).expect("supported");
+        // SAFETY: support was checked.
+        let xb = unsafe { activations(&x) };
+        let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![0f32; m * rows]);
+        let group = BLOCKS * LANES * k;
+        for (g, wg) in lanes.data.chunks(group).enumerate() {
+            let blocks = wg.len() / (LANES * k);
+            // SAFETY: both instruction sets are present; each group writes its own columns.
+            unsafe {
+                let col = g * BLOCKS * LANES;
+                avx512::group(&xb, m, k, wg, blocks, OutPtr(a.as_mut_ptr().add(col)), rows);
+                avx2::group(&xb, m, k, wg, blocks, OutPtr(b.as_mut_ptr().add(col)), rows);
+            }
+        }
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -97,6 +97,11 @@ pub fn avx512() -> bool {
     selected() >= CpuIsa::Avx512
 }
 
+/// Whether AVX2 kernels (with FMA and F16C, checked by [`detected`]) may run.
+pub fn avx2() -> bool {
+    selected() >= CpuIsa::Avx2
+}
+
 /// Whether kernels needing F16C (half-precision conversions) may run: AVX2 level and up.
 pub fn f16c() -> bool {
     #[cfg(target_arch = "x86_64")]

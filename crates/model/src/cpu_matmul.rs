@@ -114,6 +114,9 @@ unsafe fn block(
         if crate::cpu_isa::avx512() {
             return avx512::block(x, k, w, n, m0, m1, n0, n1, out);
         }
+        if crate::cpu_isa::avx2() {
+            return avx2::block(x, k, w, n, m0, m1, n0, n1, out);
+        }
     }
     portable_block(x, k, w, n, m0, m1, n0, n1, out)
 }
@@ -159,122 +162,136 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+/// The tiled kernels, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 and for AVX2 (whose `cpu_emu512` versions compute the same lanes in the same order:
+/// the two paths give identical results).
+macro_rules! f32_kernels {
+    ($features:literal) => {
+        use super::{W_BLOCK, X_BLOCK};
 
-    use super::{W_BLOCK, X_BLOCK};
-
-    /// Horizontal sum in a fixed order (matches across batch shapes).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn hsum(v: __m512) -> f32 {
-        _mm512_reduce_add_ps(v)
-    }
-
-    /// Load 16 floats, or the first `rem` of them with the rest zero.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load(p: *const f32, rem: usize) -> __m512 {
-        if rem >= 16 {
-            _mm512_loadu_ps(p)
-        } else {
-            _mm512_maskz_loadu_ps(((1u32 << rem) - 1) as u16, p)
+        /// Horizontal sum in a fixed order (matches across batch shapes).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
         }
-    }
 
-    /// One `MI x NJ` tile: rows `x[0..MI]` (stride `k`) against weight rows `w[0..NJ]`.
-    /// Const sizes let the accumulators live in registers.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const MI: usize, const NJ: usize>(
-        xp: *const f32,
-        wp: *const f32,
-        k: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
-        let full = k / 16 * 16;
-        let mut kk = 0;
-        while kk < full {
-            let mut wv = [_mm512_setzero_ps(); NJ];
-            for b in 0..NJ {
-                wv[b] = _mm512_loadu_ps(wp.add(b * k + kk));
+        /// Load 16 floats, or the first `rem` of them with the rest zero.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load(p: *const f32, rem: usize) -> __m512 {
+            if rem >= 16 {
+                _mm512_loadu_ps(p)
+            } else {
+                _mm512_maskz_loadu_ps(((1u32 << rem) - 1) as u16, p)
             }
-            for a in 0..MI {
-                let xv = _mm512_loadu_ps(xp.add(a * k + kk));
+        }
+
+        /// One `MI x NJ` tile: rows `x[0..MI]` (stride `k`) against weight rows `w[0..NJ]`.
+        /// Const sizes let the accumulators live in registers.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const MI: usize, const NJ: usize>(
+            xp: *const f32,
+            wp: *const f32,
+            k: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); NJ]; MI];
+            let full = k / 16 * 16;
+            let mut kk = 0;
+            while kk < full {
+                let mut wv = [_mm512_setzero_ps(); NJ];
                 for b in 0..NJ {
-                    acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                    wv[b] = _mm512_loadu_ps(wp.add(b * k + kk));
+                }
+                for a in 0..MI {
+                    let xv = _mm512_loadu_ps(xp.add(a * k + kk));
+                    for b in 0..NJ {
+                        acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                    }
+                }
+                kk += 16;
+            }
+            if kk < k {
+                let rem = k - kk;
+                let mut wv = [_mm512_setzero_ps(); NJ];
+                for b in 0..NJ {
+                    wv[b] = load(wp.add(b * k + kk), rem);
+                }
+                for a in 0..MI {
+                    let xv = load(xp.add(a * k + kk), rem);
+                    for b in 0..NJ {
+                        acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                    }
                 }
             }
-            kk += 16;
-        }
-        if kk < k {
-            let rem = k - kk;
-            let mut wv = [_mm512_setzero_ps(); NJ];
-            for b in 0..NJ {
-                wv[b] = load(wp.add(b * k + kk), rem);
-            }
             for a in 0..MI {
-                let xv = load(xp.add(a * k + kk), rem);
                 for b in 0..NJ {
-                    acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                    *out.add(a * ldo + b) = hsum(acc[a][b]);
                 }
             }
         }
-        for a in 0..MI {
-            for b in 0..NJ {
-                *out.add(a * ldo + b) = hsum(acc[a][b]);
-            }
-        }
-    }
 
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(
-        x: &[f32],
-        k: usize,
-        w: &[f32],
-        n: usize,
-        m0: usize,
-        m1: usize,
-        n0: usize,
-        n1: usize,
-        out: *mut f32,
-    ) {
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        let mut j = n0;
-        while j < n1 {
-            let nj = (n1 - j).min(W_BLOCK);
-            let mut i = m0;
-            while i < m1 {
-                let mi = (m1 - i).min(X_BLOCK);
-                let (xs, ws, o) = (xp.add(i * k), wp.add(j * k), out.add(i * n + j));
-                match (mi, nj) {
-                    (X_BLOCK, W_BLOCK) => tile::<X_BLOCK, W_BLOCK>(xs, ws, k, o, n),
-                    (X_BLOCK, 1) => tile::<X_BLOCK, 1>(xs, ws, k, o, n),
-                    (X_BLOCK, 2) => tile::<X_BLOCK, 2>(xs, ws, k, o, n),
-                    (X_BLOCK, 3) => tile::<X_BLOCK, 3>(xs, ws, k, o, n),
-                    _ => {
-                        // Leftover rows, one at a time.
-                        for a in 0..mi {
-                            let (xs, o) = (xs.add(a * k), o.add(a * n));
-                            match nj {
-                                1 => tile::<1, 1>(xs, ws, k, o, n),
-                                2 => tile::<1, 2>(xs, ws, k, o, n),
-                                3 => tile::<1, 3>(xs, ws, k, o, n),
-                                _ => tile::<1, W_BLOCK>(xs, ws, k, o, n),
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn block(
+            x: &[f32],
+            k: usize,
+            w: &[f32],
+            n: usize,
+            m0: usize,
+            m1: usize,
+            n0: usize,
+            n1: usize,
+            out: *mut f32,
+        ) {
+            let xp = x.as_ptr();
+            let wp = w.as_ptr();
+            let mut j = n0;
+            while j < n1 {
+                let nj = (n1 - j).min(W_BLOCK);
+                let mut i = m0;
+                while i < m1 {
+                    let mi = (m1 - i).min(X_BLOCK);
+                    let (xs, ws, o) = (xp.add(i * k), wp.add(j * k), out.add(i * n + j));
+                    match (mi, nj) {
+                        (X_BLOCK, W_BLOCK) => tile::<X_BLOCK, W_BLOCK>(xs, ws, k, o, n),
+                        (X_BLOCK, 1) => tile::<X_BLOCK, 1>(xs, ws, k, o, n),
+                        (X_BLOCK, 2) => tile::<X_BLOCK, 2>(xs, ws, k, o, n),
+                        (X_BLOCK, 3) => tile::<X_BLOCK, 3>(xs, ws, k, o, n),
+                        _ => {
+                            // Leftover rows, one at a time.
+                            for a in 0..mi {
+                                let (xs, o) = (xs.add(a * k), o.add(a * n));
+                                match nj {
+                                    1 => tile::<1, 1>(xs, ws, k, o, n),
+                                    2 => tile::<1, 2>(xs, ws, k, o, n),
+                                    3 => tile::<1, 3>(xs, ws, k, o, n),
+                                    _ => tile::<1, W_BLOCK>(xs, ws, k, o, n),
+                                }
                             }
                         }
                     }
+                    i += mi;
                 }
-                i += mi;
+                j += nj;
             }
-            j += nj;
         }
-    }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    f32_kernels!("avx512f");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::cpu_emu512::*;
+    f32_kernels!("avx2,fma,f16c");
 }
 
 #[cfg(test)]
@@ -414,4 +431,34 @@ fn linear_impl(
         out
     };
     Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// The AVX2 instantiation against the AVX-512 one, bit for bit (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    #[test]
+    fn avx2_products_equal_avx512() {
+        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 to compare with");
+            return;
+        }
+        for &(m, k, n) in &[(1, 576, 37), (5, 100, 9), (9, 33, 13)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
+                .collect();
+            let (mut a, mut b) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+            // SAFETY: both instruction sets are present; outputs are m x n.
+            unsafe {
+                super::avx512::block(&x, k, &w, n, 0, m, 0, n, a.as_mut_ptr());
+                super::avx2::block(&x, k, &w, n, 0, m, 0, n, b.as_mut_ptr());
+            }
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{m}x{k}x{n}"
+            );
+        }
+    }
 }

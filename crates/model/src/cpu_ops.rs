@@ -101,6 +101,11 @@ pub fn soft_cap(xs: &mut [f32], cap: f32) {
             unsafe { gelu_avx512::soft_cap(xs, cap) };
             return;
         }
+        if crate::cpu_isa::avx2() {
+            // SAFETY: AVX2 (with FMA, F16C) was detected.
+            unsafe { gelu_avx2::soft_cap(xs, cap) };
+            return;
+        }
     }
     for x in xs.iter_mut() {
         *x = cap * (*x / cap).tanh();
@@ -128,6 +133,11 @@ fn gelu_tanh_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
         if crate::cpu_isa::avx512() {
             // SAFETY: AVX-512F was detected; the three slices have the same length.
             unsafe { gelu_avx512::gelu_tanh_mul(out, gate, up) };
+            return;
+        }
+        if crate::cpu_isa::avx2() {
+            // SAFETY: AVX2 (with FMA, F16C) was detected; the slices have the same length.
+            unsafe { gelu_avx2::gelu_tanh_mul(out, gate, up) };
             return;
         }
     }
@@ -225,11 +235,18 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        if cpu_f32 && crate::cpu_isa::avx512() {
+        if cpu_f32 && crate::cpu_isa::avx2() {
+            let wide = crate::cpu_isa::avx512();
             let mut data = x.flatten_all()?.to_vec1::<f32>()?;
             data.par_chunks_mut(4096).for_each(|chunk| {
-                // SAFETY: AVX-512F was detected above.
-                unsafe { gelu_avx512::apply(chunk) }
+                // SAFETY: the instruction set was checked above.
+                unsafe {
+                    if wide {
+                        gelu_avx512::apply(chunk)
+                    } else {
+                        gelu_avx2::apply(chunk)
+                    }
+                }
             });
             return Ok(Tensor::from_vec(data, x.dims(), x.device())?);
         }
@@ -237,97 +254,110 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
+/// The vectorized ops, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 and for AVX2 (`cpu_emu512`: identical results).
+macro_rules! gelu_kernels {
+    ($features:literal, $exp:ident) => {
+        use crate::attention::cpu::$exp::exp;
+
+        /// The lane mask of a 16-lane step with `left` elements remaining.
+        #[inline(always)]
+        fn lanes(left: usize) -> u16 {
+            if left >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << left) - 1
+            }
+        }
+
+        /// In place: `cap · (1 - 2 / (exp(2x / cap) + 1))`.
+        ///
+        /// # Safety
+        /// The CPU has `$features`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn soft_cap(xs: &mut [f32], cap: f32) {
+            let n = xs.len();
+            let p = xs.as_mut_ptr();
+            let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+            let scale = _mm512_set1_ps(2.0 / cap);
+            let capv = _mm512_set1_ps(cap);
+            for i in (0..n).step_by(16) {
+                let m = lanes(n - i);
+                let x = _mm512_maskz_loadu_ps(m, p.add(i));
+                let e = exp(_mm512_mul_ps(scale, x));
+                let t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+                _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(capv, t));
+            }
+        }
+
+        /// `out = x / (1 + exp(-2u)) * up` over the gate `xs` (see `gelu_tanh_and_mul`).
+        ///
+        /// # Safety
+        /// The CPU has `$features`; the slices must have equal lengths.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn gelu_tanh_mul(out: &mut [f32], xs: &[f32], up: &[f32]) {
+            let n = out.len().min(xs.len()).min(up.len());
+            let (o, x, u) = (out.as_mut_ptr(), xs.as_ptr(), up.as_ptr());
+            let one = _mm512_set1_ps(1.0);
+            let c = _mm512_set1_ps(-2.0 * super::GELU_C);
+            let a = _mm512_set1_ps(super::GELU_A);
+            for i in (0..n).step_by(16) {
+                let m = lanes(n - i);
+                let xv = _mm512_maskz_loadu_ps(m, x.add(i));
+                let cube = _mm512_mul_ps(_mm512_mul_ps(xv, xv), xv);
+                let inner = _mm512_fmadd_ps(a, cube, xv);
+                let e = exp(_mm512_mul_ps(c, inner));
+                let g = _mm512_div_ps(xv, _mm512_add_ps(one, e));
+                let y = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, u.add(i)));
+                _mm512_mask_storeu_ps(o.add(i), m, y);
+            }
+        }
+
+        /// In place over `xs`.
+        ///
+        /// # Safety
+        /// The CPU has `$features`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn apply(xs: &mut [f32]) {
+            let n = xs.len();
+            let p = xs.as_mut_ptr();
+            let half = _mm512_set1_ps(0.5);
+            let one = _mm512_set1_ps(1.0);
+            let inv_sqrt2 = _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
+            let sign_mask = _mm512_set1_epi32(i32::MIN);
+            for i in (0..n).step_by(16) {
+                let m = lanes(n - i);
+                let x = _mm512_maskz_loadu_ps(m, p.add(i));
+                let z = _mm512_mul_ps(x, inv_sqrt2);
+                // erf(|z|) = 1 - poly(t)·exp(-z²), t = 1 / (1 + p·|z|); erf is odd.
+                let sign = _mm512_and_si512(_mm512_castps_si512(z), sign_mask);
+                let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign_mask, _mm512_castps_si512(z)));
+                let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
+                let mut poly = _mm512_set1_ps(1.061_405_4);
+                for c in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+                    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+                }
+                poly = _mm512_mul_ps(poly, t);
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+                let erf_abs = _mm512_fnmadd_ps(poly, e, one);
+                let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
+                let y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
+                _mm512_mask_storeu_ps(p.add(i), m, y);
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx512 {
     use std::arch::x86_64::*;
+    gelu_kernels!("avx512f", avx512);
+}
 
-    use crate::attention::cpu::avx512::exp;
-
-    /// The lane mask of a 16-lane step with `left` elements remaining.
-    #[inline(always)]
-    fn lanes(left: usize) -> u16 {
-        if left >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << left) - 1
-        }
-    }
-
-    /// In place: `cap · (1 - 2 / (exp(2x / cap) + 1))`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn soft_cap(xs: &mut [f32], cap: f32) {
-        let n = xs.len();
-        let p = xs.as_mut_ptr();
-        let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
-        let scale = _mm512_set1_ps(2.0 / cap);
-        let capv = _mm512_set1_ps(cap);
-        for i in (0..n).step_by(16) {
-            let m = lanes(n - i);
-            let x = _mm512_maskz_loadu_ps(m, p.add(i));
-            let e = exp(_mm512_mul_ps(scale, x));
-            let t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
-            _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(capv, t));
-        }
-    }
-
-    /// `out = x / (1 + exp(-2u)) * up` over the gate `xs` (see `gelu_tanh_and_mul`).
-    ///
-    /// # Safety
-    /// AVX-512F must be available; the slices must have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gelu_tanh_mul(out: &mut [f32], xs: &[f32], up: &[f32]) {
-        let n = out.len().min(xs.len()).min(up.len());
-        let (o, x, u) = (out.as_mut_ptr(), xs.as_ptr(), up.as_ptr());
-        let one = _mm512_set1_ps(1.0);
-        let c = _mm512_set1_ps(-2.0 * super::GELU_C);
-        let a = _mm512_set1_ps(super::GELU_A);
-        for i in (0..n).step_by(16) {
-            let m = lanes(n - i);
-            let xv = _mm512_maskz_loadu_ps(m, x.add(i));
-            let cube = _mm512_mul_ps(_mm512_mul_ps(xv, xv), xv);
-            let inner = _mm512_fmadd_ps(a, cube, xv);
-            let e = exp(_mm512_mul_ps(c, inner));
-            let g = _mm512_div_ps(xv, _mm512_add_ps(one, e));
-            let y = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, u.add(i)));
-            _mm512_mask_storeu_ps(o.add(i), m, y);
-        }
-    }
-
-    /// In place over `xs`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn apply(xs: &mut [f32]) {
-        let n = xs.len();
-        let p = xs.as_mut_ptr();
-        let half = _mm512_set1_ps(0.5);
-        let one = _mm512_set1_ps(1.0);
-        let inv_sqrt2 = _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
-        let sign_mask = _mm512_set1_epi32(i32::MIN);
-        for i in (0..n).step_by(16) {
-            let m = lanes(n - i);
-            let x = _mm512_maskz_loadu_ps(m, p.add(i));
-            let z = _mm512_mul_ps(x, inv_sqrt2);
-            // erf(|z|) = 1 - poly(t)·exp(-z²), t = 1 / (1 + p·|z|); erf is odd.
-            let sign = _mm512_and_si512(_mm512_castps_si512(z), sign_mask);
-            let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign_mask, _mm512_castps_si512(z)));
-            let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
-            let mut poly = _mm512_set1_ps(1.061_405_4);
-            for c in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
-                poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
-            }
-            poly = _mm512_mul_ps(poly, t);
-            let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-            let erf_abs = _mm512_fnmadd_ps(poly, e, one);
-            let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
-            let y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
-            _mm512_mask_storeu_ps(p.add(i), m, y);
-        }
-    }
+#[cfg(target_arch = "x86_64")]
+mod gelu_avx2 {
+    use crate::cpu_emu512::*;
+    gelu_kernels!("avx2,fma,f16c", avx2);
 }
 
 #[cfg(test)]
@@ -343,6 +373,37 @@ mod gelu_tests {
         let theirs = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
         for ((x, a), b) in xs.iter().zip(&ours).zip(&theirs) {
             assert!((a - b).abs() <= 1e-6, "gelu({x}): {a} vs {b}");
+        }
+    }
+}
+
+/// The AVX2 instantiation against the AVX-512 one, bit for bit (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    #[test]
+    fn avx2_ops_equal_avx512() {
+        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 to compare with");
+            return;
+        }
+        let n = 1001;
+        let xs: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.013).collect();
+        let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (mut a, mut b) = (xs.clone(), xs.clone());
+        // SAFETY: both instruction sets are present; slices have equal lengths.
+        unsafe {
+            super::gelu_avx512::apply(&mut a);
+            super::gelu_avx2::apply(&mut b);
+            assert_eq!(bits(&a), bits(&b), "gelu_erf");
+            let (mut a, mut b) = (xs.clone(), xs.clone());
+            super::gelu_avx512::soft_cap(&mut a, 30.0);
+            super::gelu_avx2::soft_cap(&mut b, 30.0);
+            assert_eq!(bits(&a), bits(&b), "soft_cap");
+            let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
+            super::gelu_avx512::gelu_tanh_mul(&mut a, &xs, &up);
+            super::gelu_avx2::gelu_tanh_mul(&mut b, &xs, &up);
+            assert_eq!(bits(&a), bits(&b), "gelu_tanh_mul");
         }
     }
 }

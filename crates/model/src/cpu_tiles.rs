@@ -66,20 +66,46 @@ pub(crate) fn par_row_ranges(n: usize, tasks_per_thread: usize, f: impl Fn(usize
         });
 }
 
+/// A vector of f32 lanes reduced to one sum in a fixed order: AVX-512's `__m512` and its AVX2
+/// emulation (`cpu_emu512`), which sums in the same order.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait HorizontalSum: Copy {
+    /// # Safety
+    /// The CPU has the vector type's instructions.
+    unsafe fn hsum(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl HorizontalSum for std::arch::x86_64::__m512 {
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        std::arch::x86_64::_mm512_reduce_add_ps(self)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl HorizontalSum for crate::cpu_emu512::__m512 {
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        crate::cpu_emu512::_mm512_reduce_add_ps(self)
+    }
+}
+
 /// Store a tile's accumulators, each reduced to one output (a fixed-order horizontal sum).
 ///
 /// # Safety
-/// `out` is valid for `MI` rows of stride `ldo` and `NJ` columns; AVX-512F is available.
+/// `out` is valid for `MI` rows of stride `ldo` and `NJ` columns; the CPU has `V`'s
+/// instructions.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn store_tile<const MI: usize, const NJ: usize>(
-    acc: &[[std::arch::x86_64::__m512; NJ]; MI],
+pub(crate) unsafe fn store_tile<V: HorizontalSum, const MI: usize, const NJ: usize>(
+    acc: &[[V; NJ]; MI],
     out: *mut f32,
     ldo: usize,
 ) {
     for (a, row) in acc.iter().enumerate() {
         for (b, v) in row.iter().enumerate() {
-            *out.add(a * ldo + b) = std::arch::x86_64::_mm512_reduce_add_ps(*v);
+            *out.add(a * ldo + b) = v.hsum();
         }
     }
 }

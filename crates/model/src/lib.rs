@@ -10,6 +10,8 @@ pub mod bert;
 pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_bf16_lanes;
+#[cfg(target_arch = "x86_64")]
+mod cpu_emu512;
 pub mod cpu_isa;
 pub mod cpu_matmul;
 pub mod cpu_ops;

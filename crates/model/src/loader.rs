@@ -268,7 +268,7 @@ fn select_dtype(
     let available = match wanted {
         CpuArithmetic::F32 => true,
         CpuArithmetic::Bf16 => cpu_bf16::supported(),
-        CpuArithmetic::Int8 => crate::quant::int8::cpu_has_vnni(),
+        CpuArithmetic::Int8 => crate::quant::int8::available(),
     };
     if !available {
         let defaulted = (arithmetic, choice) == (CpuArithmeticChoice::Auto, DTypeChoice::Auto);

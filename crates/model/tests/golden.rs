@@ -195,7 +195,7 @@ fn qwen_faster_modes_pass_check_logprobs_close() {
         (
             CpuArithmeticChoice::Int8,
             "qwen int8",
-            spindle_model::quant::int8::cpu_has_vnni(),
+            spindle_model::quant::int8::available(),
         ),
     ] {
         if !available {
@@ -395,7 +395,7 @@ fn float32_mode_matches_every_reference_token() {
 /// GGUF blocks) meets the accuracy contract on the golden prompts.
 #[test]
 fn int8_mode_passes_check_logprobs_close() {
-    if !spindle_model::quant::int8::cpu_has_vnni() {
+    if !spindle_model::quant::int8::available() {
         println!("skipped: this CPU has no AVX-512 VNNI (the mode falls back to float32)");
         return;
     }
@@ -409,7 +409,7 @@ fn int8_mode_passes_check_logprobs_close() {
 /// The integer kernels are batch-invariant: the same tokens alone as in a mixed batch.
 #[test]
 fn int8_mode_is_batch_invariant() {
-    if !spindle_model::quant::int8::cpu_has_vnni() {
+    if !spindle_model::quant::int8::available() {
         println!("skipped: this CPU has no AVX-512 VNNI");
         return;
     }

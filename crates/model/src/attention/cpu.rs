@@ -193,18 +193,28 @@ impl<E: KvElem> HeadKernel<'_, E> {
     fn run(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
-            if self.block_size == avx512::BLOCK && crate::cpu_isa::avx512() {
-                // SAFETY: the feature was detected; each arm's chunk count matches head_dim and
-                // the block size was checked.
-                unsafe {
-                    match self.head_dim {
-                        64 => return self.run_avx512::<4>(seq, g),
-                        80 => return self.run_avx512::<5>(seq, g),
-                        96 => return self.run_avx512::<6>(seq, g),
-                        128 => return self.run_avx512::<8>(seq, g),
-                        256 => return self.run_avx512::<16>(seq, g),
-                        _ => {}
-                    }
+            if self.block_size == avx512::BLOCK && crate::cpu_isa::avx2() {
+                let wide = crate::cpu_isa::avx512();
+                macro_rules! go {
+                    ($c:literal) => {
+                        // SAFETY: the instruction set was checked; `$c` chunks make head_dim
+                        // and the block size was checked.
+                        return unsafe {
+                            if wide {
+                                self.run_avx512::<$c>(seq, g)
+                            } else {
+                                self.run_avx2::<$c>(seq, g)
+                            }
+                        }
+                    };
+                }
+                match self.head_dim {
+                    64 => go!(4),
+                    80 => go!(5),
+                    96 => go!(6),
+                    128 => go!(8),
+                    256 => go!(16),
+                    _ => {}
                 }
             }
         }
@@ -253,198 +263,234 @@ impl<E: KvElem> HeadKernel<'_, E> {
         }
         out
     }
+}
 
-    /// The same computation as [`Self::run_generic`] for 16-token blocks and
-    /// `head_dim == 16 * C`: block scores from broadcast-FMAs over the transposed keys (up to
-    /// four query heads per pass over a block, so each key vector is loaded once for them), and
-    /// the weighted sum of values in `C` register accumulators.
-    ///
-    /// # Safety
-    /// AVX-512F must be available, `self.block_size == 16` and `self.head_dim == 16 * C`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
-        use std::arch::x86_64::*;
-        const BS: usize = avx512::BLOCK;
-        let (hd, group) = (self.head_dim, self.group);
-        debug_assert!(hd == 16 * C && self.block_size == BS);
-        let mut out = vec![0f32; seq.query_len * group * hd];
-        // One row of scores per query head, padded to whole blocks.
-        let stride = seq.context_len.next_multiple_of(BS);
-        let mut scores = vec![0f32; group * stride];
-        let first_pos = seq.context_len - seq.query_len;
-        for i in 0..seq.query_len {
-            let t = seq.query_start + i;
-            let visible = first_pos + i + 1;
-            let lo = self.how.first_visible(first_pos + i);
-            let q = &self.qd[(t * self.num_heads + g * group) * hd..][..group * hd];
-            let mut h0 = 0;
-            while h0 < group {
-                let nh = (group - h0).min(4);
-                let (q, sc) = (&q[h0 * hd..], &mut scores[h0 * stride..]);
-                match nh {
-                    4 => self.block_scores::<4>(seq, g, q, sc, stride, lo..visible),
-                    3 => self.block_scores::<3>(seq, g, q, sc, stride, lo..visible),
-                    2 => self.block_scores::<2>(seq, g, q, sc, stride, lo..visible),
-                    _ => self.block_scores::<1>(seq, g, q, sc, stride, lo..visible),
-                }
-                h0 += nh;
-            }
-            for hq in 0..group {
-                let sc = &mut scores[hq * stride + lo..hq * stride + visible];
-                soft_cap(sc, self.how.softcap);
-                let inv = avx512::softmax_unnormalized(sc, self.sink(g * group + hq));
-                // Two keys per iteration into two accumulator sets: twice the FMA chains.
-                let mut acc = [[_mm512_setzero_ps(); C]; 2];
-                let value = |j: usize| {
-                    let block = seq.block_table[j / BS] as usize;
-                    let off = block * self.block_stride + (g * BS + j % BS) * hd;
-                    self.vc[off..off + hd].as_ptr()
-                };
-                let mut j = lo;
-                while j < visible {
-                    let pair = (visible - j).min(2);
-                    for (u, acc) in acc.iter_mut().enumerate().take(pair) {
-                        let v = value(j + u);
-                        let w = _mm512_set1_ps(sc[j + u - lo]);
-                        for (c, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(w, E::load16(v.add(16 * c)), *a);
-                        }
+/// The vectorized kernel, written once against the AVX-512 intrinsics' names and instantiated
+/// for AVX-512 and for AVX2 (`cpu_emu512`: the same lanes in the same order, identical
+/// results): `$run` and its block scores `$scores`, compiled with `$features`, with the
+/// intrinsics of `$simd`, helpers of `$module` and cache loads `KvElem::$load`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! head_kernels {
+    ($run:ident, $scores:ident, $features:literal, $simd:path, $module:ident, $load:ident) => {
+        /// The same computation as [`Self::run_generic`] for 16-token blocks and
+        /// `head_dim == 16 * C`: block scores from broadcast-FMAs over the transposed keys (up to
+        /// four query heads per pass over a block, so each key vector is loaded once for them), and
+        /// the weighted sum of values in `C` register accumulators.
+        ///
+        /// # Safety
+        /// AVX-512F must be available, `self.block_size == 16` and `self.head_dim == 16 * C`.
+        #[target_feature(enable = $features)]
+        unsafe fn $run<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
+            use $simd::*;
+            const BS: usize = $module::BLOCK;
+            let (hd, group) = (self.head_dim, self.group);
+            debug_assert!(hd == 16 * C && self.block_size == BS);
+            let mut out = vec![0f32; seq.query_len * group * hd];
+            // One row of scores per query head, padded to whole blocks.
+            let stride = seq.context_len.next_multiple_of(BS);
+            let mut scores = vec![0f32; group * stride];
+            let first_pos = seq.context_len - seq.query_len;
+            for i in 0..seq.query_len {
+                let t = seq.query_start + i;
+                let visible = first_pos + i + 1;
+                let lo = self.how.first_visible(first_pos + i);
+                let q = &self.qd[(t * self.num_heads + g * group) * hd..][..group * hd];
+                let mut h0 = 0;
+                while h0 < group {
+                    let nh = (group - h0).min(4);
+                    let (q, sc) = (&q[h0 * hd..], &mut scores[h0 * stride..]);
+                    match nh {
+                        4 => self.$scores::<4>(seq, g, q, sc, stride, lo..visible),
+                        3 => self.$scores::<3>(seq, g, q, sc, stride, lo..visible),
+                        2 => self.$scores::<2>(seq, g, q, sc, stride, lo..visible),
+                        _ => self.$scores::<1>(seq, g, q, sc, stride, lo..visible),
                     }
-                    j += pair;
+                    h0 += nh;
                 }
-                let inv = _mm512_set1_ps(inv);
-                let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
-                for (c, (a0, a1)) in acc[0].iter().zip(&acc[1]).enumerate() {
-                    let sum = _mm512_add_ps(*a0, *a1);
-                    _mm512_storeu_ps(dst.add(16 * c), _mm512_mul_ps(sum, inv));
+                for hq in 0..group {
+                    let sc = &mut scores[hq * stride + lo..hq * stride + visible];
+                    soft_cap(sc, self.how.softcap);
+                    let inv = $module::softmax_unnormalized(sc, self.sink(g * group + hq));
+                    // Two keys per iteration into two accumulator sets: twice the FMA chains.
+                    let mut acc = [[_mm512_setzero_ps(); C]; 2];
+                    let value = |j: usize| {
+                        let block = seq.block_table[j / BS] as usize;
+                        let off = block * self.block_stride + (g * BS + j % BS) * hd;
+                        self.vc[off..off + hd].as_ptr()
+                    };
+                    let mut j = lo;
+                    while j < visible {
+                        let pair = (visible - j).min(2);
+                        for (u, acc) in acc.iter_mut().enumerate().take(pair) {
+                            let v = value(j + u);
+                            let w = _mm512_set1_ps(sc[j + u - lo]);
+                            for (c, a) in acc.iter_mut().enumerate() {
+                                *a = _mm512_fmadd_ps(w, E::$load(v.add(16 * c)), *a);
+                            }
+                        }
+                        j += pair;
+                    }
+                    let inv = _mm512_set1_ps(inv);
+                    let dst = out[(i * group + hq) * hd..][..hd].as_mut_ptr();
+                    for (c, (a0, a1)) in acc[0].iter().zip(&acc[1]).enumerate() {
+                        let sum = _mm512_add_ps(*a0, *a1);
+                        _mm512_storeu_ps(dst.add(16 * c), _mm512_mul_ps(sum, inv));
+                    }
                 }
             }
+            out
         }
-        out
-    }
 
-    /// Scaled scores of `NH` query heads (`q`, `head_dim` apart) against keys `keys`, written
-    /// to `scores` at the keys' positions (rows `stride` apart); lanes past the end are not
-    /// written, lanes before the start in its block are (and are never read).
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block_scores<const NH: usize>(
-        &self,
-        seq: &super::SequenceSlice,
-        g: usize,
-        q: &[f32],
-        scores: &mut [f32],
-        stride: usize,
-        keys: std::ops::Range<usize>,
-    ) {
-        use std::arch::x86_64::*;
-        const BS: usize = avx512::BLOCK;
-        let hd = self.head_dim;
-        let visible = keys.end;
-        assert!(q.len() >= NH * hd && scores.len() >= (NH - 1) * stride + visible);
-        let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
-        let scale = _mm512_set1_ps(self.how.scale);
-        for b in keys.start / BS..visible.div_ceil(BS) {
-            let block = seq.block_table[b] as usize;
-            let kp = self.kc[block * self.block_stride + g * hd * BS..][..hd * BS].as_ptr();
-            // Two interleaved chains per head keep enough FMAs in flight.
-            let mut even = [_mm512_setzero_ps(); NH];
-            let mut odd = [_mm512_setzero_ps(); NH];
-            for d in (0..hd).step_by(2) {
-                let k0 = E::load16(kp.add(d * BS));
-                let k1 = E::load16(kp.add((d + 1) * BS));
+        /// Scaled scores of `NH` query heads (`q`, `head_dim` apart) against keys `keys`, written
+        /// to `scores` at the keys' positions (rows `stride` apart); lanes past the end are not
+        /// written, lanes before the start in its block are (and are never read).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $scores<const NH: usize>(
+            &self,
+            seq: &super::SequenceSlice,
+            g: usize,
+            q: &[f32],
+            scores: &mut [f32],
+            stride: usize,
+            keys: std::ops::Range<usize>,
+        ) {
+            use $simd::*;
+            const BS: usize = $module::BLOCK;
+            let hd = self.head_dim;
+            let visible = keys.end;
+            assert!(q.len() >= NH * hd && scores.len() >= (NH - 1) * stride + visible);
+            let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
+            let scale = _mm512_set1_ps(self.how.scale);
+            for b in keys.start / BS..visible.div_ceil(BS) {
+                let block = seq.block_table[b] as usize;
+                let kp = self.kc[block * self.block_stride + g * hd * BS..][..hd * BS].as_ptr();
+                // Two interleaved chains per head keep enough FMAs in flight.
+                let mut even = [_mm512_setzero_ps(); NH];
+                let mut odd = [_mm512_setzero_ps(); NH];
+                for d in (0..hd).step_by(2) {
+                    let k0 = E::$load(kp.add(d * BS));
+                    let k1 = E::$load(kp.add((d + 1) * BS));
+                    for h in 0..NH {
+                        even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d)), k0, even[h]);
+                        odd[h] =
+                            _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d + 1)), k1, odd[h]);
+                    }
+                }
+                let n = (visible - b * BS).min(BS);
+                let mask = if n == BS { u16::MAX } else { (1u16 << n) - 1 };
                 for h in 0..NH {
-                    even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d)), k0, even[h]);
-                    odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * hd + d + 1)), k1, odd[h]);
+                    let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
+                    _mm512_mask_storeu_ps(sp.add(h * stride + b * BS), mask, s);
                 }
             }
-            let n = (visible - b * BS).min(BS);
-            let mask = if n == BS { u16::MAX } else { (1u16 << n) - 1 };
-            for h in 0..NH {
-                let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
-                _mm512_mask_storeu_ps(sp.add(h * stride + b * BS), mask, s);
-            }
         }
-    }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<E: KvElem> HeadKernel<'_, E> {
+    head_kernels!(
+        run_avx512,
+        block_scores_avx512,
+        "avx512f",
+        std::arch::x86_64,
+        avx512,
+        load16
+    );
+    head_kernels!(
+        run_avx2,
+        block_scores_avx2,
+        "avx2,fma,f16c",
+        crate::cpu_emu512,
+        avx2,
+        load16_avx2
+    );
+}
+
+/// Softmax and `exp`, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 and for AVX2 (`cpu_emu512`, identical results).
+macro_rules! softmax_kernels {
+    ($features:literal) => {
+        /// The block size the vectorized kernel serves: one 16-lane vector per key dimension.
+        pub(super) const BLOCK: usize = 16;
+
+        /// Replace `scores` by `exp(score - max)` and return `1 / Σ`, 16 lanes at a time (a
+        /// scalar `expf` per key cost more than the dot products).
+        ///
+        /// # Safety
+        /// The CPU has `$features`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn softmax_unnormalized(scores: &mut [f32], sink: Option<f32>) -> f32 {
+            let n = scores.len();
+            let p = scores.as_mut_ptr();
+            let mask = |i: usize| {
+                let left = n - i;
+                if left >= 16 {
+                    u16::MAX
+                } else {
+                    (1u16 << left) - 1
+                }
+            };
+            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..n).step_by(16) {
+                max =
+                    _mm512_mask_max_ps(max, mask(i), max, _mm512_maskz_loadu_ps(mask(i), p.add(i)));
+            }
+            let max = _mm512_reduce_max_ps(max);
+            let max = sink.map_or(max, |s| max.max(s));
+            let sink_term = sink.map_or(0.0, |s| (s - max).exp());
+            let max = _mm512_set1_ps(max);
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                let m = mask(i);
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+                _mm512_mask_storeu_ps(p.add(i), m, e);
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+            }
+            1.0 / (_mm512_reduce_add_ps(sum) + sink_term)
+        }
+
+        /// `exp(x)` for `x <= 0` to about 1 ulp: `2^n · e^r` with `|r| <= ln2 / 2` and Cephes'
+        /// polynomial for `e^r`; inputs below -87 give `e^-87` (negligible next to the maximum's 1).
+        /// Shared with the other vectorized CPU ops (`cpu_ops::gelu_erf`).
+        ///
+        /// # Safety
+        /// The CPU has `$features`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn exp(x: __m512) -> __m512 {
+            let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            );
+            // r = x - n·ln2, with ln2 split in two for precision.
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut y = _mm512_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+            }
+            let y = _mm512_add_ps(
+                _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r),
+                _mm512_set1_ps(1.0),
+            );
+            _mm512_scalef_ps(y, n)
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
-
-    /// The block size the vectorized kernel serves: one 16-lane vector per key dimension.
-    pub(super) const BLOCK: usize = 16;
-
-    /// Replace `scores` by `exp(score - max)` and return `1 / Σ`, 16 lanes at a time (a
-    /// scalar `expf` per key cost more than the dot products).
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn softmax_unnormalized(scores: &mut [f32], sink: Option<f32>) -> f32 {
-        let n = scores.len();
-        let p = scores.as_mut_ptr();
-        let mask = |i: usize| {
-            let left = n - i;
-            if left >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << left) - 1
-            }
-        };
-        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-        for i in (0..n).step_by(16) {
-            max = _mm512_mask_max_ps(max, mask(i), max, _mm512_maskz_loadu_ps(mask(i), p.add(i)));
-        }
-        let max = _mm512_reduce_max_ps(max);
-        let max = sink.map_or(max, |s| max.max(s));
-        let sink_term = sink.map_or(0.0, |s| (s - max).exp());
-        let max = _mm512_set1_ps(max);
-        let mut sum = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            let m = mask(i);
-            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
-            _mm512_mask_storeu_ps(p.add(i), m, e);
-            sum = _mm512_mask_add_ps(sum, m, sum, e);
-        }
-        1.0 / (_mm512_reduce_add_ps(sum) + sink_term)
-    }
-
-    /// `exp(x)` for `x <= 0` to about 1 ulp: `2^n · e^r` with `|r| <= ln2 / 2` and Cephes'
-    /// polynomial for `e^r`; inputs below -87 give `e^-87` (negligible next to the maximum's 1).
-    /// Shared with the other vectorized CPU ops (`cpu_ops::gelu_erf`).
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        // r = x - n·ln2, with ln2 split in two for precision.
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_add_ps(
-            _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r),
-            _mm512_set1_ps(1.0),
-        );
-        _mm512_scalef_ps(y, n)
-    }
+    softmax_kernels!("avx512f");
 
     #[cfg(test)]
     mod tests {
@@ -496,6 +542,12 @@ pub(crate) mod avx512 {
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use crate::cpu_emu512::*;
+    softmax_kernels!("avx2,fma,f16c");
 }
 
 /// Store one step's new keys and values (`[tokens, num_kv_heads, head_dim]` each) at their
@@ -744,5 +796,77 @@ mod tests {
                 assert_ne!(half, exact, "{dtype:?} should round");
             }
         }
+    }
+}
+
+/// The AVX2 instantiation of the vectorized kernel against the AVX-512 one, bit for bit, on
+/// each cache element type (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    use super::*;
+    use crate::attention::SequenceSlice;
+
+    fn compare<E: KvElem>() {
+        let (bs, hd, kv_heads, group, blocks) = (16usize, 64usize, 2usize, 3usize, 6usize);
+        let block_stride = kv_heads * hd * bs;
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0 - 1.0) * 2.1)
+                .collect()
+        };
+        let kc: Vec<E> = values(blocks * block_stride, 1)
+            .into_iter()
+            .map(E::from_f32)
+            .collect();
+        let vc: Vec<E> = values(blocks * block_stride, 2)
+            .into_iter()
+            .map(E::from_f32)
+            .collect();
+        // A 7-token chunk at the end of a 70-token context, blocks out of order.
+        let (context_len, query_len) = (70usize, 7usize);
+        let num_heads = kv_heads * group;
+        let qd = values(query_len * num_heads * hd, 3);
+        let seq = SequenceSlice {
+            query_start: 0,
+            query_len,
+            context_len,
+            block_table: vec![4, 0, 5, 2, 1],
+        };
+        let mut how = LayerAttention::causal(hd);
+        how.softcap = Some(20.0);
+        let kernel = HeadKernel {
+            kc: &kc,
+            vc: &vc,
+            qd: &qd,
+            block_stride,
+            block_size: bs,
+            head_dim: hd,
+            num_heads,
+            group,
+            how,
+        };
+        for g in 0..kv_heads {
+            // SAFETY: both instruction sets are present; 16-token blocks, head_dim 4 x 16.
+            let (a, b) = unsafe {
+                (
+                    kernel.run_avx512::<4>(&seq, g),
+                    kernel.run_avx2::<4>(&seq, g),
+                )
+            };
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let portable = kernel.run_generic(&seq, g);
+            assert!(a.iter().zip(&portable).all(|(a, b)| (a - b).abs() <= 1e-4));
+        }
+    }
+
+    #[test]
+    fn avx2_attention_equals_avx512() {
+        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 to compare with");
+            return;
+        }
+        compare::<f32>();
+        compare::<Bf16>();
+        compare::<F16>();
     }
 }

@@ -86,6 +86,12 @@ pub unsafe trait KvElem: Copy + Send + Sync + 'static {
     /// `p` is valid for 16 reads; AVX-512F is available.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// [`Self::load16`] for the AVX2 kernels (the same values in `cpu_emu512`'s vector).
+    ///
+    /// # Safety
+    /// `p` is valid for 16 reads; AVX2 and F16C are available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx2(p: *const Self) -> crate::cpu_emu512::__m512;
 }
 
 // SAFETY: all-zero bits are 0.0.
@@ -102,6 +108,11 @@ unsafe impl KvElem for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const Self) -> crate::cpu_emu512::__m512 {
+        crate::cpu_emu512::_mm512_loadu_ps(p)
     }
 }
 
@@ -122,6 +133,13 @@ unsafe impl KvElem for Bf16 {
         let h = _mm256_loadu_si256(p as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const Self) -> crate::cpu_emu512::__m512 {
+        use crate::cpu_emu512::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
 }
 
 // SAFETY: all-zero bits are 0.0.
@@ -138,6 +156,12 @@ unsafe impl KvElem for F16 {
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const Self) -> crate::cpu_emu512::__m512 {
+        use crate::cpu_emu512::*;
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }

@@ -158,6 +158,11 @@ impl Mxfp4Matrix {
                 unsafe { avx512::dequantize(blocks, scales, out) };
                 return;
             }
+            if crate::cpu_isa::avx2() {
+                // SAFETY: as above, for AVX2.
+                unsafe { avx2::dequantize(blocks, scales, out) };
+                return;
+            }
         }
         dequantize_scalar(blocks, scales, out);
     }
@@ -208,41 +213,55 @@ fn dequantize_scalar(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The expansion, written once against the AVX-512 intrinsics' names and instantiated for
+/// AVX-512 and for AVX2 (`cpu_emu512`: identical results).
+macro_rules! mxfp4_kernels {
+    ($features:literal) => {
+        use super::{scale, BLOCK, BLOCK_BYTES, LUT};
+
+        /// [`super::dequantize_scalar`] 32 values at a time: nibbles widened to lane indices, looked
+        /// up in the table held in one register, scaled, and interleaved back (low nibble first).
+        ///
+        /// # Safety
+        /// The CPU has `$features`; `blocks`, `scales` and `out` hold the same whole blocks.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dequantize(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
+            let lut = _mm512_loadu_ps(LUT.as_ptr());
+            let low = _mm512_set1_epi32(15);
+            // Output lanes 0..16 take lo[0], hi[0], lo[1], ...; lanes 16..32 continue from 8.
+            let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let second =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for ((b, &e), o) in blocks
+                .chunks_exact(BLOCK_BYTES)
+                .zip(scales)
+                .zip(out.chunks_exact_mut(BLOCK))
+            {
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr() as *const __m128i));
+                let s = _mm512_set1_ps(scale(e));
+                let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low), lut), s);
+                let hi =
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), lut), s);
+                _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutex2var_ps(lo, first, hi));
+                _mm512_storeu_ps(
+                    o.as_mut_ptr().add(16),
+                    _mm512_permutex2var_ps(lo, second, hi),
+                );
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    mxfp4_kernels!("avx512f");
+}
 
-    use super::{scale, BLOCK, BLOCK_BYTES, LUT};
-
-    /// [`super::dequantize_scalar`] 32 values at a time: nibbles widened to lane indices, looked
-    /// up in the table held in one register, scaled, and interleaved back (low nibble first).
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `blocks`, `scales` and `out` hold the same whole blocks.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dequantize(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
-        let lut = _mm512_loadu_ps(LUT.as_ptr());
-        let low = _mm512_set1_epi32(15);
-        // Output lanes 0..16 take lo[0], hi[0], lo[1], ...; lanes 16..32 continue from 8.
-        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let second =
-            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        for ((b, &e), o) in blocks
-            .chunks_exact(BLOCK_BYTES)
-            .zip(scales)
-            .zip(out.chunks_exact_mut(BLOCK))
-        {
-            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr() as *const __m128i));
-            let s = _mm512_set1_ps(scale(e));
-            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low), lut), s);
-            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), lut), s);
-            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutex2var_ps(lo, first, hi));
-            _mm512_storeu_ps(
-                o.as_mut_ptr().add(16),
-                _mm512_permutex2var_ps(lo, second, hi),
-            );
-        }
-    }
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::cpu_emu512::*;
+    mxfp4_kernels!("avx2,fma,f16c");
 }
 
 #[cfg(test)]
@@ -364,5 +383,29 @@ mod tests {
     fn shapes_that_are_not_whole_blocks_are_refused() {
         assert!(Mxfp4Matrix::new(2, 48, vec![0; 48], vec![0; 3]).is_err());
         assert!(Mxfp4Matrix::new(2, 64, vec![0; 63], vec![0; 4]).is_err());
+    }
+}
+
+/// The AVX2 instantiation against the AVX-512 one, bit for bit (where this CPU has both).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod isa_tests {
+    use super::*;
+
+    #[test]
+    fn avx2_expansion_equals_avx512() {
+        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX-512 to compare with");
+            return;
+        }
+        let n = 40;
+        let blocks: Vec<u8> = (0..n * BLOCK_BYTES).map(|i| (i * 73 % 256) as u8).collect();
+        let scales: Vec<u8> = (0..n).map(|i| (110 + i % 30) as u8).collect();
+        let (mut a, mut b) = (vec![0f32; n * BLOCK], vec![1f32; n * BLOCK]);
+        // SAFETY: both instruction sets are present; the slices hold whole blocks.
+        unsafe {
+            avx512::dequantize(&blocks, &scales, &mut a);
+            avx2::dequantize(&blocks, &scales, &mut b);
+        }
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }
