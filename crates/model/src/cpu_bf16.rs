@@ -196,7 +196,7 @@ impl Bf16Matrix {
 /// AVX-512 BF16 and for AVX2 (`cpu_emu512` emulates `vdpbf16ps` and the rounding lane for lane:
 /// identical results, at the cost of widening each bf16 to f32 first).
 macro_rules! bf16_kernels {
-    ($features:literal) => {
+    ($features:literal, $tile:expr) => {
         use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
 
         /// 32 f32 (two vectors, in order) rounded to 32 bf16 in order.
@@ -268,6 +268,7 @@ macro_rules! bf16_kernels {
         }
 
         impl Tiles for Bf16Tiles {
+            const TILE: (usize, usize) = $tile;
             #[inline(always)]
             unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
                 let (x, w) = (self.x.add(i * self.k), self.w.add(j * self.k));
@@ -293,13 +294,13 @@ macro_rules! bf16_kernels {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
-    bf16_kernels!("avx512f,avx512bf16");
+    bf16_kernels!("avx512f,avx512bf16", (4, 4));
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use crate::cpu_emu512::*;
-    bf16_kernels!("avx2,fma,f16c");
+    bf16_kernels!("avx2,fma,f16c", (4, 1));
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@ pub(crate) const MAX_TILE: usize = 4;
 /// A kernel computing one tile of `MI` rows of `x` (from row `i`) by `NJ` weight rows (from
 /// row `j`) over the whole width.
 pub(crate) trait Tiles {
+    /// The largest tile the kernel takes (rows of `x`, weight rows): at most [`MAX_TILE`]
+    /// each; smaller where the accumulators would not fit the registers (AVX2 has 16 vector
+    /// registers, and its 16-lane accumulators take two each). Tile shapes never change
+    /// results: each output is one dot product in its own fixed order.
+    const TILE: (usize, usize) = (MAX_TILE, MAX_TILE);
     /// # Safety
     /// The implementor's kernel requirements (CPU features, buffer sizes) hold.
     unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize);
@@ -24,12 +29,13 @@ pub(crate) trait Tiles {
 /// As [`Tiles::tile`] for every tile.
 #[inline(always)]
 pub(crate) unsafe fn run_tiles<T: Tiles>(kernel: &T, m: usize, rows: usize) {
+    let (tile_i, tile_j) = T::TILE;
     let mut j = 0;
     while j < rows {
-        let nj = (rows - j).min(MAX_TILE);
+        let nj = (rows - j).min(tile_j);
         let mut i = 0;
         while i < m {
-            let mi = (m - i).min(MAX_TILE);
+            let mi = (m - i).min(tile_i);
             macro_rules! go {
                 ($mi:literal) => {
                     match nj {

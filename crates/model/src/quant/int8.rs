@@ -168,7 +168,7 @@ pub(super) fn offset(dtype: GgmlDType) -> i32 {
 /// AVX-512 VNNI and for AVX2 (`cpu_emu512`: `vpdpbusd` as `vpmaddubsw` + `vpmaddwd`, exact for
 /// the unsigned weights below 128 every type but Q8_0 has; identical results).
 macro_rules! int8_kernels {
-    ($features:literal) => {
+    ($features:literal, $tile:expr) => {
         use std::marker::PhantomData;
 
         use super::QuantizedActivations;
@@ -507,6 +507,7 @@ macro_rules! int8_kernels {
         }
 
         impl<P: Pair> Tiles for Int8Tiles<'_, P> {
+            const TILE: (usize, usize) = $tile;
             #[inline(always)]
             unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
                 let (w, out) = (
@@ -543,13 +544,13 @@ macro_rules! int8_kernels {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    int8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,f16c");
+    int8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,f16c", (4, 4));
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use crate::cpu_emu512::*;
-    int8_kernels!("avx2,fma,f16c");
+    int8_kernels!("avx2,fma,f16c", (4, 4));
 }
 
 /// The AVX2 instantiation against the AVX-512 VNNI one, bit for bit, on random blocks of every
