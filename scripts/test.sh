@@ -13,10 +13,17 @@ scripts/fetch-minilm.sh
 scripts/fetch-qwen.sh
 scripts/fetch-templates.sh
 cargo test --release --workspace
-# The portable kernels, forced on this AVX-512 machine (SPINDLE_CPU_ISA): every tiny family
-# exact against transformers and batch-invariant, the GGUF readers, and the default model's
-# greedy tokens in a mixed batch.
-SPINDLE_CPU_ISA=scalar cargo test --release -p spindle-model --test tiny_families --test tiny_gguf
+# The lower instruction sets, forced on this AVX-512 machine (SPINDLE_CPU_ISA). AVX2: the kernel
+# tests against their scalar references, the accuracy contract and batch invariance of every
+# arithmetic on the golden prompts (default model and Qwen), the embeddings, every tiny family;
+# then no AVX-512 instruction in the AVX2 kernels' machine code (this CPU would run one).
+# Portable: the kernel tests, every tiny family exact against transformers and batch-invariant,
+# the GGUF readers, and the default model's greedy tokens in a mixed batch.
+SPINDLE_CPU_ISA=avx2 cargo test --release -p spindle-model --lib --test golden --test tiny_families \
+    --test tiny_gguf --test embeddings_reference --test mxfp4 --test attention_window
+cargo build --release --bin spindle
+python3 scripts/check-avx2-code.py target/release/spindle
+SPINDLE_CPU_ISA=scalar cargo test --release -p spindle-model --lib --test tiny_families --test tiny_gguf
 SPINDLE_CPU_ISA=scalar cargo test --release -p spindle-model --test golden batched_paged_forward_matches_the_golden_reference
 scripts/test-clients.sh
 tests/lm_eval/run.sh

@@ -261,6 +261,14 @@ fn select_dtype(
         (CpuArithmeticChoice::Float32, _) => CpuArithmetic::F32,
         (CpuArithmeticChoice::BFloat16, _) => CpuArithmetic::Bf16,
         (CpuArithmeticChoice::Int8, _) => CpuArithmetic::Int8,
+        // Emulated bf16 products (AVX2) are exact to the same contract but slower than f32
+        // there: `auto` takes them only where `vdpbf16ps` runs natively.
+        (CpuArithmeticChoice::Auto, DTypeChoice::Auto) if !cpu_bf16::native() => {
+            tracing::info!(
+                "this CPU (or SPINDLE_CPU_ISA) has no AVX-512 BF16: the linear layers run float32"
+            );
+            CpuArithmetic::F32
+        }
         (CpuArithmeticChoice::Auto, DTypeChoice::Auto) => CPU_DEFAULT_ARITHMETIC,
         (CpuArithmeticChoice::Auto, DTypeChoice::BFloat16) => CpuArithmetic::Bf16,
         (CpuArithmeticChoice::Auto, _) => CpuArithmetic::F32,
@@ -271,15 +279,10 @@ fn select_dtype(
         CpuArithmetic::Int8 => crate::quant::int8::available(),
     };
     if !available {
-        let defaulted = (arithmetic, choice) == (CpuArithmeticChoice::Auto, DTypeChoice::Auto);
-        if defaulted {
-            tracing::info!("this CPU has no AVX-512 BF16: the linear layers run float32");
-        } else {
-            tracing::warn!(
-                "this CPU lacks the AVX-512 instructions for {} products: using float32",
-                arithmetic_name(wanted)
-            );
-        }
+        tracing::warn!(
+            "this CPU lacks the instructions for {} products: using float32",
+            arithmetic_name(wanted)
+        );
         return (DType::F32, CpuArithmetic::F32);
     }
     (DType::F32, wanted)

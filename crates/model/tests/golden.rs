@@ -432,3 +432,103 @@ fn half_precision_kv_caches_pass_check_logprobs_close() {
         assert!(share > 0.5, "{name}: only {:.1} % exact", 100.0 * share);
     }
 }
+
+/// A digest of every logit bit of the golden cases fed through one mixed batch: a prefill
+/// step of all prompts, then eight decode steps of each case's reference tokens (so fused,
+/// panel and attention paths all run), in float32 and bfloat16 arithmetic and with a bf16 KV
+/// cache.
+fn logits_digest() -> Vec<String> {
+    let g = golden();
+    let mut lines = Vec::new();
+    for (name, dtype, kv) in [
+        ("float32", DTypeChoice::Float32, KvDtype::F32),
+        ("float32+bf16-kv", DTypeChoice::Float32, KvDtype::Bf16),
+        ("bfloat16", DTypeChoice::BFloat16, KvDtype::Bf16),
+    ] {
+        let loaded = load_with(dtype);
+        let max_len = g
+            .cases
+            .iter()
+            .map(|c| c.prompt_ids.len() + 9)
+            .max()
+            .unwrap_or(0);
+        let mut runner = PagedRunner::with_kv_dtype(&loaded.model, g.cases.len(), max_len, 16, kv);
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut feed = |logits: candle_core::Tensor| {
+            for v in logits.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+                hash = (hash ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        let prompts: Vec<_> = g
+            .cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, 0, c.prompt_ids.clone()))
+            .collect();
+        feed(runner.step(&loaded.model, &prompts));
+        for step in 0..8 {
+            let chunks: Vec<_> = g
+                .cases
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, c.prompt_ids.len() + step, vec![c.greedy_ids[step]]))
+                .collect();
+            feed(runner.step(&loaded.model, &chunks));
+        }
+        lines.push(format!("DIGEST {name} {hash:016x} ({})", loaded.info.dtype));
+    }
+    lines
+}
+
+/// Prints [`logits_digest`] when run as the child of
+/// [`avx2_path_gives_the_avx512_path_logits_bit_for_bit`] (a no-op otherwise).
+#[test]
+fn logits_digest_child() {
+    if std::env::var_os("SPINDLE_DIGEST_CHILD").is_some() {
+        for line in logits_digest() {
+            println!("{line}");
+        }
+    }
+}
+
+/// The AVX2 kernels compute what the AVX-512 ones compute, in the same order (they are the
+/// same source, `cpu_emu512`): the whole model's logits are bit-identical under
+/// `SPINDLE_CPU_ISA=avx2`, in every arithmetic the AVX2 path shares with AVX-512. Each level
+/// runs in a child process (the level is fixed per process).
+#[test]
+fn avx2_path_gives_the_avx512_path_logits_bit_for_bit() {
+    if !std::is_x86_feature_detected!("avx512bf16") || !std::is_x86_feature_detected!("avx2") {
+        println!("skipped: this CPU has no AVX-512 BF16 to compare the AVX2 path with");
+        return;
+    }
+    if std::env::var_os("SPINDLE_CPU_ISA").is_some() {
+        println!("skipped: runs once, where the level is not forced");
+        return;
+    }
+    let run = |isa: &str| -> Vec<String> {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "logits_digest_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SPINDLE_DIGEST_CHILD", "1")
+            .env("SPINDLE_CPU_ISA", isa)
+            .output()
+            .expect("run the test binary");
+        assert!(
+            out.status.success(),
+            "{isa}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // libtest's "test ... " prefix may share the first line.
+        text.lines()
+            .filter_map(|l| l.find("DIGEST").map(|at| l[at..].to_owned()))
+            .collect()
+    };
+    let (wide, narrow) = (run("avx512"), run("avx2"));
+    assert_eq!(wide.len(), 3, "{wide:?}");
+    assert_eq!(wide, narrow);
+}
