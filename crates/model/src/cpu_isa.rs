@@ -1,9 +1,10 @@
 //! Which x86 instruction set the CPU kernels may use: the best this CPU has, or a lower one
 //! when `SPINDLE_CPU_ISA=avx512|avx2|scalar` asks, so every path can be tested and measured on
 //! one machine (an AVX-512 box runs what an AVX2-only or older CPU would). Every kernel asks
-//! here (one dispatch point per kernel family), never the CPU directly. A path a kernel lacks
-//! for the chosen level falls back to the next lower one it has (today: AVX-512 or portable
-//! code; AVX2 kernels are the next step, see docs/cpu-arithmetic.md).
+//! here (one dispatch point per kernel family), never the CPU directly. Every kernel family has
+//! an AVX-512 and an AVX2 path (the same source, see `cpu_emu512`) and portable code; an
+//! extension a kernel needs on top of a level (AVX-512 BF16, VNNI) is checked where it is used,
+//! falling back to the AVX2 form (docs/cpu-arithmetic.md).
 
 use std::sync::OnceLock;
 
@@ -100,18 +101,6 @@ pub fn avx512() -> bool {
 /// Whether AVX2 kernels (with FMA and F16C, checked by [`detected`]) may run.
 pub fn avx2() -> bool {
     selected() >= CpuIsa::Avx2
-}
-
-/// Whether kernels needing F16C (half-precision conversions) may run: AVX2 level and up.
-pub fn f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        selected() >= CpuIsa::Avx2 && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(test)]

@@ -145,7 +145,12 @@ pub(super) unsafe fn dequantize_bf16(dtype: GgmlDType, bytes: &[u8], out: &mut [
 /// `$f32` and `$bf16` are the features of the f32 and bf16 kernels, `$bf16mod` the module of
 /// `cpu_bf16` with the same instruction set.
 macro_rules! fused_kernels {
-    ($f32:literal, $bf16:literal, $bf16mod:ident, $tile:expr) => {
+    ($f32:literal, $bf16:literal, $bf16mod:ident, $tile:expr, $tables:literal) => {
+        /// Whether 4-bit types expand through a 16-entry table and a lane permute (one
+        /// instruction on AVX-512) rather than convert-multiply-add (cheaper on AVX2, where
+        /// the permute is emulated); both give the same values.
+        const LOOKUP_TABLES: bool = $tables;
+
         use std::marker::PhantomData;
 
         use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
@@ -197,10 +202,25 @@ macro_rules! fused_kernels {
             )
         }
 
+        /// 0.0, 1.0, ..., 15.0: the levels of a 4-bit weight.
+        #[inline(always)]
+        unsafe fn levels() -> __m512 {
+            _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            )
+        }
+
         /// `q as f32 * d`.
         #[inline(always)]
         unsafe fn scaled(q: __m512i, d: f32) -> __m512 {
             _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d))
+        }
+
+        /// `q as f32 * d + m` (candle's Q4_1/Q5_1 form).
+        #[inline(always)]
+        unsafe fn scaled_plus(q: __m512i, d: __m512, m: __m512) -> __m512 {
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), m)
         }
 
         /// `d * q as f32 - m` (candle's K-quant form: scale first, then subtract the minimum).
@@ -267,12 +287,14 @@ macro_rules! fused_kernels {
                 let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
                 let d = _mm512_broadcastss_ps(dm);
                 let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-                let levels = _mm512_setr_ps(
-                    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
-                    15.0,
-                );
-                let table = _mm512_add_ps(_mm512_mul_ps(levels, d), m);
                 let bytes = bytes16(p.add(4));
+                if !LOOKUP_TABLES {
+                    return (
+                        scaled_plus(nibbles(bytes, 0), d, m),
+                        scaled_plus(nibbles(bytes, 4), d, m),
+                    );
+                }
+                let table = _mm512_add_ps(_mm512_mul_ps(levels(), d), m);
                 (
                     _mm512_permutexvar_ps(bytes, table),
                     _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table),
@@ -422,10 +444,23 @@ macro_rules! fused_kernels {
                 let (sc, m) = scale_min_k4(p.add(4), c);
                 let (d1, m1) = (d * sc as f32, min * m as f32);
                 let qs = p.add(16 + 32 * (c / 2));
-                let shift = 4 * (c % 2) as u32;
+                if !LOOKUP_TABLES {
+                    let shift = 4 * (c % 2) as u32;
+                    return (
+                        scaled_minus(nibbles(bytes16(qs), shift), d1, m1),
+                        scaled_minus(nibbles(bytes16(qs.add(16)), shift), d1, m1),
+                    );
+                }
+                // The chunk's 16 distinct values `d1 · q − m1` (as `scaled_minus` computes each),
+                // then a lane permute per 16 weights, which reads only the index's low 4 bits.
+                let table = _mm512_sub_ps(
+                    _mm512_mul_ps(_mm512_set1_ps(d1), levels()),
+                    _mm512_set1_ps(m1),
+                );
+                let shift = _mm_cvtsi32_si128(4 * (c % 2) as i32);
                 (
-                    scaled_minus(nibbles(bytes16(qs), shift), d1, m1),
-                    scaled_minus(nibbles(bytes16(qs.add(16)), shift), d1, m1),
+                    _mm512_permutexvar_ps(_mm512_srl_epi32(bytes16(qs), shift), table),
+                    _mm512_permutexvar_ps(_mm512_srl_epi32(bytes16(qs.add(16)), shift), table),
                 )
             }
         }
@@ -709,7 +744,7 @@ macro_rules! fused_kernels {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    fused_kernels!("avx512f,f16c", "avx512f,f16c,avx512bf16", avx512, (4, 4));
+    fused_kernels!("avx512f,f16c", "avx512f,f16c,avx512bf16", avx512, (4, 4), true);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -717,7 +752,7 @@ mod avx2 {
     use crate::cpu_emu512::*;
     // One weight row per tile: the expanded row's two 16-lane vectors and four rows'
     // accumulators fit AVX2's 16 registers (measured: 4 x 4 tiles spill, 1.4x slower at m = 4).
-    fused_kernels!("avx2,fma,f16c", "avx2,fma,f16c", avx2, (4, 1));
+    fused_kernels!("avx2,fma,f16c", "avx2,fma,f16c", avx2, (4, 1), false);
 }
 
 /// The AVX2 instantiation against the AVX-512 one, bit for bit, on random blocks of every type
