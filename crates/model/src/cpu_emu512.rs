@@ -8,7 +8,8 @@
 //!
 //! Exactness limits (unit-tested against the real instructions on this machine):
 //! - [`_mm512_dpbusd_epi32`] goes through `vpmaddubsw`, which saturates pairs of products at
-//!   ±32767: callers keep unsigned weights below 128 (every int8 type but Q8_0).
+//!   ±32767: callers keep unsigned weights below 128 (the int8 kernels: at most 63; Q8_0 goes
+//!   through [`dpbusd_signed`]).
 //! - [`_mm512_scalef_ps`] multiplies by `2^n` built from the exponent field: exact for results
 //!   in the normal range (the kernels' `exp` keeps `n >= -126`).
 //! - [`_mm512_dpbf16_ps`] does not flush denormal inputs and outputs as `vdpbf16ps` does.
@@ -404,7 +405,9 @@ binary_si!(
     _mm512_andnot_si512 => _mm256_andnot_si256,
     _mm512_or_si512 => _mm256_or_si256,
     _mm512_xor_si512 => _mm256_xor_si256,
-    _mm512_sub_epi32 => _mm256_sub_epi32
+    _mm512_sub_epi32 => _mm256_sub_epi32,
+    _mm512_add_epi32 => _mm256_add_epi32,
+    _mm512_srlv_epi32 => _mm256_srlv_epi32
 );
 
 /// Shifts by an immediate, through the shift-by-register forms (same results).
@@ -556,6 +559,16 @@ pub unsafe fn _mm512_dpbusd_epi32(src: __m512i, a: __m512i, b: __m512i) -> __m51
 unsafe fn dpbusd8(s: __m256i, a: __m256i, b: __m256i) -> __m256i {
     let pairs = _mm256_maddubs_epi16(a, b);
     _mm256_add_epi32(s, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// `src` plus, per 32-bit lane, the four products of the signed bytes `w` and `x`, as
+/// `vpmaddubsw(|w|, sign(x, w))`: exact (a pair of products is at most 2 · 128 · 127).
+#[inline(always)]
+pub unsafe fn dpbusd_signed(src: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    __m512i(
+        dpbusd8(src.0, _mm256_abs_epi8(w.0), _mm256_sign_epi8(x.0, w.0)),
+        dpbusd8(src.1, _mm256_abs_epi8(w.1), _mm256_sign_epi8(x.1, w.1)),
+    )
 }
 
 // ---- bf16 ----

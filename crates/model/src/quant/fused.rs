@@ -146,10 +146,11 @@ pub(super) unsafe fn dequantize_bf16(dtype: GgmlDType, bytes: &[u8], out: &mut [
 /// `cpu_bf16` with the same instruction set.
 macro_rules! fused_kernels {
     ($f32:literal, $bf16:literal, $bf16mod:ident, $tile:expr, $tables:literal) => {
-        /// Whether 4-bit types expand through a 16-entry table and a lane permute (one
-        /// instruction on AVX-512) rather than convert-multiply-add (cheaper on AVX2, where
-        /// the permute is emulated); both give the same values.
-        const LOOKUP_TABLES: bool = $tables;
+        /// Whether lane permutes and mask registers are single instructions (AVX-512), so
+        /// 4-bit types expand through a 16-entry table and a permute and Q5's fifth bits go in
+        /// through a mask; on AVX2, where those are emulated, convert-multiply-add and
+        /// variable shifts are cheaper. Both forms give the same values.
+        const NATIVE_PERMUTES: bool = $tables;
 
         use std::marker::PhantomData;
 
@@ -288,7 +289,7 @@ macro_rules! fused_kernels {
                 let d = _mm512_broadcastss_ps(dm);
                 let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
                 let bytes = bytes16(p.add(4));
-                if !LOOKUP_TABLES {
+                if !NATIVE_PERMUTES {
                     return (
                         scaled_plus(nibbles(bytes, 0), d, m),
                         scaled_plus(nibbles(bytes, 4), d, m),
@@ -302,6 +303,13 @@ macro_rules! fused_kernels {
             }
         }
 
+        /// Bit `at[j]` of `bits[j]` moved to bit 4 of lane `j`.
+        #[inline(always)]
+        unsafe fn fifth_bit_at(bits: __m512i, at: __m512i) -> __m512i {
+            let bit = _mm512_and_si512(_mm512_srlv_epi32(bits, at), _mm512_set1_epi32(1));
+            _mm512_slli_epi32::<4>(bit)
+        }
+
         /// Q5_0/Q5_1's 5-bit values: the nibbles of `qs` with bit 4 set from `qh` (bits 0..16 for
         /// the low nibbles, 16..32 for the high ones).
         #[inline(always)]
@@ -310,6 +318,16 @@ macro_rules! fused_kernels {
             let sixteen = _mm512_set1_epi32(16);
             let lo = nibbles(b, 0);
             let hi = nibbles(b, 4);
+            if !NATIVE_PERMUTES {
+                // Bit j of qh, shifted down to bit 0 of lane j, then up to bit 4.
+                let bits = _mm512_set1_epi32(qh as i32);
+                let first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let second = _mm512_add_epi32(first, sixteen);
+                return (
+                    _mm512_or_si512(lo, fifth_bit_at(bits, first)),
+                    _mm512_or_si512(hi, fifth_bit_at(bits, second)),
+                );
+            }
             (
                 _mm512_mask_or_epi32(lo, qh as u16, lo, sixteen),
                 _mm512_mask_or_epi32(hi, (qh >> 16) as u16, hi, sixteen),
@@ -444,7 +462,7 @@ macro_rules! fused_kernels {
                 let (sc, m) = scale_min_k4(p.add(4), c);
                 let (d1, m1) = (d * sc as f32, min * m as f32);
                 let qs = p.add(16 + 32 * (c / 2));
-                if !LOOKUP_TABLES {
+                if !NATIVE_PERMUTES {
                     let shift = 4 * (c % 2) as u32;
                     return (
                         scaled_minus(nibbles(bytes16(qs), shift), d1, m1),
@@ -744,7 +762,13 @@ macro_rules! fused_kernels {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    fused_kernels!("avx512f,f16c", "avx512f,f16c,avx512bf16", avx512, (4, 4), true);
+    fused_kernels!(
+        "avx512f,f16c",
+        "avx512f,f16c,avx512bf16",
+        avx512,
+        (4, 4),
+        true
+    );
 }
 
 #[cfg(target_arch = "x86_64")]

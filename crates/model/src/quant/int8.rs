@@ -38,7 +38,7 @@ pub(super) fn supported(dtype: GgmlDType, k: usize) -> bool {
                 | GgmlDType::Q6K
         ) && k > 0
             && k.is_multiple_of(64)
-            && (native() || (crate::cpu_isa::avx2() && dtype != GgmlDType::Q8_0))
+            && (native() || crate::cpu_isa::avx2())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -48,8 +48,8 @@ pub(super) fn supported(dtype: GgmlDType, k: usize) -> bool {
 }
 
 /// Whether int8 arithmetic is available: natively ([`native`]) or through AVX2's
-/// `vpmaddubsw` (every integer type but Q8_0, whose offset weights reach 255 and would
-/// saturate its 16-bit pair sums; Q8_0 matrices then keep f32).
+/// `vpmaddubsw` (exact: weights below 64 offset, Q8_0 as signed bytes with the sign moved
+/// onto the activations, so no pair of products passes 32767).
 pub fn available() -> bool {
     native() || crate::cpu_isa::avx2()
 }
@@ -168,7 +168,7 @@ pub(super) fn offset(dtype: GgmlDType) -> i32 {
 /// AVX-512 VNNI and for AVX2 (`cpu_emu512`: `vpdpbusd` as `vpmaddubsw` + `vpmaddwd`, exact for
 /// the unsigned weights below 128 every type but Q8_0 has; identical results).
 macro_rules! int8_kernels {
-    ($features:literal, $tile:expr) => {
+    ($features:literal, $tile:expr, $q8_signed:literal) => {
         use std::marker::PhantomData;
 
         use super::QuantizedActivations;
@@ -185,6 +185,9 @@ macro_rules! int8_kernels {
             const HAS_MIN: bool;
             /// The offset of the expanded integers (value = scale · (q − offset)).
             const OFFSET: i32 = 0;
+            /// Whether the expanded integers are signed bytes (multiplied through
+            /// `dpbusd_signed`) rather than unsigned ones.
+            const SIGNED: bool = false;
             /// # Safety
             /// `row` points at a weight row; pair `p` lies within it; the CPU has the features.
             unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512);
@@ -325,8 +328,10 @@ macro_rules! int8_kernels {
             const BYTES: usize = 34;
             const PAIR_BYTES: usize = 2 * 34;
             const HAS_MIN: bool = false;
-            const OFFSET: i32 = 128;
-            /// Signed weights made unsigned by flipping the sign bit (q + 128; offset 128).
+            const OFFSET: i32 = if $q8_signed { 0 } else { 128 };
+            const SIGNED: bool = $q8_signed;
+            /// Signed weights as they are (`$q8_signed`), or made unsigned by flipping the sign
+            /// bit (q + 128; offset 128).
             #[inline(always)]
             unsafe fn expand(row: *const u8, p: usize) -> (__m512i, __m512, __m512) {
                 let (a, b) = legacy_pair::<Self>(row, p);
@@ -334,7 +339,11 @@ macro_rules! int8_kernels {
                     _mm512_castsi256_si512(_mm256_loadu_si256(a.add(2) as *const __m256i)),
                     _mm256_loadu_si256(b.add(2) as *const __m256i),
                 );
-                let q = _mm512_xor_si512(z, _mm512_set1_epi8(-128));
+                let q = if $q8_signed {
+                    z
+                } else {
+                    _mm512_xor_si512(z, _mm512_set1_epi8(-128))
+                };
                 (q, halves(f16_at(a), f16_at(b)), _mm512_setzero_ps())
             }
         }
@@ -479,7 +488,11 @@ macro_rules! int8_kernels {
                         _mm512_setzero_ps()
                     };
                     for b in 0..NJ {
-                        let dot = _mm512_dpbusd_epi32(init, q[b], xq);
+                        let dot = if P::SIGNED {
+                            dpbusd_signed(init, q[b], xq)
+                        } else {
+                            _mm512_dpbusd_epi32(init, q[b], xq)
+                        };
                         let scale = _mm512_mul_ps(s[b], xd);
                         acc[a][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[a][b]);
                         if P::HAS_MIN {
@@ -544,13 +557,25 @@ macro_rules! int8_kernels {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    int8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,f16c", (4, 4));
+
+    /// `src` plus, per 32-bit lane, the four products of the signed bytes `w` and `x`: `|w|`
+    /// times `x` negated where `w` is negative. (Q8_0 is offset to unsigned bytes here, where
+    /// `vpdpbusd` is native and exact: this form serves the shared source.)
+    #[inline(always)]
+    unsafe fn dpbusd_signed(src: __m512i, w: __m512i, x: __m512i) -> __m512i {
+        let negative = _mm512_movepi8_mask(w);
+        let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+        _mm512_dpbusd_epi32(src, _mm512_abs_epi8(w), x)
+    }
+
+    int8_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,f16c", (4, 4), false);
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use crate::cpu_emu512::*;
-    int8_kernels!("avx2,fma,f16c", (4, 4));
+    // Q8_0 as signed bytes: its offset form (0..255) would saturate `vpmaddubsw`'s pair sums.
+    int8_kernels!("avx2,fma,f16c", (4, 4), true);
 }
 
 /// The AVX2 instantiation against the AVX-512 VNNI one, bit for bit, on random blocks of every
@@ -568,7 +593,7 @@ mod isa_tests {
         }
         let (rows, k) = (9, 512);
         for (t, dtype) in ALL_BLOCK_TYPES.into_iter().enumerate() {
-            if matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q8_0) {
+            if matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K) {
                 continue;
             }
             let w = random_rows(dtype, rows, k, 11 + t as u64);
@@ -577,12 +602,22 @@ mod isa_tests {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
                     .collect();
-                let xq = QuantizedActivations::new(&x, k, offset(dtype));
+                // Each form with the activations quantized for its own offset.
+                let offsets = {
+                    use avx2::Pair as P2;
+                    use avx512::Pair as P5;
+                    (
+                        with_pair_type!(avx512, dtype, P => <P as P5>::OFFSET),
+                        with_pair_type!(avx2, dtype, P => <P as P2>::OFFSET),
+                    )
+                };
+                let xq5 = QuantizedActivations::new(&x, k, offsets.0);
+                let xq2 = QuantizedActivations::new(&x, k, offsets.1);
                 let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![0f32; m * rows]);
                 // SAFETY: both instruction sets are present; outputs are m x rows.
                 unsafe {
-                    with_pair_type!(avx512, dtype, P => avx512::run::<P>(&xq, m, &w, row_bytes, rows, a.as_mut_ptr(), rows));
-                    with_pair_type!(avx2, dtype, P => avx2::run::<P>(&xq, m, &w, row_bytes, rows, b.as_mut_ptr(), rows));
+                    with_pair_type!(avx512, dtype, P => avx512::run::<P>(&xq5, m, &w, row_bytes, rows, a.as_mut_ptr(), rows));
+                    with_pair_type!(avx2, dtype, P => avx2::run::<P>(&xq2, m, &w, row_bytes, rows, b.as_mut_ptr(), rows));
                 }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "{dtype:?} m={m}");
