@@ -162,11 +162,18 @@ pub fn load_encoder(dir: &Path, options: &LoadOptions) -> Result<LoadedEncoder> 
             "embedding models run on the CPU only (use --device cpu)".into(),
         ));
     }
-    // `auto` / `bfloat16`: bf16 products where the CPU has them (cosine >= 0.9999 to the fp32
-    // reference); `float32` keeps the exact path.
-    let model = match options.dtype {
-        DTypeChoice::Auto | DTypeChoice::BFloat16 => BertModel::load(dir)?.with_bf16_products()?,
-        DTypeChoice::Float32 | DTypeChoice::Float16 => BertModel::load(dir)?,
+    // `bfloat16`, and `auto` where `vdpbf16ps` is native: bf16 products (cosine >= 0.9999 to
+    // the fp32 reference); `float32` keeps the exact path, as `auto` does where bf16 products
+    // would be emulated (AVX2: slower than f32, measured in benches/RESULTS.md).
+    let bf16 = match options.dtype {
+        DTypeChoice::Auto => cpu_bf16::native(),
+        DTypeChoice::BFloat16 => true,
+        DTypeChoice::Float32 | DTypeChoice::Float16 => false,
+    };
+    let model = if bf16 {
+        BertModel::load(dir)?.with_bf16_products()?
+    } else {
+        BertModel::load(dir)?
     };
     let tokenizer = load_encoder_tokenizer(dir)?;
     let max_model_len = served_len(model.max_input_len(), options, "input limit")?;

@@ -99,9 +99,13 @@ fn every_sentence_matches_alone_and_in_mixed_batches() {
 
 #[test]
 fn bf16_products_stay_within_the_bar() {
-    let (enc, reference) = load_as(DTypeChoice::Auto);
+    // `auto` takes bf16 products where they are native, f32 where they would be emulated.
+    let (auto, _) = load_as(DTypeChoice::Auto);
+    let native = spindle_model::cpu_bf16::native();
+    assert_eq!(auto.info.dtype, if native { "bfloat16" } else { "float32" });
+    let (enc, reference) = load_as(DTypeChoice::BFloat16);
     if !spindle_model::cpu_bf16::supported() {
-        assert_eq!(enc.info.dtype, "float32", "no AVX-512 BF16: the exact path");
+        assert_eq!(enc.info.dtype, "float32", "no bf16 kernels: the exact path");
         return;
     }
     assert_eq!(enc.info.dtype, "bfloat16");
