@@ -403,19 +403,16 @@ mod tests {
 /// The AVX2 emulation against AVX-512 BF16, bit for bit (where this CPU has both).
 #[cfg(all(test, target_arch = "x86_64"))]
 mod isa_tests {
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits, values};
+
     #[test]
     fn avx2_rounding_and_products_equal_avx512_bf16() {
-        if !super::native() || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 BF16 to compare with");
+        if !both_here(super::native()) {
             return;
         }
         let (m, k, n) = (6, 128, 11);
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
-            .collect();
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
-            .collect();
+        let x = values(m * k, 1);
+        let w = values(n * k, 2);
         let (mut xa, mut xb) = (vec![0u16; m * k], vec![1u16; m * k]);
         let (mut wa, mut wb) = (vec![0u16; n * k], vec![1u16; n * k]);
         let (mut a, mut b) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
@@ -430,6 +427,6 @@ mod isa_tests {
         }
         assert_eq!(xa, xb);
         assert_eq!(wa, wb);
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(same_bits(&a, &b));
     }
 }

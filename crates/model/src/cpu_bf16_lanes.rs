@@ -226,20 +226,15 @@ mod tests {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod isa_tests {
     use super::*;
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits, values};
 
     #[test]
     fn avx2_lanes_equal_avx512_bf16() {
-        if !crate::cpu_bf16::native() || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 BF16 to compare with");
+        if !both_here(crate::cpu_bf16::native()) {
             return;
         }
         let (rows, k, m) = (48, 96, 11);
-        let w: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 7919) % 2003) as f32 / 1000.0 - 1.0)
-            .collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
-            .collect();
+        let (w, x) = (values(rows * k, 1), values(m * k, 2));
         let lanes = Bf16Lanes::from_f32(rows, k, &w).expect("supported");
         // SAFETY: support was checked.
         let xb = unsafe { activations(&x) };
@@ -254,6 +249,6 @@ mod isa_tests {
                 avx2::group(&xb, m, k, wg, blocks, OutPtr(b.as_mut_ptr().add(col)), rows);
             }
         }
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(same_bits(&a, &b));
     }
 }

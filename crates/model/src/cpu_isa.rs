@@ -103,6 +103,35 @@ pub fn avx2() -> bool {
     selected() >= CpuIsa::Avx2
 }
 
+/// Helpers of the tests comparing each kernel's AVX2 instantiation with its AVX-512 one.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) mod isa_test_support {
+    /// Whether this CPU has AVX-512 F (and the extension a test also needs, `extra`) and AVX2
+    /// to compare; says so when it does not.
+    pub(crate) fn both_here(extra: bool) -> bool {
+        let here = extra
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma");
+        if !here {
+            eprintln!("skipped: no AVX-512 (or the extension) to compare the AVX2 path with");
+        }
+        here
+    }
+
+    /// `n` deterministic values in about [-1.2, 1.2], varied by `seed`.
+    pub(crate) fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 997) as f32 / 415.0 - 1.2)
+            .collect()
+    }
+
+    /// Whether two outputs are the same bit for bit.
+    pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

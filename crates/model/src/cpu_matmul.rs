@@ -435,29 +435,23 @@ fn linear_impl(
 /// The AVX2 instantiation against the AVX-512 one, bit for bit (where this CPU has both).
 #[cfg(all(test, target_arch = "x86_64"))]
 mod isa_tests {
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits, values};
+
     #[test]
     fn avx2_products_equal_avx512() {
-        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 to compare with");
+        if !both_here(true) {
             return;
         }
         for &(m, k, n) in &[(1, 576, 37), (5, 100, 9), (9, 33, 13)] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
-                .collect();
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
             let (mut a, mut b) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
             // SAFETY: both instruction sets are present; outputs are m x n.
             unsafe {
                 super::avx512::block(&x, k, &w, n, 0, m, 0, n, a.as_mut_ptr());
                 super::avx2::block(&x, k, &w, n, 0, m, 0, n, b.as_mut_ptr());
             }
-            assert!(
-                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{m}x{k}x{n}"
-            );
+            assert!(same_bits(&a, &b), "{m}x{k}x{n}");
         }
     }
 }

@@ -380,30 +380,30 @@ mod gelu_tests {
 /// The AVX2 instantiation against the AVX-512 one, bit for bit (where this CPU has both).
 #[cfg(all(test, target_arch = "x86_64"))]
 mod isa_tests {
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits};
+
     #[test]
     fn avx2_ops_equal_avx512() {
-        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 to compare with");
+        if !both_here(true) {
             return;
         }
         let n = 1001;
         let xs: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.013).collect();
         let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let (mut a, mut b) = (xs.clone(), xs.clone());
         // SAFETY: both instruction sets are present; slices have equal lengths.
         unsafe {
             super::gelu_avx512::apply(&mut a);
             super::gelu_avx2::apply(&mut b);
-            assert_eq!(bits(&a), bits(&b), "gelu_erf");
+            assert!(same_bits(&a, &b), "gelu_erf");
             let (mut a, mut b) = (xs.clone(), xs.clone());
             super::gelu_avx512::soft_cap(&mut a, 30.0);
             super::gelu_avx2::soft_cap(&mut b, 30.0);
-            assert_eq!(bits(&a), bits(&b), "soft_cap");
+            assert!(same_bits(&a, &b), "soft_cap");
             let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
             super::gelu_avx512::gelu_tanh_mul(&mut a, &xs, &up);
             super::gelu_avx2::gelu_tanh_mul(&mut b, &xs, &up);
-            assert_eq!(bits(&a), bits(&b), "gelu_tanh_mul");
+            assert!(same_bits(&a, &b), "gelu_tanh_mul");
         }
     }
 }

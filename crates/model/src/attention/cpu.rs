@@ -853,7 +853,7 @@ mod isa_tests {
                     kernel.run_avx2::<4>(&seq, g),
                 )
             };
-            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(crate::cpu_isa::isa_test_support::same_bits(&a, &b));
             let portable = kernel.run_generic(&seq, g);
             assert!(a.iter().zip(&portable).all(|(a, b)| (a - b).abs() <= 1e-4));
         }
@@ -861,8 +861,7 @@ mod isa_tests {
 
     #[test]
     fn avx2_attention_equals_avx512() {
-        if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 to compare with");
+        if !crate::cpu_isa::isa_test_support::both_here(true) {
             return;
         }
         compare::<f32>();

@@ -786,14 +786,9 @@ mod isa_tests {
     use super::super::test_blocks::{random_rows, ALL_BLOCK_TYPES};
     use super::*;
 
-    fn avx512_here() -> bool {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2")
-    }
-
     #[test]
     fn avx2_expansion_and_products_equal_avx512() {
-        if !avx512_here() {
-            eprintln!("skipped: no AVX-512 to compare with");
+        if !crate::cpu_isa::isa_test_support::both_here(true) {
             return;
         }
         let (rows, k) = (9, 512);

@@ -587,8 +587,7 @@ mod isa_tests {
 
     #[test]
     fn avx2_integer_products_equal_avx512_vnni() {
-        if !native() || !std::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: no AVX-512 VNNI to compare with");
+        if !crate::cpu_isa::isa_test_support::both_here(native()) {
             return;
         }
         let (rows, k) = (9, 512);
