@@ -9,8 +9,8 @@
 
 use rayon::prelude::*;
 
-/// Weight rows processed together (at most; the tile shapes are the kernels' own).
-const W_BLOCK: usize = 4;
+use crate::cpu_tiles::MAX_TILE;
+
 /// Rows of `x` kept hot in cache while the weights stream past (bounds the working set).
 const X_CHUNK: usize = 64;
 
@@ -60,7 +60,7 @@ pub(crate) unsafe fn matmul_xwt_into(
     }
     // Split the weight rows across threads in blocks big enough to amortize scheduling.
     let tasks = rayon::current_num_threads().max(1) * 4;
-    let rows_per_task = n.div_ceil(tasks).next_multiple_of(W_BLOCK).max(W_BLOCK);
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(MAX_TILE).max(MAX_TILE);
     (0..n.div_ceil(rows_per_task))
         .into_par_iter()
         .for_each(|t| {
@@ -164,13 +164,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// AVX-512 and for AVX2 (whose `cpu_emu512` versions compute the same lanes in the same order:
 /// the two paths give identical results).
 macro_rules! f32_kernels {
-    ($features:literal, $xb:literal, $wb:literal) => {
-        /// Horizontal sum in a fixed order (matches across batch shapes).
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn hsum(v: __m512) -> f32 {
-            _mm512_reduce_add_ps(v)
-        }
+    ($features:literal, $tile:expr) => {
+        use crate::cpu_tiles::{run_tiles, store_tile, Tiles};
 
         /// Load 16 floats, or the first `rem` of them with the rest zero.
         #[inline]
@@ -223,10 +218,24 @@ macro_rules! f32_kernels {
                     }
                 }
             }
-            for a in 0..MI {
-                for b in 0..NJ {
-                    *out.add(a * ldo + b) = hsum(acc[a][b]);
-                }
+            store_tile(&acc, out, ldo);
+        }
+
+        /// A tile's operands: rows of `x` and of the weights (`k` apart), outputs (`ldo` apart).
+        struct F32Tiles {
+            x: *const f32,
+            w: *const f32,
+            k: usize,
+            out: *mut f32,
+            ldo: usize,
+        }
+
+        impl Tiles for F32Tiles {
+            const TILE: (usize, usize) = $tile;
+            #[inline(always)]
+            unsafe fn tile<const MI: usize, const NJ: usize>(&self, i: usize, j: usize) {
+                let (x, w) = (self.x.add(i * self.k), self.w.add(j * self.k));
+                tile::<MI, NJ>(x, w, self.k, self.out.add(i * self.ldo + j), self.ldo)
             }
         }
 
@@ -243,38 +252,14 @@ macro_rules! f32_kernels {
             n1: usize,
             out: *mut f32,
         ) {
-            let xp = x.as_ptr();
-            let wp = w.as_ptr();
-            let mut j = n0;
-            while j < n1 {
-                let nj = (n1 - j).min($wb);
-                let mut i = m0;
-                while i < m1 {
-                    let mi = (m1 - i).min($xb);
-                    let (xs, ws, o) = (xp.add(i * k), wp.add(j * k), out.add(i * n + j));
-                    if mi == $xb {
-                        match nj {
-                            1 => tile::<$xb, 1>(xs, ws, k, o, n),
-                            2 => tile::<$xb, 2>(xs, ws, k, o, n),
-                            3 => tile::<$xb, 3>(xs, ws, k, o, n),
-                            _ => tile::<$xb, 4>(xs, ws, k, o, n),
-                        }
-                    } else {
-                        // Leftover rows, one at a time.
-                        for a in 0..mi {
-                            let (xs, o) = (xs.add(a * k), o.add(a * n));
-                            match nj {
-                                1 => tile::<1, 1>(xs, ws, k, o, n),
-                                2 => tile::<1, 2>(xs, ws, k, o, n),
-                                3 => tile::<1, 3>(xs, ws, k, o, n),
-                                _ => tile::<1, 4>(xs, ws, k, o, n),
-                            }
-                        }
-                    }
-                    i += mi;
-                }
-                j += nj;
-            }
+            let tiles = F32Tiles {
+                x: x.as_ptr().add(m0 * k),
+                w: w.as_ptr().add(n0 * k),
+                k,
+                out: out.add(m0 * n + n0),
+                ldo: n,
+            };
+            run_tiles(&tiles, m1 - m0, n1 - n0);
         }
     };
 }
@@ -282,7 +267,7 @@ macro_rules! f32_kernels {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-    f32_kernels!("avx512f", 4, 4);
+    f32_kernels!("avx512f", (4, 4));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -290,7 +275,7 @@ mod avx2 {
     use crate::cpu_emu512::*;
     // 2 x 2 tiles: eight accumulator registers of AVX2's 16 (4 x 4 spill; measured 1.45x
     // slower at m = 64, and 4 x 1 or 1 x 4 1.15-1.5x slower).
-    f32_kernels!("avx2,fma,f16c", 2, 2);
+    f32_kernels!("avx2,fma,f16c", (2, 2));
 }
 
 #[cfg(test)]
