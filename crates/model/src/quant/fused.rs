@@ -785,10 +785,11 @@ mod avx2 {
 mod isa_tests {
     use super::super::test_blocks::{random_rows, ALL_BLOCK_TYPES};
     use super::*;
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits, values};
 
     #[test]
     fn avx2_expansion_and_products_equal_avx512() {
-        if !crate::cpu_isa::isa_test_support::both_here(true) {
+        if !both_here(true) {
             return;
         }
         let (rows, k) = (9, 512);
@@ -801,11 +802,9 @@ mod isa_tests {
                 with_block_type!(true, dtype, dequantize(&w, &mut a));
                 with_block_type!(false, dtype, dequantize(&w, &mut b));
             }
-            assert!(a == b, "{dtype:?} expansion");
+            assert!(same_bits(&a, &b), "{dtype:?} expansion");
             for m in 1..=4 {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919) % 997) as f32 / 500.0 - 1.0)
-                    .collect();
+                let x = values(m * k, 1);
                 let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![0f32; m * rows]);
                 // SAFETY: as above; outputs are m x rows.
                 unsafe {
@@ -820,7 +819,7 @@ mod isa_tests {
                         block(&x, m, k, &w, row_bytes, rows, b.as_mut_ptr(), rows)
                     );
                 }
-                assert_eq!(a.map_bits(), b.map_bits(), "{dtype:?} m={m}");
+                assert!(same_bits(&a, &b), "{dtype:?} m={m}");
                 if crate::cpu_bf16::native() {
                     // SAFETY: AVX-512 BF16 is present.
                     let xb = unsafe { crate::cpu_bf16::activations(&x) };
@@ -840,20 +839,10 @@ mod isa_tests {
                         with_block_type!(true, dtype, dequantize_bf16(&w, &mut pa));
                         with_block_type!(false, dtype, dequantize_bf16(&w, &mut pb));
                     }
-                    assert_eq!(a.map_bits(), b.map_bits(), "{dtype:?} bf16 m={m}");
+                    assert!(same_bits(&a, &b), "{dtype:?} bf16 m={m}");
                     assert_eq!(pa, pb, "{dtype:?} bf16 expansion");
                 }
             }
-        }
-    }
-
-    /// Bit patterns, so NaNs compare too.
-    trait MapBits {
-        fn map_bits(&self) -> Vec<u32>;
-    }
-    impl MapBits for Vec<f32> {
-        fn map_bits(&self) -> Vec<u32> {
-            self.iter().map(|v| v.to_bits()).collect()
         }
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn supported(dtype: GgmlDType, k: usize) -> bool {
                 | GgmlDType::Q6K
         ) && k > 0
             && k.is_multiple_of(64)
-            && (native() || crate::cpu_isa::avx2())
+            && available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -149,18 +149,24 @@ pub(super) unsafe fn block(
 pub(super) fn offset(dtype: GgmlDType) -> i32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if native() {
-            use avx512::Pair;
-            with_pair_type!(avx512, dtype, P => P::OFFSET)
-        } else {
-            use avx2::Pair;
-            with_pair_type!(avx2, dtype, P => P::OFFSET)
-        }
+        offset_in(native(), dtype)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = dtype;
         0
+    }
+}
+
+/// [`offset`] for the AVX-512 (`native`) or the AVX2 kernels (they differ for Q8_0).
+#[cfg(target_arch = "x86_64")]
+fn offset_in(native: bool, dtype: GgmlDType) -> i32 {
+    if native {
+        use avx512::Pair;
+        with_pair_type!(avx512, dtype, P => P::OFFSET)
+    } else {
+        use avx2::Pair;
+        with_pair_type!(avx2, dtype, P => P::OFFSET)
     }
 }
 
@@ -584,10 +590,11 @@ mod avx2 {
 mod isa_tests {
     use super::super::test_blocks::{random_rows, ALL_BLOCK_TYPES};
     use super::*;
+    use crate::cpu_isa::isa_test_support::{both_here, same_bits, values};
 
     #[test]
     fn avx2_integer_products_equal_avx512_vnni() {
-        if !crate::cpu_isa::isa_test_support::both_here(native()) {
+        if !both_here(native()) {
             return;
         }
         let (rows, k) = (9, 512);
@@ -598,28 +605,17 @@ mod isa_tests {
             let w = random_rows(dtype, rows, k, 11 + t as u64);
             let row_bytes = w.len() / rows;
             for m in [1usize, 3, 6] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 104729) % 991) as f32 / 400.0 - 1.2)
-                    .collect();
+                let x = values(m * k, 1);
                 // Each form with the activations quantized for its own offset.
-                let offsets = {
-                    use avx2::Pair as P2;
-                    use avx512::Pair as P5;
-                    (
-                        with_pair_type!(avx512, dtype, P => <P as P5>::OFFSET),
-                        with_pair_type!(avx2, dtype, P => <P as P2>::OFFSET),
-                    )
-                };
-                let xq5 = QuantizedActivations::new(&x, k, offsets.0);
-                let xq2 = QuantizedActivations::new(&x, k, offsets.1);
+                let xq5 = QuantizedActivations::new(&x, k, offset_in(true, dtype));
+                let xq2 = QuantizedActivations::new(&x, k, offset_in(false, dtype));
                 let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![0f32; m * rows]);
                 // SAFETY: both instruction sets are present; outputs are m x rows.
                 unsafe {
                     with_pair_type!(avx512, dtype, P => avx512::run::<P>(&xq5, m, &w, row_bytes, rows, a.as_mut_ptr(), rows));
                     with_pair_type!(avx2, dtype, P => avx2::run::<P>(&xq2, m, &w, row_bytes, rows, b.as_mut_ptr(), rows));
                 }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{dtype:?} m={m}");
+                assert!(same_bits(&a, &b), "{dtype:?} m={m}");
             }
         }
     }
