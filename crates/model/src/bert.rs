@@ -3,9 +3,10 @@
 //! tokens concatenated with their lengths (no padding), runs the projections and MLPs as single
 //! matmuls over all tokens and bidirectional attention within each input, then pools and
 //! normalizes each input as its sentence-transformers modules say. No KV cache is involved.
-//! The linear layers multiply in f32 (exact), or with bf16 products and f32 sums where the CPU
-//! has AVX-512 BF16 ([`BertModel::with_bf16_products`], `--dtype auto`): the embeddings stay
-//! within cosine 0.9999 of sentence-transformers' fp32 vectors (tests/embeddings_reference.rs).
+//! The linear layers multiply in f32 (exact), or with bf16 products and f32 sums
+//! ([`BertModel::with_bf16_products`]: `--dtype bfloat16`, and `auto` where the CPU has AVX-512
+//! BF16): the embeddings stay within cosine 0.9999 of sentence-transformers' fp32 vectors
+//! (tests/embeddings_reference.rs).
 
 use std::path::Path;
 
@@ -418,8 +419,8 @@ impl BertModel {
         &self.config
     }
 
-    /// Multiply the linear layers with bf16 products (f32 sums) where the CPU has AVX-512
-    /// BF16; elsewhere nothing changes. See [`Self::uses_bf16`].
+    /// Multiply the linear layers with bf16 products (f32 sums) where the CPU has bf16 kernels
+    /// (AVX-512 BF16, or AVX2's emulation); elsewhere nothing changes. See [`Self::uses_bf16`].
     pub fn with_bf16_products(mut self) -> Result<Self> {
         for layer in &mut self.layers {
             for dense in [

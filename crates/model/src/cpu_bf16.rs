@@ -1,6 +1,7 @@
-//! bf16 dot products for the CPU linear layers (`--dtype bfloat16` on a CPU with AVX-512 BF16).
+//! bf16 dot products for the CPU linear layers (`--dtype bfloat16`). With AVX-512 BF16,
 //! `vdpbf16ps` multiplies 32 bf16 pairs per instruction into 16 f32 accumulators, twice the
-//! work of an f32 FMA, which is what bounds batched decode and prefill here. Activations and
+//! work of an f32 FMA, which is what bounds batched decode and prefill here; AVX2 emulates it
+//! with the same results, more slowly (two FMAs per pair). Activations and
 //! weights are rounded to bf16 (round to nearest even) at the matmul's input; products and sums
 //! stay f32, and everything outside the linear layers (norms, rope, attention, residuals) stays
 //! f32 — vLLM's CPU backend makes the same split.
@@ -136,7 +137,7 @@ pub struct Bf16Matrix {
 
 impl Bf16Matrix {
     /// Round `values` (`[rows, cols]`, row-major) to bf16; `None` where the kernels cannot
-    /// serve this matrix (no AVX-512 BF16, or `cols` not whole 32-element chunks).
+    /// serve this matrix (no bf16 kernels below AVX2, or `cols` not whole 32-element chunks).
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Option<Self> {
         if !supported() || !fits(cols) || values.len() != rows * cols {
             return None;

@@ -194,7 +194,7 @@ mod tests {
             .map(|i| ((i * 7919) % 2003) as f32 / 1000.0 - 1.0)
             .collect();
         let Some(lanes) = Bf16Lanes::from_f32(rows, cols, &w) else {
-            return; // no AVX-512 BF16 here
+            return; // no bf16 kernels here (no AVX2)
         };
         let round = |v: f32| bf16_to_f32(round_to_bf16(v));
         for m in [1usize, 3, 8, 9, 17] {

@@ -67,9 +67,10 @@ pub enum CpuArithmeticChoice {
     Auto,
     /// f32 products, exact against an f32 reference.
     Float32,
-    /// bf16 products with f32 accumulation (AVX-512 BF16).
+    /// bf16 products with f32 accumulation (AVX-512 BF16; emulated on AVX2).
     BFloat16,
-    /// int8 activations with integer dot products on GGUF block weights (AVX-512 VNNI).
+    /// int8 activations with integer dot products on GGUF block weights (AVX-512 VNNI, or
+    /// AVX2's `vpmaddubsw`).
     Int8,
 }
 

@@ -2,8 +2,8 @@
 //! (tests/golden/all-minilm-l6-v2.json, made by scripts/golden/make_embeddings.py): same token
 //! ids, unit norm and, for every sentence alone and packed with the others in mixed batches,
 //! cosine similarity >= 0.99999 on the exact path (`--dtype float32`) and >= 0.9999 with bf16
-//! products (`--dtype auto` on a CPU with AVX-512 BF16, the issue-25 bar for a faster encoder
-//! arithmetic).
+//! products (`--dtype bfloat16`, and `auto` on a CPU with AVX-512 BF16: the issue-25 bar for a
+//! faster encoder arithmetic).
 
 use std::path::PathBuf;
 

@@ -286,7 +286,7 @@ fn greedy_alone(loaded: &spindle_model::LoadedModel, case: &Case) -> Vec<u32> {
 #[test]
 fn bfloat16_mode_is_batch_invariant() {
     if !spindle_model::cpu_bf16::supported() {
-        println!("skipped: this CPU has no AVX-512 BF16");
+        println!("skipped: this CPU has no bf16 kernels (no AVX2)");
         return;
     }
     let g = golden();
@@ -370,7 +370,7 @@ fn check_logprobs_close_kv(
 #[test]
 fn bfloat16_mode_passes_check_logprobs_close() {
     if !spindle_model::cpu_bf16::supported() {
-        println!("skipped: this CPU has no AVX-512 BF16 (the mode falls back to float32)");
+        println!("skipped: this CPU has no bf16 kernels (no AVX2; the mode falls back to float32)");
         return;
     }
     let g = golden();
@@ -396,7 +396,7 @@ fn float32_mode_matches_every_reference_token() {
 #[test]
 fn int8_mode_passes_check_logprobs_close() {
     if !spindle_model::quant::int8::available() {
-        println!("skipped: this CPU has no AVX-512 VNNI (the mode falls back to float32)");
+        println!("skipped: this CPU has no int8 kernels (no AVX2; the mode falls back to float32)");
         return;
     }
     let g = golden();
@@ -410,7 +410,7 @@ fn int8_mode_passes_check_logprobs_close() {
 #[test]
 fn int8_mode_is_batch_invariant() {
     if !spindle_model::quant::int8::available() {
-        println!("skipped: this CPU has no AVX-512 VNNI");
+        println!("skipped: this CPU has no int8 kernels (no AVX2)");
         return;
     }
     let g = golden();

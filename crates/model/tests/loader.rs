@@ -223,7 +223,7 @@ fn hub_errors_say_what_to_do() {
 #[test]
 fn bf16_checkpoint_runs_with_dtype_bfloat16() {
     if !spindle_model::cpu_bf16::supported() {
-        println!("skipped: this CPU has no AVX-512 BF16");
+        println!("skipped: this CPU has no bf16 kernels (no AVX2)");
         return;
     }
     let dir = temp_dir("hf-bf16");

@@ -278,7 +278,7 @@ macro_rules! head_kernels {
         /// the weighted sum of values in `C` register accumulators.
         ///
         /// # Safety
-        /// AVX-512F must be available, `self.block_size == 16` and `self.head_dim == 16 * C`.
+        /// The CPU has `$features`, `self.block_size == 16` and `self.head_dim == 16 * C`.
         #[target_feature(enable = $features)]
         unsafe fn $run<const C: usize>(&self, seq: &super::SequenceSlice, g: usize) -> Vec<f32> {
             use $simd::*;

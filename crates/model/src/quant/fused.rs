@@ -23,8 +23,8 @@ pub(super) fn supported(dtype: GgmlDType) -> bool {
     }
 }
 
-/// Call `$f::<B>($args)` from the AVX-512 module where `$native`, else from the AVX2 one, `B` the expansion
-/// type of `$dtype` (a block type [`supported`] admits).
+/// Call `$f::<B>($args)` from the AVX-512 module where `$native`, else from the AVX2 one, `B`
+/// the expansion type of `$dtype` (a block type [`supported`] admits).
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_block_type {
     ($native:expr, $dtype:expr, $f:ident($($arg:expr),*)) => {
@@ -145,12 +145,12 @@ pub(super) unsafe fn dequantize_bf16(dtype: GgmlDType, bytes: &[u8], out: &mut [
 /// `$f32` and `$bf16` are the features of the f32 and bf16 kernels, `$bf16mod` the module of
 /// `cpu_bf16` with the same instruction set.
 macro_rules! fused_kernels {
-    ($f32:literal, $bf16:literal, $bf16mod:ident, $tile:expr, $tables:literal) => {
+    ($f32:literal, $bf16:literal, $bf16mod:ident, $tile:expr, $native_permutes:literal) => {
         /// Whether lane permutes and mask registers are single instructions (AVX-512), so
         /// 4-bit types expand through a 16-entry table and a permute and Q5's fifth bits go in
         /// through a mask; on AVX2, where those are emulated, convert-multiply-add and
         /// variable shifts are cheaper. Both forms give the same values.
-        const NATIVE_PERMUTES: bool = $tables;
+        const NATIVE_PERMUTES: bool = $native_permutes;
 
         use std::marker::PhantomData;
 
@@ -168,7 +168,7 @@ macro_rules! fused_kernels {
             /// Weights `32 * chunk .. 32 * chunk + 32` of the block at `p`.
             ///
             /// # Safety
-            /// `p` points at a whole block; `chunk < CHUNKS`; AVX-512F and F16C are available.
+            /// `p` points at a whole block; `chunk < CHUNKS`; the CPU has the kernels' features.
             unsafe fn expand(p: *const u8, chunk: usize) -> (__m512, __m512);
         }
 
