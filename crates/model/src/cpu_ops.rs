@@ -90,22 +90,38 @@ pub fn clamped_swiglu(gate_up: &Tensor, inter: usize, alpha: f32, limit: f32) ->
     })
 }
 
+/// Run `$f($args)` from the vectorized module of the selected instruction set (AVX-512 or
+/// AVX2, the same results) and say `true`; `false` below AVX2, where the caller's portable
+/// code runs. `$f`'s requirements beyond the instruction set are the caller's to hold.
+macro_rules! vectorized {
+    ($f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::cpu_isa::avx512() {
+                // SAFETY: AVX-512F was detected (the caller holds the rest).
+                unsafe { gelu_avx512::$f($($arg),*) };
+                true
+            } else if crate::cpu_isa::avx2() {
+                // SAFETY: AVX2 with FMA and F16C was detected (the caller holds the rest).
+                unsafe { gelu_avx2::$f($($arg),*) };
+                true
+            } else {
+                false
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }};
+}
+
 /// Gemma 2's soft-capping in place, `cap · tanh(x / cap)`, with `tanh(y) = 1 - 2 / (exp(2y) + 1)`
-/// 16 lanes at a time under AVX-512 (within 4e-7·cap of libm's tanh, test below); candle's
-/// per-element tanh made the capped logits of a decode batch cost more than a layer.
+/// 16 lanes at a time with AVX2 or AVX-512 (within 4e-7·cap of libm's tanh, test below);
+/// candle's per-element tanh made the capped logits of a decode batch cost more than a layer.
 pub fn soft_cap(xs: &mut [f32], cap: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::cpu_isa::avx512() {
-            // SAFETY: AVX-512F was detected.
-            unsafe { gelu_avx512::soft_cap(xs, cap) };
-            return;
-        }
-        if crate::cpu_isa::avx2() {
-            // SAFETY: AVX2 (with FMA, F16C) was detected.
-            unsafe { gelu_avx2::soft_cap(xs, cap) };
-            return;
-        }
+    if vectorized!(soft_cap(xs, cap)) {
+        return;
     }
     for x in xs.iter_mut() {
         *x = cap * (*x / cap).tanh();
@@ -128,18 +144,9 @@ const GELU_C: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
 
 fn gelu_tanh_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::cpu_isa::avx512() {
-            // SAFETY: AVX-512F was detected; the three slices have the same length.
-            unsafe { gelu_avx512::gelu_tanh_mul(out, gate, up) };
-            return;
-        }
-        if crate::cpu_isa::avx2() {
-            // SAFETY: AVX2 (with FMA, F16C) was detected; the slices have the same length.
-            unsafe { gelu_avx2::gelu_tanh_mul(out, gate, up) };
-            return;
-        }
+    // The kernel's other requirement holds: the three slices have the same length.
+    if vectorized!(gelu_tanh_mul(out, gate, up)) {
+        return;
     }
     for ((o, &x), &u) in out.iter_mut().zip(gate).zip(up) {
         let inner = GELU_C * (x + GELU_A * x * x * x);
@@ -227,8 +234,8 @@ mod tests {
     }
 }
 
-/// Exact (erf-based) GELU, `0.5·x·(1 + erf(x/√2))`, BERT's `gelu`: with AVX-512 on f32 CPU
-/// tensors 16 lanes at a time, erf from Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7) and the
+/// Exact (erf-based) GELU, `0.5·x·(1 + erf(x/√2))`, BERT's `gelu`: with AVX2 or AVX-512 on f32
+/// CPU tensors 16 lanes at a time, erf from Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7) and the
 /// vectorized `exp`; elsewhere candle's `gelu_erf`. Not bit-identical to candle's libm erf,
 /// within 1e-6 of it (test below); the embedding reference test bounds the effect end to end.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
@@ -236,17 +243,9 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     {
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         if cpu_f32 && crate::cpu_isa::avx2() {
-            let wide = crate::cpu_isa::avx512();
             let mut data = x.flatten_all()?.to_vec1::<f32>()?;
             data.par_chunks_mut(4096).for_each(|chunk| {
-                // SAFETY: the instruction set was checked above.
-                unsafe {
-                    if wide {
-                        gelu_avx512::apply(chunk)
-                    } else {
-                        gelu_avx2::apply(chunk)
-                    }
-                }
+                vectorized!(apply(chunk));
             });
             return Ok(Tensor::from_vec(data, x.dims(), x.device())?);
         }
