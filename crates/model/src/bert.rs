@@ -240,11 +240,7 @@ impl Dense {
         let (m, _) = x.dims2()?;
         let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = w.matmul(&input, m);
-        for row in y.chunks_exact_mut(w.rows()) {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-        }
+        crate::cpu_matmul::add_bias(&mut y, bias);
         Ok(Tensor::from_vec(y, (m, w.rows()), &Device::Cpu)?)
     }
 }

@@ -367,6 +367,15 @@ pub fn linear_bias(
     linear_impl(x, w, Some(&bias))
 }
 
+/// `bias` added to every row of `out` (rows of `bias.len()` values), rows in parallel.
+pub(crate) fn add_bias(out: &mut [f32], bias: &[f32]) {
+    out.par_chunks_mut(bias.len().max(1)).for_each(|row| {
+        for (o, &b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    });
+}
+
 fn linear_impl(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
@@ -406,11 +415,7 @@ fn linear_impl(
         // SAFETY: the kernel writes all m * n outputs (its shapes are asserted first).
         let mut out = unsafe { filled_buffer(m * n, |out| matmul_xwt_into(xs, m, k, ws, n, out)) };
         if let Some(b) = bias {
-            out.par_chunks_mut(n).for_each(|row| {
-                for (o, &b) in row.iter_mut().zip(b) {
-                    *o += b;
-                }
-            });
+            add_bias(&mut out, b);
         }
         out
     };
