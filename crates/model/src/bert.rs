@@ -296,7 +296,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Replace `scores` by `exp(score - max)` and return `1 / Σ` (vectorized where AVX2 or AVX-512 is).
+/// Replace `scores` by `exp(score - max)` and return `1 / Σ` (vectorized with AVX2 or AVX-512).
 fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu_isa::avx512() {

@@ -238,8 +238,8 @@ const CPU_DEFAULT_ARITHMETIC: CpuArithmetic = CpuArithmetic::Bf16;
 
 /// The activation dtype and, on the CPU, how linear layers multiply. On the CPU the forward
 /// pass stays f32 and `--dtype bfloat16` means bf16 products in the linear layers (AVX-512 BF16
-/// kernels, emulated on AVX2; f32 accumulation), which is where bf16 pays off on a CPU; `--cpu-arithmetic`
-/// chooses directly (int8 included).
+/// kernels, emulated on AVX2; f32 accumulation), which is where bf16 pays off on a CPU;
+/// `--cpu-arithmetic` chooses directly (int8 included).
 fn select_dtype(
     choice: DTypeChoice,
     arithmetic: CpuArithmeticChoice,

@@ -130,8 +130,8 @@ impl QuantMatrix {
 
     /// Multiply with `arithmetic` where this CPU, type and shape allow it (bf16 needs the bf16
     /// kernels, the fused expansion and whole 32-column chunks; int8 a type with an integer
-    /// expansion and whole 64-column pieces; both AVX2 at least); f32 otherwise. Decided per matrix, never per batch, so a
-    /// sequence's results do not depend on the batch.
+    /// expansion and whole 64-column pieces; both AVX2 at least); f32 otherwise. Decided per
+    /// matrix, never per batch, so a sequence's results do not depend on the batch.
     pub fn with_arithmetic(mut self, arithmetic: CpuArithmetic) -> Self {
         self.arithmetic = match arithmetic {
             CpuArithmetic::Bf16
