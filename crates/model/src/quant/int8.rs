@@ -568,7 +568,7 @@ mod avx512 {
     /// times `x` negated where `w` is negative. (Q8_0 is offset to unsigned bytes here, where
     /// `vpdpbusd` is native and exact: this form serves the shared source.)
     #[inline(always)]
-    unsafe fn dpbusd_signed(src: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    pub(super) unsafe fn dpbusd_signed(src: __m512i, w: __m512i, x: __m512i) -> __m512i {
         let negative = _mm512_movepi8_mask(w);
         let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
         _mm512_dpbusd_epi32(src, _mm512_abs_epi8(w), x)
@@ -618,5 +618,53 @@ mod isa_tests {
                 assert!(same_bits(&a, &b), "{dtype:?} m={m}");
             }
         }
+    }
+
+    /// The signed-bytes dot product both forms define (the AVX2 kernels use it for Q8_0; the
+    /// AVX-512 one serves the shared source), against plain integer sums over every extreme.
+    #[test]
+    fn signed_byte_dot_products_are_exact() {
+        if !both_here(native()) {
+            return;
+        }
+        let mut w = [0i8; 64];
+        let mut x = [0i8; 64];
+        for i in 0..64 {
+            // The extremes (-128 weights, ±127 activations), zeros and mixed signs.
+            w[i] = [-128, 127, -1, 0, 5, -77, 100, -128][i % 8];
+            x[i] = [127, -127, 127, -127, 0, 33, -5, 127][(i / 8) % 8];
+        }
+        let want: Vec<i32> = (0..16)
+            .map(|l| {
+                7 + (0..4)
+                    .map(|j| w[4 * l + j] as i32 * x[4 * l + j] as i32)
+                    .sum::<i32>()
+            })
+            .collect();
+        // SAFETY: both instruction sets are present; the arrays are 64 bytes.
+        let (a, b) = unsafe {
+            let (w5, x5) = (
+                std::mem::transmute::<[i8; 64], std::arch::x86_64::__m512i>(w),
+                std::mem::transmute::<[i8; 64], std::arch::x86_64::__m512i>(x),
+            );
+            let (w2, x2) = (
+                std::mem::transmute::<[i8; 64], crate::cpu_emu512::__m512i>(w),
+                std::mem::transmute::<[i8; 64], crate::cpu_emu512::__m512i>(x),
+            );
+            (
+                std::mem::transmute::<std::arch::x86_64::__m512i, [i32; 16]>(
+                    avx512::dpbusd_signed(std::arch::x86_64::_mm512_set1_epi32(7), w5, x5),
+                ),
+                std::mem::transmute::<crate::cpu_emu512::__m512i, [i32; 16]>(
+                    crate::cpu_emu512::dpbusd_signed(
+                        crate::cpu_emu512::_mm512_set1_epi32(7),
+                        w2,
+                        x2,
+                    ),
+                ),
+            )
+        };
+        assert_eq!(a.to_vec(), want);
+        assert_eq!(b.to_vec(), want);
     }
 }
