@@ -86,6 +86,18 @@ impl Bf16Lanes {
     }
 }
 
+/// `$tile::<MI, NB>$args` with `MI = $mi` (one of `$rows`) and `NB` one block or [`BLOCKS`]:
+/// the run-time tile shape as constants.
+macro_rules! tile_for_rows {
+    ($mi:expr, $one_block:expr, $tile:ident $args:tt; $($rows:literal)*) => {
+        match ($mi, $one_block) {
+            $(($rows, true) => $tile::<$rows, 1> $args,)*
+            $(($rows, false) => $tile::<$rows, BLOCKS> $args,)*
+            _ => {}
+        }
+    };
+}
+
 /// The kernel, written once against the AVX-512 intrinsics' names and instantiated for
 /// AVX-512 BF16 and for AVX2 (`cpu_emu512`: identical results).
 macro_rules! lanes_kernels {
@@ -111,25 +123,8 @@ macro_rules! lanes_kernels {
             while i < m {
                 let mi = (m - i).min(ROWS);
                 let (xp, wp, o) = (x.as_ptr().add(i * k), w.as_ptr(), out.0.add(i * ldo));
-                match (mi, blocks == 1) {
-                    (1, true) => tile::<1, 1>(xp, k, wp, o, ldo),
-                    (1, false) => tile::<1, BLOCKS>(xp, k, wp, o, ldo),
-                    (2, true) => tile::<2, 1>(xp, k, wp, o, ldo),
-                    (2, false) => tile::<2, BLOCKS>(xp, k, wp, o, ldo),
-                    (3, true) => tile::<3, 1>(xp, k, wp, o, ldo),
-                    (3, false) => tile::<3, BLOCKS>(xp, k, wp, o, ldo),
-                    (4, true) => tile::<4, 1>(xp, k, wp, o, ldo),
-                    (4, false) => tile::<4, BLOCKS>(xp, k, wp, o, ldo),
-                    (5, true) => tile::<5, 1>(xp, k, wp, o, ldo),
-                    (5, false) => tile::<5, BLOCKS>(xp, k, wp, o, ldo),
-                    (6, true) => tile::<6, 1>(xp, k, wp, o, ldo),
-                    (6, false) => tile::<6, BLOCKS>(xp, k, wp, o, ldo),
-                    (7, true) => tile::<7, 1>(xp, k, wp, o, ldo),
-                    (7, false) => tile::<7, BLOCKS>(xp, k, wp, o, ldo),
-                    (8, true) => tile::<8, 1>(xp, k, wp, o, ldo),
-                    (8, false) => tile::<8, BLOCKS>(xp, k, wp, o, ldo),
-                    _ => {}
-                }
+                let one_block = blocks == 1;
+                tile_for_rows!(mi, one_block, tile(xp, k, wp, o, ldo); 1 2 3 4 5 6 7 8);
                 i += mi;
             }
         }
